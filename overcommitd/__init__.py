@@ -1,0 +1,1 @@
+"""overcommitd: automatic memory-overcommit policy engine for KVM/QEMU hosts."""

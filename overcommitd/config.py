@@ -1,0 +1,135 @@
+"""The daemon's configuration: one pydantic model per TOML table, loaded with tomllib.
+
+Every key is documented in ``config.example.toml`` at the top of the repository. Unknown
+keys are errors (a typo must not silently fall back to a default), and each error names
+the key's dotted path. Precedence: defaults < TOML file < command line.
+
+Memory sizes take an integer (KiB, libvirt's unit) or a string with a binary unit:
+``"512MiB"``, ``"4 GiB"``, ``"1.5GiB"``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from overcommitd.model import GuestSnapshot, OvercommitdError
+
+_UNITS_KIB = {"kib": 1, "k": 1, "mib": 1024, "m": 1024, "gib": 1024**2, "g": 1024**2, "tib": 1024**3, "t": 1024**3}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_kib(value: object) -> object:
+    """``"4GiB"`` -> 4194304; ints pass through (KiB); anything else is left to pydantic."""
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _UNITS_KIB and unit != "":
+            raise ValueError(f"{value!r} is not a size; use KiB as an integer or a string like '512MiB' or '4GiB'")
+        return int(float(m.group(1)) * _UNITS_KIB.get(unit, 1))
+    return value
+
+
+Kib = Annotated[int, BeforeValidator(parse_kib), Field(ge=0)]
+
+
+class ConfigError(OvercommitdError):
+    """The config file cannot be read or does not validate. ``problems`` holds one
+    ``(key path, message)`` per error."""
+
+    def __init__(self, path: Path, problems: list[tuple[str, str]]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {key}: {msg}" for key, msg in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PolicyConfig(_Section):
+    """Which policy decides, and its parameters (validated by the policy's own model)."""
+
+    name: str = Field("headroom", min_length=1, description="registry name or module:Class")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class GuardConfig(_Section):
+    """The guard's rules; they hold for every policy, built-in or plugin."""
+
+    max_inflate_step_kib: Kib = Field(256 * 1024, gt=0, description="most memory taken from a guest per tick")
+    max_deflate_step_kib: Kib = Field(1024 * 1024, gt=0, description="most memory given back to a guest per tick")
+    dead_band_kib: Kib = Field(16 * 1024, description="changes smaller than this are not made")
+    min_guest_kib: Kib = Field(256 * 1024, description="no guest is ever ballooned below this")
+    stale_after_periods: float = Field(3.0, gt=0, description="stats older than this many polling periods are stale")
+    stale_after_min_s: float = Field(30.0, gt=0, description="... and older than this many seconds")
+    auto_deflate_tolerance_kib: Kib = Field(2 * 1024, description="actual above target by more means auto-deflate")
+    auto_deflate_cooldown_s: float = Field(600.0, ge=0, description="no inflation after an auto-deflate for this long")
+
+    @model_validator(mode="after")
+    def _deflate_faster(self) -> GuardConfig:
+        if self.max_deflate_step_kib < self.max_inflate_step_kib:
+            raise ValueError(
+                f"max_deflate_step_kib(={self.max_deflate_step_kib}) must be >= max_inflate_step_kib"
+                f"(={self.max_inflate_step_kib}): give memory back at least as fast as it is taken"
+            )
+        return self
+
+
+class GuestOverride(_Section):
+    """Per-guest settings, keyed by the guest's name or UUID in ``[guests.<key>]``."""
+
+    floor_kib: Kib | None = Field(None, description="SLA floor; raises the floor from the domain's metadata")
+    exclude: bool = Field(False, description="never balloon this guest")
+    weight: float | None = Field(None, gt=0, description="share relative to other guests (default 1)")
+
+
+class DaemonConfig(_Section):
+    """The whole configuration file."""
+
+    interval_s: float = Field(10.0, gt=0, description="seconds between control steps")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    guests: dict[str, GuestOverride] = Field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path | None, **cli: object) -> DaemonConfig:
+        """Defaults < TOML file < command line (``None`` options are not given)."""
+        data = read_toml(path) if path is not None else {}
+        data |= {k: v for k, v in cli.items() if v is not None}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(path or Path("<command line>"), validation_problems(e)) from e
+
+    def override_for(self, guest: GuestSnapshot) -> GuestOverride | None:
+        """The override for a guest; one keyed by UUID wins over one keyed by name."""
+        return self.guests.get(guest.uuid) or self.guests.get(guest.name)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(path, [("(file)", f"cannot read: {e.strerror or e}")]) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, [("(syntax)", str(e))]) from e
+
+
+def validation_problems(e: ValidationError) -> list[tuple[str, str]]:
+    """One (dotted key path, message) per pydantic error."""
+    return [(".".join(str(p) for p in err["loc"]) or "(top)", err["msg"]) for err in e.errors()]
+
+
+def config_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Validation errors of a parsed config, empty when it is valid."""
+    try:
+        DaemonConfig.model_validate(data)
+    except ValidationError as e:
+        return validation_problems(e)
+    return []

@@ -1,0 +1,157 @@
+"""Safety rules applied to every policy's output; no policy, built-in or plugin, can
+bypass them. When in doubt the guard holds: a guest is never harmed by a balloon that
+stays where it is.
+
+For each guest, in this order:
+
+1. a guest that is not RUNNING (paused, migrating, shutting down) or that the config
+   excludes is left alone; so is a guest whose policy raised, or about which the policy
+   said nothing - except that a guest found below its SLA floor is raised to it;
+2. the wish is clamped to ``[floor, maximum]``: the floor is the larger of the guest's
+   SLA floor and ``min_guest_kib``;
+3. inflation (a target below ``actual``) is refused when the guest's stats are missing
+   or stale, and during a cool-down after the balloon stopped short of its last target
+   (a DEFLATE_ON_OOM guest that deflated itself is under pressure: meet it, never fight
+   it; any other guest that cannot reach its target has no free memory to give - the
+   "Out of puff" storm of arcbox#390);
+4. each step is bounded from what the guest has (``actual``), not from what was last
+   asked: inflation by ``max_inflate_step_kib``, deflation by the larger
+   ``max_deflate_step_kib`` (reclaim slowly, give back fast); the floor beats the
+   deflate bound, since raising a guest to its floor is the safe direction;
+5. a change smaller than ``dead_band_kib`` from the last target is not made.
+
+Every rule that changes or withholds the wish is recorded in the Decision as a Clamp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from overcommitd.config import GuardConfig
+from overcommitd.model import Clamp, ClampReason, Decision, GuestSnapshot, RunState
+
+
+@dataclass(frozen=True, slots=True)
+class GuardMemory:
+    """What the guard remembers of one guest between steps."""
+
+    backoff_until_s: float = float("-inf")  # no inflation before this time
+
+
+FRESH = GuardMemory()
+
+
+def floor_kib(guest: GuestSnapshot, rules: GuardConfig) -> int:
+    """The lowest target the guest may get: its SLA floor or the global minimum, never
+    above its maximum."""
+    return min(max(guest.floor_kib, rules.min_guest_kib), guest.max_kib)
+
+
+def stats_problem(now_s: float, guest: GuestSnapshot, rules: GuardConfig) -> Clamp | None:
+    """Why the guest's stats cannot justify inflation, or None if they can."""
+    if guest.stats is None:
+        return Clamp(ClampReason.MISSING_STATS, None, None, "the guest has sent no stats")
+    limit_s = max(rules.stale_after_periods * guest.stats_period_s, rules.stale_after_min_s)
+    age_s = now_s - guest.stats.last_update_s
+    if age_s > limit_s:
+        return Clamp(ClampReason.STALE_STATS, None, None, f"stats are {age_s:.0f} s old, limit {limit_s:.0f} s")
+    return None
+
+
+def _stopped_short(guest: GuestSnapshot, rules: GuardConfig) -> bool:
+    """The balloon holds less than the last target asked for: the guest deflated itself
+    (DEFLATE_ON_OOM) or had nothing left to give."""
+    last = guest.last_target_kib
+    return last is not None and guest.actual_kib > last + rules.auto_deflate_tolerance_kib
+
+
+def guard(
+    now_s: float,
+    guest: GuestSnapshot,
+    wish_kib: int | None,
+    *,
+    rules: GuardConfig,
+    memory: GuardMemory = FRESH,
+    excluded: bool = False,
+    error: str | None = None,
+) -> tuple[Decision, GuardMemory]:
+    """Check one guest's wish; returns the Decision and what to remember for next time."""
+    hold_reason = _hold_reason(guest, wish_kib, excluded, error)
+    if hold_reason is not None:
+        return _hold_or_restore_floor(guest, wish_kib, hold_reason, rules), memory
+    assert wish_kib is not None
+    clamps: list[Clamp] = []
+    target = _clamp_range(guest, int(wish_kib), rules, clamps)
+    actual = guest.actual_kib
+
+    if _stopped_short(guest, rules):
+        memory = GuardMemory(backoff_until_s=now_s + rules.auto_deflate_cooldown_s)
+    if target < actual:
+        target = _check_inflate(now_s, guest, target, rules, memory, clamps)
+    elif target > actual + rules.max_deflate_step_kib:
+        stepped = max(actual + rules.max_deflate_step_kib, floor_kib(guest, rules))
+        clamps.append(Clamp(ClampReason.DEFLATE_STEP, target, stepped, f"at most +{rules.max_deflate_step_kib} KiB"))
+        target = stepped
+
+    reference = guest.last_target_kib if guest.last_target_kib is not None else actual
+    below_floor = reference < floor_kib(guest, rules)
+    if abs(target - reference) < rules.dead_band_kib and not below_floor:
+        clamps.append(Clamp(ClampReason.DEAD_BAND, target, None, f"{target - reference:+d} KiB from {reference}"))
+        return Decision(guest.uuid, guest.name, None, wish_kib, tuple(clamps)), memory
+    return Decision(guest.uuid, guest.name, target, wish_kib, tuple(clamps)), memory
+
+
+def _hold_reason(guest: GuestSnapshot, wish_kib: int | None, excluded: bool, error: str | None) -> Clamp | None:
+    if guest.run_state is not RunState.RUNNING:
+        return Clamp(ClampReason.NOT_RUNNING, wish_kib, None, guest.run_state.value)
+    if excluded:
+        return Clamp(ClampReason.EXCLUDED, wish_kib, None, "excluded by config")
+    if error is not None:
+        return Clamp(ClampReason.POLICY_ERROR, None, None, error)
+    if wish_kib is None:
+        return Clamp(ClampReason.NO_WISH, None, None, "the policy gave no target")
+    return None
+
+
+def _hold_or_restore_floor(guest: GuestSnapshot, wish_kib: int | None, why: Clamp, rules: GuardConfig) -> Decision:
+    """Hold, unless a running, included guest sits below its floor: then raise it."""
+    floor = floor_kib(guest, rules)
+    current = guest.last_target_kib if guest.last_target_kib is not None else guest.actual_kib
+    restorable = why.reason in (ClampReason.POLICY_ERROR, ClampReason.NO_WISH)
+    if restorable and min(current, guest.actual_kib) < floor:
+        raised = Clamp(ClampReason.FLOOR, None, floor, f"below the floor of {floor} KiB")
+        return Decision(guest.uuid, guest.name, floor, wish_kib, (why, raised))
+    return Decision(guest.uuid, guest.name, None, wish_kib, (why,))
+
+
+def _clamp_range(guest: GuestSnapshot, target: int, rules: GuardConfig, clamps: list[Clamp]) -> int:
+    if target > guest.max_kib:
+        clamps.append(Clamp(ClampReason.MAXIMUM, target, guest.max_kib, f"maximum {guest.max_kib} KiB"))
+        target = guest.max_kib
+    floor = floor_kib(guest, rules)
+    if target < floor:
+        clamps.append(Clamp(ClampReason.FLOOR, target, floor, f"floor {floor} KiB"))
+        target = floor
+    return target
+
+
+def _check_inflate(
+    now_s: float, guest: GuestSnapshot, target: int, rules: GuardConfig, memory: GuardMemory, clamps: list[Clamp]
+) -> int:
+    """Bound a target below ``actual``: refused on bad stats or during back-off, else
+    at most one inflate step."""
+    actual = guest.actual_kib
+    problem = stats_problem(now_s, guest, rules)
+    if problem is not None:
+        clamps.append(Clamp(problem.reason, target, actual, problem.detail))
+        return actual
+    if now_s < memory.backoff_until_s:
+        reason = ClampReason.AUTO_DEFLATE if guest.features.deflate_on_oom else ClampReason.NO_PROGRESS
+        detail = f"balloon stopped short of its target; no inflation for {memory.backoff_until_s - now_s:.0f} s"
+        clamps.append(Clamp(reason, target, actual, detail))
+        return actual
+    if actual - target > rules.max_inflate_step_kib:
+        stepped = actual - rules.max_inflate_step_kib
+        clamps.append(Clamp(ClampReason.INFLATE_STEP, target, stepped, f"at most -{rules.max_inflate_step_kib} KiB"))
+        return stepped
+    return target

@@ -1,0 +1,34 @@
+"""What the control loop needs from a hypervisor and from the host, as two protocols.
+
+``sim.SimHypervisor`` implements both for replays; the libvirt backend and
+``overcommitd.host`` implement them on a real host. The loop never knows which.
+Calls are synchronous: a blocking backend is run off the event loop by the runner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from overcommitd.model import GuestSnapshot, HostSnapshot, OvercommitdError
+
+
+class HypervisorError(OvercommitdError):
+    """The hypervisor could not be reached or refused a call."""
+
+
+class Hypervisor(Protocol):
+    def snapshot(self) -> Sequence[GuestSnapshot]:
+        """Every guest the hypervisor runs, with its balloon stats, in one call."""
+        ...
+
+    def set_target(self, uuid: str, target_kib: int) -> None:
+        """Ask the guest's balloon for ``target_kib`` of guest memory; returns at once,
+        the driver converges asynchronously."""
+        ...
+
+
+class HostReader(Protocol):
+    def read(self) -> HostSnapshot:
+        """The host's memory and pressure now."""
+        ...

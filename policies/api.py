@@ -1,0 +1,111 @@
+"""The Policy protocol: the one page a plugin author reads first.
+
+A policy turns snapshots into balloon targets. It is *pure*: ``decide`` gets the host
+snapshot, every ballooned guest's snapshot and the state the policy returned last time,
+and returns targets plus its next state. No I/O, no clock reads (``host.taken_at_s`` is
+the time), no globals, no mutation of its inputs. That is what lets the same policy run
+on a hypervisor host, in a replay at a million guest-ticks a second, and in a unit test
+on hand-built values.
+
+What a policy may rely on:
+
+* every guest in ``guests`` is RUNNING and not excluded by config; paused, migrating and
+  excluded guests never reach it;
+* memory is in KiB (``*_kib``); ``guest.stats`` may be ``None`` (the guest has not sent
+  stats) and any stat may be ``None`` (not supplied); ``guest.stats.last_update_s`` may
+  lag ``host.taken_at_s`` by a polling period or more;
+* ``guest.floor_kib`` and ``guest.weight`` already include the operator's config;
+* the guard (``overcommitd.guard``) checks every target afterwards: SLA floor, maximum,
+  bounded steps, dead band, no inflation on stale stats, back-off after an auto-deflate.
+  A policy cannot bypass it, so it may ask for what it wants and let the guard pace it.
+
+What a policy returns: a :class:`PolicyResult` whose ``targets_kib`` maps a guest's
+``uuid`` to the memory it should have (not the balloon size). A guest left out is held
+(its balloon is left where it is). A guest the policy could not decide is listed in
+``errors`` with the reason and held; :class:`PerGuestPolicy` does that for you by
+catching an exception per guest, so one bad guest never stalls the others (MOM's
+evaluator skipped the whole host when one guest's field was bad).
+
+Parameters: a policy class may declare ``Params``, a pydantic model with
+``extra="forbid"``; the registry validates the ``[policy.params]`` table of the config
+against it and passes the model to the constructor. Register a plugin under the entry
+point group ``overcommitd.policies`` (see ``examples/``) or name it as ``module:Class``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Generic, Protocol, TypeVar, runtime_checkable
+
+from overcommitd.model import GuestSnapshot, HostSnapshot
+
+S = TypeVar("S")
+G = TypeVar("G")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyResult(Generic[S]):
+    """Targets by guest uuid (KiB of guest memory), the policy's next state, and the
+    guests it could not decide with why."""
+
+    targets_kib: Mapping[str, int]
+    state: S
+    errors: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Policy(Protocol[S]):
+    """What the control step calls. ``name`` is the registry name."""
+
+    name: ClassVar[str]
+
+    def initial_state(self) -> S:
+        """The state before the first step."""
+        ...
+
+    def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: S) -> PolicyResult[S]:
+        """Targets for this step and the next state; pure."""
+        ...
+
+
+class PerGuestPolicy(ABC, Generic[G]):
+    """Base for policies that decide each guest on its own, with per-guest state ``G``.
+
+    ``decide_guest`` raising holds that guest only; its previous state is kept. State of
+    guests that have gone away is dropped.
+    """
+
+    name: ClassVar[str]
+
+    def initial_state(self) -> Mapping[str, G]:
+        return {}
+
+    @abstractmethod
+    def initial_guest_state(self, guest: GuestSnapshot) -> G:
+        """State for a guest seen for the first time."""
+
+    @abstractmethod
+    def decide_guest(self, host: HostSnapshot, guest: GuestSnapshot, state: G) -> tuple[int | None, G]:
+        """The guest's target (None: hold) and its next state."""
+
+    def decide(
+        self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: Mapping[str, G]
+    ) -> PolicyResult[Mapping[str, G]]:
+        targets: dict[str, int] = {}
+        errors: dict[str, str] = {}
+        next_state: dict[str, G] = {}
+        for guest in guests:
+            previous = state.get(guest.uuid)
+            if previous is None:
+                previous = self.initial_guest_state(guest)
+            try:
+                target_kib, next_state[guest.uuid] = self.decide_guest(host, guest, previous)
+            except Exception as e:  # noqa: BLE001 - a policy bug holds one guest, never the host
+                errors[guest.uuid] = f"{type(e).__name__}: {e}"
+                next_state[guest.uuid] = previous
+                continue
+            if target_kib is not None:
+                targets[guest.uuid] = target_kib
+        return PolicyResult(targets, next_state, errors)

@@ -1,0 +1,69 @@
+"""Find a policy by name: built-ins and plugins alike are entry points of the group
+``overcommitd.policies``; anything else may be named as ``module:Class``.
+
+A policy that fails to load stops the start with an error naming it (MOM only warned
+about a missing controller and ran without it).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from overcommitd.model import OvercommitdError
+from policies.api import Policy
+
+GROUP = "overcommitd.policies"
+
+
+class PolicyLoadError(OvercommitdError):
+    """A policy name that does not resolve, a plugin that fails to import, or bad params."""
+
+
+def known() -> dict[str, EntryPoint]:
+    """Registered policies by name."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def load_class(spec: str) -> type[Any]:
+    """The policy class for a registry name or a ``module:Class`` spec."""
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise PolicyLoadError(f"cannot load policy {spec!r}: {e}") from e
+    else:
+        registered = known()
+        if spec not in registered:
+            names = ", ".join(sorted(registered)) or "(none: is overcommitd installed?)"
+            raise PolicyLoadError(
+                f"unknown policy {spec!r}; known policies: {names}; a plugin can also be named as module:Class"
+            )
+        try:
+            cls = registered[spec].load()
+        except Exception as e:  # noqa: BLE001 - any import failure of a plugin is fatal at start
+            raise PolicyLoadError(f"policy {spec!r} ({registered[spec].value}) failed to load: {e}") from e
+    if not callable(getattr(cls, "decide", None)) or not callable(getattr(cls, "initial_state", None)):
+        raise PolicyLoadError(f"{spec!r} is not a policy: it needs decide() and initial_state() (see policies.api)")
+    return cls
+
+
+def create(spec: str, params: Mapping[str, Any] | None = None) -> Policy[Any]:
+    """Instantiate a policy, validating ``params`` against its ``Params`` model."""
+    cls = load_class(spec)
+    params = dict(params or {})
+    params_model: type[BaseModel] | None = getattr(cls, "Params", None)
+    if params_model is None:
+        if params:
+            raise PolicyLoadError(f"policy {spec!r} takes no parameters, got: {', '.join(sorted(params))}")
+        return cls()  # type: ignore[no-any-return]
+    try:
+        return cls(params_model.model_validate(params))  # type: ignore[no-any-return]
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise PolicyLoadError(f"policy {spec!r}: bad parameters: {problems}") from e
