@@ -1,0 +1,5 @@
+import sys
+
+from overcommitd.cli import main
+
+sys.exit(main())
