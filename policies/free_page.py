@@ -1,0 +1,116 @@
+"""``free-page``: reclaim only what free page reporting cannot.
+
+How it decides, per guest and per step. Let ``use = actual - MemAvailable`` (memory the
+guest cannot drop), ``free`` = MemFree, ``cache = MemAvailable - free`` (page cache and
+other reclaimable memory) and ``keep = max(reserve_pct % of use, min_reserve_kib)``,
+the headroom the guest keeps. The squeezed size is ``use x (1 - idle_anon_pct/100) +
+keep``: below it the guest would have to give up memory it uses.
+
+* Without REPORTING, the guest's free memory is resident on the host, so inflating the
+  balloon over free memory and excess cache both return memory: the target is the
+  squeezed size.
+* With REPORTING (VIRTIO_BALLOON_F_REPORTING, Linux >= 5.7), free memory in blocks of
+  at least 2 MiB is reported to the host ~2 s after it is freed and discarded there
+  (mm/page_reporting.c). That memory is *already* returned: a balloon inflated over it
+  gains the host nothing and costs the guest its headroom. The policy counts it:
+  ``reported = max(0, free - unreported_free_kib)`` (the remainder is watermarks and
+  fragments below the reporting order), the host holds ``resident = actual - reported``
+  for the guest, and squeezing gains ``resident - squeezed``. Because a balloon takes
+  free pages before the guest evicts cache, getting any of that gain means eating the
+  free memory first; the policy does it only when the gain is at least
+  ``min_gain_kib``, and otherwise holds (it never deflates a reporting guest just because
+  it has free memory either: that memory costs the host nothing where it is).
+* Idle anonymous memory: no balloon stat says which anonymous pages are idle (the
+  working-set reporting proposal, VIRTIO_BALLOON_F_WS_REPORTING, is not upstream), so
+  ``idle_anon_pct`` (default 0) is an operator's estimate; it is ignored for a step in
+  which the guest swapped in, since then its anonymous memory is not idle.
+
+A guest short of ``use + keep`` is given memory back at once, reporting or not;
+reclaim is at most ``max_reclaim_step_kib`` per step.
+
+FREE_PAGE_HINT is for migration (QEMU runs a hint round from its precopy notifier and
+skips hinted pages). A policy does no I/O and never sees a migrating guest, so this one
+only says which guests would gain from a hint pass before a migration: those with the
+feature and at least ``hint_min_free_kib`` free (``FreePageState.hint_before_migration``
+and :meth:`FreePagePolicy.hint_pass_worthwhile`), for the migration hook to act on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from overcommitd.model import GuestSnapshot, HostSnapshot
+from policies.api import PerGuestPolicy
+from policies.signals import available_kib, swap_in_delta_kib, used_kib
+
+MIB = 1024
+
+
+class FreePageParams(BaseModel):
+    """Knobs of the ``free-page`` policy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    reserve_pct: float = Field(10.0, ge=0, le=1000, description="headroom kept above use, % of use")
+    min_reserve_kib: int = Field(256 * MIB, ge=0, description="headroom kept above use, at least")
+    idle_anon_pct: float = Field(0.0, ge=0, le=90, description="operator's estimate of idle anonymous memory, % of use")
+    # mm/page_reporting.c reports blocks of pageblock_order (2 MiB on x86-64) only, and
+    # skips a zone below its low watermark + 32 blocks: 64 MiB covers a typical guest's
+    # min/low watermarks and the 32-block margin.
+    unreported_free_kib: int = Field(64 * MIB, ge=0, description="free memory reporting does not return")
+    min_gain_kib: int = Field(128 * MIB, ge=0, description="squeeze a reporting guest only for at least this gain")
+    max_reclaim_step_kib: int = Field(128 * MIB, gt=0, description="most taken from a guest per step")
+    hint_min_free_kib: int = Field(256 * MIB, ge=0, description="a hint pass is worth it with this much free")
+
+
+@dataclass(frozen=True, slots=True)
+class FreePageState:
+    swap_in_total_kib: int | None = None
+    reported_kib: int = 0  # the memory this policy counted as already returned
+    hint_before_migration: bool = False
+
+
+class FreePagePolicy(PerGuestPolicy[FreePageState]):
+    """Reclaim page cache and idle memory; leave reported free memory alone."""
+
+    name = "free-page"
+    Params = FreePageParams
+
+    def __init__(self, params: FreePageParams | None = None) -> None:
+        self.params = params or FreePageParams()
+
+    def initial_guest_state(self, guest: GuestSnapshot) -> FreePageState:
+        return FreePageState()
+
+    def reported_kib(self, guest: GuestSnapshot) -> int:
+        """Free memory the host already has back through free page reporting."""
+        if not guest.features.reporting or guest.stats is None or guest.stats.mem_free_kib is None:
+            return 0
+        return max(0, guest.stats.mem_free_kib - self.params.unreported_free_kib)
+
+    def hint_pass_worthwhile(self, guest: GuestSnapshot) -> bool:
+        free = guest.stats.mem_free_kib if guest.stats is not None else None
+        return guest.features.free_page_hint and free is not None and free >= self.params.hint_min_free_kib
+
+    def decide_guest(
+        self, host: HostSnapshot, guest: GuestSnapshot, state: FreePageState
+    ) -> tuple[int | None, FreePageState]:
+        p = self.params
+        used, avail = used_kib(guest), available_kib(guest)
+        if used is None or avail is None:
+            return None, state
+        swapped, swap_total = swap_in_delta_kib(state.swap_in_total_kib, guest)
+        reported = self.reported_kib(guest)
+        next_state = FreePageState(swap_total, reported, self.hint_pass_worthwhile(guest))
+        keep = max(int(used * p.reserve_pct / 100), p.min_reserve_kib)
+        need = min(guest.max_kib, used + keep)
+        if guest.actual_kib < need:
+            return need, next_state  # short: give back at once
+        idle_pct = 0.0 if swapped > 0 else p.idle_anon_pct
+        squeezed = int(used * (1 - idle_pct / 100)) + keep
+        if reported > 0:
+            resident = guest.actual_kib - reported
+            if resident - squeezed < p.min_gain_kib:
+                return guest.actual_kib, next_state  # nothing worth taking: reporting has the free memory
+        return max(squeezed, guest.actual_kib - p.max_reclaim_step_kib), next_state

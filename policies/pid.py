@@ -1,0 +1,168 @@
+"""``pid``: hold each guest's available-memory headroom at a set-point with a PI controller
+(no derivative term: the stats are too noisy to differentiate), and let host pressure
+tighten or relax that set-point.
+
+Inner loop, per guest and per step:
+
+* the measurement is the guest's headroom, ``actual - use`` with ``use = actual -
+  MemAvailable`` (cache-aware, never MemFree alone). Use is low-passed *fast up, slow
+  down* with time constant ``filter_tau_s``: a rise is acted on at once, a fall only
+  once it lasts (balloon stats are noisy: a freed buffer or a cache flush makes use dip
+  for one sample). Use, not headroom, is filtered, because the balloon moves headroom
+  but not use: the controller's own moves never pass through the filter's lag;
+* the set-point is ``max(min_headroom_kib, headroom_pct % of use) x host_scale``;
+* error ``e = headroom - set-point`` (KiB; positive means the guest has memory to
+  spare); swap-in since the last sample counts against the error ``swap_in_weight``
+  times over, since a guest that swaps is short whatever MemAvailable says;
+* output ``u = kp x e + I``, the target is ``actual - u`` (we start from what the guest
+  has, not from what we asked last). ``kp`` is ``kp_reclaim`` when taking and the larger
+  ``kp_return`` when giving back: reclaim slowly, give back fast;
+* anti-windup: the integral only accumulates while the output is not saturated (step
+  cap, floor, maximum), is clamped to ``integral_limit_kib``, and is cleared when the
+  error changes sign, so it removes the steady-state lag on a ramp without ringing.
+
+The plant is nearly a pure gain (taking X KiB from a guest lowers its MemAvailable by
+about X), so any ``kp`` in (0, 1] converges monotonically on a step; ``kp_return = 1``
+closes a shortfall in one step (the guard still paces it).
+
+Outer loop, once per step for the host: pressure is the larger of how far host
+MemAvailable is below ``host_available_target_pct`` and how far PSI ``some`` avg10 is
+above ``host_psi_target_pct`` (each as a fraction of its target, capped at 1). Under
+pressure ``host_scale`` shrinks by ``host_gain`` x pressure per step down to
+``min_setpoint_scale`` (guests keep less headroom); without it, it relaxes back toward
+1 at the same rate. It is bounded at both ends, so it cannot wind up either.
+
+Guests without stats are held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from overcommitd.model import GuestSnapshot, HostSnapshot
+from policies.api import PolicyResult
+from policies.signals import fast_up_slow_down, smoothing_weight, swap_in_delta_kib, used_kib
+
+MIB = 1024
+
+
+class PidParams(BaseModel):
+    """Knobs of the ``pid`` policy; the defaults are what ``overcommitd tune`` starts from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    headroom_pct: float = Field(10.0, ge=0, le=200, description="headroom set-point, % of the guest's use")
+    min_headroom_kib: int = Field(256 * MIB, ge=0, description="headroom set-point at least this")
+    kp_reclaim: float = Field(0.3, gt=0, le=1, description="share of spare headroom taken per step")
+    kp_return: float = Field(1.0, gt=0, le=2, description="share of missing headroom given back per step")
+    ki_per_s: float = Field(0.001, ge=0, le=0.1, description="integral gain, per second")
+    integral_limit_kib: int = Field(512 * MIB, ge=0, description="anti-windup clamp on the integral term")
+    filter_tau_s: float = Field(60.0, ge=0, description="low-pass time constant for falling use")
+    max_reclaim_step_kib: int = Field(128 * MIB, gt=0, description="most taken from a guest per step")
+    swap_in_weight: float = Field(4.0, ge=0, description="KiB of headroom error per KiB swapped in")
+    host_available_target_pct: float = Field(10.0, ge=0, le=100, description="host MemAvailable below this is pressure")
+    host_psi_target_pct: float = Field(1.0, gt=0, le=100, description="host PSI some avg10 above this is pressure")
+    host_gain: float = Field(0.05, ge=0, le=1, description="host_scale change per step at full pressure")
+    min_setpoint_scale: float = Field(0.5, gt=0, le=1, description="most the host loop may tighten the set-point")
+
+
+@dataclass(frozen=True, slots=True)
+class PidGuestState:
+    """One guest's controller memory."""
+
+    at_s: float
+    used_kib: float  # filtered use (actual - MemAvailable)
+    integral_kib: float = 0.0
+    swap_in_total_kib: int | None = None  # cumulative counter, for the delta
+
+
+@dataclass(frozen=True, slots=True)
+class PidState:
+    host_scale: float = 1.0
+    guests: Mapping[str, PidGuestState] = field(default_factory=dict)
+
+
+class PidPolicy:
+    """Per-guest PI controller on headroom with a host-pressure outer loop."""
+
+    name = "pid"
+    Params = PidParams
+
+    def __init__(self, params: PidParams | None = None) -> None:
+        self.params = params or PidParams()
+
+    def initial_state(self) -> PidState:
+        return PidState()
+
+    def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: PidState) -> PolicyResult[PidState]:
+        scale = self.host_scale(host, state.host_scale)
+        targets: dict[str, int] = {}
+        errors: dict[str, str] = {}
+        next_guests: dict[str, PidGuestState] = {}
+        for guest in guests:
+            previous = state.guests.get(guest.uuid)
+            try:
+                target_kib, guest_state = self.decide_guest(host.taken_at_s, guest, previous, scale)
+            except Exception as e:  # noqa: BLE001 - one bad guest is held, the others go on
+                errors[guest.uuid] = f"{type(e).__name__}: {e}"
+                guest_state = previous
+            if guest_state is not None:
+                next_guests[guest.uuid] = guest_state
+            if target_kib is not None and guest.uuid not in errors:
+                targets[guest.uuid] = target_kib
+        return PolicyResult(targets, PidState(scale, next_guests), errors)
+
+    def host_pressure(self, host: HostSnapshot) -> float:
+        """0 (none) .. 1 (full): the worse of low MemAvailable and high PSI."""
+        p = self.params
+        pressure = 0.0
+        if p.host_available_target_pct > 0:
+            short = (p.host_available_target_pct - 100 * host.available_fraction) / p.host_available_target_pct
+            pressure = max(pressure, short)
+        if host.psi is not None:
+            pressure = max(pressure, (host.psi.some_avg10 - p.host_psi_target_pct) / p.host_psi_target_pct)
+        return min(1.0, max(0.0, pressure))
+
+    def host_scale(self, host: HostSnapshot, previous: float) -> float:
+        """Outer loop: tighten the set-point under host pressure, relax without it."""
+        p = self.params
+        pressure = self.host_pressure(host)
+        scale = previous - p.host_gain * pressure if pressure > 0 else previous + p.host_gain
+        return min(1.0, max(p.min_setpoint_scale, scale))
+
+    def setpoint_kib(self, used: float, scale: float) -> float:
+        p = self.params
+        return max(p.min_headroom_kib, used * p.headroom_pct / 100) * scale
+
+    def decide_guest(
+        self, now_s: float, guest: GuestSnapshot, previous: PidGuestState | None, scale: float
+    ) -> tuple[int | None, PidGuestState | None]:
+        """Inner loop for one guest: (target or None to hold, next state)."""
+        p = self.params
+        raw_used = used_kib(guest)
+        if raw_used is None:
+            return None, previous
+        dt_s = 0.0 if previous is None else max(0.0, now_s - previous.at_s)
+        weight = smoothing_weight(dt_s, p.filter_tau_s)
+        used = fast_up_slow_down(None if previous is None else previous.used_kib, float(raw_used), weight)
+        headroom = guest.actual_kib - used
+        swapped_kib, swap_total = swap_in_delta_kib(None if previous is None else previous.swap_in_total_kib, guest)
+        error = headroom - self.setpoint_kib(used, scale) - p.swap_in_weight * swapped_kib
+
+        integral = 0.0 if previous is None else previous.integral_kib
+        if integral * error < 0:
+            integral = 0.0  # error changed sign: drop the stale integral instead of overshooting
+        proposed = integral + p.ki_per_s * error * dt_s
+        proposed = max(-p.integral_limit_kib, min(p.integral_limit_kib, proposed))
+        kp = p.kp_reclaim if error > 0 else p.kp_return
+        output = kp * error + proposed
+        take_kib = min(output, p.max_reclaim_step_kib)
+        target = int(round(guest.actual_kib - take_kib))
+        bounded = min(guest.max_kib, max(guest.floor_kib, target))
+        saturated = take_kib != output or bounded != target
+        if not saturated:
+            integral = proposed  # conditional integration: no windup while the output is capped
+        state = PidGuestState(now_s, used, integral, swap_total)
+        return bounded, state

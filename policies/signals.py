@@ -1,0 +1,59 @@
+"""Signals several policies derive from a snapshot, computed one way so they agree.
+
+A guest's *use* is ``actual - MemAvailable``: page cache is reclaimable, so it is not use
+(MOM's ``balloon_cur - MemFree`` counts cache as used and ratchets guests to their
+maximum, CloudVAMP#6). ``actual``, not MemTotal, is the base: a DEFLATE_ON_OOM guest
+reports an unchanged MemTotal while inflated (Linux commit 997e120843e8), so MemTotal -
+MemAvailable would count the balloon as use.
+"""
+
+from __future__ import annotations
+
+import math
+
+from overcommitd.model import GuestSnapshot
+
+
+def available_kib(guest: GuestSnapshot) -> int | None:
+    """MemAvailable (or MemFree + caches from old guests); None without stats."""
+    return guest.stats.available_kib() if guest.stats is not None else None
+
+
+def used_kib(guest: GuestSnapshot) -> int | None:
+    """Memory the guest cannot give up without swapping; None without stats."""
+    avail = available_kib(guest)
+    if avail is None:
+        return None
+    return max(0, guest.actual_kib - min(avail, guest.actual_kib))
+
+
+def smoothing_weight(dt_s: float, tau_s: float) -> float:
+    """Weight of a new sample in a first-order low-pass (exponential moving average)
+    with time constant ``tau_s``, for a sample ``dt_s`` after the previous one. Using the
+    elapsed time rather than a fixed per-tick alpha keeps the filter's corner frequency
+    (1 / (2 pi tau_s)) the same whatever the control interval or a late tick."""
+    if tau_s <= 0 or dt_s <= 0:
+        return 1.0 if tau_s <= 0 else 0.0
+    return 1.0 - math.exp(-dt_s / tau_s)
+
+
+def fast_up_slow_down(previous: float | None, sample: float, weight: float) -> float:
+    """Asymmetric low-pass of a guest's use: a rise is believed at once (demand rising
+    must be met now), a fall is smoothed (a burst of freed memory may not last). ESX
+    smooths its active-memory estimate the same way, fast up, slow down (prior-art.md
+    §5.7). Filter use, not headroom: the balloon moves headroom but not use, so the
+    controller's own moves never pass through the filter's lag."""
+    if previous is None or sample >= previous:
+        return sample
+    return previous + weight * (sample - previous)
+
+
+def swap_in_delta_kib(previous_total: int | None, guest: GuestSnapshot) -> tuple[int, int | None]:
+    """KiB swapped in since the last sample, and the new cumulative total. A counter that
+    went backwards (guest reboot) counts as zero."""
+    total = guest.stats.swap_in_kib if guest.stats is not None else None
+    if total is None:
+        return 0, previous_total
+    if previous_total is None or total < previous_total:
+        return 0, total
+    return total - previous_total, total

@@ -1,0 +1,98 @@
+"""``sla-floor``: give each guest its use plus a reserve, never less than its SLA floor,
+and never fight a DEFLATE_ON_OOM guest that deflated itself.
+
+The floor is the larger of the guest's own floor (``GuestSnapshot.floor_kib``: the
+domain's metadata, already raised by any ``[guests.<name>] floor_kib`` in the config)
+and ``floor_pct`` % of its maximum. No target this policy returns is below it.
+
+Each step, for a guest with stats:
+
+* ``need = use + max(reserve_pct % of use, min_reserve_kib)`` with ``use = actual -
+  MemAvailable``. ``actual``, not MemTotal, is the base: a DEFLATE_ON_OOM guest reports an
+  unchanged MemTotal while inflated (Linux commit 997e120843e8), so MemTotal would count
+  the balloon as use;
+* the target is ``need`` within ``[floor, maximum]``, taken at most
+  ``max_reclaim_step_kib`` per step (given back at once);
+* a DEFLATE_ON_OOM guest whose ``actual`` is above the target we last set (by more than
+  ``auto_deflate_tolerance_kib``) has deflated itself under OOM pressure, 1 MiB per OOM
+  event (VIRTIO_BALLOON_OOM_NR_PAGES = 256 pages, drivers/virtio/virtio_balloon.c). That
+  is pressure, not a driver fault: the target is raised to meet ``actual`` plus
+  ``deflate_margin_kib``, and no target below ``actual`` is asked for ``cooldown_s``
+  afterwards (the guard has the same rule; this policy also stops *wishing* for it, so
+  its state does not pull the guest back down the moment the guard lets go).
+
+Guests without stats get their floor if they are below it, and are otherwise held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from overcommitd.model import GuestSnapshot, HostSnapshot
+from policies.api import PerGuestPolicy
+from policies.signals import used_kib
+
+MIB = 1024
+
+
+class SlaFloorParams(BaseModel):
+    """Knobs of the ``sla-floor`` policy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    floor_pct: float = Field(0.0, ge=0, le=100, description="floor as % of the guest's maximum, if higher")
+    reserve_pct: float = Field(20.0, ge=0, le=1000, description="memory kept above use, % of use (Hyper-V's buffer)")
+    min_reserve_kib: int = Field(256 * MIB, ge=0, description="memory kept above use, at least")
+    max_reclaim_step_kib: int = Field(128 * MIB, gt=0, description="most taken from a guest per step")
+    # 2 MiB: two OOM events' worth of auto-deflate (1 MiB each), as the guard's default.
+    auto_deflate_tolerance_kib: int = Field(2 * MIB, ge=0, description="actual above our target by more = auto-deflate")
+    deflate_margin_kib: int = Field(64 * MIB, ge=0, description="given on top of actual after an auto-deflate")
+    cooldown_s: float = Field(600.0, ge=0, description="no inflation for this long after an auto-deflate")
+
+
+@dataclass(frozen=True, slots=True)
+class SlaGuestState:
+    no_inflate_until_s: float = float("-inf")
+    auto_deflates: int = 0  # how many times the guest deflated itself, for the record
+
+
+class SlaFloorPolicy(PerGuestPolicy[SlaGuestState]):
+    """Use plus reserve, floored; backs off after an auto-deflate."""
+
+    name = "sla-floor"
+    Params = SlaFloorParams
+
+    def __init__(self, params: SlaFloorParams | None = None) -> None:
+        self.params = params or SlaFloorParams()
+
+    def initial_guest_state(self, guest: GuestSnapshot) -> SlaGuestState:
+        return SlaGuestState()
+
+    def floor_kib(self, guest: GuestSnapshot) -> int:
+        return min(guest.max_kib, max(guest.floor_kib, int(guest.max_kib * self.params.floor_pct / 100)))
+
+    def auto_deflated(self, guest: GuestSnapshot) -> bool:
+        """The guest holds more than we asked for because it deflated itself."""
+        last = guest.last_target_kib
+        return (
+            guest.features.deflate_on_oom
+            and last is not None
+            and guest.actual_kib > last + self.params.auto_deflate_tolerance_kib
+        )
+
+    def decide_guest(
+        self, host: HostSnapshot, guest: GuestSnapshot, state: SlaGuestState
+    ) -> tuple[int | None, SlaGuestState]:
+        p, now_s, floor = self.params, host.taken_at_s, self.floor_kib(guest)
+        if self.auto_deflated(guest):
+            state = SlaGuestState(now_s + p.cooldown_s, state.auto_deflates + 1)
+            return min(guest.max_kib, max(floor, guest.actual_kib + p.deflate_margin_kib)), state
+        used = used_kib(guest)
+        if used is None:
+            return (floor if guest.actual_kib < floor else None), state
+        need = used + max(int(used * p.reserve_pct / 100), p.min_reserve_kib)
+        target = max(need, guest.actual_kib - p.max_reclaim_step_kib)
+        if now_s < state.no_inflate_until_s:
+            target = max(target, guest.actual_kib)
+        return min(guest.max_kib, max(floor, target)), state
