@@ -18,8 +18,10 @@ Inner loop, per guest and per step:
   has, not from what we asked last). ``kp`` is ``kp_reclaim`` when taking and the larger
   ``kp_return`` when giving back: reclaim slowly, give back fast;
 * anti-windup: the integral only accumulates while the output is not saturated (step
-  cap, floor, maximum), is clamped to ``integral_limit_kib``, and is cleared when the
-  error changes sign, so it removes the steady-state lag on a ramp without ringing.
+  cap, floor, maximum) and the error is within ``integral_band_kib`` of the set-point,
+  is clamped to ``integral_limit_kib``, and is cleared when the error changes sign. It
+  removes the steady lag of P alone on a slow ramp (``rate / kp``) without winding up
+  during a large move, so a step settles without overshoot beyond a few MiB.
 
 The plant is nearly a pure gain (taking X KiB from a guest lowers its MemAvailable by
 about X), so any ``kp`` in (0, 1] converges monotonically on a step; ``kp_return = 1``
@@ -59,9 +61,10 @@ class PidParams(BaseModel):
     kp_return: float = Field(1.0, gt=0, le=2, description="share of missing headroom given back per step")
     ki_per_s: float = Field(0.001, ge=0, le=0.1, description="integral gain, per second")
     integral_limit_kib: int = Field(512 * MIB, ge=0, description="anti-windup clamp on the integral term")
+    integral_band_kib: int = Field(64 * MIB, ge=0, description="integrate only while |error| is below this")
     filter_tau_s: float = Field(60.0, ge=0, description="low-pass time constant for falling use")
     max_reclaim_step_kib: int = Field(128 * MIB, gt=0, description="most taken from a guest per step")
-    swap_in_weight: float = Field(4.0, ge=0, description="KiB of headroom error per KiB swapped in")
+    swap_in_weight: float = Field(1.0, ge=0, le=100, description="KiB of headroom error per KiB swapped in")
     host_available_target_pct: float = Field(10.0, ge=0, le=100, description="host MemAvailable below this is pressure")
     host_psi_target_pct: float = Field(1.0, gt=0, le=100, description="host PSI some avg10 above this is pressure")
     host_gain: float = Field(0.05, ge=0, le=1, description="host_scale change per step at full pressure")
@@ -162,7 +165,7 @@ class PidPolicy:
         target = int(round(guest.actual_kib - take_kib))
         bounded = min(guest.max_kib, max(guest.floor_kib, target))
         saturated = take_kib != output or bounded != target
-        if not saturated:
+        if not saturated and abs(error) < p.integral_band_kib:
             integral = proposed  # conditional integration: no windup while the output is capped
         state = PidGuestState(now_s, used, integral, swap_total)
         return bounded, state
