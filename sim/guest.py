@@ -1,0 +1,218 @@
+"""Guest memory, for every guest at once: numpy arrays of state advanced in bulk.
+
+One guest's RAM (``ram_kib``, the boot size) is split as the Linux guest sees it::
+
+    ram = reserved + balloon + kernel + anon + cache + free
+          '-- never in MemTotal     '-- the pool the guest allocates from
+
+* ``reserved``: firmware and struct pages, never in MemTotal (a 512 MiB guest shows
+  MemTotal 470 MiB: real-guest.md); ``kernel``: slab and the like, always used.
+* ``anon``: the resident part of the working set, which follows the trace's demand;
+  ``swap`` holds the part that did not fit.
+* ``cache``: page cache, grown by file reads, reclaimed first under pressure.
+* ``balloon``: pages the balloon driver holds (``actual`` = ram - balloon).
+
+The host's view is ``touched``: guest pages backed by host RAM. Allocating a page that
+was never touched (or was discarded) costs the host a page; freeing one inside the guest
+does not give it back, unless free page reporting returns it; a page the balloon takes
+is discarded (``sim.host`` turns this into host RAM use).
+
+Pressure is resolved as Linux would, in order: reclaim page cache, swap anonymous
+memory out, then - with DEFLATE_ON_OOM - take pages back from the balloon in 1 MiB
+steps (VIRTIO_BALLOON_OOM_NR_PAGES = 256), and only then OOM-kill. Swapped working-set
+pages are touched again and swapped back in (thrashing when there is no room).
+
+All sizes are KiB held as float64 for bulk arithmetic; snapshots round them to int.
+Counters (swap in/out, faults, OOM kills) are cumulative since boot, as the guest
+reports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from sim.driver import BalloonDriver
+
+Array = npt.NDArray[np.float64]
+OOM_STEP_KIB = 256 * 4  # VIRTIO_BALLOON_OOM_NR_PAGES x 4 KiB, per OOM notification
+
+
+class GuestModelParams(BaseModel):
+    """Constants of the guest memory model, with where each comes from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    reserved_fixed_kib: int = Field(32 * 1024, ge=0, description="RAM outside MemTotal, fixed part")
+    reserved_pct: float = Field(1.6, ge=0, lt=50, description="... plus struct pages (64 B per 4 KiB page)")
+    kernel_fixed_kib: int = Field(24 * 1024, ge=0, description="kernel memory in use after boot")
+    kernel_pct: float = Field(0.5, ge=0, lt=50)
+    min_free_pct: float = Field(1.0, ge=0, lt=50, description="low watermark: free memory the kernel keeps")
+    cache_min_pct: float = Field(1.0, ge=0, lt=50, description="page cache reclaim never goes below this")
+    swap_touch_s: float = Field(60.0, gt=0, description="mean time before a swapped working-set page is touched")
+    initial_cache_pct: float = Field(50.0, ge=0, le=100, description="page cache at start, % of free memory")
+    report_residue_pct: float = Field(10.0, ge=0, le=100, description="free memory not in reportable 2 MiB blocks")
+
+
+@dataclass(frozen=True, slots=True)
+class GuestSpec:
+    """How one simulated guest is built."""
+
+    uuid: str
+    name: str
+    ram_kib: int
+    swap_kib: int = 512 * 1024
+    deflate_on_oom: bool = False
+    reporting: bool = False
+    floor_kib: int = 0
+    weight: float = 1.0
+
+
+class Fleet:
+    """Memory state of every guest, one array element per guest."""
+
+    def __init__(self, specs: list[GuestSpec], params: GuestModelParams, initial_demand_kib: Array) -> None:
+        self.specs = specs
+        self.params = p = params
+        f = np.float64
+        self.ram = np.array([s.ram_kib for s in specs], dtype=f)
+        self.swap_size = np.array([s.swap_kib for s in specs], dtype=f)
+        self.deflate_on_oom = np.array([s.deflate_on_oom for s in specs], dtype=bool)
+        self.reporting = np.array([s.reporting for s in specs], dtype=bool)
+        self.reserved = p.reserved_fixed_kib + self.ram * p.reserved_pct / 100
+        self.kernel = p.kernel_fixed_kib + self.ram * p.kernel_pct / 100
+        self.min_free = self.ram * p.min_free_pct / 100
+        self.cache_min = self.ram * p.cache_min_pct / 100
+        self.driver = BalloonDriver(len(specs))
+        self.anon = np.minimum(initial_demand_kib, self._capacity() - self.min_free - self.cache_min)
+        self.swap = np.zeros_like(self.ram)
+        free = self._capacity() - self.anon - self.cache_min
+        self.cache = self.cache_min + free * p.initial_cache_pct / 100
+        # Everything in use has been touched; free memory has not (a guest that has run
+        # long enough to fill its page cache shows that as cache).
+        self.touched = self.reserved + self.kernel + self.anon + self.cache
+        self.oom_capped = np.zeros(len(specs), dtype=bool)
+        for name in ("swap_in", "swap_out", "major_faults", "minor_faults", "oom_kills", "oom_deflates"):
+            setattr(self, name, np.zeros_like(self.ram))
+        self._report_free()
+
+    # -- what the guest shows ------------------------------------------------------
+
+    @property
+    def balloon(self) -> Array:
+        return self.driver.balloon_kib
+
+    def actual(self) -> Array:
+        return self.ram - self.driver.balloon_kib
+
+    def _capacity(self) -> Array:
+        """Memory the guest can allocate to anon and cache: its pool less the kernel."""
+        return self.ram - self.reserved - self.kernel - self.driver.balloon_kib
+
+    def free(self) -> Array:
+        return np.maximum(self._capacity() - self.anon - self.cache, 0.0)
+
+    def mem_total(self) -> Array:
+        """MemTotal: shrinks with the balloon unless DEFLATE_ON_OOM (Linux commit 997e120843e8)."""
+        return self.ram - self.reserved - np.where(self.deflate_on_oom, 0.0, self.driver.balloon_kib)
+
+    def mem_available(self) -> Array:
+        """MemAvailable as si_mem_available() estimates it: free above the low watermark
+        plus the page cache less the part that must stay."""
+        free = self.free()
+        return np.maximum(free - self.min_free + self.cache - np.minimum(self.cache / 2, self.min_free), 0.0)
+
+    # -- time passes ---------------------------------------------------------------
+
+    def advance(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
+        """Move every guest ``dt_s`` forward under its working-set demand and file reads."""
+        self._move_balloon(dt_s)
+        self._follow_demand(demand_kib)
+        self._grow_cache(dt_s, read_kib_s)
+        self._relieve_pressure()
+        self._swap_in(dt_s)
+        self._report_free()
+
+    def _allocate(self, amount: Array) -> None:
+        """New pages come from the free list; beyond the touched free pages they cost
+        the host a fresh page."""
+        touched_free = np.maximum(self.touched - self.reserved - self.kernel - self.anon - self.cache, 0.0)
+        self.touched += np.maximum(amount - touched_free, 0.0)
+        self.minor_faults += amount / 4
+
+    def _move_balloon(self, dt_s: float) -> None:
+        """The driver takes free pages first, then page cache it reclaims; every page it
+        takes is discarded by the host. Deflated pages come back untouched."""
+        free_before = self.free()
+        touched_free = np.maximum(self.touched - self.reserved - self.kernel - self.anon - self.cache, 0.0)
+        spare_free = np.maximum(free_before - self.min_free, 0.0)
+        before = self.driver.balloon_kib.copy()
+        self.driver.advance(dt_s, spare_free + np.maximum(self.cache - self.cache_min, 0.0))
+        inflated = np.maximum(self.driver.balloon_kib - before, 0.0)
+        from_free = np.minimum(inflated, spare_free)
+        from_cache = inflated - from_free
+        self.cache -= from_cache
+        self.touched -= from_cache + np.minimum(from_free, touched_free)
+        self.touched = np.clip(self.touched, 0.0, self.ram - self.driver.balloon_kib)
+
+    def _follow_demand(self, demand: Array) -> None:
+        working_set = self.anon + self.swap
+        grow = np.maximum(demand - working_set, 0.0)
+        self.oom_capped &= grow > 0  # an OOM episode ends once demand fits again
+        grow = np.where(self.oom_capped, 0.0, grow)
+        self._allocate(grow)
+        self.anon += grow
+        shrink = np.clip(1.0 - demand / np.maximum(working_set, 1.0), 0.0, 1.0)
+        self.anon -= self.anon * shrink
+        self.swap -= self.swap * shrink
+
+    def _grow_cache(self, dt_s: float, read_kib_s: Array) -> None:
+        read = read_kib_s * dt_s
+        room = np.maximum(self.free() - self.min_free, 0.0)
+        grow = np.minimum(read, room)
+        self._allocate(grow)
+        self.cache += grow
+
+    def _relieve_pressure(self) -> None:
+        over = self.anon + self.cache + self.min_free - self._capacity()
+        from_cache = np.clip(over, 0.0, np.maximum(self.cache - self.cache_min, 0.0))
+        self.cache -= from_cache
+        over -= from_cache
+        to_swap = np.clip(over, 0.0, np.maximum(self.swap_size - self.swap, 0.0))
+        self.anon -= to_swap
+        self.swap += to_swap
+        self.swap_out += to_swap
+        over -= to_swap
+        steps = np.where(self.deflate_on_oom & (over > 0), np.ceil(over / OOM_STEP_KIB), 0.0)
+        given = self.driver.deflate_on_oom(steps * OOM_STEP_KIB)
+        self.oom_deflates += np.ceil(given / OOM_STEP_KIB)
+        over -= given
+        killed = over > 0
+        self.oom_kills += killed & ~self.oom_capped
+        self.oom_capped |= killed
+        self.anon -= np.where(killed, over, 0.0)
+
+    def _swap_in(self, dt_s: float) -> None:
+        """Swapped working-set pages are touched within ``swap_touch_s`` on average; with
+        room they come back, without it they push others out (thrashing)."""
+        touched = self.swap * (1.0 - np.exp(-dt_s / self.params.swap_touch_s))
+        self.swap_in += touched
+        self.major_faults += touched / 4
+        room = np.maximum(self._capacity() - self.min_free - self.cache_min - self.anon, 0.0)
+        back = np.minimum(touched, room)
+        self.swap_out += touched - back  # thrash: each page in pushes one out
+        self._allocate(back)
+        self.anon += back
+        self.swap -= back
+        self.cache = np.minimum(self.cache, np.maximum(self._capacity() - self.anon, self.cache_min))
+
+    def _report_free(self) -> None:
+        """Free page reporting (Linux mm/page_reporting.c): free 2 MiB blocks are
+        reported about 2 s after they became free and discarded by the host. A control
+        interval is longer than that delay, so within one advance all but the
+        fragmented residue of free memory is returned."""
+        residue = self.free() * self.params.report_residue_pct / 100
+        in_use = self.reserved + self.kernel + self.anon + self.cache
+        self.touched = np.where(self.reporting, np.minimum(self.touched, in_use + residue), self.touched)

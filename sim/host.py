@@ -1,0 +1,65 @@
+"""The simulated hypervisor host's RAM: what each guest costs it, and the HostSnapshot
+the control step reads.
+
+A guest costs the host the guest pages it has touched (``Fleet.touched``: pages
+discarded by balloon inflation or returned by free page reporting no longer count) plus
+the QEMU process's own memory. The host uses its base (kernel, services) plus that sum.
+When that exceeds the host's RAM the host would swap or OOM-kill a QEMU process; the
+model lets use run past 100 % and the scorecard reports it, so a policy that
+overcommits too far is seen, not hidden.
+
+Host memory pressure (PSI ``some``) is modelled as zero below ``psi_knee_pct`` of RAM
+in use and rising linearly to 100 % of time stalled at full use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from overcommitd.model import HostSnapshot, PsiMemory
+from sim.guest import Array
+
+
+class HostModelParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    base_kib: int = Field(2 * 1024 * 1024, ge=0, description="host kernel and services")
+    qemu_overhead_kib: int = Field(48 * 1024, ge=0, description="QEMU process memory beside guest RAM, per guest")
+    psi_knee_pct: float = Field(90.0, gt=0, lt=100, description="host use where memory stalls begin")
+
+
+class SimHost:
+    """Host RAM accounting and pressure, integrated over simulated time."""
+
+    def __init__(self, mem_total_kib: int, params: HostModelParams) -> None:
+        if mem_total_kib <= params.base_kib:
+            raise ValueError(f"mem_total_kib(={mem_total_kib}) must exceed the host base (={params.base_kib})")
+        self.mem_total_kib = mem_total_kib
+        self.params = params
+        self.psi_some_total_us = 0.0
+        self._avg10 = 0.0
+        self._avg60 = 0.0
+        self._avg300 = 0.0
+
+    def used_kib(self, touched_kib: Array) -> float:
+        return float(self.params.base_kib + touched_kib.sum() + self.params.qemu_overhead_kib * len(touched_kib))
+
+    def advance(self, dt_s: float, used_kib: float) -> None:
+        """Accumulate stall time for ``dt_s`` at ``used_kib`` and update the averages
+        the way the kernel does: exponential decay over 10, 60 and 300 s windows."""
+        knee = self.mem_total_kib * self.params.psi_knee_pct / 100
+        stalled = float(np.clip((used_kib - knee) / (self.mem_total_kib - knee), 0.0, 1.0))
+        self.psi_some_total_us += stalled * dt_s * 1e6
+        for name, window_s in (("_avg10", 10.0), ("_avg60", 60.0), ("_avg300", 300.0)):
+            decay = np.exp(-dt_s / window_s)
+            setattr(self, name, getattr(self, name) * decay + 100 * stalled * (1 - decay))
+
+    def snapshot(self, now_s: float, used_kib: float) -> HostSnapshot:
+        available = int(min(max(self.mem_total_kib - used_kib, 0.0), self.mem_total_kib))
+        psi = PsiMemory(
+            some_avg10=self._avg10,
+            some_avg60=self._avg60,
+            some_avg300=self._avg300,
+            some_total_us=int(self.psi_some_total_us),
+        )
+        return HostSnapshot(taken_at_s=now_s, mem_total_kib=self.mem_total_kib, mem_available_kib=available, psi=psi)

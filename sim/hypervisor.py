@@ -1,0 +1,129 @@
+"""``SimHypervisor``: a simulated host behind the same Hypervisor and HostReader
+protocols the libvirt backend and ``overcommitd.host`` implement, so the control step
+cannot tell a replay from a hypervisor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from overcommitd.hypervisor import HypervisorError
+from overcommitd.model import BalloonFeatures, GuestSnapshot, GuestStats, HostSnapshot
+from sim.device import STAT_FIELDS, BalloonDevice
+from sim.guest import Array, Fleet, GuestModelParams, GuestSpec
+from sim.host import HostModelParams, SimHost
+
+# GuestStats field for each device stat, translated at this edge.
+_STAT_TO_FIELD = {
+    "swap_in": "swap_in_kib",
+    "swap_out": "swap_out_kib",
+    "major_faults": "major_faults",
+    "minor_faults": "minor_faults",
+    "mem_free": "mem_free_kib",
+    "mem_total": "mem_total_kib",
+    "mem_available": "mem_available_kib",
+    "disk_caches": "disk_caches_kib",
+    "oom_kills": "oom_kills",
+}
+
+
+class SimHypervisor:
+    """Guests, their balloon devices and the host, advanced by the replay's clock."""
+
+    def __init__(
+        self,
+        specs: list[GuestSpec],
+        *,
+        host_mem_kib: int,
+        initial_demand_kib: Array,
+        stats_period_s: float = 5.0,
+        guest_params: GuestModelParams | None = None,
+        host_params: HostModelParams | None = None,
+    ) -> None:
+        self.specs = specs
+        self.fleet = Fleet(specs, guest_params or GuestModelParams(), initial_demand_kib)
+        self.device = BalloonDevice(self.fleet.ram, np.full(len(specs), stats_period_s), self.fleet.driver)
+        self.host = SimHost(host_mem_kib, host_params or HostModelParams())
+        self.index = {s.uuid: i for i, s in enumerate(specs)}
+        self.last_target_kib: list[int | None] = [None] * len(specs)
+        self.target_kib = self.fleet.ram.copy()  # the same, as an array; RAM where never set
+        self.targets_set = 0
+        self.now_s = 0.0
+        self._features = [BalloonFeatures(deflate_on_oom=s.deflate_on_oom, reporting=s.reporting) for s in specs]
+        self.device.poll_stats(0.0, self.current_stats())
+
+    def advance(self, now_s: float, demand_kib: Array, read_kib_s: Array) -> None:
+        """Let the guests and the host run from the previous instant to ``now_s``."""
+        dt_s = now_s - self.now_s
+        if dt_s < 0:
+            raise ValueError(f"now_s(={now_s}) is before the simulator's clock (={self.now_s})")
+        if dt_s > 0:
+            self.fleet.advance(dt_s, demand_kib, read_kib_s)
+            self.host.advance(dt_s, self.host_used_kib())
+        self.now_s = now_s
+        self.device.poll_stats(now_s, self.current_stats())
+
+    def host_used_kib(self) -> float:
+        return self.host.used_kib(self.fleet.touched)
+
+    def current_stats(self) -> dict[str, Array]:
+        f = self.fleet
+        return {
+            "swap_in": f.swap_in,
+            "swap_out": f.swap_out,
+            "major_faults": f.major_faults,
+            "minor_faults": f.minor_faults,
+            "mem_free": f.free(),
+            "mem_total": f.mem_total(),
+            "mem_available": f.mem_available(),
+            "disk_caches": f.cache,
+            "oom_kills": f.oom_kills,
+        }
+
+    # -- HostReader ------------------------------------------------------------------
+
+    def read(self) -> HostSnapshot:
+        return self.host.snapshot(self.now_s, self.host_used_kib())
+
+    # -- Hypervisor ------------------------------------------------------------------
+
+    def snapshot(self) -> Sequence[GuestSnapshot]:
+        actual = self.fleet.actual().astype(np.int64).tolist()
+        stats = self._stats()
+        return [
+            GuestSnapshot(
+                uuid=spec.uuid,
+                name=spec.name,
+                max_kib=spec.ram_kib,
+                actual_kib=actual[i],
+                current_kib=actual[i],
+                last_target_kib=self.last_target_kib[i],
+                features=self._features[i],
+                stats=stats[i],
+                stats_period_s=float(self.device.stats_period_s[i]),
+                floor_kib=spec.floor_kib,
+                weight=spec.weight,
+            )
+            for i, spec in enumerate(self.specs)
+        ]
+
+    def set_target(self, uuid: str, target_kib: int) -> None:
+        i = self.index.get(uuid)
+        if i is None:
+            raise HypervisorError(f"no simulated guest with uuid {uuid!r}")
+        if not 0 < target_kib <= self.specs[i].ram_kib:
+            raise HypervisorError(f"guest {self.specs[i].name}: target {target_kib} KiB outside 1..{self.specs[i].ram_kib}")
+        self.device.set_target(i, target_kib)
+        self.last_target_kib[i] = target_kib
+        self.target_kib[i] = target_kib
+        self.targets_set += 1
+
+    def _stats(self) -> list[GuestStats | None]:
+        columns = {_STAT_TO_FIELD[name]: self.device.stats[name].astype(np.int64).tolist() for name in STAT_FIELDS}
+        last = self.device.last_update_s.tolist()
+        has = self.device.has_stats().tolist()
+        return [
+            GuestStats(last_update_s=last[i], **{k: v[i] for k, v in columns.items()}) if has[i] else None
+            for i in range(len(self.specs))
+        ]
