@@ -34,6 +34,13 @@ pressure ``host_scale`` shrinks by ``host_gain`` x pressure per step down to
 ``min_setpoint_scale`` (guests keep less headroom); without it, it relaxes back toward
 1 at the same rate. It is bounded at both ends, so it cannot wind up either.
 
+After an OOM kill in the guest (the ``oom_kills`` stat, Linux >= 6.12, went up) or an
+auto-deflate of a DEFLATE_ON_OOM guest (``actual`` above the target last set), the
+guest demonstrably needed more than it had: it gets its maximum back and is not
+reclaimed from for ``oom_hold_s``. Without this a guest whose demand leaps in bursts is
+squeezed again after each burst and killed again at the next (bitbrains-rnd has
+guests idling at 1 % of their RAM that leap to 90 % within one 5-minute sample).
+
 Guests without stats are held.
 """
 
@@ -69,6 +76,8 @@ class PidParams(BaseModel):
     host_psi_target_pct: float = Field(1.0, gt=0, le=100, description="host PSI some avg10 above this is pressure")
     host_gain: float = Field(0.05, ge=0, le=1, description="host_scale change per step at full pressure")
     min_setpoint_scale: float = Field(0.5, gt=0, le=1, description="most the host loop may tighten the set-point")
+    oom_hold_s: float = Field(86400.0, ge=0, description="no reclaim for this long after an OOM kill or auto-deflate")
+    auto_deflate_tolerance_kib: int = Field(2 * MIB, ge=0, description="actual above last target by more = auto-deflate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +88,8 @@ class PidGuestState:
     used_kib: float  # filtered use (actual - MemAvailable)
     integral_kib: float = 0.0
     swap_in_total_kib: int | None = None  # cumulative counter, for the delta
+    oom_kills_total: int | None = None  # cumulative counter, for the delta
+    hold_until_s: float = float("-inf")  # no reclaim before this (after an OOM kill or auto-deflate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,5 +178,20 @@ class PidPolicy:
         saturated = take_kib != output or bounded != target
         if not saturated and abs(error) < p.integral_band_kib:
             integral = proposed  # conditional integration: no windup while the output is capped
-        state = PidGuestState(now_s, used, integral, swap_total)
+        kills = guest.stats.oom_kills if guest.stats is not None else None
+        hold_until_s = float("-inf") if previous is None else previous.hold_until_s
+        if self.ran_short(guest, previous, kills):
+            hold_until_s = now_s + p.oom_hold_s
+        if now_s < hold_until_s:
+            bounded, integral = guest.max_kib, 0.0
+        state = PidGuestState(now_s, used, integral, swap_total, kills, hold_until_s)
         return bounded, state
+
+    def ran_short(self, guest: GuestSnapshot, previous: PidGuestState | None, kills: int | None) -> bool:
+        """The guest OOM-killed since the last step, or deflated itself (DEFLATE_ON_OOM)."""
+        killed = kills is not None and previous is not None and previous.oom_kills_total is not None
+        killed = killed and kills > previous.oom_kills_total  # type: ignore[operator, union-attr]
+        last = guest.last_target_kib
+        deflated = guest.features.deflate_on_oom and last is not None
+        deflated = deflated and guest.actual_kib > last + self.params.auto_deflate_tolerance_kib  # type: ignore[operator]
+        return bool(killed or deflated)

@@ -131,3 +131,21 @@ def test_targets_stay_within_floor_and_maximum_and_reclaim_is_bounded(
     target = result.targets_kib[g.uuid]
     assert g.floor_kib <= target <= max_kib
     assert target >= min(actual - policy.params.max_reclaim_step_kib, actual) or target == g.floor_kib
+
+
+def test_an_oom_kill_gives_the_guest_its_maximum_back_and_holds_reclaim() -> None:
+    import dataclasses
+
+    policy = PidPolicy()
+
+    def roomy(at_s: float, kills: int):  # type: ignore[no-untyped-def]
+        g = guest(at_s=at_s, max_kib=8 * GIB, actual_kib=4 * GIB, available_kib=3 * GIB)
+        assert g.stats is not None
+        return dataclasses.replace(g, stats=dataclasses.replace(g.stats, oom_kills=kills))
+
+    state = policy.decide(host(at_s=0), [roomy(0, 0)], policy.initial_state()).state
+    assert policy.decide(host(at_s=10), [roomy(10, 0)], state).targets_kib["uuid-vm"] < 4 * GIB
+    state = policy.decide(host(at_s=10), [roomy(10, 1)], state).state
+    held_s = 10 + policy.params.oom_hold_s
+    assert policy.decide(host(at_s=held_s - 10), [roomy(held_s - 10, 1)], state).targets_kib["uuid-vm"] == 8 * GIB
+    assert policy.decide(host(at_s=held_s + 10), [roomy(held_s + 10, 1)], state).targets_kib["uuid-vm"] < 4 * GIB

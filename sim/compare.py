@@ -1,0 +1,144 @@
+"""Several policies replayed over the same guests and traces, scorecards side by side.
+
+Every policy gets the same ``ReplaySpec`` (same traces, guests, features drawn with the
+same seed, same host) and the same guard rules, so a difference in the table is a
+difference between the policies, not the plumbing. A reference run with no ballooning
+at all (``none``) comes first: the scorecard's "memory saved" counts every page the
+guests never touched, which a host gets with or without a balloon, so what a *policy*
+reclaims is its saving minus the reference's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from overcommitd.config import DaemonConfig
+from overcommitd.model import GuestSnapshot, HostSnapshot
+from policies.api import Policy, PolicyResult
+from sim import traces as trace_io
+from sim.metrics import Scorecard
+from sim.replay import ReplayResult, ReplaySpec, load_traces, replay
+
+REFERENCE = "none"
+BASELINES = ("mom", "proxmox")
+
+
+class NoBalloon:
+    """The reference: never sets a target (the guard still raises a guest below its floor)."""
+
+    name = REFERENCE
+
+    def initial_state(self) -> None:
+        return None
+
+    def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: None) -> PolicyResult[None]:
+        return PolicyResult({}, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """Replay results by policy name, in the order run; ``reference`` is ``none``."""
+
+    spec: ReplaySpec
+    results: dict[str, ReplayResult]
+    reference: ReplayResult | None
+
+    def reclaimed_gib_h(self, name: str) -> float:
+        """Memory saved beyond the no-ballooning reference (GiB·h); the saving itself
+        when there is no reference."""
+        card = self.results[name].scorecard
+        base = self.reference.scorecard.saved_gib_h if self.reference is not None else 0.0
+        return card.saved_gib_h - base
+
+    def cards(self) -> list[Scorecard]:
+        head = [self.reference.scorecard] if self.reference is not None else []
+        return head + [r.scorecard for r in self.results.values()]
+
+
+def compare(
+    spec: ReplaySpec,
+    policies: Sequence[Policy[Any]],
+    cfg: DaemonConfig,
+    *,
+    loaded: Sequence[trace_io.Trace] | None = None,
+    reference: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> Comparison:
+    """Replay each policy (and the no-ballooning reference) on one spec."""
+    names = [p.name for p in policies]
+    if len(set(names)) != len(names):
+        raise ValueError(f"policies(={names}) must not repeat a name")
+    loaded = loaded if loaded is not None else load_traces(spec)
+    ref = replay(spec, NoBalloon(), cfg, loaded=loaded, progress=progress) if reference else None
+    results = {p.name: replay(spec, p, cfg, loaded=loaded, progress=progress) for p in policies}
+    return Comparison(spec, results, ref)
+
+
+# (label, scorecard field or None for a derived row, format, better: "max", "min" or "")
+ROWS: tuple[tuple[str, str, str, str], ...] = (
+    ("memory saved, GiB·h", "saved_gib_h", "{:.0f}", "max"),
+    ("memory saved, % of provisioned", "saved_pct", "{:.1f}", "max"),
+    ("reclaimed beyond no ballooning, GiB·h", "reclaimed", "{:.0f}", "max"),
+    ("reclaimed / better baseline", "vs_baseline", "{:.2f}x", ""),
+    ("host use peak, %", "host_peak_pct", "{:.1f}", "min"),
+    ("host use p95, %", "host_p95_pct", "{:.1f}", "min"),
+    ("swap-in, MiB per guest-hour", "swap_in_mib_per_guest_h", "{:.2f}", "min"),
+    ("major faults per guest-hour", "major_faults_per_guest_h", "{:.0f}", "min"),
+    ("OOM kills", "oom_kills", "{:d}", "min"),
+    ("guest-seconds below floor", "below_floor_guest_s", "{:.0f}", "min"),
+    ("balloon operations", "balloon_ops", "{:d}", "min"),
+    ("out-of-puff retries", "out_of_puff_retries", "{:d}", "min"),
+    ("auto-deflate events (1 MiB)", "auto_deflate_events", "{:d}", "min"),
+    ("recovery after a jump p50, s", "recovery_p50_s", "{:.0f}", "min"),
+    ("recovery after a jump p95, s", "recovery_p95_s", "{:.0f}", "min"),
+)
+
+
+def row_values(comp: Comparison, key: str) -> dict[str, float]:
+    """One table row by policy name (reference included)."""
+    names = ([REFERENCE] if comp.reference is not None else []) + list(comp.results)
+    if key == "reclaimed":
+        return {n: comp.reclaimed_gib_h(n) if n != REFERENCE else 0.0 for n in names}
+    if key == "vs_baseline":
+        present = [b for b in BASELINES if b in comp.results]
+        best = max((comp.reclaimed_gib_h(b) for b in present), default=0.0)
+        return {n: (comp.reclaimed_gib_h(n) / best if best > 0 and n != REFERENCE else float("nan")) for n in names}
+    cards = {c.policy: c for c in comp.cards()}
+    return {n: float(getattr(cards[n], key)) for n in names}
+
+
+def _fmt(fmt: str, value: float) -> str:
+    if value != value:  # nan
+        return "-"
+    return fmt.format(int(value) if "d}" in fmt else value)
+
+
+def table_rows(comp: Comparison) -> tuple[list[str], list[tuple[str, list[str], list[bool]]]]:
+    """Header (policy names) and rows of (label, cells, best-mark per cell). The best
+    mark goes to the policies (not the reference) with the best value of a row."""
+    names = ([REFERENCE] if comp.reference is not None else []) + list(comp.results)
+    rows = []
+    for label, key, fmt, better in ROWS:
+        values = row_values(comp, key)
+        ranked = [values[n] for n in comp.results if values[n] == values[n]]
+        best = (max(ranked) if better == "max" else min(ranked)) if better and ranked else None
+        marks = [n != REFERENCE and best is not None and values[n] == best for n in names]
+        rows.append((label, [_fmt(fmt, values[n]) for n in names], marks))
+    return names, rows
+
+
+def format_table(comp: Comparison) -> str:
+    """The comparison as a Markdown table; ``*`` marks the best policy of each row."""
+    names, rows = table_rows(comp)
+    c0 = comp.cards()[0]
+    head = (
+        f"{c0.guests} guests, {c0.hours:.0f} h, {c0.provisioned_gib:.0f} GiB provisioned on a "
+        f"{c0.host_gib:.0f} GiB host; * = best policy of the row\n\n"
+    )
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for label, cells, marks in rows:
+        shown = [f"{c}*" if m else c for c, m in zip(cells, marks)]
+        lines.append(f"| {label} | " + " | ".join(shown) + " |")
+    return head + "\n".join(lines)
