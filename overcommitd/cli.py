@@ -34,9 +34,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    if args.report or (args.policy and "," in args.policy):
+        from sim.compare import compare_command
+
+        return compare_command(args)
     from sim.cli import replay_command
 
     return replay_command(args)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from sim.tune import tune_command
+
+    return tune_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="replay memory traces through the control step on a simulated host")
     add_replay_arguments(p)
+    p.add_argument("--report", type=Path, help="write PNG plots and an HTML page comparing the policies into this directory")
     p.set_defaults(func=cmd_replay)
+
+    from sim.tune import add_tune_arguments
+
+    p = sub.add_parser("tune", help="search a policy's parameters over replays; write them as config TOML")
+    add_tune_arguments(p)
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

@@ -34,10 +34,11 @@ pressure ``host_scale`` shrinks by ``host_gain`` x pressure per step down to
 ``min_setpoint_scale`` (guests keep less headroom); without it, it relaxes back toward
 1 at the same rate. It is bounded at both ends, so it cannot wind up either.
 
-After an OOM kill in the guest (the ``oom_kills`` stat, Linux >= 6.12, went up) or an
-auto-deflate of a DEFLATE_ON_OOM guest (``actual`` above the target last set), the
-guest demonstrably needed more than it had: it gets its maximum back and is not
-reclaimed from for ``oom_hold_s``. Without this a guest whose demand leaps in bursts is
+After an OOM kill in the guest (the ``oom_kills`` stat, Linux >= 6.12, went up) the
+guest demonstrably needed more than it had, by an unknown amount: it gets its maximum
+back and is not reclaimed from for ``oom_hold_s``. After an auto-deflate of a
+DEFLATE_ON_OOM guest (``actual`` above the target last set) we know what it needed: no
+target below that ``actual`` for ``oom_hold_s``. Without this a guest whose demand leaps in bursts is
 squeezed again after each burst and killed again at the next (bitbrains-rnd has
 guests idling at 1 % of their RAM that leap to 90 % within one 5-minute sample).
 
@@ -69,7 +70,7 @@ class PidParams(BaseModel):
     ki_per_s: float = Field(0.001, ge=0, le=0.1, description="integral gain, per second")
     integral_limit_kib: int = Field(512 * MIB, ge=0, description="anti-windup clamp on the integral term")
     integral_band_kib: int = Field(64 * MIB, ge=0, description="integrate only while |error| is below this")
-    filter_tau_s: float = Field(60.0, ge=0, description="low-pass time constant for falling use")
+    filter_tau_s: float = Field(3600.0, ge=0, description="low-pass time constant for falling use")
     max_reclaim_step_kib: int = Field(128 * MIB, gt=0, description="most taken from a guest per step")
     swap_in_weight: float = Field(1.0, ge=0, le=100, description="KiB of headroom error per KiB swapped in")
     host_available_target_pct: float = Field(10.0, ge=0, le=100, description="host MemAvailable below this is pressure")
@@ -89,7 +90,8 @@ class PidGuestState:
     integral_kib: float = 0.0
     swap_in_total_kib: int | None = None  # cumulative counter, for the delta
     oom_kills_total: int | None = None  # cumulative counter, for the delta
-    hold_until_s: float = float("-inf")  # no reclaim before this (after an OOM kill or auto-deflate)
+    hold_until_s: float = float("-inf")  # until then no target below hold_floor_kib
+    hold_floor_kib: int = 0  # after an OOM kill: the maximum; after an auto-deflate: what the guest took
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,19 +181,23 @@ class PidPolicy:
         if not saturated and abs(error) < p.integral_band_kib:
             integral = proposed  # conditional integration: no windup while the output is capped
         kills = guest.stats.oom_kills if guest.stats is not None else None
-        hold_until_s = float("-inf") if previous is None else previous.hold_until_s
-        if self.ran_short(guest, previous, kills):
-            hold_until_s = now_s + p.oom_hold_s
-        if now_s < hold_until_s:
-            bounded, integral = guest.max_kib, 0.0
-        state = PidGuestState(now_s, used, integral, swap_total, kills, hold_until_s)
+        hold_until_s, hold_floor = (float("-inf"), 0) if previous is None else (previous.hold_until_s, previous.hold_floor_kib)
+        shortfall_floor = self.ran_short(guest, previous, kills)
+        if shortfall_floor is not None:
+            hold_until_s, hold_floor = now_s + p.oom_hold_s, max(shortfall_floor, hold_floor if now_s < hold_until_s else 0)
+        if now_s < hold_until_s and bounded < hold_floor:
+            bounded, integral = hold_floor, 0.0
+        state = PidGuestState(now_s, used, integral, swap_total, kills, hold_until_s, hold_floor)
         return bounded, state
 
-    def ran_short(self, guest: GuestSnapshot, previous: PidGuestState | None, kills: int | None) -> bool:
-        """The guest OOM-killed since the last step, or deflated itself (DEFLATE_ON_OOM)."""
-        killed = kills is not None and previous is not None and previous.oom_kills_total is not None
-        killed = killed and kills > previous.oom_kills_total  # type: ignore[operator, union-attr]
+    def ran_short(self, guest: GuestSnapshot, previous: PidGuestState | None, kills: int | None) -> int | None:
+        """The memory the guest must keep if it ran short since the last step: its maximum
+        after an OOM kill, its ``actual`` after it deflated itself; None if it did not."""
+        if kills is not None and previous is not None and previous.oom_kills_total is not None:
+            if kills > previous.oom_kills_total:
+                return guest.max_kib
         last = guest.last_target_kib
-        deflated = guest.features.deflate_on_oom and last is not None
-        deflated = deflated and guest.actual_kib > last + self.params.auto_deflate_tolerance_kib  # type: ignore[operator]
-        return bool(killed or deflated)
+        if guest.features.deflate_on_oom and last is not None:
+            if guest.actual_kib > last + self.params.auto_deflate_tolerance_kib:
+                return guest.actual_kib
+        return None

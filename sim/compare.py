@@ -142,3 +142,50 @@ def format_table(comp: Comparison) -> str:
         shown = [f"{c}*" if m else c for c, m in zip(cells, marks)]
         lines.append(f"| {label} | " + " | ".join(shown) + " |")
     return head + "\n".join(lines)
+
+
+def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
+    """The ReplaySpec the ``replay`` arguments describe (as ``sim.cli`` builds it)."""
+    fields: dict[str, object] = {"hours": args.hours, "interval_s": cfg.interval_s, "overcommit": args.overcommit, "seed": args.seed}
+    if args.trace:
+        fields["traces"] = tuple(args.trace)
+    if args.guests:
+        fields["guests"] = args.guests
+    return ReplaySpec.model_validate(fields)
+
+
+def create_policies(names: Sequence[str], cfg: DaemonConfig) -> list[Policy[Any]]:
+    """Policies by name; the config's params go to the policy the config names."""
+    from policies import registry
+
+    return [registry.create(n, cfg.policy.params if n == cfg.policy.name else {}) for n in names]
+
+
+def compare_command(args: Any) -> int:
+    """``overcommitd replay --policy a,b,c [--report DIR]``: one table, optional report."""
+    import sys
+
+    from tqdm import tqdm
+
+    cfg = DaemonConfig.load(args.config, **({"interval_s": args.interval_s} if args.interval_s else {}))
+    names = [n.strip() for n in (args.policy or cfg.policy.name).split(",") if n.strip()]
+    policies = create_policies(names, cfg)
+    spec = spec_from_args(args, cfg)
+    loaded = load_traces(spec)
+    hours = spec.hours or max(t.duration_s for t in loaded) / 3600
+    ticks = int(hours * 3600 // spec.interval_s) * (len(policies) + 1)
+    with tqdm(total=ticks, unit="tick", disable=args.no_progress or None, file=sys.stderr) as bar:
+        bar.set_description(f"{','.join(names)}: {spec.guests or len(loaded)} guests")
+        comp = compare(spec, policies, cfg, loaded=loaded, progress=bar.update)
+    table = format_table(comp)
+    print(table)
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps([c.as_dict() for c in comp.cards()], indent=2) + "\n")
+    if args.report:
+        from sim.report import write_report
+
+        page = write_report(comp, args.report)
+        print(f"report: {page}")
+    return 0

@@ -72,6 +72,7 @@ class Timeline:
     target_kib: list[npt.NDArray[np.float64]] = field(default_factory=list)
     actual_kib: list[npt.NDArray[np.float64]] = field(default_factory=list)
     available_kib: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    swap_in_kib: list[npt.NDArray[np.float64]] = field(default_factory=list)  # cumulative, per guest
 
 
 class Recorder:
@@ -118,6 +119,7 @@ class Recorder:
             tl.target_kib.append(target_kib.copy())
             tl.actual_kib.append(actual_kib.copy())
             tl.available_kib.append(available_kib.copy())
+            tl.swap_in_kib.append(swap_in_kib.copy())
         self.ticks += 1
 
     def _track_recovery(
