@@ -1,0 +1,86 @@
+"""Every built-in policy replayed side by side on the bundled real traces: the
+invariants that must hold whatever the policy, the table, the report and tuning."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from overcommitd.config import DaemonConfig
+from policies import registry
+from sim.compare import REFERENCE, Comparison, compare, format_table
+from sim.replay import ReplaySpec
+from sim.report import write_report
+from sim.tune import SPACES, tune, to_toml
+
+POLICIES = ("pid", "sla-floor", "free-page", "mom", "proxmox", "headroom")
+SPEC = ReplaySpec(guests=16, hours=8.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def comparison() -> Comparison:
+    cfg = DaemonConfig()
+    return compare(SPEC, [registry.create(n) for n in POLICIES], cfg)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_invariants_hold_for_every_policy(comparison: Comparison, name: str) -> None:
+    run = comparison.results[name]
+    card, tl = run.scorecard, run.timeline
+    assert card.below_floor_guest_s == 0  # the guard keeps every guest at or above its floor
+    actual = np.vstack(tl.actual_kib)
+    target = np.vstack(tl.target_kib)
+    ram = np.vstack(comparison.reference.timeline.actual_kib).max(axis=0)  # type: ignore[union-attr]
+    min_kib = DaemonConfig().guard.min_guest_kib  # SPEC sets no SLA floor: the guard's minimum applies
+    assert (actual <= ram + 1).all() and (target <= ram + 1).all()
+    assert (target >= min_kib - 1).all()
+    assert card.balloon_ops > 0  # every policy does something on a 2x overcommitted host
+    # ballooning never makes the host back more than running without it
+    assert card.saved_gib_h >= comparison.reference.scorecard.saved_gib_h * 0.99  # type: ignore[union-attr]
+
+
+def test_the_reference_never_balloons(comparison: Comparison) -> None:
+    assert comparison.reference is not None and comparison.reference.scorecard.balloon_ops == 0
+
+
+def test_the_table_has_a_column_per_policy_and_marks_the_best(comparison: Comparison) -> None:
+    table = format_table(comparison)
+    header = next(line for line in table.splitlines() if line.startswith("| metric"))
+    assert [c.strip() for c in header.split("|")[2:-1]] == [REFERENCE, *POLICIES]
+    saved_row = next(line for line in table.splitlines() if line.startswith("| memory saved, GiB·h"))
+    best = max(POLICIES, key=lambda n: comparison.results[n].scorecard.saved_gib_h)
+    cells = [c.strip() for c in saved_row.split("|")[2:-1]]
+    assert cells[[REFERENCE, *POLICIES].index(best)].endswith("*")
+
+
+def test_a_replay_is_deterministic() -> None:
+    spec = ReplaySpec(guests=4, hours=2.0)
+    a = compare(spec, [registry.create("pid")], DaemonConfig(), reference=False)
+    b = compare(spec, [registry.create("pid")], DaemonConfig(), reference=False)
+    assert a.results["pid"].scorecard == b.results["pid"].scorecard
+
+
+def test_the_report_writes_plots_and_one_page_embedding_them(comparison: Comparison, tmp_path: Path) -> None:
+    page = write_report(comparison, tmp_path / "report")
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert pngs == ["distributions.png", "guest.png", "host_use.png"]
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 3
+    assert all(f"<th>{n}</th>" in text for n in POLICIES)
+
+
+def test_tuning_writes_params_the_config_accepts_and_never_loses_to_its_start(tmp_path: Path) -> None:
+    spec = ReplaySpec(guests=4, hours=2.0)
+    result = tune("pid", spec, DaemonConfig(), dims=SPACES["pid"][:2], max_evals=4)
+    assert 1 < len(result.evaluations) <= 4
+    assert result.best.objective <= result.start.objective
+    path = tmp_path / "tuned.toml"
+    path.write_text(to_toml(result))
+    cfg = DaemonConfig.load(path)
+    assert cfg.policy.name == "pid"
+    policy = registry.create(cfg.policy.name, cfg.policy.params)
+    assert policy.params.headroom_pct == pytest.approx(result.best.params["headroom_pct"], rel=1e-5)  # type: ignore[attr-defined]
+    assert tomllib.loads(path.read_text())["policy"]["params"]["min_headroom_kib"] == result.best.params["min_headroom_kib"]
