@@ -10,7 +10,9 @@ Inner loop, per guest and per step:
   once it lasts (balloon stats are noisy: a freed buffer or a cache flush makes use dip
   for one sample). Use, not headroom, is filtered, because the balloon moves headroom
   but not use: the controller's own moves never pass through the filter's lag;
-* the set-point is ``max(min_headroom_kib, headroom_pct % of use) x host_scale``;
+* the set-point is ``max(min_headroom_kib, headroom_pct % of use, min_headroom_pct_of_max
+  % of the guest's maximum) x host_scale``. The last term is for large guests idling
+  at a small use: their bursts scale with their size, not with their idle use;
 * error ``e = headroom - set-point`` (KiB; positive means the guest has memory to
   spare); swap-in since the last sample counts against the error ``swap_in_weight``
   times over, since a guest that swaps is short whatever MemAvailable says;
@@ -65,6 +67,7 @@ class PidParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     headroom_pct: float = Field(10.0, ge=0, le=200, description="headroom set-point, % of the guest's use")
     min_headroom_kib: int = Field(256 * MIB, ge=0, description="headroom set-point at least this")
+    min_headroom_pct_of_max: float = Field(10.0, ge=0, le=100, description="... and at least this % of the guest's maximum")
     kp_reclaim: float = Field(0.3, gt=0, le=1, description="share of spare headroom taken per step")
     kp_return: float = Field(1.0, gt=0, le=2, description="share of missing headroom given back per step")
     ki_per_s: float = Field(0.001, ge=0, le=0.1, description="integral gain, per second")
@@ -148,9 +151,9 @@ class PidPolicy:
         scale = previous - p.host_gain * pressure if pressure > 0 else previous + p.host_gain
         return min(1.0, max(p.min_setpoint_scale, scale))
 
-    def setpoint_kib(self, used: float, scale: float) -> float:
+    def setpoint_kib(self, used: float, scale: float, max_kib: int = 0) -> float:
         p = self.params
-        return max(p.min_headroom_kib, used * p.headroom_pct / 100) * scale
+        return max(p.min_headroom_kib, used * p.headroom_pct / 100, max_kib * p.min_headroom_pct_of_max / 100) * scale
 
     def decide_guest(
         self, now_s: float, guest: GuestSnapshot, previous: PidGuestState | None, scale: float
@@ -165,7 +168,7 @@ class PidPolicy:
         used = fast_up_slow_down(None if previous is None else previous.used_kib, float(raw_used), weight)
         headroom = guest.actual_kib - used
         swapped_kib, swap_total = swap_in_delta_kib(None if previous is None else previous.swap_in_total_kib, guest)
-        error = headroom - self.setpoint_kib(used, scale) - p.swap_in_weight * swapped_kib
+        error = headroom - self.setpoint_kib(used, scale, guest.max_kib) - p.swap_in_weight * swapped_kib
 
         integral = 0.0 if previous is None else previous.integral_kib
         if integral * error < 0:

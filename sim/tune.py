@@ -72,6 +72,7 @@ class Dim:
 SPACES: dict[str, tuple[Dim, ...]] = {
     "pid": (
         Dim("headroom_pct", 0.0, 60.0),
+        Dim("min_headroom_pct_of_max", 0.0, 50.0),
         Dim("min_headroom_kib", 32 * MIB, 4 * GIB, integer=True),
         Dim("kp_reclaim", 0.02, 1.0),
         Dim("filter_tau_s", 60.0, 172800.0),

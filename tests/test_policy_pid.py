@@ -31,7 +31,7 @@ def _run(policy: PidPolicy, demand_kib: list[int], *, actual_kib: int = 8 * GIB,
 
 
 def _setpoint(policy: PidPolicy, used: int) -> float:
-    return used + policy.setpoint_kib(used, 1.0)
+    return used + policy.setpoint_kib(used, 1.0, 8 * GIB)
 
 
 def test_converges_on_a_step_without_oscillation() -> None:
