@@ -114,13 +114,16 @@ def _hold_reason(guest: GuestSnapshot, wish_kib: int | None, excluded: bool, err
 
 
 def _hold_or_restore_floor(guest: GuestSnapshot, wish_kib: int | None, why: Clamp, rules: GuardConfig) -> Decision:
-    """Hold, unless a running, included guest sits below its floor: then raise it."""
+    """Hold, unless a running, included guest's balloon is set below its floor (someone
+    ran ``virsh setmem`` behind our back, or the floor was raised): then stop it at the
+    floor, or where it is if that is higher. Never inflates."""
     floor = floor_kib(guest, rules)
     current = guest.last_target_kib if guest.last_target_kib is not None else guest.actual_kib
     restorable = why.reason in (ClampReason.POLICY_ERROR, ClampReason.NO_WISH)
     if restorable and min(current, guest.actual_kib) < floor:
-        raised = Clamp(ClampReason.FLOOR, None, floor, f"below the floor of {floor} KiB")
-        return Decision(guest.uuid, guest.name, floor, wish_kib, (why, raised))
+        target = max(floor, guest.actual_kib)
+        raised = Clamp(ClampReason.FLOOR, None, target, f"set below the floor of {floor} KiB")
+        return Decision(guest.uuid, guest.name, target, wish_kib, (why, raised))
     return Decision(guest.uuid, guest.name, None, wish_kib, (why,))
 
 

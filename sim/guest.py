@@ -39,6 +39,7 @@ from sim.driver import BalloonDriver
 
 Array = npt.NDArray[np.float64]
 OOM_STEP_KIB = 256 * 4  # VIRTIO_BALLOON_OOM_NR_PAGES x 4 KiB, per OOM notification
+EPSILON_KIB = 1.0
 
 
 class GuestModelParams(BaseModel):
@@ -185,6 +186,7 @@ class Fleet:
         self.swap += to_swap
         self.swap_out += to_swap
         over -= to_swap
+        over = np.where(over > EPSILON_KIB, over, 0.0)  # float dust is not pressure
         steps = np.where(self.deflate_on_oom & (over > 0), np.ceil(over / OOM_STEP_KIB), 0.0)
         given = self.driver.deflate_on_oom(steps * OOM_STEP_KIB)
         self.oom_deflates += np.ceil(given / OOM_STEP_KIB)

@@ -115,7 +115,7 @@ def load(path: Path, *, machine_kib: int = DEFAULT_MACHINE_KIB, max_gap_s: float
         header = f.readline()
         if BITBRAINS_TIME in header:
             return _load_bitbrains(path, f, header, max_gap_s)
-        if all(c in header.split(",") for c in GOOGLE_COLUMNS):
+        if all(c in header.strip().split(",") for c in GOOGLE_COLUMNS):
             return _load_google(path, f, header, machine_kib, max_gap_s)
     raise TraceError(
         f"{path}:1: unknown trace format: expected a Bitbrains header ({BITBRAINS_TIME!r}, ...) "
