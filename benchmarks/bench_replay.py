@@ -32,7 +32,12 @@ def main() -> None:
     p.add_argument("--profile-days", type=float, default=0.5, help="span of the profiled run")
     args = p.parse_args()
 
-    spec = ReplaySpec(traces=(traces.BUNDLED_DIR / "bitbrains-rnd",), guests=args.guests, hours=args.days * 24, interval_s=args.interval_s)
+    spec = ReplaySpec(
+        traces=(traces.BUNDLED_DIR / "bitbrains-rnd",),
+        guests=args.guests,
+        hours=args.days * 24,
+        interval_s=args.interval_s,
+    )
     t0 = time.perf_counter()
     loaded = load_traces(spec)
     load_s = time.perf_counter() - t0
@@ -43,9 +48,13 @@ def main() -> None:
     ticks = int(spec.hours * 3600 / spec.interval_s)
     rate = args.guests * ticks / run_s
     print(f"traces loaded: {len(loaded)} in {load_s:.2f} s")
-    print(f"replay: {args.guests} guests x {args.days:g} days at {args.interval_s:g} s = {args.guests * ticks:,} guest-ticks in {run_s:.1f} s")
+    print(
+        f"replay: {args.guests} guests x {args.days:g} days at {args.interval_s:g} s = {args.guests * ticks:,} guest-ticks in {run_s:.1f} s"
+    )
     print(f"throughput: {rate:,.0f} guest-ticks/s ({rate / TARGET_GUEST_TICKS_S:.3f} of the 1,000,000 target)")
-    print(f"scorecard: saved {result.scorecard.saved_pct:.1f} % of provisioned, below floor {result.scorecard.below_floor_guest_s:.0f} guest-s")
+    print(
+        f"scorecard: saved {result.scorecard.saved_pct:.1f} % of provisioned, below floor {result.scorecard.below_floor_guest_s:.0f} guest-s"
+    )
 
     short = spec.model_copy(update={"hours": args.profile_days * 24})
     profiler = cProfile.Profile()
@@ -55,7 +64,10 @@ def main() -> None:
         area = next((a for a in ("sim/", "overcommitd/", "policies/") if a in filename), "numpy/stdlib")
         by_area[area] += tottime
     total = sum(by_area.values())
-    print("time by area (profiled): " + ", ".join(f"{a} {100 * t / total:.0f} %" for a, t in sorted(by_area.items(), key=lambda kv: -kv[1])))
+    print(
+        "time by area (profiled): "
+        + ", ".join(f"{a} {100 * t / total:.0f} %" for a, t in sorted(by_area.items(), key=lambda kv: -kv[1]))
+    )
 
 
 if __name__ == "__main__":

@@ -94,8 +94,7 @@ class HostSnapshot:
             raise ValueError(f"mem_total_kib(={self.mem_total_kib}) must be > 0")
         if not 0 <= self.mem_available_kib <= self.mem_total_kib:
             raise ValueError(
-                f"mem_available_kib(={self.mem_available_kib}) must be within "
-                f"0..mem_total_kib(={self.mem_total_kib})"
+                f"mem_available_kib(={self.mem_available_kib}) must be within 0..mem_total_kib(={self.mem_total_kib})"
             )
 
     @property

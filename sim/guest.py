@@ -95,8 +95,13 @@ class Fleet:
         # long enough to fill its page cache shows that as cache).
         self.touched = self.reserved + self.kernel + self.anon + self.cache
         self.oom_capped = np.zeros(len(specs), dtype=bool)
-        for name in ("swap_in", "swap_out", "major_faults", "minor_faults", "oom_kills", "oom_deflates"):
-            setattr(self, name, np.zeros_like(self.ram))
+        # Cumulative counters, as the guest reports them (KiB or counts).
+        self.swap_in = np.zeros_like(self.ram)
+        self.swap_out = np.zeros_like(self.ram)
+        self.major_faults = np.zeros_like(self.ram)
+        self.minor_faults = np.zeros_like(self.ram)
+        self.oom_kills = np.zeros_like(self.ram)
+        self.oom_deflates = np.zeros_like(self.ram)
         self._report_free()
 
     # -- what the guest shows ------------------------------------------------------

@@ -116,7 +116,9 @@ class SimHypervisor:
         if i is None:
             raise HypervisorError(f"no simulated guest with uuid {uuid!r}")
         if not 0 < target_kib <= self.specs[i].ram_kib:
-            raise HypervisorError(f"guest {self.specs[i].name}: target {target_kib} KiB outside 1..{self.specs[i].ram_kib}")
+            raise HypervisorError(
+                f"guest {self.specs[i].name}: target {target_kib} KiB outside 1..{self.specs[i].ram_kib}"
+            )
         self.device.set_target(i, target_kib)
         self.last_target_kib[i] = target_kib
         self.target_kib[i] = target_kib

@@ -43,7 +43,9 @@ def test_the_example_config_is_valid_and_documents_every_key() -> None:
     text = example.read_text()
     for key in documented_keys(DaemonConfig):
         leaf = key.rsplit(".", 1)[-1]
-        assert re.search(rf"^(#\s*)?{leaf} =|^\[(.*\.)?{leaf}[.\]]", text, re.M), f"config.example.toml lacks {key}"
+        assert re.search(rf"^(#\s*)?{leaf} =|^\[(.*\.)?{leaf}[.\]]", text, re.MULTILINE), (
+            f"config.example.toml lacks {key}"
+        )
 
 
 def test_sizes_take_binary_units(tmp_path: Path) -> None:
@@ -68,7 +70,9 @@ def test_bad_size_names_the_key(tmp_path: Path) -> None:
 
 def test_unknown_keys_are_errors_with_their_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
-        DaemonConfig.load(write(tmp_path, 'interval_s = 5\n[guard]\nmax_inflate_stp_kib = 1\n[guests.web]\nflor_kib = 1\n'))
+        DaemonConfig.load(
+            write(tmp_path, "interval_s = 5\n[guard]\nmax_inflate_stp_kib = 1\n[guests.web]\nflor_kib = 1\n")
+        )
     keys = {key for key, _ in e.value.problems}
     assert keys == {"guard.max_inflate_stp_kib", "guests.web.flor_kib"}
 
@@ -85,7 +89,10 @@ def test_cli_overrides_the_file(tmp_path: Path) -> None:
 
 def test_guest_override_by_uuid_wins_over_name(tmp_path: Path) -> None:
     cfg = DaemonConfig.load(
-        write(tmp_path, '[guests.vm1]\nweight = 2\n[guests."uuid-vm1"]\nfloor_kib = "1GiB"\n[guests.other]\nexclude = true\n')
+        write(
+            tmp_path,
+            '[guests.vm1]\nweight = 2\n[guests."uuid-vm1"]\nfloor_kib = "1GiB"\n[guests.other]\nexclude = true\n',
+        )
     )
     override = cfg.override_for(guest("vm1"))
     assert override is not None and override.floor_kib == GIB and override.weight is None

@@ -138,7 +138,9 @@ def snapshots(draw: st.DrawFn) -> GuestSnapshot:
     error=st.none() | st.just("boom"),
 )
 @settings(max_examples=500)
-def test_guard_invariants(g: GuestSnapshot, wish: int | None, backoff: float, excluded: bool, error: str | None) -> None:
+def test_guard_invariants(
+    g: GuestSnapshot, wish: int | None, backoff: float, excluded: bool, error: str | None
+) -> None:
     decision, memory = guard(NOW, g, wish, rules=RULES, memory=GuardMemory(backoff), excluded=excluded, error=error)
     target = decision.target_kib
     assert decision.wish_kib == wish

@@ -63,7 +63,9 @@ def test_config_overrides_exclude_raise_floor_and_weight() -> None:
             seen.extend(guests)
             return super().decide(host, guests, state)
 
-    cfg = DaemonConfig(guests={"a": GuestOverride(exclude=True), "uuid-b": GuestOverride(floor_kib=3 * GIB, weight=2.0)})
+    cfg = DaemonConfig(
+        guests={"a": GuestOverride(exclude=True), "uuid-b": GuestOverride(floor_kib=3 * GIB, weight=2.0)}
+    )
     out = step(100.0, host(), [guest("a"), guest("b", floor_kib=GIB)], Spy(), LoopState(None), cfg)
     assert [g.name for g in seen] == ["b"]
     assert seen[0].floor_kib == 3 * GIB and seen[0].weight == 2.0

@@ -42,9 +42,22 @@ def test_a_replay_gives_the_same_answer_twice(loaded: list[traces.Trace]) -> Non
     assert first == second
 
 
-def test_replay_command_prints_the_scorecard_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_replay_command_prints_the_scorecard_and_writes_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "card.json"
-    argv = ["replay", "--trace", *map(str, SLICE[:3]), "--guests", "5", "--hours", "2", "--no-progress", "--json", str(out)]
+    argv = [
+        "replay",
+        "--trace",
+        *map(str, SLICE[:3]),
+        "--guests",
+        "5",
+        "--hours",
+        "2",
+        "--no-progress",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "scorecard: policy headroom" in printed and "guest-seconds below floor" in printed

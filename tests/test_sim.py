@@ -34,7 +34,9 @@ def test_every_repeats_on_its_period() -> None:
         world.schedule(lambda: None, -1)
 
 
-def one_guest(*, doo: bool = False, reporting: bool = False, demand_gib: float = 1.0, swap_kib: int = 0) -> SimHypervisor:
+def one_guest(
+    *, doo: bool = False, reporting: bool = False, demand_gib: float = 1.0, swap_kib: int = 0
+) -> SimHypervisor:
     spec = GuestSpec(uuid="u", name="g", ram_kib=4 * GIB, swap_kib=swap_kib, deflate_on_oom=doo, reporting=reporting)
     return SimHypervisor([spec], host_mem_kib=16 * GIB, initial_demand_kib=np.array([demand_gib * GIB]))
 

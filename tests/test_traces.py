@@ -109,7 +109,9 @@ def test_unknown_format_and_missing_files(tmp_path: Path) -> None:
 
 @given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 10**7)), min_size=1, max_size=40))
 @settings(max_examples=60, deadline=None)
-def test_any_well_formed_bitbrains_file_gives_a_sane_trace(tmp_path_factory: pytest.TempPathFactory, rows: list[tuple[int, int]]) -> None:
+def test_any_well_formed_bitbrains_file_gives_a_sane_trace(
+    tmp_path_factory: pytest.TempPathFactory, rows: list[tuple[int, int]]
+) -> None:
     tmp = tmp_path_factory.mktemp("bb")
     data = [(1e9 + t, 1048576.0, float(u)) for t, u in rows]
     if all(u == 0 for _, _, u in data):
