@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overcommitd.config import GuardConfig
-from overcommitd.guard import GuardMemory, floor_kib, guard
+from overcommitd.guard import GuardMemory, floor_kib, guard, implausible
 from overcommitd.model import BalloonFeatures, ClampReason, GuestSnapshot, GuestStats, RunState
 
 RULES = GuardConfig()
@@ -55,6 +55,19 @@ def test_no_inflation_on_stale_or_missing_stats_but_deflation_goes_on() -> None:
     assert decide(stale, 4 * GIB) == (4 * GIB, set())
     missing = dataclasses.replace(guest(actual_kib=3 * GIB, last_target_kib=2 * GIB + 1), stats=None)
     assert decide(missing, 2 * GIB) == (3 * GIB, {ClampReason.MISSING_STATS})
+
+
+def test_a_guest_that_lies_in_its_stats_is_not_inflated() -> None:
+    liar = guest(actual_kib=3 * GIB)
+    assert liar.stats is not None
+    bogus = dataclasses.replace(liar.stats, mem_available_kib=9 * GIB)
+    assert decide(dataclasses.replace(liar, stats=bogus), 2 * GIB) == (
+        None,
+        {ClampReason.IMPLAUSIBLE_STATS, ClampReason.DEAD_BAND},
+    )
+    huge = dataclasses.replace(liar.stats, mem_total_kib=64 * GIB)
+    assert ClampReason.IMPLAUSIBLE_STATS in decide(dataclasses.replace(liar, stats=huge), 2 * GIB)[1]
+    assert decide(dataclasses.replace(liar, stats=huge), 4 * GIB)[0] == 4 * GIB  # giving back is still fine
 
 
 def test_dead_band_holds_small_changes() -> None:
@@ -113,6 +126,7 @@ def snapshots(draw: st.DrawFn) -> GuestSnapshot:
             last_update_s=st.floats(min_value=-1e6, max_value=NOW + 100, allow_nan=False),
             mem_available_kib=st.none() | kib,
             mem_free_kib=st.none() | kib,
+            mem_total_kib=st.none() | kib,
         )
     )
     return GuestSnapshot(
@@ -156,6 +170,7 @@ def test_guard_invariants(
         assert g.stats is not None and NOW - g.stats.last_update_s <= max(
             RULES.stale_after_periods * g.stats_period_s, RULES.stale_after_min_s
         ), "no inflation on stale or missing stats"
+        assert implausible(g) is None, "no inflation on impossible stats"
         assert NOW >= memory.backoff_until_s, "no inflation during a back-off"
         assert error is None and wish is not None, "a held guest is never inflated"
     if target > g.actual_kib:
