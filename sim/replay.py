@@ -42,7 +42,9 @@ class ReplaySpec(BaseModel):
     hours: float | None = Field(72.0, gt=0, description="replayed span; None: the longest trace")
     interval_s: float = Field(10.0, gt=0, description="control interval")
     stats_period_s: float = Field(5.0, ge=0, description="guest stats polling period; 0: off")
-    overcommit: float = Field(2.0, gt=0, description="provisioned guest RAM / host RAM for guests")
+    # oVirt's cluster memory overcommit presets are 100/150/200 % (prior-art.md §5.5); at
+    # 200 % the guests' initial use (page cache half full) would not fit the host.
+    overcommit: float = Field(1.5, gt=0, description="provisioned guest RAM / host RAM for guests")
     deflate_on_oom_share: float = Field(0.25, ge=0, le=1, description="share of guests with DEFLATE_ON_OOM")
     reporting_share: float = Field(0.25, ge=0, le=1, description="share of guests with free page reporting")
     floor_pct: float = Field(0.0, ge=0, le=100, description="SLA floor of every guest, % of its RAM")
