@@ -9,8 +9,8 @@ For each guest, in this order:
    said nothing - except that a guest found below its SLA floor is raised to it;
 2. the wish is clamped to ``[floor, maximum]``: the floor is the larger of the guest's
    SLA floor and ``min_guest_kib``;
-3. inflation (a target below ``actual``) is refused when the guest's stats are missing
-   or stale, and during a cool-down after the balloon stopped short of its last target
+3. inflation (a target below ``actual``) is refused when the guest's stats are missing,
+   stale or impossible (a guest may lie), and during a cool-down after the balloon stopped short of its last target
    (a DEFLATE_ON_OOM guest that deflated itself is under pressure: meet it, never fight
    it; any other guest that cannot reach its target has no free memory to give - the
    "Out of puff" storm of arcbox#390);
@@ -55,6 +55,25 @@ def stats_problem(now_s: float, guest: GuestSnapshot, rules: GuardConfig) -> Cla
     age_s = now_s - guest.stats.last_update_s
     if age_s > limit_s:
         return Clamp(ClampReason.STALE_STATS, None, None, f"stats are {age_s:.0f} s old, limit {limit_s:.0f} s")
+    lie = implausible(guest)
+    if lie is not None:
+        return Clamp(ClampReason.IMPLAUSIBLE_STATS, None, None, lie)
+    return None
+
+
+def implausible(guest: GuestSnapshot) -> str | None:
+    """What is impossible about a guest's stats, or None. Stats come from an untrusted
+    guest (Firecracker's ballooning docs say as much): a buggy or hostile driver must not
+    talk the host into taking memory the guest needs."""
+    s = guest.stats
+    assert s is not None
+    total = s.mem_total_kib
+    if total is not None and total > guest.max_kib:
+        return f"MemTotal {total} KiB exceeds the guest's maximum {guest.max_kib} KiB"
+    for name in ("mem_available_kib", "mem_free_kib", "disk_caches_kib"):
+        value = getattr(s, name)
+        if value is not None and (value < 0 or total is not None and value > total):
+            return f"{name} {value} KiB is outside 0..MemTotal ({total} KiB)"
     return None
 
 
@@ -114,13 +133,16 @@ def _hold_reason(guest: GuestSnapshot, wish_kib: int | None, excluded: bool, err
 
 
 def _hold_or_restore_floor(guest: GuestSnapshot, wish_kib: int | None, why: Clamp, rules: GuardConfig) -> Decision:
-    """Hold, unless a running, included guest sits below its floor: then raise it."""
+    """Hold, unless a running, included guest's balloon is set below its floor (someone
+    ran ``virsh setmem`` behind our back, or the floor was raised): then stop it at the
+    floor, or where it is if that is higher. Never inflates."""
     floor = floor_kib(guest, rules)
     current = guest.last_target_kib if guest.last_target_kib is not None else guest.actual_kib
     restorable = why.reason in (ClampReason.POLICY_ERROR, ClampReason.NO_WISH)
     if restorable and min(current, guest.actual_kib) < floor:
-        raised = Clamp(ClampReason.FLOOR, None, floor, f"below the floor of {floor} KiB")
-        return Decision(guest.uuid, guest.name, floor, wish_kib, (why, raised))
+        target = max(floor, guest.actual_kib)
+        raised = Clamp(ClampReason.FLOOR, None, target, f"set below the floor of {floor} KiB")
+        return Decision(guest.uuid, guest.name, target, wish_kib, (why, raised))
     return Decision(guest.uuid, guest.name, None, wish_kib, (why,))
 
 

@@ -94,8 +94,7 @@ class HostSnapshot:
             raise ValueError(f"mem_total_kib(={self.mem_total_kib}) must be > 0")
         if not 0 <= self.mem_available_kib <= self.mem_total_kib:
             raise ValueError(
-                f"mem_available_kib(={self.mem_available_kib}) must be within "
-                f"0..mem_total_kib(={self.mem_total_kib})"
+                f"mem_available_kib(={self.mem_available_kib}) must be within 0..mem_total_kib(={self.mem_total_kib})"
             )
 
     @property
@@ -206,6 +205,7 @@ class ClampReason(Enum):
     MAXIMUM = "maximum"  # lowered to the guest's maximum
     STALE_STATS = "stale-stats"  # no inflation: stats older than the staleness limit
     MISSING_STATS = "missing-stats"  # no inflation: the guest never sent stats
+    IMPLAUSIBLE_STATS = "implausible-stats"  # no inflation: the stats contradict each other or the host
     AUTO_DEFLATE = "auto-deflate"  # DEFLATE_ON_OOM guest deflated itself: back off
     NO_PROGRESS = "no-progress"  # balloon stopped short of its target: the guest has nothing to give
     INFLATE_STEP = "inflate-step"  # inflation bounded per tick

@@ -46,11 +46,11 @@ def load_class(spec: str) -> type[Any]:
             )
         try:
             cls = registered[spec].load()
-        except Exception as e:  # noqa: BLE001 - any import failure of a plugin is fatal at start
+        except Exception as e:
             raise PolicyLoadError(f"policy {spec!r} ({registered[spec].value}) failed to load: {e}") from e
     if not callable(getattr(cls, "decide", None)) or not callable(getattr(cls, "initial_state", None)):
         raise PolicyLoadError(f"{spec!r} is not a policy: it needs decide() and initial_state() (see policies.api)")
-    return cls
+    return cls  # type: ignore[no-any-return]
 
 
 def create(spec: str, params: Mapping[str, Any] | None = None) -> Policy[Any]:

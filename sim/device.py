@@ -67,4 +67,4 @@ class BalloonDevice:
         self.last_update_s[due] = on_grid[due]
 
     def has_stats(self) -> npt.NDArray[np.bool_]:
-        return np.isfinite(self.last_update_s)
+        return np.asarray(np.isfinite(self.last_update_s), dtype=bool)

@@ -39,6 +39,7 @@ from sim.driver import BalloonDriver
 
 Array = npt.NDArray[np.float64]
 OOM_STEP_KIB = 256 * 4  # VIRTIO_BALLOON_OOM_NR_PAGES x 4 KiB, per OOM notification
+EPSILON_KIB = 1.0
 
 
 class GuestModelParams(BaseModel):
@@ -94,8 +95,13 @@ class Fleet:
         # long enough to fill its page cache shows that as cache).
         self.touched = self.reserved + self.kernel + self.anon + self.cache
         self.oom_capped = np.zeros(len(specs), dtype=bool)
-        for name in ("swap_in", "swap_out", "major_faults", "minor_faults", "oom_kills", "oom_deflates"):
-            setattr(self, name, np.zeros_like(self.ram))
+        # Cumulative counters, as the guest reports them (KiB or counts).
+        self.swap_in = np.zeros_like(self.ram)
+        self.swap_out = np.zeros_like(self.ram)
+        self.major_faults = np.zeros_like(self.ram)
+        self.minor_faults = np.zeros_like(self.ram)
+        self.oom_kills = np.zeros_like(self.ram)
+        self.oom_deflates = np.zeros_like(self.ram)
         self._report_free()
 
     # -- what the guest shows ------------------------------------------------------
@@ -185,6 +191,7 @@ class Fleet:
         self.swap += to_swap
         self.swap_out += to_swap
         over -= to_swap
+        over = np.where(over > EPSILON_KIB, over, 0.0)  # float dust is not pressure
         steps = np.where(self.deflate_on_oom & (over > 0), np.ceil(over / OOM_STEP_KIB), 0.0)
         given = self.driver.deflate_on_oom(steps * OOM_STEP_KIB)
         self.oom_deflates += np.ceil(given / OOM_STEP_KIB)

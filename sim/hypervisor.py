@@ -28,6 +28,9 @@ _STAT_TO_FIELD = {
 }
 
 
+_FIELDS = tuple(_STAT_TO_FIELD[name] for name in STAT_FIELDS)
+
+
 class SimHypervisor:
     """Guests, their balloon devices and the host, advanced by the replay's clock."""
 
@@ -113,17 +116,15 @@ class SimHypervisor:
         if i is None:
             raise HypervisorError(f"no simulated guest with uuid {uuid!r}")
         if not 0 < target_kib <= self.specs[i].ram_kib:
-            raise HypervisorError(f"guest {self.specs[i].name}: target {target_kib} KiB outside 1..{self.specs[i].ram_kib}")
+            raise HypervisorError(
+                f"guest {self.specs[i].name}: target {target_kib} KiB outside 1..{self.specs[i].ram_kib}"
+            )
         self.device.set_target(i, target_kib)
         self.last_target_kib[i] = target_kib
         self.target_kib[i] = target_kib
         self.targets_set += 1
 
     def _stats(self) -> list[GuestStats | None]:
-        columns = {_STAT_TO_FIELD[name]: self.device.stats[name].astype(np.int64).tolist() for name in STAT_FIELDS}
-        last = self.device.last_update_s.tolist()
-        has = self.device.has_stats().tolist()
-        return [
-            GuestStats(last_update_s=last[i], **{k: v[i] for k, v in columns.items()}) if has[i] else None
-            for i in range(len(self.specs))
-        ]
+        columns = [self.device.stats[name].astype(np.int64).tolist() for name in STAT_FIELDS]
+        rows = zip(self.device.last_update_s.tolist(), self.device.has_stats().tolist(), *columns)
+        return [GuestStats(last, **dict(zip(_FIELDS, values))) if has else None for last, has, *values in rows]

@@ -141,7 +141,9 @@ class Recorder:
         self.recoveries_s.extend((now_s - self.jump_started_s[done]).tolist())
         self.jump_started_s[done] = np.nan
 
-    def scorecard(self, policy: str, *, duration_s: float, host_total_kib: float, counters: dict[str, float], balloon_ops: int) -> Scorecard:
+    def scorecard(
+        self, policy: str, *, duration_s: float, host_total_kib: float, counters: dict[str, float], balloon_ops: int
+    ) -> Scorecard:
         n = len(self.ram)
         guest_h = n * duration_s / 3600.0
         used = self.host_used_pct[: self.ticks]

@@ -23,7 +23,7 @@ from overcommitd.guard import floor_kib
 from overcommitd.loop import LoopState, apply, step
 from policies.api import Policy
 from sim import traces as trace_io
-from sim.guest import GuestModelParams, GuestSpec
+from sim.guest import Array, GuestModelParams, GuestSpec
 from sim.host import HostModelParams
 from sim.hypervisor import SimHypervisor
 from sim.metrics import Recorder, Scorecard, Timeline
@@ -42,15 +42,17 @@ class ReplaySpec(BaseModel):
     hours: float | None = Field(72.0, gt=0, description="replayed span; None: the longest trace")
     interval_s: float = Field(10.0, gt=0, description="control interval")
     stats_period_s: float = Field(5.0, ge=0, description="guest stats polling period; 0: off")
-    overcommit: float = Field(2.0, gt=0, description="provisioned guest RAM / host RAM for guests")
+    # oVirt's cluster memory overcommit presets are 100/150/200 % (prior-art.md §5.5); at
+    # 200 % the guests' initial use (page cache half full) would not fit the host.
+    overcommit: float = Field(1.5, gt=0, description="provisioned guest RAM / host RAM for guests")
     deflate_on_oom_share: float = Field(0.25, ge=0, le=1, description="share of guests with DEFLATE_ON_OOM")
     reporting_share: float = Field(0.25, ge=0, le=1, description="share of guests with free page reporting")
     floor_pct: float = Field(0.0, ge=0, le=100, description="SLA floor of every guest, % of its RAM")
     guest_swap_kib: int = Field(512 * 1024, ge=0, description="swap space in each guest")
     machine_kib: int = Field(trace_io.DEFAULT_MACHINE_KIB, gt=0, description="Google 2019 scale: one machine")
     seed: int = 0
-    guest_model: GuestModelParams = Field(default_factory=GuestModelParams)
-    host_model: HostModelParams = Field(default_factory=HostModelParams)
+    guest_model: GuestModelParams = GuestModelParams()
+    host_model: HostModelParams = HostModelParams()
 
 
 @dataclass(slots=True)
@@ -72,7 +74,7 @@ def build_guests(spec: ReplaySpec, loaded: Sequence[trace_io.Trace]) -> tuple[li
     draw = rng.random((n, 2))
     specs = [
         GuestSpec(
-            uuid=str(uuid_module.UUID(int=rng.integers(2**63) << 64 | i)),
+            uuid=str(uuid_module.UUID(int=int(rng.integers(2**63)) << 64 | i)),
             name=f"g{i:03d}-{t.name.split('/')[-1].split('-')[0]}",
             ram_kib=t.size_kib,
             swap_kib=spec.guest_swap_kib,
@@ -91,7 +93,7 @@ def replay(
     cfg: DaemonConfig,
     *,
     loaded: Sequence[trace_io.Trace] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> ReplayResult:
     """Run one policy over the spec; ``progress`` is called with ticks done."""
     loaded = loaded if loaded is not None else load_traces(spec)
@@ -124,7 +126,11 @@ def replay(
         "oom_deflates": float(f.oom_deflates.sum()),
     }
     card = recorder.scorecard(
-        policy.name, duration_s=n_ticks * spec.interval_s, host_total_kib=host_kib, counters=counters, balloon_ops=hv.targets_set
+        policy.name,
+        duration_s=n_ticks * spec.interval_s,
+        host_total_kib=host_kib,
+        counters=counters,
+        balloon_ops=hv.targets_set,
     )
     return ReplayResult(card, recorder.timeline, [s.name for s in specs])
 
@@ -140,7 +146,7 @@ class _Run:
         hv: SimHypervisor,
         workload: Workload,
         recorder: Recorder,
-        progress: Callable[[int], None] | None,
+        progress: Callable[[int], object] | None,
     ) -> None:
         self.spec, self.policy, self.cfg, self.hv = spec, policy, cfg, hv
         self.workload, self.recorder, self.progress = workload, recorder, progress
@@ -149,11 +155,11 @@ class _Run:
         self._block_start = -BLOCK_TICKS  # no block loaded yet
         self._demand = self._reads = np.empty((0, 0))
 
-    def _inputs(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _inputs(self, k: int) -> tuple[Array, Array]:
         """Demand and reads in force during tick ``k`` (from the previous tick's time)."""
         if not self._block_start <= k < self._block_start + BLOCK_TICKS:
             self._block_start = k
-            times = (k + np.arange(BLOCK_TICKS)) * self.spec.interval_s
+            times = (k + np.arange(BLOCK_TICKS, dtype=np.float64)) * self.spec.interval_s
             self._demand, self._reads = self.workload.block(times)
         return self._demand[k - self._block_start], self._reads[k - self._block_start]
 

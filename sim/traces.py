@@ -27,9 +27,9 @@ sample. A malformed row raises ``TraceError`` naming the file and line.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
+import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -115,7 +115,7 @@ def load(path: Path, *, machine_kib: int = DEFAULT_MACHINE_KIB, max_gap_s: float
         header = f.readline()
         if BITBRAINS_TIME in header:
             return _load_bitbrains(path, f, header, max_gap_s)
-        if all(c in header.split(",") for c in GOOGLE_COLUMNS):
+        if all(c in header.strip().split(",") for c in GOOGLE_COLUMNS):
             return _load_google(path, f, header, machine_kib, max_gap_s)
     raise TraceError(
         f"{path}:1: unknown trace format: expected a Bitbrains header ({BITBRAINS_TIME!r}, ...) "
@@ -132,7 +132,9 @@ def _open(path: Path) -> IO[str]:
         raise TraceError(f"{path}: cannot read: {e}") from e
 
 
-def _rows(path: Path, f: IO[str], names: list[str], wanted: Sequence[str], sep: str) -> Iterator[tuple[int, list[float]]]:
+def _rows(
+    path: Path, f: IO[str], names: list[str], wanted: Sequence[str], sep: str
+) -> Iterator[tuple[int, list[float]]]:
     """(line number, values of the wanted columns) for each data row."""
     missing = [w for w in wanted if w not in names]
     if missing:
@@ -149,7 +151,7 @@ def _rows(path: Path, f: IO[str], names: list[str], wanted: Sequence[str], sep: 
         except ValueError:
             bad = next(names[i] for i in idx if not _is_float(cells[i]))
             raise TraceError(f"{path}:{lineno}: {bad} is not a number: {cells[names.index(bad)]!r}") from None
-        if any(v != v or v < 0 for v in values):  # NaN or negative
+        if any(math.isnan(v) or v < 0 for v in values):
             raise TraceError(f"{path}:{lineno}: negative or NaN value in {', '.join(wanted)}: {values}")
         yield lineno, values
 
@@ -201,7 +203,9 @@ def _hold_nonzero(path: Path, values: npt.NDArray[np.float64]) -> npt.NDArray[np
     return values[idx]
 
 
-def _stitch(t_raw: npt.NDArray[np.float64], max_gap_s: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], int]:
+def _stitch(
+    t_raw: npt.NDArray[np.float64], max_gap_s: float
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], int]:
     """Times from 0 with long gaps cut to one median interval and duplicate timestamps
     dropped (the first sample of a duplicate run is kept)."""
     keep = np.ones(len(t_raw), dtype=bool)

@@ -1,0 +1,74 @@
+"""Replay throughput in guest-ticks per second: 50 guests x 7 days at a 10 s control
+interval over the bundled Bitbrains traces, through the daemon's own control step.
+
+    .venv/bin/python benchmarks/bench_replay.py [--guests 50] [--days 7] [--policy headroom]
+
+Prints the throughput of one plain run, then where the time goes (a second run under
+cProfile, whose overhead inflates the total but not the split much).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+from collections import defaultdict
+
+from overcommitd.config import DaemonConfig
+from policies import registry
+from sim import traces
+from sim.replay import ReplaySpec, load_traces, replay
+
+TARGET_GUEST_TICKS_S = 1_000_000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--guests", type=int, default=50)
+    p.add_argument("--days", type=float, default=7.0)
+    p.add_argument("--interval-s", type=float, default=10.0)
+    p.add_argument("--policy", default="headroom")
+    p.add_argument("--profile-days", type=float, default=0.5, help="span of the profiled run")
+    args = p.parse_args()
+
+    spec = ReplaySpec(
+        traces=(traces.BUNDLED_DIR / "bitbrains-rnd",),
+        guests=args.guests,
+        hours=args.days * 24,
+        interval_s=args.interval_s,
+    )
+    t0 = time.perf_counter()
+    loaded = load_traces(spec)
+    load_s = time.perf_counter() - t0
+    policy, cfg = registry.create(args.policy), DaemonConfig(interval_s=args.interval_s)
+    t0 = time.perf_counter()
+    result = replay(spec, policy, cfg, loaded=loaded)
+    run_s = time.perf_counter() - t0
+    ticks = int(spec.hours * 3600 / spec.interval_s)
+    rate = args.guests * ticks / run_s
+    print(f"traces loaded: {len(loaded)} in {load_s:.2f} s")
+    print(
+        f"replay: {args.guests} guests x {args.days:g} days at {args.interval_s:g} s = {args.guests * ticks:,} guest-ticks in {run_s:.1f} s"
+    )
+    print(f"throughput: {rate:,.0f} guest-ticks/s ({rate / TARGET_GUEST_TICKS_S:.3f} of the 1,000,000 target)")
+    print(
+        f"scorecard: saved {result.scorecard.saved_pct:.1f} % of provisioned, below floor {result.scorecard.below_floor_guest_s:.0f} guest-s"
+    )
+
+    short = spec.model_copy(update={"hours": args.profile_days * 24})
+    profiler = cProfile.Profile()
+    profiler.runcall(replay, short, registry.create(args.policy), cfg, loaded=loaded)
+    by_area: dict[str, float] = defaultdict(float)
+    for (filename, _, _), (_, _, tottime, _, _) in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
+        area = next((a for a in ("sim/", "overcommitd/", "policies/") if a in filename), "numpy/stdlib")
+        by_area[area] += tottime
+    total = sum(by_area.values())
+    print(
+        "time by area (profiled): "
+        + ", ".join(f"{a} {100 * t / total:.0f} %" for a, t in sorted(by_area.items(), key=lambda kv: -kv[1]))
+    )
+
+
+if __name__ == "__main__":
+    main()

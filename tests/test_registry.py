@@ -1,0 +1,52 @@
+"""The policy registry: entry points, module:Class, parameters, and errors a user can act on."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies import registry
+from policies.headroom import HeadroomPolicy
+
+
+def test_builtins_are_registered_as_entry_points() -> None:
+    assert "headroom" in registry.known()
+    assert isinstance(registry.create("headroom"), HeadroomPolicy)
+
+
+def test_unknown_name_lists_the_known_ones() -> None:
+    with pytest.raises(registry.PolicyLoadError) as e:
+        registry.create("nope")
+    message = str(e.value)
+    assert "unknown policy 'nope'" in message
+    for name in registry.known():
+        assert name in message
+    assert "module:Class" in message
+
+
+def test_module_class_spec_loads_a_plugin_without_entry_point() -> None:
+    policy = registry.create("helpers:Noop")
+    assert policy.name == "noop"
+
+
+def test_a_spec_that_does_not_import_is_a_load_error() -> None:
+    with pytest.raises(registry.PolicyLoadError, match="cannot load policy 'no_such_module:X'"):
+        registry.create("no_such_module:X")
+
+
+def test_something_that_is_not_a_policy_is_refused() -> None:
+    with pytest.raises(registry.PolicyLoadError, match="is not a policy"):
+        registry.create("pathlib:Path")
+
+
+def test_params_are_validated_by_the_policy_model() -> None:
+    policy = registry.create("headroom", {"host_target_used_pct": 70})
+    assert isinstance(policy, HeadroomPolicy) and policy.params.host_target_used_pct == 70
+    with pytest.raises(registry.PolicyLoadError, match="host_target_used_pct"):
+        registry.create("headroom", {"host_target_used_pct": 170})
+    with pytest.raises(registry.PolicyLoadError, match="bogus"):
+        registry.create("headroom", {"bogus": 1})
+
+
+def test_a_policy_without_params_refuses_them() -> None:
+    with pytest.raises(registry.PolicyLoadError, match="takes no parameters, got: x"):
+        registry.create("helpers:Noop", {"x": 1})
