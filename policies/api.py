@@ -30,6 +30,21 @@ Parameters: a policy class may declare ``Params``, a pydantic model with
 ``extra="forbid"``; the registry validates the ``[policy.params]`` table of the config
 against it and passes the model to the constructor. Register a plugin under the entry
 point group ``overcommitd.policies`` (see ``examples/``) or name it as ``module:Class``.
+
+Habits the built-in policies keep, worth keeping in a plugin:
+
+* state is a frozen dataclass (per guest with :class:`PerGuestPolicy`); counters such as
+  ``swap_in_kib`` or ``oom_kills`` are cumulative, so keep the last total and take the
+  delta yourself (a late tick then loses nothing);
+* a guest's use is ``actual_kib - available_kib()`` (``policies.signals.used_kib``): not
+  MemFree (page cache is reclaimable) and not MemTotal (a DEFLATE_ON_OOM guest keeps an
+  unchanged MemTotal while inflated);
+* with ``features.deflate_on_oom``, ``actual_kib`` above ``last_target_kib`` means the
+  guest deflated itself under OOM pressure: meet it, do not fight it; with
+  ``features.reporting`` the guest's free memory is already back on the host;
+* unit-test on hand-built snapshots (``policies.testing``), then replay side by side:
+  ``overcommitd replay --policy yours,pid,mom,proxmox --report DIR``; tune with
+  ``overcommitd tune --policy yours --param NAME=LOW:HIGH``.
 """
 
 from __future__ import annotations

@@ -234,7 +234,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guests", type=int, help="number of guests (default: one per trace)")
     p.add_argument("--hours", type=float, default=24.0, help="replayed span per evaluation (default %(default)s)")
     p.add_argument("--interval-s", type=float, help="control interval (default: the config's interval_s)")
-    p.add_argument("--overcommit", type=float, default=2.0, help="provisioned / host RAM (default %(default)s)")
+    p.add_argument("--overcommit", type=float, default=ReplaySpec.model_fields["overcommit"].default,
+                   help="provisioned / host RAM (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for guest features (default 0)")
     p.add_argument("--max-evals", type=int, default=40, help="replays to spend (default %(default)s)")
     p.add_argument("--swap-slo", type=float, default=GOOGLE_SLO_PCT_PER_MIN,
