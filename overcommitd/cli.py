@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="replay memory traces through the control step on a simulated host")
     add_replay_arguments(p)
-    p.add_argument("--report", type=Path, help="write PNG plots and an HTML page comparing the policies into this directory")
+    p.add_argument(
+        "--report", type=Path, help="write PNG plots and an HTML page comparing the policies into this directory"
+    )
     p.set_defaults(func=cmd_replay)
 
     from sim.tune import add_tune_arguments

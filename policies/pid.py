@@ -67,7 +67,9 @@ class PidParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     headroom_pct: float = Field(10.0, ge=0, le=200, description="headroom set-point, % of the guest's use")
     min_headroom_kib: int = Field(256 * MIB, ge=0, description="headroom set-point at least this")
-    min_headroom_pct_of_max: float = Field(10.0, ge=0, le=100, description="... and at least this % of the guest's maximum")
+    min_headroom_pct_of_max: float = Field(
+        10.0, ge=0, le=100, description="... and at least this % of the guest's maximum"
+    )
     kp_reclaim: float = Field(0.3, gt=0, le=1, description="share of spare headroom taken per step")
     kp_return: float = Field(1.0, gt=0, le=2, description="share of missing headroom given back per step")
     ki_per_s: float = Field(0.001, ge=0, le=0.1, description="integral gain, per second")
@@ -81,7 +83,9 @@ class PidParams(BaseModel):
     host_gain: float = Field(0.05, ge=0, le=1, description="host_scale change per step at full pressure")
     min_setpoint_scale: float = Field(0.5, gt=0, le=1, description="most the host loop may tighten the set-point")
     oom_hold_s: float = Field(86400.0, ge=0, description="no reclaim for this long after an OOM kill or auto-deflate")
-    auto_deflate_tolerance_kib: int = Field(2 * MIB, ge=0, description="actual above last target by more = auto-deflate")
+    auto_deflate_tolerance_kib: int = Field(
+        2 * MIB, ge=0, description="actual above last target by more = auto-deflate"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,29 +182,36 @@ class PidPolicy:
         kp = p.kp_reclaim if error > 0 else p.kp_return
         output = kp * error + proposed
         take_kib = min(output, p.max_reclaim_step_kib)
-        target = int(round(guest.actual_kib - take_kib))
+        target = round(guest.actual_kib - take_kib)
         bounded = min(guest.max_kib, max(guest.floor_kib, target))
         saturated = take_kib != output or bounded != target
         if not saturated and abs(error) < p.integral_band_kib:
             integral = proposed  # conditional integration: no windup while the output is capped
         kills = guest.stats.oom_kills if guest.stats is not None else None
-        hold_until_s, hold_floor = (float("-inf"), 0) if previous is None else (previous.hold_until_s, previous.hold_floor_kib)
-        shortfall_floor = self.ran_short(guest, previous, kills)
-        if shortfall_floor is not None:
-            hold_until_s, hold_floor = now_s + p.oom_hold_s, max(shortfall_floor, hold_floor if now_s < hold_until_s else 0)
+        hold_until_s, hold_floor = self.hold(now_s, guest, previous, kills)
         if now_s < hold_until_s and bounded < hold_floor:
             bounded, integral = hold_floor, 0.0
         state = PidGuestState(now_s, used, integral, swap_total, kills, hold_until_s, hold_floor)
         return bounded, state
 
+    def hold(
+        self, now_s: float, guest: GuestSnapshot, previous: PidGuestState | None, kills: int | None
+    ) -> tuple[float, int]:
+        """(until when, at least what) the guest is held after running short."""
+        until_s, floor = (float("-inf"), 0) if previous is None else (previous.hold_until_s, previous.hold_floor_kib)
+        shortfall_floor = self.ran_short(guest, previous, kills)
+        if shortfall_floor is None:
+            return until_s, floor
+        return now_s + self.params.oom_hold_s, max(shortfall_floor, floor if now_s < until_s else 0)
+
     def ran_short(self, guest: GuestSnapshot, previous: PidGuestState | None, kills: int | None) -> int | None:
         """The memory the guest must keep if it ran short since the last step: its maximum
         after an OOM kill, its ``actual`` after it deflated itself; None if it did not."""
-        if kills is not None and previous is not None and previous.oom_kills_total is not None:
-            if kills > previous.oom_kills_total:
-                return guest.max_kib
+        last_kills = None if previous is None else previous.oom_kills_total
+        if kills is not None and last_kills is not None and kills > last_kills:
+            return guest.max_kib
         last = guest.last_target_kib
-        if guest.features.deflate_on_oom and last is not None:
-            if guest.actual_kib > last + self.params.auto_deflate_tolerance_kib:
-                return guest.actual_kib
+        tolerance = self.params.auto_deflate_tolerance_kib
+        if guest.features.deflate_on_oom and last is not None and guest.actual_kib > last + tolerance:
+            return guest.actual_kib
         return None

@@ -94,11 +94,13 @@ def _place(vms: Sequence[PveVm], placed: dict[str, int], bytes_b: int, maxchange
     return rest
 
 
-def compute_alg1(vms: Sequence[PveVm], goal_b: int, maxchange_b: int, dead_band_b: int = 10 * MIB_B,
-                 pressured_fraction: float = 0.25) -> dict[str, int]:
+def compute_alg1(
+    vms: Sequence[PveVm], goal_b: int, maxchange_b: int, dead_band_b: int = 10 * MIB_B, pressured_fraction: float = 0.25
+) -> dict[str, int]:
     """New sizes in bytes for the VMs that move this round (Proxmox's ``compute_alg1``)."""
     comfortable = [
-        vm for vm in vms
+        vm
+        for vm in vms
         if vm.freemem_b and vm.freemem_b > vm.balloon_min_b * pressured_fraction and vm.balloon_b >= vm.balloon_min_b
     ]
     pressured = [vm for vm in vms if vm not in comfortable]

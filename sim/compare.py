@@ -10,9 +10,10 @@ reclaims is its saving minus the reference's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from overcommitd.config import DaemonConfig
 from overcommitd.model import GuestSnapshot, HostSnapshot
@@ -28,7 +29,7 @@ BASELINES = ("mom", "proxmox")
 class NoBalloon:
     """The reference: never sets a target (the guard still raises a guest below its floor)."""
 
-    name = REFERENCE
+    name: ClassVar[str] = REFERENCE
 
     def initial_state(self) -> None:
         return None
@@ -64,7 +65,7 @@ def compare(
     *,
     loaded: Sequence[trace_io.Trace] | None = None,
     reference: bool = True,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> Comparison:
     """Replay each policy (and the no-ballooning reference) on one spec."""
     names = [p.name for p in policies]
@@ -110,7 +111,7 @@ def row_values(comp: Comparison, key: str) -> dict[str, float]:
 
 
 def _fmt(fmt: str, value: float) -> str:
-    if value != value:  # nan
+    if math.isnan(value):
         return "-"
     return fmt.format(int(value) if "d}" in fmt else value)
 
@@ -122,7 +123,7 @@ def table_rows(comp: Comparison) -> tuple[list[str], list[tuple[str, list[str], 
     rows = []
     for label, key, fmt, better in ROWS:
         values = row_values(comp, key)
-        ranked = [values[n] for n in comp.results if values[n] == values[n]]
+        ranked = [values[n] for n in comp.results if not math.isnan(values[n])]
         best = (max(ranked) if better == "max" else min(ranked)) if better and ranked else None
         marks = [n != REFERENCE and best is not None and values[n] == best for n in names]
         rows.append((label, [_fmt(fmt, values[n]) for n in names], marks))
@@ -146,7 +147,12 @@ def format_table(comp: Comparison) -> str:
 
 def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
     """The ReplaySpec the ``replay`` arguments describe (as ``sim.cli`` builds it)."""
-    fields: dict[str, object] = {"hours": args.hours, "interval_s": cfg.interval_s, "overcommit": args.overcommit, "seed": args.seed}
+    fields: dict[str, object] = {
+        "hours": args.hours,
+        "interval_s": cfg.interval_s,
+        "overcommit": args.overcommit,
+        "seed": args.seed,
+    }
     if args.trace:
         fields["traces"] = tuple(args.trace)
     if args.guests:

@@ -20,13 +20,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import numpy.typing as npt  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import numpy.typing as npt
 
-from sim.compare import REFERENCE, Comparison, table_rows  # noqa: E402
-from sim.metrics import Timeline  # noqa: E402
-from sim.replay import ReplayResult  # noqa: E402
+from sim.compare import REFERENCE, Comparison, table_rows
+from sim.metrics import Timeline
+from sim.replay import ReplayResult
 
 GIB_KIB = 1024.0 * 1024.0
 MIB_KIB = 1024.0
@@ -105,7 +105,9 @@ def plot_distributions(comp: Comparison, path: Path) -> Path:
         ram = np.maximum(actual.max(axis=0), 1.0) if actual.size else np.ones(1)
         headroom_pct = (100 * _stack(tl.available_kib) / ram).ravel()
         ax_head.hist(headroom_pct, bins=50, range=(0, 100), histtype="step", label=name, density=True)
-    ax_swap.set(xscale="log", xlabel="swap-in, MiB/min (non-zero samples)", ylabel="guest-samples", title="Guest swap-in")
+    ax_swap.set(
+        xscale="log", xlabel="swap-in, MiB/min (non-zero samples)", ylabel="guest-samples", title="Guest swap-in"
+    )
     ax_head.set(xlabel="MemAvailable, % of guest RAM", ylabel="density", title="Guest headroom")
     ax_head.legend(fontsize=8)
     fig.tight_layout()

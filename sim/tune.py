@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import optimize
+from scipy import optimize  # type: ignore[import-untyped]
 
 from overcommitd.config import DaemonConfig
 from policies import registry
@@ -60,12 +60,16 @@ class Dim:
         """The parameter value at ``u`` in [0, 1]."""
         u = min(1.0, max(0.0, u))
         v = self.low * (self.high / self.low) ** u if self.log else self.low + u * (self.high - self.low)
-        return int(round(v)) if self.integer else float(v)
+        return round(v) if self.integer else float(v)
 
     def unit(self, v: float) -> float:
         """Inverse of ``value``."""
         v = min(self.high, max(self.low, v))
-        return math.log(v / self.low) / math.log(self.high / self.low) if self.log else (v - self.low) / (self.high - self.low)
+        return (
+            math.log(v / self.low) / math.log(self.high / self.low)
+            if self.log
+            else (v - self.low) / (self.high - self.low)
+        )
 
 
 # Search spaces of the built-in policies; a plugin's comes from --param.
@@ -193,8 +197,13 @@ def tune(
 
     evaluate(x0)
     try:
-        optimize.minimize(evaluate, x0, method="Powell", bounds=[(0.0, 1.0)] * len(dims),
-                          options={"maxfev": max_evals, "xtol": 0.02, "ftol": 1e-3})
+        optimize.minimize(
+            evaluate,
+            x0,
+            method="Powell",
+            bounds=[(0.0, 1.0)] * len(dims),
+            options={"maxfev": max_evals, "xtol": 0.02, "ftol": 1e-3},
+        )
     except _Budget:
         pass
     best = min(evaluations, key=lambda e: e.objective)
@@ -212,11 +221,15 @@ def to_toml(result: TuneResult, fixed: Mapping[str, Any] | None = None) -> str:
     bound = result.bound.swap_in_mib_per_guest_h if result.bound else float("nan")
     lines = [
         f"# overcommitd tune: {result.policy}, {len(result.evaluations)} replays of {c.guests} guests x {c.hours:.0f} h",
-        f"# best: saved {c.saved_pct:.1f} % ({c.saved_gib_h:.0f} GiB·h), OOM kills {c.oom_kills}, "
-        f"below floor {c.below_floor_guest_s:.0f} guest-s, swap-in {c.swap_in_mib_per_guest_h:.2f} MiB/guest-h "
-        f"(bound {bound:.2f}); constraints {'met' if b.feasible else 'NOT met'}",
-        f"# start: saved {result.start.card.saved_pct:.1f} %, OOM kills {result.start.card.oom_kills}, "
-        f"swap-in {result.start.card.swap_in_mib_per_guest_h:.2f} MiB/guest-h",
+        (
+            f"# best: saved {c.saved_pct:.1f} % ({c.saved_gib_h:.0f} GiB·h), OOM kills {c.oom_kills}, "
+            f"below floor {c.below_floor_guest_s:.0f} guest-s, swap-in {c.swap_in_mib_per_guest_h:.2f} MiB/guest-h "
+            f"(bound {bound:.2f}); constraints {'met' if b.feasible else 'NOT met'}"
+        ),
+        (
+            f"# start: saved {result.start.card.saved_pct:.1f} %, OOM kills {result.start.card.oom_kills}, "
+            f"swap-in {result.start.card.swap_in_mib_per_guest_h:.2f} MiB/guest-h"
+        ),
         "[policy]",
         f'name = "{result.policy}"',
         "",
@@ -230,17 +243,29 @@ def to_toml(result: TuneResult, fixed: Mapping[str, Any] | None = None) -> str:
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", required=True, help="policy to tune (registry name or module:Class)")
     p.add_argument("--trace", type=Path, nargs="+", help="trace files or directories (default: the bundled traces)")
-    p.add_argument("--config", type=Path, help="daemon config: guard rules, and the starting params if it names the policy")
+    p.add_argument(
+        "--config", type=Path, help="daemon config: guard rules, and the starting params if it names the policy"
+    )
     p.add_argument("--guests", type=int, help="number of guests (default: one per trace)")
     p.add_argument("--hours", type=float, default=24.0, help="replayed span per evaluation (default %(default)s)")
     p.add_argument("--interval-s", type=float, help="control interval (default: the config's interval_s)")
-    p.add_argument("--overcommit", type=float, default=ReplaySpec.model_fields["overcommit"].default,
-                   help="provisioned / host RAM (default %(default)s)")
+    p.add_argument(
+        "--overcommit",
+        type=float,
+        default=ReplaySpec.model_fields["overcommit"].default,
+        help="provisioned / host RAM (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for guest features (default 0)")
     p.add_argument("--max-evals", type=int, default=40, help="replays to spend (default %(default)s)")
-    p.add_argument("--swap-slo", type=float, default=GOOGLE_SLO_PCT_PER_MIN,
-                   help="swap-in bound, %% of the working set per minute (default %(default)s, Google far memory)")
-    p.add_argument("--param", action="append", default=[], help="search NAME=LOW:HIGH[:int] (replaces the built-in space)")
+    p.add_argument(
+        "--swap-slo",
+        type=float,
+        default=GOOGLE_SLO_PCT_PER_MIN,
+        help="swap-in bound, %% of the working set per minute (default %(default)s, Google far memory)",
+    )
+    p.add_argument(
+        "--param", action="append", default=[], help="search NAME=LOW:HIGH[:int] (replaces the built-in space)"
+    )
     p.add_argument("--out", type=Path, help="write the tuned parameters here as TOML (default: stdout only)")
 
 
@@ -257,11 +282,22 @@ def tune_command(args: argparse.Namespace) -> int:
 
     def show(e: Evaluation) -> None:
         c = e.card
-        print(f"  saved {c.saved_pct:5.1f} %  oom {c.oom_kills:3d}  swap-in {c.swap_in_mib_per_guest_h:8.2f}  "
-              f"{'ok ' if e.feasible else 'bad'}  {e.params}", file=sys.stderr)
+        print(
+            f"  saved {c.saved_pct:5.1f} %  oom {c.oom_kills:3d}  swap-in {c.swap_in_mib_per_guest_h:8.2f}  "
+            f"{'ok ' if e.feasible else 'bad'}  {e.params}",
+            file=sys.stderr,
+        )
 
-    result = tune(args.policy, spec, cfg, dims=dims, start_params=start, max_evals=args.max_evals,
-                  slo_pct_per_min=args.swap_slo, on_eval=show)
+    result = tune(
+        args.policy,
+        spec,
+        cfg,
+        dims=dims,
+        start_params=start,
+        max_evals=args.max_evals,
+        slo_pct_per_min=args.swap_slo,
+        on_eval=show,
+    )
     text = to_toml(result, {k: v for k, v in start.items() if k not in {d.name for d in dims}})
     print(text, end="")
     if args.out:

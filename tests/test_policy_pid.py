@@ -3,6 +3,8 @@ filters noise, tightens under host pressure, and stays within bounds."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -12,7 +14,9 @@ from policies.testing import GIB, MIB, guest, host
 STEP_S = 10.0
 
 
-def _run(policy: PidPolicy, demand_kib: list[int], *, actual_kib: int = 8 * GIB, host_avail_kib: int = 32 * GIB) -> list[int]:
+def _run(
+    policy: PidPolicy, demand_kib: list[int], *, actual_kib: int = 8 * GIB, host_avail_kib: int = 32 * GIB
+) -> list[int]:
     """Close the loop on an ideal balloon: the guest gets its target at the next step, and
     demand above its memory is swapped (swap-in grows by the shortfall). Returns the
     guest's memory at every step."""
@@ -21,8 +25,13 @@ def _run(policy: PidPolicy, demand_kib: list[int], *, actual_kib: int = 8 * GIB,
     swap_in_kib = 0
     for i, used in enumerate(demand_kib):
         swap_in_kib += max(0, used - actual_kib)
-        g = guest(at_s=i * STEP_S, max_kib=8 * GIB, actual_kib=actual_kib, available_kib=max(0, actual_kib - used),
-                  swap_in_kib=swap_in_kib)
+        g = guest(
+            at_s=i * STEP_S,
+            max_kib=8 * GIB,
+            actual_kib=actual_kib,
+            available_kib=max(0, actual_kib - used),
+            swap_in_kib=swap_in_kib,
+        )
         result = policy.decide(host(at_s=i * STEP_S, available_kib=host_avail_kib), [g], state)
         state = result.state
         actual_kib = result.targets_kib.get(g.uuid, actual_kib)
@@ -41,7 +50,7 @@ def test_converges_on_a_step_without_oscillation() -> None:
     first, second = sizes[:150], sizes[150:]
     # reclaim from 8 GiB: monotone (within 4 MiB), no overshoot, settles on use + set-point
     setpoint = _setpoint(policy, 2 * GIB)
-    assert all(b <= a + 4 * MIB for a, b in zip(first, first[1:]))
+    assert all(b <= a + 4 * MIB for a, b in pairwise(first))
     assert min(first) > setpoint - 4 * MIB
     assert abs(first[-1] - setpoint) < MIB
     # demand steps up: the swap-in makes it give back at once, then it settles without
@@ -126,7 +135,9 @@ def test_targets_stay_within_floor_and_maximum_and_reclaim_is_bounded(
     policy = PidPolicy()
     max_kib = max_gib * GIB
     actual = max(1, int(max_kib * actual_frac))
-    g = guest(max_kib=max_kib, actual_kib=actual, available_kib=int(actual * avail_frac), floor_kib=int(max_kib * floor_frac))
+    g = guest(
+        max_kib=max_kib, actual_kib=actual, available_kib=int(actual * avail_frac), floor_kib=int(max_kib * floor_frac)
+    )
     result = policy.decide(host(available_kib=int(64 * GIB * host_avail_frac)), [g], PidState())
     target = result.targets_kib[g.uuid]
     assert g.floor_kib <= target <= max_kib

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from policies.proxmox import PveVm, ProxmoxPolicy, compute_alg1
+from policies.proxmox import ProxmoxPolicy, PveVm, compute_alg1
 from policies.testing import GIB, MIB, guest, host
 
 B_GIB = 1024**3
@@ -17,7 +17,9 @@ def _absim(vms: dict[str, PveVm], total_b: int, used_b: int) -> tuple[int, dict[
     while True:
         calls += 1
         goal_b = int(total_b * 80 / 100 - used_b)
-        moved = {k: b for k, b in compute_alg1(list(vms.values()), goal_b, 100 * B_MIB).items() if b != vms[k].balloon_b}
+        moved = {
+            k: b for k, b in compute_alg1(list(vms.values()), goal_b, 100 * B_MIB).items() if b != vms[k].balloon_b
+        }
         if not moved:
             return calls, {k: vm.balloon_b - start[k] for k, vm in vms.items()}
         for k, b in moved.items():
@@ -30,7 +32,10 @@ def test_docs_example_3000_and_1000_shares_reach_the_recomputed_fixpoint() -> No
     # qm.adoc: 32 GiB host, 16 GiB used, 80 % target; a 3000-share VM and three at 1000.
     # prior-art.md §9 recomputed the fixpoint with the real compute_alg1: 51 rounds,
     # +5,153,960,756 B and +1,717,986,918 B each.
-    vms = {f"vm{i}": PveVm(f"vm{i}", 2 * B_GIB, 2 * B_GIB, 16 * B_GIB, s, B_GIB) for i, s in enumerate([3000, 1000, 1000, 1000])}
+    vms = {
+        f"vm{i}": PveVm(f"vm{i}", 2 * B_GIB, 2 * B_GIB, 16 * B_GIB, s, B_GIB)
+        for i, s in enumerate([3000, 1000, 1000, 1000])
+    }
     calls, growth = _absim(vms, 32 * B_GIB, 16 * B_GIB)
     assert calls == 51
     assert growth == {"vm0": 5_153_960_756, "vm1": 1_717_986_918, "vm2": 1_717_986_918, "vm3": 1_717_986_918}

@@ -12,7 +12,9 @@ from policies.testing import GIB, MIB, guest, host
 DOO = BalloonFeatures(deflate_on_oom=True)
 
 
-def _target(policy: SlaFloorPolicy, g, state: SlaGuestState | None = None, at_s: float = 0.0) -> tuple[int | None, SlaGuestState]:  # type: ignore[no-untyped-def]
+def _target(
+    policy: SlaFloorPolicy, g, state: SlaGuestState | None = None, at_s: float = 0.0
+) -> tuple[int | None, SlaGuestState]:  # type: ignore[no-untyped-def]
     return policy.decide_guest(host(at_s=at_s), g, state or SlaGuestState())
 
 
@@ -26,14 +28,24 @@ def _target(policy: SlaFloorPolicy, g, state: SlaGuestState | None = None, at_s:
     last_frac=st.none() | st.floats(0.01, 1.0),
 )
 def test_the_floor_is_never_crossed(
-    max_gib: int, actual_frac: float, avail_frac: float, floor_frac: float, floor_pct: float, doo: bool, last_frac: float | None
+    max_gib: int,
+    actual_frac: float,
+    avail_frac: float,
+    floor_frac: float,
+    floor_pct: float,
+    doo: bool,
+    last_frac: float | None,
 ) -> None:
     policy = SlaFloorPolicy(SlaFloorParams(floor_pct=floor_pct))
     max_kib = max_gib * GIB
     actual = max(1, int(max_kib * actual_frac))
     g = guest(
-        max_kib=max_kib, actual_kib=actual, available_kib=int(actual * avail_frac), floor_kib=int(max_kib * floor_frac),
-        features=BalloonFeatures(deflate_on_oom=doo), last_target_kib=None if last_frac is None else int(max_kib * last_frac),
+        max_kib=max_kib,
+        actual_kib=actual,
+        available_kib=int(actual * avail_frac),
+        floor_kib=int(max_kib * floor_frac),
+        features=BalloonFeatures(deflate_on_oom=doo),
+        last_target_kib=None if last_frac is None else int(max_kib * last_frac),
     )
     target, _ = _target(policy, g)
     assert target is not None
@@ -48,7 +60,9 @@ def test_a_guest_below_its_floor_is_raised_even_without_stats() -> None:
 def test_backs_off_after_an_auto_deflate_and_resumes_after_the_cooldown() -> None:
     policy = SlaFloorPolicy()
     # we asked for 3 GiB; the DEFLATE_ON_OOM guest deflated itself to 3.5 GiB
-    deflated = guest(max_kib=8 * GIB, actual_kib=3 * GIB + 512 * MIB, available_kib=2 * GIB, last_target_kib=3 * GIB, features=DOO)
+    deflated = guest(
+        max_kib=8 * GIB, actual_kib=3 * GIB + 512 * MIB, available_kib=2 * GIB, last_target_kib=3 * GIB, features=DOO
+    )
     target, state = _target(policy, deflated, at_s=100)
     assert target == deflated.actual_kib + policy.params.deflate_margin_kib  # met, with a margin
     assert state.auto_deflates == 1

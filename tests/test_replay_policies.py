@@ -14,7 +14,7 @@ from policies import registry
 from sim.compare import REFERENCE, Comparison, compare, format_table
 from sim.replay import ReplaySpec
 from sim.report import write_report
-from sim.tune import SPACES, tune, to_toml
+from sim.tune import SPACES, to_toml, tune
 
 POLICIES = ("pid", "sla-floor", "free-page", "mom", "proxmox", "headroom")
 SPEC = ReplaySpec(guests=16, hours=8.0, seed=3)
@@ -83,4 +83,7 @@ def test_tuning_writes_params_the_config_accepts_and_never_loses_to_its_start(tm
     assert cfg.policy.name == "pid"
     policy = registry.create(cfg.policy.name, cfg.policy.params)
     assert policy.params.headroom_pct == pytest.approx(result.best.params["headroom_pct"], rel=1e-5)  # type: ignore[attr-defined]
-    assert tomllib.loads(path.read_text())["policy"]["params"]["min_headroom_kib"] == result.best.params["min_headroom_kib"]
+    assert (
+        tomllib.loads(path.read_text())["policy"]["params"]["min_headroom_kib"]
+        == result.best.params["min_headroom_kib"]
+    )

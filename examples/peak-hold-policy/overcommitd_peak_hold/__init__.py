@@ -40,7 +40,9 @@ class PeakHoldPolicy(PerGuestPolicy[PeakHoldState]):
     def initial_guest_state(self, guest: GuestSnapshot) -> PeakHoldState:
         return PeakHoldState()
 
-    def decide_guest(self, host: HostSnapshot, guest: GuestSnapshot, state: PeakHoldState) -> tuple[int | None, PeakHoldState]:
+    def decide_guest(
+        self, host: HostSnapshot, guest: GuestSnapshot, state: PeakHoldState
+    ) -> tuple[int | None, PeakHoldState]:
         available = guest.stats.available_kib() if guest.stats is not None else None
         if available is None:
             return None, state  # nothing to go on: hold
