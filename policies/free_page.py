@@ -113,4 +113,4 @@ class FreePagePolicy(PerGuestPolicy[FreePageState]):
             resident = guest.actual_kib - reported
             if resident - squeezed < p.min_gain_kib:
                 return guest.actual_kib, next_state  # nothing worth taking: reporting has the free memory
-        return max(squeezed, guest.actual_kib - p.max_reclaim_step_kib), next_state
+        return min(guest.max_kib, max(squeezed, guest.actual_kib - p.max_reclaim_step_kib)), next_state

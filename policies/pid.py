@@ -44,6 +44,9 @@ target below that ``actual`` for ``oom_hold_s``. Without this a guest whose dema
 squeezed again after each burst and killed again at the next (bitbrains-rnd has
 guests idling at 1 % of their RAM that leap to 90 % within one 5-minute sample).
 
+A guest first seen less than ``warmup_s`` ago is watched, not reclaimed from (memory is
+still given back): its use filter learns the peaks it shows meanwhile.
+
 Guests without stats are held.
 """
 
@@ -86,6 +89,7 @@ class PidParams(BaseModel):
     auto_deflate_tolerance_kib: int = Field(
         2 * MIB, ge=0, description="actual above last target by more = auto-deflate"
     )
+    warmup_s: float = Field(3600.0, ge=0, description="watch a new guest this long before reclaiming from it")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,7 @@ class PidGuestState:
     oom_kills_total: int | None = None  # cumulative counter, for the delta
     hold_until_s: float = float("-inf")  # until then no target below hold_floor_kib
     hold_floor_kib: int = 0  # after an OOM kill: the maximum; after an auto-deflate: what the guest took
+    first_seen_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +135,7 @@ class PidPolicy:
                 target_kib, guest_state = self.decide_guest(host.taken_at_s, guest, previous, scale)
             except Exception as e:  # noqa: BLE001 - one bad guest is held, the others go on
                 errors[guest.uuid] = f"{type(e).__name__}: {e}"
-                guest_state = previous
+                target_kib, guest_state = None, previous
             if guest_state is not None:
                 next_guests[guest.uuid] = guest_state
             if target_kib is not None and guest.uuid not in errors:
@@ -191,7 +196,10 @@ class PidPolicy:
         hold_until_s, hold_floor = self.hold(now_s, guest, previous, kills)
         if now_s < hold_until_s and bounded < hold_floor:
             bounded, integral = hold_floor, 0.0
-        state = PidGuestState(now_s, used, integral, swap_total, kills, hold_until_s, hold_floor)
+        first_seen_s = now_s if previous is None else previous.first_seen_s
+        if now_s - first_seen_s < p.warmup_s and bounded < guest.actual_kib:
+            bounded, integral = guest.actual_kib, 0.0
+        state = PidGuestState(now_s, used, integral, swap_total, kills, hold_until_s, hold_floor, first_seen_s)
         return bounded, state
 
     def hold(

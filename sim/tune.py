@@ -81,6 +81,7 @@ SPACES: dict[str, tuple[Dim, ...]] = {
         Dim("kp_reclaim", 0.02, 1.0),
         Dim("filter_tau_s", 60.0, 172800.0),
         Dim("max_reclaim_step_kib", 16 * MIB, 1 * GIB, integer=True),
+        Dim("warmup_s", 0.0, 86400.0),
     ),
     "sla-floor": (
         Dim("reserve_pct", 0.0, 100.0),

@@ -14,6 +14,11 @@ from policies.testing import GIB, MIB, guest, host
 STEP_S = 10.0
 
 
+def _pid(**params: float) -> PidPolicy:
+    """pid without its warm-up, so the control law acts from the first step."""
+    return PidPolicy(PidParams(**({"warmup_s": 0.0} | params)))
+
+
 def _run(
     policy: PidPolicy, demand_kib: list[int], *, actual_kib: int = 8 * GIB, host_avail_kib: int = 32 * GIB
 ) -> list[int]:
@@ -44,7 +49,7 @@ def _setpoint(policy: PidPolicy, used: int) -> float:
 
 
 def test_converges_on_a_step_without_oscillation() -> None:
-    policy = PidPolicy()
+    policy = _pid()
     demand = [2 * GIB] * 150 + [4 * GIB] * 150
     sizes = _run(policy, demand)
     first, second = sizes[:150], sizes[150:]
@@ -62,7 +67,7 @@ def test_converges_on_a_step_without_oscillation() -> None:
 
 
 def test_gives_back_faster_than_it_takes() -> None:
-    policy = PidPolicy(PidParams(filter_tau_s=0))
+    policy = _pid(filter_tau_s=0)
     used = 2 * GIB
     setpoint = _setpoint(policy, used)
     spare = guest(max_kib=8 * GIB, actual_kib=int(setpoint + GIB), available_kib=int(setpoint + GIB) - used)
@@ -74,9 +79,9 @@ def test_gives_back_faster_than_it_takes() -> None:
 
 def test_the_integral_removes_the_lag_on_a_ramp() -> None:
     ramp = [int(5 * GIB - i * 4 * MIB) for i in range(300)]  # demand falls 4 MiB per 10 s
-    with_i = _run(PidPolicy(PidParams(ki_per_s=0.002, filter_tau_s=0)), ramp)
-    without_i = _run(PidPolicy(PidParams(ki_per_s=0.0, filter_tau_s=0)), ramp)
-    target = _setpoint(PidPolicy(), ramp[-1])
+    with_i = _run(_pid(ki_per_s=0.002, filter_tau_s=0), ramp)
+    without_i = _run(_pid(ki_per_s=0.0, filter_tau_s=0), ramp)
+    target = _setpoint(_pid(), ramp[-1])
     assert abs(without_i[-1] - target) > 8 * MIB  # P alone lags by rate / kp
     assert abs(with_i[-1] - target) < abs(without_i[-1] - target)
 
@@ -84,13 +89,13 @@ def test_the_integral_removes_the_lag_on_a_ramp() -> None:
 def test_noisy_use_is_filtered() -> None:
     # use dips by 1 GiB every other sample (a cache flush, a freed buffer)
     noisy = [3 * GIB if i % 2 else 2 * GIB for i in range(200)]
-    filtered = _run(PidPolicy(PidParams(filter_tau_s=120)), noisy)[100:]
-    raw = _run(PidPolicy(PidParams(filter_tau_s=0)), noisy)[100:]
+    filtered = _run(_pid(filter_tau_s=120), noisy)[100:]
+    raw = _run(_pid(filter_tau_s=0), noisy)[100:]
     assert max(filtered) - min(filtered) < (max(raw) - min(raw)) / 4
 
 
 def test_host_pressure_tightens_the_setpoint_and_relief_relaxes_it() -> None:
-    policy = PidPolicy()
+    policy = _pid()
     demand = [2 * GIB] * 200
     calm = _run(policy, demand, host_avail_kib=32 * GIB)[-1]
     pressed = _run(policy, demand, host_avail_kib=2 * GIB)[-1]  # 3 % available < 10 % target
@@ -102,13 +107,13 @@ def test_host_pressure_tightens_the_setpoint_and_relief_relaxes_it() -> None:
 
 
 def test_psi_counts_as_host_pressure() -> None:
-    policy = PidPolicy()
+    policy = _pid()
     assert policy.host_pressure(host(available_kib=32 * GIB, psi_some_avg10=0.5)) == 0.0
     assert policy.host_pressure(host(available_kib=32 * GIB, psi_some_avg10=5.0)) == 1.0
 
 
 def test_swap_in_gives_memory_back() -> None:
-    policy = PidPolicy()
+    policy = _pid()
     used = 2 * GIB
     actual = int(_setpoint(policy, used))
     g0 = guest(at_s=0, actual_kib=actual, available_kib=actual - used, swap_in_kib=0)
@@ -118,7 +123,7 @@ def test_swap_in_gives_memory_back() -> None:
 
 
 def test_guests_without_stats_are_held() -> None:
-    result = PidPolicy().decide(host(), [guest(stats=False)], PidState())
+    result = _pid().decide(host(), [guest(stats=False)], PidState())
     assert result.targets_kib == {} and result.errors == {}
 
 
@@ -132,7 +137,7 @@ def test_guests_without_stats_are_held() -> None:
 def test_targets_stay_within_floor_and_maximum_and_reclaim_is_bounded(
     max_gib: int, actual_frac: float, avail_frac: float, floor_frac: float, host_avail_frac: float
 ) -> None:
-    policy = PidPolicy()
+    policy = _pid()
     max_kib = max_gib * GIB
     actual = max(1, int(max_kib * actual_frac))
     g = guest(
@@ -147,7 +152,7 @@ def test_targets_stay_within_floor_and_maximum_and_reclaim_is_bounded(
 def test_an_oom_kill_gives_the_guest_its_maximum_back_and_holds_reclaim() -> None:
     import dataclasses
 
-    policy = PidPolicy()
+    policy = _pid()
 
     def roomy(at_s: float, kills: int):  # type: ignore[no-untyped-def]
         g = guest(at_s=at_s, max_kib=8 * GIB, actual_kib=4 * GIB, available_kib=3 * GIB)
@@ -160,3 +165,16 @@ def test_an_oom_kill_gives_the_guest_its_maximum_back_and_holds_reclaim() -> Non
     held_s = 10 + policy.params.oom_hold_s
     assert policy.decide(host(at_s=held_s - 10), [roomy(held_s - 10, 1)], state).targets_kib["uuid-vm"] == 8 * GIB
     assert policy.decide(host(at_s=held_s + 10), [roomy(held_s + 10, 1)], state).targets_kib["uuid-vm"] < 4 * GIB
+
+
+def test_a_new_guest_is_watched_before_anything_is_taken() -> None:
+    policy = _pid(warmup_s=3600.0)
+    state = policy.initial_state()
+    targets = []
+    for i in range(0, 4000, 10):
+        g = guest(at_s=i, max_kib=8 * GIB, actual_kib=8 * GIB, available_kib=6 * GIB)
+        result = policy.decide(host(at_s=i), [g], state)
+        state = result.state
+        targets.append((i, result.targets_kib[g.uuid]))
+    assert all(t == 8 * GIB for i, t in targets if i < 3600)
+    assert all(t < 8 * GIB for i, t in targets if i >= 3600)
