@@ -93,22 +93,28 @@ def swap_in_rates_mib_min(tl: Timeline) -> npt.NDArray[np.float64]:
 
 
 def plot_distributions(comp: Comparison, path: Path) -> Path:
+    runs = _runs(comp)
+    colors = {name: f"C{i}" for i, name in enumerate(runs)}  # one colour per policy in both panels
+    rates = {name: swap_in_rates_mib_min(run.timeline) for name, run in runs.items()}
+    top = max((float(r.max()) for r in rates.values() if r.size), default=1.0)
+    bins = np.logspace(-3, np.log10(max(top, 1e-2)) + 0.01, 40)  # the same bins for every policy
     fig, (ax_swap, ax_head) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, run in _runs(comp).items():
+    for name, run in runs.items():
+        nonzero = rates[name][rates[name] >= 1e-3]
+        if nonzero.size:
+            ax_swap.hist(nonzero, bins=bins, histtype="step", label=name, color=colors[name])
         tl = run.timeline
-        rates = swap_in_rates_mib_min(tl)
-        rates = rates[rates > 0]
-        if rates.size:
-            bins = np.logspace(np.log10(max(rates.min(), 1e-4)), np.log10(rates.max() + 1e-9), 40)
-            ax_swap.hist(rates, bins=bins, histtype="step", label=name)
         actual = _stack(tl.actual_kib)
         ram = np.maximum(actual.max(axis=0), 1.0) if actual.size else np.ones(1)
         headroom_pct = (100 * _stack(tl.available_kib) / ram).ravel()
-        ax_head.hist(headroom_pct, bins=50, range=(0, 100), histtype="step", label=name, density=True)
+        ax_head.hist(
+            headroom_pct, bins=50, range=(0, 100), histtype="step", label=name, density=True, color=colors[name]
+        )
     ax_swap.set(
-        xscale="log", xlabel="swap-in, MiB/min (non-zero samples)", ylabel="guest-samples", title="Guest swap-in"
+        xscale="log", xlabel="swap-in, MiB/min (samples >= 0.001)", ylabel="guest-samples", title="Guest swap-in"
     )
     ax_head.set(xlabel="MemAvailable, % of guest RAM", ylabel="density", title="Guest headroom")
+    ax_swap.legend(fontsize=8)
     ax_head.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
