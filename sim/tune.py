@@ -167,6 +167,7 @@ def tune(
     start_params: Mapping[str, Any] | None = None,
     max_evals: int = 40,
     slo_pct_per_min: float = GOOGLE_SLO_PCT_PER_MIN,
+    max_oom_kills: int = 0,
     loaded: Sequence[trace_io.Trace] | None = None,
     on_eval: Callable[[Evaluation], None] | None = None,
 ) -> TuneResult:
@@ -188,7 +189,7 @@ def tune(
                 raise _Budget()
             result = replay(spec, registry.create(name, fixed | params), cfg, loaded=loaded)
             if bound is None:
-                bound = Constraints(swap_bound(result, slo_pct_per_min))
+                bound = Constraints(swap_bound(result, slo_pct_per_min), oom_kills=max_oom_kills)
             value, feasible = objective(result.scorecard, bound)
             cache[key] = Evaluation(params, result.scorecard, value, feasible)
             evaluations.append(cache[key])
@@ -265,6 +266,12 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
         help="swap-in bound, %% of the working set per minute (default %(default)s, Google far memory)",
     )
     p.add_argument(
+        "--max-oom-kills",
+        type=int,
+        default=0,
+        help="OOM kills allowed (default 0; where 0 is infeasible on a trace, e.g. the better baseline's count)",
+    )
+    p.add_argument(
         "--param", action="append", default=[], help="search NAME=LOW:HIGH[:int] (replaces the built-in space)"
     )
     p.add_argument("--out", type=Path, help="write the tuned parameters here as TOML (default: stdout only)")
@@ -297,6 +304,7 @@ def tune_command(args: argparse.Namespace) -> int:
         start_params=start,
         max_evals=args.max_evals,
         slo_pct_per_min=args.swap_slo,
+        max_oom_kills=args.max_oom_kills,
         on_eval=show,
     )
     text = to_toml(result, {k: v for k, v in start.items() if k not in {d.name for d in dims}})
