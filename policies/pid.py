@@ -38,7 +38,9 @@ pressure ``host_scale`` shrinks by ``host_gain`` x pressure per step down to
 
 After an OOM kill in the guest (the ``oom_kills`` stat, Linux >= 6.12, went up) the
 guest demonstrably needed more than it had, by an unknown amount: it gets its maximum
-back and is not reclaimed from for ``oom_hold_s``. After an auto-deflate of a
+back and is not reclaimed from for ``oom_hold_s``; and from then on it never gets less
+than halfway between what it had when it was killed and its maximum (each further kill
+halves the remaining gap: a bisection toward a size that holds its bursts). After an auto-deflate of a
 DEFLATE_ON_OOM guest (``actual`` above the target last set) we know what it needed: no
 target below that ``actual`` for ``oom_hold_s``. Without this a guest whose demand leaps in bursts is
 squeezed again after each burst and killed again at the next (bitbrains-rnd has
@@ -104,6 +106,7 @@ class PidGuestState:
     hold_until_s: float = float("-inf")  # until then no target below hold_floor_kib
     hold_floor_kib: int = 0  # after an OOM kill: the maximum; after an auto-deflate: what the guest took
     first_seen_s: float = 0.0
+    learned_floor_kib: int = 0  # raised by every OOM kill, never lowered
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +202,9 @@ class PidPolicy:
         first_seen_s = now_s if previous is None else previous.first_seen_s
         if now_s - first_seen_s < p.warmup_s and bounded < guest.actual_kib:
             bounded, integral = guest.actual_kib, 0.0
-        state = PidGuestState(now_s, used, integral, swap_total, kills, hold_until_s, hold_floor, first_seen_s)
+        learned = self.learned_floor_kib(guest, previous, kills)
+        bounded = max(bounded, learned)
+        state = PidGuestState(now_s, used, integral, swap_total, kills, hold_until_s, hold_floor, first_seen_s, learned)
         return bounded, state
 
     def hold(
@@ -211,6 +216,16 @@ class PidPolicy:
         if shortfall_floor is None:
             return until_s, floor
         return now_s + self.params.oom_hold_s, max(shortfall_floor, floor if now_s < until_s else 0)
+
+    @staticmethod
+    def learned_floor_kib(guest: GuestSnapshot, previous: PidGuestState | None, kills: int | None) -> int:
+        """The least this guest may get, learned from its OOM kills: halfway from what it
+        had at a kill to its maximum, ratcheting up with every kill."""
+        learned = 0 if previous is None else previous.learned_floor_kib
+        last_kills = None if previous is None else previous.oom_kills_total
+        if kills is not None and last_kills is not None and kills > last_kills:
+            learned = max(learned, guest.actual_kib + (guest.max_kib - guest.actual_kib) // 2)
+        return learned
 
     def ran_short(self, guest: GuestSnapshot, previous: PidGuestState | None, kills: int | None) -> int | None:
         """The memory the guest must keep if it ran short since the last step: its maximum
