@@ -104,9 +104,9 @@ class Libvirtd:
 class Mosquitto:
     """A mosquitto broker on 127.0.0.1 and a free port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
         self.workdir = workdir
-        self.port = free_port()
+        self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
