@@ -46,6 +46,10 @@ _PAUSED_MIGRATION, _PAUSED_POSTCOPY, _PAUSED_POSTCOPY_FAILED = 2, 12, 13
 _EV_DEFINED, _EV_UNDEFINED, _EV_STARTED, _EV_SUSPENDED, _EV_RESUMED, _EV_STOPPED, _EV_SHUTDOWN = 0, 1, 2, 3, 4, 5, 6
 _EV_SUSPENDED_MIGRATED = 1
 
+# QEMU throttles BALLOON_CHANGE to one event a second (virtio-balloon.md §7.2), so for a
+# few seconds after a target is set, libvirt's bulk view of a guest's size may be stale.
+SETTLE_S = 5.0
+
 # Errors that mean the domain is gone, not that libvirt is.
 _GONE = {libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID}
 
@@ -113,6 +117,7 @@ class LibvirtHypervisor:
         self._backoff_s = cfg.reconnect_min_s
         # Per-guest state, by UUID; kept across reconnects.
         self._targets_kib: dict[str, int] = {}
+        self._set_at_s: dict[str, float] = {}  # when each target was set (self.clock)
         self._migrating: set[str] = set()
         self._domains: dict[str, Any] = {}  # virDomain objects from the last bulk call
         self._xml: dict[str, lx.DomainConfig] = {}  # parsed once per guest, dropped on change events
@@ -240,6 +245,7 @@ class LibvirtHypervisor:
             for gone in set(self._targets_kib) - set(seen):
                 # A guest that is not active has no balloon to remember; a restarted one starts fresh.
                 self._targets_kib.pop(gone, None)
+                self._set_at_s.pop(gone, None)
             self._migrating &= set(seen)
         for gone in set(self._xml) - set(seen):
             self._xml.pop(gone, None)
@@ -251,6 +257,7 @@ class LibvirtHypervisor:
         self._rpc("setMemoryFlags", dom.setMemoryFlags, int(target_kib), libvirt.VIR_DOMAIN_AFFECT_LIVE)
         with self._lock:
             self._targets_kib[uuid] = int(target_kib)
+            self._set_at_s[uuid] = self.clock()
 
     # -- beyond the protocol --------------------------------------------------------------
 
@@ -327,11 +334,19 @@ class LibvirtHypervisor:
         reading = self._reading(dom, name, params)
         with self._lock:
             last_target = self._targets_kib.get(uuid)
+            set_at_s = self._set_at_s.get(uuid, float("-inf"))
+        actual_kib = reading.current_kib
+        if last_target is not None and actual_kib != last_target and self.clock() - set_at_s < SETTLE_S:
+            # Recently set and libvirt's view disagrees: it may only be waiting for the
+            # throttled event. Ask QEMU (query-balloon, via memoryStats) rather than let the
+            # guard take a balloon in flight for one that stopped short. One RPC, and only
+            # for guests whose target changed in the last few seconds.
+            actual_kib = min(int(self._rpc("memoryStats", dom.memoryStats).get("actual", actual_kib)), reading.maximum_kib)
         return GuestSnapshot(
             uuid=uuid,
             name=name,
             max_kib=reading.maximum_kib,
-            actual_kib=reading.current_kib,
+            actual_kib=actual_kib,
             current_kib=reading.current_kib,
             last_target_kib=last_target,
             features=xml.features,
