@@ -62,6 +62,11 @@ class TickReport:
     error: str | None = None
 
 
+def _error_name(e: HypervisorError) -> msg.ErrorName:
+    # NoSuchGuest lives in the libvirt backend, which this module does not import.
+    return "no-such-guest" if type(e).__name__ == "NoSuchGuest" else "hypervisor-error"
+
+
 class Daemon:
     def __init__(
         self,
@@ -143,7 +148,7 @@ class Daemon:
         overrides = dict(self.cfg.guests)
         for g in guests:
             if g.uuid in self.paused:
-                base = self.cfg.override_for(g) or GuestOverride()
+                base = self.cfg.override_for(g) or GuestOverride.model_validate({})
                 overrides[g.uuid] = base.model_copy(update={"exclude": True})
         return self.cfg.model_copy(update={"guests": overrides})
 
@@ -194,8 +199,7 @@ class Daemon:
                 try:
                     uuid = await asyncio.to_thread(self.hv.set_floor, cmd.guest, cmd.floor_kib)
                 except HypervisorError as e:
-                    name = "no-such-guest" if type(e).__name__ == "NoSuchGuest" else "hypervisor-error"
-                    raise msg.CommandError(name, str(e), cmd.id) from e
+                    raise msg.CommandError(_error_name(e), str(e), cmd.id) from e
             return msg.Reply(id=cmd.id, ok=True, message=f"floor of {uuid} set to {cmd.floor_kib} KiB")
         if isinstance(cmd, msg.PauseGuest | msg.ResumeGuest):
             g = self._known_guest(cmd.guest, cmd.id)

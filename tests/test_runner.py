@@ -120,3 +120,27 @@ def test_unreachable_libvirt_skips_the_tick_and_holds(tmp_path: Path) -> None:
     d = Daemon(cfg, LibvirtHypervisor(cfg.libvirt), ProcHostReader())
     report = asyncio.run(d.tick())
     assert report.error and "Is libvirtd running" in report.error and report.outcome is None
+
+
+def test_stop_returns_every_balloon_to_its_maximum_when_configured(tmp_path: Path) -> None:
+    """On test:///default, whose state one process shares across connections, so the
+    result can be read after the daemon has closed its own (no other test uses it)."""
+    import libvirt
+
+    path = tmp_path / "c.toml"
+    path.write_text('[libvirt]\nuri = "test:///default"\n[runner]\nreturn_to_max_on_exit = true\n')
+    cfg = DaemonConfig.load(path)
+    d = Daemon(cfg, LibvirtHypervisor(cfg.libvirt), ProcHostReader())
+
+    def after_tick(report) -> None:  # type: ignore[no-untyped-def]
+        (guest,) = report.guests
+        d.hv.set_target(guest.uuid, GIB)  # as if the daemon had ballooned it earlier
+        d.stopping.set()  # what SIGTERM does
+
+    asyncio.run(d.run(on_tick=after_tick))
+    conn = libvirt.open("test:///default")
+    try:
+        dom = conn.lookupByName("test")
+        assert dom.info()[2] == dom.maxMemory() == 8 * GIB
+    finally:
+        conn.close()

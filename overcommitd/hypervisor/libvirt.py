@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import libvirt
+import libvirt  # type: ignore[import-untyped]
 
 from overcommitd.config import LibvirtConfig
 from overcommitd.hypervisor import HypervisorError

@@ -161,7 +161,7 @@ def parse_command(payload: bytes, topic: str) -> Command:
         return _COMMAND.validate_json(payload)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(payload)'}: {err['msg']}" for err in e.errors())
-        kind = "bad-json" if any(err["type"] == "json_invalid" for err in e.errors()) else "invalid-command"
+        kind: ErrorName = "bad-json" if any(err["type"] == "json_invalid" for err in e.errors()) else "invalid-command"
         raise CommandError(kind, f"{topic}: {problems}", _loose_id(payload)) from e
 
 

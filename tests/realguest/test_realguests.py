@@ -231,3 +231,29 @@ def test_survives_a_libvirtd_restart_and_a_guest_destroyed_mid_tick(libvirtd: Li
 
     asyncio.run(scenario())
     hv.close()
+
+
+def test_stats_polling_is_turned_on_and_a_paused_guest_is_left_alone(libvirtd: Libvirtd, guests: Guests) -> None:
+    (dom,) = guests.boot(GuestSpec("nopoll", memory_mib=256, stats_period_s=None))
+    cfg = config(libvirtd, target_kib=160 * MIB, libvirt={"enable_stats_period_s": 2})
+    d = daemon(cfg)
+
+    async def scenario() -> None:
+        dom.suspend()
+        report = await d.tick()
+        decision = decision_for(report, "nopoll")
+        assert decision is not None and decision.held and decision.clamped_by(ClampReason.NOT_RUNNING)
+        assert report.guests[0].stats_period_s == 2 and d.hv.calls["setMemoryStatsPeriod"] == 1  # type: ignore[attr-defined]
+        assert "setMemoryFlags" not in d.hv.calls  # type: ignore[attr-defined]
+        dom.resume()
+        first = report.guests[0].stats
+        later = await tick_until(
+            d, lambda r: r.guests[0].stats is not None and first is not None and r.guests[0].stats.last_update_s > first.last_update_s,
+            60, "fresh stats from the polling we turned on",
+        )
+        assert later.guests[0].stats is not None
+        await tick_until(d, lambda r: d.hv.target_kib(r.guests[0].uuid) == 160 * MIB, 60, "the target once resumed")  # type: ignore[attr-defined]
+        await asyncio.to_thread(wait_for, lambda: guests.actual_kib(dom) == 160 * MIB, 60, "160 MiB")
+
+    asyncio.run(scenario())
+    d.hv.close()
