@@ -189,6 +189,10 @@ class Daemon:
     def on_guest_event(self, event: Any) -> None:
         """A libvirt event, on the asyncio loop (bridged from libvirt's event thread)."""
         log.debug("guest %s: %s %s", event.name, event.kind, event.detail, extra={"event": event.kind, "guest": event.name})
+        if self.mqtt is not None:
+            m = msg.GuestEventMessage(uuid=event.uuid, name=event.name, kind=event.kind, detail=event.detail,
+                                      actual_kib=event.actual_kib)
+            self.mqtt.offer(self.mqtt.topics.guest(event.name, "event"), m)
 
     # -- commands ---------------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ import aiomqtt
 
 
 class Probe:
-    def __init__(self, port: int, topic: str) -> None:
+    def __init__(self, port: int, topic: str, **client_args: Any) -> None:
+        self.client_args = client_args  # e.g. username, password, tls_context
         self.port = port
         self.topic = topic
         self.messages: list[tuple[str, Any, bool]] = []  # (topic, decoded JSON, retained)
@@ -34,7 +35,7 @@ class Probe:
             pass
 
     async def _run(self) -> None:
-        async with aiomqtt.Client("127.0.0.1", self.port) as client:
+        async with aiomqtt.Client("127.0.0.1", self.port, **self.client_args) as client:
             self._client = client
             await client.subscribe(self.topic, qos=1)
             self._ready.set()

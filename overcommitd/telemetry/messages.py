@@ -7,7 +7,8 @@ Topics, under ``<prefix>/<host_id>/``:
   ``online: false``, when the daemon dies without saying goodbye;
 * ``host`` (retained): :class:`HostMessage`, the host snapshot of the last tick;
 * ``guests/<name>/snapshot`` and ``guests/<name>/decision``: :class:`GuestMessage`,
-  :class:`DecisionMessage`, every tick;
+  :class:`DecisionMessage`, every tick; ``guests/<name>/event``: :class:`GuestEventMessage`,
+  as libvirt reports them;
 * ``command``: a :class:`Command` in; ``command/reply``: its :class:`Reply` out.
 """
 
@@ -97,6 +98,16 @@ class DecisionMessage(_Message):
             uuid=d.uuid, name=d.name, target_kib=d.target_kib, wish_kib=d.wish_kib, applied=applied,
             clamps=[ClampMessage(reason=c.reason.value, before_kib=c.before_kib, after_kib=c.after_kib, detail=c.detail) for c in d.clamps],
         )
+
+
+class GuestEventMessage(_Message):
+    """A libvirt event about a guest (lifecycle, balloon change, metadata, migration)."""
+
+    uuid: str
+    name: str
+    kind: str
+    detail: str
+    actual_kib: int | None
 
 
 # -- commands --------------------------------------------------------------------------

@@ -107,17 +107,23 @@ class Mosquitto:
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.extra_conf = ""  # appended to the listener's settings (TLS, passwords)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        settings = self.extra_conf or "allow_anonymous true\n"
+        # As root, mosquitto drops to the user "mosquitto", which cannot read a private
+        # tmp dir (password file, keys); these tests own the broker, so it stays root.
+        conf.write_text(f"user root\nlistener {self.port} 127.0.0.1\n{settings}persistence false\n")
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=log, start_new_session=True)
 
         def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited; see {self.workdir}/mosquitto.log")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return True
