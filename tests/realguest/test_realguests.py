@@ -178,6 +178,11 @@ def test_telemetry_on_the_broker_and_a_command_taking_effect(libvirtd: Libvirtd,
             assert snap["max_kib"] == 512 * MIB
             await probe.wait_for(lambda t, b: t == f"{base}/guests/mq/decision" and b["target_kib"] == 300 * MIB and b["applied"])
             await asyncio.to_thread(wait_for, lambda: guests.actual_kib(dom) == 300 * MIB, 60, "300 MiB")
+            # libvirt's BALLOON_CHANGE events, bridged from its event thread into asyncio and on to MQTT.
+            await probe.wait_for(
+                lambda t, b: t == f"{base}/guests/mq/event" and b["kind"] == "balloon-change" and b["actual_kib"] == 300 * MIB,
+                what="the balloon-change event",
+            )
             await probe.send(f"{base}/command", json.dumps({"id": "f", "command": "set-floor", "guest": "mq", "floor_kib": "450MiB"}))
             reply = await probe.wait_for(lambda t, b: t.endswith("/command/reply") and b["id"] == "f")
             assert reply["ok"], reply
