@@ -113,8 +113,16 @@ def test_telemetry_commands_metrics_reload_and_clean_exit(daemon_proc: tuple[Pro
 
             # SIGHUP: the new policy params take effect, the process stays up.
             write_config(cfg, broker.port, metrics_port, target_kib=2 * GIB, host_id=host_id, dry_run=True)
+            probe.messages.clear()
             proc.p.send_signal(signal.SIGHUP)
             await probe.wait_for(lambda t, b: t == f"{base}/status" and b.get("dry_run") is True, what="reloaded status")
+            reloaded = await probe.wait_for(
+                lambda t, b: t == f"{base}/guests/autodeflate/decision" and b["wish_kib"] == 2 * GIB, what="the new params"
+            )
+            assert reloaded["applied"] is False  # dry-run again, from the reloaded file
+            # Per-guest state survived the reload: the target set before it is still on record.
+            snap = await probe.wait_for(lambda t, b: t == f"{base}/guests/autodeflate/snapshot")
+            assert snap["last_target_kib"] == 4 * GIB
 
             proc.p.send_signal(signal.SIGTERM)
             await probe.wait_for(lambda t, b: t == f"{base}/status" and b.get("online") is False, what="goodbye")

@@ -247,9 +247,10 @@ class LibvirtHypervisor:
                 self._targets_kib.pop(gone, None)
                 self._set_at_s.pop(gone, None)
             self._migrating &= set(seen)
-        for gone in set(self._xml) - set(seen):
-            self._xml.pop(gone, None)
-            self._period_set.discard(gone)
+            stale = set(self._xml) - set(seen)
+            for gone in stale:
+                self._xml.pop(gone, None)
+                self._period_set.discard(gone)
         return out
 
     def set_target(self, uuid: str, target_kib: int) -> None:
@@ -414,9 +415,9 @@ class LibvirtHypervisor:
                 self._migrating.discard(uuid)
             if event in (_EV_STOPPED, _EV_UNDEFINED):
                 self._targets_kib.pop(uuid, None)
-        if event in (_EV_DEFINED, _EV_STARTED, _EV_STOPPED, _EV_UNDEFINED):
-            self._xml.pop(uuid, None)
-            self._period_set.discard(uuid)
+            if event in (_EV_DEFINED, _EV_STARTED, _EV_STOPPED, _EV_UNDEFINED):
+                self._xml.pop(uuid, None)
+                self._period_set.discard(uuid)
         names = ["defined", "undefined", "started", "suspended", "resumed", "stopped", "shutdown", "pmsuspended", "crashed"]
         what = names[event] if 0 <= event < len(names) else str(event)
         self._emit(GuestEvent("lifecycle", uuid, dom.name(), f"{what}/{detail}"))
@@ -426,7 +427,8 @@ class LibvirtHypervisor:
 
     def _on_metadata_change(self, _conn: Any, dom: Any, _mtype: int, _nsuri: Any, _opaque: Any) -> None:
         uuid = dom.UUIDString()
-        self._xml.pop(uuid, None)
+        with self._lock:
+            self._xml.pop(uuid, None)
         self._emit(GuestEvent("metadata-change", uuid, dom.name()))
 
     def _on_migration_iteration(self, _conn: Any, dom: Any, iteration: int, _opaque: Any) -> None:
