@@ -123,10 +123,11 @@ def test_unreachable_libvirt_skips_the_tick_and_holds(tmp_path: Path) -> None:
 
 
 def test_stop_returns_every_balloon_to_its_maximum_when_configured(tmp_path: Path) -> None:
-    """On test:///default, whose state one process shares across connections, so the
-    result can be read after the daemon has closed its own (no other test uses it)."""
+    """On test:///default, which keeps its state while any connection to it is open: ours,
+    opened first, reads the result after the daemon has closed its own."""
     import libvirt
 
+    conn = libvirt.open("test:///default")
     path = tmp_path / "c.toml"
     path.write_text('[libvirt]\nuri = "test:///default"\n[runner]\nreturn_to_max_on_exit = true\n')
     cfg = DaemonConfig.load(path)
@@ -138,7 +139,6 @@ def test_stop_returns_every_balloon_to_its_maximum_when_configured(tmp_path: Pat
         d.stopping.set()  # what SIGTERM does
 
     asyncio.run(d.run(on_tick=after_tick))
-    conn = libvirt.open("test:///default")
     try:
         dom = conn.lookupByName("test")
         assert dom.info()[2] == dom.maxMemory() == 8 * GIB

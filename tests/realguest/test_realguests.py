@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 
 from overcommitd.config import DaemonConfig
 from overcommitd.host import ProcHostReader
-from overcommitd.hypervisor.libvirt import LibvirtHypervisor
+from overcommitd.hypervisor.libvirt import SETTLE_S, LibvirtHypervisor
 from overcommitd.model import ClampReason, Decision
 from overcommitd.runner import Daemon, TickReport
 from tests.mqtt_probe import Probe
@@ -89,6 +90,22 @@ def test_stats_are_read_in_one_bulk_call_for_one_and_three_guests(libvirtd: Libv
                 assert g.actual_kib == g.max_kib == 256 * MIB and g.stats_period_s == 2
         assert per_tick == {1: {"getAllDomainStats": 1}, 3: {"getAllDomainStats": 1}}
         record_figure("libvirt_calls_per_read", {str(k): v for k, v in per_tick.items()})
+
+        # Whole ticks with 3 guests: setting targets costs one call per guest changed; once
+        # the balloons have settled, a tick that changes nothing costs the one bulk read.
+        d = daemon(config(libvirtd, target_kib=200 * MIB), hv)
+        before = dict(hv.calls)
+        report = asyncio.run(d.tick())
+        setting = {k: v - before.get(k, 0) for k, v in hv.calls.items() if v != before.get(k, 0)}
+        assert len(report.applied) == 3 and setting == {"getAllDomainStats": 1, "setMemoryFlags": 3}
+        doms = [guests.conn.lookupByName(n) for n in ("bulk1", "bulk2", "bulk3")]
+        wait_for(lambda: all(guests.actual_kib(x) == 200 * MIB for x in doms), 60, "all three at 200 MiB")
+        time.sleep(SETTLE_S)  # past the window in which a moving balloon is double-checked
+        before = dict(hv.calls)
+        report = asyncio.run(d.tick())
+        steady = {k: v - before.get(k, 0) for k, v in hv.calls.items() if v != before.get(k, 0)}
+        assert report.applied == frozenset() and steady == {"getAllDomainStats": 1}
+        record_figure("libvirt_calls_per_tick_3_guests", {"setting_targets": setting, "steady": steady})
     finally:
         hv.close()
 
