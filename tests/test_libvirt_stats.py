@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from overcommitd.hypervisor import libvirt_stats as ls
 from overcommitd.hypervisor import libvirt_xml as lx
+from overcommitd.model import RunState
 
 # As read from a real 512 MiB guest (real-guest.md).
 REAL_BULK = {
@@ -96,3 +97,22 @@ def test_bad_metadata_names_the_guest_and_field() -> None:
 def test_metadata_round_trips(floor: int, weight: float, exclude: bool) -> None:
     meta = lx.GuestMetadata(floor, weight, exclude)
     assert lx.parse_metadata_element(lx.metadata_element(meta), "g") == meta
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "migrating", "expected"),
+    [
+        (1, 0, False, RunState.RUNNING),
+        (2, 0, False, RunState.RUNNING),  # blocked on I/O is still running
+        (3, 0, False, RunState.PAUSED),  # paused by the user
+        (3, 2, False, RunState.MIGRATING),  # VIR_DOMAIN_PAUSED_MIGRATION
+        (3, 12, False, RunState.MIGRATING),  # post-copy
+        (1, 0, True, RunState.MIGRATING),  # a migration event said so: live pre-copy
+        (4, 1, False, RunState.SHUTTING_DOWN),
+        (7, 0, False, RunState.PAUSED),  # pmsuspended
+        (5, 0, False, None),  # shut off
+        (6, 0, True, None),  # crashed
+    ],
+)
+def test_run_state(state: int, reason: int, migrating: bool, expected: RunState | None) -> None:
+    assert ls.run_state(state, reason, migrating=migrating) is expected

@@ -144,3 +144,22 @@ def test_stop_returns_every_balloon_to_its_maximum_when_configured(tmp_path: Pat
         assert dom.info()[2] == dom.maxMemory() == 8 * GIB
     finally:
         conn.close()
+
+
+def test_broker_outage_does_not_stop_the_control_loop(tmp_path: Path) -> None:
+    from tests.realguest.harness import free_port
+
+    dead_port = free_port()  # nothing listens here
+    d = make_daemon(tmp_path, extra=f"[mqtt]\nenabled = true\nport = {dead_port}\nbuffer_size = 5\nreconnect_min_s = 0.1\n")
+    d.cfg = d.cfg.model_copy(update={"interval_s": 0.05})
+    reports = []
+
+    def count(report) -> None:  # type: ignore[no-untyped-def]
+        reports.append(report)
+        if len(reports) == 6:
+            d.stopping.set()
+
+    asyncio.run(asyncio.wait_for(d.run(on_tick=count), 60))
+    assert len(reports) == 6 and all(r.error is None for r in reports)
+    assert d.mqtt is not None and not d.mqtt.connected and d.mqtt.dropped_total > 0 and len(d.mqtt.buffer) == 5
+    assert AUTO in reports[0].applied  # balloons were still set while the broker was away

@@ -34,15 +34,12 @@ import libvirt  # type: ignore[import-untyped]
 from overcommitd.config import LibvirtConfig
 from overcommitd.hypervisor import HypervisorError
 from overcommitd.hypervisor import libvirt_xml as lx
-from overcommitd.hypervisor.libvirt_stats import BalloonReading, from_bulk
+from overcommitd.hypervisor.libvirt_stats import STATE_RUNNING, BalloonReading, from_bulk, run_state
 from overcommitd.model import GuestSnapshot, RunState
 
 log = logging.getLogger(__name__)
 
-# virDomainState and reasons (libvirt-domain.h; virtio-balloon.md §7.5).
-_RUNNING, _BLOCKED, _PAUSED, _SHUTDOWN, _PMSUSPENDED = 1, 2, 3, 4, 7
-_PAUSED_MIGRATION, _PAUSED_POSTCOPY, _PAUSED_POSTCOPY_FAILED = 2, 12, 13
-# Lifecycle events and details.
+# Lifecycle events and details (libvirt-domain.h; virtio-balloon.md §7.5).
 _EV_DEFINED, _EV_UNDEFINED, _EV_STARTED, _EV_SUSPENDED, _EV_RESUMED, _EV_STOPPED, _EV_SHUTDOWN = 0, 1, 2, 3, 4, 5, 6
 _EV_SUSPENDED_MIGRATED = 1
 
@@ -367,20 +364,9 @@ class LibvirtHypervisor:
 
     def _run_state(self, uuid: str, params: dict[str, Any]) -> RunState | None:
         """RUNNING, or why the guest is left alone; None for a guest that is not running at all."""
-        state, reason = params.get("state.state", _RUNNING), params.get("state.reason", 0)
         with self._lock:
             migrating = uuid in self._migrating
-        if state == _PAUSED and reason in (_PAUSED_MIGRATION, _PAUSED_POSTCOPY, _PAUSED_POSTCOPY_FAILED):
-            return RunState.MIGRATING
-        if migrating:
-            return RunState.MIGRATING
-        if state in (_RUNNING, _BLOCKED):
-            return RunState.RUNNING
-        if state in (_PAUSED, _PMSUSPENDED):
-            return RunState.PAUSED
-        if state == _SHUTDOWN:
-            return RunState.SHUTTING_DOWN
-        return None
+        return run_state(params.get("state.state", STATE_RUNNING), params.get("state.reason", 0), migrating=migrating)
 
     def _ensure_stats_period(self, dom: Any, uuid: str, name: str, period_s: float) -> float:
         """Turn on stats polling for a guest that has none, when configured; once per guest."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from overcommitd.model import GuestStats
+from overcommitd.model import GuestStats, RunState
 
 # GuestStats field <- libvirt name (memoryStats() key; the bulk call's is "balloon." + key,
 # with "last_update" spelled "last-update"). Every one is KiB or a count, never bytes.
@@ -89,3 +89,23 @@ def from_bulk(params: Mapping[str, object], *, where: str = "guest") -> BalloonR
 def from_memory_stats(stats: Mapping[str, object], maximum_kib: int, *, where: str = "guest") -> BalloonReading:
     """From ``dom.memoryStats()`` (one RPC per guest; only for tools, never the tick)."""
     return _reading(_count(stats, "actual"), maximum_kib, _stats(stats, "", "last_update"), _count(stats, "rss"), where)
+
+
+# virDomainState and the reasons that mean a migration (libvirt-domain.h; virtio-balloon.md §7.5).
+STATE_RUNNING, STATE_BLOCKED, STATE_PAUSED, STATE_SHUTDOWN, STATE_PMSUSPENDED = 1, 2, 3, 4, 7
+_PAUSED_MIGRATION, _PAUSED_POSTCOPY, _PAUSED_POSTCOPY_FAILED = 2, 12, 13
+
+
+def run_state(state: int, reason: int, *, migrating: bool = False) -> RunState | None:
+    """Our RunState from the bulk call's ``state.state``/``state.reason``; ``migrating``
+    is what migration events told us (a live migration's source keeps running until its
+    final pause). None for a domain that is not running at all (shut off, crashed)."""
+    if migrating or (state == STATE_PAUSED and reason in (_PAUSED_MIGRATION, _PAUSED_POSTCOPY, _PAUSED_POSTCOPY_FAILED)):
+        return RunState.MIGRATING if state in (STATE_RUNNING, STATE_BLOCKED, STATE_PAUSED) else None
+    if state in (STATE_RUNNING, STATE_BLOCKED):
+        return RunState.RUNNING
+    if state in (STATE_PAUSED, STATE_PMSUSPENDED):
+        return RunState.PAUSED
+    if state == STATE_SHUTDOWN:
+        return RunState.SHUTTING_DOWN
+    return None
