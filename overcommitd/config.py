@@ -125,7 +125,9 @@ class MqttConfig(_Section):
     topic_prefix: str = Field("overcommitd", min_length=1, description="topics are <prefix>/<host_id>/...")
     host_id: str | None = Field(None, description="this host's name in topics (default: the hostname)")
     keepalive_s: int = Field(30, ge=5)
-    buffer_size: int = Field(1000, ge=1, description="telemetry messages held while the broker is away")
+    buffer_size: int = Field(
+        10000, ge=1, description="telemetry messages held while the broker is away; a tick queues 2 per guest + 1"
+    )
     reconnect_min_s: float = Field(1.0, gt=0)
     reconnect_max_s: float = Field(60.0, gt=0)
 
