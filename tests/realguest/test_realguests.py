@@ -279,3 +279,41 @@ def test_stats_polling_is_turned_on_and_a_paused_guest_is_left_alone(libvirtd: L
 
     asyncio.run(scenario())
     d.hv.close()
+
+
+def test_overcommitd_run_process_sets_targets_and_returns_them_on_sigterm(libvirtd: Libvirtd, guests: Guests, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    (dom,) = guests.boot(GuestSpec("proc"))
+    cfg_path = tmp_path / "overcommitd.toml"
+    cfg_path.write_text(f"""interval_s = 3.0
+[policy]
+name = "tests.fixed_policy:FixedPolicy"
+params = {{ target_kib = {256 * MIB} }}
+[guard]
+min_guest_kib = "64MiB"
+dead_band_kib = "4MiB"
+[libvirt]
+uri = "{libvirtd.uri}"
+[runner]
+return_to_max_on_exit = true
+""")
+    log_path = tmp_path / "daemon.log"
+    repo = Path(__file__).resolve().parents[2]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "overcommitd", "run", "--config", str(cfg_path)],
+                                cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: guests.actual_kib(dom) == 256 * MIB, 90, "the daemon's 256 MiB target")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()
+        wait_for(lambda: guests.actual_kib(dom) == 512 * MIB, 60, "the balloon returned to the maximum")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    events = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    assert any(e.get("event") == "target" and e.get("target_kib") == 256 * MIB for e in events)
+    assert any(e.get("event") == "returned-to-max" for e in events)
