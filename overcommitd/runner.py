@@ -27,8 +27,8 @@ from typing import Any, Protocol
 from overcommitd.config import ConfigError, DaemonConfig, GuestOverride
 from overcommitd.host import HostError
 from overcommitd.hypervisor import HostReader, Hypervisor, HypervisorError
-from overcommitd.loop import LoopState, StepOutcome, step
-from overcommitd.model import Decision, GuestSnapshot, HostSnapshot
+from overcommitd.loop import LoopState, StepOutcome, apply, step
+from overcommitd.model import GuestSnapshot, HostSnapshot
 from overcommitd.sdnotify import Notifier
 from overcommitd.telemetry import messages as msg
 from overcommitd.telemetry.metrics import Metrics
@@ -122,29 +122,9 @@ class Daemon:
         self.state = outcome.state
         applied: frozenset[str] = frozenset()
         if not self.dry_run:
-            applied = frozenset(await asyncio.to_thread(self._apply, outcome.decisions))
+            applied = frozenset(await asyncio.to_thread(apply, self.hv, outcome.decisions))
         self._publish(host, guests, outcome, applied)
         return TickReport(guests, outcome, applied)
-
-    def _apply(self, decisions: Sequence[Decision]) -> set[str]:
-        """Set every target the guard let through; one guest failing (destroyed mid-tick)
-        never stops the others."""
-        applied = set()
-        for d in decisions:
-            if d.target_kib is None:
-                continue
-            try:
-                self.hv.set_target(d.uuid, d.target_kib)
-                applied.add(d.uuid)
-            except HypervisorError as e:
-                log.warning(
-                    "guest %s: target %d KiB not set: %s",
-                    d.name,
-                    d.target_kib,
-                    e,
-                    extra={"event": "set-failed", "guest": d.name},
-                )
-        return applied
 
     def _effective_cfg(self, guests: Sequence[GuestSnapshot]) -> DaemonConfig:
         """The config with guests paused by command excluded (keeping their other overrides)."""

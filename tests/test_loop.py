@@ -3,12 +3,12 @@ applied; and the asyncio runner doing one step against a simulated host."""
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 
 import numpy as np
 
 from overcommitd.config import DaemonConfig, GuestOverride
-from overcommitd.loop import LoopState, apply, run, step
+from overcommitd.loop import LoopState, apply, step
 from overcommitd.model import ClampReason, GuestSnapshot, HostSnapshot
 from policies.api import PerGuestPolicy
 from sim.guest import GuestSpec
@@ -77,36 +77,12 @@ def sim_host(n: int = 2) -> SimHypervisor:
     return SimHypervisor(specs, host_mem_kib=16 * GIB, initial_demand_kib=np.full(n, 1.0 * GIB))
 
 
-def test_apply_sets_only_targets_that_are_not_holds() -> None:
+def test_apply_sets_only_targets_that_are_not_holds_and_survives_a_vanished_guest() -> None:
     hv = sim_host()
     policy = FixedPolicy(FixedParams(target_kib=3 * GIB))
     out = step(hv.now_s, hv.read(), hv.snapshot(), policy, LoopState.initial(policy), CFG)
-    assert apply(hv, out.decisions) == 2
+    assert apply(hv, out.decisions) == {"u0", "u1"}
     hv.advance(10.0, np.full(2, 1.0 * GIB), np.zeros(2))
     assert [g.actual_kib for g in hv.snapshot()] == [4 * GIB - CFG.guard.max_inflate_step_kib] * 2
-
-
-def test_the_runner_does_one_step_against_a_simulated_host() -> None:
-    hv = sim_host()
-    seen = []
-    asyncio.run(
-        run(hv, hv, FixedPolicy(FixedParams(target_kib=3 * GIB)), CFG, once=True, on_step=lambda h, o: seen.append(o))
-    )
-    assert len(seen) == 1 and hv.targets_set == 2
-
-
-def test_dry_run_decides_but_sets_nothing() -> None:
-    hv = sim_host()
-    seen = []
-    asyncio.run(
-        run(
-            hv,
-            hv,
-            FixedPolicy(FixedParams(target_kib=3 * GIB)),
-            CFG,
-            once=True,
-            dry_run=True,
-            on_step=lambda h, o: seen.append(o),
-        )
-    )
-    assert seen[0].decisions[0].target_kib is not None and hv.targets_set == 0
+    gone = dataclasses.replace(out.decisions[0], uuid="vanished")
+    assert apply(hv, [gone, out.decisions[1]]) == {"u1"}
