@@ -272,7 +272,7 @@ class DeviceQueue:
     def __init__(self, mem: GuestMemory, layout: RingLayout, *, event_idx: bool, name: str = "vq") -> None:
         self.mem, self.lay, self.name, self.event_idx = mem, layout, name, event_idx
         for addr, size in ((layout.desc, 16 * layout.num), (layout.avail, 6 + 2 * layout.num), (layout.used, 6 + 8 * layout.num)):
-            mem.check(addr, size)  # the transport refuses rings outside guest memory
+            mem.check_window(addr, size)  # the transport refuses rings the model keeps no bytes for
         self.last_avail_idx = 0
         self.used_idx = 0
         self.inuse = 0
@@ -312,7 +312,7 @@ class DeviceQueue:
             if length == 0 or length % 16:
                 raise VirtioError("Invalid size for indirect buffer table")
             try:
-                self.mem.check(addr, length)
+                self.mem.check_window(addr, length)
             except GuestMemoryError:
                 raise VirtioError("Cannot map indirect buffer") from None
             table, limit, i = addr, length // 16, 0
@@ -353,7 +353,9 @@ class DeviceQueue:
 
     def read_out(self, elem: Element) -> bytes:
         """The chain's device-readable bytes, concatenated (QEMU ``iov_to_buf``)."""
-        return b"".join(bytes(self.mem.view[a : a + n]) for a, n in elem.out)
+        if len(elem.out) == 1:
+            return self.mem.read(*elem.out[0])
+        return b"".join(self.mem.read(a, n) for a, n in elem.out)
 
     def write_in(self, elem: Element, data: bytes) -> int:
         """Write into the chain's device-writable buffers; returns bytes written."""
@@ -362,7 +364,7 @@ class DeviceQueue:
             part = data[done : done + n]
             if not part:
                 break
-            self.mem.view[a : a + len(part)] = part
+            self.mem.write(a, part)
             done += len(part)
         return done
 
