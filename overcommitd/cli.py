@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="replay memory traces through the control step on a simulated host")
     add_replay_arguments(p)
     p.set_defaults(func=cmd_replay)
+
+    from sim.cli_scenario import add_sim_parser
+
+    add_sim_parser(sub)
     return parser
 
 

@@ -43,12 +43,16 @@ class Signal:
 class Process:
     """One running generator; ``done`` fires when it returns."""
 
-    def __init__(self, world: World, gen: ProcessGen, delay_s: float = 0.0) -> None:
+    def __init__(self, world: World, gen: ProcessGen, delay_s: float | None = 0.0) -> None:
+        """Start ``gen`` after ``delay_s``; ``None`` runs its first step right now."""
         self.world = world
         self.gen = gen
         self.alive = True
         self.done = Signal(world)
-        world.schedule(self._resume, delay_s)
+        if delay_s is None:
+            self._resume()
+        else:
+            world.schedule(self._resume, delay_s)
 
     def _resume(self) -> None:
         try:
@@ -90,4 +94,4 @@ class WorkItem:
             return
         self.pending = False
         self.runs += 1
-        self.running = Process(self.world, self.func())
+        self.running = Process(self.world, self.func(), None)
