@@ -238,6 +238,8 @@ class DriverQueue:
             flags, nxt = struct.unpack_from("<HH", self.mem.buf, at + 12)
             if not flags & VRING_DESC_F_NEXT:
                 break
+            if nxt >= self.lay.num or n >= self.lay.num:
+                raise VirtioError(f"{self.name}: descriptor chain at {head} is corrupt")
             i, n = nxt, n + 1
         U16.pack_into(self.mem.buf, self.lay.desc + 16 * i + 14, self.free_head)
         self.free_head = head
