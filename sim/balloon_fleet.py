@@ -142,13 +142,7 @@ class FleetMm:
     # free page reporting: touched free memory in whole 2 MiB blocks, past the zone gate
 
     def reportable_blocks(self, order: int) -> int:
-        f, i = self.fleet, self.i
-        free = float(f.free()[i])
-        if free < f.min_free[i] + (spec.PAGE_REPORTING_CAPACITY << order) * spec.BALLOON_PAGE_KIB:
-            return 0
-        residue = free * f.params.report_residue_pct / 100
-        unreported = float(f._touched_free()[i]) - residue
-        return max(int(unreported // (4 << order)), 0)
+        return int(self.fleet.reportable_blocks()[self.i])
 
     def isolate_reportable(self, n: int, order: int) -> list[int]:
         k = min(n, self.reportable_blocks(order))

@@ -37,10 +37,12 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from sim.backing import RamBacking
+from sim.balloon_spec import PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY_S, PAGEBLOCK_ORDER
 from sim.driver import BalloonDriver
 
 Array = npt.NDArray[np.float64]
 OOM_STEP_KIB = 256 * 4  # VIRTIO_BALLOON_OOM_NR_PAGES x 4 KiB, per OOM notification
+REPORT_BLOCK_KIB = 4 << PAGEBLOCK_ORDER  # free page reporting's order-9 blocks: 2 MiB
 
 
 class GuestModelParams(BaseModel):
@@ -112,7 +114,6 @@ class Fleet:
         self.oom_capped = np.zeros(len(specs), dtype=bool)
         for name in ("swap_in", "swap_out", "major_faults", "minor_faults", "oom_kills", "oom_deflates"):
             setattr(self, name, np.zeros_like(self.ram))
-        self._report_free()
 
     # -- what the guest shows ------------------------------------------------------
 
@@ -154,13 +155,14 @@ class Fleet:
         state every stats sample taken during the interval saw; the workload and the
         pressure it causes land at the end of the interval."""
         self._move_balloon(dt_s)
+        self._report_free(dt_s)
         if between is not None:
             between()
         self._follow_demand(demand_kib)
         self._grow_cache(dt_s, read_kib_s)
         self._relieve_pressure()
         self._swap_in(dt_s)
-        self._report_free()
+        self.touched = self._clip_touched()
 
     def _allocate(self, amount: Array) -> None:
         """New pages come from the free list; beyond the touched free pages they cost
@@ -228,7 +230,13 @@ class Fleet:
         deflated = np.maximum(-delta_kib, 0.0)
         share = np.divide(deflated, before, out=np.zeros_like(before), where=before > 0)
         self.balloon_resident -= self.balloon_resident * np.minimum(share, 1.0)
-        self.touched = np.clip(self.touched, 0.0, self.ram - self.driver.balloon_kib + self.balloon_resident)
+        moved = delta_kib != 0  # only those rows, as ``balloon_moved_one`` does
+        self.touched = np.where(moved, self._clip_touched(), self.touched)
+
+    def _clip_touched(self) -> Array:
+        """Touched pages cannot exceed the guest's pages outside the balloon plus the
+        ballooned pages the host still backs."""
+        return np.clip(self.touched, 0.0, self.ram - self.driver.balloon_kib + self.balloon_resident)
 
     def _follow_demand(self, demand: Array) -> None:
         working_set = self.anon + self.swap
@@ -281,12 +289,27 @@ class Fleet:
         self.swap -= back
         self.cache = np.minimum(self.cache, np.maximum(self._capacity() - self.anon, self.cache_min))
 
-    def _report_free(self) -> None:
-        """Free page reporting (Linux mm/page_reporting.c): free 2 MiB blocks are
-        reported about 2 s after they became free and discarded by the host. A control
-        interval is longer than that delay, so within one advance all but the
-        fragmented residue of free memory is returned."""
-        residue = self.free() * self.params.report_residue_pct / 100
-        in_use = self.reserved + self.kernel + self.anon + self.cache + self.balloon_resident
+    def reportable_blocks(self) -> Array:
+        """Free 2 MiB blocks (order 9) not yet reported, per guest: touched free memory
+        less the fragmented residue, and none while the zone is below its low watermark
+        plus 32 blocks (mm/page_reporting.c's zone gate)."""
+        free = self.free()
+        gate = free >= self.min_free + PAGE_REPORTING_CAPACITY * REPORT_BLOCK_KIB
+        unreported = self._touched_free() - free * self.params.report_residue_pct / 100
+        return np.where(gate, np.floor(np.maximum(unreported, 0.0) / REPORT_BLOCK_KIB), 0.0)
+
+    def _report_free(self, dt_s: float) -> None:
+        """Free page reporting in closed form (Linux mm/page_reporting.c, the protocol
+        model's ``page_reporting_process``): blocks that were free at the last instant are
+        reported in passes 2 s apart, the first 2 s after it, so ``ceil(dt/2) - 1`` passes
+        fall inside the interval; a pass makes ceil(n / (32*16)) report calls of up to 32
+        blocks; the host discards what is reported."""
         bulk = self.reporting & ~self.driver.reports_itself
-        self.touched = np.where(bulk, np.minimum(self.touched, in_use + residue), self.touched)
+        if not bulk.any():
+            return
+        for _ in range(max(int(np.ceil(dt_s / PAGE_REPORTING_DELAY_S)) - 1, 0)):
+            n = np.where(bulk, self.reportable_blocks(), 0.0)
+            if not n.any():
+                return
+            calls = np.ceil(n / (PAGE_REPORTING_CAPACITY * 16))
+            self.touched -= np.minimum(n, calls * PAGE_REPORTING_CAPACITY) * REPORT_BLOCK_KIB
