@@ -25,6 +25,7 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval-s", type=float, help="control interval (default: the config's interval_s)")
     p.add_argument("--overcommit", type=float, default=defaults["overcommit"].default, help="provisioned / host RAM (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for guest features (default 0)")
+    p.add_argument("--model", choices=("bulk", "protocol"), default="bulk", help="bulk (fast, default) or protocol: byte-level virtio-balloon per guest")
     p.add_argument("--json", type=Path, help="also write the scorecard as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -34,7 +35,7 @@ def replay_command(args: argparse.Namespace) -> int:
     name = args.policy or cfg.policy.name
     params = cfg.policy.params if name == cfg.policy.name else {}
     policy = registry.create(name, params)
-    fields: dict[str, object] = {"hours": args.hours, "interval_s": cfg.interval_s, "overcommit": args.overcommit, "seed": args.seed}
+    fields: dict[str, object] = {"hours": args.hours, "interval_s": cfg.interval_s, "overcommit": args.overcommit, "seed": args.seed, "model": args.model}
     if args.trace:
         fields["traces"] = tuple(args.trace)
     if args.guests:

@@ -67,7 +67,7 @@ class BalloonDevice:
         """The sample every guest sends at probe, before polling is on."""
         for name, values in current.items():
             self.stats[name][:] = values
-        self.last_update_s[:] = now_s
+        self.last_update_s[:] = np.floor(now_s)
 
     def poll_stats(self, now_s: float, current: dict[str, Array]) -> None:
         """Take every sample that arrives before ``now_s``; ``current`` is the guests'
@@ -76,7 +76,7 @@ class BalloonDevice:
         while (due := self.next_arrival_s < now_s).any():
             for name, values in current.items():
                 self.stats[name][due] = values[due]
-            self.last_update_s[due] = self.next_arrival_s[due]
+            self.last_update_s[due] = np.floor(self.next_arrival_s[due])  # QEMU stamps whole seconds
             self.next_arrival_s[due] = self.next_arrival_s[due] + self.stats_period_s[due] + STATS_WORK_S
 
     def has_stats(self) -> npt.NDArray[np.bool_]:
@@ -102,6 +102,7 @@ from sim.world import World  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+BALLOON_CHANGE_RATE_S = 1.0  # monitor/monitor.c monitor_qapi_event_conf: 1000 ms
 # QEMU's FreePageHintStatus (include/hw/virtio/virtio-balloon.h).
 FREE_PAGE_HINT_S_STOP, FREE_PAGE_HINT_S_REQUESTED, FREE_PAGE_HINT_S_START, FREE_PAGE_HINT_S_DONE = 0, 1, 2, 3
 
@@ -154,7 +155,11 @@ class VirtioBalloon:
         self.index: list[str] = []
         self.irq: Callable[[int], None] = lambda index: None  # used-buffer interrupt to the guest
         self.config_irq: Callable[[], None] = lambda: None
-        self.actual_log: list[tuple[float, int]] = []  # (time, actual) whenever it changes: BALLOON_CHANGE
+        self.actual_log: list[tuple[float, int]] = []  # (time, actual) whenever the guest writes a new one
+        # QAPI BALLOON_CHANGE {"actual": bytes of guest memory}, rate-limited by the monitor.
+        self.balloon_change_events: list[tuple[float, int]] = []
+        self._event_window_end_s = -float("inf")
+        self._event_pending: int | None = None
         # statsq
         self.stats = [spec.STAT_NOT_SUPPLIED] * spec.VIRTIO_BALLOON_S_NR
         self.stats_last_update_s = 0.0  # 0 = never, as QEMU's "last-update"
@@ -218,7 +223,27 @@ class VirtioBalloon:
         if cfg.actual != self.actual:
             self.actual = cfg.actual
             self.actual_log.append((self.world.now_s, cfg.actual))
+            self._balloon_change(self.mem.ram_bytes - (cfg.actual << spec.VIRTIO_BALLOON_PFN_SHIFT))
         self.poison_val = cfg.poison_val if self.has(spec.VIRTIO_BALLOON_F_PAGE_POISON) else 0
+
+    def _balloon_change(self, actual_bytes: int) -> None:
+        """Emit BALLOON_CHANGE through the monitor's rate limit (monitor/monitor.c:
+        BALLOON_CHANGE at most once per 1000 ms): the first goes out at once and opens a
+        window; later ones replace a pending value, sent when the window ends."""
+        now = self.world.now_s
+        if self._event_pending is None and now >= self._event_window_end_s:
+            self.balloon_change_events.append((now, actual_bytes))
+            self._event_window_end_s = now + BALLOON_CHANGE_RATE_S
+            return
+        if self._event_pending is None:
+            self.world.schedule(self._flush_balloon_change, max(self._event_window_end_s - now, 0.0))
+        self._event_pending = actual_bytes
+
+    def _flush_balloon_change(self) -> None:
+        if self._event_pending is not None:
+            self.balloon_change_events.append((self.world.now_s, self._event_pending))
+            self._event_pending = None
+            self._event_window_end_s = self.world.now_s + BALLOON_CHANGE_RATE_S
 
     def to_target(self, target_bytes: int) -> None:
         """virtio_balloon_to_target: ``num_pages = (ram - target) >> 12``, then a
@@ -355,7 +380,8 @@ class VirtioBalloon:
             tag, val = spec.STAT.unpack_from(data, off)
             if tag < spec.VIRTIO_BALLOON_S_NR:
                 self.stats[tag] = val
-        self.stats_last_update_s = self.world.now_s
+        # g_get_real_time() / G_USEC_PER_SEC: whole seconds (integer division).
+        self.stats_last_update_s = float(int(self.world.now_s))
         self.stats_updates += 1
         if self.stats_poll_interval_s > 0:
             self._stats_timer_mod(float(self.stats_poll_interval_s))
