@@ -38,8 +38,10 @@ def main() -> None:
     walls = sorted(r[0] for r in runs)
     _, sim_s, updates = runs[0]
     print("1 GiB inflate through the full protocol model (262,144 PFNs, 1,024 requests)")
-    print(f"  wall time: median {walls[2] * 1e3:.1f} ms, best {walls[0] * 1e3:.1f} ms "
-          f"({walls[2] / 1024 * 1e6:.0f} us per 256-PFN request)")
+    print(
+        f"  wall time: median {walls[2] * 1e3:.1f} ms, best {walls[0] * 1e3:.1f} ms "
+        f"({walls[2] / 1024 * 1e6:.0f} us per 256-PFN request)"
+    )
     print(f"  simulated time: {sim_s:.3f} s ({1024 / sim_s:.0f} MiB/s; real-guest.md: 128 MiB in 0.11-0.19 s)")
     print(f"  actual updates seen by the host: {updates}")
 

@@ -29,9 +29,11 @@ def main() -> None:
         card = replay(spec.model_copy(update={"model": model}), policy, cfg, loaded=loaded).scorecard
         wall = time.perf_counter() - wall
         guest_ticks = card.guests * int(hours * 3600 // spec.interval_s)
-        print(f"  {model:8} {wall:7.1f} s  {guest_ticks / wall:9.0f} guest-ticks/s   "
-              f"saved {card.saved_gib_h:.1f} GiB·h, balloon ops {card.balloon_ops}, "
-              f"OOM kills {card.oom_kills}, auto-deflates {card.auto_deflate_events}")
+        print(
+            f"  {model:8} {wall:7.1f} s  {guest_ticks / wall:9.0f} guest-ticks/s   "
+            f"saved {card.saved_gib_h:.1f} GiB·h, balloon ops {card.balloon_ops}, "
+            f"OOM kills {card.oom_kills}, auto-deflates {card.auto_deflate_events}"
+        )
 
 
 if __name__ == "__main__":

@@ -59,7 +59,15 @@ class FleetMm:
 
     def _row_spare_kib(self, reclaim: bool = True) -> float:
         f, i = self.fleet, self.i
-        free = f.ram[i] - f.reserved[i] - f.kernel[i] - f.driver.balloon_kib[i] - f.driver.held_kib[i] - f.anon[i] - f.cache[i]
+        free = (
+            f.ram[i]
+            - f.reserved[i]
+            - f.kernel[i]
+            - f.driver.balloon_kib[i]
+            - f.driver.held_kib[i]
+            - f.anon[i]
+            - f.cache[i]
+        )
         spare = max(free - f.min_free[i], 0.0)
         return spare + (max(f.cache[i] - f.cache_min[i], 0.0) if reclaim else 0.0)
 
@@ -100,8 +108,7 @@ class FleetMm:
 
     def vm_stats(self) -> list[tuple[int, int]]:
         """The 16 entries current Linux sends, vm events first, in its order."""
-        f, i = self.fleet, self.i
-        kib = {name: float(values[i]) for name, values in self.balloons.current_stats().items()}
+        kib = {name: float(values[self.i]) for name, values in self.balloons.current_stats().items()}
 
         def b(name: str) -> int:
             return int(kib[name] * 1024)
@@ -149,7 +156,9 @@ class FleetMm:
         blocks = []
         for _ in range(k):
             blocks.append(self._report_next_pfn)
-            self._report_next_pfn = (self._report_next_pfn + (1 << order)) % (self.ram_pages // (1 << order) * (1 << order))
+            self._report_next_pfn = (self._report_next_pfn + (1 << order)) % (
+                self.ram_pages // (1 << order) * (1 << order)
+            )
         return blocks
 
     def mark_reported(self, pfns: list[int], order: int, discarded: bool) -> None:

@@ -16,13 +16,21 @@ queue) deepens this module; what it must keep are the rules modelled here:
 
 from __future__ import annotations
 
+import logging
 import struct
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
 
+import sim.balloon_spec as spec
+from sim import calibration as cal
+from sim.backing import HostRam
 from sim.calibration import STATS_WORK_S
 from sim.driver import BalloonDriver
+from sim.guestmem import GuestMemory, GuestMemoryError
+from sim.virtqueue import DeviceQueue, Element, RingLayout, VirtioError
+from sim.world import World
 
 Array = npt.NDArray[np.float64]
 BALLOON_PAGE_KIB = 4  # VIRTIO_BALLOON_PFN_SHIFT = 12, whatever the guest page size
@@ -90,15 +98,6 @@ class BalloonDevice:
 # queue and its timer, free page hinting and reporting. Runs only when something happens
 # (a kick, a timer, a target); ``sim.balloon_fleet`` keeps the bulk view in step.
 
-import logging  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-import sim.balloon_spec as spec  # noqa: E402
-from sim import calibration as cal  # noqa: E402
-from sim.backing import HostRam  # noqa: E402
-from sim.guestmem import GuestMemory, GuestMemoryError  # noqa: E402
-from sim.virtqueue import DeviceQueue, Element, RingLayout, VirtioError  # noqa: E402
-from sim.world import World  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +187,14 @@ class VirtioBalloon:
     def set_status(self, status: int) -> None:
         was_ok = self.status & spec.VIRTIO_CONFIG_S_DRIVER_OK
         self.status = status | (spec.VIRTIO_CONFIG_S_NEEDS_RESET if self.broken else 0)
-        if status & spec.VIRTIO_CONFIG_S_DRIVER_OK and not was_ok and "statsq" in self.queues:
-            # virtio_balloon_set_status: a stats buffer kicked before DRIVER_OK is picked up now.
-            if self.stats_vq_elem is None:
-                self._service("statsq")
+        # virtio_balloon_set_status: a stats buffer kicked before DRIVER_OK is picked up now.
+        if (
+            status & spec.VIRTIO_CONFIG_S_DRIVER_OK
+            and not was_ok
+            and "statsq" in self.queues
+            and self.stats_vq_elem is None
+        ):
+            self._service("statsq")
 
     def setup_queues(self, layouts: list[RingLayout]) -> None:
         """Queues get transport indices by position among those that exist (§1.3)."""

@@ -19,12 +19,21 @@ that model must reproduce:
 
 from __future__ import annotations
 
+import logging
+import struct
 from collections.abc import Generator
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+import sim.balloon_spec as spec
+from sim import calibration as cal
 from sim.calibration import DEFLATE_REQUEST_S, INFLATE_REQUEST_S
+from sim.guestmem import Arena, GuestMemory
+from sim.process import ProcessGen, Signal, WorkItem
+from sim.virtqueue import Buf, DriverQueue, RingLayout, VirtioError
+from sim.world import World
 
 Array = npt.NDArray[np.float64]
 # One 256-PFN (1 MiB) request per INFLATE_REQUEST_S: the protocol model's calibrated pace.
@@ -81,16 +90,6 @@ class BalloonDriver:
 # Units: ``num_pages`` and ``actual`` count 4 KiB balloon pages (PAGES_PER_PAGE = 1 on
 # x86-64); the guest's memory manager (``GuestMm``) hands out and takes back PFNs.
 
-import logging  # noqa: E402
-import struct  # noqa: E402
-from typing import TYPE_CHECKING, Protocol  # noqa: E402
-
-import sim.balloon_spec as spec  # noqa: E402
-from sim import calibration as cal  # noqa: E402
-from sim.guestmem import Arena, GuestMemory  # noqa: E402
-from sim.process import ProcessGen, Signal, WorkItem  # noqa: E402
-from sim.virtqueue import Buf, DriverQueue, RingLayout, VirtioError  # noqa: E402
-from sim.world import World  # noqa: E402
 
 if TYPE_CHECKING:
     from sim.device import VirtioBalloon
@@ -229,8 +228,13 @@ class LinuxBalloonDriver:
             lay = RingLayout.allocate(self.arena, spec.QUEUE_SIZES[name])
             layouts.append(lay)
             self.vqs[name] = DriverQueue(
-                self.mem, lay, event_idx=event_idx, indirect=indirect, arena=self.arena,
-                callback=name != "free_page_vq", name=name,
+                self.mem,
+                lay,
+                event_idx=event_idx,
+                indirect=indirect,
+                arena=self.arena,
+                callback=name != "free_page_vq",
+                name=name,
             )
         self.index = {name: i for i, name in enumerate(names)}
         self.device.setup_queues(layouts)

@@ -30,7 +30,7 @@ reports them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -72,7 +72,7 @@ class GuestSpec:
     reporting: bool = False
     floor_kib: int = 0
     weight: float = 1.0
-    backing: RamBacking = RamBacking()
+    backing: RamBacking = field(default_factory=RamBacking)
     free_page_hint: bool = False
 
 

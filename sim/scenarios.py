@@ -44,8 +44,13 @@ class OneHost:
 
     def __post_init__(self) -> None:
         demand = np.array(self.demand_mib(0.0)) * MIB_KIB
-        self.hv = SimHypervisor(self.specs, host_mem_kib=64 << 20, initial_demand_kib=demand,
-                                stats_period_s=self.stats_period_s, model="protocol")
+        self.hv = SimHypervisor(
+            self.specs,
+            host_mem_kib=64 << 20,
+            initial_demand_kib=demand,
+            stats_period_s=self.stats_period_s,
+            model="protocol",
+        )
         f = self.hv.fleet
         f.touched -= f.cache - f.cache_min  # start with little page cache (never touched): easier to read
         f.cache[:] = f.cache_min
@@ -71,8 +76,9 @@ class OneHost:
 
 
 def _guest(name: str, ram_mib: int, **kw: object) -> GuestSpec:
-    return GuestSpec(uuid=f"00000000-0000-0000-0000-{abs(hash(name)) % 10**12:012d}", name=name,
-                     ram_kib=ram_mib * MIB_KIB, **kw)  # type: ignore[arg-type]
+    return GuestSpec(
+        uuid=f"00000000-0000-0000-0000-{abs(hash(name)) % 10**12:012d}", name=name, ram_kib=ram_mib * MIB_KIB, **kw
+    )  # type: ignore[arg-type]
 
 
 class _Recorder:
@@ -83,7 +89,9 @@ class _Recorder:
         self.series.setdefault(label, []).append(float(value))
 
     def result(self, name: str, title: str, notes: list[str]) -> ScenarioResult:
-        return ScenarioResult(name, title, tuple(self.times), {k: tuple(v) for k, v in self.series.items()}, tuple(notes))
+        return ScenarioResult(
+            name, title, tuple(self.times), {k: tuple(v) for k, v in self.series.items()}, tuple(notes)
+        )
 
 
 def _guest_row(rec: _Recorder, i: int, tag: str) -> None:
@@ -112,10 +120,14 @@ def deflate_on_oom() -> ScenarioResult:
     host.run(30.0, record, {1.0: lambda: [host.set_target_mib(i, 1024) for i in (0, 1)]})
     g0 = host.balloons.guests[0]
     notes = [
-        f"target 1024 MiB; with DEFLATE_ON_OOM actual ends at {rec.series['on actual MiB'][-1]:.0f} MiB "
-        f"after {g0.driver.oom_deflates} OOM notifications of 256 pages; no re-inflation without a new target",
-        f"MemTotal with DEFLATE_ON_OOM stays {rec.series['on MemTotal MiB (stats)'][50]:.0f} MiB while inflated; "
-        f"without it {rec.series['off MemTotal MiB (stats)'][50]:.0f} MiB",
+        (
+            f"target 1024 MiB; with DEFLATE_ON_OOM actual ends at {rec.series['on actual MiB'][-1]:.0f} MiB "
+            f"after {g0.driver.oom_deflates} OOM notifications of 256 pages; no re-inflation without a new target"
+        ),
+        (
+            f"MemTotal with DEFLATE_ON_OOM stays {rec.series['on MemTotal MiB (stats)'][50]:.0f} MiB while inflated; "
+            f"without it {rec.series['off MemTotal MiB (stats)'][50]:.0f} MiB"
+        ),
         f"OOM kills: with {rec.series['on OOM kills'][-1]:.0f}, without {rec.series['off OOM kills'][-1]:.0f}",
     ]
     return rec.result("deflate-on-oom", "Inflate, then a demand spike, with and without DEFLATE_ON_OOM", notes)
@@ -135,8 +147,12 @@ def out_of_puff() -> ScenarioResult:
         rec.add("guest time in msleep(200) s", drv.puff_sleep_s)
 
     host.run(10.0, record, {1.0: lambda: host.set_target_mib(0, 256)})
-    notes = [f"{drv.puff_count} 'Out of puff!' retries in 9 s (~5/s); balloon stuck at "
-             f"{1024 - rec.series['guest actual MiB'][-1]:.0f} MiB of the 768 MiB asked"]
+    notes = [
+        (
+            f"{drv.puff_count} 'Out of puff!' retries in 9 s (~5/s); balloon stuck at "
+            f"{1024 - rec.series['guest actual MiB'][-1]:.0f} MiB of the 768 MiB asked"
+        )
+    ]
     return rec.result("out-of-puff", "Out-of-puff storm against an unreachable target", notes)
 
 
@@ -154,8 +170,12 @@ def free_page_reporting() -> ScenarioResult:
 
     host.run(30.0, record, {})
     first = next((t for t, v in zip(rec.times, rec.series["reported order-9 blocks"]) if v > 0), float("nan"))
-    notes = [f"first report {first - 5:.1f} s after the free; {drv.reported_blocks} blocks "
-             f"({drv.reported_blocks * 2} MiB) reported by t=30 s"]
+    notes = [
+        (
+            f"first report {first - 5:.1f} s after the free; {drv.reported_blocks} blocks "
+            f"({drv.reported_blocks * 2} MiB) reported by t=30 s"
+        )
+    ]
     return rec.result("reporting", "Free page reporting returns memory after a workload frees it", notes)
 
 
@@ -173,18 +193,33 @@ def migration_hints() -> ScenarioResult:
         rec.add("guest blocks held MiB", host.balloons.held_kib[0] / MIB_KIB)
 
     dev = g.device
-    host.run(12.0, record, {2.0: dev.free_page_start, 6.0: dev.free_page_stop, 6.5: dev.free_page_start,
-                            8.0: dev.free_page_stop, 10.0: dev.free_page_done})
-    notes = [f"{dev.hinted_bytes / 2**20:.0f} MiB hinted over two rounds (cmd ids from 0x80000000); "
-             f"held blocks released at DONE: {host.balloons.held_kib[0] / MIB_KIB:.0f} MiB still held"]
+    host.run(
+        12.0,
+        record,
+        {
+            2.0: dev.free_page_start,
+            6.0: dev.free_page_stop,
+            6.5: dev.free_page_start,
+            8.0: dev.free_page_stop,
+            10.0: dev.free_page_done,
+        },
+    )
+    notes = [
+        (
+            f"{dev.hinted_bytes / 2**20:.0f} MiB hinted over two rounds (cmd ids from 0x80000000); "
+            f"held blocks released at DONE: {host.balloons.held_kib[0] / MIB_KIB:.0f} MiB still held"
+        )
+    ]
     return rec.result("migration", "Live migration with free page hints", notes)
 
 
 def shared_anon() -> ScenarioResult:
     """Shared anonymous RAM: madvise(DONTNEED) (old QEMU) frees nothing, MADV_REMOVE
     (ram_block_discard_range) frees the ballooned pages."""
-    specs = [_guest("dontneed", 2048, backing=RamBacking("shared-anon", discard="madvise")),
-             _guest("remove", 2048, backing=RamBacking("shared-anon"))]
+    specs = [
+        _guest("dontneed", 2048, backing=RamBacking("shared-anon", discard="madvise")),
+        _guest("remove", 2048, backing=RamBacking("shared-anon")),
+    ]
     host = OneHost(specs, lambda t: [1200.0, 1200.0])
     host.hv.fleet.touched[:] = host.hv.fleet.ram  # a guest that has touched all its RAM
     rec = _Recorder(host)
@@ -195,16 +230,22 @@ def shared_anon() -> ScenarioResult:
         _guest_row(rec, 1, "MADV_REMOVE")
 
     host.run(5.0, record, {1.0: lambda: [host.set_target_mib(i, 1536) for i in (0, 1)]})
-    notes = [f"host RAM used after a 512 MiB inflate: DONTNEED {rec.series['DONTNEED host RAM used MiB'][-1]:.0f} MiB, "
-             f"MADV_REMOVE {rec.series['MADV_REMOVE host RAM used MiB'][-1]:.0f} MiB"]
+    notes = [
+        (
+            f"host RAM used after a 512 MiB inflate: DONTNEED {rec.series['DONTNEED host RAM used MiB'][-1]:.0f} MiB, "
+            f"MADV_REMOVE {rec.series['MADV_REMOVE host RAM used MiB'][-1]:.0f} MiB"
+        )
+    ]
     return rec.result("shared-anon", "Shared-anonymous backing: DONTNEED frees nothing", notes)
 
 
 def huge_pages() -> ScenarioResult:
     """2 MiB hugetlbfs backing: a 256-PFN request covers half a huge page, QEMU's
     partial-page tracker dies with each request, so nothing is freed; 64 KiB pages are."""
-    specs = [_guest("hugetlbfs-2M", 2048, backing=RamBacking("hugetlbfs", page_bytes=2 << 20)),
-             _guest("file-64K", 2048, backing=RamBacking("file", page_bytes=64 << 10))]
+    specs = [
+        _guest("hugetlbfs-2M", 2048, backing=RamBacking("hugetlbfs", page_bytes=2 << 20)),
+        _guest("file-64K", 2048, backing=RamBacking("file", page_bytes=64 << 10)),
+    ]
     host = OneHost(specs, lambda t: [1200.0, 1200.0])
     host.hv.fleet.touched[:] = host.hv.fleet.ram
     rec = _Recorder(host)
@@ -217,8 +258,12 @@ def huge_pages() -> ScenarioResult:
 
     host.run(5.0, record, {1.0: lambda: [host.set_target_mib(i, 1536) for i in (0, 1)]})
     g0 = host.balloons.guests[0].host
-    notes = [f"2 MiB pages: {g0.released_bytes >> 20} MiB released, {g0.partial_dropped} partial huge pages dropped; "
-             f"64 KiB pages: {host.balloons.guests[1].host.released_bytes >> 20} MiB released"]
+    notes = [
+        (
+            f"2 MiB pages: {g0.released_bytes >> 20} MiB released, {g0.partial_dropped} partial huge pages dropped; "
+            f"64 KiB pages: {host.balloons.guests[1].host.released_bytes >> 20} MiB released"
+        )
+    ]
     return rec.result("hugepages", "2 MiB host pages with partial inflation", notes)
 
 
@@ -235,7 +280,10 @@ SCENARIOS: dict[str, Callable[[], ScenarioResult]] = {
 def format_timeline(result: ScenarioResult, every_s: float = 1.0) -> str:
     """The result as a fixed-width table, one row per ``every_s``, then the notes."""
     labels = list(result.series)
-    lines = [f"{result.name}: {result.title}", "  " + "  ".join(["t_s".rjust(6)] + [f"[{k}] {lab}" for k, lab in enumerate(labels)])]
+    lines = [
+        f"{result.name}: {result.title}",
+        "  " + "  ".join(["t_s".rjust(6)] + [f"[{k}] {lab}" for k, lab in enumerate(labels)]),
+    ]
     header = "  " + "t_s".rjust(6) + "".join(f"{f'[{k}]':>10}" for k in range(len(labels)))
     lines[1:] = ["  legend: " + "; ".join(f"[{k}] {lab}" for k, lab in enumerate(labels)), header]
     next_t = 0.0

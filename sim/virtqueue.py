@@ -273,7 +273,11 @@ class DeviceQueue:
 
     def __init__(self, mem: GuestMemory, layout: RingLayout, *, event_idx: bool, name: str = "vq") -> None:
         self.mem, self.lay, self.name, self.event_idx = mem, layout, name, event_idx
-        for addr, size in ((layout.desc, 16 * layout.num), (layout.avail, 6 + 2 * layout.num), (layout.used, 6 + 8 * layout.num)):
+        for addr, size in (
+            (layout.desc, 16 * layout.num),
+            (layout.avail, 6 + 2 * layout.num),
+            (layout.used, 6 + 8 * layout.num),
+        ):
             mem.check_window(addr, size)  # the transport refuses rings the model keeps no bytes for
         self.last_avail_idx = 0
         self.used_idx = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import numpy as np
@@ -45,7 +46,10 @@ class FakeMm:
         self.managed_pages += pages
 
     def vm_stats(self) -> list[tuple[int, int]]:
-        return [(spec.VIRTIO_BALLOON_S_MEMFREE, self.free * 4096), (spec.VIRTIO_BALLOON_S_MEMTOT, self.managed_pages * 4096)]
+        return [
+            (spec.VIRTIO_BALLOON_S_MEMFREE, self.free * 4096),
+            (spec.VIRTIO_BALLOON_S_MEMTOT, self.managed_pages * 4096),
+        ]
 
     def alloc_block(self, order: int) -> int | None:
         if self.free < 1 << order:
@@ -69,7 +73,12 @@ class FakeMm:
 
 
 def make(
-    world: World, log: list[tuple[float, str]], *, free_pages: int = RAM_PAGES // 2, backing: RamBacking | None = None, **props: bool
+    world: World,
+    log: list[tuple[float, str]],
+    *,
+    free_pages: int = RAM_PAGES // 2,
+    backing: RamBacking | None = None,
+    **props: bool,
 ) -> tuple[VirtioBalloon, LinuxBalloonDriver, FakeMm]:
     mem = GuestMemory(64 * 1024, RAM_PAGES)
     dev = VirtioBalloon(world, mem, HostRam(backing or RamBacking()), **props)
@@ -91,7 +100,7 @@ def actual_reached(world: World, dev: VirtioBalloon, pages: int, limit_s: float 
 
 
 def test_config_space_layout_is_four_le32_at_0_4_8_12(world: World, log: list) -> None:
-    dev, drv, _ = make(world, log, free_page_hint=True)
+    dev, _drv, _ = make(world, log, free_page_hint=True)
     dev.to_target(RAM_PAGES * 4096 - 128 * 2**20)
     assert dev.num_pages == 32768
     cfg = dev.get_config()
@@ -105,7 +114,9 @@ def test_config_space_layout_is_four_le32_at_0_4_8_12(world: World, log: list) -
     assert dev.get_config()[8:12] == struct.pack("<I", spec.VIRTIO_BALLOON_CMD_ID_DONE)
 
 
-@pytest.mark.parametrize(("props", "size"), [({"page_poison": False}, 8), ({"page_poison": False, "free_page_hint": True}, 12), ({}, 16)])
+@pytest.mark.parametrize(
+    ("props", "size"), [({"page_poison": False}, 8), ({"page_poison": False, "free_page_hint": True}, 12), ({}, 16)]
+)
 def test_config_size_follows_qemu(world: World, props: dict[str, bool], size: int) -> None:
     dev = VirtioBalloon(world, GuestMemory(64 * 1024, RAM_PAGES), HostRam(), **props)
     assert len(dev.get_config()) == size
@@ -145,7 +156,7 @@ def test_linux_validate_drops_page_poison_and_never_asks_unoffered_bits(world: W
 
 
 def test_inflate_goes_in_256_pfn_requests_each_followed_by_actual(world: World, log: list) -> None:
-    dev, drv, _ = make(world, log)
+    dev, _drv, _ = make(world, log)
     dev.to_target(RAM_PAGES * 4096 - 3 * 2**20 - 40 * 4096)  # 808 pages
     actual_reached(world, dev, 808)
     assert [a for _, a in dev.actual_log] == [256, 512, 768, 808]
@@ -174,14 +185,14 @@ def test_balloon_change_events_are_rate_limited_to_one_per_second(world: World, 
     world.run(1.0)
     dev.to_target(RAM_PAGES * 4096 - 128 * 2**20)
     world.run(5.0)
-    (t0, first), (t1, last) = dev.balloon_change_events
+    (_t0, first), (t1, last) = dev.balloon_change_events
     assert first == RAM_PAGES * 4096 - 256 * 4096  # after the first 256-PFN request
     assert last == RAM_PAGES * 4096 - 128 * 2**20
     assert 0.83 <= t1 - 1.0 <= 1.02
 
 
 def test_deflate_tells_the_host_before_releasing_pages(world: World, log: list) -> None:
-    dev, drv, mm = make(world, log)
+    dev, _drv, mm = make(world, log)
     dev.to_target(RAM_PAGES * 4096 - 256 * 4096)
     actual_reached(world, dev, 256)
     willneed_at_release: list[int] = []
@@ -195,13 +206,13 @@ def test_deflate_tells_the_host_before_releasing_pages(world: World, log: list) 
 
 
 def test_out_of_puff_retries_every_200_ms_and_sends_partial_batches(world: World, log: list) -> None:
-    dev, drv, mm = make(world, log, free_pages=300)
+    dev, drv, _mm = make(world, log, free_pages=300)
     dev.to_target(RAM_PAGES * 4096 - 1000 * 4096)
     world.run(2.0)
     assert dev.actual == 300  # 256, then a partial batch of 44, then nothing more
     assert 8 <= drv.puff_count <= 10  # one retry per ~200 ms for ~1.9 s
     puffs = [t for t, m in drv.log if m.startswith("Out of puff")]
-    assert all(0.2 <= b - a < 0.21 for a, b in zip(puffs[1:], puffs[2:]))
+    assert all(0.2 <= b - a < 0.21 for a, b in itertools.pairwise(puffs))
     assert drv.puff_sleep_s == pytest.approx(0.2 * drv.puff_count)
 
 
@@ -210,7 +221,7 @@ def test_out_of_puff_retries_every_200_ms_and_sends_partial_batches(world: World
 
 @pytest.mark.parametrize("doo", [True, False])
 def test_memtotal_shrinks_with_the_balloon_only_without_deflate_on_oom(world: World, log: list, doo: bool) -> None:
-    dev, drv, mm = make(world, log, deflate_on_oom=doo)
+    dev, _drv, mm = make(world, log, deflate_on_oom=doo)
     before = mm.managed_pages
     dev.to_target(RAM_PAGES * 4096 - 64 * 2**20)
     actual_reached(world, dev, 16384)
@@ -218,7 +229,7 @@ def test_memtotal_shrinks_with_the_balloon_only_without_deflate_on_oom(world: Wo
 
 
 def test_oom_notifier_gives_back_256_pages_and_does_not_reinflate(world: World, log: list) -> None:
-    dev, drv, mm = make(world, log, deflate_on_oom=True)
+    dev, drv, _mm = make(world, log, deflate_on_oom=True)
     dev.to_target(RAM_PAGES * 4096 - 64 * 2**20)
     actual_reached(world, dev, 16384)
     assert [drv.oom_notify() for _ in range(3)] == [256, 256, 256]
@@ -230,7 +241,7 @@ def test_oom_notifier_gives_back_256_pages_and_does_not_reinflate(world: World, 
 
 
 def test_oom_notifier_does_nothing_without_the_feature(world: World, log: list) -> None:
-    dev, drv, mm = make(world, log)
+    dev, drv, _mm = make(world, log)
     dev.to_target(RAM_PAGES * 4096 - 2**20)
     actual_reached(world, dev, 256)
     assert drv.oom_notify() == 0 and dev.actual == 256
@@ -242,7 +253,7 @@ def test_oom_notifier_does_nothing_without_the_feature(world: World, log: list) 
 def test_stats_protocol_sequence(world: World, log: list) -> None:
     """Probe posts a sample (held by the device); polling on fires at once; each answer
     re-arms the timer at arrival + interval, so arrivals drift by the guest's latency."""
-    dev, drv, mm = make(world, log)
+    dev, _drv, mm = make(world, log)
     assert dev.stats_updates == 1 and dev.stats_last_update_s == 0.0 and dev.stats_vq_elem is not None
     arrivals: list[float] = []
     stamps: list[float] = []
@@ -271,7 +282,7 @@ def test_a_guest_that_stops_answering_stops_the_polling(world: World, log: list)
 
 def test_stats_reflect_an_inflate_within_one_polling_period(world: World, log: list) -> None:
     """real-guest.md: the guest's own stats reflect an inflate within one period."""
-    dev, drv, mm = make(world, log)
+    dev, _drv, _mm = make(world, log)
     dev.set_stats_poll_interval(2)
     world.run(5.0)
     free_before = dev.stats[spec.VIRTIO_BALLOON_S_MEMFREE]
@@ -310,7 +321,7 @@ def test_discard_by_backing(backing: RamBacking, freed: bool) -> None:
 
 
 def test_inhibited_discards_acknowledge_but_free_nothing(world: World, log: list) -> None:
-    dev, drv, _ = make(world, log)
+    dev, _drv, _ = make(world, log)
     dev.host.inhibited = True  # e.g. VFIO or incoming postcopy
     dev.to_target(RAM_PAGES * 4096 - 2**20)
     actual_reached(world, dev, 256)
@@ -358,7 +369,11 @@ def test_write_only_buffer_on_inflateq_is_a_named_error(world: World, log: list)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["inflateq", "deflateq", "statsq", "free_page_vq", "reporting_vq"]), st.binary(min_size=64, max_size=600), st.integers(0, 3000))
+@given(
+    st.sampled_from(["inflateq", "deflateq", "statsq", "free_page_vq", "reporting_vq"]),
+    st.binary(min_size=64, max_size=600),
+    st.integers(0, 3000),
+)
 def test_device_survives_arbitrary_ring_contents(name: str, blob: bytes, offset: int) -> None:
     world, log = World(), []
     dev, drv, _ = make(world, log, free_page_hint=True, free_page_reporting=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,9 @@ def test_scenario_prints_a_timeline_and_draws_it(tmp_path: Path, capsys: pytest.
 def test_auto_deflate_leaves_actual_where_the_real_guest_left_it() -> None:
     """real-guest.md: 512 MiB guest, autodeflate on, target 160 MiB, workload asks
     300 MiB -> actual rises to about 377-380 MiB and stays there, no OOM kill."""
-    host = OneHost([_guest("rg", 512, deflate_on_oom=True, swap_kib=0)], lambda t: [60.0 if t < 5 else 300.0])  # initramfs guest: no swap
+    host = OneHost(
+        [_guest("rg", 512, deflate_on_oom=True, swap_kib=0)], lambda t: [60.0 if t < 5 else 300.0]
+    )  # initramfs guest: no swap
     host.run(30.0, lambda t: None, {1.0: lambda: host.set_target_mib(0, 160)})
     actual_mib = host.hv.fleet.actual()[0] / 1024
     assert actual_mib == pytest.approx(378, abs=8)
@@ -54,7 +57,7 @@ def test_reporting_starts_two_seconds_after_the_free_in_64_mib_requests() -> Non
     blocks = result.series["reported order-9 blocks"]
     first = next(t for t, b in zip(result.times_s, blocks) if b > 0)
     assert 7.0 <= first <= 7.3  # freed at the tick after t=5, reported 2 s later
-    assert sorted({b2 - b1 for b1, b2 in zip(blocks, blocks[1:])} - {0.0}) == [32.0]  # 32 x 2 MiB per request
+    assert sorted({b2 - b1 for b1, b2 in itertools.pairwise(blocks)} - {0.0}) == [32.0]  # 32 x 2 MiB per request
 
 
 def test_out_of_puff_storm_retries_five_times_a_second() -> None:

@@ -28,7 +28,11 @@ def lockstep(spec: ReplaySpec, ticks: int) -> list[tuple[int, str, float]]:
     host_kib = int(ram.sum() / spec.overcommit) + spec.host_model.base_kib
     first, _ = workload.block(np.zeros(1))
     world = World()
-    common: dict[str, Any] = {"host_mem_kib": host_kib, "initial_demand_kib": first[0], "stats_period_s": spec.stats_period_s}
+    common: dict[str, Any] = {
+        "host_mem_kib": host_kib,
+        "initial_demand_kib": first[0],
+        "stats_period_s": spec.stats_period_s,
+    }
     bulk = SimHypervisor(specs, **common)
     proto = SimHypervisor(specs, **common, model="protocol", world=world)
     policy = registry.create(cfg.policy.name, cfg.policy.params)
@@ -76,7 +80,12 @@ def test_closed_loop_replays_score_alike(seed: int) -> None:
     spec = ReplaySpec(guests=8, hours=0.5, seed=seed, deflate_on_oom_share=0.5)
     loaded = load_traces(spec)
     cards = [
-        replay(spec.model_copy(update={"model": m}), registry.create(cfg.policy.name, cfg.policy.params), cfg, loaded=loaded).scorecard
+        replay(
+            spec.model_copy(update={"model": m}),
+            registry.create(cfg.policy.name, cfg.policy.params),
+            cfg,
+            loaded=loaded,
+        ).scorecard
         for m in ("bulk", "protocol")
     ]
     bulk, proto = cards

@@ -23,7 +23,9 @@ from sim.virtqueue import (
 )
 
 
-def make(num: int = 8, *, event_idx: bool = False, indirect: bool = False) -> tuple[GuestMemory, DriverQueue, DeviceQueue, Arena]:
+def make(
+    num: int = 8, *, event_idx: bool = False, indirect: bool = False
+) -> tuple[GuestMemory, DriverQueue, DeviceQueue, Arena]:
     mem = GuestMemory(64 * 1024, ram_pages=1 << 20)
     arena = Arena(mem)
     lay = RingLayout.allocate(arena, num)
@@ -33,7 +35,7 @@ def make(num: int = 8, *, event_idx: bool = False, indirect: bool = False) -> tu
 
 
 def test_layout_offsets_and_alignment_follow_the_spec() -> None:
-    mem, drv, dev, arena = make(128)
+    _mem, drv, _dev, _arena = make(128)
     lay = drv.lay
     assert lay.desc % 16 == 0 and lay.avail % 2 == 0 and lay.used % 4 == 0
     assert lay.avail == lay.desc + 16 * 128  # 2048 bytes of descriptors
@@ -47,14 +49,14 @@ def test_golden_bytes_of_one_readable_buffer_through_both_rings() -> None:
     lay = drv.lay
     drv.add([Buf(0x2000, 1024)], token="pfns")
     # descriptor 0: le64 addr, le32 len, le16 flags, le16 next (free list kept: 1)
-    assert mem.read(lay.desc, 16) == bytes.fromhex("0020000000000000" "00040000" "0000" "0000")
+    assert mem.read(lay.desc, 16) == bytes.fromhex("00200000000000000004000000000000")
     # avail: flags 0, idx 1, ring[0] = head 0
-    assert mem.read(lay.avail, 6) == bytes.fromhex("0000" "0100" "0000")
+    assert mem.read(lay.avail, 6) == bytes.fromhex("000001000000")
     elem = dev.pop()
     assert elem is not None and elem.out == [(0x2000, 1024)] and elem.inn == []
     dev.push(elem, 0)
     # used: flags 0, idx 1, ring[0] = {id 0, len 0}
-    assert mem.read(lay.used, 12) == bytes.fromhex("0000" "0100" "00000000" "00000000")
+    assert mem.read(lay.used, 12) == bytes.fromhex("000001000000000000000000")
     assert drv.get_buf() == ("pfns", 0)
     assert drv.num_free == 4
 
@@ -101,7 +103,14 @@ def test_full_ring_refuses_a_chain() -> None:
 
 @pytest.mark.parametrize(
     ("event", "new", "old", "expected"),
-    [(0, 1, 0, True), (1, 1, 0, False), (5, 10, 0, True), (10, 10, 0, False), (65535, 0, 65535, True), (0, 2, 1, False)],
+    [
+        (0, 1, 0, True),
+        (1, 1, 0, False),
+        (5, 10, 0, True),
+        (10, 10, 0, False),
+        (65535, 0, 65535, True),
+        (0, 2, 1, False),
+    ],
 )
 def test_vring_need_event(event: int, new: int, old: int, expected: bool) -> None:
     assert vring_need_event(event, new, old) is expected
