@@ -69,7 +69,7 @@ class FleetMm:
             - f.cache[i]
         )
         spare = max(free - f.min_free[i], 0.0)
-        return spare + (max(f.cache[i] - f.cache_min[i], 0.0) if reclaim else 0.0)
+        return float(spare + (max(f.cache[i] - f.cache_min[i], 0.0) if reclaim else 0.0))
 
     def alloc_pages(self, n: int) -> U32s:
         k = min(n, int(self._row_spare_kib() // spec.BALLOON_PAGE_KIB))

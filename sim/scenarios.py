@@ -9,9 +9,11 @@ RAM the guest costs, and the counters of the behaviour being shown.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +65,10 @@ class OneHost:
     def set_target_mib(self, i: int, target_mib: float) -> None:
         self.hv.set_target(self.specs[i].uuid, int(target_mib * MIB_KIB))
 
+    def set_targets_mib(self, target_mib: float) -> None:
+        for i in range(len(self.specs)):
+            self.set_target_mib(i, target_mib)
+
     def run(self, until_s: float, record: Callable[[float], None], events: dict[float, Callable[[], None]]) -> None:
         pending = sorted(events.items())
         t = self.hv.now_s
@@ -75,10 +81,11 @@ class OneHost:
             record(t)
 
 
-def _guest(name: str, ram_mib: int, **kw: object) -> GuestSpec:
+def _guest(name: str, ram_mib: int, **kw: Any) -> GuestSpec:
+    """A guest whose uuid is derived from its name (crc32: stable across runs)."""
     return GuestSpec(
-        uuid=f"00000000-0000-0000-0000-{abs(hash(name)) % 10**12:012d}", name=name, ram_kib=ram_mib * MIB_KIB, **kw
-    )  # type: ignore[arg-type]
+        uuid=f"00000000-0000-0000-0000-{zlib.crc32(name.encode()):012d}", name=name, ram_kib=ram_mib * MIB_KIB, **kw
+    )
 
 
 class _Recorder:
@@ -117,7 +124,7 @@ def deflate_on_oom() -> ScenarioResult:
             rec.add(f"{tag} OOM kills", host.hv.fleet.oom_kills[i])
         rec.add("on auto-deflate events", host.balloons.guests[0].driver.oom_deflates)
 
-    host.run(30.0, record, {1.0: lambda: [host.set_target_mib(i, 1024) for i in (0, 1)]})
+    host.run(30.0, record, {1.0: lambda: host.set_targets_mib(1024)})
     g0 = host.balloons.guests[0]
     notes = [
         (
@@ -229,7 +236,7 @@ def shared_anon() -> ScenarioResult:
         _guest_row(rec, 0, "DONTNEED")
         _guest_row(rec, 1, "MADV_REMOVE")
 
-    host.run(5.0, record, {1.0: lambda: [host.set_target_mib(i, 1536) for i in (0, 1)]})
+    host.run(5.0, record, {1.0: lambda: host.set_targets_mib(1536)})
     notes = [
         (
             f"host RAM used after a 512 MiB inflate: DONTNEED {rec.series['DONTNEED host RAM used MiB'][-1]:.0f} MiB, "
@@ -256,7 +263,7 @@ def huge_pages() -> ScenarioResult:
         _guest_row(rec, 1, "64K")
         rec.add("2M partial huge pages dropped", host.balloons.guests[0].host.partial_dropped)
 
-    host.run(5.0, record, {1.0: lambda: [host.set_target_mib(i, 1536) for i in (0, 1)]})
+    host.run(5.0, record, {1.0: lambda: host.set_targets_mib(1536)})
     g0 = host.balloons.guests[0].host
     notes = [
         (

@@ -213,7 +213,7 @@ class DriverQueue:
     # reaping
 
     def more_used(self) -> bool:
-        return U16.unpack_from(self.mem.buf, self.lay.used + 2)[0] != self.last_used_idx
+        return bool(U16.unpack_from(self.mem.buf, self.lay.used + 2)[0] != self.last_used_idx)
 
     def get_buf(self) -> tuple[object, int] | None:
         """The next used chain's token and written length, or None; frees its descriptors."""
@@ -286,7 +286,7 @@ class DeviceQueue:
         self.signalled_used_valid = False
 
     def _u16(self, addr: int) -> int:
-        return U16.unpack_from(self.mem.buf, addr)[0]
+        return int(U16.unpack_from(self.mem.buf, addr)[0])
 
     def avail_idx(self) -> int:
         return self._u16(self.lay.avail + 2)
