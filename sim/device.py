@@ -343,6 +343,8 @@ class VirtioBalloon:
         value fires at once; a change re-arms at now + the new value."""
         if interval_s < 0:
             raise ValueError("timer value must be greater than zero")
+        if interval_s == self.stats_poll_interval_s:
+            return
         previous, self.stats_poll_interval_s = self.stats_poll_interval_s, interval_s
         if interval_s == 0:
             self._stats_timer_gen += 1

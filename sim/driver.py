@@ -373,7 +373,9 @@ class LinuxBalloonDriver:
         """One PFN array in the shared ``vb->pfns`` buffer, kick, sleep until used."""
         self.mem.view[self.pfns_addr : self.pfns_addr + 4 * len(pfns)] = pfns.astype("<u4").tobytes()
         token = self._add_and_kick(name, [Buf(self.pfns_addr, 4 * len(pfns))])
-        while token is not None and not self.device.broken:
+        # wait_event(vb->acked, ...): a broken device never uses the buffer, so the work
+        # item sleeps here for good - the balloon stops responding, as on a real guest.
+        while token is not None:
             self._reap(name)
             if token in self.done_tokens:
                 self.done_tokens.discard(token)
@@ -450,7 +452,7 @@ class LinuxBalloonDriver:
         size = 4096 << order
         released_before = self.device.host.reported_bytes
         token = self._add_and_kick("reporting_vq", [Buf(pfn << 12, size, write=True) for pfn in blocks])
-        while token is not None and not self.device.broken:
+        while token is not None:
             self._reap("reporting_vq")
             if token in self.done_tokens:
                 self.done_tokens.discard(token)

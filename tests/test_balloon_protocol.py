@@ -155,8 +155,12 @@ def test_linux_validate_drops_page_poison_and_never_asks_unoffered_bits(world: W
 # -- inflate, deflate, timing ------------------------------------------------------------
 
 
-def test_inflate_goes_in_256_pfn_requests_each_followed_by_actual(world: World, log: list) -> None:
-    dev, _drv, _ = make(world, log)
+@pytest.mark.parametrize(("event_idx", "indirect_desc"), [(True, True), (False, False)])
+def test_inflate_goes_in_256_pfn_requests_each_followed_by_actual(
+    world: World, log: list, event_idx: bool, indirect_desc: bool
+) -> None:
+    dev, drv, _ = make(world, log, event_idx=event_idx, indirect_desc=indirect_desc)
+    assert drv.has(spec.VIRTIO_RING_F_EVENT_IDX) is event_idx
     dev.to_target(RAM_PAGES * 4096 - 3 * 2**20 - 40 * 4096)  # 808 pages
     actual_reached(world, dev, 808)
     assert [a for _, a in dev.actual_log] == [256, 512, 768, 808]
@@ -386,3 +390,34 @@ def test_device_survives_arbitrary_ring_contents(name: str, blob: bytes, offset:
     dev.to_target(RAM_PAGES * 4096 - 2**20)
     world.run(3.0)  # nothing raised: the device either worked or names what broke it
     assert dev.broken is None or isinstance(dev.broken, str)
+
+
+# -- invariants over random targets and workloads, through the Fleet ------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(64, 1024), st.integers(0, 900)), min_size=1, max_size=6),
+    st.booleans(),
+)
+def test_balloon_invariants_under_random_targets_and_demand(steps: list[tuple[int, int]], doo: bool) -> None:
+    from sim.balloon_fleet import WINDOW_BYTES
+    from sim.scenarios import OneHost, _guest
+
+    demand = {"mib": 100.0}
+    host = OneHost([_guest("inv", 1024, deflate_on_oom=doo, swap_kib=0)], lambda t: [demand["mib"]], step_s=0.5)
+    g = host.balloons.guests[0]
+    f = host.hv.fleet
+    for target_mib, demand_mib in steps:
+        host.set_target_mib(0, target_mib)
+        demand["mib"] = float(demand_mib)
+        host.run(host.hv.now_s + 2.0, lambda t: None, {})
+        pfns = np.concatenate(g.driver.balloon) if g.driver.balloon else np.empty(0, dtype=np.uint32)
+        assert len(pfns) == g.driver.num_pages and len(np.unique(pfns)) == len(pfns)
+        assert (pfns >= WINDOW_BYTES // 4096).all() and (pfns < g.mem.ram_pages).all()  # never the ring memory
+        in_flight_kib = abs(host.balloons.balloon_kib[0] - 4 * g.driver.num_pages)
+        assert in_flight_kib <= 4 * spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX  # at most one request in flight
+        expected_removed = 0.0 if doo else host.balloons.balloon_kib[0]
+        assert abs(host.balloons.managed_removed_kib[0] - expected_removed) <= 4 * spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX
+        assert -1e-6 <= f.touched[0] <= f.ram[0] + 1e-6
+        assert 0 <= g.device.actual <= g.mem.ram_pages and g.device.broken is None
