@@ -22,6 +22,8 @@ GUEST_ALLOC_S_PER_PAGE = 1.5e-6  # balloon_page_alloc + balloon_page_enqueue, pe
 HOST_DISCARD_S_PER_PAGE = 2.7e-6  # ram_block_discard_range of one 4 KiB unit (TCG host)
 HOST_WILLNEED_S_PER_PAGE = 2.3e-6  # madvise(MADV_WILLNEED) of one unit on deflate
 GUEST_RELEASE_S_PER_PAGE = 0.7e-6  # put_page after the deflate ack
+FAILED_ALLOC_S = 0.001  # assumption, not measured: a failed __GFP_NORETRY page allocation
+# still runs one pass of direct reclaim/compaction before giving up ("Out of puff!")
 STATS_WORK_S = 0.001  # interrupt -> update_balloon_stats_work gathered and re-posted
 REPORT_BLOCK_S = 40e-6  # host discard of one reported 2 MiB block
 HINT_BLOCK_S = 20e-6  # guest allocation + add of one 4 MiB hint block

@@ -179,6 +179,7 @@ class LinuxBalloonDriver:
         self.reporting_work = WorkItem(world, self.page_reporting_process, 0.0)
         self.puff_count = 0  # "Out of puff!" messages (rate-limited in dmesg, all counted here)
         self.puff_sleep_s = 0.0  # guest time spent in msleep(200) after a failed allocation
+        self.cpu_s = 0.0  # guest CPU the driver burnt: allocations (failed ones too), releases
         self.oom_deflates = 0
         self.log: list[tuple[float, str]] = []
         self.cmd_id_active = spec.VIRTIO_BALLOON_CMD_ID_STOP
@@ -303,7 +304,10 @@ class LinuxBalloonDriver:
     def fill_balloon(self, num: int) -> Generator[float | Signal, None, int]:
         num = min(num, spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX)
         pfns = self.mm.alloc_pages(num)
-        yield max(len(pfns), 1) * cal.GUEST_ALLOC_S_PER_PAGE
+        # A failed __GFP_NORETRY allocation still makes one pass of direct reclaim.
+        alloc_s = len(pfns) * cal.GUEST_ALLOC_S_PER_PAGE + (len(pfns) < num) * cal.FAILED_ALLOC_S
+        self.cpu_s += alloc_s
+        yield alloc_s
         if len(pfns) < num:
             self.puff_count += 1
             self.log.append((self.world.now_s, "Out of puff! Can't get 1 pages"))
@@ -340,6 +344,7 @@ class LinuxBalloonDriver:
             # MUST_TELL_HOST (Linux does it always): tell the host and wait for the ack,
             # and only then hand the pages back to the allocator.
             yield from self.tell_host("deflateq", pfns)
+            self.cpu_s += len(pfns) * cal.GUEST_RELEASE_S_PER_PAGE
             yield len(pfns) * cal.GUEST_RELEASE_S_PER_PAGE
             self._release_pages(pfns)
         return len(pfns)

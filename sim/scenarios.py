@@ -152,11 +152,12 @@ def out_of_puff() -> ScenarioResult:
         _guest_row(rec, 0, "guest")
         rec.add("Out of puff messages", drv.puff_count)
         rec.add("guest time in msleep(200) s", drv.puff_sleep_s)
+        rec.add("driver CPU ms", drv.cpu_s * 1e3)
 
     host.run(10.0, record, {1.0: lambda: host.set_target_mib(0, 256)})
     notes = [
         (
-            f"{drv.puff_count} 'Out of puff!' retries in 9 s (~5/s); balloon stuck at "
+            f"{drv.puff_count} 'Out of puff!' retries in 9 s (~5/s), {drv.cpu_s * 1e3:.2f} ms of driver CPU; balloon stuck at "
             f"{1024 - rec.series['guest actual MiB'][-1]:.0f} MiB of the 768 MiB asked"
         )
     ]

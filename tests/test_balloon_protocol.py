@@ -218,6 +218,9 @@ def test_out_of_puff_retries_every_200_ms_and_sends_partial_batches(world: World
     puffs = [t for t, m in drv.log if m.startswith("Out of puff")]
     assert all(0.2 <= b - a < 0.21 for a, b in itertools.pairwise(puffs))
     assert drv.puff_sleep_s == pytest.approx(0.2 * drv.puff_count)
+    from sim.calibration import FAILED_ALLOC_S, GUEST_ALLOC_S_PER_PAGE
+
+    assert drv.cpu_s == pytest.approx(300 * GUEST_ALLOC_S_PER_PAGE + drv.puff_count * FAILED_ALLOC_S)  # retries cost CPU
 
 
 # -- deflate on OOM and accounting ------------------------------------------------------
