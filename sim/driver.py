@@ -29,17 +29,19 @@ import numpy.typing as npt
 
 import sim.balloon_spec as spec
 from sim import calibration as cal
-from sim.calibration import DEFLATE_REQUEST_S, INFLATE_REQUEST_S
+from sim.calibration import DEFLATE_REQUEST_S, FAILED_ALLOC_S, INFLATE_REQUEST_S
 from sim.guestmem import Arena, GuestMemory
 from sim.process import ProcessGen, Signal, WorkItem
 from sim.virtqueue import Buf, DriverQueue, RingLayout, VirtioError
 from sim.world import World
 
 Array = npt.NDArray[np.float64]
+BALLOON_PAGE_KIB = 4  # VIRTIO_BALLOON_PFN_SHIFT = 12
 # One 256-PFN (1 MiB) request per INFLATE_REQUEST_S: the protocol model's calibrated pace.
 INFLATE_KIB_S = 1024.0 / INFLATE_REQUEST_S
 DEFLATE_KIB_S = 1024.0 / DEFLATE_REQUEST_S
-OUT_OF_PUFF_RETRY_S = 0.2  # msleep(200) in fill_balloon's caller
+# msleep(200) after "Out of puff!", plus the failed allocation's own direct-reclaim pass.
+OUT_OF_PUFF_RETRY_S = 0.2 + FAILED_ALLOC_S
 
 
 class BalloonDriver:
@@ -53,6 +55,7 @@ class BalloonDriver:
         self.num_pages_kib = np.zeros(n)  # the host's wish: config num_pages x 4 KiB
         self.waiting_for_config = np.zeros(n, dtype=bool)  # auto-deflated: no inflation until told again
         self.puff_retries = np.zeros(n)
+        self.puff_clock_s = np.zeros(n)  # time spent short of the target, while it lasts
 
     @property
     def managed_removed_kib(self) -> Array:
@@ -66,21 +69,29 @@ class BalloonDriver:
         self.waiting_for_config[i] = False
 
     def advance(self, dt_s: float, spare_kib: Array) -> None:
-        """Move toward ``num_pages`` for ``dt_s``; inflate at most ``spare_kib``."""
+        """Move toward ``num_pages`` for ``dt_s``; inflate at most ``spare_kib``, in whole
+        4 KiB pages (what the allocator can hand out)."""
         diff = self.num_pages_kib - self.balloon_kib
         inflate = np.where(self.waiting_for_config, 0.0, np.clip(diff, 0.0, INFLATE_KIB_S * dt_s))
-        short = inflate > spare_kib
-        inflate = np.minimum(inflate, spare_kib)
+        spare_pages_kib = np.floor(spare_kib / BALLOON_PAGE_KIB) * BALLOON_PAGE_KIB
+        short = inflate > spare_pages_kib
+        inflate = np.minimum(inflate, spare_pages_kib)
         deflate = np.clip(-diff, 0.0, DEFLATE_KIB_S * dt_s)
         self.balloon_kib += inflate - deflate
-        # A short guest retries every 200 ms for the rest of the interval.
-        self.puff_retries += np.where(short, np.floor(dt_s / OUT_OF_PUFF_RETRY_S), 0.0)
+        # A short guest fails an allocation, then retries every OUT_OF_PUFF_RETRY_S for as
+        # long as it stays short; the phase carries over from one interval to the next.
+        before = np.ceil(self.puff_clock_s / OUT_OF_PUFF_RETRY_S)
+        self.puff_clock_s = np.where(short, self.puff_clock_s + dt_s, 0.0)
+        self.puff_retries += np.where(short, np.ceil(self.puff_clock_s / OUT_OF_PUFF_RETRY_S) - before, 0.0)
 
     def deflate_on_oom(self, wanted_kib: Array) -> Array:
-        """The OOM notifier's leak_balloon(): returns what was given back."""
+        """The OOM notifier's leak_balloon(): returns what was given back. A guest whose
+        size work was idle (target met) stays deflated until the next config interrupt;
+        one still short of its target keeps re-queuing the work, as Linux does."""
+        active = self.balloon_kib < self.num_pages_kib
         given = np.minimum(wanted_kib, self.balloon_kib)
         self.balloon_kib -= given
-        self.waiting_for_config |= given > 0
+        self.waiting_for_config |= (given > 0) & ~active
         return given
 
 

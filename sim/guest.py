@@ -194,7 +194,12 @@ class Fleet:
         """``balloon_moved`` for guest ``i`` alone, in scalars: the protocol path calls it
         once per 256-PFN request, where numpy over every guest would dominate."""
         before = float(self.driver.balloon_kib[i]) - delta_kib
-        anon, cache, touched, resident = float(self.anon[i]), float(self.cache[i]), float(self.touched[i]), float(self.balloon_resident[i])
+        anon, cache, touched, resident = (
+            float(self.anon[i]),
+            float(self.cache[i]),
+            float(self.touched[i]),
+            float(self.balloon_resident[i]),
+        )
         in_use = float(self.reserved[i] + self.kernel[i]) + anon + cache
         if delta_kib > 0:
             capacity = float(self.ram[i] - self.reserved[i] - self.kernel[i] - self.driver.held_kib[i]) - before
@@ -209,8 +214,9 @@ class Fleet:
         elif delta_kib < 0 and before > 0:
             resident -= resident * min(-delta_kib / before, 1.0)
         self.balloon_resident[i] = resident
-        limit = float(self.ram[i] - self.driver.balloon_kib[i]) + resident
-        self.touched[i] = min(max(touched, 0.0), limit)
+        if delta_kib > 0:
+            limit = float(self.ram[i] - self.driver.balloon_kib[i]) + resident
+            self.touched[i] = min(max(touched, 0.0), limit)
 
     def balloon_moved(self, delta_kib: Array, release_frac: Array) -> None:
         """Account a balloon change that already happened (``driver.balloon_kib`` holds
@@ -230,8 +236,9 @@ class Fleet:
         deflated = np.maximum(-delta_kib, 0.0)
         share = np.divide(deflated, before, out=np.zeros_like(before), where=before > 0)
         self.balloon_resident -= self.balloon_resident * np.minimum(share, 1.0)
-        moved = delta_kib != 0  # only those rows, as ``balloon_moved_one`` does
-        self.touched = np.where(moved, self._clip_touched(), self.touched)
+        # Only an inflate can push touched pages past the limit; a deflate (the OOM
+        # notifier's, amid an allocation) only raises it. Rows as ``balloon_moved_one``.
+        self.touched = np.where(delta_kib > 0, self._clip_touched(), self.touched)
 
     def _clip_touched(self) -> Array:
         """Touched pages cannot exceed the guest's pages outside the balloon plus the
