@@ -139,7 +139,7 @@ def test_oom_deflation_and_out_of_puff_alike_at_both_speeds() -> None:
         GuestSpec("00000000-0000-0000-0000-000000000003", "kill", 2 << 20, swap_kib=0),
     ]
     demand = [[300.0] * 3] * 3 + [[1700.0] * 3] * 6 + [[400.0] * 3] * 6
-    diffs, bulk, proto = scripted_lockstep(specs, demand, {0: 1024, 5: 1024, 11: 1536})
+    diffs, bulk, _proto = scripted_lockstep(specs, demand, {0: 1024, 5: 1024, 11: 1536})
     assert diffs == []
     assert bulk.fleet.oom_deflates[0] > 600 and bulk.fleet.oom_kills[2] == 1  # the script did exercise them
     assert bulk.fleet.driver.puff_retries.sum() > 50
