@@ -49,6 +49,7 @@ class Process:
         self.gen = gen
         self.alive = True
         self.done = Signal(world)
+        self.on_exit: Callable[[], None] | None = None  # called synchronously when ``gen`` returns
         if delay_s is None:
             self._resume()
         else:
@@ -60,6 +61,8 @@ class Process:
         except StopIteration:
             self.alive = False
             self.done.fire()
+            if self.on_exit is not None:
+                self.on_exit()
             return
         if isinstance(what, Signal):
             what.wait(self._resume)
@@ -80,10 +83,16 @@ class WorkItem:
         self.runs = 0
 
     def queue(self, delay_s: float = 0.0) -> bool:
-        """Queue the work; False if it was already pending (``queue_work`` semantics)."""
+        """Queue the work; False if it was already pending (``queue_work`` semantics).
+
+        A work function re-queuing itself with no delay runs again the moment it returns
+        (what the worker thread does next), without a trip through the event queue."""
         if self.pending:
             return False
         self.pending = True
+        if delay_s == 0 and self.latency_s == 0 and self.running is not None and self.running.alive:
+            self.running.on_exit = self._start
+            return True
         self.world.schedule(self._start, self.latency_s + delay_s)
         return True
 
@@ -94,4 +103,4 @@ class WorkItem:
             return
         self.pending = False
         self.runs += 1
-        self.running = Process(self.world, self.func(), None)
+        self.running = Process(self.world, self.func(), delay_s=None)
