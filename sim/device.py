@@ -1,8 +1,13 @@
-"""The host side of every guest's virtio-balloon device (QEMU hw/virtio/virtio-balloon.c),
-at the rate level: the target as ``num_pages``, and the stats the host last received.
+"""The host side of the virtio-balloon device (QEMU hw/virtio/virtio-balloon.c), at both
+of the simulator's speeds.
 
-The protocol-level device (config space, virtqueues in guest memory, the reverse stats
-queue) deepens this module; what it must keep are the rules modelled here:
+* ``BalloonDevice``: the bulk path, every guest at once: the target as ``num_pages``, and
+  the stats the host last received.
+* ``VirtioBalloon``: the protocol path, one guest: config space at the spec's offsets,
+  feature negotiation, queues in guest memory, inflate/deflate discards, the reverse
+  stats queue and its timer, free page hinting and reporting, QEMU's error handling.
+
+Both keep these rules (``tests/test_two_speeds.py`` holds them to the same results):
 
 * a target becomes ``num_pages = (ram - target) >> 12`` (truncating; a target above RAM
   is RAM) and a config-change interrupt, even when the value did not change;

@@ -1,11 +1,14 @@
-"""The guest's balloon driver (Linux drivers/virtio/virtio_balloon.c), for every guest
-at once, at the rate level.
+"""The guest's balloon driver (Linux drivers/virtio/virtio_balloon.c), at both of the
+simulator's speeds.
 
-This is the bulk path: it moves each balloon toward the host's ``num_pages`` at the
-rate a real guest achieves and stops where the guest has nothing left to give. The
-protocol-level driver (config interrupt -> work item -> 256-PFN batches over the
-inflate/deflate virtqueues) deepens this module; the rates and rules here are the ones
-that model must reproduce:
+* ``BalloonDriver``: the bulk path, every guest at once: it moves each balloon toward
+  the host's ``num_pages`` at the rate a real guest achieves and stops where the guest
+  has nothing left to give.
+* ``LinuxBalloonDriver``: the protocol path, one guest: config interrupt -> work item ->
+  256-PFN requests over the inflate/deflate virtqueues, the OOM notifier, stats, free
+  page reporting and hinting, as generator processes on the World clock.
+
+Both keep these rates and rules:
 
 * inflate 128 MiB in 0.11-0.19 s and deflate it in 0.05-0.17 s on a TCG guest
   (real-guest.md): about 0.9 GiB/s and 1.2 GiB/s at the calibration of ``sim.calibration``;
@@ -14,7 +17,8 @@ that model must reproduce:
   200 ms and retries, for as long as the target stays out of reach (each retry costs
   guest CPU, so retries are counted);
 * with DEFLATE_ON_OOM the OOM notifier takes pages back, 256 per OOM event, and the
-  driver does not re-inflate until the host's next config-change interrupt.
+  driver does not re-inflate until the host's next config-change interrupt (unless its
+  size work was still running, short of the target: then it keeps retrying, as Linux).
 """
 
 from __future__ import annotations
