@@ -175,7 +175,13 @@ class VirtioBalloon:
         self.free_page_hint_status = FREE_PAGE_HINT_S_STOP
         self.free_page_hint_cmd_id = spec.VIRTIO_BALLOON_FREE_PAGE_HINT_CMD_ID_MIN - 1
         self.hinted_bytes = 0
-        self.busy_until_s: dict[str, float] = {}
+        self._handlers: dict[str, Callable[[str, bool], None]] = {
+            "inflateq": self._handle_output,
+            "deflateq": self._handle_output,
+            "statsq": self._handle_stats,
+            "free_page_vq": self._handle_free_page,
+            "reporting_vq": self._handle_report,
+        }
 
     # -- transport: features, status, queues, config --------------------------------
 
@@ -218,21 +224,23 @@ class VirtioBalloon:
 
     def get_config(self) -> bytes:
         """virtio_balloon_get_config: the cmd id field reads per hinting state."""
-        cmd = {
-            FREE_PAGE_HINT_S_REQUESTED: self.free_page_hint_cmd_id,
-            FREE_PAGE_HINT_S_STOP: spec.VIRTIO_BALLOON_CMD_ID_STOP,
-            FREE_PAGE_HINT_S_DONE: spec.VIRTIO_BALLOON_CMD_ID_DONE,
-        }.get(self.free_page_hint_status, 0)
-        return spec.BalloonConfig(self.num_pages, self.actual, cmd, self.poison_val).pack(self.config_size)
+        status = self.free_page_hint_status
+        if status == FREE_PAGE_HINT_S_REQUESTED:
+            cmd = self.free_page_hint_cmd_id
+        elif status == FREE_PAGE_HINT_S_DONE:
+            cmd = spec.VIRTIO_BALLOON_CMD_ID_DONE
+        else:  # STOP, and START reads 0 too
+            cmd = spec.VIRTIO_BALLOON_CMD_ID_STOP
+        return spec.CONFIG.pack(self.num_pages, self.actual, cmd, self.poison_val)[: self.config_size]
 
     def set_config(self, data: bytes) -> None:
         """virtio_balloon_set_config: take ``actual`` (and ``poison_val`` if negotiated)."""
-        cfg = spec.BalloonConfig.unpack(data)
-        if cfg.actual != self.actual:
-            self.actual = cfg.actual
-            self.actual_log.append((self.world.now_s, cfg.actual))
-            self._balloon_change(self.mem.ram_bytes - (cfg.actual << spec.VIRTIO_BALLOON_PFN_SHIFT))
-        self.poison_val = cfg.poison_val if self.has(spec.VIRTIO_BALLOON_F_PAGE_POISON) else 0
+        _, actual, _, poison_val = spec.CONFIG.unpack(data.ljust(spec.CONFIG.size, b"\0")[: spec.CONFIG.size])
+        if actual != self.actual:
+            self.actual = actual
+            self.actual_log.append((self.world.now_s, actual))
+            self._balloon_change(self.mem.ram_bytes - (actual << spec.VIRTIO_BALLOON_PFN_SHIFT))
+        self.poison_val = poison_val if self.has(spec.VIRTIO_BALLOON_F_PAGE_POISON) else 0
 
     def _balloon_change(self, actual_bytes: int) -> None:
         """Emit BALLOON_CHANGE through the monitor's rate limit (monitor/monitor.c:
@@ -290,15 +298,8 @@ class VirtioBalloon:
     def _service(self, name: str, *, sync: bool = False) -> None:
         if self.broken or name not in self.queues:
             return
-        handler = {
-            "inflateq": self._handle_output,
-            "deflateq": self._handle_output,
-            "statsq": self._handle_stats,
-            "free_page_vq": self._handle_free_page,
-            "reporting_vq": self._handle_report,
-        }[name]
         try:
-            handler(name, sync)
+            self._handlers[name](name, sync)
         except VirtioError as e:
             self._error(str(e))
 

@@ -252,6 +252,7 @@ class LinuxBalloonDriver:
                 callback=name != "free_page_vq",
                 name=name,
             )
+        self.names = names
         self.index = {name: i for i, name in enumerate(names)}
         self.device.setup_queues(layouts)
         if "statsq" in self.vqs:
@@ -279,7 +280,7 @@ class LinuxBalloonDriver:
 
     def _vring_interrupt(self, index: int) -> None:
         """vring_interrupt -> the queue's callback: balloon_ack or stats_request."""
-        name = list(self.vqs)[index]
+        name = self.names[index]
         if name == "statsq":
             if not self.stopping:
                 self.stats_work.queue()
