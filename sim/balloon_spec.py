@@ -10,7 +10,6 @@ never leaves ``sim/``.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 VIRTIO_ID_BALLOON = 5
 
@@ -107,20 +106,3 @@ def queue_names(features: int) -> list[str]:
 
 def has(features: int, bit: int) -> bool:
     return bool(features >> bit & 1)
-
-
-@dataclass(frozen=True, slots=True)
-class BalloonConfig:
-    """struct virtio_balloon_config, decoded."""
-
-    num_pages: int
-    actual: int
-    free_page_hint_cmd_id: int = 0
-    poison_val: int = 0
-
-    def pack(self, size: int = CONFIG.size) -> bytes:
-        return CONFIG.pack(self.num_pages, self.actual, self.free_page_hint_cmd_id, self.poison_val)[:size]
-
-    @classmethod
-    def unpack(cls, data: bytes) -> BalloonConfig:
-        return cls(*CONFIG.unpack(data.ljust(CONFIG.size, b"\0")[: CONFIG.size]))
