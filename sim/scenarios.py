@@ -9,6 +9,7 @@ RAM the guest costs, and the counters of the behaviour being shown.
 
 from __future__ import annotations
 
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -323,3 +324,22 @@ def plot(result: ScenarioResult, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def scenario_command(
+    name: str | None, *, list_only: bool = False, plot_path: Path | None = None, every_s: float = 1.0
+) -> int:
+    """``overcommitd sim scenario``: list, or run one, print it, optionally draw it."""
+    if list_only or not name:
+        for key, fn in SCENARIOS.items():
+            print(f"{key:16} {' '.join((fn.__doc__ or '').split())}")
+        return 0
+    if name not in SCENARIOS:
+        print(f"overcommitd: no scenario {name!r}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    result = SCENARIOS[name]()
+    print(format_timeline(result, every_s))
+    if plot_path is not None:
+        plot(result, plot_path)
+        print(f"plot written to {plot_path}")
+    return 0
