@@ -16,6 +16,9 @@ device seam SimHypervisor uses (``set_target``, ``stats``, ``last_update_s``, ..
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 
@@ -170,7 +173,9 @@ class FleetMm:
 class GuestBalloon:
     """One guest's byte-level balloon: memory window, device, driver, host RAM."""
 
-    def __init__(self, world: World, gspec: GuestSpec, mm_factory: object, *, stats_period_s: int) -> None:
+    def __init__(
+        self, world: World, gspec: GuestSpec, mm_factory: Callable[[int], FleetMm], *, stats_period_s: int
+    ) -> None:
         ram_pages = gspec.ram_kib // spec.BALLOON_PAGE_KIB
         self.mem = GuestMemory(WINDOW_BYTES, ram_pages)
         self.host = HostRam(gspec.backing)
@@ -182,7 +187,7 @@ class GuestBalloon:
             free_page_hint=gspec.free_page_hint,
             free_page_reporting=gspec.reporting,
         )
-        self.mm = mm_factory(ram_pages)  # type: ignore[operator]
+        self.mm = mm_factory(ram_pages)
         self.mm.host = self.host
         self.driver = LinuxBalloonDriver(world, self.mem, self.device, self.mm)
         self.driver.probe()
@@ -206,12 +211,9 @@ class ProtocolBalloons:
         self.stats_period_s = np.full(n, float(stats_period_s))
         self.last_update_s = np.full(n, -np.inf)
         self.stats = {name: np.zeros(n) for name in STAT_FIELDS}
-        self._current: dict[str, Array] | None = None
-        fleet.driver = self  # type: ignore[assignment]
+        fleet.driver = self  # type: ignore[assignment]  # the Fleet's driver seam, protocol speed
         self.guests = [
-            GuestBalloon(
-                world, s, lambda pages, i=i: FleetMm(fleet, self, i, pages), stats_period_s=int(stats_period_s)
-            )
+            GuestBalloon(world, s, functools.partial(FleetMm, fleet, self, i), stats_period_s=int(stats_period_s))
             for i, s in enumerate(specs)
         ]
         self.poll_stats(world.now_s)

@@ -91,7 +91,9 @@ def _guest(name: str, ram_mib: int, **kw: Any) -> GuestSpec:
 
 class _Recorder:
     def __init__(self, host: OneHost) -> None:
-        self.host, self.times, self.series = host, [], {}  # type: ignore[var-annotated]
+        self.host = host
+        self.times: list[float] = []
+        self.series: dict[str, list[float]] = {}
 
     def add(self, label: str, value: float) -> None:
         self.series.setdefault(label, []).append(float(value))
