@@ -78,6 +78,10 @@ class SimHypervisor:
             BalloonFeatures(deflate_on_oom=s.deflate_on_oom, reporting=s.reporting, free_page_hint=s.free_page_hint)
             for s in specs
         ]
+        if not isinstance(self.device, BalloonDevice):
+            # The protocol path knows what the driver actually negotiated (e.g. Linux drops
+            # PAGE_POISON without init_on_free): report that, as libvirt would expose it.
+            self._features = [BalloonFeatures.from_bits(g.driver.features) for g in self.device.guests]
         if isinstance(self.device, BalloonDevice):
             self.device.take_sample(self.world.now_s, self.current_stats())
 
