@@ -253,6 +253,15 @@ class ProtocolBalloons:
                 given[i] += pages * spec.BALLOON_PAGE_KIB
         return given
 
+    def release_held(self, wanted_kib: Array) -> Array:
+        """Memory pressure runs each guest's hinting shrinker: whole 4 MiB blocks back."""
+        given = np.zeros_like(wanted_kib)
+        block_kib = 4 << spec.VIRTIO_BALLOON_HINT_BLOCK_ORDER
+        for i in np.flatnonzero((wanted_kib > 0) & (self.held_kib > 0)):
+            blocks = int(np.ceil(wanted_kib[i] / block_kib))
+            given[i] = self.guests[i].driver.shrink_free_pages(blocks) * block_kib
+        return given
+
     def after_advance(self) -> None:
         """Free memory changed in bulk: reporting guests get their 2-s timer armed."""
         for i in np.flatnonzero(self.reports_itself):

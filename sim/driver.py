@@ -88,6 +88,10 @@ class BalloonDriver:
         self.puff_clock_s = np.where(short, self.puff_clock_s + dt_s, 0.0)
         self.puff_retries += np.where(short, np.ceil(self.puff_clock_s / OUT_OF_PUFF_RETRY_S) - before, 0.0)
 
+    def release_held(self, wanted_kib: Array) -> Array:
+        """The hinting shrinker: the bulk path holds no hint blocks, so nothing."""
+        return np.zeros_like(wanted_kib)
+
     def deflate_on_oom(self, wanted_kib: Array) -> Array:
         """The OOM notifier's leak_balloon(): returns what was given back. A guest whose
         size work was idle (target met) stays deflated until the next config interrupt;
@@ -520,6 +524,15 @@ class LinuxBalloonDriver:
             self.hint_blocks.append(pfn)
             yield cal.HINT_BLOCK_S
         self._send_cmd_id(self.cmd_id_stop_addr, spec.VIRTIO_BALLOON_CMD_ID_STOP)
+
+    def shrink_free_pages(self, blocks: int) -> int:
+        """The shrinker's scan (virtio_balloon_shrinker_scan): give back up to ``blocks``
+        held hint blocks under memory pressure; returns how many went back."""
+        freed = 0
+        while freed < blocks and self.hint_blocks:
+            self.mm.free_block(self.hint_blocks.pop(), spec.VIRTIO_BALLOON_HINT_BLOCK_ORDER)
+            freed += 1
+        return freed
 
     def return_free_pages_to_mm(self) -> None:
         for pfn in self.hint_blocks:

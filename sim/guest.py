@@ -268,6 +268,9 @@ class Fleet:
         from_cache = np.clip(over, 0.0, np.maximum(self.cache - self.cache_min, 0.0))
         self.cache -= from_cache
         over -= from_cache
+        # Reclaim also runs the balloon's shrinker: free page hinting blocks go back whole.
+        if self.driver.held_kib.any():
+            over -= self.driver.release_held(np.maximum(over, 0.0))
         to_swap = np.clip(over, 0.0, np.maximum(self.swap_size - self.swap, 0.0))
         self.anon -= to_swap
         self.swap += to_swap
