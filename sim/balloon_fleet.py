@@ -30,7 +30,7 @@ from sim.guest import Array, Fleet, GuestSpec
 from sim.guestmem import GuestMemory
 from sim.world import World
 
-WINDOW_BYTES = 64 * 1024  # rings of all five queues, indirect tables, PFN and stats buffers
+WINDOW_BYTES = 128 * 1024  # rings of all five queues (~40 KiB), indirect tables, PFN and stats buffers
 U32s = npt.NDArray[np.uint32]
 
 # Device stat tag -> (Fleet stat name, bytes per unit): memory in bytes, counters as counts.

@@ -142,9 +142,13 @@ class DriverQueue:
             raise ValueError(f"{self.name}: a chain needs at least one buffer")
         if self._misordered(bufs):
             raise ValueError(f"{self.name}: device-readable buffers must precede device-writable ones")
+        head = None
         if self.indirect and len(bufs) > 1 and self.num_free:
-            head = self._add_indirect(bufs)
-        else:
+            try:
+                head = self._add_indirect(bufs)
+            except MemoryError:  # no room for a table: Linux falls back to a direct chain too
+                head = None
+        if head is None:
             if self.num_free < len(bufs):
                 return None
             head = self._add_direct(bufs)
