@@ -171,6 +171,11 @@ class VirtioBalloon:
         self.stats_poll_interval_s = 0
         self.stats_vq_elem: Element | None = None
         self._stats_timer_gen = 0
+        self._stats_timer_due_s: float | None = None
+        # VM run state: QEMU_CLOCK_VIRTUAL stops while the VM is paused (or migrating).
+        self.vm_running = True
+        self._frozen_timer_s: float | None = None
+        self._config_irq_deferred = False
         # free page hinting
         self.free_page_hint_status = FREE_PAGE_HINT_S_STOP
         self.free_page_hint_cmd_id = spec.VIRTIO_BALLOON_FREE_PAGE_HINT_CMD_ID_MIN - 1
@@ -271,7 +276,9 @@ class VirtioBalloon:
             self._notify_config()
 
     def _notify_config(self) -> None:
-        if self.status & spec.VIRTIO_CONFIG_S_DRIVER_OK and not self.broken:
+        if not self.vm_running:
+            self._config_irq_deferred = True
+        elif self.status & spec.VIRTIO_CONFIG_S_DRIVER_OK and not self.broken:
             self.world.schedule(self.config_irq, urgent=True)
 
     def _error(self, message: str) -> None:
@@ -362,13 +369,40 @@ class VirtioBalloon:
     def _stats_timer_mod(self, delay_s: float) -> None:
         self._stats_timer_gen += 1
         gen = self._stats_timer_gen
+        if not self.vm_running:  # the virtual clock is stopped: the timer waits for vm_start
+            self._frozen_timer_s = delay_s
+            return
+        self._stats_timer_due_s = self.world.now_s + delay_s
         self.world.schedule(lambda: self._stats_poll_cb(gen), delay_s)
+
+    def vm_stop(self) -> None:
+        """The VM pauses: the stats timer (QEMU_CLOCK_VIRTUAL) freezes with what it had
+        left to run, and config interrupts wait until the guest runs again."""
+        if not self.vm_running:
+            return
+        self.vm_running = False
+        if self._stats_timer_due_s is not None and self.stats_poll_interval_s > 0:
+            self._frozen_timer_s = max(self._stats_timer_due_s - self.world.now_s, 0.0)
+            self._stats_timer_gen += 1  # cancel the armed callback
+
+    def vm_start(self) -> None:
+        """The VM runs again: the frozen timer resumes, a deferred config interrupt fires."""
+        if self.vm_running:
+            return
+        self.vm_running = True
+        if self._frozen_timer_s is not None and self.stats_poll_interval_s > 0:
+            self._stats_timer_mod(self._frozen_timer_s)
+        self._frozen_timer_s = None
+        if self._config_irq_deferred:
+            self._config_irq_deferred = False
+            self._notify_config()
 
     def _stats_poll_cb(self, gen: int) -> None:
         """balloon_stats_poll_cb: hand the held buffer back to ask for fresh stats. It
         re-arms only when it had nothing to return; otherwise the next buffer re-arms."""
         if gen != self._stats_timer_gen or self.broken:
             return
+        self._stats_timer_due_s = None
         if not self.has(spec.VIRTIO_BALLOON_F_STATS_VQ) or self.stats_vq_elem is None:
             self._stats_timer_mod(float(self.stats_poll_interval_s))
             return

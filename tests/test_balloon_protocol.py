@@ -220,7 +220,9 @@ def test_out_of_puff_retries_every_200_ms_and_sends_partial_batches(world: World
     assert drv.puff_sleep_s == pytest.approx(0.2 * drv.puff_count)
     from sim.calibration import FAILED_ALLOC_S, GUEST_ALLOC_S_PER_PAGE
 
-    assert drv.cpu_s == pytest.approx(300 * GUEST_ALLOC_S_PER_PAGE + drv.puff_count * FAILED_ALLOC_S)  # retries cost CPU
+    assert drv.cpu_s == pytest.approx(
+        300 * GUEST_ALLOC_S_PER_PAGE + drv.puff_count * FAILED_ALLOC_S
+    )  # retries cost CPU
 
 
 # -- deflate on OOM and accounting ------------------------------------------------------
@@ -285,6 +287,24 @@ def test_a_guest_that_stops_answering_stops_the_polling(world: World, log: list)
     n = dev.stats_updates
     world.run(20.0)
     assert dev.stats_updates == n and world.peek() == float("inf")
+
+
+def test_paused_vm_freezes_the_stats_timer_and_defers_the_target(world: World, log: list) -> None:
+    """QEMU's stats timer runs on the virtual clock: no fresh stats while paused, and
+    the timer resumes with what it had left; a target set while paused waits too."""
+    dev, _drv, _ = make(world, log)
+    dev.set_stats_poll_interval(2)
+    world.run(3.0)  # arrivals at 0.001 and 2.002; the timer is due at 4.002
+    n = dev.stats_updates
+    dev.vm_stop()
+    dev.to_target(RAM_PAGES * 4096 - 2**20)
+    world.run(13.0)
+    assert dev.stats_updates == n and dev.actual == 0
+    dev.vm_start()  # 1.002 s were left on the timer
+    world.run(13.9)
+    assert dev.actual == 256 and dev.stats_updates == n
+    world.run(14.1)
+    assert dev.stats_updates == n + 1 and dev.stats_last_update_s == 14.0
 
 
 def test_stats_reflect_an_inflate_within_one_polling_period(world: World, log: list) -> None:
