@@ -92,6 +92,12 @@ def cmd_guest_set_floor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim_scenario(args: argparse.Namespace) -> int:
+    from sim.scenarios import scenario_command
+
+    return scenario_command(args.name, list_only=args.list, plot_path=args.plot, every_s=args.every_s)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="overcommitd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -124,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="replay memory traces through the control step on a simulated host")
     add_replay_arguments(p)
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("sim", help="simulator tools: protocol-level virtio-balloon scenarios")
+    sim_sub = p.add_subparsers(dest="sim_command", required=True)
+    p = sim_sub.add_parser("scenario", help="run a built-in scenario, print its timeline (omit NAME to list them)")
+    p.add_argument("name", nargs="?", help="scenario name")
+    p.add_argument("--list", action="store_true", help="list the scenarios")
+    p.add_argument("--plot", type=Path, help="also draw the timeline to this image file (PNG, SVG, PDF)")
+    p.add_argument("--every-s", type=float, default=1.0, help="one printed row per this many simulated seconds")
+    p.set_defaults(func=cmd_sim_scenario)
     return parser
 
 

@@ -106,7 +106,11 @@ def apply(hv: Hypervisor, decisions: Sequence[Decision]) -> set[str]:
             hv.set_target(d.uuid, d.target_kib)
         except HypervisorError as e:
             log.warning(
-                "guest %s: target %d KiB not set: %s", d.name, d.target_kib, e, extra={"event": "set-failed", "guest": d.name}
+                "guest %s: target %d KiB not set: %s",
+                d.name,
+                d.target_kib,
+                e,
+                extra={"event": "set-failed", "guest": d.name},
             )
             continue
         applied.add(d.uuid)

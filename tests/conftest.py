@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from sim.world import World
 from tests.realguest.harness import Mosquitto
 
 UNDER_CI = os.environ.get("CI", "").lower() == "true"
@@ -42,3 +43,15 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     m.start()
     yield m
     m.stop()
+
+
+@pytest.fixture
+def world() -> World:
+    """A fresh simulated clock."""
+    return World()
+
+
+@pytest.fixture
+def log() -> list[tuple[float, str]]:
+    """A test's trace of (time, what happened)."""
+    return []
