@@ -20,6 +20,7 @@ import asyncio
 import statistics
 import time
 from collections import Counter
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,9 @@ INTERVAL_S = 10.0
 class SimHost(SimHypervisor):
     """The simulated host with the few extra calls the daemon makes of a hypervisor."""
 
-    errors: Counter[str] = Counter()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.errors: Counter[str] = Counter()
 
     def connect(self) -> None: ...
     def close(self) -> None: ...
