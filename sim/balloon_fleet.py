@@ -111,7 +111,7 @@ class FleetMm:
 
     def vm_stats(self) -> list[tuple[int, int]]:
         """The 16 entries current Linux sends, vm events first, in its order."""
-        kib = {name: float(values[self.i]) for name, values in self.balloons.current_stats().items()}
+        kib = {name: float(values[self.i]) for name, values in self.fleet.stats().items()}
 
         def b(name: str) -> int:
             return int(kib[name] * 1024)
@@ -217,20 +217,6 @@ class ProtocolBalloons:
             for i, s in enumerate(specs)
         ]
         self.poll_stats(world.now_s)
-
-    def current_stats(self) -> dict[str, Array]:
-        f = self.fleet
-        return {
-            "swap_in": f.swap_in,
-            "swap_out": f.swap_out,
-            "major_faults": f.major_faults,
-            "minor_faults": f.minor_faults,
-            "mem_free": f.free(),
-            "mem_total": f.mem_total(),
-            "mem_available": f.mem_available(),
-            "disk_caches": f.cache,
-            "oom_kills": f.oom_kills,
-        }
 
     # -- the driver seam (Fleet) ---------------------------------------------------
 

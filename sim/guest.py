@@ -149,6 +149,20 @@ class Fleet:
         free = self.free()
         return np.maximum(free - self.min_free + self.cache - np.minimum(self.cache / 2, self.min_free), 0.0)
 
+    def stats(self) -> dict[str, Array]:
+        """What each guest's stats would report now, by ``sim.device.STAT_FIELDS`` name."""
+        return {
+            "swap_in": self.swap_in,
+            "swap_out": self.swap_out,
+            "major_faults": self.major_faults,
+            "minor_faults": self.minor_faults,
+            "mem_free": self.free(),
+            "mem_total": self.mem_total(),
+            "mem_available": self.mem_available(),
+            "disk_caches": self.cache,
+            "oom_kills": self.oom_kills,
+        }
+
     # -- time passes ---------------------------------------------------------------
 
     def advance(

@@ -86,7 +86,7 @@ class SimHypervisor:
             # PAGE_POISON without init_on_free): report that, as libvirt would expose it.
             self._features = [BalloonFeatures.from_bits(g.driver.features) for g in self.device.guests]
         if isinstance(self.device, BalloonDevice):
-            self.device.take_sample(self.world.now_s, self.current_stats())
+            self.device.take_sample(self.world.now_s, self.fleet.stats())
 
     def advance(self, now_s: float, demand_kib: Array, read_kib_s: Array) -> None:
         """Let the guests and the host run from the previous instant to ``now_s``."""
@@ -99,7 +99,7 @@ class SimHypervisor:
             device = self.device
             if isinstance(device, BalloonDevice):
                 self.fleet.advance(
-                    dt_s, demand_kib, read_kib_s, between=lambda: device.poll_stats(now_s, self.current_stats())
+                    dt_s, demand_kib, read_kib_s, between=lambda: device.poll_stats(now_s, self.fleet.stats())
                 )
             else:
                 self.fleet.advance(dt_s, demand_kib, read_kib_s)
@@ -111,20 +111,6 @@ class SimHypervisor:
 
     def host_used_kib(self) -> float:
         return self.host.used_kib(self.fleet.touched)
-
-    def current_stats(self) -> dict[str, Array]:
-        f = self.fleet
-        return {
-            "swap_in": f.swap_in,
-            "swap_out": f.swap_out,
-            "major_faults": f.major_faults,
-            "minor_faults": f.minor_faults,
-            "mem_free": f.free(),
-            "mem_total": f.mem_total(),
-            "mem_available": f.mem_available(),
-            "disk_caches": f.cache,
-            "oom_kills": f.oom_kills,
-        }
 
     # -- HostReader ------------------------------------------------------------------
 
