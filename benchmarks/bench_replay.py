@@ -2,9 +2,12 @@
 interval over the bundled Bitbrains traces, through the daemon's own control step.
 
     .venv/bin/python benchmarks/bench_replay.py [--guests 50] [--days 7] [--policy headroom]
+    .venv/bin/python benchmarks/bench_replay.py --model protocol --days 1   # the byte-level model
 
 Prints the throughput of one plain run, then where the time goes (a second run under
-cProfile, whose overhead inflates the total but not the split much).
+cProfile, whose overhead inflates the total but not the split much). ``--model both``
+runs the bulk path and the protocol-level model on the same spec and prints both with
+the scorecard figures they should agree on.
 """
 
 from __future__ import annotations
@@ -29,14 +32,23 @@ def main() -> None:
     p.add_argument("--days", type=float, default=7.0)
     p.add_argument("--interval-s", type=float, default=10.0)
     p.add_argument("--policy", default="headroom")
-    p.add_argument("--profile-days", type=float, default=0.5, help="span of the profiled run")
+    p.add_argument("--profile-days", type=float, default=0.5, help="span of the profiled run (0: none)")
+    p.add_argument("--model", choices=("bulk", "protocol", "both"), default="bulk")
     args = p.parse_args()
+    if args.model == "both":
+        for model in ("bulk", "protocol"):
+            run_once(args, model, profile=False)
+        return
+    run_once(args, args.model, profile=args.profile_days > 0)
 
+
+def run_once(args: argparse.Namespace, model: str, *, profile: bool) -> None:
     spec = ReplaySpec(
         traces=(traces.BUNDLED_DIR / "bitbrains-rnd",),
         guests=args.guests,
         hours=args.days * 24,
         interval_s=args.interval_s,
+        model=model,
     )
     t0 = time.perf_counter()
     loaded = load_traces(spec)
@@ -49,12 +61,17 @@ def main() -> None:
     rate = args.guests * ticks / run_s
     print(f"traces loaded: {len(loaded)} in {load_s:.2f} s")
     print(
-        f"replay: {args.guests} guests x {args.days:g} days at {args.interval_s:g} s = {args.guests * ticks:,} guest-ticks in {run_s:.1f} s"
+        f"replay ({model}): {args.guests} guests x {args.days:g} days at {args.interval_s:g} s = {args.guests * ticks:,} guest-ticks in {run_s:.1f} s"
     )
     print(f"throughput: {rate:,.0f} guest-ticks/s ({rate / TARGET_GUEST_TICKS_S:.3f} of the 1,000,000 target)")
+    card = result.scorecard
     print(
-        f"scorecard: saved {result.scorecard.saved_pct:.1f} % of provisioned, below floor {result.scorecard.below_floor_guest_s:.0f} guest-s"
+        f"scorecard: saved {card.saved_gib_h:.1f} GiB·h ({card.saved_pct:.1f} % of provisioned), balloon ops "
+        f"{card.balloon_ops}, OOM kills {card.oom_kills}, auto-deflates {card.auto_deflate_events}, "
+        f"below floor {card.below_floor_guest_s:.0f} guest-s"
     )
+    if not profile:
+        return
 
     short = spec.model_copy(update={"hours": args.profile_days * 24})
     profiler = cProfile.Profile()

@@ -14,7 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -89,6 +89,71 @@ class GuestOverride(_Section):
     weight: float | None = Field(None, gt=0, description="share relative to other guests (default 1)")
 
 
+class LibvirtConfig(_Section):
+    """How to reach libvirt, and what to set up on guests."""
+
+    uri: str = Field("qemu:///system", min_length=1, description="libvirt connection URI")
+    enable_stats_period_s: int = Field(
+        0, ge=0, description="set this stats polling period on guests that have none (0: leave them)"
+    )
+    reconnect_min_s: float = Field(1.0, gt=0, description="first wait before reconnecting to libvirtd")
+    reconnect_max_s: float = Field(60.0, gt=0, description="longest wait between reconnect attempts")
+    keepalive_interval_s: int = Field(5, ge=0, description="libvirt keepalive probe interval (0: off)")
+    keepalive_count: int = Field(3, ge=1, description="unanswered probes before the connection is dropped")
+
+
+class HostConfig(_Section):
+    """Where the host's memory files are (only tests change these)."""
+
+    meminfo_path: Path = Path("/proc/meminfo")
+    psi_memory_path: Path = Path("/proc/pressure/memory")
+    ksm_dir: Path = Path("/sys/kernel/mm/ksm")
+
+
+class MqttConfig(_Section):
+    """Telemetry and commands over MQTT. Off unless ``enabled``."""
+
+    enabled: bool = False
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    tls: bool = Field(False, description="connect with TLS (port 8883 by convention)")
+    ca_file: Path | None = Field(None, description="CA bundle for TLS; system CAs if unset")
+    cert_file: Path | None = Field(None, description="client certificate for TLS client auth")
+    key_file: Path | None = None
+    topic_prefix: str = Field("overcommitd", min_length=1, description="topics are <prefix>/<host_id>/...")
+    host_id: str | None = Field(None, description="this host's name in topics (default: the hostname)")
+    keepalive_s: int = Field(30, ge=5)
+    buffer_size: int = Field(
+        10000, ge=1, description="telemetry messages held while the broker is away; a tick queues 2 per guest + 1"
+    )
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> MqttConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        return self
+
+
+class MetricsConfig(_Section):
+    """The Prometheus ``/metrics`` endpoint. Off unless ``enabled``."""
+
+    enabled: bool = False
+    address: str = Field("127.0.0.1", description="listen address; 0.0.0.0 for all")
+    port: int = Field(9477, ge=0, le=65535, description="0 picks a free port")
+
+
+class RunnerConfig(_Section):
+    """How the daemon runs."""
+
+    dry_run: bool = Field(False, description="decide and publish, but set no balloon")
+    return_to_max_on_exit: bool = Field(False, description="on SIGTERM, deflate every balloon to the guest's maximum")
+    log_format: Literal["json", "text"] = Field("json", description="json: one object per line, for journald/Loki")
+
+
 class DaemonConfig(_Section):
     """The whole configuration file."""
 
@@ -96,6 +161,11 @@ class DaemonConfig(_Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     guests: dict[str, GuestOverride] = Field(default_factory=dict)
+    libvirt: LibvirtConfig = Field(default_factory=LibvirtConfig)
+    host: HostConfig = Field(default_factory=HostConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     @classmethod
     def load(cls, path: Path | None, **cli: object) -> DaemonConfig:

@@ -1,4 +1,4 @@
-"""One control step, and the asyncio runner that calls it on a real timer.
+"""One control step, shared by the daemon (``overcommitd.runner``) and the replay.
 
 ``step`` is a plain function of (time, snapshots, policy, state): no I/O, no clock
 reads. The replay calls it on a virtual clock, the daemon on a timer; both then hand the
@@ -9,17 +9,15 @@ decisions to ``apply``. One step::
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from overcommitd.config import DaemonConfig
 from overcommitd.guard import FRESH, GuardMemory, guard
-from overcommitd.hypervisor import HostReader, Hypervisor
+from overcommitd.hypervisor import Hypervisor, HypervisorError
 from overcommitd.model import Decision, GuestSnapshot, HostSnapshot, RunState
 from policies.api import Policy, PolicyResult
 
@@ -97,40 +95,23 @@ def step(
     return StepOutcome(tuple(decisions), LoopState(result.state, memory), policy_error)
 
 
-def apply(hv: Hypervisor, decisions: Sequence[Decision]) -> int:
-    """Set every target that is not a hold; returns how many were set."""
-    n = 0
+def apply(hv: Hypervisor, decisions: Sequence[Decision]) -> set[str]:
+    """Set every target the guard let through; returns the uuids set. One guest failing
+    (destroyed mid-tick) never stops the others."""
+    applied = set()
     for d in decisions:
-        if d.target_kib is not None:
+        if d.target_kib is None:
+            continue
+        try:
             hv.set_target(d.uuid, d.target_kib)
-            n += 1
-    return n
-
-
-async def run(
-    hv: Hypervisor,
-    host: HostReader,
-    policy: Policy[Any],
-    cfg: DaemonConfig,
-    *,
-    once: bool = False,
-    dry_run: bool = False,
-    on_step: Callable[[HostSnapshot, StepOutcome[Any]], None] | None = None,
-) -> None:
-    """Read, decide, apply, on a steady tick. Blocking hypervisor calls run in a thread
-    so the event loop (telemetry, signals) never waits on them."""
-    state: LoopState[Any] = LoopState.initial(policy)
-    next_s = time.monotonic()
-    while True:
-        host_snapshot = await asyncio.to_thread(host.read)
-        guests = await asyncio.to_thread(hv.snapshot)
-        outcome = step(host_snapshot.taken_at_s, host_snapshot, guests, policy, state, cfg)
-        state = outcome.state
-        if not dry_run:
-            await asyncio.to_thread(apply, hv, outcome.decisions)
-        if on_step is not None:
-            on_step(host_snapshot, outcome)
-        if once:
-            return
-        next_s += cfg.interval_s
-        await asyncio.sleep(max(0.0, next_s - time.monotonic()))
+        except HypervisorError as e:
+            log.warning(
+                "guest %s: target %d KiB not set: %s",
+                d.name,
+                d.target_kib,
+                e,
+                extra={"event": "set-failed", "guest": d.name},
+            )
+            continue
+        applied.add(d.uuid)
+    return applied

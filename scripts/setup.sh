@@ -13,6 +13,9 @@ if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# QEMU, libvirt (libvirt-python builds against libvirt-dev), mosquitto, the guest image.
+bash scripts/setup-host.sh
+
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/pip install -q --upgrade pip

@@ -30,6 +30,12 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
         help="provisioned / host RAM (default %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for guest features (default 0)")
+    p.add_argument(
+        "--model",
+        choices=("bulk", "protocol"),
+        default="bulk",
+        help="bulk (fast, default) or protocol: byte-level virtio-balloon per guest",
+    )
     p.add_argument("--json", type=Path, help="also write the scorecard as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -44,6 +50,7 @@ def replay_command(args: argparse.Namespace) -> int:
         "interval_s": cfg.interval_s,
         "overcommit": args.overcommit,
         "seed": args.seed,
+        "model": args.model,
     }
     if args.trace:
         fields["traces"] = tuple(args.trace)

@@ -153,6 +153,8 @@ def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
         "overcommit": args.overcommit,
         "seed": args.seed,
     }
+    if getattr(args, "model", None):
+        fields["model"] = args.model
     if args.trace:
         fields["traces"] = tuple(args.trace)
     if args.guests:

@@ -29,17 +29,21 @@ reports them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from sim.backing import RamBacking
+from sim.balloon_spec import PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY_S, PAGEBLOCK_ORDER
 from sim.driver import BalloonDriver
 
 Array = npt.NDArray[np.float64]
 OOM_STEP_KIB = 256 * 4  # VIRTIO_BALLOON_OOM_NR_PAGES x 4 KiB, per OOM notification
 EPSILON_KIB = 1.0
+REPORT_BLOCK_KIB = 4 << PAGEBLOCK_ORDER  # free page reporting's order-9 blocks: 2 MiB
 
 
 class GuestModelParams(BaseModel):
@@ -69,6 +73,18 @@ class GuestSpec:
     reporting: bool = False
     floor_kib: int = 0
     weight: float = 1.0
+    backing: RamBacking = field(default_factory=RamBacking)
+    free_page_hint: bool = False
+
+
+def bulk_release_fraction(backing: RamBacking, *, inhibited: bool = False) -> float:
+    """Share of ballooned (touched) pages the host releases, in closed form for Linux's
+    requests of 256 contiguous 4 KiB PFNs (the protocol model's rule, ``sim.backing``):
+    a host page is freed only if one request covers it, so host pages of up to 1 MiB
+    are freed whole and larger ones (2 MiB hugetlbfs) never."""
+    if inhibited or not backing.frees():
+        return 0.0
+    return 1.0 if backing.page_bytes <= 256 * 4096 else 0.0
 
 
 class Fleet:
@@ -86,7 +102,9 @@ class Fleet:
         self.kernel = p.kernel_fixed_kib + self.ram * p.kernel_pct / 100
         self.min_free = self.ram * p.min_free_pct / 100
         self.cache_min = self.ram * p.cache_min_pct / 100
-        self.driver = BalloonDriver(len(specs))
+        self.driver = BalloonDriver(len(specs), self.deflate_on_oom)
+        self.release_frac = np.array([bulk_release_fraction(s.backing) for s in specs])
+        self.balloon_resident = np.zeros_like(self.ram)  # ballooned pages the host did not release
         self.anon = np.minimum(initial_demand_kib, self._capacity() - self.min_free - self.cache_min)
         self.swap = np.zeros_like(self.ram)
         free = self._capacity() - self.anon - self.cache_min
@@ -102,7 +120,6 @@ class Fleet:
         self.minor_faults = np.zeros_like(self.ram)
         self.oom_kills = np.zeros_like(self.ram)
         self.oom_deflates = np.zeros_like(self.ram)
-        self._report_free()
 
     # -- what the guest shows ------------------------------------------------------
 
@@ -114,15 +131,17 @@ class Fleet:
         return self.ram - self.driver.balloon_kib
 
     def _capacity(self) -> Array:
-        """Memory the guest can allocate to anon and cache: its pool less the kernel."""
-        return self.ram - self.reserved - self.kernel - self.driver.balloon_kib
+        """Memory the guest can allocate to anon and cache: its pool less the kernel,
+        the balloon and the blocks free page hinting holds."""
+        return self.ram - self.reserved - self.kernel - self.driver.balloon_kib - self.driver.held_kib
 
     def free(self) -> Array:
         return np.maximum(self._capacity() - self.anon - self.cache, 0.0)
 
     def mem_total(self) -> Array:
-        """MemTotal: shrinks with the balloon unless DEFLATE_ON_OOM (Linux commit 997e120843e8)."""
-        return self.ram - self.reserved - np.where(self.deflate_on_oom, 0.0, self.driver.balloon_kib)
+        """MemTotal: the driver's adjust_managed_page_count() takes ballooned pages out
+        of it unless DEFLATE_ON_OOM (Linux commit 997e120843e8)."""
+        return self.ram - self.reserved - self.driver.managed_removed_kib
 
     def mem_available(self) -> Array:
         """MemAvailable as si_mem_available() estimates it: free above the low watermark
@@ -130,38 +149,121 @@ class Fleet:
         free = self.free()
         return np.maximum(free - self.min_free + self.cache - np.minimum(self.cache / 2, self.min_free), 0.0)
 
+    def stats(self) -> dict[str, Array]:
+        """What each guest's stats would report now, by ``sim.device.STAT_FIELDS`` name."""
+        return {
+            "swap_in": self.swap_in,
+            "swap_out": self.swap_out,
+            "major_faults": self.major_faults,
+            "minor_faults": self.minor_faults,
+            "mem_free": self.free(),
+            "mem_total": self.mem_total(),
+            "mem_available": self.mem_available(),
+            "disk_caches": self.cache,
+            "oom_kills": self.oom_kills,
+        }
+
     # -- time passes ---------------------------------------------------------------
 
-    def advance(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
-        """Move every guest ``dt_s`` forward under its working-set demand and file reads."""
+    def advance(
+        self, dt_s: float, demand_kib: Array, read_kib_s: Array, between: Callable[[], None] | None = None
+    ) -> None:
+        """Move every guest ``dt_s`` forward under its working-set demand and file reads.
+
+        The balloons move first: they follow targets set at the previous instant and
+        finish long before this one (at ~1 GiB/s). ``between`` then sees that state, the
+        state every stats sample taken during the interval saw; the workload and the
+        pressure it causes land at the end of the interval."""
         self._move_balloon(dt_s)
+        self._report_free(dt_s)
+        if between is not None:
+            between()
         self._follow_demand(demand_kib)
         self._grow_cache(dt_s, read_kib_s)
         self._relieve_pressure()
         self._swap_in(dt_s)
-        self._report_free()
+        self.touched = self._clip_touched()
 
     def _allocate(self, amount: Array) -> None:
         """New pages come from the free list; beyond the touched free pages they cost
         the host a fresh page."""
-        touched_free = np.maximum(self.touched - self.reserved - self.kernel - self.anon - self.cache, 0.0)
-        self.touched += np.maximum(amount - touched_free, 0.0)
+        self.touched += np.maximum(amount - self._touched_free(), 0.0)
         self.minor_faults += amount / 4
 
+    def _touched_free(self) -> Array:
+        """Free guest pages that are still backed by host RAM."""
+        in_use = self.reserved + self.kernel + self.anon + self.cache + self.balloon_resident
+        return np.maximum(self.touched - in_use, 0.0)
+
+    def spare_kib(self) -> Array:
+        """What a __GFP_NORETRY allocation can get: free above the low watermark, plus
+        page cache above its minimum."""
+        return np.maximum(self.free() - self.min_free, 0.0) + np.maximum(self.cache - self.cache_min, 0.0)
+
     def _move_balloon(self, dt_s: float) -> None:
-        """The driver takes free pages first, then page cache it reclaims; every page it
-        takes is discarded by the host. Deflated pages come back untouched."""
-        free_before = self.free()
-        touched_free = np.maximum(self.touched - self.reserved - self.kernel - self.anon - self.cache, 0.0)
-        spare_free = np.maximum(free_before - self.min_free, 0.0)
+        """The bulk driver moves the balloons; the protocol model moves them on the World
+        clock instead (its ``advance`` leaves them be) and reports each request through
+        ``balloon_moved``."""
         before = self.driver.balloon_kib.copy()
-        self.driver.advance(dt_s, spare_free + np.maximum(self.cache - self.cache_min, 0.0))
-        inflated = np.maximum(self.driver.balloon_kib - before, 0.0)
-        from_free = np.minimum(inflated, spare_free)
+        self.driver.advance(dt_s, self.spare_kib())
+        delta = self.driver.balloon_kib - before
+        if delta.any():
+            self.balloon_moved(delta, self.release_frac)
+
+    def balloon_moved_one(self, i: int, delta_kib: float, release_frac: float) -> None:
+        """``balloon_moved`` for guest ``i`` alone, in scalars: the protocol path calls it
+        once per 256-PFN request, where numpy over every guest would dominate."""
+        before = float(self.driver.balloon_kib[i]) - delta_kib
+        anon, cache, touched, resident = (
+            float(self.anon[i]),
+            float(self.cache[i]),
+            float(self.touched[i]),
+            float(self.balloon_resident[i]),
+        )
+        in_use = float(self.reserved[i] + self.kernel[i]) + anon + cache
+        if delta_kib > 0:
+            capacity = float(self.ram[i] - self.reserved[i] - self.kernel[i] - self.driver.held_kib[i]) - before
+            free_before = max(capacity - anon - cache, 0.0)
+            touched_free = max(touched - in_use - resident, 0.0)
+            from_free = min(delta_kib, max(free_before - float(self.min_free[i]), 0.0))
+            from_cache = delta_kib - from_free
+            self.cache[i] = cache - from_cache
+            taken_touched = from_cache + min(from_free, touched_free)
+            touched -= release_frac * taken_touched
+            resident += (1.0 - release_frac) * taken_touched
+        elif delta_kib < 0 and before > 0:
+            resident -= resident * min(-delta_kib / before, 1.0)
+        self.balloon_resident[i] = resident
+        if delta_kib > 0:
+            limit = float(self.ram[i] - self.driver.balloon_kib[i]) + resident
+            self.touched[i] = min(max(touched, 0.0), limit)
+
+    def balloon_moved(self, delta_kib: Array, release_frac: Array) -> None:
+        """Account a balloon change that already happened (``driver.balloon_kib`` holds
+        the new size): inflation takes free pages first, then page cache; the host
+        releases ``release_frac`` of the touched pages taken, the rest stay resident in
+        the balloon. Deflated pages come back; the resident ones still touched."""
+        inflated = np.maximum(delta_kib, 0.0)
+        before = self.driver.balloon_kib - delta_kib
+        free_before = np.maximum(self._capacity() + delta_kib - self.anon - self.cache, 0.0)
+        touched_free = self._touched_free()
+        from_free = np.minimum(inflated, np.maximum(free_before - self.min_free, 0.0))
         from_cache = inflated - from_free
         self.cache -= from_cache
-        self.touched -= from_cache + np.minimum(from_free, touched_free)
-        self.touched = np.clip(self.touched, 0.0, self.ram - self.driver.balloon_kib)
+        taken_touched = from_cache + np.minimum(from_free, touched_free)
+        self.touched -= release_frac * taken_touched
+        self.balloon_resident += (1.0 - release_frac) * taken_touched
+        deflated = np.maximum(-delta_kib, 0.0)
+        share = np.divide(deflated, before, out=np.zeros_like(before), where=before > 0)
+        self.balloon_resident -= self.balloon_resident * np.minimum(share, 1.0)
+        # Only an inflate can push touched pages past the limit; a deflate (the OOM
+        # notifier's, amid an allocation) only raises it. Rows as ``balloon_moved_one``.
+        self.touched = np.where(delta_kib > 0, self._clip_touched(), self.touched)
+
+    def _clip_touched(self) -> Array:
+        """Touched pages cannot exceed the guest's pages outside the balloon plus the
+        ballooned pages the host still backs."""
+        return np.clip(self.touched, 0.0, self.ram - self.driver.balloon_kib + self.balloon_resident)
 
     def _follow_demand(self, demand: Array) -> None:
         working_set = self.anon + self.swap
@@ -186,6 +288,9 @@ class Fleet:
         from_cache = np.clip(over, 0.0, np.maximum(self.cache - self.cache_min, 0.0))
         self.cache -= from_cache
         over -= from_cache
+        # Reclaim also runs the balloon's shrinker: free page hinting blocks go back whole.
+        if self.driver.held_kib.any():
+            over -= self.driver.release_held(np.maximum(over, 0.0))
         to_swap = np.clip(over, 0.0, np.maximum(self.swap_size - self.swap, 0.0))
         self.anon -= to_swap
         self.swap += to_swap
@@ -215,11 +320,27 @@ class Fleet:
         self.swap -= back
         self.cache = np.minimum(self.cache, np.maximum(self._capacity() - self.anon, self.cache_min))
 
-    def _report_free(self) -> None:
-        """Free page reporting (Linux mm/page_reporting.c): free 2 MiB blocks are
-        reported about 2 s after they became free and discarded by the host. A control
-        interval is longer than that delay, so within one advance all but the
-        fragmented residue of free memory is returned."""
-        residue = self.free() * self.params.report_residue_pct / 100
-        in_use = self.reserved + self.kernel + self.anon + self.cache
-        self.touched = np.where(self.reporting, np.minimum(self.touched, in_use + residue), self.touched)
+    def reportable_blocks(self) -> Array:
+        """Free 2 MiB blocks (order 9) not yet reported, per guest: touched free memory
+        less the fragmented residue, and none while the zone is below its low watermark
+        plus 32 blocks (mm/page_reporting.c's zone gate)."""
+        free = self.free()
+        gate = free >= self.min_free + PAGE_REPORTING_CAPACITY * REPORT_BLOCK_KIB
+        unreported = self._touched_free() - free * self.params.report_residue_pct / 100
+        return np.where(gate, np.floor(np.maximum(unreported, 0.0) / REPORT_BLOCK_KIB), 0.0)
+
+    def _report_free(self, dt_s: float) -> None:
+        """Free page reporting in closed form (Linux mm/page_reporting.c, the protocol
+        model's ``page_reporting_process``): blocks that were free at the last instant are
+        reported in passes 2 s apart, the first 2 s after it, so ``ceil(dt/2) - 1`` passes
+        fall inside the interval; a pass makes ceil(n / (32*16)) report calls of up to 32
+        blocks; the host discards what is reported."""
+        bulk = self.reporting & ~self.driver.reports_itself
+        if not bulk.any():
+            return
+        for _ in range(max(int(np.ceil(dt_s / PAGE_REPORTING_DELAY_S)) - 1, 0)):
+            n = np.where(bulk, self.reportable_blocks(), 0.0)
+            if not n.any():
+                return
+            calls = np.ceil(n / (PAGE_REPORTING_CAPACITY * 16))
+            self.touched -= np.minimum(n, calls * PAGE_REPORTING_CAPACITY) * REPORT_BLOCK_KIB

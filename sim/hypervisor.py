@@ -5,14 +5,21 @@ cannot tell a replay from a hypervisor."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from overcommitd.hypervisor import HypervisorError
 from overcommitd.model import BalloonFeatures, GuestSnapshot, GuestStats, HostSnapshot
 from sim.device import STAT_FIELDS, BalloonDevice
+
+if TYPE_CHECKING:
+    from sim.balloon_fleet import ProtocolBalloons
 from sim.guest import Array, Fleet, GuestModelParams, GuestSpec
 from sim.host import HostModelParams, SimHost
+from sim.world import World
+
+SimModel = Literal["bulk", "protocol"]
 
 # GuestStats field for each device stat, translated at this edge.
 _STAT_TO_FIELD = {
@@ -32,7 +39,13 @@ _FIELDS = tuple(_STAT_TO_FIELD[name] for name in STAT_FIELDS)
 
 
 class SimHypervisor:
-    """Guests, their balloon devices and the host, advanced by the replay's clock."""
+    """Guests, their balloon devices and the host, advanced by the replay's clock.
+
+    ``model="bulk"`` moves balloons and polls stats in closed form for all guests at once;
+    ``model="protocol"`` gives each guest the byte-level device and driver
+    (``sim.balloon_fleet``), run on ``world`` between the replay's ticks. A replay passes
+    its own World; without one the hypervisor owns a World and runs it in ``advance``.
+    """
 
     def __init__(
         self,
@@ -43,46 +56,61 @@ class SimHypervisor:
         stats_period_s: float = 5.0,
         guest_params: GuestModelParams | None = None,
         host_params: HostModelParams | None = None,
+        model: SimModel = "bulk",
+        world: World | None = None,
     ) -> None:
         self.specs = specs
+        self.model = model
         self.fleet = Fleet(specs, guest_params or GuestModelParams(), initial_demand_kib)
-        self.device = BalloonDevice(self.fleet.ram, np.full(len(specs), stats_period_s), self.fleet.driver)
+        self._owns_world = world is None
+        self.world = world or World()
+        self.device: BalloonDevice | ProtocolBalloons
+        if model == "protocol":
+            from sim.balloon_fleet import ProtocolBalloons
+
+            self.device = ProtocolBalloons(self.world, self.fleet, specs, stats_period_s)
+        else:
+            self.device = BalloonDevice(self.fleet.ram, np.full(len(specs), stats_period_s), self.fleet.driver)
         self.host = SimHost(host_mem_kib, host_params or HostModelParams())
         self.index = {s.uuid: i for i, s in enumerate(specs)}
         self.last_target_kib: list[int | None] = [None] * len(specs)
         self.target_kib = self.fleet.ram.copy()  # the same, as an array; RAM where never set
         self.targets_set = 0
         self.now_s = 0.0
-        self._features = [BalloonFeatures(deflate_on_oom=s.deflate_on_oom, reporting=s.reporting) for s in specs]
-        self.device.poll_stats(0.0, self.current_stats())
+        self._features = [
+            BalloonFeatures(deflate_on_oom=s.deflate_on_oom, reporting=s.reporting, free_page_hint=s.free_page_hint)
+            for s in specs
+        ]
+        if not isinstance(self.device, BalloonDevice):
+            # The protocol path knows what the driver actually negotiated (e.g. Linux drops
+            # PAGE_POISON without init_on_free): report that, as libvirt would expose it.
+            self._features = [BalloonFeatures.from_bits(g.driver.features) for g in self.device.guests]
+        if isinstance(self.device, BalloonDevice):
+            self.device.take_sample(self.world.now_s, self.fleet.stats())
 
     def advance(self, now_s: float, demand_kib: Array, read_kib_s: Array) -> None:
         """Let the guests and the host run from the previous instant to ``now_s``."""
         dt_s = now_s - self.now_s
         if dt_s < 0:
             raise ValueError(f"now_s(={now_s}) is before the simulator's clock (={self.now_s})")
+        if self._owns_world:
+            self.world.run(until_s=now_s)
         if dt_s > 0:
-            self.fleet.advance(dt_s, demand_kib, read_kib_s)
+            device = self.device
+            if isinstance(device, BalloonDevice):
+                self.fleet.advance(
+                    dt_s, demand_kib, read_kib_s, between=lambda: device.poll_stats(now_s, self.fleet.stats())
+                )
+            else:
+                self.fleet.advance(dt_s, demand_kib, read_kib_s)
+                device.after_advance()
             self.host.advance(dt_s, self.host_used_kib())
         self.now_s = now_s
-        self.device.poll_stats(now_s, self.current_stats())
+        if not isinstance(self.device, BalloonDevice):
+            self.device.poll_stats(now_s)
 
     def host_used_kib(self) -> float:
         return self.host.used_kib(self.fleet.touched)
-
-    def current_stats(self) -> dict[str, Array]:
-        f = self.fleet
-        return {
-            "swap_in": f.swap_in,
-            "swap_out": f.swap_out,
-            "major_faults": f.major_faults,
-            "minor_faults": f.minor_faults,
-            "mem_free": f.free(),
-            "mem_total": f.mem_total(),
-            "mem_available": f.mem_available(),
-            "disk_caches": f.cache,
-            "oom_kills": f.oom_kills,
-        }
 
     # -- HostReader ------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from policies.api import Policy
 from sim import traces as trace_io
 from sim.guest import Array, GuestModelParams, GuestSpec
 from sim.host import HostModelParams
-from sim.hypervisor import SimHypervisor
+from sim.hypervisor import SimHypervisor, SimModel
 from sim.metrics import Recorder, Scorecard, Timeline
 from sim.workload import Workload
 from sim.world import World
@@ -51,6 +51,9 @@ class ReplaySpec(BaseModel):
     guest_swap_kib: int = Field(512 * 1024, ge=0, description="swap space in each guest")
     machine_kib: int = Field(trace_io.DEFAULT_MACHINE_KIB, gt=0, description="Google 2019 scale: one machine")
     seed: int = 0
+    model: SimModel = Field(
+        "bulk", description="bulk: closed-form balloons; protocol: byte-level device and driver per guest"
+    )
     guest_model: GuestModelParams = GuestModelParams()
     host_model: HostModelParams = HostModelParams()
 
@@ -103,6 +106,7 @@ def replay(
     ram = np.array([s.ram_kib for s in specs], dtype=np.float64)
     host_kib = int(ram.sum() / spec.overcommit) + spec.host_model.base_kib
     first_demand, _ = workload.block(np.zeros(1))
+    world = World()
     hv = SimHypervisor(
         specs,
         host_mem_kib=host_kib,
@@ -110,11 +114,12 @@ def replay(
         stats_period_s=spec.stats_period_s,
         guest_params=spec.guest_model,
         host_params=spec.host_model,
+        model=spec.model,
+        world=world,
     )
     floors = np.array([floor_kib(g, cfg.guard) for g in hv.snapshot()], dtype=np.float64)
     recorder = Recorder(ram, floors, n_ticks)
     run = _Run(spec, policy, cfg, hv, workload, recorder, progress)
-    world = World()
     world.every(spec.interval_s, run.tick, first_s=spec.interval_s)
     world.run(until_s=n_ticks * spec.interval_s)
     f = hv.fleet

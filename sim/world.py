@@ -10,17 +10,11 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 Event = Callable[[], None]
-
-
-@dataclass(order=True)
-class _Entry:
-    at_s: float
-    priority: int
-    seq: int
-    event: Event = field(compare=False)
+# A queue entry is the tuple (at_s, priority, seq, event): tuples compare in C, and seq
+# is unique, so the event itself is never compared.
+_Entry = tuple[float, int, int, Event]
 
 
 class World:
@@ -35,7 +29,7 @@ class World:
         """Run ``event`` ``delay_s`` from now; urgent events (interrupts) go first at a tie."""
         if delay_s < 0:
             raise ValueError(f"delay_s(={delay_s}) must be >= 0")
-        heapq.heappush(self._queue, _Entry(self.now_s + delay_s, 0 if urgent else 1, next(self._seq), event))
+        heapq.heappush(self._queue, (self.now_s + delay_s, 0 if urgent else 1, next(self._seq), event))
 
     def every(self, period_s: float, event: Event, *, first_s: float = 0.0) -> None:
         """Run ``event`` at ``first_s`` from now and then every ``period_s``."""
@@ -50,13 +44,13 @@ class World:
 
     def peek(self) -> float:
         """When the next event is due; infinity if none is."""
-        return self._queue[0].at_s if self._queue else float("inf")
+        return self._queue[0][0] if self._queue else float("inf")
 
     def step(self) -> None:
         """Advance to the next event and run it."""
-        entry = heapq.heappop(self._queue)
-        self.now_s = entry.at_s
-        entry.event()
+        at_s, _, _, event = heapq.heappop(self._queue)
+        self.now_s = at_s
+        event()
 
     def run(self, until_s: float) -> None:
         """Run every event due at or before ``until_s``, then stop the clock there."""

@@ -1,9 +1,15 @@
-"""Builders for hand-made snapshots and tiny policies used across the tests."""
+"""Builders for hand-made snapshots and tiny policies used across the tests.
+
+``FixedPolicy`` asks for fixed targets, so a test can make a policy want something the
+guard must refuse (below a floor, faster than a step); configs name it as
+``tests.helpers:FixedPolicy``."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from overcommitd.model import BalloonFeatures, GuestSnapshot, GuestStats, HostSnapshot
 from policies.api import PolicyResult
@@ -68,19 +74,29 @@ class Noop:
         return PolicyResult({}, None)
 
 
-class Fixed:
-    """Asks every guest for the same target, whatever happens."""
+class FixedParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    target_kib: int | None = None  # for every guest; None: no wish
+    by_name: dict[str, int] = {}  # per guest name, wins over target_kib
 
+
+class FixedPolicy:
     name = "fixed"
+    Params = FixedParams
 
-    def __init__(self, target_kib: int) -> None:
-        self.target_kib = target_kib
+    def __init__(self, params: FixedParams | None = None) -> None:
+        self.params = params or FixedParams()
 
     def initial_state(self) -> int:
         return 0
 
     def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: int) -> PolicyResult[int]:
-        return PolicyResult({g.uuid: self.target_kib for g in guests}, state + 1)
+        targets = {}
+        for g in guests:
+            t = self.params.by_name.get(g.name, self.params.target_kib)
+            if t is not None:
+                targets[g.uuid] = t
+        return PolicyResult(targets, state + 1)
 
 
 class Raising:

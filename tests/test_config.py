@@ -7,13 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import GIB, MIB, guest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from overcommitd.cli import main
 from overcommitd.config import ConfigError, DaemonConfig, parse_kib
+from tests.helpers import GIB, MIB, guest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,12 @@ def test_the_example_config_is_valid_and_documents_every_key() -> None:
         assert re.search(rf"^(#\s*)?{leaf} =|^\[(.*\.)?{leaf}[.\]]", text, re.MULTILINE), (
             f"config.example.toml lacks {key}"
         )
+
+
+def test_the_example_values_are_the_defaults() -> None:
+    """The example shows what you get by leaving a key out (its guest section aside)."""
+    example = DaemonConfig.load(REPO / "config.example.toml")
+    assert example.model_copy(update={"guests": {}}) == DaemonConfig()
 
 
 def test_sizes_take_binary_units(tmp_path: Path) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from helpers import GIB, MIB, guest, stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overcommitd.config import GuardConfig
 from overcommitd.guard import GuardMemory, floor_kib, guard, implausible
 from overcommitd.model import BalloonFeatures, ClampReason, GuestSnapshot, GuestStats, RunState
+from tests.helpers import GIB, MIB, guest, stats
 
 RULES = GuardConfig()
 NOW = 100.0

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from helpers import GIB, MIB, guest, host, stats
-
 from policies.headroom import HeadroomParams, HeadroomPolicy
+from tests.helpers import GIB, MIB, guest, host, stats
 
 POLICY = HeadroomPolicy(HeadroomParams(host_target_used_pct=50, buffer_pct=20, min_free_kib=256 * MIB))
 

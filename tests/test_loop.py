@@ -3,24 +3,24 @@ applied; and the asyncio runner doing one step against a simulated host."""
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 
 import numpy as np
-from helpers import GIB, Fixed, Noop, Raising, guest, host
 
 from overcommitd.config import DaemonConfig, GuestOverride
-from overcommitd.loop import LoopState, apply, run, step
+from overcommitd.loop import LoopState, apply, step
 from overcommitd.model import ClampReason, GuestSnapshot, HostSnapshot
 from policies.api import PerGuestPolicy
 from sim.guest import GuestSpec
 from sim.hypervisor import SimHypervisor
+from tests.helpers import GIB, FixedParams, FixedPolicy, Noop, Raising, guest, host
 
 CFG = DaemonConfig()
 
 
 def test_fixed_policy_is_stepped_by_the_guard_and_state_carries() -> None:
     guests = [guest("a", actual_kib=4 * GIB), guest("b", actual_kib=4 * GIB)]
-    policy = Fixed(1 * GIB)
+    policy = FixedPolicy(FixedParams(target_kib=1 * GIB))
     out = step(100.0, host(), guests, policy, LoopState.initial(policy), CFG)
     assert [d.target_kib for d in out.decisions] == [4 * GIB - CFG.guard.max_inflate_step_kib] * 2
     assert out.state.policy_state == 1
@@ -77,24 +77,12 @@ def sim_host(n: int = 2) -> SimHypervisor:
     return SimHypervisor(specs, host_mem_kib=16 * GIB, initial_demand_kib=np.full(n, 1.0 * GIB))
 
 
-def test_apply_sets_only_targets_that_are_not_holds() -> None:
+def test_apply_sets_only_targets_that_are_not_holds_and_survives_a_vanished_guest() -> None:
     hv = sim_host()
-    policy = Fixed(3 * GIB)
+    policy = FixedPolicy(FixedParams(target_kib=3 * GIB))
     out = step(hv.now_s, hv.read(), hv.snapshot(), policy, LoopState.initial(policy), CFG)
-    assert apply(hv, out.decisions) == 2
+    assert apply(hv, out.decisions) == {"u0", "u1"}
     hv.advance(10.0, np.full(2, 1.0 * GIB), np.zeros(2))
     assert [g.actual_kib for g in hv.snapshot()] == [4 * GIB - CFG.guard.max_inflate_step_kib] * 2
-
-
-def test_the_runner_does_one_step_against_a_simulated_host() -> None:
-    hv = sim_host()
-    seen = []
-    asyncio.run(run(hv, hv, Fixed(3 * GIB), CFG, once=True, on_step=lambda h, o: seen.append(o)))
-    assert len(seen) == 1 and hv.targets_set == 2
-
-
-def test_dry_run_decides_but_sets_nothing() -> None:
-    hv = sim_host()
-    seen = []
-    asyncio.run(run(hv, hv, Fixed(3 * GIB), CFG, once=True, dry_run=True, on_step=lambda h, o: seen.append(o)))
-    assert seen[0].decisions[0].target_kib is not None and hv.targets_set == 0
+    gone = dataclasses.replace(out.decisions[0], uuid="vanished")
+    assert apply(hv, [gone, out.decisions[1]]) == {"u1"}

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from helpers import GIB, guest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from overcommitd.model import BalloonFeatures, Feature, GuestStats, HostSnapshot
+from tests.helpers import GIB, guest
 
 
 @given(st.integers(min_value=0, max_value=2**40))

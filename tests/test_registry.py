@@ -24,7 +24,7 @@ def test_unknown_name_lists_the_known_ones() -> None:
 
 
 def test_module_class_spec_loads_a_plugin_without_entry_point() -> None:
-    policy = registry.create("helpers:Noop")
+    policy = registry.create("tests.helpers:Noop")
     assert policy.name == "noop"
 
 
@@ -49,4 +49,4 @@ def test_params_are_validated_by_the_policy_model() -> None:
 
 def test_a_policy_without_params_refuses_them() -> None:
     with pytest.raises(registry.PolicyLoadError, match="takes no parameters, got: x"):
-        registry.create("helpers:Noop", {"x": 1})
+        registry.create("tests.helpers:Noop", {"x": 1})

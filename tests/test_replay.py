@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import Noop
 
 from overcommitd.cli import main
 from overcommitd.config import DaemonConfig
 from policies import registry
 from sim import traces
 from sim.replay import ReplaySpec, replay
+from tests.helpers import Noop
 
 SLICE = tuple(traces.bundled()[:12])
 SPEC = ReplaySpec(traces=SLICE, hours=12.0, floor_pct=30.0)

@@ -130,9 +130,11 @@ def test_free_page_reporting_returns_freed_memory_without_a_balloon() -> None:
 def test_stats_arrive_on_the_polling_period_with_last_update() -> None:
     hv = one_guest()
     seen = []
-    for _ in range(10):
+    for _ in range(12):
         hv.advance(hv.now_s + 1.0, np.array([1.0 * GIB]), np.zeros(1))
         stats = hv.snapshot()[0].stats
         assert stats is not None
         seen.append(stats.last_update_s)
-    assert seen == [0, 0, 0, 0, 5, 5, 5, 5, 5, 10]
+    # QEMU's timer fires every 5 s; the guest answers a moment later (its stats work
+    # item), so a sample stamped 5 s (last-update is whole seconds) is there from 6 s on.
+    assert seen == [0, 0, 0, 0, 0, 5, 5, 5, 5, 5, 10, 10]

@@ -1,0 +1,323 @@
+"""The daemon: ``overcommitd run`` on a real host.
+
+Each tick reads (host files, then every guest in one hypervisor call), lets
+``overcommitd.loop.step`` decide (the policy, then the guard: nothing reaches a guest any
+other way), applies the targets unless in dry-run, and hands telemetry to MQTT and
+Prometheus, which never wait on the network. Blocking calls (libvirt, /proc) run in a
+worker thread, so signals, commands and telemetry are served while libvirt is slow.
+
+Signals: SIGTERM/SIGINT stop after the current tick (and, when configured, deflate every
+balloon to its maximum first); SIGHUP reloads the config file. Per-guest state (targets
+set, the guard's back-off memory) lives across reloads and libvirt reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from overcommitd.config import ConfigError, DaemonConfig, GuestOverride
+from overcommitd.host import HostError
+from overcommitd.hypervisor import HostReader, Hypervisor, HypervisorError
+from overcommitd.loop import LoopState, StepOutcome, apply, step
+from overcommitd.model import GuestSnapshot, HostSnapshot
+from overcommitd.sdnotify import Notifier
+from overcommitd.telemetry import messages as msg
+from overcommitd.telemetry.metrics import Metrics
+from overcommitd.telemetry.mqtt import MqttLink
+from policies import registry
+from policies.api import Policy
+
+log = logging.getLogger(__name__)
+
+
+class ManagedHypervisor(Hypervisor, Protocol):
+    """What the daemon needs beyond the loop's Hypervisor: a connection to manage,
+    floors to write, balloons to return on exit, and its error counts."""
+
+    errors: Counter[str]
+
+    def connect(self) -> None: ...
+    def close(self) -> None: ...
+    def set_floor(self, name_or_uuid: str, floor_kib: int) -> str: ...
+    def return_to_max(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TickReport:
+    """What one tick did; ``error`` is set when it could not read and so decided nothing."""
+
+    guests: tuple[GuestSnapshot, ...] = ()
+    outcome: StepOutcome[Any] | None = None
+    applied: frozenset[str] = frozenset()
+    duration_s: float = 0.0
+    error: str | None = None
+
+
+def _error_name(e: HypervisorError) -> msg.ErrorName:
+    # NoSuchGuest lives in the libvirt backend, which this module does not import.
+    return "no-such-guest" if type(e).__name__ == "NoSuchGuest" else "hypervisor-error"
+
+
+class Daemon:
+    def __init__(
+        self,
+        cfg: DaemonConfig,
+        hv: ManagedHypervisor,
+        host: HostReader,
+        *,
+        config_path: Path | None = None,
+        cli_dry_run: bool | None = None,
+        notifier: Notifier | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.hv = hv
+        self.host = host
+        self.config_path = config_path
+        self.cli_dry_run = cli_dry_run
+        self.dry_run = cfg.runner.dry_run if cli_dry_run is None else cli_dry_run
+        self.notifier = notifier or Notifier()
+        self.metrics = metrics or Metrics()
+        self.policy: Policy[Any] = registry.create(cfg.policy.name, cfg.policy.params)
+        self.state: LoopState[Any] = LoopState.initial(self.policy)
+        self.paused: set[str] = set()  # uuids paused by command: left alone, like excluded guests
+        self.last_guests: tuple[GuestSnapshot, ...] = ()
+        self.ticks = 0
+        self.mqtt: MqttLink | None = None
+        self.stopping = asyncio.Event()
+        self.reload_requested = False
+        self._hv_lock = asyncio.Lock()  # one hypervisor call sequence at a time: tick or command
+        self._errors_seen: Counter[str] = Counter()
+
+    # -- one tick ---------------------------------------------------------------------------
+
+    async def tick(self) -> TickReport:
+        started = time.perf_counter()
+        async with self._hv_lock:
+            report = await self._read_decide_apply()
+        report = dataclasses.replace(report, duration_s=time.perf_counter() - started)
+        self.metrics.tick.observe(report.duration_s)
+        self._count_libvirt_errors()
+        self.ticks += 1
+        return report
+
+    async def _read_decide_apply(self) -> TickReport:
+        try:
+            host = await asyncio.to_thread(self.host.read)
+            guests = tuple(await asyncio.to_thread(self.hv.snapshot))
+        except (HostError, HypervisorError) as e:
+            log.warning("tick skipped, every guest held: %s", e, extra={"event": "tick-skipped"})
+            return TickReport(error=str(e))
+        self.last_guests = guests
+        outcome = step(host.taken_at_s, host, guests, self.policy, self.state, self._effective_cfg(guests))
+        self.state = outcome.state
+        applied: frozenset[str] = frozenset()
+        if not self.dry_run:
+            applied = frozenset(await asyncio.to_thread(apply, self.hv, outcome.decisions))
+        self._publish(host, guests, outcome, applied)
+        return TickReport(guests, outcome, applied)
+
+    def _effective_cfg(self, guests: Sequence[GuestSnapshot]) -> DaemonConfig:
+        """The config with guests paused by command excluded (keeping their other overrides)."""
+        if not self.paused:
+            return self.cfg
+        overrides = dict(self.cfg.guests)
+        for g in guests:
+            if g.uuid in self.paused:
+                base = self.cfg.override_for(g) or GuestOverride.model_validate({})
+                overrides[g.uuid] = base.model_copy(update={"exclude": True})
+        return self.cfg.model_copy(update={"guests": overrides})
+
+    def _count_libvirt_errors(self) -> None:
+        errors = getattr(self.hv, "errors", Counter())
+        for call, n in errors.items():
+            if n > self._errors_seen[call]:
+                self.metrics.libvirt_errors.labels(call).inc(n - self._errors_seen[call])
+                self._errors_seen[call] = n
+
+    # -- telemetry --------------------------------------------------------------------------
+
+    def status(self) -> msg.StatusMessage:
+        return msg.StatusMessage(online=True, dry_run=self.dry_run, policy=self.policy.name)
+
+    def _publish(
+        self, host: HostSnapshot, guests: Sequence[GuestSnapshot], outcome: StepOutcome[Any], applied: frozenset[str]
+    ) -> None:
+        self.metrics.observe(host, guests, outcome.decisions, set(applied))
+        self.metrics.dry_run.set(1 if self.dry_run else 0)
+        for d in outcome.decisions:
+            if d.target_kib is not None:
+                log.info(
+                    "guest %s: target %d KiB%s",
+                    d.name,
+                    d.target_kib,
+                    "" if d.uuid in applied else " (not applied)",
+                    extra={
+                        "event": "target",
+                        "guest": d.name,
+                        "target_kib": d.target_kib,
+                        "wish_kib": d.wish_kib,
+                        "applied": d.uuid in applied,
+                        "clamps": [c.reason.value for c in d.clamps],
+                    },
+                )
+        if self.mqtt is None:
+            return
+        self.metrics.mqtt_dropped.set(self.mqtt.dropped_total)
+        t = self.mqtt.topics
+        self.mqtt.offer(t.host, msg.HostMessage.of(host), retain=True)
+        names = {}
+        for g in guests:
+            names[g.uuid] = g.name
+            self.mqtt.offer(t.guest(g.name, "snapshot"), msg.GuestMessage.of(g))
+        for d in outcome.decisions:
+            self.mqtt.offer(
+                t.guest(names.get(d.uuid, d.name), "decision"), msg.DecisionMessage.of(d, applied=d.uuid in applied)
+            )
+
+    def on_guest_event(self, event: Any) -> None:
+        """A libvirt event, on the asyncio loop (bridged from libvirt's event thread)."""
+        log.debug(
+            "guest %s: %s %s", event.name, event.kind, event.detail, extra={"event": event.kind, "guest": event.name}
+        )
+        if self.mqtt is not None:
+            m = msg.GuestEventMessage(
+                uuid=event.uuid, name=event.name, kind=event.kind, detail=event.detail, actual_kib=event.actual_kib
+            )
+            self.mqtt.offer(self.mqtt.topics.guest(event.name, "event"), m)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def handle_command(self, cmd: msg.Command) -> msg.Reply:
+        log.info("command %s", cmd.command, extra={"event": "command", "command": cmd.model_dump()})
+        if isinstance(cmd, msg.SetFloor):
+            async with self._hv_lock:
+                try:
+                    uuid = await asyncio.to_thread(self.hv.set_floor, cmd.guest, cmd.floor_kib)
+                except HypervisorError as e:
+                    raise msg.CommandError(_error_name(e), str(e), cmd.id) from e
+            return msg.Reply(id=cmd.id, ok=True, message=f"floor of {uuid} set to {cmd.floor_kib} KiB")
+        if isinstance(cmd, msg.PauseGuest | msg.ResumeGuest):
+            g = self._known_guest(cmd.guest, cmd.id)
+            (self.paused.add if isinstance(cmd, msg.PauseGuest) else self.paused.discard)(g.uuid)
+            return msg.Reply(id=cmd.id, ok=True, message=f"{g.name} {cmd.command}d")
+        if isinstance(cmd, msg.SwitchPolicy):
+            try:
+                self._switch_policy(cmd.name, dict(cmd.params))
+            except registry.PolicyLoadError as e:
+                raise msg.CommandError("bad-policy", str(e), cmd.id) from e
+            return msg.Reply(id=cmd.id, ok=True, message=f"policy {cmd.name}")
+        assert isinstance(cmd, msg.SetDryRun)
+        self.dry_run = cmd.enabled
+        self._publish_status()
+        return msg.Reply(id=cmd.id, ok=True, message=f"dry-run {'on' if cmd.enabled else 'off'}")
+
+    def _known_guest(self, name_or_uuid: str, cmd_id: str | None) -> GuestSnapshot:
+        for g in self.last_guests:
+            if name_or_uuid in (g.name, g.uuid):
+                return g
+        raise msg.CommandError("no-such-guest", f"no running guest named or with UUID {name_or_uuid!r}", cmd_id)
+
+    def _switch_policy(self, name: str, params: dict[str, Any]) -> None:
+        """A new policy starts from its own initial state; the guard's memory is kept."""
+        policy = registry.create(name, params)
+        self.policy = policy
+        self.state = LoopState(policy.initial_state(), self.state.guard)
+        self._publish_status()
+        log.info("policy is now %s", name, extra={"event": "policy", "policy": name})
+
+    def _publish_status(self) -> None:
+        if self.mqtt is not None:
+            self.mqtt.offer(self.mqtt.topics.status, self.status(), retain=True)
+
+    # -- reload and run ---------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file; a bad one is logged and the old one kept."""
+        self.reload_requested = False
+        if self.config_path is None:
+            log.info("SIGHUP: no config file to reload")
+            return
+        self.notifier.reloading()
+        try:
+            new = DaemonConfig.load(self.config_path)
+            if (new.policy.name, new.policy.params) != (self.cfg.policy.name, self.cfg.policy.params):
+                self._switch_policy(new.policy.name, dict(new.policy.params))
+        except (ConfigError, registry.PolicyLoadError) as e:
+            log.error("reload failed, keeping the running config: %s", e, extra={"event": "reload-failed"})
+            self.notifier.ready()
+            return
+        for section in ("libvirt", "mqtt", "metrics", "host"):
+            if getattr(new, section) != getattr(self.cfg, section):
+                log.warning("[%s] changed: takes effect after a restart", section)
+        self.cfg = new
+        if self.cli_dry_run is None:
+            self.dry_run = new.runner.dry_run
+        self._publish_status()
+        self.notifier.ready()
+        log.info("config reloaded from %s", self.config_path, extra={"event": "reloaded"})
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+
+        def hup() -> None:
+            self.reload_requested = True
+
+        loop.add_signal_handler(signal.SIGHUP, hup)
+
+    async def run(self, *, once: bool = False, on_tick: Callable[[TickReport], None] | None = None) -> None:
+        """Tick on a steady schedule until SIGTERM (or once)."""
+        loop = asyncio.get_running_loop()
+        if hasattr(self.hv, "on_event"):
+            self.hv.on_event = lambda e: loop.call_soon_threadsafe(self.on_guest_event, e)
+        if self.cfg.metrics.enabled:
+            port = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
+            log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.address, port)
+        if self.cfg.mqtt.enabled:
+            self.mqtt = MqttLink(self.cfg.mqtt, self.handle_command, self.status)
+            self.mqtt.start()
+        try:
+            await asyncio.to_thread(self.hv.connect)
+        except HypervisorError as e:
+            log.error("%s; will keep retrying", e)  # snapshot() reconnects with backoff
+        self.notifier.ready(f"policy {self.policy.name}{', dry-run' if self.dry_run else ''}")
+        next_s = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                if self.reload_requested:
+                    self.reload()
+                report = await self.tick()
+                self.notifier.watchdog()  # pinged from the tick: a hung tick gets us restarted
+                if on_tick is not None:
+                    on_tick(report)
+                if once:
+                    break
+                next_s = max(next_s + self.cfg.interval_s, time.monotonic())
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), timeout=next_s - time.monotonic())
+                except TimeoutError:
+                    pass
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        if self.cfg.runner.return_to_max_on_exit and not self.dry_run:
+            async with self._hv_lock:
+                n = await asyncio.to_thread(self.hv.return_to_max)
+            log.info("returned %d guests to their maximum", n, extra={"event": "returned-to-max"})
+        if self.mqtt is not None:
+            await self.mqtt.stop()
+        await asyncio.to_thread(self.hv.close)
+        log.info("stopped", extra={"event": "stopped"})

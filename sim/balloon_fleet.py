@@ -1,0 +1,274 @@
+"""The protocol speed for a whole fleet: one byte-level balloon per guest, kept in step
+with the bulk ``Fleet``.
+
+Each guest gets a ``GuestBalloon``: a small guest-physical memory window holding its
+rings (``sim.guestmem``), QEMU's device (``sim.device.VirtioBalloon``), Linux's driver
+(``sim.driver.LinuxBalloonDriver``) and the host's view of its RAM (``sim.backing``).
+They run on the World clock only when something happens: a target (config interrupt,
+then 256-PFN requests), a stats poll, an OOM, a report pass. ``FleetMm`` is the guest
+kernel's memory manager over the guest's row of the Fleet's arrays, so every request
+lands in the same numbers the bulk path advances.
+
+``ProtocolBalloons`` presents the same two seams as the bulk path: the driver seam the
+Fleet uses (``balloon_kib``, ``managed_removed_kib``, ``deflate_on_oom``, ...) and the
+device seam SimHypervisor uses (``set_target``, ``stats``, ``last_update_s``, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+import sim.balloon_spec as spec
+from sim.backing import HostRam
+from sim.device import STAT_FIELDS, VirtioBalloon
+from sim.driver import LinuxBalloonDriver
+from sim.guest import Array, Fleet, GuestSpec
+from sim.guestmem import GuestMemory
+from sim.world import World
+
+WINDOW_BYTES = 128 * 1024  # rings of all five queues (~40 KiB), indirect tables, PFN and stats buffers
+U32s = npt.NDArray[np.uint32]
+
+# Device stat tag -> (Fleet stat name, bytes per unit): memory in bytes, counters as counts.
+_TAG_OF = {
+    "swap_in": (spec.VIRTIO_BALLOON_S_SWAP_IN, 1024),
+    "swap_out": (spec.VIRTIO_BALLOON_S_SWAP_OUT, 1024),
+    "major_faults": (spec.VIRTIO_BALLOON_S_MAJFLT, 1),
+    "minor_faults": (spec.VIRTIO_BALLOON_S_MINFLT, 1),
+    "mem_free": (spec.VIRTIO_BALLOON_S_MEMFREE, 1024),
+    "mem_total": (spec.VIRTIO_BALLOON_S_MEMTOT, 1024),
+    "mem_available": (spec.VIRTIO_BALLOON_S_AVAIL, 1024),
+    "disk_caches": (spec.VIRTIO_BALLOON_S_CACHES, 1024),
+    "oom_kills": (spec.VIRTIO_BALLOON_S_OOM_KILL, 1),
+}
+
+
+class FleetMm:
+    """Guest ``i``'s memory manager, over the Fleet's arrays (the ``GuestMm`` protocol)."""
+
+    def __init__(self, fleet: Fleet, balloons: ProtocolBalloons, i: int, ram_pages: int) -> None:
+        self.fleet, self.balloons, self.i = fleet, balloons, i
+        self.ram_pages = ram_pages
+        self._next_pfn = ram_pages  # never-used frames are handed out from the top down
+        self._free_stack: list[U32s] = []  # frames given back, reused first (LIFO)
+        self._hint_next_pfn = WINDOW_BYTES // 4096
+        self._report_next_pfn = 0
+        self.host = HostRam()  # replaced by GuestBalloon with the guest's own
+        self._released_seen = 0
+
+    def _row_spare_kib(self, reclaim: bool = True) -> float:
+        f, i = self.fleet, self.i
+        free = (
+            f.ram[i]
+            - f.reserved[i]
+            - f.kernel[i]
+            - f.driver.balloon_kib[i]
+            - f.driver.held_kib[i]
+            - f.anon[i]
+            - f.cache[i]
+        )
+        spare = max(free - f.min_free[i], 0.0)
+        return float(spare + (max(f.cache[i] - f.cache_min[i], 0.0) if reclaim else 0.0))
+
+    def alloc_pages(self, n: int) -> U32s:
+        k = min(n, int(self._row_spare_kib() // spec.BALLOON_PAGE_KIB))
+        out: list[U32s] = []
+        while k > 0 and self._free_stack:
+            top = self._free_stack[-1]
+            take = min(k, len(top))
+            out.append(top[len(top) - take :])
+            self._free_stack[-1] = top[: len(top) - take]
+            if not len(self._free_stack[-1]):
+                self._free_stack.pop()
+            k -= take
+        if k > 0:
+            lo = max(self._next_pfn - k, WINDOW_BYTES // 4096)
+            out.append(np.arange(self._next_pfn - 1, lo - 1, -1, dtype=np.uint32))
+            self._next_pfn = lo
+        return np.concatenate(out) if out else np.empty(0, dtype=np.uint32)
+
+    def _moved(self, delta_kib: float, release_frac: float) -> None:
+        self.balloons.balloon_kib[self.i] += delta_kib
+        self.fleet.balloon_moved_one(self.i, delta_kib, release_frac)
+
+    def balloon_taken(self, pages: int) -> None:
+        """Account an inflate request; what the host released decides how many of the
+        touched pages taken stop costing it (glue, not guest code: it reads the host)."""
+        released = self.host.released_bytes - self._released_seen
+        self._released_seen = self.host.released_bytes
+        self._moved(pages * spec.BALLOON_PAGE_KIB, min(released / (pages * spec.BALLOON_PAGE_BYTES), 1.0))
+
+    def free_pages(self, pfns: U32s) -> None:
+        self._free_stack.append(pfns)
+        self._moved(-len(pfns) * spec.BALLOON_PAGE_KIB, 0.0)
+
+    def adjust_managed_page_count(self, pages: int) -> None:
+        self.balloons.managed_removed_kib[self.i] -= pages * spec.BALLOON_PAGE_KIB
+
+    def vm_stats(self) -> list[tuple[int, int]]:
+        """The 16 entries current Linux sends, vm events first, in its order."""
+        kib = {name: float(values[self.i]) for name, values in self.fleet.stats().items()}
+
+        def b(name: str) -> int:
+            return int(kib[name] * 1024)
+
+        return [
+            (spec.VIRTIO_BALLOON_S_SWAP_IN, b("swap_in")),
+            (spec.VIRTIO_BALLOON_S_SWAP_OUT, b("swap_out")),
+            (spec.VIRTIO_BALLOON_S_MAJFLT, int(kib["major_faults"])),
+            (spec.VIRTIO_BALLOON_S_MINFLT, int(kib["minor_faults"])),
+            (spec.VIRTIO_BALLOON_S_OOM_KILL, int(kib["oom_kills"])),
+            (spec.VIRTIO_BALLOON_S_ALLOC_STALL, 0),
+            (spec.VIRTIO_BALLOON_S_ASYNC_SCAN, 0),
+            (spec.VIRTIO_BALLOON_S_DIRECT_SCAN, 0),
+            (spec.VIRTIO_BALLOON_S_ASYNC_RECLAIM, 0),
+            (spec.VIRTIO_BALLOON_S_DIRECT_RECLAIM, 0),
+            (spec.VIRTIO_BALLOON_S_HTLB_PGALLOC, 0),
+            (spec.VIRTIO_BALLOON_S_HTLB_PGFAIL, 0),
+            (spec.VIRTIO_BALLOON_S_MEMFREE, b("mem_free")),
+            (spec.VIRTIO_BALLOON_S_MEMTOT, b("mem_total")),
+            (spec.VIRTIO_BALLOON_S_AVAIL, b("mem_available")),
+            (spec.VIRTIO_BALLOON_S_CACHES, b("disk_caches")),
+        ]
+
+    # free page hinting: blocks taken without reclaim, held until DONE
+
+    def alloc_block(self, order: int) -> int | None:
+        size_kib = 4 << order
+        if self._row_spare_kib(reclaim=False) < size_kib:
+            return None
+        pfn = self._hint_next_pfn
+        self._hint_next_pfn = (pfn + (1 << order)) % max(self.ram_pages - (1 << order), 1)
+        self.balloons.held_kib[self.i] += size_kib
+        return pfn
+
+    def free_block(self, pfn: int, order: int) -> None:
+        self.balloons.held_kib[self.i] -= 4 << order
+
+    # free page reporting: touched free memory in whole 2 MiB blocks, past the zone gate
+
+    def reportable_blocks(self, order: int) -> int:
+        return int(self.fleet.reportable_blocks()[self.i])
+
+    def isolate_reportable(self, n: int, order: int) -> list[int]:
+        k = min(n, self.reportable_blocks(order))
+        blocks = []
+        for _ in range(k):
+            blocks.append(self._report_next_pfn)
+            self._report_next_pfn = (self._report_next_pfn + (1 << order)) % (
+                self.ram_pages // (1 << order) * (1 << order)
+            )
+        return blocks
+
+    def mark_reported(self, pfns: list[int], order: int, discarded: bool) -> None:
+        if discarded:
+            f, i = self.fleet, self.i
+            f.touched[i] -= min(len(pfns) * (4 << order), float(f._touched_free()[i]))
+
+
+class GuestBalloon:
+    """One guest's byte-level balloon: memory window, device, driver, host RAM."""
+
+    def __init__(
+        self, world: World, gspec: GuestSpec, mm_factory: Callable[[int], FleetMm], *, stats_period_s: int
+    ) -> None:
+        ram_pages = gspec.ram_kib // spec.BALLOON_PAGE_KIB
+        self.mem = GuestMemory(WINDOW_BYTES, ram_pages)
+        self.host = HostRam(gspec.backing)
+        self.device = VirtioBalloon(
+            world,
+            self.mem,
+            self.host,
+            deflate_on_oom=gspec.deflate_on_oom,
+            free_page_hint=gspec.free_page_hint,
+            free_page_reporting=gspec.reporting,
+        )
+        self.mm = mm_factory(ram_pages)
+        self.mm.host = self.host
+        self.driver = LinuxBalloonDriver(world, self.mem, self.device, self.mm)
+        self.driver.probe()
+        if stats_period_s:
+            self.device.set_stats_poll_interval(stats_period_s)
+
+
+class ProtocolBalloons:
+    """Every guest's protocol-level balloon behind the bulk path's two seams."""
+
+    def __init__(self, world: World, fleet: Fleet, specs: list[GuestSpec], stats_period_s: float) -> None:
+        if stats_period_s != int(stats_period_s):
+            raise ValueError(f"stats_period_s(={stats_period_s}) must be whole seconds (QEMU's property is an int)")
+        n = len(specs)
+        self.world, self.fleet = world, fleet
+        self.ram_kib = fleet.ram
+        self.balloon_kib = np.zeros(n)
+        self.held_kib = np.zeros(n)
+        self.managed_removed_kib = np.zeros(n)
+        self.reports_itself = np.array([s.reporting for s in specs], dtype=bool)
+        self.stats_period_s = np.full(n, float(stats_period_s))
+        self.last_update_s = np.full(n, -np.inf)
+        self.stats = {name: np.zeros(n) for name in STAT_FIELDS}
+        fleet.driver = self  # type: ignore[assignment]  # the Fleet's driver seam, protocol speed
+        self.guests = [
+            GuestBalloon(world, s, functools.partial(FleetMm, fleet, self, i), stats_period_s=int(stats_period_s))
+            for i, s in enumerate(specs)
+        ]
+        self.poll_stats(world.now_s)
+
+    # -- the driver seam (Fleet) ---------------------------------------------------
+
+    @property
+    def puff_retries(self) -> Array:
+        return np.array([g.driver.puff_count for g in self.guests], dtype=np.float64)
+
+    def advance(self, dt_s: float, spare_kib: Array) -> None:
+        """Nothing to do: balloons moved request by request on the World clock."""
+
+    def deflate_on_oom(self, wanted_kib: Array) -> Array:
+        """Run each guest's OOM notifier until it covered ``wanted_kib`` or had nothing."""
+        given = np.zeros_like(wanted_kib)
+        for i in np.flatnonzero(wanted_kib > 0):
+            driver = self.guests[i].driver
+            while given[i] < wanted_kib[i]:
+                pages = driver.oom_notify()
+                if not pages:
+                    break
+                given[i] += pages * spec.BALLOON_PAGE_KIB
+        return given
+
+    def release_held(self, wanted_kib: Array) -> Array:
+        """Memory pressure runs each guest's hinting shrinker: whole 4 MiB blocks back."""
+        given = np.zeros_like(wanted_kib)
+        block_kib = 4 << spec.VIRTIO_BALLOON_HINT_BLOCK_ORDER
+        for i in np.flatnonzero((wanted_kib > 0) & (self.held_kib > 0)):
+            blocks = int(np.ceil(wanted_kib[i] / block_kib))
+            given[i] = self.guests[i].driver.shrink_free_pages(blocks) * block_kib
+        return given
+
+    def after_advance(self) -> None:
+        """Free memory changed in bulk: reporting guests get their 2-s timer armed."""
+        for i in np.flatnonzero(self.reports_itself):
+            g = self.guests[i]
+            if g.mm.reportable_blocks(spec.PAGEBLOCK_ORDER):
+                g.driver.page_reporting_notify_free()
+
+    # -- the device seam (SimHypervisor) -------------------------------------------
+
+    def set_target(self, i: int, target_kib: int) -> None:
+        self.guests[i].device.to_target(target_kib * 1024)
+
+    def poll_stats(self, now_s: float, current: dict[str, Array] | None = None) -> None:
+        """Copy what each device last received (u64 bytes/counts) into KiB arrays."""
+        for i, g in enumerate(self.guests):
+            d = g.device
+            if d.stats_updates == 0:
+                continue
+            self.last_update_s[i] = d.stats_last_update_s
+            for name, (tag, unit) in _TAG_OF.items():
+                self.stats[name][i] = d.stats[tag] // unit
+
+    def has_stats(self) -> npt.NDArray[np.bool_]:
+        return np.asarray(np.isfinite(self.last_update_s), dtype=bool)
