@@ -12,5 +12,5 @@ def test_bench_tick_runs_for_a_few_guests() -> None:
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    step_s, tick_s, sets = bench.bench(10, 2)
+    step_s, tick_s, sets = bench.bench(10, 2, bench.load_traces(bench.ReplaySpec()))
     assert step_s > 0 and tick_s > 0 and 0 <= sets <= 10
