@@ -6,23 +6,25 @@ guard must refuse (below a floor, faster than a step); configs name it as
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from overcommitd.model import BalloonFeatures, GuestSnapshot, GuestStats, HostSnapshot
+from overcommitd.model import BalloonFeatures, GuestSnapshot, GuestStats, HostSnapshot, RunState
+from policies import testing
 from policies.api import PolicyResult
+from policies.testing import GIB, MIB  # noqa: F401 - re-exported for the tests
 
-MIB = 1024
-GIB = 1024 * 1024
-
-
-def host(now_s: float = 100.0, *, total_kib: int = 64 * GIB, available_kib: int = 32 * GIB) -> HostSnapshot:
-    return HostSnapshot(taken_at_s=now_s, mem_total_kib=total_kib, mem_available_kib=available_kib)
+NOW_S = 100.0
 
 
-def stats(last_update_s: float = 95.0, *, available_kib: int = 2 * GIB, free_kib: int = 1 * GIB) -> GuestStats:
+def host(now_s: float = NOW_S, *, total_kib: int = 64 * GIB, available_kib: int = 32 * GIB) -> HostSnapshot:
+    return testing.host(at_s=now_s, total_kib=total_kib, available_kib=available_kib)
+
+
+def stats(last_update_s: float = NOW_S - 5, *, available_kib: int = 2 * GIB, free_kib: int = 1 * GIB) -> GuestStats:
     return GuestStats(
         last_update_s=last_update_s,
         mem_available_kib=available_kib,
@@ -36,30 +38,18 @@ def guest(
     name: str = "vm1",
     *,
     max_kib: int = 4 * GIB,
-    actual_kib: int | None = None,
-    last_target_kib: int | None = None,
     stats_: GuestStats | None = None,
     deflate_on_oom: bool = False,
     reporting: bool = False,
-    floor_kib: int = 0,
-    weight: float = 1.0,
+    run_state: RunState = RunState.RUNNING,
     **kw: Any,
 ) -> GuestSnapshot:
-    actual = max_kib if actual_kib is None else actual_kib
-    return GuestSnapshot(
-        uuid=f"uuid-{name}",
-        name=name,
-        max_kib=max_kib,
-        actual_kib=actual,
-        current_kib=actual,
-        last_target_kib=last_target_kib,
-        features=BalloonFeatures(deflate_on_oom=deflate_on_oom, reporting=reporting),
-        stats=stats_ if stats_ is not None else stats(),
-        stats_period_s=5.0,
-        floor_kib=floor_kib,
-        weight=weight,
-        **kw,
+    """``policies.testing.guest`` with these tests' defaults: a 4 GiB guest whose stats
+    (``stats()``, 5 s old at ``NOW_S``) leave it 2 GiB available."""
+    g = testing.guest(
+        name, max_kib=max_kib, features=BalloonFeatures(deflate_on_oom=deflate_on_oom, reporting=reporting), **kw
     )
+    return dataclasses.replace(g, stats=stats_ or stats(), stats_period_s=5.0, run_state=run_state)
 
 
 class Noop:
