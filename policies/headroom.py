@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from policies.api import PolicyResult
+from policies.signals import used_kib
 
 
 class HeadroomParams(BaseModel):
@@ -54,12 +55,11 @@ class HeadroomPolicy:
 
     def need_kib(self, guest: GuestSnapshot) -> int | None:
         """Memory the guest should have: its use plus a buffer; None without stats."""
-        available_kib = guest.stats.available_kib() if guest.stats else None
-        if available_kib is None:
+        used = used_kib(guest)
+        if used is None:
             return None
-        used_kib = max(0, guest.actual_kib - available_kib)
-        buffer_kib = max(int(used_kib * self.params.buffer_pct / 100), self.params.min_free_kib)
-        return min(used_kib + buffer_kib, guest.max_kib)
+        buffer_kib = max(int(used * self.params.buffer_pct / 100), self.params.min_free_kib)
+        return min(used + buffer_kib, guest.max_kib)
 
     def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: None) -> PolicyResult[None]:
         target_used_kib = int(host.mem_total_kib * self.params.host_target_used_pct / 100)

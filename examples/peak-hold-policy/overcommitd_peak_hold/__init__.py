@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from policies.api import PerGuestPolicy
+from policies.signals import used_kib
 
 
 class PeakHoldParams(BaseModel):
@@ -43,10 +44,9 @@ class PeakHoldPolicy(PerGuestPolicy[PeakHoldState]):
     def decide_guest(
         self, host: HostSnapshot, guest: GuestSnapshot, state: PeakHoldState
     ) -> tuple[int | None, PeakHoldState]:
-        available = guest.stats.available_kib() if guest.stats is not None else None
-        if available is None:
+        used = used_kib(guest)  # from actual, not MemTotal (DEFLATE_ON_OOM keeps MemTotal)
+        if used is None:
             return None, state  # nothing to go on: hold
-        used = max(0, guest.actual_kib - available)  # actual, not MemTotal (DEFLATE_ON_OOM keeps MemTotal)
         now_s = host.taken_at_s  # the snapshot's time: a policy never reads a clock
         if used >= state.peak_kib or now_s - state.peak_at_s > self.params.window_s:
             state = PeakHoldState(used, now_s)
