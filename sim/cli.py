@@ -79,6 +79,7 @@ _ROWS = (
     ("host use, peak", "host_peak_pct", "{:.1f} %"),
     ("host use, p95", "host_p95_pct", "{:.1f} %"),
     ("guest swap-in per guest-hour", "swap_in_mib_per_guest_h", "{:.2f} MiB"),
+    ("guest page-cache refaults per guest-hour", "refault_mib_per_guest_h", "{:.2f} MiB"),
     ("guest major faults per guest-hour", "major_faults_per_guest_h", "{:.1f}"),
     ("guest OOM kills", "oom_kills", "{:d}"),
     ("guest-seconds below floor", "below_floor_guest_s", "{:.0f}"),

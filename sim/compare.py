@@ -86,6 +86,7 @@ ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("host use peak, %", "host_peak_pct", "{:.1f}", "min"),
     ("host use p95, %", "host_p95_pct", "{:.1f}", "min"),
     ("swap-in, MiB per guest-hour", "swap_in_mib_per_guest_h", "{:.2f}", "min"),
+    ("page-cache refaults, MiB per guest-hour", "refault_mib_per_guest_h", "{:.2f}", "min"),
     ("major faults per guest-hour", "major_faults_per_guest_h", "{:.0f}", "min"),
     ("OOM kills", "oom_kills", "{:d}", "min"),
     ("guest-seconds below floor", "below_floor_guest_s", "{:.0f}", "min"),

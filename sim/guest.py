@@ -22,6 +22,15 @@ memory out, then - with DEFLATE_ON_OOM - take pages back from the balloon in 1 M
 steps (VIRTIO_BALLOON_OOM_NR_PAGES = 256), and only then OOM-kill. Swapped working-set
 pages are touched again and swapped back in (thrashing when there is no room).
 
+Dropping page cache is not free: a guest re-reads the hot file data it lost (Linux
+counts these re-reads as major faults; mm/workingset.c detects them as refaults). The
+trace's disk reads are what the real guest read from disk; we assume data read in the
+last ``cache_reuse_s`` (an exponentially decaying window, ``hot_cache``) is read again
+if evicted. Eviction takes the cold part of the cache first, as Linux reclaims the
+inactive list first; the hot part it takes becomes ``refault_debt``, re-read with the
+time constant of swapped pages being touched and cached again where there is room.
+This is pessimistic for anyone who drops cache, and the same for every policy.
+
 All sizes are KiB held as float64 for bulk arithmetic; snapshots round them to int.
 Counters (swap in/out, faults, OOM kills) are cumulative since boot, as the guest
 reports them.
@@ -29,6 +38,7 @@ reports them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -57,6 +67,9 @@ class GuestModelParams(BaseModel):
     min_free_pct: float = Field(1.0, ge=0, lt=50, description="low watermark: free memory the kernel keeps")
     cache_min_pct: float = Field(1.0, ge=0, lt=50, description="page cache reclaim never goes below this")
     swap_touch_s: float = Field(60.0, gt=0, description="mean time before a swapped working-set page is touched")
+    cache_reuse_s: float = Field(
+        3600.0, gt=0, description="file data read within about this long is hot: it will be read again if evicted"
+    )
     initial_cache_pct: float = Field(50.0, ge=0, le=100, description="page cache at start, % of free memory")
     report_residue_pct: float = Field(10.0, ge=0, le=100, description="free memory not in reportable 2 MiB blocks")
 
@@ -90,7 +103,13 @@ def bulk_release_fraction(backing: RamBacking, *, inhibited: bool = False) -> fl
 class Fleet:
     """Memory state of every guest, one array element per guest."""
 
-    def __init__(self, specs: list[GuestSpec], params: GuestModelParams, initial_demand_kib: Array) -> None:
+    def __init__(
+        self,
+        specs: list[GuestSpec],
+        params: GuestModelParams,
+        initial_demand_kib: Array,
+        initial_read_kib_s: Array | None = None,
+    ) -> None:
         self.specs = specs
         self.params = p = params
         f = np.float64
@@ -112,6 +131,12 @@ class Fleet:
         # Everything in use has been touched; free memory has not (a guest that has run
         # long enough to fill its page cache shows that as cache).
         self.touched = self.reserved + self.kernel + self.anon + self.cache
+        # The guest is taken to have read at its first rate for a while: the window then
+        # holds rate x cache_reuse_s. The replay knows that rate (its first trace sample)
+        # and passes it in; without it (scripted scenarios) nothing is hot yet.
+        reads = np.zeros_like(self.ram) if initial_read_kib_s is None else initial_read_kib_s
+        self.hot_cache = np.minimum(self.cache, reads * p.cache_reuse_s)  # part of cache
+        self.refault_debt = np.zeros_like(self.ram)  # hot data evicted, not yet read again
         self.oom_capped = np.zeros(len(specs), dtype=bool)
         # Cumulative counters, as the guest reports them (KiB or counts).
         self.swap_in = np.zeros_like(self.ram)
@@ -120,6 +145,7 @@ class Fleet:
         self.minor_faults = np.zeros_like(self.ram)
         self.oom_kills = np.zeros_like(self.ram)
         self.oom_deflates = np.zeros_like(self.ram)
+        self.refault_kib = np.zeros_like(self.ram)  # hot file data read again after eviction
 
     # -- what the guest shows ------------------------------------------------------
 
@@ -182,6 +208,7 @@ class Fleet:
         self._grow_cache(dt_s, read_kib_s)
         self._relieve_pressure()
         self._swap_in(dt_s)
+        self._refault(dt_s)
         self.touched = self._clip_touched()
 
     def _allocate(self, amount: Array) -> None:
@@ -227,7 +254,7 @@ class Fleet:
             touched_free = max(touched - in_use - resident, 0.0)
             from_free = min(delta_kib, max(free_before - float(self.min_free[i]), 0.0))
             from_cache = delta_kib - from_free
-            self.cache[i] = cache - from_cache
+            self._evict_cache_one(i, from_cache)
             taken_touched = from_cache + min(from_free, touched_free)
             touched -= release_frac * taken_touched
             resident += (1.0 - release_frac) * taken_touched
@@ -249,7 +276,7 @@ class Fleet:
         touched_free = self._touched_free()
         from_free = np.minimum(inflated, np.maximum(free_before - self.min_free, 0.0))
         from_cache = inflated - from_free
-        self.cache -= from_cache
+        self._evict_cache(from_cache)
         taken_touched = from_cache + np.minimum(from_free, touched_free)
         self.touched -= release_frac * taken_touched
         self.balloon_resident += (1.0 - release_frac) * taken_touched
@@ -277,16 +304,39 @@ class Fleet:
         self.swap -= self.swap * shrink
 
     def _grow_cache(self, dt_s: float, read_kib_s: Array) -> None:
+        """File reads fill free memory above the low watermark; what they bring in is hot,
+        and what was hot cools over ``cache_reuse_s``. Reads with no room do not count."""
         read = read_kib_s * dt_s
         room = np.maximum(self.free() - self.min_free, 0.0)
         grow = np.minimum(read, room)
         self._allocate(grow)
         self.cache += grow
+        cooled = self.hot_cache * math.exp(-dt_s / self.params.cache_reuse_s)
+        self.hot_cache = np.minimum(self.cache, cooled + grow)
+
+    def _evict_cache(self, amount_kib: Array) -> None:
+        """Take page cache away (balloon or reclaim). Linux reclaims the inactive (cold)
+        list first, so hot data goes only once the cold is gone; the hot data taken is
+        owed back as refaults (mm/workingset.c's refault detection is the idea)."""
+        if not amount_kib.any():
+            return
+        hot_lost = np.clip(amount_kib - (self.cache - self.hot_cache), 0.0, self.hot_cache)
+        self.cache -= amount_kib
+        self.hot_cache -= hot_lost
+        self.refault_debt += hot_lost
+
+    def _evict_cache_one(self, i: int, amount_kib: float) -> None:
+        """``_evict_cache`` for guest ``i`` alone, in scalars (the protocol path's rate)."""
+        cache, hot = float(self.cache[i]), float(self.hot_cache[i])
+        hot_lost = min(max(amount_kib - (cache - hot), 0.0), hot)
+        self.cache[i] = cache - amount_kib
+        self.hot_cache[i] = hot - hot_lost
+        self.refault_debt[i] += hot_lost
 
     def _relieve_pressure(self) -> None:
         over = self.anon + self.cache + self.min_free - self._capacity()
         from_cache = np.clip(over, 0.0, np.maximum(self.cache - self.cache_min, 0.0))
-        self.cache -= from_cache
+        self._evict_cache(from_cache)
         over -= from_cache
         # Reclaim also runs the balloon's shrinker: free page hinting blocks go back whole.
         if self.driver.held_kib.any():
@@ -318,7 +368,25 @@ class Fleet:
         self._allocate(back)
         self.anon += back
         self.swap -= back
-        self.cache = np.minimum(self.cache, np.maximum(self._capacity() - self.anon, self.cache_min))
+        trim = self.cache - np.maximum(self._capacity() - self.anon, self.cache_min)
+        self._evict_cache(np.maximum(trim, 0.0))
+
+    def _refault(self, dt_s: float) -> None:
+        """Evicted hot file data is read again as swapped pages are touched (within
+        ``swap_touch_s`` on average): major faults, and back into the page cache as a
+        trace read would be, hot again. The working set came back first (``_swap_in``);
+        a re-read with no room left above the low watermark is read once and dropped,
+        like a trace read with no room: keeping it owed would charge it every tick."""
+        if not self.refault_debt.any():
+            return
+        reread = self.refault_debt * (1.0 - math.exp(-dt_s / self.params.swap_touch_s))
+        self.refault_debt -= reread
+        self.refault_kib += reread
+        self.major_faults += reread / 4  # 4 KiB pages
+        back = np.minimum(reread, np.maximum(self.free() - self.min_free, 0.0))
+        self._allocate(back)
+        self.cache += back
+        self.hot_cache += back
 
     def reportable_blocks(self) -> Array:
         """Free 2 MiB blocks (order 9) not yet reported, per guest: touched free memory

@@ -53,6 +53,7 @@ class SimHypervisor:
         *,
         host_mem_kib: int,
         initial_demand_kib: Array,
+        initial_read_kib_s: Array | None = None,
         stats_period_s: float = 5.0,
         guest_params: GuestModelParams | None = None,
         host_params: HostModelParams | None = None,
@@ -61,7 +62,7 @@ class SimHypervisor:
     ) -> None:
         self.specs = specs
         self.model = model
-        self.fleet = Fleet(specs, guest_params or GuestModelParams(), initial_demand_kib)
+        self.fleet = Fleet(specs, guest_params or GuestModelParams(), initial_demand_kib, initial_read_kib_s)
         self._owns_world = world is None
         self.world = world or World()
         self.device: BalloonDevice | ProtocolBalloons

@@ -8,7 +8,9 @@ Definitions (all over the replayed span, every guest):
 * **host use**: host RAM in use (base + guests + QEMU overhead) as % of host RAM; over
   100 % means the host itself would swap.
 * **swap-in, major faults**: per guest-hour, from the guests' own cumulative counters
-  (major faults are swap-in faults: file refaults are not modelled).
+  (major faults are swap-in faults and page-cache refaults).
+* **page-cache refaults**: hot file data the guests read again because it was evicted
+  (ballooned or reclaimed away), MiB per guest-hour (``sim.guest``).
 * **OOM kills**: guest OOM kills (an episode of demand the guest cannot hold counts once).
 * **below floor**: guest-seconds with ``actual`` under the guest's floor (the SLA floor
   or the guard's global minimum); the guard must keep this at 0.
@@ -47,6 +49,7 @@ class Scorecard:
     host_peak_pct: float
     host_p95_pct: float
     swap_in_mib_per_guest_h: float
+    refault_mib_per_guest_h: float
     major_faults_per_guest_h: float
     oom_kills: int
     below_floor_guest_s: float
@@ -159,6 +162,7 @@ class Recorder:
             host_peak_pct=float(used.max()) if len(used) else 0.0,
             host_p95_pct=float(np.percentile(used, 95)) if len(used) else 0.0,
             swap_in_mib_per_guest_h=counters["swap_in_kib"] / MIB_KIB / guest_h,
+            refault_mib_per_guest_h=counters["refault_kib"] / MIB_KIB / guest_h,
             major_faults_per_guest_h=counters["major_faults"] / guest_h,
             oom_kills=int(counters["oom_kills"]),
             below_floor_guest_s=self.below_floor_s,

@@ -105,12 +105,13 @@ def replay(
     n_ticks = int(duration_s // spec.interval_s)
     ram = np.array([s.ram_kib for s in specs], dtype=np.float64)
     host_kib = int(ram.sum() / spec.overcommit) + spec.host_model.base_kib
-    first_demand, _ = workload.block(np.zeros(1))
+    first_demand, first_reads = workload.block(np.zeros(1))
     world = World()
     hv = SimHypervisor(
         specs,
         host_mem_kib=host_kib,
         initial_demand_kib=first_demand[0],
+        initial_read_kib_s=first_reads[0],
         stats_period_s=spec.stats_period_s,
         guest_params=spec.guest_model,
         host_params=spec.host_model,
@@ -125,6 +126,7 @@ def replay(
     f = hv.fleet
     counters = {
         "swap_in_kib": float(f.swap_in.sum()),
+        "refault_kib": float(f.refault_kib.sum()),
         "major_faults": float(f.major_faults.sum()),
         "oom_kills": float(f.oom_kills.sum()),
         "puff_retries": float(f.driver.puff_retries.sum()),

@@ -57,6 +57,7 @@ class OneHost:
         f = self.hv.fleet
         f.touched -= f.cache - f.cache_min  # start with little page cache (never touched): easier to read
         f.cache[:] = f.cache_min
+        f.hot_cache[:] = np.minimum(f.hot_cache, f.cache)  # hot cache is part of the cache
 
     @property
     def balloons(self) -> ProtocolBalloons:

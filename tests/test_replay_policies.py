@@ -56,6 +56,17 @@ def test_the_table_has_a_column_per_policy_and_marks_the_best(comparison: Compar
     assert cells[[REFERENCE, *POLICIES].index(best)].endswith("*")
 
 
+def test_refaults_are_scored_next_to_swap_in_in_the_table_the_page_and_the_json(
+    comparison: Comparison, tmp_path: Path
+) -> None:
+    labels = [line.split("|")[1].strip() for line in format_table(comparison).splitlines() if line.startswith("| ")]
+    swap_row = labels.index("swap-in, MiB per guest-hour")
+    assert labels[swap_row + 1] == "page-cache refaults, MiB per guest-hour"
+    assert "<th>page-cache refaults, MiB per guest-hour</th>" in write_report(comparison, tmp_path).read_text()
+    card = comparison.results["pid"].scorecard.as_dict()
+    assert isinstance(card["refault_mib_per_guest_h"], float) and card["refault_mib_per_guest_h"] >= 0
+
+
 def test_a_replay_is_deterministic() -> None:
     spec = ReplaySpec(guests=4, hours=2.0)
     a = compare(spec, [registry.create("pid")], DaemonConfig(), reference=False)
