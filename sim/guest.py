@@ -304,15 +304,17 @@ class Fleet:
         self.swap -= self.swap * shrink
 
     def _grow_cache(self, dt_s: float, read_kib_s: Array) -> None:
-        """File reads fill free memory above the low watermark; what they bring in is hot,
-        and what was hot cools over ``cache_reuse_s``. Reads with no room do not count."""
+        """File reads fill free memory above the low watermark and are hot; what was hot
+        cools over ``cache_reuse_s``. Every read is hot, also one that found no free room:
+        it replaced cold cache (Linux's LRU), so a guest squeezed to its watermark still
+        holds hot data a further squeeze would evict."""
         read = read_kib_s * dt_s
         room = np.maximum(self.free() - self.min_free, 0.0)
         grow = np.minimum(read, room)
         self._allocate(grow)
         self.cache += grow
         cooled = self.hot_cache * math.exp(-dt_s / self.params.cache_reuse_s)
-        self.hot_cache = np.minimum(self.cache, cooled + grow)
+        self.hot_cache = np.minimum(self.cache, cooled + read)
 
     def _evict_cache(self, amount_kib: Array) -> None:
         """Take page cache away (balloon or reclaim). Linux reclaims the inactive (cold)
