@@ -14,7 +14,7 @@ from overcommitd.model import BalloonFeatures, GuestSnapshot
 from policies import registry
 from policies.testing import GIB, guest, host
 
-BUILT_INS = ("pid", "sla-floor", "free-page", "mom", "proxmox", "headroom")
+BUILT_INS = ("pid", "sla-floor", "free-page", "mom", "proxmox", "headroom", "trim")
 
 
 @st.composite

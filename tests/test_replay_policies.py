@@ -16,7 +16,7 @@ from sim.replay import ReplaySpec
 from sim.report import write_report
 from sim.tune import SPACES, to_toml, tune
 
-POLICIES = ("pid", "sla-floor", "free-page", "mom", "proxmox", "headroom")
+POLICIES = ("pid", "sla-floor", "free-page", "mom", "proxmox", "headroom", "trim")
 SPEC = ReplaySpec(guests=16, hours=8.0, seed=3)
 
 

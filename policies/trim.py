@@ -1,0 +1,231 @@
+"""``trim``: reclaim what a guest has touched but does not use in short squeezes, then
+give the memory back, so between squeezes every guest has its whole size for a burst.
+
+Why release? A page the balloon takes is discarded on the host; when the balloon
+deflates, the page returns to the guest *free and unbacked*: the host pays for it again
+only when the guest touches it. So what a squeeze reclaims (page cache, memory a burst
+touched and freed) stays reclaimed after the release, until the guest reads or allocates
+that much again, while the guest gets its headroom back. Holding the balloon inflated
+(``pid``, ``sla-floor``) reclaims a little more, but a guest without DEFLATE_ON_OOM whose
+use leaps above what the balloon left it is OOM-killed before any control loop can
+react: bitbrains-rnd has guests idling at 1 % of their RAM that leap to 50-95 % within
+one 5-minute sample, after days of quiet. A trimmed guest is exposed only while a
+squeeze lasts. This is Senpai's idea (prior-art.md: apply pressure, watch the cost,
+back off) applied from the host, with the balloon as the pressure.
+
+Per guest, a small state machine, one step per tick:
+
+* **released** (target: the maximum). A squeeze starts when ``trim_interval_s`` has
+  passed since the last one (a quarter of it while the host's MemAvailable is below
+  ``host_available_target_pct``), the guest has been watched ``warmup_s``, and the
+  estimated gain is at least ``min_gain_kib``. The gain is what the guest has touched
+  since the last release and could give up: its page-cache growth (the disk_caches
+  stat) beyond the hot cache it is allowed to keep, plus how far its use fell from the
+  peak it showed meanwhile (memory a burst touched and freed).
+* **squeezing** (target: ``keep``, the guard paces the inflation). ``keep`` is the
+  guest's use plus a margin: the largest of ``min_headroom_kib``, ``headroom_pct`` % of
+  its maximum and ``burst_factor`` x the largest rise of use it has shown between two
+  samples, plus the hot cache it keeps. A guest that bursts keeps room for its bursts
+  even mid-squeeze. The squeeze ends - released at once - when ``actual`` reaches
+  ``keep``, or at the first sign of harm: any swap-in, an auto-deflate, an OOM kill, use
+  rising by more than ``abort_rise_kib``, or ``max_squeeze_s`` passing.
+
+What a squeeze costs is measured, not assumed: page-cache refaults (major faults that
+are not swap-ins, x 4 KiB) between one release and the next squeeze are hot file data
+the squeeze evicted. The guest keeps that much cache at its next squeeze (a running
+maximum that halves when a squeeze costs nothing), so a guest that reads its files
+again is not trimmed into re-reading them.
+
+Under host pressure a squeeze does not release to the maximum but to ``keep`` plus its
+margin again (the guest keeps its burst room; the host keeps what was trimmed).
+
+After an OOM kill the guest's burst margin becomes its whole maximum: it is never
+squeezed again. Guests without stats are held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from overcommitd.model import GuestSnapshot, HostSnapshot
+from policies.api import PerGuestPolicy
+from policies.signals import swap_in_delta_kib, used_kib
+
+MIB = 1024
+PAGE_KIB = 4
+
+
+class TrimParams(BaseModel):
+    """Knobs of the ``trim`` policy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    trim_interval_s: float = Field(6 * 3600.0, gt=0, description="time between a guest's squeezes")
+    warmup_s: float = Field(3600.0, ge=0, description="watch a new guest this long before its first squeeze")
+    min_gain_kib: int = Field(256 * MIB, ge=0, description="squeeze only when it would reclaim at least this")
+    min_headroom_kib: int = Field(256 * MIB, ge=0, description="free memory a squeezed guest keeps at least")
+    headroom_pct: float = Field(5.0, ge=0, le=100, description="... and at least this % of its maximum")
+    burst_factor: float = Field(1.25, ge=0, le=10, description="... and this times its largest rise of use")
+    min_gain_pct_of_depth: float = Field(
+        10.0, ge=0, le=100, description="... and at least this % of how far it would inflate the balloon"
+    )
+    abort_rise_pct: float = Field(25.0, gt=0, le=100, description="use rising by this % of the margin ends a squeeze")
+    host_available_target_pct: float = Field(
+        10.0, ge=0, le=100, description="host MemAvailable below this is pressure"
+    )
+    auto_deflate_tolerance_kib: int = Field(2 * MIB, ge=0, description="actual above last target by more = auto-deflate")
+    hold_deflate_on_oom: bool = Field(
+        True, description="keep DEFLATE_ON_OOM guests at keep instead of releasing them: they cannot be OOM-killed"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TrimGuestState:
+    """One guest's trim cycle and what it has learned."""
+
+    first_seen_s: float | None = None  # set at the first sample
+    used_kib: int | None = None  # last sample, for the rise
+    burst_kib: int = 0  # largest rise of use between two samples, never lowered
+    squeezing: bool = False
+    actual_kib: int = 0  # last sample, to see a squeeze stall
+    released_s: float = float("-inf")
+    cache_at_release_kib: int = 0
+    peak_used_kib: int = 0  # highest use since the last release
+    refault_base: int | None = None  # major faults less swap-in pages, at the last release
+    keep_cache_kib: int = 0  # hot page cache a squeeze leaves alone
+    swap_in_total_kib: int | None = None
+    oom_kills_total: int | None = None
+
+
+class TrimPolicy(PerGuestPolicy[TrimGuestState]):
+    """Squeeze, then release: reclaim touched-but-idle memory, keep burst room."""
+
+    name = "trim"
+    Params = TrimParams
+
+    def __init__(self, params: TrimParams | None = None) -> None:
+        self.params = params or TrimParams()
+
+    def initial_guest_state(self, guest: GuestSnapshot) -> TrimGuestState:
+        return TrimGuestState()
+
+    def decide_guest(self, host: HostSnapshot, guest: GuestSnapshot, state: TrimGuestState) -> tuple[int | None, TrimGuestState]:
+        used = used_kib(guest)
+        if used is None or guest.stats is None:
+            return None, state
+        now_s = host.taken_at_s
+        if state.first_seen_s is None:
+            state = replace(state, first_seen_s=now_s)
+        state, harmed = self.observe(guest, used, state)
+        keep = self.keep_kib(guest, used, state)
+        if state.squeezing:
+            stalled = guest.actual_kib >= state.actual_kib  # reached keep, or the guard holds it
+            if harmed or stalled:
+                return self.release(host, guest, used, keep, state)
+            return keep, replace(state, actual_kib=guest.actual_kib)
+        if self.due(host, guest, keep, state):
+            state = self.start_squeeze(guest, state)
+            return self.keep_kib(guest, used, state), state
+        return self.released_target(host, guest, keep), state
+
+    def observe(self, guest: GuestSnapshot, used: int, state: TrimGuestState) -> tuple[TrimGuestState, bool]:
+        """Learn from this sample: the burst margin, the peak, and whether the guest was
+        harmed (swap-in, auto-deflate, OOM kill, a rise mid-squeeze) since the last."""
+        stats = guest.stats
+        assert stats is not None
+        rise = 0 if state.used_kib is None else used - state.used_kib
+        swapped_kib, swap_total = swap_in_delta_kib(state.swap_in_total_kib, guest)
+        kills = stats.oom_kills
+        killed = kills is not None and state.oom_kills_total is not None and kills > state.oom_kills_total
+        last = guest.last_target_kib
+        deflated = (
+            guest.features.deflate_on_oom
+            and last is not None
+            and guest.actual_kib > last + self.params.auto_deflate_tolerance_kib
+        )
+        rising = rise > self.margin_kib(guest, state) * self.params.abort_rise_pct / 100
+        harmed = swapped_kib > 0 or killed or deflated or (state.squeezing and rising)
+        burst = guest.max_kib if killed else max(state.burst_kib, rise)
+        state = replace(
+            state,
+            used_kib=used,
+            burst_kib=burst,
+            peak_used_kib=max(state.peak_used_kib, used),
+            swap_in_total_kib=swap_total,
+            oom_kills_total=kills if kills is not None else state.oom_kills_total,
+        )
+        return state, harmed
+
+    def margin_kib(self, guest: GuestSnapshot, state: TrimGuestState) -> float:
+        """Room above use a squeezed guest keeps for a burst."""
+        p = self.params
+        return max(p.min_headroom_kib, guest.max_kib * p.headroom_pct / 100, state.burst_kib * p.burst_factor)
+
+    def keep_kib(self, guest: GuestSnapshot, used: int, state: TrimGuestState) -> int:
+        """What a squeeze leaves the guest: use, burst room, hot cache; within bounds."""
+        keep = round(used + self.margin_kib(guest, state) + state.keep_cache_kib)
+        return min(guest.max_kib, max(guest.floor_kib, keep))
+
+    def gain_kib(self, guest: GuestSnapshot, used: int, state: TrimGuestState) -> int:
+        """Touched-but-reclaimable memory since the last release: cache growth beyond the
+        hot cache kept, plus memory a burst touched and freed."""
+        caches = guest.stats.disk_caches_kib if guest.stats is not None else None
+        cache_growth = max(0, (caches or 0) - max(state.cache_at_release_kib, state.keep_cache_kib))
+        return cache_growth + max(0, state.peak_used_kib - used)
+
+    def due(self, host: HostSnapshot, guest: GuestSnapshot, keep: int, state: TrimGuestState) -> bool:
+        p = self.params
+        now_s = host.taken_at_s
+        interval_s = p.trim_interval_s / 4 if self.host_pressed(host) else p.trim_interval_s
+        depth_kib = guest.actual_kib - keep
+        gain_kib = self.gain_kib(guest, state.used_kib or 0, state)
+        return (
+            now_s - (state.first_seen_s or now_s) >= p.warmup_s
+            and now_s - state.released_s >= interval_s
+            and depth_kib >= p.min_gain_kib
+            and gain_kib >= max(p.min_gain_kib, depth_kib * p.min_gain_pct_of_depth / 100)
+        )
+
+    def start_squeeze(self, guest: GuestSnapshot, state: TrimGuestState) -> TrimGuestState:
+        """Begin a squeeze; charge the refaults since the last release to the hot cache."""
+        refaulted_kib = 0
+        base = state.refault_base
+        current = self.refault_count(guest)
+        if base is not None and current is not None:
+            refaulted_kib = max(0, current - base) * PAGE_KIB
+        keep_cache = max(refaulted_kib, state.keep_cache_kib // 2)
+        return replace(state, squeezing=True, actual_kib=guest.actual_kib, keep_cache_kib=keep_cache)
+
+    def release(
+        self, host: HostSnapshot, guest: GuestSnapshot, used: int, keep: int, state: TrimGuestState
+    ) -> tuple[int, TrimGuestState]:
+        caches = guest.stats.disk_caches_kib if guest.stats is not None else None
+        state = replace(
+            state,
+            squeezing=False,
+            released_s=host.taken_at_s,
+            cache_at_release_kib=caches or 0,
+            peak_used_kib=used,
+            refault_base=self.refault_count(guest),
+        )
+        return self.released_target(host, guest, keep), state
+
+    def released_target(self, host: HostSnapshot, guest: GuestSnapshot, keep: int) -> int:
+        """The maximum; under host pressure, what a squeeze keeps plus as much again."""
+        if self.params.hold_deflate_on_oom and guest.features.deflate_on_oom:
+            return keep
+        if self.host_pressed(host):
+            return min(guest.max_kib, 2 * keep)
+        return guest.max_kib
+
+    def host_pressed(self, host: HostSnapshot) -> bool:
+        return 100 * host.available_fraction < self.params.host_available_target_pct
+
+    @staticmethod
+    def refault_count(guest: GuestSnapshot) -> int | None:
+        """Major faults that were not swap-ins: page-cache refaults, in pages."""
+        stats = guest.stats
+        if stats is None or stats.major_faults is None:
+            return None
+        return stats.major_faults - (stats.swap_in_kib or 0) // PAGE_KIB

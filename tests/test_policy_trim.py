@@ -1,0 +1,169 @@
+"""trim: squeeze, then release; a squeeze ends at the first sign of harm; what a guest
+showed (bursts, OOM kills, refaults) shapes its next squeeze."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from overcommitd.model import BalloonFeatures, GuestSnapshot, GuestStats
+from policies.testing import GIB, MIB, guest, host
+from policies.trim import TrimGuestState, TrimParams, TrimPolicy
+
+MAX = 16 * GIB
+USED = 1 * GIB
+CACHE = 6 * GIB
+
+
+def _policy(**params: object) -> TrimPolicy:
+    return TrimPolicy(TrimParams(**({"warmup_s": 0.0} | params)))
+
+
+def _guest(actual_kib: int = MAX, used_kib: int = USED, cache_kib: int = CACHE, **stats: int) -> GuestSnapshot:
+    """A guest using ``used_kib``; the rest is ``cache_kib`` of page cache and free memory."""
+    available = actual_kib - used_kib
+    g = guest(
+        max_kib=MAX,
+        actual_kib=actual_kib,
+        available_kib=available,
+        caches_kib=min(cache_kib, available),
+        free_kib=available - min(cache_kib, available),
+        last_target_kib=actual_kib,
+    )
+    assert g.stats is not None
+    return replace(g, stats=replace(g.stats, **stats)) if stats else g
+
+
+def _step(
+    policy: TrimPolicy, g: GuestSnapshot, state: TrimGuestState, at_s: float, available_pct: float = 50.0
+) -> tuple[int | None, TrimGuestState]:
+    total = 64 * GIB
+    h = host(at_s=at_s, total_kib=total, available_kib=int(total * available_pct / 100))
+    return policy.decide_guest(h, g, state)
+
+
+def _squeeze(policy: TrimPolicy) -> tuple[int, TrimGuestState]:
+    """A first step that starts a squeeze of a quiet guest with 6 GiB of page cache."""
+    target, state = _step(policy, _guest(), TrimGuestState(), 0.0)
+    assert target is not None and state.squeezing
+    return target, state
+
+
+def test_a_quiet_guest_is_squeezed_to_its_use_plus_margin_then_released() -> None:
+    policy = _policy()
+    target, state = _squeeze(policy)
+    margin = max(policy.params.min_headroom_kib, MAX * policy.params.headroom_pct / 100)
+    assert target == round(USED + margin)
+    # the balloon moves down (the guard paces it): the squeeze goes on
+    target, state = _step(policy, _guest(actual_kib=8 * GIB), state, 10.0)
+    assert target == round(USED + margin) and state.squeezing
+    # the balloon stops at the target: released, the whole maximum back
+    target, state = _step(policy, _guest(actual_kib=8 * GIB), state, 20.0)
+    assert target == MAX and not state.squeezing and state.released_s == 20.0
+
+
+def test_after_a_release_no_squeeze_until_the_interval_and_a_gain() -> None:
+    policy = _policy()
+    _, state = _squeeze(policy)
+    _, state = _step(policy, _guest(actual_kib=2 * GIB, cache_kib=0), state, 10.0)
+    _, state = _step(policy, _guest(actual_kib=2 * GIB, cache_kib=0), state, 20.0)
+    assert not state.squeezing
+    interval = policy.params.trim_interval_s
+    # the interval has passed but the guest touched nothing since: nothing to gain
+    target, state = _step(policy, _guest(cache_kib=0), state, 20.0 + interval)
+    assert target == MAX and not state.squeezing
+    # it read 3 GiB of files meanwhile: worth a squeeze
+    target, state = _step(policy, _guest(cache_kib=3 * GIB), state, 30.0 + interval)
+    assert target is not None and target < MAX and state.squeezing
+    # before the interval it would not have been
+    early = replace(state, squeezing=False, released_s=40.0 + interval)
+    target, _ = _step(policy, _guest(cache_kib=3 * GIB), early, 50.0 + interval)
+    assert target == MAX
+
+
+def test_a_squeeze_ends_at_once_on_swap_in_or_a_rise_in_use() -> None:
+    policy = _policy()
+    _, squeezing = _squeeze(policy)
+    _, squeezing = _step(policy, _guest(actual_kib=10 * GIB, swap_in_kib=0), squeezing, 10.0)
+    swapped = _guest(actual_kib=9 * GIB, swap_in_kib=4 * MIB)
+    target, state = _step(policy, swapped, squeezing, 20.0)
+    assert target == MAX and not state.squeezing
+    # a rise of use by a quarter of the remaining headroom ends it too
+    rising = _guest(actual_kib=9 * GIB, used_kib=USED + 3 * GIB, swap_in_kib=0)
+    target, state = _step(policy, rising, squeezing, 20.0)
+    assert target == MAX and not state.squeezing
+    # a small wobble does not
+    wobble = _guest(actual_kib=9 * GIB, used_kib=USED + 16 * MIB, swap_in_kib=0)
+    target, state = _step(policy, wobble, squeezing, 20.0)
+    assert target is not None and target < MAX and state.squeezing
+
+
+def test_a_burst_is_remembered_and_kept_free_at_the_next_squeeze() -> None:
+    policy = _policy()
+    state = TrimGuestState()
+    _, state = _step(policy, _guest(used_kib=USED), replace(state, first_seen_s=0.0, released_s=0.0), 10.0)
+    _, state = _step(policy, _guest(used_kib=USED + 5 * GIB), state, 20.0)  # a 5 GiB leap
+    assert state.burst_kib == 5 * GIB
+    assert policy.keep_kib(_guest(), USED, state) == USED + round(5 * GIB * policy.params.burst_factor)
+
+
+def test_after_an_oom_kill_a_guest_is_never_squeezed_again() -> None:
+    policy = _policy()
+    _, state = _squeeze(policy)
+    g = _guest(actual_kib=8 * GIB)
+    killed = replace(g, stats=replace(g.stats, oom_kills=1)) if g.stats else g
+    _, state = _step(policy, replace(g, stats=replace(g.stats, oom_kills=0)) if g.stats else g, state, 10.0)
+    target, state = _step(policy, killed, state, 20.0)
+    assert target == MAX and state.burst_kib == MAX
+    later = policy.params.trim_interval_s * 10
+    target, state = _step(policy, _guest(cache_kib=12 * GIB, oom_kills=1), state, later)
+    assert target == MAX and not state.squeezing
+
+
+def test_refaults_after_a_squeeze_are_kept_as_hot_cache_next_time() -> None:
+    policy = _policy()
+    _, state = _squeeze(policy)
+    _, state = _step(policy, _guest(actual_kib=2 * GIB, cache_kib=0, major_faults=100), state, 10.0)
+    _, state = _step(policy, _guest(actual_kib=2 * GIB, cache_kib=0, major_faults=100), state, 20.0)
+    assert not state.squeezing and state.refault_base == 100
+    # 2 GiB of file pages were read back (major faults that are not swap-ins)
+    refaults = 100 + 2 * GIB // 4
+    at_s = 30.0 + policy.params.trim_interval_s
+    target, state = _step(policy, _guest(cache_kib=5 * GIB, major_faults=refaults), state, at_s)
+    assert state.squeezing and state.keep_cache_kib == 2 * GIB
+    assert target == policy.keep_kib(_guest(), USED, state) and target > USED + 2 * GIB
+
+
+def test_a_deflate_on_oom_guest_is_held_not_released() -> None:
+    policy = _policy()
+    g = replace(_guest(actual_kib=4 * GIB), features=BalloonFeatures(deflate_on_oom=True))
+    state = replace(TrimGuestState(), first_seen_s=0.0, released_s=0.0)
+    target, _ = _step(policy, g, state, 10.0)
+    assert target == policy.keep_kib(g, USED, state) < MAX
+    released = _policy(hold_deflate_on_oom=False)
+    target, _ = _step(released, g, state, 10.0)
+    assert target == MAX
+
+
+def test_under_host_pressure_a_released_guest_keeps_only_twice_its_keep() -> None:
+    policy = _policy()
+    state = replace(TrimGuestState(), first_seen_s=0.0, released_s=0.0)
+    target, _ = _step(policy, _guest(cache_kib=0), state, 10.0, available_pct=5.0)
+    assert target == 2 * policy.keep_kib(_guest(), USED, state) < MAX
+
+
+def test_new_guests_are_watched_before_their_first_squeeze_and_guests_without_stats_held() -> None:
+    policy = TrimPolicy()
+    target, state = _step(policy, _guest(), TrimGuestState(), 100.0)
+    assert target == MAX and state.first_seen_s == 100.0
+    target, state = _step(policy, _guest(), state, 100.0 + policy.params.warmup_s)
+    assert state.squeezing
+    blind = guest(max_kib=MAX, stats=False)
+    assert _step(policy, blind, TrimGuestState(), 0.0) == (None, TrimGuestState())
+
+
+def test_stats_without_fault_counters_still_work() -> None:
+    policy = _policy()
+    g = _guest()
+    bare = replace(g, stats=GuestStats(last_update_s=0.0, mem_available_kib=MAX - USED, disk_caches_kib=CACHE))
+    target, state = _step(policy, bare, TrimGuestState(), 0.0)
+    assert state.squeezing and state.refault_base is None and target is not None and target < MAX
