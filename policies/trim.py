@@ -18,17 +18,20 @@ Per guest, a small state machine, one step per tick:
 * **released** (target: the maximum). A squeeze starts when ``trim_interval_s`` has
   passed since the last one (a quarter of it while the host's MemAvailable is below
   ``host_available_target_pct``), the guest has been watched ``warmup_s``, and the
-  estimated gain is at least ``min_gain_kib``. The gain is what the guest has touched
-  since the last release and could give up: its page-cache growth (the disk_caches
-  stat) beyond the hot cache it is allowed to keep, plus how far its use fell from the
-  peak it showed meanwhile (memory a burst touched and freed).
-* **squeezing** (target: ``keep``, the guard paces the inflation). ``keep`` is the
-  guest's use plus a margin: the largest of ``min_headroom_kib``, ``headroom_pct`` % of
-  its maximum and ``burst_factor`` x the largest rise of use it has shown between two
-  samples, plus the hot cache it keeps. A guest that bursts keeps room for its bursts
-  even mid-squeeze. The squeeze ends - released at once - when ``actual`` reaches
-  ``keep``, or at the first sign of harm: any swap-in, an auto-deflate, an OOM kill, use
-  rising by more than ``abort_rise_kib``, or ``max_squeeze_s`` passing.
+  estimated gain is at least ``min_gain_kib`` and ``min_gain_pct_of_depth`` % of how
+  far the balloon would inflate (the balloon takes free pages before page cache, so a
+  squeeze spends most of its time on pages the host does not back). The gain is what
+  the guest has touched since the last release and could give up: its page-cache
+  growth (the disk_caches stat) beyond the hot cache it keeps, plus how far its use
+  fell from the peak it showed meanwhile (memory a burst touched and freed).
+* **squeezing** (target: ``keep``; the guard paces the inflation). ``keep`` is the
+  guest's use plus a margin - the largest of ``min_headroom_kib``, ``headroom_pct`` %
+  of its maximum and ``burst_factor`` x the largest rise of use it has shown between
+  two samples - plus the hot cache it keeps. A guest that bursts keeps room for its
+  bursts even mid-squeeze. The squeeze ends, released at once, when ``actual`` stops
+  falling (it reached ``keep``, or the guard holds it), or at the first sign of harm:
+  any swap-in, an auto-deflate, an OOM kill, or use rising by ``abort_rise_pct`` % of
+  the margin between two samples.
 
 What a squeeze costs is measured, not assumed: page-cache refaults (major faults that
 are not swap-ins, x 4 KiB) between one release and the next squeeze are hot file data
@@ -36,8 +39,11 @@ the squeeze evicted. The guest keeps that much cache at its next squeeze (a runn
 maximum that halves when a squeeze costs nothing), so a guest that reads its files
 again is not trimmed into re-reading them.
 
-Under host pressure a squeeze does not release to the maximum but to ``keep`` plus its
-margin again (the guest keeps its burst room; the host keeps what was trimmed).
+Under host pressure a released guest gets twice its ``keep`` rather than its maximum.
+A DEFLATE_ON_OOM guest is not released at all (``hold_deflate_on_oom``): it follows
+``keep`` like a set-point, because a burst beyond its margin makes it swap (at most its
+swap space) and then deflate itself, never OOM-kill; the burst it showed then widens
+its margin.
 
 After an OOM kill the guest's burst margin becomes its whole maximum: it is never
 squeezed again. Guests without stats are held.

@@ -87,7 +87,7 @@ def test_a_squeeze_ends_at_once_on_swap_in_or_a_rise_in_use() -> None:
     swapped = _guest(actual_kib=9 * GIB, swap_in_kib=4 * MIB)
     target, state = _step(policy, swapped, squeezing, 20.0)
     assert target == MAX and not state.squeezing
-    # a rise of use by a quarter of the remaining headroom ends it too
+    # a rise of use by more than a quarter of the margin ends it too
     rising = _guest(actual_kib=9 * GIB, used_kib=USED + 3 * GIB, swap_in_kib=0)
     target, state = _step(policy, rising, squeezing, 20.0)
     assert target == MAX and not state.squeezing
