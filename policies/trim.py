@@ -77,10 +77,10 @@ class TrimParams(BaseModel):
         10.0, ge=0, le=100, description="... and at least this % of how far it would inflate the balloon"
     )
     abort_rise_pct: float = Field(25.0, gt=0, le=100, description="use rising by this % of the margin ends a squeeze")
-    host_available_target_pct: float = Field(
-        10.0, ge=0, le=100, description="host MemAvailable below this is pressure"
+    host_available_target_pct: float = Field(10.0, ge=0, le=100, description="host MemAvailable below this is pressure")
+    auto_deflate_tolerance_kib: int = Field(
+        2 * MIB, ge=0, description="actual above last target by more = auto-deflate"
     )
-    auto_deflate_tolerance_kib: int = Field(2 * MIB, ge=0, description="actual above last target by more = auto-deflate")
     hold_deflate_on_oom: bool = Field(
         True, description="keep DEFLATE_ON_OOM guests at keep instead of releasing them: they cannot be OOM-killed"
     )
@@ -116,7 +116,9 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
     def initial_guest_state(self, guest: GuestSnapshot) -> TrimGuestState:
         return TrimGuestState()
 
-    def decide_guest(self, host: HostSnapshot, guest: GuestSnapshot, state: TrimGuestState) -> tuple[int | None, TrimGuestState]:
+    def decide_guest(
+        self, host: HostSnapshot, guest: GuestSnapshot, state: TrimGuestState
+    ) -> tuple[int | None, TrimGuestState]:
         used = used_kib(guest)
         if used is None or guest.stats is None:
             return None, state

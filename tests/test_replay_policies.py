@@ -4,6 +4,7 @@ invariants that must hold whatever the policy, the table, the report and tuning.
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from policies import registry
 from sim.compare import REFERENCE, Comparison, compare, format_table
 from sim.replay import ReplaySpec
 from sim.report import write_report
-from sim.tune import SPACES, to_toml, tune
+from sim.tune import SPACES, Constraints, objective, to_toml, tune
 
 POLICIES = ("pid", "sla-floor", "free-page", "mom", "proxmox", "headroom", "trim")
 SPEC = ReplaySpec(guests=16, hours=8.0, seed=3)
@@ -104,3 +105,16 @@ def test_tuning_writes_params_the_config_accepts_and_never_loses_to_its_start(tm
         tomllib.loads(path.read_text())["policy"]["params"]["min_headroom_kib"]
         == result.best.params["min_headroom_kib"]
     )
+
+
+def test_the_tuner_bounds_swap_in_and_refaults_together(comparison: Comparison) -> None:
+    card = comparison.results["pid"].scorecard
+    quiet = replace(
+        card, oom_kills=0, below_floor_guest_s=0.0, swap_in_mib_per_guest_h=1.0, refault_mib_per_guest_h=0.0
+    )
+    bound = Constraints(swap_in_mib_per_guest_h=2.0)
+    assert objective(quiet, bound) == (-quiet.saved_pct, True)
+    # the same swap-in plus refaults over the bound: infeasible, by the excess over the bound
+    rereads = replace(quiet, refault_mib_per_guest_h=2.0)
+    value, feasible = objective(rereads, bound)
+    assert not feasible and value == pytest.approx(100.0 + 0.5)
