@@ -107,3 +107,15 @@ def test_hot_cache_stays_within_the_cache_and_the_debt_is_never_negative(
         hv.advance(hv.now_s + dt_s, np.array([demand_gib * GIB]), np.array([read_mib_s * MIB]))
         assert 0.0 <= float(f.hot_cache[0]) <= float(f.cache[0]) + 1e-6
         assert float(f.refault_debt[0]) >= 0.0 and float(f.refault_kib[0]) >= 0.0
+
+
+def test_reads_with_no_free_room_still_make_the_cache_hot() -> None:
+    """A guest squeezed to its low watermark keeps reading: its new reads replace cold
+    cache (the LRU), so what it holds is hot and a further squeeze costs refaults."""
+    hv = reader()
+    hv.set_target("u", int(1.3 * GIB))
+    run(hv, 60)
+    f = hv.fleet
+    assert float(f.free()[0] - f.min_free[0]) < MIB and float(f.hot_cache[0]) == 0.0
+    run(hv, 1200, read_mib_s=0.5)
+    assert float(f.hot_cache[0]) == pytest.approx(float(f.cache[0]))
