@@ -186,10 +186,11 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         p = self.params
         now_s = host.taken_at_s
         interval_s = p.trim_interval_s / 4 if self.host_pressed(host) else p.trim_interval_s
+        first_seen_s = now_s if state.first_seen_s is None else state.first_seen_s
         depth_kib = guest.actual_kib - keep
         gain_kib = self.gain_kib(guest, state.used_kib or 0, state)
         return (
-            now_s - (state.first_seen_s or now_s) >= p.warmup_s
+            now_s - first_seen_s >= p.warmup_s
             and now_s - state.released_s >= interval_s
             and depth_kib >= p.min_gain_kib
             and gain_kib >= max(p.min_gain_kib, depth_kib * p.min_gain_pct_of_depth / 100)

@@ -153,10 +153,13 @@ def test_under_host_pressure_a_released_guest_keeps_only_twice_its_keep() -> Non
 
 def test_new_guests_are_watched_before_their_first_squeeze_and_guests_without_stats_held() -> None:
     policy = TrimPolicy()
-    target, state = _step(policy, _guest(), TrimGuestState(), 100.0)
-    assert target == MAX and state.first_seen_s == 100.0
-    target, state = _step(policy, _guest(), state, 100.0 + policy.params.warmup_s)
-    assert state.squeezing
+    for first_s in (0.0, 100.0):  # a clock that starts at zero is a time like any other
+        target, state = _step(policy, _guest(), TrimGuestState(), first_s)
+        assert target == MAX and state.first_seen_s == first_s and not state.squeezing
+        target, state = _step(policy, _guest(), state, first_s + policy.params.warmup_s - 10)
+        assert target == MAX and not state.squeezing
+        target, state = _step(policy, _guest(), state, first_s + policy.params.warmup_s)
+        assert state.squeezing
     blind = guest(max_kib=MAX, stats=False)
     assert _step(policy, blind, TrimGuestState(), 0.0) == (None, TrimGuestState())
 
