@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from overcommitd.config import DaemonConfig
 from policies import registry
+from sim.compare import spec_from_args
 from sim.metrics import Scorecard
 from sim.replay import ReplaySpec, load_traces, replay
 
@@ -22,6 +23,7 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="daemon config (guard rules, policy params, guest overrides)")
     p.add_argument("--guests", type=int, help="number of guests (default: one per trace)")
     p.add_argument("--hours", type=float, default=defaults["hours"].default, help="replayed span (default %(default)s)")
+    p.add_argument("--start-hours", type=float, default=0.0, help="start this far into the traces (default 0)")
     p.add_argument("--interval-s", type=float, help="control interval (default: the config's interval_s)")
     p.add_argument(
         "--overcommit",
@@ -45,18 +47,7 @@ def replay_command(args: argparse.Namespace) -> int:
     name = args.policy or cfg.policy.name
     params = cfg.policy.params if name == cfg.policy.name else {}
     policy = registry.create(name, params)
-    fields: dict[str, object] = {
-        "hours": args.hours,
-        "interval_s": cfg.interval_s,
-        "overcommit": args.overcommit,
-        "seed": args.seed,
-        "model": args.model,
-    }
-    if args.trace:
-        fields["traces"] = tuple(args.trace)
-    if args.guests:
-        fields["guests"] = args.guests
-    spec = ReplaySpec.model_validate(fields)
+    spec = spec_from_args(args, cfg)
     loaded = load_traces(spec)
     n_guests = spec.guests or len(loaded)
     total_ticks = int((spec.hours or max(t.duration_s for t in loaded) / 3600) * 3600 // spec.interval_s)

@@ -150,6 +150,7 @@ def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
     """The ReplaySpec the ``replay`` arguments describe (as ``sim.cli`` builds it)."""
     fields: dict[str, object] = {
         "hours": args.hours,
+        "start_h": args.start_hours,
         "interval_s": cfg.interval_s,
         "overcommit": args.overcommit,
         "seed": args.seed,

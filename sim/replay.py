@@ -40,6 +40,7 @@ class ReplaySpec(BaseModel):
     traces: tuple[Path, ...] = Field(default_factory=lambda: tuple(trace_io.bundled()))
     guests: int | None = Field(None, gt=0, description="guests to simulate; default one per trace")
     hours: float | None = Field(72.0, gt=0, description="replayed span; None: the longest trace")
+    start_h: float = Field(0.0, ge=0, description="where in the traces the replay starts (hours from their start)")
     interval_s: float = Field(10.0, gt=0, description="control interval")
     stats_period_s: float = Field(5.0, ge=0, description="guest stats polling period; 0: off")
     # oVirt's cluster memory overcommit presets are 100/150/200 % (prior-art.md §5.5); at
@@ -72,7 +73,7 @@ def load_traces(spec: ReplaySpec) -> list[trace_io.Trace]:
 def build_guests(spec: ReplaySpec, loaded: Sequence[trace_io.Trace]) -> tuple[list[GuestSpec], Workload]:
     """One GuestSpec per guest, features drawn with the seed, and its workload."""
     n = spec.guests or len(loaded)
-    workload = Workload.assign(list(loaded), n, spec.guest_model)
+    workload = Workload.assign(list(loaded), n, spec.guest_model, start_s=spec.start_h * 3600.0)
     rng = np.random.default_rng(spec.seed)
     draw = rng.random((n, 2))
     specs = [

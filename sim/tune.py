@@ -259,6 +259,12 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--guests", type=int, help="number of guests (default: one per trace)")
     p.add_argument("--hours", type=float, default=24.0, help="replayed span per evaluation (default %(default)s)")
+    p.add_argument(
+        "--start-hours",
+        type=float,
+        default=0.0,
+        help="start this far into the traces (default 0): tune on one stretch, judge on another",
+    )
     p.add_argument("--interval-s", type=float, help="control interval (default: the config's interval_s)")
     p.add_argument(
         "--overcommit",

@@ -4,6 +4,8 @@ tick grid.
 * Guest ``i`` replays trace ``i mod n``; a trace used again starts at a different
   point (an offset of whole days plus a prime number of seconds), so copies of one
   trace are not in lockstep.
+* The replay may start ``start_s`` into every trace (tune on one stretch of the traces,
+  judge on another).
 * A trace shorter than the replay repeats from its start.
 * Demand is capped at what fits in the guest with an empty balloon (its RAM less the
   kernel, the low watermark and the minimum page cache). A workload the guest could not
@@ -34,12 +36,12 @@ class Workload:
     demand_cap_kib: npt.NDArray[np.float64]
 
     @classmethod
-    def assign(cls, traces: list[Trace], n_guests: int, params: GuestModelParams) -> Workload:
+    def assign(cls, traces: list[Trace], n_guests: int, params: GuestModelParams, start_s: float = 0.0) -> Workload:
         if not traces:
             raise ValueError("no traces to replay")
         chosen = tuple(traces[i % len(traces)] for i in range(n_guests))
         offsets = np.array(
-            [((i // len(traces)) * (DAY_S + REUSE_SHIFT_S)) % t.duration_s for i, t in enumerate(chosen)]
+            [(start_s + (i // len(traces)) * (DAY_S + REUSE_SHIFT_S)) % t.duration_s for i, t in enumerate(chosen)]
         )
         ram = np.array([t.size_kib for t in chosen], dtype=np.float64)
         reserved = params.reserved_fixed_kib + ram * params.reserved_pct / 100

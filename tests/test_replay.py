@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from overcommitd.cli import main
 from overcommitd.config import DaemonConfig
 from policies import registry
 from sim import traces
+from sim.guest import GuestModelParams
 from sim.replay import ReplaySpec, replay
+from sim.workload import Workload
 from tests.helpers import Noop
 
 SLICE = tuple(traces.bundled()[:12])
@@ -75,3 +78,16 @@ def test_replay_of_a_malformed_trace_names_file_and_line(tmp_path: Path, capsys:
     bad.write_text("time,max_memory_usage,memory_limit\n300000000,0.1,0.2\n600000000,oops,0.2\n")
     assert main(["replay", "--trace", str(bad), "--hours", "1", "--no-progress"]) == 2
     assert f"{bad}:3: max_memory_usage is not a number: 'oops'" in capsys.readouterr().err
+
+
+def test_a_replay_can_start_days_into_the_traces(loaded: list[traces.Trace]) -> None:
+    """Tune on one stretch, judge on another: ``start_h`` shifts every guest's trace."""
+    params = GuestModelParams()
+    day_s = 86400.0
+    later = Workload.assign(loaded, 12, params, start_s=2 * day_s)
+    shifted, _ = later.block(np.array([0.0, 3600.0]))
+    direct, _ = Workload.assign(loaded, 12, params).block(np.array([2 * day_s, 2 * day_s + 3600.0]))
+    assert np.array_equal(shifted, direct)
+    assert not np.array_equal(shifted, Workload.assign(loaded, 12, params).block(np.array([0.0, 3600.0]))[0])
+    card = replay(SPEC.model_copy(update={"hours": 1.0, "start_h": 48.0}), Noop(), DaemonConfig(), loaded=loaded)
+    assert card.scorecard.hours == 1.0
