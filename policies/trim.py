@@ -30,8 +30,9 @@ Per guest, a small state machine, one step per tick:
   two samples - plus the hot cache it keeps. A guest that bursts keeps room for its
   bursts even mid-squeeze. The squeeze ends, released at once, when ``actual`` stops
   falling (it reached ``keep``, or the guard holds it), or at the first sign of harm:
-  any swap-in, an auto-deflate, an OOM kill, or use rising by ``abort_rise_pct`` % of
-  the margin between two samples.
+  any swap-in, an auto-deflate, an OOM kill, or use rising between two samples by
+  ``abort_rise_pct`` % of the room it had left. Only a squeeze that reached ``keep``
+  counts as a trim; one cut short is tried again after the interval.
 
 What a squeeze costs is measured, not assumed: page-cache refaults (major faults that
 are not swap-ins, x 4 KiB) between one release and the next squeeze are hot file data
@@ -76,7 +77,9 @@ class TrimParams(BaseModel):
     min_gain_pct_of_depth: float = Field(
         10.0, ge=0, le=100, description="... and at least this % of how far it would inflate the balloon"
     )
-    abort_rise_pct: float = Field(25.0, gt=0, le=100, description="use rising by this % of the margin ends a squeeze")
+    abort_rise_pct: float = Field(
+        25.0, gt=0, le=100, description="use rising by this % of the room it had left ends a squeeze"
+    )
     host_available_target_pct: float = Field(10.0, ge=0, le=100, description="host MemAvailable below this is pressure")
     auto_deflate_tolerance_kib: int = Field(
         2 * MIB, ge=0, description="actual above last target by more = auto-deflate"
@@ -130,7 +133,8 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         if state.squeezing:
             stalled = guest.actual_kib >= state.actual_kib  # reached keep, or the guard holds it
             if harmed or stalled:
-                return self.release(host, guest, used, keep, state)
+                done = not harmed and guest.actual_kib - keep < self.params.min_gain_kib
+                return self.release(host, guest, used, keep, state, done)
             return keep, replace(state, actual_kib=guest.actual_kib)
         if self.due(host, guest, keep, state):
             state = self.start_squeeze(guest, state)
@@ -152,7 +156,9 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
             and last is not None
             and guest.actual_kib > last + self.params.auto_deflate_tolerance_kib
         )
-        rising = rise > self.margin_kib(guest, state) * self.params.abort_rise_pct / 100
+        # a rise is alarming in proportion to the room the guest had left for it
+        room_kib = 0 if state.used_kib is None else max(0, guest.actual_kib - state.used_kib)
+        rising = rise > room_kib * self.params.abort_rise_pct / 100
         harmed = swapped_kib > 0 or killed or deflated or (state.squeezing and rising)
         burst = guest.max_kib if killed else max(state.burst_kib, rise)
         state = replace(
@@ -207,17 +213,19 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         return replace(state, squeezing=True, actual_kib=guest.actual_kib, keep_cache_kib=keep_cache)
 
     def release(
-        self, host: HostSnapshot, guest: GuestSnapshot, used: int, keep: int, state: TrimGuestState
+        self, host: HostSnapshot, guest: GuestSnapshot, used: int, keep: int, state: TrimGuestState, done: bool
     ) -> tuple[int, TrimGuestState]:
-        caches = guest.stats.disk_caches_kib if guest.stats is not None else None
-        state = replace(
-            state,
-            squeezing=False,
-            released_s=host.taken_at_s,
-            cache_at_release_kib=caches or 0,
-            peak_used_kib=used,
-            refault_base=self.refault_count(guest),
-        )
+        """End a squeeze. Only one that reached ``keep`` resets what the next gain is
+        measured from; one cut short leaves it, so the guest is tried again."""
+        state = replace(state, squeezing=False, released_s=host.taken_at_s)
+        if done:
+            caches = guest.stats.disk_caches_kib if guest.stats is not None else None
+            state = replace(
+                state,
+                cache_at_release_kib=caches or 0,
+                peak_used_kib=used,
+                refault_base=self.refault_count(guest),
+            )
         return self.released_target(host, guest, keep), state
 
     def released_target(self, host: HostSnapshot, guest: GuestSnapshot, keep: int) -> int:

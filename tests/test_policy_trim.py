@@ -170,3 +170,23 @@ def test_stats_without_fault_counters_still_work() -> None:
     bare = replace(g, stats=GuestStats(last_update_s=0.0, mem_available_kib=MAX - USED, disk_caches_kib=CACHE))
     target, state = _step(policy, bare, TrimGuestState(), 0.0)
     assert state.squeezing and state.refault_base is None and target is not None and target < MAX
+
+
+def test_a_rise_the_guest_has_room_for_does_not_end_a_squeeze() -> None:
+    policy = _policy()
+    _, squeezing = _squeeze(policy)
+    # 300 MiB more use while 15 GiB are still free: a wobble, not a burst
+    target, state = _step(policy, _guest(actual_kib=15 * GIB, used_kib=USED + 300 * MIB), squeezing, 10.0)
+    assert target is not None and target < MAX and state.squeezing
+
+
+def test_a_squeeze_cut_short_is_tried_again_after_the_interval() -> None:
+    policy = _policy()
+    _, squeezing = _squeeze(policy)
+    _, squeezing = _step(policy, _guest(actual_kib=12 * GIB, swap_in_kib=0), squeezing, 10.0)
+    target, state = _step(policy, _guest(actual_kib=11 * GIB, swap_in_kib=MIB), squeezing, 20.0)
+    assert target == MAX and not state.squeezing
+    assert state.cache_at_release_kib == 0  # the cache it did not reach still counts as gain
+    again = 20.0 + policy.params.trim_interval_s
+    target, state = _step(policy, _guest(swap_in_kib=MIB), state, again)
+    assert state.squeezing and target is not None and target < MAX
