@@ -55,7 +55,7 @@ class _Section(BaseModel):
 class PolicyConfig(_Section):
     """Which policy decides, and its parameters (validated by the policy's own model)."""
 
-    name: str = Field("headroom", min_length=1, description="registry name or module:Class")
+    name: str = Field("trim", min_length=1, description="registry name or module:Class")
     params: dict[str, Any] = Field(default_factory=dict)
 
 

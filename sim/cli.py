@@ -19,7 +19,7 @@ from sim.replay import ReplaySpec, load_traces, replay
 def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     defaults = ReplaySpec.model_fields
     p.add_argument("--trace", type=Path, nargs="+", help="trace files or directories (default: the bundled traces)")
-    p.add_argument("--policy", help="policy name or module:Class (default: the config's, else headroom)")
+    p.add_argument("--policy", help="policy name or module:Class (default: the config's, else trim)")
     p.add_argument("--config", type=Path, help="daemon config (guard rules, policy params, guest overrides)")
     p.add_argument("--guests", type=int, help="number of guests (default: one per trace)")
     p.add_argument("--hours", type=float, default=defaults["hours"].default, help="replayed span (default %(default)s)")

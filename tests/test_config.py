@@ -4,6 +4,7 @@ check-config command through the front door."""
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from pydantic import BaseModel
 
 from overcommitd.cli import main
 from overcommitd.config import ConfigError, DaemonConfig, parse_kib
+from policies import registry
 from tests.helpers import GIB, MIB, guest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +48,19 @@ def test_the_example_config_is_valid_and_documents_every_key() -> None:
         assert re.search(rf"^(#\s*)?{leaf} =|^\[(.*\.)?{leaf}[.\]]", text, re.MULTILINE), (
             f"config.example.toml lacks {key}"
         )
+
+
+def test_the_example_documents_every_param_of_its_policy_with_its_default() -> None:
+    """The commented ``key = value`` lines under [policy] are the policy's whole Params,
+    each with a value the policy accepts and its default."""
+    example = REPO / "config.example.toml"
+    block = example.read_text().split("[policy]\n", 1)[1].split("[policy.params]", 1)[0]
+    lines = re.findall(r"^#\s+(\w+) = (\S+)", block, re.MULTILINE)
+    params = {key: tomllib.loads(f"v = {value}")["v"] for key, value in lines}
+    name = DaemonConfig.load(example).policy.name
+    policy = registry.create(name, params)
+    assert set(params) == set(type(policy).Params.model_fields)  # type: ignore[attr-defined]
+    assert policy.params == registry.create(name).params  # type: ignore[attr-defined]
 
 
 def test_the_example_values_are_the_defaults() -> None:

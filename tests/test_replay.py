@@ -63,7 +63,7 @@ def test_replay_command_prints_the_scorecard_and_writes_json(
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "scorecard: policy headroom" in printed and "guest-seconds below floor" in printed
+    assert "scorecard: policy trim" in printed and "guest-seconds below floor" in printed
     card = json.loads(out.read_text())
     assert card["guests"] == 5 and card["hours"] == 2.0 and card["below_floor_guest_s"] == 0
 
