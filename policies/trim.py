@@ -15,9 +15,12 @@ back off) applied from the host, with the balloon as the pressure.
 
 Per guest, a small state machine, one step per tick:
 
+* **watched** (target: the maximum) for ``warmup_s`` after a guest is first seen (also
+  after a restart of the daemon, which keeps no state): its bursts are seen before
+  anything is taken from it.
 * **released** (target: the maximum). A squeeze starts when ``trim_interval_s`` has
   passed since the last one (a quarter of it while the host's MemAvailable is below
-  ``host_available_target_pct``), the guest has been watched ``warmup_s``, and the
+  ``host_available_target_pct``), and the
   estimated gain is at least ``min_gain_kib`` and ``min_gain_pct_of_depth`` % of how
   far the balloon would inflate (the balloon takes free pages before page cache, so a
   squeeze spends most of its time on pages the host does not back). The gain is what
@@ -126,9 +129,10 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         if used is None or guest.stats is None:
             return None, state
         now_s = host.taken_at_s
-        if state.first_seen_s is None:
-            state = replace(state, first_seen_s=now_s)
-        state, harmed = self.observe(guest, used, state)
+        first_seen_s = now_s if state.first_seen_s is None else state.first_seen_s
+        state, harmed = self.observe(guest, used, replace(state, first_seen_s=first_seen_s))
+        if now_s - first_seen_s < self.params.warmup_s:
+            return guest.max_kib, state  # watched: its bursts are seen before anything is taken
         keep = self.keep_kib(guest, used, state)
         if state.squeezing:
             stalled = guest.actual_kib >= state.actual_kib  # reached keep, or the guard holds it
@@ -192,12 +196,10 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         p = self.params
         now_s = host.taken_at_s
         interval_s = p.trim_interval_s / 4 if self.host_pressed(host) else p.trim_interval_s
-        first_seen_s = now_s if state.first_seen_s is None else state.first_seen_s
         depth_kib = guest.actual_kib - keep
         gain_kib = self.gain_kib(guest, state.used_kib or 0, state)
         return (
-            now_s - first_seen_s >= p.warmup_s
-            and now_s - state.released_s >= interval_s
+            now_s - state.released_s >= interval_s
             and depth_kib >= p.min_gain_kib
             and gain_kib >= max(p.min_gain_kib, depth_kib * p.min_gain_pct_of_depth / 100)
         )

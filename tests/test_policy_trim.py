@@ -142,6 +142,10 @@ def test_a_deflate_on_oom_guest_is_held_not_released() -> None:
     released = _policy(hold_deflate_on_oom=False)
     target, _ = _step(released, g, state, 10.0)
     assert target == MAX
+    # while it is watched it is held at nothing: its maximum
+    watched = TrimPolicy()
+    target, _ = _step(watched, g, state, watched.params.warmup_s - 10.0)
+    assert target == MAX
 
 
 def test_under_host_pressure_a_released_guest_keeps_only_twice_its_keep() -> None:
