@@ -7,7 +7,9 @@ guard must refuse (below a floor, faster than a step); configs name it as
 from __future__ import annotations
 
 import dataclasses
+import gzip
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -99,3 +101,18 @@ class Raising:
 
     def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: None) -> Mapping[str, int]:
         raise ZeroDivisionError("division by zero")
+
+
+BB_HEADER = (
+    "Timestamp [ms];\tCPU cores;\tCPU capacity provisioned [MHZ];\tCPU usage [MHZ];\tCPU usage [%];\t"
+    "Memory capacity provisioned [KB];\tMemory usage [KB];\tDisk read throughput [KB/s];\t"
+    "Disk write throughput [KB/s];\tNetwork received throughput [KB/s];\tNetwork transmitted throughput [KB/s]"
+)
+
+
+def bitbrains(tmp_path: Path, rows: list[tuple[float, float, float]], name: str = "7.csv.gz") -> Path:
+    """rows of (epoch seconds, capacity KB, usage KB)."""
+    lines = [BB_HEADER] + [f"{t};\t1;\t2600;\t26;\t1.0;\t{cap};\t{use};\t4.0;\t0.0;\t0.0;\t0.0" for t, cap, use in rows]
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    return path

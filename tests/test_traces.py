@@ -12,21 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim import traces
+from tests.helpers import bitbrains
 
-BB_HEADER = (
-    "Timestamp [ms];\tCPU cores;\tCPU capacity provisioned [MHZ];\tCPU usage [MHZ];\tCPU usage [%];\t"
-    "Memory capacity provisioned [KB];\tMemory usage [KB];\tDisk read throughput [KB/s];\t"
-    "Disk write throughput [KB/s];\tNetwork received throughput [KB/s];\tNetwork transmitted throughput [KB/s]"
-)
 G_HEADER = "time,unique_id,avg_memory_usage,max_memory_usage,assigned_memory,memory_limit"
-
-
-def bitbrains(tmp_path: Path, rows: list[tuple[float, float, float]], name: str = "7.csv.gz") -> Path:
-    """rows of (epoch seconds, capacity KB, usage KB)."""
-    lines = [BB_HEADER] + [f"{t};\t1;\t2600;\t26;\t1.0;\t{cap};\t{use};\t4.0;\t0.0;\t0.0;\t0.0" for t, cap, use in rows]
-    path = tmp_path / name
-    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
-    return path
 
 
 def test_every_bundled_trace_loads() -> None:

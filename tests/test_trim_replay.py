@@ -12,7 +12,7 @@ from overcommitd.config import DaemonConfig
 from policies import registry
 from sim.compare import compare
 from sim.replay import ReplaySpec
-from tests.test_traces import bitbrains
+from tests.helpers import bitbrains
 
 RAM_KB = 8 * 1024 * 1024
 IDLE_H, BURST_H, AFTER_H = 12, 1, 3
