@@ -20,10 +20,10 @@ Per guest, a small state machine, one step per tick:
   anything is taken from it.
 * **released** (target: the maximum). A squeeze starts when ``trim_interval_s`` has
   passed since the last one (a quarter of it while the host's MemAvailable is below
-  ``host_available_target_pct``), and the
-  estimated gain is at least ``min_gain_kib`` and ``min_gain_pct_of_depth`` % of how
-  far the balloon would inflate (the balloon takes free pages before page cache, so a
-  squeeze spends most of its time on pages the host does not back). The gain is what
+  ``host_available_target_pct``) and the estimated gain is at least ``min_gain_kib``
+  and ``min_gain_pct_of_depth`` % of how far the balloon would inflate (the balloon
+  takes free pages before page cache, so a squeeze spends most of its time on pages the
+  host does not back). The gain is what
   the guest has touched since the last release and could give up: its page-cache
   growth (the disk_caches stat) beyond the hot cache it keeps, plus how far its use
   fell from the peak it showed meanwhile (memory a burst touched and freed).
