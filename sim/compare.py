@@ -147,7 +147,7 @@ def format_table(comp: Comparison) -> str:
 
 
 def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
-    """The ReplaySpec the ``replay`` arguments describe (as ``sim.cli`` builds it)."""
+    """The ReplaySpec the ``replay`` arguments describe; replay, side by side and tune all build it here."""
     fields: dict[str, object] = {
         "hours": args.hours,
         "start_h": args.start_hours,
