@@ -61,7 +61,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from policies.api import PolicyResult
-from policies.signals import fast_up_slow_down, smoothing_weight, swap_in_delta_kib, used_kib
+from policies.signals import (
+    auto_deflated,
+    fast_up_slow_down,
+    oom_killed,
+    smoothing_weight,
+    swap_in_delta_kib,
+    used_kib,
+)
 
 MIB = 1024
 
@@ -195,46 +202,42 @@ class PidPolicy:
         saturated = take_kib != output or bounded != target
         if not saturated and abs(error) < p.integral_band_kib:
             integral = proposed  # conditional integration: no windup while the output is capped
-        kills = guest.stats.oom_kills if guest.stats is not None else None
-        hold_until_s, hold_floor = self.hold(now_s, guest, previous, kills)
+        killed, kills = oom_killed(None if previous is None else previous.oom_kills_total, guest)
+        hold_until_s, hold_floor = self.hold(now_s, guest, previous, killed)
         if now_s < hold_until_s and bounded < hold_floor:
             bounded, integral = hold_floor, 0.0
         first_seen_s = now_s if previous is None else previous.first_seen_s
         if now_s - first_seen_s < p.warmup_s and bounded < guest.actual_kib:
             bounded, integral = guest.actual_kib, 0.0
-        learned = self.learned_floor_kib(guest, previous, kills)
+        learned = self.learned_floor_kib(guest, previous, killed)
         bounded = max(bounded, learned)
         state = PidGuestState(now_s, used, integral, swap_total, kills, hold_until_s, hold_floor, first_seen_s, learned)
         return bounded, state
 
     def hold(
-        self, now_s: float, guest: GuestSnapshot, previous: PidGuestState | None, kills: int | None
+        self, now_s: float, guest: GuestSnapshot, previous: PidGuestState | None, killed: bool
     ) -> tuple[float, int]:
         """(until when, at least what) the guest is held after running short."""
         until_s, floor = (float("-inf"), 0) if previous is None else (previous.hold_until_s, previous.hold_floor_kib)
-        shortfall_floor = self.ran_short(guest, previous, kills)
+        shortfall_floor = self.ran_short(guest, killed)
         if shortfall_floor is None:
             return until_s, floor
         return now_s + self.params.oom_hold_s, max(shortfall_floor, floor if now_s < until_s else 0)
 
     @staticmethod
-    def learned_floor_kib(guest: GuestSnapshot, previous: PidGuestState | None, kills: int | None) -> int:
+    def learned_floor_kib(guest: GuestSnapshot, previous: PidGuestState | None, killed: bool) -> int:
         """The least this guest may get, learned from its OOM kills: halfway from what it
         had at a kill to its maximum, ratcheting up with every kill."""
         learned = 0 if previous is None else previous.learned_floor_kib
-        last_kills = None if previous is None else previous.oom_kills_total
-        if kills is not None and last_kills is not None and kills > last_kills:
+        if killed:
             learned = max(learned, guest.actual_kib + (guest.max_kib - guest.actual_kib) // 2)
         return learned
 
-    def ran_short(self, guest: GuestSnapshot, previous: PidGuestState | None, kills: int | None) -> int | None:
+    def ran_short(self, guest: GuestSnapshot, killed: bool) -> int | None:
         """The memory the guest must keep if it ran short since the last step: its maximum
         after an OOM kill, its ``actual`` after it deflated itself; None if it did not."""
-        last_kills = None if previous is None else previous.oom_kills_total
-        if kills is not None and last_kills is not None and kills > last_kills:
+        if killed:
             return guest.max_kib
-        last = guest.last_target_kib
-        tolerance = self.params.auto_deflate_tolerance_kib
-        if guest.features.deflate_on_oom and last is not None and guest.actual_kib > last + tolerance:
+        if auto_deflated(guest, self.params.auto_deflate_tolerance_kib):
             return guest.actual_kib
         return None

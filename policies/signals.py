@@ -57,3 +57,20 @@ def swap_in_delta_kib(previous_total: int | None, guest: GuestSnapshot) -> tuple
     if previous_total is None or total < previous_total:
         return 0, total
     return total - previous_total, total
+
+
+def oom_killed(previous_total: int | None, guest: GuestSnapshot) -> tuple[bool, int | None]:
+    """Whether the guest OOM-killed since the last sample (stat tag 10, Linux >= 6.12),
+    and the cumulative total to keep. A guest that does not report the counter was not
+    seen to kill; the last total is kept."""
+    total = guest.stats.oom_kills if guest.stats is not None else None
+    if total is None:
+        return False, previous_total
+    return previous_total is not None and total > previous_total, total
+
+
+def auto_deflated(guest: GuestSnapshot, tolerance_kib: int) -> bool:
+    """A DEFLATE_ON_OOM guest holding more than the last target asked for by over
+    ``tolerance_kib``: it deflated itself under OOM pressure (1 MiB per OOM notification)."""
+    last = guest.last_target_kib
+    return guest.features.deflate_on_oom and last is not None and guest.actual_kib > last + tolerance_kib

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from policies.api import PerGuestPolicy
-from policies.signals import used_kib
+from policies.signals import auto_deflated, used_kib
 
 MIB = 1024
 
@@ -72,20 +72,11 @@ class SlaFloorPolicy(PerGuestPolicy[SlaGuestState]):
     def floor_kib(self, guest: GuestSnapshot) -> int:
         return min(guest.max_kib, max(guest.floor_kib, int(guest.max_kib * self.params.floor_pct / 100)))
 
-    def auto_deflated(self, guest: GuestSnapshot) -> bool:
-        """The guest holds more than we asked for because it deflated itself."""
-        last = guest.last_target_kib
-        return (
-            guest.features.deflate_on_oom
-            and last is not None
-            and guest.actual_kib > last + self.params.auto_deflate_tolerance_kib
-        )
-
     def decide_guest(
         self, host: HostSnapshot, guest: GuestSnapshot, state: SlaGuestState
     ) -> tuple[int | None, SlaGuestState]:
         p, now_s, floor = self.params, host.taken_at_s, self.floor_kib(guest)
-        if self.auto_deflated(guest):
+        if auto_deflated(guest, p.auto_deflate_tolerance_kib):
             state = SlaGuestState(now_s + p.cooldown_s, state.auto_deflates + 1)
             return min(guest.max_kib, max(floor, guest.actual_kib + p.deflate_margin_kib)), state
         used = used_kib(guest)

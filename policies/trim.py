@@ -61,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from policies.api import PerGuestPolicy
-from policies.signals import swap_in_delta_kib, used_kib
+from policies.signals import auto_deflated, oom_killed, swap_in_delta_kib, used_kib
 
 MIB = 1024
 PAGE_KIB = 4
@@ -140,7 +140,7 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
                 done = not harmed and guest.actual_kib - keep < self.params.min_gain_kib
                 return self.release(host, guest, used, keep, state, done)
             return keep, replace(state, actual_kib=guest.actual_kib)
-        if self.due(host, guest, keep, state):
+        if self.due(host, guest, used, keep, state):
             state = self.start_squeeze(guest, state)
             return self.keep_kib(guest, used, state), state
         return self.released_target(host, guest, keep), state
@@ -148,18 +148,10 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
     def observe(self, guest: GuestSnapshot, used: int, state: TrimGuestState) -> tuple[TrimGuestState, bool]:
         """Learn from this sample: the burst margin, the peak, and whether the guest was
         harmed (swap-in, auto-deflate, OOM kill, a rise mid-squeeze) since the last."""
-        stats = guest.stats
-        assert stats is not None
         rise = 0 if state.used_kib is None else used - state.used_kib
         swapped_kib, swap_total = swap_in_delta_kib(state.swap_in_total_kib, guest)
-        kills = stats.oom_kills
-        killed = kills is not None and state.oom_kills_total is not None and kills > state.oom_kills_total
-        last = guest.last_target_kib
-        deflated = (
-            guest.features.deflate_on_oom
-            and last is not None
-            and guest.actual_kib > last + self.params.auto_deflate_tolerance_kib
-        )
+        killed, kills = oom_killed(state.oom_kills_total, guest)
+        deflated = auto_deflated(guest, self.params.auto_deflate_tolerance_kib)
         # a rise is alarming in proportion to the room the guest had left for it
         room_kib = 0 if state.used_kib is None else max(0, guest.actual_kib - state.used_kib)
         rising = rise > room_kib * self.params.abort_rise_pct / 100
@@ -171,7 +163,7 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
             burst_kib=burst,
             peak_used_kib=max(state.peak_used_kib, used),
             swap_in_total_kib=swap_total,
-            oom_kills_total=kills if kills is not None else state.oom_kills_total,
+            oom_kills_total=kills,
         )
         return state, harmed
 
@@ -192,12 +184,12 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         cache_growth = max(0, (caches or 0) - max(state.cache_at_release_kib, state.keep_cache_kib))
         return cache_growth + max(0, state.peak_used_kib - used)
 
-    def due(self, host: HostSnapshot, guest: GuestSnapshot, keep: int, state: TrimGuestState) -> bool:
+    def due(self, host: HostSnapshot, guest: GuestSnapshot, used: int, keep: int, state: TrimGuestState) -> bool:
         p = self.params
         now_s = host.taken_at_s
         interval_s = p.trim_interval_s / 4 if self.host_pressed(host) else p.trim_interval_s
         depth_kib = guest.actual_kib - keep
-        gain_kib = self.gain_kib(guest, state.used_kib or 0, state)
+        gain_kib = self.gain_kib(guest, used, state)
         return (
             now_s - state.released_s >= interval_s
             and depth_kib >= p.min_gain_kib
