@@ -17,6 +17,16 @@ was never touched (or was discarded) costs the host a page; freeing one inside t
 does not give it back, unless free page reporting returns it; a page the balloon takes
 is discarded (``sim.host`` turns this into host RAM use).
 
+Which free page an allocation or the balloon takes is last freed, first taken, as
+measured on a real Linux 6.1 guest under QEMU (the Rss of QEMU's RAM mapping across
+balloon cycles; tests/realguest/test_balloon_page_order.py repeats it in CI, and the
+buddy allocator's per-CPU lists and free lists are LIFO): pages the guest freed since
+the balloon last deflated, then the pages that deflate gave back (``deflated_free``: still
+unbacked), then older touched free pages (``older_touched``), then never-touched ones.
+So a balloon cycled up and down by the same amount re-takes its own pages and gains
+the host nothing after the first inflate, and a guest's next allocation after a
+deflate costs the host fresh pages even while it holds touched free ones.
+
 Pressure is resolved as Linux would, in order: reclaim page cache, swap anonymous
 memory out, then - with DEFLATE_ON_OOM - take pages back from the balloon in 1 MiB
 steps (VIRTIO_BALLOON_OOM_NR_PAGES = 256), and only then OOM-kill. Swapped working-set
@@ -41,6 +51,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +62,7 @@ from sim.balloon_spec import PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY_S, PA
 from sim.driver import BalloonDriver
 
 Array = npt.NDArray[np.float64]
+T = TypeVar("T", Array, float)
 OOM_STEP_KIB = 256 * 4  # VIRTIO_BALLOON_OOM_NR_PAGES x 4 KiB, per OOM notification
 EPSILON_KIB = 1.0
 REPORT_BLOCK_KIB = 4 << PAGEBLOCK_ORDER  # free page reporting's order-9 blocks: 2 MiB
@@ -100,6 +112,17 @@ def bulk_release_fraction(backing: RamBacking, *, inhibited: bool = False) -> fl
     return 1.0 if backing.page_bytes <= 256 * 4096 else 0.0
 
 
+def take_in_order(amount: T, layers: list[T], minimum: Callable[[T, T], T]) -> list[T]:
+    """Take ``amount`` from ``layers``, the first layer first: what each one gave. One
+    rule for arrays (``np.minimum``) and one guest's scalars (``min``)."""
+    taken = []
+    for layer in layers:
+        part = minimum(amount, layer)
+        taken.append(part)
+        amount = amount - part
+    return taken
+
+
 class Fleet:
     """Memory state of every guest, one array element per guest."""
 
@@ -131,6 +154,8 @@ class Fleet:
         # Everything in use has been touched; free memory has not (a guest that has run
         # long enough to fill its page cache shows that as cache).
         self.touched = self.reserved + self.kernel + self.anon + self.cache
+        self.deflated_free = np.zeros_like(self.ram)  # free, unbacked, handed back by the balloon
+        self.older_touched = np.zeros_like(self.ram)  # touched free pages freed before that
         # The guest is taken to have read at its first rate for a while: the window then
         # holds rate x cache_reuse_s. The replay knows that rate (its first trace sample)
         # and passes it in; without it (scripted scenarios) nothing is hot yet.
@@ -210,12 +235,29 @@ class Fleet:
         self._swap_in(dt_s)
         self._refault(dt_s)
         self.touched = self._clip_touched()
+        self._settle_free_layers()
 
     def _allocate(self, amount: Array) -> None:
-        """New pages come from the free list; beyond the touched free pages they cost
-        the host a fresh page."""
-        self.touched += np.maximum(amount - self._touched_free(), 0.0)
+        """New pages come from the free list, last freed first; every one that is not a
+        touched free page costs the host a fresh page."""
+        fresh, deflated, older = take_in_order(amount, self._free_layers(), np.minimum)
+        self.deflated_free -= deflated
+        self.older_touched -= older
+        self.touched += amount - fresh - older
         self.minor_faults += amount / 4
+
+    def _free_layers(self) -> list[Array]:
+        """The free list from its head: touched pages freed since the last deflate, the
+        deflated pages, older touched pages (never-touched ones lie below all three)."""
+        touched_free = self._touched_free()
+        return [np.maximum(touched_free - self.older_touched, 0.0), self.deflated_free, self.older_touched]
+
+    def _settle_free_layers(self) -> None:
+        """Keep the layers inside what is free: reclaim, reporting and the workload move
+        pages without going through ``_allocate``."""
+        touched_free = self._touched_free()
+        self.older_touched = np.minimum(self.older_touched, touched_free)
+        self.deflated_free = np.clip(self.deflated_free, 0.0, np.maximum(self.free() - touched_free, 0.0))
 
     def _touched_free(self) -> Array:
         """Free guest pages that are still backed by host RAM."""
@@ -248,18 +290,26 @@ class Fleet:
             float(self.balloon_resident[i]),
         )
         in_use = float(self.reserved[i] + self.kernel[i]) + anon + cache
+        touched_free = max(touched - in_use - resident, 0.0)
+        deflated_free, older = float(self.deflated_free[i]), float(self.older_touched[i])
         if delta_kib > 0:
             capacity = float(self.ram[i] - self.reserved[i] - self.kernel[i] - self.driver.held_kib[i]) - before
             free_before = max(capacity - anon - cache, 0.0)
-            touched_free = max(touched - in_use - resident, 0.0)
             from_free = min(delta_kib, max(free_before - float(self.min_free[i]), 0.0))
             from_cache = delta_kib - from_free
             self._evict_cache_one(i, from_cache)
-            taken_touched = from_cache + min(from_free, touched_free)
+            layers = [max(touched_free - older, 0.0), deflated_free, older]
+            fresh_taken, deflated_taken, older_taken = take_in_order(from_free, layers, min)
+            self.deflated_free[i] = deflated_free - deflated_taken
+            self.older_touched[i] = older - older_taken
+            taken_touched = from_cache + fresh_taken + older_taken
             touched -= release_frac * taken_touched
             resident += (1.0 - release_frac) * taken_touched
         elif delta_kib < 0 and before > 0:
-            resident -= resident * min(-delta_kib / before, 1.0)
+            back_resident = resident * min(-delta_kib / before, 1.0)
+            resident -= back_resident
+            self.older_touched[i] = touched_free
+            self.deflated_free[i] = deflated_free - delta_kib - back_resident
         self.balloon_resident[i] = resident
         if delta_kib > 0:
             limit = float(self.ram[i] - self.driver.balloon_kib[i]) + resident
@@ -267,25 +317,36 @@ class Fleet:
 
     def balloon_moved(self, delta_kib: Array, release_frac: Array) -> None:
         """Account a balloon change that already happened (``driver.balloon_kib`` holds
-        the new size): inflation takes free pages first, then page cache; the host
-        releases ``release_frac`` of the touched pages taken, the rest stay resident in
-        the balloon. Deflated pages come back; the resident ones still touched."""
+        the new size): inflation takes free pages first, last freed first, then page
+        cache; the host releases ``release_frac`` of the touched pages taken, the rest
+        stay resident in the balloon. Deflated pages come back to the head of the free
+        list; the resident ones still touched."""
         inflated = np.maximum(delta_kib, 0.0)
         before = self.driver.balloon_kib - delta_kib
         free_before = np.maximum(self._capacity() + delta_kib - self.anon - self.cache, 0.0)
-        touched_free = self._touched_free()
+        layers = self._free_layers()
         from_free = np.minimum(inflated, np.maximum(free_before - self.min_free, 0.0))
         from_cache = inflated - from_free
         self._evict_cache(from_cache)
-        taken_touched = from_cache + np.minimum(from_free, touched_free)
+        fresh_taken, deflated_taken, older_taken = take_in_order(from_free, layers, np.minimum)
+        self.deflated_free -= deflated_taken
+        self.older_touched -= older_taken
+        taken_touched = from_cache + fresh_taken + older_taken
         self.touched -= release_frac * taken_touched
         self.balloon_resident += (1.0 - release_frac) * taken_touched
         deflated = np.maximum(-delta_kib, 0.0)
         share = np.divide(deflated, before, out=np.zeros_like(before), where=before > 0)
-        self.balloon_resident -= self.balloon_resident * np.minimum(share, 1.0)
+        self._deflated(deflated, self.balloon_resident * np.minimum(share, 1.0))
         # Only an inflate can push touched pages past the limit; a deflate (the OOM
         # notifier's, amid an allocation) only raises it. Rows as ``balloon_moved_one``.
         self.touched = np.where(delta_kib > 0, self._clip_touched(), self.touched)
+
+    def _deflated(self, deflated_kib: Array, back_resident_kib: Array) -> None:
+        """Pages a deflate gave back go to the head of the free list, above every free
+        page there; those the host had not released come back still touched."""
+        self.older_touched = np.where(deflated_kib > 0, self._touched_free(), self.older_touched)
+        self.deflated_free += deflated_kib - back_resident_kib
+        self.balloon_resident -= back_resident_kib
 
     def _clip_touched(self) -> Array:
         """Touched pages cannot exceed the guest's pages outside the balloon plus the
@@ -351,6 +412,7 @@ class Fleet:
         over = np.where(over > EPSILON_KIB, over, 0.0)  # float dust is not pressure
         steps = np.where(self.deflate_on_oom & (over > 0), np.ceil(over / OOM_STEP_KIB), 0.0)
         given = self.driver.deflate_on_oom(steps * OOM_STEP_KIB)
+        self._deflated(given, np.zeros_like(given))
         self.oom_deflates += np.ceil(given / OOM_STEP_KIB)
         over -= given
         killed = over > 0

@@ -75,6 +75,7 @@ class SimHypervisor:
         self.host = SimHost(host_mem_kib, host_params or HostModelParams())
         self.index = {s.uuid: i for i, s in enumerate(specs)}
         self.last_target_kib: list[int | None] = [None] * len(specs)
+        self.target_set_s = [0.0] * len(specs)
         self.target_kib = self.fleet.ram.copy()  # the same, as an array; RAM where never set
         self.targets_set = 0
         self.now_s = 0.0
@@ -131,6 +132,7 @@ class SimHypervisor:
                 actual_kib=actual[i],
                 current_kib=actual[i],
                 last_target_kib=self.last_target_kib[i],
+                last_target_age_s=None if self.last_target_kib[i] is None else self.now_s - self.target_set_s[i],
                 features=self._features[i],
                 stats=stats[i],
                 stats_period_s=float(self.device.stats_period_s[i]),
@@ -150,6 +152,7 @@ class SimHypervisor:
             )
         self.device.set_target(i, target_kib)
         self.last_target_kib[i] = target_kib
+        self.target_set_s[i] = self.now_s
         self.target_kib[i] = target_kib
         self.targets_set += 1
 

@@ -100,6 +100,21 @@ def test_a_guest_that_cannot_reach_its_target_is_not_pushed() -> None:
     assert reasons == {ClampReason.NO_PROGRESS}
 
 
+def test_a_balloon_still_moving_is_waited_for_not_backed_off() -> None:
+    """A target set 1 s ago that the balloon has not reached (a guest just resumed, a slow
+    TCG guest): no cool-down and no deeper target; a shallower one is never held."""
+    moving = dataclasses.replace(guest(actual_kib=3 * GIB, last_target_kib=2 * GIB), last_target_age_s=1.0)
+    decision, memory = guard(NOW, moving, 1 * GIB, rules=RULES)
+    assert decision.target_kib is None and decision.clamped_by(ClampReason.IN_FLIGHT)
+    assert memory.backoff_until_s == float("-inf")
+    shallower = 3 * GIB - RULES.max_inflate_step_kib  # less deep than the move: the usual step
+    assert decide(moving, int(2.5 * GIB)) == (shallower, {ClampReason.INFLATE_STEP})
+    assert decide(moving, 4 * GIB) == (4 * GIB, set())
+    # Past settle_s it has stopped short: the back-off of a guest with nothing to give.
+    stopped = dataclasses.replace(moving, last_target_age_s=RULES.settle_s)
+    assert decide(stopped, 1 * GIB) == (3 * GIB, {ClampReason.NO_PROGRESS})
+
+
 def test_holds_and_the_floor_restore() -> None:
     assert decide(guest(run_state=RunState.PAUSED), 1 * GIB) == (None, {ClampReason.NOT_RUNNING})
     assert decide(guest(), 1 * GIB, excluded=True) == (None, {ClampReason.EXCLUDED})
@@ -136,6 +151,7 @@ def snapshots(draw: st.DrawFn) -> GuestSnapshot:
         actual_kib=actual,
         current_kib=actual,
         last_target_kib=draw(st.none() | st.integers(min_value=1, max_value=max_kib)),
+        last_target_age_s=draw(st.none() | st.floats(min_value=0, max_value=1e6)),
         features=BalloonFeatures.from_bits(draw(st.integers(min_value=0, max_value=63))),
         stats=s,
         stats_period_s=draw(st.sampled_from([0.0, 1.0, 5.0, 60.0])),

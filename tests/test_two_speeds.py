@@ -30,6 +30,8 @@ FLEET_ARRAYS = (
     "refault_debt",
     "refault_kib",
     "major_faults",
+    "deflated_free",
+    "older_touched",
 )
 
 

@@ -200,3 +200,16 @@ def kill_pidfile(path: Path) -> None:
         os.kill(int(path.read_text().strip()), signal.SIGKILL)
     except (OSError, ValueError):
         pass
+
+
+def guest_ram_rss_kib(name: str, memory_mib: int) -> int:
+    """Host RAM backing a running guest's RAM: the Rss of the QEMU mapping as large as
+    the guest (pc machine, below 4 GiB: one block), not the whole process."""
+    pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text())
+    size_kib = None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if line.startswith("Size:"):
+            size_kib = int(line.split()[1])
+        elif line.startswith("Rss:") and size_kib == memory_mib * 1024:
+            return int(line.split()[1])
+    raise HarnessError(f"no {memory_mib} MiB mapping in QEMU {pid}'s smaps for {name}")
