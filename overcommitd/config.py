@@ -70,6 +70,9 @@ class GuardConfig(_Section):
     stale_after_min_s: float = Field(30.0, gt=0, description="... and older than this many seconds")
     auto_deflate_tolerance_kib: Kib = Field(2 * 1024, description="actual above target by more means auto-deflate")
     auto_deflate_cooldown_s: float = Field(600.0, ge=0, description="no inflation after an auto-deflate for this long")
+    settle_s: float = Field(
+        5.0, ge=0, description="a balloon given its target less than this long ago is still moving, not stopped short"
+    )
 
     @model_validator(mode="after")
     def _deflate_faster(self) -> GuardConfig:

@@ -13,7 +13,9 @@ For each guest, in this order:
    stale or impossible (a guest may lie), and during a cool-down after the balloon stopped short of its last target
    (a DEFLATE_ON_OOM guest that deflated itself is under pressure: meet it, never fight
    it; any other guest that cannot reach its target has no free memory to give - the
-   "Out of puff" storm of arcbox#390);
+   "Out of puff" storm of arcbox#390). A balloon short of a target set less than
+   ``settle_s`` ago has not stopped but is still moving: no back-off, and no deeper
+   target until it arrives;
 4. each step is bounded from what the guest has (``actual``), not from what was last
    asked: inflation by ``max_inflate_step_kib``, deflation by the larger
    ``max_deflate_step_kib`` (reclaim slowly, give back fast); the floor beats the
@@ -77,11 +79,18 @@ def implausible(guest: GuestSnapshot) -> str | None:
     return None
 
 
-def _stopped_short(guest: GuestSnapshot, rules: GuardConfig) -> bool:
-    """The balloon holds less than the last target asked for: the guest deflated itself
-    (DEFLATE_ON_OOM) or had nothing left to give."""
+def _short_of_target(guest: GuestSnapshot, rules: GuardConfig) -> bool:
+    """The balloon holds less than the last target asked for."""
     last = guest.last_target_kib
     return last is not None and guest.actual_kib > last + rules.auto_deflate_tolerance_kib
+
+
+def _settling(guest: GuestSnapshot, rules: GuardConfig) -> bool:
+    """The last target is younger than ``settle_s``: a balloon short of it is still
+    moving (a guest just resumed, a slow TCG guest), not stopped. Backing it off would
+    stall the guest for the whole cooldown."""
+    age_s = guest.last_target_age_s
+    return age_s is not None and age_s < rules.settle_s
 
 
 def guard(
@@ -103,7 +112,8 @@ def guard(
     target = _clamp_range(guest, int(wish_kib), rules, clamps)
     actual = guest.actual_kib
 
-    if _stopped_short(guest, rules):
+    if _short_of_target(guest, rules) and not _settling(guest, rules):
+        # Stopped short: the guest deflated itself (DEFLATE_ON_OOM) or had nothing to give.
         memory = GuardMemory(backoff_until_s=now_s + rules.auto_deflate_cooldown_s)
     if target < actual:
         target = _check_inflate(now_s, guest, target, rules, memory, clamps)
@@ -167,6 +177,11 @@ def _check_inflate(
     if problem is not None:
         clamps.append(Clamp(problem.reason, target, actual, problem.detail))
         return actual
+    last = guest.last_target_kib
+    if last is not None and target < last and _short_of_target(guest, rules) and _settling(guest, rules):
+        detail = f"balloon still moving to {last} KiB, set {guest.last_target_age_s:.1f} s ago"
+        clamps.append(Clamp(ClampReason.IN_FLIGHT, target, last, detail))
+        return last
     if now_s < memory.backoff_until_s:
         reason = ClampReason.AUTO_DEFLATE if guest.features.deflate_on_oom else ClampReason.NO_PROGRESS
         detail = f"balloon stopped short of its target; no inflation for {memory.backoff_until_s - now_s:.0f} s"

@@ -164,7 +164,9 @@ class GuestSnapshot:
     from the balloon's ``actual`` (what the driver achieved). ``current_kib`` is the
     hypervisor's idea of current memory (libvirt's live ``<currentMemory>``), which lags
     ``actual_kib`` until a BALLOON_CHANGE event. ``last_target_kib`` is the target this
-    daemon last set (None if never): libvirt does not report it.
+    daemon last set (None if never): libvirt does not report it. ``last_target_age_s`` is
+    how long ago it was set (None if unknown): a balloon still moving toward a fresh
+    target has not stopped short of it.
     """
 
     uuid: str
@@ -173,6 +175,7 @@ class GuestSnapshot:
     actual_kib: int
     current_kib: int
     last_target_kib: int | None = None
+    last_target_age_s: float | None = None
     features: BalloonFeatures = field(default_factory=BalloonFeatures)
     stats: GuestStats | None = None
     stats_period_s: float = 0.0  # guest stats polling interval; 0 = polling is off
@@ -208,6 +211,7 @@ class ClampReason(Enum):
     IMPLAUSIBLE_STATS = "implausible-stats"  # no inflation: the stats contradict each other or the host
     AUTO_DEFLATE = "auto-deflate"  # DEFLATE_ON_OOM guest deflated itself: back off
     NO_PROGRESS = "no-progress"  # balloon stopped short of its target: the guest has nothing to give
+    IN_FLIGHT = "in-flight"  # no further inflation while the balloon still moves to its last target
     INFLATE_STEP = "inflate-step"  # inflation bounded per tick
     DEFLATE_STEP = "deflate-step"  # deflation bounded per tick
     DEAD_BAND = "dead-band"  # change too small to be worth a balloon operation

@@ -358,6 +358,7 @@ class LibvirtHypervisor:
             actual_kib=actual_kib,
             current_kib=reading.current_kib,
             last_target_kib=last_target,
+            last_target_age_s=None if last_target is None else self.clock() - set_at_s,
             features=xml.features,
             stats=reading.stats,
             stats_period_s=period_s,
