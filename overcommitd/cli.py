@@ -73,8 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_guest_set_floor(args: argparse.Namespace) -> int:
     """Write a guest's SLA floor into its domain's <metadata>; the daemon picks it up."""
-    from overcommitd.config import parse_kib
     from overcommitd.hypervisor.libvirt import LibvirtHypervisor
+    from overcommitd.model import parse_kib
 
     try:
         floor_kib = parse_kib(args.size)

@@ -10,32 +10,14 @@ Memory sizes take an integer (KiB, libvirt's unit) or a string with a binary uni
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from overcommitd.model import GuestSnapshot, OvercommitdError
-
-_UNITS_KIB = {"kib": 1, "k": 1, "mib": 1024, "m": 1024, "gib": 1024**2, "g": 1024**2, "tib": 1024**3, "t": 1024**3}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_kib(value: object) -> object:
-    """``"4GiB"`` -> 4194304; ints pass through (KiB); anything else is left to pydantic."""
-    if isinstance(value, str):
-        m = _SIZE.match(value)
-        unit = m.group(2).lower() if m else ""
-        if not m or unit not in _UNITS_KIB and unit != "":
-            raise ValueError(f"{value!r} is not a size; use KiB as an integer or a string like '512MiB' or '4GiB'")
-        return int(float(m.group(1)) * _UNITS_KIB.get(unit, 1))
-    return value
-
-
-Kib = Annotated[int, BeforeValidator(parse_kib), Field(ge=0)]
+from overcommitd.model import GuestSnapshot, Kib, OvercommitdError
 
 
 class ConfigError(OvercommitdError):

@@ -6,13 +6,35 @@ Memory is an ``int`` in KiB everywhere (libvirt's unit) and every such name ends
 libvirt reports KiB under misleading names (``available`` is MemTotal, ``usable`` is
 MemAvailable, ``unused`` is MemFree). Those units and names are translated once, at the
 edge that reads them (``overcommitd.hypervisor.libvirt_stats`` for libvirt, ``sim`` for
-the simulator); nothing past the edge sees them.
+the simulator); nothing past the edge sees them. Where a person writes a size (the
+config, a policy's parameters, an MQTT command), ``Kib`` also takes ``"512MiB"``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field
+
+_UNITS_KIB = {"kib": 1, "k": 1, "mib": 1024, "m": 1024, "gib": 1024**2, "g": 1024**2, "tib": 1024**3, "t": 1024**3}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_kib(value: object) -> object:
+    """``"4GiB"`` -> 4194304; ints pass through (KiB); anything else is left to pydantic."""
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _UNITS_KIB and unit != "":
+            raise ValueError(f"{value!r} is not a size; use KiB as an integer or a string like '512MiB' or '4GiB'")
+        return int(float(m.group(1)) * _UNITS_KIB.get(unit, 1))
+    return value
+
+
+Kib = Annotated[int, BeforeValidator(parse_kib), Field(ge=0)]
 
 
 class OvercommitdError(Exception):

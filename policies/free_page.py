@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from overcommitd.model import GuestSnapshot, HostSnapshot
+from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PerGuestPolicy
 from policies.signals import available_kib, swap_in_delta_kib, used_kib
 
@@ -53,15 +53,15 @@ class FreePageParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     reserve_pct: float = Field(10.0, ge=0, le=1000, description="headroom kept above use, % of use")
-    min_reserve_kib: int = Field(256 * MIB, ge=0, description="headroom kept above use, at least")
+    min_reserve_kib: Kib = Field(256 * MIB, ge=0, description="headroom kept above use, at least")
     idle_anon_pct: float = Field(0.0, ge=0, le=90, description="operator's estimate of idle anonymous memory, % of use")
     # mm/page_reporting.c reports blocks of pageblock_order (2 MiB on x86-64) only, and
     # skips a zone below its low watermark + 32 blocks: 64 MiB covers a typical guest's
     # min/low watermarks and the 32-block margin.
-    unreported_free_kib: int = Field(64 * MIB, ge=0, description="free memory reporting does not return")
-    min_gain_kib: int = Field(128 * MIB, ge=0, description="squeeze a reporting guest only for at least this gain")
-    max_reclaim_step_kib: int = Field(128 * MIB, gt=0, description="most taken from a guest per step")
-    hint_min_free_kib: int = Field(256 * MIB, ge=0, description="a hint pass is worth it with this much free")
+    unreported_free_kib: Kib = Field(64 * MIB, ge=0, description="free memory reporting does not return")
+    min_gain_kib: Kib = Field(128 * MIB, ge=0, description="squeeze a reporting guest only for at least this gain")
+    max_reclaim_step_kib: Kib = Field(128 * MIB, gt=0, description="most taken from a guest per step")
+    hint_min_free_kib: Kib = Field(256 * MIB, ge=0, description="a hint pass is worth it with this much free")
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from overcommitd.model import GuestSnapshot, HostSnapshot
+from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PolicyResult
 from policies.signals import used_kib
 
@@ -38,7 +38,7 @@ class HeadroomParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     host_target_used_pct: float = Field(80.0, gt=0, le=100, description="host MemTotal - MemAvailable to aim for")
     buffer_pct: float = Field(20.0, ge=0, le=1000, description="free memory each guest keeps, % of its use")
-    min_free_kib: int = Field(256 * 1024, ge=0, description="free memory each guest keeps at least")
+    min_free_kib: Kib = Field(256 * 1024, ge=0, description="free memory each guest keeps at least")
 
 
 class HeadroomPolicy:

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from overcommitd.model import GuestSnapshot, HostSnapshot
+from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PolicyResult
 from policies.signals import (
     auto_deflated,
@@ -78,24 +78,24 @@ class PidParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     headroom_pct: float = Field(10.0, ge=0, le=200, description="headroom set-point, % of the guest's use")
-    min_headroom_kib: int = Field(256 * MIB, ge=0, description="headroom set-point at least this")
+    min_headroom_kib: Kib = Field(256 * MIB, ge=0, description="headroom set-point at least this")
     min_headroom_pct_of_max: float = Field(
         10.0, ge=0, le=100, description="... and at least this % of the guest's maximum"
     )
     kp_reclaim: float = Field(0.3, gt=0, le=1, description="share of spare headroom taken per step")
     kp_return: float = Field(1.0, gt=0, le=2, description="share of missing headroom given back per step")
     ki_per_s: float = Field(0.001, ge=0, le=0.1, description="integral gain, per second")
-    integral_limit_kib: int = Field(512 * MIB, ge=0, description="anti-windup clamp on the integral term")
-    integral_band_kib: int = Field(64 * MIB, ge=0, description="integrate only while |error| is below this")
+    integral_limit_kib: Kib = Field(512 * MIB, ge=0, description="anti-windup clamp on the integral term")
+    integral_band_kib: Kib = Field(64 * MIB, ge=0, description="integrate only while |error| is below this")
     filter_tau_s: float = Field(3600.0, ge=0, description="low-pass time constant for falling use")
-    max_reclaim_step_kib: int = Field(128 * MIB, gt=0, description="most taken from a guest per step")
+    max_reclaim_step_kib: Kib = Field(128 * MIB, gt=0, description="most taken from a guest per step")
     swap_in_weight: float = Field(1.0, ge=0, le=100, description="KiB of headroom error per KiB swapped in")
     host_available_target_pct: float = Field(10.0, ge=0, le=100, description="host MemAvailable below this is pressure")
     host_psi_target_pct: float = Field(1.0, gt=0, le=100, description="host PSI some avg10 above this is pressure")
     host_gain: float = Field(0.05, ge=0, le=1, description="host_scale change per step at full pressure")
     min_setpoint_scale: float = Field(0.5, gt=0, le=1, description="most the host loop may tighten the set-point")
     oom_hold_s: float = Field(86400.0, ge=0, description="no reclaim for this long after an OOM kill or auto-deflate")
-    auto_deflate_tolerance_kib: int = Field(
+    auto_deflate_tolerance_kib: Kib = Field(
         2 * MIB, ge=0, description="actual above last target by more = auto-deflate"
     )
     warmup_s: float = Field(3600.0, ge=0, description="watch a new guest this long before reclaiming from it")

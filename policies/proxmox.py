@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from overcommitd.model import GuestSnapshot, HostSnapshot
+from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PolicyResult
 
 MIB_B = 1024 * 1024
@@ -45,10 +45,10 @@ class ProxmoxParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     target_pct: float = Field(80.0, ge=0, le=100, description="node ballooning-target: host use to aim for, %")
-    max_change_kib: int = Field(100 * 1024, gt=0, description="most a guest moves per round ($maxchange, 100 MiB)")
-    dead_band_kib: int = Field(10 * 1024, ge=0, description="goals within +/- this do nothing (10 MiB)")
+    max_change_kib: Kib = Field(100 * 1024, gt=0, description="most a guest moves per round ($maxchange, 100 MiB)")
+    dead_band_kib: Kib = Field(10 * 1024, ge=0, description="goals within +/- this do nothing (10 MiB)")
     pressured_free_fraction: float = Field(0.25, ge=0, le=1, description="MemFree <= this x minimum: pressured")
-    default_min_kib: int = Field(256 * 1024, gt=0, description="minimum for guests without an SLA floor")
+    default_min_kib: Kib = Field(256 * 1024, gt=0, description="minimum for guests without an SLA floor")
 
 
 @dataclass(frozen=True, slots=True)

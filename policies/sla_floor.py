@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from overcommitd.model import GuestSnapshot, HostSnapshot
+from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PerGuestPolicy
 from policies.signals import auto_deflated, used_kib
 
@@ -43,11 +43,11 @@ class SlaFloorParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     floor_pct: float = Field(0.0, ge=0, le=100, description="floor as % of the guest's maximum, if higher")
     reserve_pct: float = Field(20.0, ge=0, le=1000, description="memory kept above use, % of use (Hyper-V's buffer)")
-    min_reserve_kib: int = Field(256 * MIB, ge=0, description="memory kept above use, at least")
-    max_reclaim_step_kib: int = Field(128 * MIB, gt=0, description="most taken from a guest per step")
+    min_reserve_kib: Kib = Field(256 * MIB, ge=0, description="memory kept above use, at least")
+    max_reclaim_step_kib: Kib = Field(128 * MIB, gt=0, description="most taken from a guest per step")
     # 2 MiB: two OOM events' worth of auto-deflate (1 MiB each), as the guard's default.
-    auto_deflate_tolerance_kib: int = Field(2 * MIB, ge=0, description="actual above our target by more = auto-deflate")
-    deflate_margin_kib: int = Field(64 * MIB, ge=0, description="given on top of actual after an auto-deflate")
+    auto_deflate_tolerance_kib: Kib = Field(2 * MIB, ge=0, description="actual above our target by more = auto-deflate")
+    deflate_margin_kib: Kib = Field(64 * MIB, ge=0, description="given on top of actual after an auto-deflate")
     cooldown_s: float = Field(600.0, ge=0, description="no inflation for this long after an auto-deflate")
 
 

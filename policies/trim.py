@@ -5,7 +5,9 @@ Why release? A page the balloon takes is discarded on the host; when the balloon
 deflates, the page returns to the guest *free and unbacked*: the host pays for it again
 only when the guest touches it. So what a squeeze reclaims (page cache, memory a burst
 touched and freed) stays reclaimed after the release, until the guest reads or allocates
-that much again, while the guest gets its headroom back. Holding the balloon inflated
+that much again (its next allocations land on exactly those pages: a real guest takes
+free pages last freed, first taken, see ``sim.guest``), while the guest gets its
+headroom back. Holding the balloon inflated
 (``pid``, ``sla-floor``) reclaims a little more, but a guest without DEFLATE_ON_OOM whose
 use leaps above what the balloon left it is OOM-killed before any control loop can
 react: bitbrains-rnd has guests idling at 1 % of their RAM that leap to 50-95 % within
@@ -59,7 +61,7 @@ from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from overcommitd.model import GuestSnapshot, HostSnapshot
+from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PerGuestPolicy
 from policies.signals import auto_deflated, oom_killed, swap_in_delta_kib, used_kib
 
@@ -73,8 +75,8 @@ class TrimParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     trim_interval_s: float = Field(6 * 3600.0, gt=0, description="time between a guest's squeezes")
     warmup_s: float = Field(3600.0, ge=0, description="watch a new guest this long before its first squeeze")
-    min_gain_kib: int = Field(256 * MIB, ge=0, description="squeeze only when it would reclaim at least this")
-    min_headroom_kib: int = Field(256 * MIB, ge=0, description="free memory a squeezed guest keeps at least")
+    min_gain_kib: Kib = Field(256 * MIB, ge=0, description="squeeze only when it would reclaim at least this")
+    min_headroom_kib: Kib = Field(256 * MIB, ge=0, description="free memory a squeezed guest keeps at least")
     headroom_pct: float = Field(5.0, ge=0, le=100, description="... and at least this % of its maximum")
     burst_factor: float = Field(1.25, ge=0, le=10, description="... and this times its largest rise of use")
     min_gain_pct_of_depth: float = Field(
@@ -84,7 +86,7 @@ class TrimParams(BaseModel):
         25.0, gt=0, le=100, description="use rising by this % of the room it had left ends a squeeze"
     )
     host_available_target_pct: float = Field(10.0, ge=0, le=100, description="host MemAvailable below this is pressure")
-    auto_deflate_tolerance_kib: int = Field(
+    auto_deflate_tolerance_kib: Kib = Field(
         2 * MIB, ge=0, description="actual above last target by more = auto-deflate"
     )
     hold_deflate_on_oom: bool = Field(

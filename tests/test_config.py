@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from overcommitd.cli import main
-from overcommitd.config import ConfigError, DaemonConfig, parse_kib
+from overcommitd.config import ConfigError, DaemonConfig
+from overcommitd.model import parse_kib
 from policies import registry
 from tests.helpers import GIB, MIB, guest
 

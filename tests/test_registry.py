@@ -47,6 +47,13 @@ def test_params_are_validated_by_the_policy_model() -> None:
         registry.create("headroom", {"bogus": 1})
 
 
+def test_size_params_take_the_config_size_syntax() -> None:
+    policy = registry.create("headroom", {"min_free_kib": "1.5GiB"})
+    assert isinstance(policy, HeadroomPolicy) and policy.params.min_free_kib == 1536 * 1024
+    with pytest.raises(registry.PolicyLoadError, match=r"min_free_kib.*'lots' is not a size"):
+        registry.create("headroom", {"min_free_kib": "lots"})
+
+
 def test_a_policy_without_params_refuses_them() -> None:
     with pytest.raises(registry.PolicyLoadError, match="takes no parameters, got: x"):
         registry.create("tests.helpers:Noop", {"x": 1})

@@ -18,8 +18,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from overcommitd.config import Kib
-from overcommitd.model import Decision, GuestSnapshot, HostSnapshot
+from overcommitd.model import Decision, GuestSnapshot, HostSnapshot, Kib
 
 
 class _Message(BaseModel):
