@@ -13,9 +13,9 @@ For each guest, in this order:
    stale or impossible (a guest may lie), and during a cool-down after the balloon stopped short of its last target
    (a DEFLATE_ON_OOM guest that deflated itself is under pressure: meet it, never fight
    it; any other guest that cannot reach its target has no free memory to give - the
-   "Out of puff" storm of arcbox#390). A balloon short of a target set less than
-   ``settle_s`` ago has not stopped but is still moving: no back-off, and no deeper
-   target until it arrives;
+   "Out of puff" storm of arcbox#390). Outside a back-off, a balloon short of a target
+   set less than ``settle_s`` ago has not stopped but is still moving: no back-off, and
+   no deeper target until it arrives;
 4. each step is bounded from what the guest has (``actual``), not from what was last
    asked: inflation by ``max_inflate_step_kib``, deflation by the larger
    ``max_deflate_step_kib`` (reclaim slowly, give back fast); the floor beats the
@@ -112,8 +112,11 @@ def guard(
     target = _clamp_range(guest, int(wish_kib), rules, clamps)
     actual = guest.actual_kib
 
-    if _short_of_target(guest, rules) and not _settling(guest, rules):
+    backing_off = now_s < memory.backoff_until_s
+    if _short_of_target(guest, rules) and (backing_off or not _settling(guest, rules)):
         # Stopped short: the guest deflated itself (DEFLATE_ON_OOM) or had nothing to give.
+        # During a back-off any shortfall is one more (a guest still deflating past the
+        # target that met it a moment ago), never a balloon in flight.
         memory = GuardMemory(backoff_until_s=now_s + rules.auto_deflate_cooldown_s)
     if target < actual:
         target = _check_inflate(now_s, guest, target, rules, memory, clamps)
@@ -177,16 +180,16 @@ def _check_inflate(
     if problem is not None:
         clamps.append(Clamp(problem.reason, target, actual, problem.detail))
         return actual
-    last = guest.last_target_kib
-    if last is not None and target < last and _short_of_target(guest, rules) and _settling(guest, rules):
-        detail = f"balloon still moving to {last} KiB, set {guest.last_target_age_s:.1f} s ago"
-        clamps.append(Clamp(ClampReason.IN_FLIGHT, target, last, detail))
-        return last
     if now_s < memory.backoff_until_s:
         reason = ClampReason.AUTO_DEFLATE if guest.features.deflate_on_oom else ClampReason.NO_PROGRESS
         detail = f"balloon stopped short of its target; no inflation for {memory.backoff_until_s - now_s:.0f} s"
         clamps.append(Clamp(reason, target, actual, detail))
         return actual
+    last = guest.last_target_kib
+    if last is not None and target < last and _short_of_target(guest, rules) and _settling(guest, rules):
+        detail = f"balloon still moving to {last} KiB, set {guest.last_target_age_s:.1f} s ago"
+        clamps.append(Clamp(ClampReason.IN_FLIGHT, target, last, detail))
+        return last
     if actual - target > rules.max_inflate_step_kib:
         stepped = actual - rules.max_inflate_step_kib
         clamps.append(Clamp(ClampReason.INFLATE_STEP, target, stepped, f"at most -{rules.max_inflate_step_kib} KiB"))

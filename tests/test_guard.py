@@ -115,6 +115,16 @@ def test_a_balloon_still_moving_is_waited_for_not_backed_off() -> None:
     assert decide(stopped, 1 * GIB) == (3 * GIB, {ClampReason.NO_PROGRESS})
 
 
+def test_a_guest_still_deflating_itself_past_a_fresh_target_extends_its_back_off() -> None:
+    """A DEFLATE_ON_OOM guest met at 3 GiB a moment ago that went on deflating: during the
+    back-off that is one more auto-deflate, not a balloon in flight."""
+    g = guest(actual_kib=3 * GIB + 256 * MIB, last_target_kib=3 * GIB, deflate_on_oom=True)
+    deflating = dataclasses.replace(g, last_target_age_s=1.0)
+    decision, memory = guard(NOW, deflating, 2 * GIB, rules=RULES, memory=GuardMemory(NOW + 5))
+    assert decision.target_kib == deflating.actual_kib and decision.clamped_by(ClampReason.AUTO_DEFLATE)
+    assert memory.backoff_until_s == NOW + RULES.auto_deflate_cooldown_s
+
+
 def test_holds_and_the_floor_restore() -> None:
     assert decide(guest(run_state=RunState.PAUSED), 1 * GIB) == (None, {ClampReason.NOT_RUNNING})
     assert decide(guest(), 1 * GIB, excluded=True) == (None, {ClampReason.EXCLUDED})
