@@ -112,14 +112,17 @@ def guard(
     target = _clamp_range(guest, int(wish_kib), rules, clamps)
     actual = guest.actual_kib
 
-    backing_off = now_s < memory.backoff_until_s
-    if _short_of_target(guest, rules) and (backing_off or not _settling(guest, rules)):
-        # Stopped short: the guest deflated itself (DEFLATE_ON_OOM) or had nothing to give.
-        # During a back-off any shortfall is one more (a guest still deflating past the
-        # target that met it a moment ago), never a balloon in flight.
-        memory = GuardMemory(backoff_until_s=now_s + rules.auto_deflate_cooldown_s)
+    # Short of the last target: stopped (the guest deflated itself under DEFLATE_ON_OOM or
+    # had nothing to give), or still moving to a target set within ``settle_s``. During a
+    # back-off any shortfall is one more stop (a guest still deflating past the target
+    # that met it a moment ago), never a balloon in flight.
+    in_flight = False
+    if _short_of_target(guest, rules):
+        in_flight = now_s >= memory.backoff_until_s and _settling(guest, rules)
+        if not in_flight:
+            memory = GuardMemory(backoff_until_s=now_s + rules.auto_deflate_cooldown_s)
     if target < actual:
-        target = _check_inflate(now_s, guest, target, rules, memory, clamps)
+        target = _check_inflate(now_s, guest, target, rules, memory, clamps, in_flight=in_flight)
     elif target > actual + rules.max_deflate_step_kib:
         stepped = max(actual + rules.max_deflate_step_kib, floor_kib(guest, rules))
         clamps.append(Clamp(ClampReason.DEFLATE_STEP, target, stepped, f"at most +{rules.max_deflate_step_kib} KiB"))
@@ -171,10 +174,17 @@ def _clamp_range(guest: GuestSnapshot, target: int, rules: GuardConfig, clamps: 
 
 
 def _check_inflate(
-    now_s: float, guest: GuestSnapshot, target: int, rules: GuardConfig, memory: GuardMemory, clamps: list[Clamp]
+    now_s: float,
+    guest: GuestSnapshot,
+    target: int,
+    rules: GuardConfig,
+    memory: GuardMemory,
+    clamps: list[Clamp],
+    *,
+    in_flight: bool,
 ) -> int:
-    """Bound a target below ``actual``: refused on bad stats or during back-off, else
-    at most one inflate step."""
+    """Bound a target below ``actual``: refused on bad stats or during back-off, no
+    deeper than a target the balloon is still moving to, else at most one inflate step."""
     actual = guest.actual_kib
     problem = stats_problem(now_s, guest, rules)
     if problem is not None:
@@ -186,7 +196,7 @@ def _check_inflate(
         clamps.append(Clamp(reason, target, actual, detail))
         return actual
     last = guest.last_target_kib
-    if last is not None and target < last and _short_of_target(guest, rules) and _settling(guest, rules):
+    if in_flight and last is not None and target < last:
         detail = f"balloon still moving to {last} KiB, set {guest.last_target_age_s:.1f} s ago"
         clamps.append(Clamp(ClampReason.IN_FLIGHT, target, last, detail))
         return last

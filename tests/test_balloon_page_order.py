@@ -58,24 +58,28 @@ def test_a_cycled_balloon_gains_the_host_only_once(model: str) -> None:
     assert deep == pytest.approx(cycles[-1][1] - 400, abs=1)  # 100 re-taken, then 400 touched
 
 
-@pytest.mark.parametrize("model", ["bulk", "protocol"])
-def test_an_allocation_after_a_deflate_takes_the_deflated_pages_first(model: str) -> None:
+def cycled_once(model: str) -> tuple[OneGuest, float]:
+    """A guest that burst by 600 MiB and freed it, whose balloon then took 100 MiB and gave
+    them back: 100 MiB deflated (unbacked) pages on top of 500 MiB touched free ones.
+    Returns it and its host-backed MiB."""
     g = OneGuest(model)
     g.run(650)
     g.run(50)
     g.run(50, RAM_MIB - 100)
-    before = g.run(50, RAM_MIB)
+    return g, g.run(50, RAM_MIB)
+
+
+@pytest.mark.parametrize("model", ["bulk", "protocol"])
+def test_an_allocation_after_a_deflate_takes_the_deflated_pages_first(model: str) -> None:
+    g, before = cycled_once(model)
     after = g.run(200)  # 150 MiB more: the 100 deflated (unbacked), then 50 touched free
     assert after == pytest.approx(before + 100, abs=1)
 
 
 @pytest.mark.parametrize("model", ["bulk", "protocol"])
 def test_pages_freed_after_a_deflate_are_taken_before_the_deflated_ones(model: str) -> None:
-    g = OneGuest(model)
-    g.run(650)
-    g.run(50)
-    g.run(50, RAM_MIB - 100)
-    g.run(250, RAM_MIB)  # the guest grows into the deflated pages and 100 touched...
+    g, _ = cycled_once(model)
+    g.run(250)  # the guest grows into the deflated pages and 100 touched...
     freed = g.run(100)  # ...and frees 150 MiB of them again
     assert g.run(100, RAM_MIB - 100) == pytest.approx(freed - 100, abs=1)
 

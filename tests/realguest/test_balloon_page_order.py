@@ -24,7 +24,7 @@ def balloon_to(guests: Guests, dom: Any, target_mib: int) -> int:
     """Set the balloon, wait until ``actual`` meets it, return the RAM's host Rss in MiB."""
     dom.setMemoryFlags(target_mib * MIB, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     wait_for(lambda: abs(guests.actual_kib(dom) - target_mib * MIB) < MIB, 120, f"actual at {target_mib} MiB")
-    time.sleep(2)  # QEMU discards as it takes each request; this only lets the stats catch up
+    time.sleep(2)  # QEMU discards each request before the guest counts it: a margin only
     return guest_ram_rss_kib(dom.name(), RAM_MIB) // MIB
 
 
