@@ -188,7 +188,9 @@ class GuestSnapshot:
     ``actual_kib`` until a BALLOON_CHANGE event. ``last_target_kib`` is the target this
     daemon last set (None if never): libvirt does not report it. ``last_target_age_s`` is
     how long ago it was set (None if unknown): a balloon still moving toward a fresh
-    target has not stopped short of it.
+    target has not stopped short of it. ``migration_pending`` says an operator announced a
+    live migration of this guest (the daemon's ``prepare-migration`` command): a policy may
+    get it ready; once libvirt reports it migrating, the guard holds it.
     """
 
     uuid: str
@@ -204,6 +206,7 @@ class GuestSnapshot:
     floor_kib: int = 0  # SLA floor from the domain's metadata; config may raise it
     weight: float = 1.0  # share of memory relative to other guests
     run_state: RunState = RunState.RUNNING
+    migration_pending: bool = False
 
     def __post_init__(self) -> None:
         if self.max_kib <= 0:

@@ -90,6 +90,7 @@ class Daemon:
         self.policy: Policy[Any] = registry.create(cfg.policy.name, cfg.policy.params)
         self.state: LoopState[Any] = LoopState.initial(self.policy)
         self.paused: set[str] = set()  # uuids paused by command: left alone, like excluded guests
+        self.migrations: dict[str, float] = {}  # uuid -> monotonic deadline of an announced migration
         self.last_guests: tuple[GuestSnapshot, ...] = ()
         self.ticks = 0
         self.mqtt: MqttLink | None = None
@@ -113,7 +114,7 @@ class Daemon:
     async def _read_decide_apply(self) -> TickReport:
         try:
             host = await asyncio.to_thread(self.host.read)
-            guests = tuple(await asyncio.to_thread(self.hv.snapshot))
+            guests = self._mark_migrations(await asyncio.to_thread(self.hv.snapshot))
         except (HostError, HypervisorError) as e:
             log.warning("tick skipped, every guest held: %s", e, extra={"event": "tick-skipped"})
             return TickReport(error=str(e))
@@ -136,6 +137,14 @@ class Daemon:
                 base = self.cfg.override_for(g) or GuestOverride.model_validate({})
                 overrides[g.uuid] = base.model_copy(update={"exclude": True})
         return self.cfg.model_copy(update={"guests": overrides})
+
+    def _mark_migrations(self, guests: Sequence[GuestSnapshot]) -> tuple[GuestSnapshot, ...]:
+        """Guests with an announced migration, marked; an announcement whose time ran out,
+        or whose guest has left this host, is dropped."""
+        now_s = time.monotonic()
+        present = {g.uuid for g in guests}
+        self.migrations = {u: t for u, t in self.migrations.items() if t > now_s and u in present}
+        return tuple(dataclasses.replace(g, migration_pending=True) if g.uuid in self.migrations else g for g in guests)
 
     def _count_libvirt_errors(self) -> None:
         errors = getattr(self.hv, "errors", Counter())
@@ -210,6 +219,18 @@ class Daemon:
             g = self._known_guest(cmd.guest, cmd.id)
             (self.paused.add if isinstance(cmd, msg.PauseGuest) else self.paused.discard)(g.uuid)
             return msg.Reply(id=cmd.id, ok=True, message=f"{g.name} {cmd.command}d")
+        if isinstance(cmd, msg.PrepareMigration):
+            g = self._known_guest(cmd.guest, cmd.id)
+            self.migrations[g.uuid] = time.monotonic() + cmd.within_s
+            return msg.Reply(id=cmd.id, ok=True, message=f"{g.name}: migration announced for {cmd.within_s:g} s")
+        if isinstance(cmd, msg.CancelMigration):
+            g = self._known_guest(cmd.guest, cmd.id)
+            was = self.migrations.pop(g.uuid, None) is not None
+            return msg.Reply(
+                id=cmd.id,
+                ok=True,
+                message=f"{g.name}: {'migration cancelled' if was else 'no migration was announced'}",
+            )
         if isinstance(cmd, msg.SwitchPolicy):
             try:
                 self._switch_policy(cmd.name, dict(cmd.params))

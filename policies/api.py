@@ -15,6 +15,9 @@ What a policy may rely on:
   stats) and any stat may be ``None`` (not supplied); ``guest.stats.last_update_s`` may
   lag ``host.taken_at_s`` by a polling period or more;
 * ``guest.floor_kib`` and ``guest.weight`` already include the operator's config;
+* ``guest.migration_pending`` is set while an operator has announced a live migration
+  of the guest (the ``prepare-migration`` command): a policy may get it ready, as
+  ``free-page`` does; once the migration runs, the guest no longer reaches the policy;
 * the guard (``overcommitd.guard``) checks every target afterwards: SLA floor, maximum,
   bounded steps, dead band, no inflation on stale stats, back-off after an auto-deflate.
   A policy cannot bypass it, so it may ask for what it wants and let the guard pace it.

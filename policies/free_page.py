@@ -28,11 +28,20 @@ keep``: below it the guest would have to give up memory it uses.
 A guest short of ``use + keep`` is given memory back at once, reporting or not;
 reclaim is at most ``max_reclaim_step_kib`` per step.
 
-FREE_PAGE_HINT is for migration (QEMU runs a hint round from its precopy notifier and
-skips hinted pages). A policy does no I/O and never sees a migrating guest, so this one
-only says which guests would gain from a hint pass before a migration: those with the
-feature and at least ``hint_min_free_kib`` free (``FreePageState.hint_before_migration``
-and :meth:`FreePagePolicy.hint_pass_worthwhile`), for the migration hook to act on.
+FREE_PAGE_HINT is for live migration, and a hint pass cannot be started on its own: QEMU
+runs one from its precopy notifier at the start of every migration (a new command id,
+the guest hands over free 4 MiB blocks, the migration skips them; virtio-balloon.md
+§5.1), and the guard holds a guest that is migrating. What a policy can choose is what
+to do *before* the migration, once an operator announces it (``migration_pending``,
+from the daemon's ``prepare-migration`` command). For such a guest the policy weighs
+what the migration will send: free memory the hint pass (or, with REPORTING, the host's
+discard, which migration sends as zero pages) will skip counts like reported memory,
+``hinted = max(0, free - unreported_free_kib)`` (the pass allocates with NORETRY, so it
+stops near the watermarks too). So a guest with FREE_PAGE_HINT keeps its free memory as
+headroom and lets the hint pass skip it, and is squeezed only when page cache beyond
+its reserve would add at least ``min_gain_kib`` to the copy; a guest without the
+feature is squeezed to ``use + keep`` as usual, which spares the migration its free
+memory and cache.
 """
 
 from __future__ import annotations
@@ -58,21 +67,21 @@ class FreePageParams(BaseModel):
     # mm/page_reporting.c reports blocks of pageblock_order (2 MiB on x86-64) only, and
     # skips a zone below its low watermark + 32 blocks: 64 MiB covers a typical guest's
     # min/low watermarks and the 32-block margin.
-    unreported_free_kib: Kib = Field(64 * MIB, ge=0, description="free memory reporting does not return")
+    unreported_free_kib: Kib = Field(64 * MIB, ge=0, description="free memory reporting or a hint pass leaves")
     min_gain_kib: Kib = Field(128 * MIB, ge=0, description="squeeze a reporting guest only for at least this gain")
     max_reclaim_step_kib: Kib = Field(128 * MIB, gt=0, description="most taken from a guest per step")
-    hint_min_free_kib: Kib = Field(256 * MIB, ge=0, description="a hint pass is worth it with this much free")
 
 
 @dataclass(frozen=True, slots=True)
 class FreePageState:
     swap_in_total_kib: int | None = None
     reported_kib: int = 0  # the memory this policy counted as already returned
-    hint_before_migration: bool = False
+    hinted_kib: int = 0  # free memory the announced migration's hint pass will skip
 
 
 class FreePagePolicy(PerGuestPolicy[FreePageState]):
-    """Reclaim page cache and idle memory; leave reported free memory alone."""
+    """Reclaim page cache and idle memory; leave alone free memory that reporting has
+    returned, or that an announced migration's hint pass will skip."""
 
     name = "free-page"
     Params = FreePageParams
@@ -85,13 +94,17 @@ class FreePagePolicy(PerGuestPolicy[FreePageState]):
 
     def reported_kib(self, guest: GuestSnapshot) -> int:
         """Free memory the host already has back through free page reporting."""
-        if not guest.features.reporting or guest.stats is None or guest.stats.mem_free_kib is None:
+        return self._free_beyond_margin_kib(guest) if guest.features.reporting else 0
+
+    def hinted_kib(self, guest: GuestSnapshot) -> int:
+        """Free memory an announced migration will skip, found by QEMU's hint pass."""
+        hinting = guest.migration_pending and guest.features.free_page_hint
+        return self._free_beyond_margin_kib(guest) if hinting else 0
+
+    def _free_beyond_margin_kib(self, guest: GuestSnapshot) -> int:
+        if guest.stats is None or guest.stats.mem_free_kib is None:
             return 0
         return max(0, guest.stats.mem_free_kib - self.params.unreported_free_kib)
-
-    def hint_pass_worthwhile(self, guest: GuestSnapshot) -> bool:
-        free = guest.stats.mem_free_kib if guest.stats is not None else None
-        return guest.features.free_page_hint and free is not None and free >= self.params.hint_min_free_kib
 
     def decide_guest(
         self, host: HostSnapshot, guest: GuestSnapshot, state: FreePageState
@@ -101,16 +114,15 @@ class FreePagePolicy(PerGuestPolicy[FreePageState]):
         if used is None or avail is None:
             return None, state
         swapped, swap_total = swap_in_delta_kib(state.swap_in_total_kib, guest)
-        reported = self.reported_kib(guest)
-        next_state = FreePageState(swap_total, reported, self.hint_pass_worthwhile(guest))
+        reported, hinted = self.reported_kib(guest), self.hinted_kib(guest)
+        next_state = FreePageState(swap_total, reported, hinted)
         keep = max(int(used * p.reserve_pct / 100), p.min_reserve_kib)
         need = min(guest.max_kib, used + keep)
         if guest.actual_kib < need:
             return need, next_state  # short: give back at once
         idle_pct = 0.0 if swapped > 0 else p.idle_anon_pct
         squeezed = int(used * (1 - idle_pct / 100)) + keep
-        if reported > 0:
-            resident = guest.actual_kib - reported
-            if resident - squeezed < p.min_gain_kib:
-                return guest.actual_kib, next_state  # nothing worth taking: reporting has the free memory
+        skipped = max(reported, hinted)  # the same free memory, seen by either
+        if skipped > 0 and guest.actual_kib - skipped - squeezed < p.min_gain_kib:
+            return guest.actual_kib, next_state  # nothing worth taking: reporting or hinting has the free memory
         return min(guest.max_kib, max(squeezed, guest.actual_kib - p.max_reclaim_step_kib)), next_state

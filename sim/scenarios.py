@@ -9,6 +9,8 @@ RAM the guest costs, and the counters of the behaviour being shown.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 import zlib
 from collections.abc import Callable
@@ -18,6 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from overcommitd.config import DaemonConfig
+from overcommitd.loop import LoopState, apply, step
+from policies.free_page import FreePagePolicy
 from sim.backing import RamBacking
 from sim.balloon_fleet import ProtocolBalloons
 from sim.guest import GuestSpec
@@ -225,6 +230,51 @@ def migration_hints() -> ScenarioResult:
     return rec.result("migration", "Live migration with free page hints", notes)
 
 
+def migration_prep() -> ScenarioResult:
+    """An announced migration under the ``free-page`` policy: a guest with FREE_PAGE_HINT
+    keeps its free memory for the hint pass to skip; one without has it ballooned."""
+    specs = [_guest("hint", 4096, free_page_hint=True), _guest("plain", 4096)]
+    host = OneHost(specs, lambda t: [3072.0 if 1 <= t < 3 else 1024.0] * 2)  # a burst, then freed
+    rec = _Recorder(host)
+    policy = FreePagePolicy()
+    cfg = DaemonConfig.model_validate({"interval_s": 1.0})
+    loop_state = LoopState.initial(policy)
+    announced_s, migration_s = 5.0, 30.0
+    dev = host.balloons.guests[0].device
+
+    def control(t: float) -> None:
+        """The daemon's step once a second, the guests marked as ``prepare-migration`` marks them."""
+        nonlocal loop_state
+        guests = [dataclasses.replace(g, migration_pending=True) for g in host.hv.snapshot()]
+        outcome = step(t, host.hv.read(), guests, policy, loop_state, cfg)
+        loop_state = outcome.state
+        apply(host.hv, outcome.decisions)
+
+    def record(t: float) -> None:
+        rec.times.append(t)
+        for i, tag in enumerate(("hint", "plain")):
+            _guest_row(rec, i, tag)
+        rec.add("hint MiB handed to the migration", dev.hinted_bytes / 2**20)
+
+    controls = {float(t): functools.partial(control, float(t)) for t in range(int(announced_s), int(migration_s))}
+    host.run(
+        40.0,
+        record,
+        controls
+        | {migration_s: dev.free_page_start, migration_s + 4: dev.free_page_stop, migration_s + 6: dev.free_page_done},
+    )
+    at_migration = rec.times.index(migration_s)
+    notes = [
+        (
+            f"announced at {announced_s:.0f} s; when the migration starts at {migration_s:.0f} s the hint guest "
+            f"holds {rec.series['hint actual MiB'][at_migration]:.0f} MiB and the plain guest "
+            f"{rec.series['plain actual MiB'][at_migration]:.0f} MiB (ballooned)"
+        ),
+        f"the hint round hands over {dev.hinted_bytes / 2**20:.0f} MiB of free memory, which the migration skips",
+    ]
+    return rec.result("migration-prep", "An announced migration: hint pass or balloon, by feature", notes)
+
+
 def shared_anon() -> ScenarioResult:
     """Shared anonymous RAM: madvise(DONTNEED) (old QEMU) frees nothing, MADV_REMOVE
     (ram_block_discard_range) frees the ballooned pages."""
@@ -284,6 +334,7 @@ SCENARIOS: dict[str, Callable[[], ScenarioResult]] = {
     "out-of-puff": out_of_puff,
     "reporting": free_page_reporting,
     "migration": migration_hints,
+    "migration-prep": migration_prep,
     "shared-anon": shared_anon,
     "hugepages": huge_pages,
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import aiomqtt
 
@@ -21,7 +21,7 @@ class Probe:
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
 
-    async def __aenter__(self) -> Probe:
+    async def __aenter__(self) -> Self:
         self._task = asyncio.create_task(self._run())
         await asyncio.wait_for(self._ready.wait(), 20)
         return self
@@ -41,7 +41,7 @@ class Probe:
             self._ready.set()
             async for m in client.messages:
                 try:
-                    body = json.loads(bytes(m.payload))  # type: ignore[arg-type]
+                    body = json.loads(bytes(m.payload))
                 except ValueError:
                     body = m.payload
                 self.messages.append((str(m.topic), body, bool(m.retain)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from overcommitd.model import BalloonFeatures
 from policies.free_page import FreePagePolicy, FreePageState
 from policies.testing import GIB, MIB, guest, host
@@ -59,9 +61,23 @@ def test_idle_anonymous_memory_is_taken_only_while_the_guest_does_not_swap_in() 
     assert idle_target < 4 * GIB < swapping_target
 
 
-def test_hint_pass_is_worthwhile_only_with_the_feature_and_free_memory() -> None:
-    policy = FreePagePolicy()
+def test_before_a_migration_free_memory_is_left_to_the_hint_pass() -> None:
+    """Announced migration, FREE_PAGE_HINT: QEMU's hint pass will skip the 5.9 GiB free,
+    so the balloon is not inflated over it; without the feature, or without the
+    announcement, the same guest is squeezed."""
     hinting = BalloonFeatures(free_page_hint=True)
-    assert policy.hint_pass_worthwhile(guest(available_kib=4 * GIB, free_kib=2 * GIB, features=hinting))
-    assert not policy.hint_pass_worthwhile(guest(available_kib=4 * GIB, free_kib=2 * GIB))
-    assert not policy.hint_pass_worthwhile(guest(available_kib=4 * GIB, free_kib=10 * MIB, features=hinting))
+    g = guest(max_kib=8 * GIB, available_kib=6 * GIB, free_kib=6 * GIB - 100 * MIB, features=hinting)
+    leaving = dataclasses.replace(g, migration_pending=True)
+    target, state = _target(leaving)
+    assert target == g.actual_kib
+    assert state.hinted_kib == 6 * GIB - 100 * MIB - FreePagePolicy().params.unreported_free_kib
+    for other in (g, dataclasses.replace(leaving, features=BalloonFeatures())):
+        target, state = _target(other)
+        assert target is not None and target < g.actual_kib and state.hinted_kib == 0
+
+
+def test_before_a_migration_page_cache_is_still_squeezed() -> None:
+    """Hinting skips free pages only: page cache would be copied, so it is taken."""
+    g = guest(max_kib=8 * GIB, available_kib=6 * GIB, free_kib=200 * MIB, features=BalloonFeatures(free_page_hint=True))
+    target, state = _target(dataclasses.replace(g, migration_pending=True))
+    assert state.hinted_kib > 0 and target is not None and target < g.actual_kib

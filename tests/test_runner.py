@@ -12,7 +12,7 @@ from overcommitd.config import DaemonConfig
 from overcommitd.host import HostPaths, ProcHostReader
 from overcommitd.hypervisor.libvirt import LibvirtHypervisor
 from overcommitd.model import ClampReason
-from overcommitd.runner import Daemon
+from overcommitd.runner import Daemon, TickReport
 from overcommitd.telemetry import messages as msg
 
 NODE = Path(__file__).parent / "data" / "testnode.xml"
@@ -102,6 +102,37 @@ def test_commands_pause_floor_policy_and_dry_run(tmp_path: Path) -> None:
     auto = next(x for x in report.outcome.decisions if x.uuid == AUTO)  # type: ignore[union-attr]
     assert auto.held and auto.clamped_by(ClampReason.EXCLUDED)
     assert next(g for g in report.guests if g.name == "plain").floor_kib == GIB
+
+
+def test_an_announced_migration_reaches_the_policy_until_cancelled_or_lapsed(tmp_path: Path) -> None:
+    d = make_daemon(tmp_path)
+
+    def pending(report: TickReport) -> set[str]:
+        return {g.name for g in report.guests if g.migration_pending}
+
+    async def scenario() -> list[set[str]]:
+        await d.tick()
+        seen = []
+        await d.handle_command(msg.PrepareMigration(command="prepare-migration", guest="plain"))
+        await d.handle_command(msg.PrepareMigration(command="prepare-migration", guest=AUTO, within_s=0.05))
+        seen.append(pending(await d.tick()))
+        await asyncio.sleep(0.1)
+        seen.append(pending(await d.tick()))
+        reply = await d.handle_command(msg.CancelMigration(command="cancel-migration", guest="plain", id="c"))
+        assert reply.ok and "cancelled" in reply.message
+        seen.append(pending(await d.tick()))
+        with pytest.raises(msg.CommandError) as e:
+            await d.handle_command(msg.PrepareMigration(command="prepare-migration", guest="nope"))
+        assert e.value.name == "no-such-guest"
+        return seen
+
+    assert asyncio.run(scenario()) == [{"plain", "autodeflate"}, {"plain"}, set()]
+
+
+def test_a_migration_announcement_is_validated() -> None:
+    with pytest.raises(msg.CommandError) as e:
+        msg.parse_command(b'{"command": "prepare-migration", "guest": "web1", "within_s": -5}', "t/command")
+    assert e.value.name == "invalid-command" and "within_s" in str(e.value)
 
 
 def test_sighup_reload_switches_policy_and_keeps_guest_state(tmp_path: Path) -> None:

@@ -71,6 +71,15 @@ def test_shared_anonymous_dontneed_frees_nothing_remove_does() -> None:
     assert s["MADV_REMOVE host RAM used MiB"][0] - s["MADV_REMOVE host RAM used MiB"][-1] == pytest.approx(512, abs=1)
 
 
+def test_an_announced_migration_leaves_free_memory_to_the_hint_pass() -> None:
+    """free-page, both guests announced: the FREE_PAGE_HINT guest keeps its 4 GiB and the
+    hint round hands over the ~2.8 GiB it has free; the plain guest's balloon takes it."""
+    s = SCENARIOS["migration-prep"]().series
+    assert min(s["hint actual MiB"]) == 4096
+    assert s["hint MiB handed to the migration"][-1] >= 2048
+    assert 4096 - s["plain actual MiB"][-1] >= 2048
+
+
 def test_migration_hints_free_memory_and_gives_it_back_at_done() -> None:
     s = SCENARIOS["migration"]().series
     assert max(s["guest blocks held MiB"]) > 1024 and s["guest blocks held MiB"][-1] == 0

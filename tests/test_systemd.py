@@ -46,6 +46,7 @@ def test_daemon_sends_ready_watchdog_and_stopping(tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             timeout=60,
+            check=False,
         )
         assert out.returncode == 0, out.stderr
         got = []

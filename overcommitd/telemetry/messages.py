@@ -68,6 +68,7 @@ class GuestMessage(_Message):
     mem_total_kib: int | None
     stats_last_update_s: float | None
     deflate_on_oom: bool
+    migration_pending: bool
 
     @classmethod
     def of(cls, g: GuestSnapshot) -> GuestMessage:
@@ -84,6 +85,7 @@ class GuestMessage(_Message):
             mem_total_kib=s.mem_total_kib if s else None,
             stats_last_update_s=s.last_update_s if s else None,
             deflate_on_oom=g.features.deflate_on_oom,
+            migration_pending=g.migration_pending,
         )
 
 
@@ -150,6 +152,21 @@ class ResumeGuest(_Command):
     guest: str = Field(min_length=1)
 
 
+class PrepareMigration(_Command):
+    """A live migration of ``guest`` is coming: the policy may get the guest ready (the
+    ``free-page`` policy leaves free memory to QEMU's hint pass and takes page cache).
+    The announcement lapses after ``within_s``, or when the guest leaves this host."""
+
+    command: Literal["prepare-migration"]
+    guest: str = Field(min_length=1)
+    within_s: float = Field(900.0, gt=0, le=86400, description="how long the announcement holds")
+
+
+class CancelMigration(_Command):
+    command: Literal["cancel-migration"]
+    guest: str = Field(min_length=1)
+
+
 class SwitchPolicy(_Command):
     command: Literal["set-policy"]
     name: str = Field(min_length=1)
@@ -161,7 +178,10 @@ class SetDryRun(_Command):
     enabled: bool
 
 
-Command = Annotated[SetFloor | PauseGuest | ResumeGuest | SwitchPolicy | SetDryRun, Field(discriminator="command")]
+Command = Annotated[
+    SetFloor | PauseGuest | ResumeGuest | PrepareMigration | CancelMigration | SwitchPolicy | SetDryRun,
+    Field(discriminator="command"),
+]
 _COMMAND = TypeAdapter(Command)
 
 ErrorName = Literal["bad-json", "invalid-command", "no-such-guest", "bad-policy", "hypervisor-error", "internal-error"]

@@ -91,7 +91,7 @@ class Libvirtd:
         except (subprocess.SubprocessError, OSError):
             return
         for name in names:
-            subprocess.run(["virsh", "-c", self.uri, "destroy", name], capture_output=True, timeout=60)
+            subprocess.run(["virsh", "-c", self.uri, "destroy", name], capture_output=True, timeout=60, check=False)
 
     def stop(self, *, destroy: bool = True) -> None:
         if destroy:
