@@ -3,7 +3,10 @@
 How it decides, per guest and per step. Let ``use = actual - MemAvailable`` (memory the
 guest cannot drop), ``free`` = MemFree, ``cache = MemAvailable - free`` (page cache and
 other reclaimable memory) and ``keep = max(reserve_pct % of use, min_reserve_kib)``,
-the headroom the guest keeps. The squeezed size is ``use x (1 - idle_anon_pct/100) +
+the headroom the guest keeps, raised to ``burst_factor`` x the largest rise of use the
+guest has shown between two samples (after an OOM kill: its whole maximum, so it is not
+squeezed again; ``policies.signals.Bursts``). A guest is watched for ``warmup_s`` before
+anything is taken from it. The squeezed size is ``use x (1 - idle_anon_pct/100) +
 keep``: below it the guest would have to give up memory it uses.
 
 * Without REPORTING, the guest's free memory is resident on the host, so inflating the
@@ -52,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PerGuestPolicy
-from policies.signals import available_kib, swap_in_delta_kib, used_kib
+from policies.signals import Bursts, available_kib, swap_in_delta_kib, used_kib
 
 MIB = 1024
 
@@ -70,6 +73,8 @@ class FreePageParams(BaseModel):
     unreported_free_kib: Kib = Field(64 * MIB, ge=0, description="free memory reporting or a hint pass leaves")
     min_gain_kib: Kib = Field(128 * MIB, ge=0, description="squeeze a reporting guest only for at least this gain")
     max_reclaim_step_kib: Kib = Field(128 * MIB, gt=0, description="most taken from a guest per step")
+    burst_factor: float = Field(1.25, ge=0, le=10, description="room kept for this times the largest rise of use seen")
+    warmup_s: float = Field(3600.0, ge=0, description="a new guest is watched this long before anything is taken")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,7 @@ class FreePageState:
     swap_in_total_kib: int | None = None
     reported_kib: int = 0  # the memory this policy counted as already returned
     hinted_kib: int = 0  # free memory the announced migration's hint pass will skip
+    bursts: Bursts | None = None  # set at the first sample with stats
 
 
 class FreePagePolicy(PerGuestPolicy[FreePageState]):
@@ -115,11 +121,14 @@ class FreePagePolicy(PerGuestPolicy[FreePageState]):
             return None, state
         swapped, swap_total = swap_in_delta_kib(state.swap_in_total_kib, guest)
         reported, hinted = self.reported_kib(guest), self.hinted_kib(guest)
-        next_state = FreePageState(swap_total, reported, hinted)
-        keep = max(int(used * p.reserve_pct / 100), p.min_reserve_kib)
+        bursts, _ = (state.bursts or Bursts(host.taken_at_s)).observe(guest, used)
+        next_state = FreePageState(swap_total, reported, hinted, bursts)
+        keep = max(int(used * p.reserve_pct / 100), p.min_reserve_kib, bursts.margin_kib(p.burst_factor))
         need = min(guest.max_kib, used + keep)
         if guest.actual_kib < need:
             return need, next_state  # short: give back at once
+        if bursts.warming_up(host.taken_at_s, p.warmup_s):
+            return guest.actual_kib, next_state  # watched: its bursts are seen before anything is taken
         idle_pct = 0.0 if swapped > 0 else p.idle_anon_pct
         squeezed = int(used * (1 - idle_pct / 100)) + keep
         skipped = max(reported, hinted)  # the same free memory, seen by either

@@ -10,6 +10,7 @@ MemAvailable would count the balloon as use.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from overcommitd.model import GuestSnapshot
 
@@ -74,3 +75,37 @@ def auto_deflated(guest: GuestSnapshot, tolerance_kib: int) -> bool:
     ``tolerance_kib``: it deflated itself under OOM pressure (1 MiB per OOM notification)."""
     last = guest.last_target_kib
     return guest.features.deflate_on_oom and last is not None and guest.actual_kib > last + tolerance_kib
+
+
+@dataclass(frozen=True, slots=True)
+class Bursts:
+    """What a guest has shown of its bursts, kept from step to step.
+
+    The largest rise of use between two samples is never lowered: bitbrains-rnd has
+    guests that idle for days at 1 % of their RAM and then leap to 50-90 % within one
+    5-minute sample, and a guest squeezed to its use plus a fixed reserve is OOM-killed
+    by the next such leap before any control loop can act. After an OOM kill the rise
+    becomes the guest's whole maximum: it showed it needs more than any margin we can
+    reason about, so it is not squeezed again. ``first_seen_s`` starts a warm-up in
+    which a policy only watches, so the bursts of a guest are seen before anything is
+    taken from it.
+    """
+
+    first_seen_s: float
+    used_kib: int | None = None  # the last sample's use, for the next rise
+    largest_rise_kib: int = 0
+    oom_kills_total: int | None = None
+
+    def observe(self, guest: GuestSnapshot, used: int) -> tuple[Bursts, bool]:
+        """This sample learned from, and whether the guest OOM-killed since the last."""
+        rise = 0 if self.used_kib is None else used - self.used_kib
+        killed, kills = oom_killed(self.oom_kills_total, guest)
+        largest = guest.max_kib if killed else max(self.largest_rise_kib, rise)
+        return Bursts(self.first_seen_s, used, largest, kills), killed
+
+    def warming_up(self, now_s: float, warmup_s: float) -> bool:
+        return now_s - self.first_seen_s < warmup_s
+
+    def margin_kib(self, factor: float) -> int:
+        """Room for the largest burst seen, ``factor`` times over."""
+        return round(self.largest_rise_kib * factor)

@@ -7,7 +7,8 @@ and ``floor_pct`` % of its maximum. No target this policy returns is below it.
 
 Each step, for a guest with stats:
 
-* ``need = use + max(reserve_pct % of use, min_reserve_kib)`` with ``use = actual -
+* ``need = use + max(reserve_pct % of use, min_reserve_kib, burst_factor x the largest
+  rise of use the guest has shown between two samples)`` with ``use = actual -
   MemAvailable``. ``actual``, not MemTotal, is the base: a DEFLATE_ON_OOM guest reports an
   unchanged MemTotal while inflated (Linux commit 997e120843e8), so MemTotal would count
   the balloon as use;
@@ -21,18 +22,23 @@ Each step, for a guest with stats:
   afterwards (the guard has the same rule; this policy also stops *wishing* for it, so
   its state does not pull the guest back down the moment the guard lets go).
 
+A guest is watched for ``warmup_s`` before anything is taken from it, so its bursts are
+seen first; after an OOM kill its burst margin becomes its whole maximum and it is not
+squeezed again (``policies.signals.Bursts``: on bitbrains-rnd, without this, the same
+guests were killed at every burst, 400 kills in a week).
+
 Guests without stats get their floor if they are below it, and are otherwise held.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PerGuestPolicy
-from policies.signals import auto_deflated, used_kib
+from policies.signals import Bursts, auto_deflated, used_kib
 
 MIB = 1024
 
@@ -49,12 +55,15 @@ class SlaFloorParams(BaseModel):
     auto_deflate_tolerance_kib: Kib = Field(2 * MIB, ge=0, description="actual above our target by more = auto-deflate")
     deflate_margin_kib: Kib = Field(64 * MIB, ge=0, description="given on top of actual after an auto-deflate")
     cooldown_s: float = Field(600.0, ge=0, description="no inflation for this long after an auto-deflate")
+    burst_factor: float = Field(1.25, ge=0, le=10, description="room kept for this times the largest rise of use seen")
+    warmup_s: float = Field(3600.0, ge=0, description="a new guest is watched this long before anything is taken")
 
 
 @dataclass(frozen=True, slots=True)
 class SlaGuestState:
     no_inflate_until_s: float = float("-inf")
     auto_deflates: int = 0  # how many times the guest deflated itself, for the record
+    bursts: Bursts | None = None  # set at the first sample with stats
 
 
 class SlaFloorPolicy(PerGuestPolicy[SlaGuestState]):
@@ -76,14 +85,16 @@ class SlaFloorPolicy(PerGuestPolicy[SlaGuestState]):
         self, host: HostSnapshot, guest: GuestSnapshot, state: SlaGuestState
     ) -> tuple[int | None, SlaGuestState]:
         p, now_s, floor = self.params, host.taken_at_s, self.floor_kib(guest)
-        if auto_deflated(guest, p.auto_deflate_tolerance_kib):
-            state = SlaGuestState(now_s + p.cooldown_s, state.auto_deflates + 1)
-            return min(guest.max_kib, max(floor, guest.actual_kib + p.deflate_margin_kib)), state
         used = used_kib(guest)
-        if used is None:
+        if used is not None:
+            state = replace(state, bursts=(state.bursts or Bursts(now_s)).observe(guest, used)[0])
+        if auto_deflated(guest, p.auto_deflate_tolerance_kib):
+            state = replace(state, no_inflate_until_s=now_s + p.cooldown_s, auto_deflates=state.auto_deflates + 1)
+            return min(guest.max_kib, max(floor, guest.actual_kib + p.deflate_margin_kib)), state
+        if used is None or state.bursts is None:
             return (floor if guest.actual_kib < floor else None), state
-        need = used + max(int(used * p.reserve_pct / 100), p.min_reserve_kib)
-        target = max(need, guest.actual_kib - p.max_reclaim_step_kib)
-        if now_s < state.no_inflate_until_s:
+        reserve = max(int(used * p.reserve_pct / 100), p.min_reserve_kib, state.bursts.margin_kib(p.burst_factor))
+        target = max(used + reserve, guest.actual_kib - p.max_reclaim_step_kib)
+        if now_s < state.no_inflate_until_s or state.bursts.warming_up(now_s, p.warmup_s):
             target = max(target, guest.actual_kib)
         return min(guest.max_kib, max(floor, target)), state

@@ -63,7 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PerGuestPolicy
-from policies.signals import auto_deflated, oom_killed, swap_in_delta_kib, used_kib
+from policies.signals import Bursts, auto_deflated, swap_in_delta_kib, used_kib
 
 MIB = 1024
 PAGE_KIB = 4
@@ -98,9 +98,7 @@ class TrimParams(BaseModel):
 class TrimGuestState:
     """One guest's trim cycle and what it has learned."""
 
-    first_seen_s: float | None = None  # set at the first sample
-    used_kib: int | None = None  # last sample, for the rise
-    burst_kib: int = 0  # largest rise of use between two samples, never lowered
+    bursts: Bursts | None = None  # set at the first sample
     squeezing: bool = False
     actual_kib: int = 0  # last sample, to see a squeeze stall
     released_s: float = float("-inf")
@@ -109,7 +107,6 @@ class TrimGuestState:
     refault_base: int | None = None  # major faults less swap-in pages, at the last release
     keep_cache_kib: int = 0  # hot page cache a squeeze leaves alone
     swap_in_total_kib: int | None = None
-    oom_kills_total: int | None = None
 
 
 class TrimPolicy(PerGuestPolicy[TrimGuestState]):
@@ -131,9 +128,8 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         if used is None or guest.stats is None:
             return None, state
         now_s = host.taken_at_s
-        first_seen_s = now_s if state.first_seen_s is None else state.first_seen_s
-        state, harmed = self.observe(guest, used, replace(state, first_seen_s=first_seen_s))
-        if now_s - first_seen_s < self.params.warmup_s:
+        state, harmed = self.observe(guest, used, state, state.bursts or Bursts(now_s))
+        if state.bursts is None or state.bursts.warming_up(now_s, self.params.warmup_s):
             return guest.max_kib, state  # watched: its bursts are seen before anything is taken
         keep = self.keep_kib(guest, used, state)
         if state.squeezing:
@@ -147,32 +143,30 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
             return self.keep_kib(guest, used, state), state
         return self.released_target(host, guest, keep), state
 
-    def observe(self, guest: GuestSnapshot, used: int, state: TrimGuestState) -> tuple[TrimGuestState, bool]:
+    def observe(
+        self, guest: GuestSnapshot, used: int, state: TrimGuestState, bursts: Bursts
+    ) -> tuple[TrimGuestState, bool]:
         """Learn from this sample: the burst margin, the peak, and whether the guest was
         harmed (swap-in, auto-deflate, OOM kill, a rise mid-squeeze) since the last."""
-        rise = 0 if state.used_kib is None else used - state.used_kib
+        last_used = bursts.used_kib
+        bursts, killed = bursts.observe(guest, used)
         swapped_kib, swap_total = swap_in_delta_kib(state.swap_in_total_kib, guest)
-        killed, kills = oom_killed(state.oom_kills_total, guest)
         deflated = auto_deflated(guest, self.params.auto_deflate_tolerance_kib)
         # a rise is alarming in proportion to the room the guest had left for it
-        room_kib = 0 if state.used_kib is None else max(0, guest.actual_kib - state.used_kib)
+        rise = 0 if last_used is None else used - last_used
+        room_kib = 0 if last_used is None else max(0, guest.actual_kib - last_used)
         rising = rise > room_kib * self.params.abort_rise_pct / 100
         harmed = swapped_kib > 0 or killed or deflated or (state.squeezing and rising)
-        burst = guest.max_kib if killed else max(state.burst_kib, rise)
         state = replace(
-            state,
-            used_kib=used,
-            burst_kib=burst,
-            peak_used_kib=max(state.peak_used_kib, used),
-            swap_in_total_kib=swap_total,
-            oom_kills_total=kills,
+            state, bursts=bursts, peak_used_kib=max(state.peak_used_kib, used), swap_in_total_kib=swap_total
         )
         return state, harmed
 
     def margin_kib(self, guest: GuestSnapshot, state: TrimGuestState) -> float:
         """Room above use a squeezed guest keeps for a burst."""
         p = self.params
-        return max(p.min_headroom_kib, guest.max_kib * p.headroom_pct / 100, state.burst_kib * p.burst_factor)
+        burst_kib = state.bursts.largest_rise_kib if state.bursts is not None else 0
+        return max(p.min_headroom_kib, guest.max_kib * p.headroom_pct / 100, burst_kib * p.burst_factor)
 
     def keep_kib(self, guest: GuestSnapshot, used: int, state: TrimGuestState) -> int:
         """What a squeeze leaves the guest: use, burst room, hot cache; within bounds."""

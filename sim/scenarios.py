@@ -22,7 +22,7 @@ import numpy as np
 
 from overcommitd.config import DaemonConfig
 from overcommitd.loop import LoopState, apply, step
-from policies.free_page import FreePagePolicy
+from policies.free_page import FreePageParams, FreePagePolicy
 from sim.backing import RamBacking
 from sim.balloon_fleet import ProtocolBalloons
 from sim.guest import GuestSpec
@@ -236,7 +236,7 @@ def migration_prep() -> ScenarioResult:
     specs = [_guest("hint", 4096, free_page_hint=True), _guest("plain", 4096)]
     host = OneHost(specs, lambda t: [3072.0 if 1 <= t < 3 else 1024.0] * 2)  # a burst, then freed
     rec = _Recorder(host)
-    policy = FreePagePolicy()
+    policy = FreePagePolicy(FreePageParams(warmup_s=0.0))  # seconds, not hours: no warm-up
     cfg = DaemonConfig.model_validate({"interval_s": 1.0})
     loop_state = LoopState.initial(policy)
     announced_s, migration_s = 5.0, 30.0

@@ -5,14 +5,19 @@ from __future__ import annotations
 import dataclasses
 
 from overcommitd.model import BalloonFeatures
-from policies.free_page import FreePagePolicy, FreePageState
+from policies.free_page import FreePageParams, FreePagePolicy, FreePageState
 from policies.testing import GIB, MIB, guest, host
 
 REPORTING = BalloonFeatures(reporting=True)
 
 
+def _policy(**params: object) -> FreePagePolicy:
+    """The policy with its warm-up off: these tests are about one step."""
+    return FreePagePolicy(FreePageParams(**({"warmup_s": 0.0} | params)))
+
+
 def _target(g) -> tuple[int | None, FreePageState]:  # type: ignore[no-untyped-def]
-    return FreePagePolicy().decide_guest(host(), g, FreePageState())
+    return _policy().decide_guest(host(), g, FreePageState())
 
 
 def test_does_not_inflate_over_reported_free_memory() -> None:
@@ -37,7 +42,7 @@ def test_a_reporting_guest_full_of_page_cache_is_squeezed() -> None:
 
 
 def test_squeezing_stops_at_use_plus_reserve() -> None:
-    policy = FreePagePolicy()
+    policy = _policy()
     g = guest(max_kib=8 * GIB, actual_kib=2 * GIB + 300 * MIB, available_kib=300 * MIB, free_kib=50 * MIB)
     target, _ = _target(g)
     assert target == 2 * GIB + max(int(2 * GIB * policy.params.reserve_pct / 100), policy.params.min_reserve_kib)
@@ -50,9 +55,7 @@ def test_a_short_guest_gets_memory_back_at_once() -> None:
 
 
 def test_idle_anonymous_memory_is_taken_only_while_the_guest_does_not_swap_in() -> None:
-    from policies.free_page import FreePageParams
-
-    policy = FreePagePolicy(FreePageParams(idle_anon_pct=50, max_reclaim_step_kib=8 * GIB))
+    policy = _policy(idle_anon_pct=50, max_reclaim_step_kib=8 * GIB)
     g0 = guest(at_s=0, max_kib=8 * GIB, actual_kib=5 * GIB, available_kib=GIB, swap_in_kib=0)
     idle_target, state = policy.decide_guest(host(at_s=0), g0, FreePageState())
     g1 = guest(at_s=10, max_kib=8 * GIB, actual_kib=5 * GIB, available_kib=GIB, swap_in_kib=32 * MIB)

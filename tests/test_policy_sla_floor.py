@@ -12,6 +12,11 @@ from policies.testing import GIB, MIB, guest, host
 DOO = BalloonFeatures(deflate_on_oom=True)
 
 
+def _policy(**params: object) -> SlaFloorPolicy:
+    """The policy with its warm-up off: these tests are about what follows it."""
+    return SlaFloorPolicy(SlaFloorParams(**({"warmup_s": 0.0} | params)))
+
+
 def _target(
     policy: SlaFloorPolicy, g, state: SlaGuestState | None = None, at_s: float = 0.0
 ) -> tuple[int | None, SlaGuestState]:  # type: ignore[no-untyped-def]
@@ -58,7 +63,7 @@ def test_a_guest_below_its_floor_is_raised_even_without_stats() -> None:
 
 
 def test_backs_off_after_an_auto_deflate_and_resumes_after_the_cooldown() -> None:
-    policy = SlaFloorPolicy()
+    policy = _policy()
     # we asked for 3 GiB; the DEFLATE_ON_OOM guest deflated itself to 3.5 GiB
     deflated = guest(
         max_kib=8 * GIB, actual_kib=3 * GIB + 512 * MIB, available_kib=2 * GIB, last_target_kib=3 * GIB, features=DOO
@@ -76,7 +81,7 @@ def test_backs_off_after_an_auto_deflate_and_resumes_after_the_cooldown() -> Non
 
 
 def test_without_deflate_on_oom_a_short_balloon_is_not_an_auto_deflate() -> None:
-    policy = SlaFloorPolicy()
+    policy = _policy()
     g = guest(max_kib=8 * GIB, actual_kib=3 * GIB + 512 * MIB, available_kib=2 * GIB, last_target_kib=3 * GIB)
     target, state = _target(policy, g)
     assert state.auto_deflates == 0 and target is not None and target < g.actual_kib

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from overcommitd.model import BalloonFeatures, GuestSnapshot, GuestStats
+from policies.signals import Bursts
 from policies.testing import GIB, MIB, guest, host
 from policies.trim import TrimGuestState, TrimParams, TrimPolicy
 
@@ -100,9 +101,9 @@ def test_a_squeeze_ends_at_once_on_swap_in_or_a_rise_in_use() -> None:
 def test_a_burst_is_remembered_and_kept_free_at_the_next_squeeze() -> None:
     policy = _policy()
     state = TrimGuestState()
-    _, state = _step(policy, _guest(used_kib=USED), replace(state, first_seen_s=0.0, released_s=0.0), 10.0)
+    _, state = _step(policy, _guest(used_kib=USED), replace(state, bursts=Bursts(0.0), released_s=0.0), 10.0)
     _, state = _step(policy, _guest(used_kib=USED + 5 * GIB), state, 20.0)  # a 5 GiB leap
-    assert state.burst_kib == 5 * GIB
+    assert state.bursts is not None and state.bursts.largest_rise_kib == 5 * GIB
     assert policy.keep_kib(_guest(), USED, state) == USED + round(5 * GIB * policy.params.burst_factor)
 
 
@@ -113,7 +114,7 @@ def test_after_an_oom_kill_a_guest_is_never_squeezed_again() -> None:
     killed = replace(g, stats=replace(g.stats, oom_kills=1)) if g.stats else g
     _, state = _step(policy, replace(g, stats=replace(g.stats, oom_kills=0)) if g.stats else g, state, 10.0)
     target, state = _step(policy, killed, state, 20.0)
-    assert target == MAX and state.burst_kib == MAX
+    assert target == MAX and state.bursts is not None and state.bursts.largest_rise_kib == MAX
     later = policy.params.trim_interval_s * 10
     target, state = _step(policy, _guest(cache_kib=12 * GIB, oom_kills=1), state, later)
     assert target == MAX and not state.squeezing
@@ -136,7 +137,7 @@ def test_refaults_after_a_squeeze_are_kept_as_hot_cache_next_time() -> None:
 def test_a_deflate_on_oom_guest_is_held_not_released() -> None:
     policy = _policy()
     g = replace(_guest(actual_kib=4 * GIB), features=BalloonFeatures(deflate_on_oom=True))
-    state = replace(TrimGuestState(), first_seen_s=0.0, released_s=0.0)
+    state = replace(TrimGuestState(), bursts=Bursts(0.0), released_s=0.0)
     target, _ = _step(policy, g, state, 10.0)
     assert target == policy.keep_kib(g, USED, state) < MAX
     released = _policy(hold_deflate_on_oom=False)
@@ -150,7 +151,7 @@ def test_a_deflate_on_oom_guest_is_held_not_released() -> None:
 
 def test_under_host_pressure_a_released_guest_keeps_only_twice_its_keep() -> None:
     policy = _policy()
-    state = replace(TrimGuestState(), first_seen_s=0.0, released_s=0.0)
+    state = replace(TrimGuestState(), bursts=Bursts(0.0), released_s=0.0)
     target, _ = _step(policy, _guest(cache_kib=0), state, 10.0, available_pct=5.0)
     assert target == 2 * policy.keep_kib(_guest(), USED, state) < MAX
 
@@ -159,7 +160,9 @@ def test_new_guests_are_watched_before_their_first_squeeze_and_guests_without_st
     policy = TrimPolicy()
     for first_s in (0.0, 100.0):  # a clock that starts at zero is a time like any other
         target, state = _step(policy, _guest(), TrimGuestState(), first_s)
-        assert target == MAX and state.first_seen_s == first_s and not state.squeezing
+        assert (
+            target == MAX and state.bursts is not None and state.bursts.first_seen_s == first_s and not state.squeezing
+        )
         target, state = _step(policy, _guest(), state, first_s + policy.params.warmup_s - 10)
         assert target == MAX and not state.squeezing
         target, state = _step(policy, _guest(), state, first_s + policy.params.warmup_s)
