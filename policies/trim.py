@@ -128,8 +128,9 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         if used is None or guest.stats is None:
             return None, state
         now_s = host.taken_at_s
-        state, harmed = self.observe(guest, used, state, state.bursts or Bursts(now_s))
-        if state.bursts is None or state.bursts.warming_up(now_s, self.params.warmup_s):
+        bursts = state.bursts or Bursts(now_s)
+        state, harmed = self.observe(guest, used, state, bursts)
+        if bursts.warming_up(now_s, self.params.warmup_s):
             return guest.max_kib, state  # watched: its bursts are seen before anything is taken
         keep = self.keep_kib(guest, used, state)
         if state.squeezing:
@@ -165,8 +166,8 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
     def margin_kib(self, guest: GuestSnapshot, state: TrimGuestState) -> float:
         """Room above use a squeezed guest keeps for a burst."""
         p = self.params
-        burst_kib = state.bursts.largest_rise_kib if state.bursts is not None else 0
-        return max(p.min_headroom_kib, guest.max_kib * p.headroom_pct / 100, burst_kib * p.burst_factor)
+        burst_kib = state.bursts.margin_kib(p.burst_factor) if state.bursts is not None else 0
+        return max(p.min_headroom_kib, guest.max_kib * p.headroom_pct / 100, burst_kib)
 
     def keep_kib(self, guest: GuestSnapshot, used: int, state: TrimGuestState) -> int:
         """What a squeeze leaves the guest: use, burst room, hot cache; within bounds."""
