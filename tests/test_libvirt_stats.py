@@ -99,6 +99,44 @@ def test_domain_without_balloon_or_metadata() -> None:
     assert not d.has_balloon and d.stats_period_s == 0 and d.metadata == lx.GuestMetadata()
 
 
+def _with_qemu(balloon: str, qemu: str) -> str:
+    return (
+        f"<domain xmlns:qemu='{lx.QEMU_NAMESPACE}'><devices><memballoon model='virtio'>{balloon}</memballoon>"
+        f"</devices>{qemu}</domain>"
+    )
+
+
+def _override(alias: str, value: str) -> str:
+    return (
+        f"<qemu:override><qemu:device alias='{alias}'><qemu:frontend>"
+        f"<qemu:property name='free-page-hint' type='bool' value='{value}'/>"
+        "</qemu:frontend></qemu:device></qemu:override>"
+    )
+
+
+def _commandline(*args: str) -> str:
+    return "<qemu:commandline>" + "".join(f"<qemu:arg value='{a}'/>" for a in args) + "</qemu:commandline>"
+
+
+@pytest.mark.parametrize(
+    ("balloon", "qemu", "hint"),
+    [
+        ("", _override("balloon0", "true"), True),  # libvirt's default alias
+        ("<alias name='balloon0'/>", _override("balloon0", "on"), True),
+        ("<alias name='ua-bal'/>", _override("ua-bal", "true"), True),  # a user alias
+        ("<alias name='ua-bal'/>", _override("balloon0", "true"), False),  # another device's override
+        ("", _override("balloon0", "false"), False),
+        ("", _commandline("-global", "virtio-balloon-pci.free-page-hint=on"), True),
+        ("", _commandline("-set", "device.balloon0.free-page-hint=true"), True),
+        ("", _commandline("-set", "device.net0.free-page-hint=on"), False),
+        ("", _commandline("-global", "virtio-balloon-pci.free-page-reporting=on"), False),
+        ("", "", False),
+    ],
+)
+def test_free_page_hint_is_read_from_the_qemu_namespace(balloon: str, qemu: str, hint: bool) -> None:
+    assert lx.parse_domain(_with_qemu(balloon, qemu)).features.free_page_hint is hint
+
+
 def test_bad_metadata_names_the_guest_and_field() -> None:
     bad = DOMAIN.replace("<oc:weight>2.5", "<oc:weight>lots")
     with pytest.raises(lx.DomainXmlError, match="web1: metadata weight 'lots'"):

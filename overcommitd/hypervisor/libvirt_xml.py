@@ -2,7 +2,10 @@
 
 From ``<devices><memballoon>``: the balloon's features (``autodeflate`` is QEMU's
 ``deflate-on-oom``, ``freePageReporting`` its ``free-page-reporting``) and the stats
-polling period (``<stats period='N'/>``). From our own namespace in ``<metadata>``: the
+polling period (``<stats period='N'/>``). libvirt has no attribute for QEMU's
+``free-page-hint`` (which also needs an ``iothread``), so an operator sets it in the
+QEMU namespace: ``<qemu:override>`` on the balloon's alias (libvirt >= 8.2) or a
+``-global``/``-set`` on ``<qemu:commandline>``; both are read. From our own namespace in ``<metadata>``: the
 SLA floor, weight and exclusion. The floor lives there because libvirt's QEMU driver
 rejects ``<memtune><min_guarantee>`` ("Parameter 'min_guarantee' not supported by QEMU").
 Pure: strings in, frozen dataclasses out.
@@ -10,6 +13,7 @@ Pure: strings in, frozen dataclasses out.
 
 from __future__ import annotations
 
+import itertools
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -17,6 +21,8 @@ from overcommitd.model import BalloonFeatures
 
 NAMESPACE = "https://overcommitd.dev/xmlns/guest/1"
 PREFIX = "oc"
+QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
+_QEMU_TRUE = ("on", "true", "yes")  # QEMU's spellings of a true bool property
 _UNIT_KIB = {
     "b": 1 / 1024,
     "bytes": 1 / 1024,
@@ -100,6 +106,7 @@ def parse_domain(xml: str, *, where: str = "domain") -> DomainConfig:
         features = BalloonFeatures(
             stats_vq=True,
             deflate_on_oom=balloon.get("autodeflate") == "on",
+            free_page_hint=_free_page_hint(root, balloon),
             reporting=balloon.get("freePageReporting") == "on",
         )
         stats = balloon.find("stats")
@@ -110,6 +117,26 @@ def parse_domain(xml: str, *, where: str = "domain") -> DomainConfig:
                 raise DomainXmlError(f"{where}: memballoon stats period {stats.get('period')!r}") from e
     meta = parse_metadata(root.find(f"./metadata/{{{NAMESPACE}}}guest"), where)
     return DomainConfig(has_balloon, features, period_s, meta)
+
+
+def _free_page_hint(root: ET.Element, balloon: ET.Element) -> bool:
+    """Whether the domain's QEMU-namespace XML turns on the balloon's ``free-page-hint``."""
+    q = f"{{{QEMU_NAMESPACE}}}"
+    alias_el = balloon.find("alias")
+    alias = alias_el.get("name", "balloon0") if alias_el is not None else "balloon0"  # libvirt's default
+    for device in root.iterfind(f"./{q}override/{q}device"):
+        if device.get("alias") == alias:
+            for prop in device.iterfind(f"./{q}frontend/{q}property"):
+                if prop.get("name") == "free-page-hint":
+                    return (prop.get("value") or "").lower() in _QEMU_TRUE
+    args = [arg.get("value") or "" for arg in root.iterfind(f"./{q}commandline/{q}arg")]
+    for option, value in itertools.pairwise(args):
+        target, _, setting = value.partition("=")
+        owner, _, name = target.rpartition(".")
+        ours = owner.startswith("virtio-balloon") if option == "-global" else owner == f"device.{alias}"
+        if option in ("-global", "-set") and name == "free-page-hint" and ours:
+            return setting.lower() in _QEMU_TRUE
+    return False
 
 
 def metadata_element(meta: GuestMetadata) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_DIR = REPO / ".cache" / "realguest"
 OVERCOMMITD_NS = "https://overcommitd.dev/xmlns/guest/1"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 
 class HarnessError(RuntimeError):
@@ -154,6 +155,7 @@ class GuestSpec:
     current_mib: int | None = None
     autodeflate: bool = False
     free_page_reporting: bool = False
+    free_page_hint: bool = False  # QEMU's free-page-hint, through <qemu:override> (needs an iothread)
     stats_period_s: int | None = 2
     work: str = ""
     floor_mib: int | None = None
@@ -171,12 +173,19 @@ def domain_xml(spec: GuestSpec, console_dir: Path) -> str:
             "</oc:guest></metadata>"
         )
     cmdline = f"console=ttyS0 loglevel=4 panic=-1 rgwork={spec.work or '0@0'}"
+    iothreads, override = "", ""
+    if spec.free_page_hint:  # libvirt has no attribute for it
+        iothreads = "<iothreads>1</iothreads>"
+        override = f"""<qemu:override xmlns:qemu='{QEMU_NS}'><qemu:device alias='balloon0'><qemu:frontend>
+    <qemu:property name='free-page-hint' type='bool' value='true'/>
+    <qemu:property name='iothread' type='string' value='iothread1'/>
+  </qemu:frontend></qemu:device></qemu:override>"""
     return f"""<domain type='qemu'>
   <name>{spec.name}</name>
   {meta}
   <memory unit='MiB'>{spec.memory_mib}</memory>
   <currentMemory unit='MiB'>{cur}</currentMemory>
-  <vcpu>1</vcpu>
+  <vcpu>1</vcpu>{iothreads}
   <os><type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{IMAGE_DIR / "vmlinuz"}</kernel><initrd>{IMAGE_DIR / "initrd.img"}</initrd>
     <cmdline>{cmdline}</cmdline></os>
@@ -187,6 +196,7 @@ def domain_xml(spec: GuestSpec, console_dir: Path) -> str:
     <serial type='file'><source path='{console_dir / (spec.name + ".console")}'/><target port='0'/></serial>
     <memballoon model='virtio' autodeflate='{"on" if spec.autodeflate else "off"}' freePageReporting='{"on" if spec.free_page_reporting else "off"}'>{stats}</memballoon>
   </devices>
+  {override}
 </domain>"""
 
 

@@ -118,6 +118,24 @@ def test_stats_are_read_in_one_bulk_call_for_one_and_three_guests(libvirtd: Libv
         hv.close()
 
 
+def test_free_page_hint_set_through_qemu_override_is_negotiated_and_seen(libvirtd: Libvirtd, guests: Guests) -> None:
+    """libvirt has no attribute for free-page-hint: the harness sets it with
+    <qemu:override>, the guest's driver negotiates it (QEMU's own view, from
+    x-query-virtio-status), and the daemon reads it from the live domain XML."""
+    guests.boot(GuestSpec("hinted", memory_mib=256, free_page_hint=True), GuestSpec("unhinted", memory_mib=256))
+    query = {"execute": "x-query-virtio-status", "arguments": {"path": "/machine/peripheral/balloon0/virtio-backend"}}
+    status = json.loads(libvirtd.virsh("qemu-monitor-command", "hinted", json.dumps(query)))
+    negotiated = status["return"]["guest-features"]["dev-features"]
+    assert any(f.startswith("VIRTIO_BALLOON_F_FREE_PAGE_HINT") for f in negotiated), negotiated
+    hv = LibvirtHypervisor(config(libvirtd).libvirt)
+    hv.connect()
+    try:
+        hint = {g.name: g.features.free_page_hint for g in hv.snapshot()}
+    finally:
+        hv.close()
+    assert hint == {"hinted": True, "unhinted": False}
+
+
 def test_target_is_set_and_actual_converges(libvirtd: Libvirtd, guests: Guests) -> None:
     (dom,) = guests.boot(GuestSpec("conv"))
     d = daemon(config(libvirtd, target_kib=300 * MIB))
