@@ -36,18 +36,20 @@ pressure ``host_scale`` shrinks by ``host_gain`` x pressure per step down to
 ``min_setpoint_scale`` (guests keep less headroom); without it, it relaxes back toward
 1 at the same rate. It is bounded at both ends, so it cannot wind up either.
 
-After an OOM kill in the guest (the ``oom_kills`` stat, Linux >= 6.12, went up) the
-guest demonstrably needed more than it had, by an unknown amount: it gets its maximum
-back and is not reclaimed from for ``oom_hold_s``; and from then on it never gets less
-than halfway between what it had when it was killed and its maximum (each further kill
-halves the remaining gap: a bisection toward a size that holds its bursts). After an auto-deflate of a
-DEFLATE_ON_OOM guest (``actual`` above the target last set) we know what it needed: no
-target below that ``actual`` for ``oom_hold_s``. Without this a guest whose demand leaps in bursts is
-squeezed again after each burst and killed again at the next (bitbrains-rnd has
-guests idling at 1 % of their RAM that leap to 90 % within one 5-minute sample).
+The set-point is never below ``burst_factor`` x the largest rise of use the guest has
+shown between two samples (``policies.signals.Bursts``, not scaled by host pressure:
+a burst does not shrink because the host is short). After an OOM kill in the guest (the
+``oom_kills`` stat, Linux >= 6.12, went up) the guest demonstrably needed more than it
+had, by an unknown amount: that rise becomes its whole maximum, so it gets its maximum
+back and is not reclaimed from again. After an auto-deflate of a DEFLATE_ON_OOM guest
+(``actual`` above the target last set) we know what it needed: no target below that
+``actual`` for ``oom_hold_s``. Without these a guest whose demand leaps in bursts is
+squeezed again after each burst and killed again at the next (bitbrains-rnd has guests
+idling at 1 % of their RAM that leap to 90 % within one 5-minute sample).
 
 A guest first seen less than ``warmup_s`` ago is watched, not reclaimed from (memory is
-still given back): its use filter learns the peaks it shows meanwhile.
+still given back): its use filter and its burst memory learn the peaks it shows
+meanwhile.
 
 Guests without stats are held.
 """
@@ -61,14 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PolicyResult
-from policies.signals import (
-    auto_deflated,
-    fast_up_slow_down,
-    oom_killed,
-    smoothing_weight,
-    swap_in_delta_kib,
-    used_kib,
-)
+from policies.signals import Bursts, auto_deflated, fast_up_slow_down, smoothing_weight, swap_in_delta_kib, used_kib
 
 MIB = 1024
 
@@ -94,7 +89,8 @@ class PidParams(BaseModel):
     host_psi_target_pct: float = Field(1.0, gt=0, le=100, description="host PSI some avg10 above this is pressure")
     host_gain: float = Field(0.05, ge=0, le=1, description="host_scale change per step at full pressure")
     min_setpoint_scale: float = Field(0.5, gt=0, le=1, description="most the host loop may tighten the set-point")
-    oom_hold_s: float = Field(86400.0, ge=0, description="no reclaim for this long after an OOM kill or auto-deflate")
+    burst_factor: float = Field(1.25, ge=0, le=10, description="headroom at least this times the largest rise of use")
+    oom_hold_s: float = Field(86400.0, ge=0, description="no reclaim below what a guest took back for this long")
     auto_deflate_tolerance_kib: Kib = Field(
         2 * MIB, ge=0, description="actual above last target by more = auto-deflate"
     )
@@ -109,11 +105,9 @@ class PidGuestState:
     used_kib: float  # filtered use (actual - MemAvailable)
     integral_kib: float = 0.0
     swap_in_total_kib: int | None = None  # cumulative counter, for the delta
-    oom_kills_total: int | None = None  # cumulative counter, for the delta
     hold_until_s: float = float("-inf")  # until then no target below hold_floor_kib
-    hold_floor_kib: int = 0  # after an OOM kill: the maximum; after an auto-deflate: what the guest took
-    first_seen_s: float = 0.0
-    learned_floor_kib: int = 0  # raised by every OOM kill, never lowered
+    hold_floor_kib: int = 0  # after an auto-deflate: what the guest took back
+    bursts: Bursts | None = None  # set at the first sample
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +164,10 @@ class PidPolicy:
         scale = previous - p.host_gain * pressure if pressure > 0 else previous + p.host_gain
         return min(1.0, max(p.min_setpoint_scale, scale))
 
-    def setpoint_kib(self, used: float, scale: float, max_kib: int = 0) -> float:
+    def setpoint_kib(self, used: float, scale: float, max_kib: int = 0, burst_kib: int = 0) -> float:
         p = self.params
-        return max(p.min_headroom_kib, used * p.headroom_pct / 100, max_kib * p.min_headroom_pct_of_max / 100) * scale
+        scaled = max(p.min_headroom_kib, used * p.headroom_pct / 100, max_kib * p.min_headroom_pct_of_max / 100) * scale
+        return max(scaled, burst_kib)
 
     def decide_guest(
         self, now_s: float, guest: GuestSnapshot, previous: PidGuestState | None, scale: float
@@ -187,7 +182,9 @@ class PidPolicy:
         used = fast_up_slow_down(None if previous is None else previous.used_kib, float(raw_used), weight)
         headroom = guest.actual_kib - used
         swapped_kib, swap_total = swap_in_delta_kib(None if previous is None else previous.swap_in_total_kib, guest)
-        error = headroom - self.setpoint_kib(used, scale, guest.max_kib) - p.swap_in_weight * swapped_kib
+        bursts, _ = (previous.bursts if previous and previous.bursts else Bursts(now_s)).observe(guest, raw_used)
+        setpoint = self.setpoint_kib(used, scale, guest.max_kib, bursts.margin_kib(p.burst_factor))
+        error = headroom - setpoint - p.swap_in_weight * swapped_kib
 
         integral = 0.0 if previous is None else previous.integral_kib
         if integral * error < 0:
@@ -202,42 +199,17 @@ class PidPolicy:
         saturated = take_kib != output or bounded != target
         if not saturated and abs(error) < p.integral_band_kib:
             integral = proposed  # conditional integration: no windup while the output is capped
-        killed, kills = oom_killed(None if previous is None else previous.oom_kills_total, guest)
-        hold_until_s, hold_floor = self.hold(now_s, guest, previous, killed)
+        hold_until_s, hold_floor = self.hold(now_s, guest, previous)
         if now_s < hold_until_s and bounded < hold_floor:
             bounded, integral = hold_floor, 0.0
-        first_seen_s = now_s if previous is None else previous.first_seen_s
-        if now_s - first_seen_s < p.warmup_s and bounded < guest.actual_kib:
+        if bursts.warming_up(now_s, p.warmup_s) and bounded < guest.actual_kib:
             bounded, integral = guest.actual_kib, 0.0
-        learned = self.learned_floor_kib(guest, previous, killed)
-        bounded = max(bounded, learned)
-        state = PidGuestState(now_s, used, integral, swap_total, kills, hold_until_s, hold_floor, first_seen_s, learned)
-        return bounded, state
+        return bounded, PidGuestState(now_s, used, integral, swap_total, hold_until_s, hold_floor, bursts)
 
-    def hold(
-        self, now_s: float, guest: GuestSnapshot, previous: PidGuestState | None, killed: bool
-    ) -> tuple[float, int]:
-        """(until when, at least what) the guest is held after running short."""
+    def hold(self, now_s: float, guest: GuestSnapshot, previous: PidGuestState | None) -> tuple[float, int]:
+        """(until when, at least what) a DEFLATE_ON_OOM guest is held after it took
+        memory back from the balloon: what it took, for ``oom_hold_s``."""
         until_s, floor = (float("-inf"), 0) if previous is None else (previous.hold_until_s, previous.hold_floor_kib)
-        shortfall_floor = self.ran_short(guest, killed)
-        if shortfall_floor is None:
+        if not auto_deflated(guest, self.params.auto_deflate_tolerance_kib):
             return until_s, floor
-        return now_s + self.params.oom_hold_s, max(shortfall_floor, floor if now_s < until_s else 0)
-
-    @staticmethod
-    def learned_floor_kib(guest: GuestSnapshot, previous: PidGuestState | None, killed: bool) -> int:
-        """The least this guest may get, learned from its OOM kills: halfway from what it
-        had at a kill to its maximum, ratcheting up with every kill."""
-        learned = 0 if previous is None else previous.learned_floor_kib
-        if killed:
-            learned = max(learned, guest.actual_kib + (guest.max_kib - guest.actual_kib) // 2)
-        return learned
-
-    def ran_short(self, guest: GuestSnapshot, killed: bool) -> int | None:
-        """The memory the guest must keep if it ran short since the last step: its maximum
-        after an OOM kill, its ``actual`` after it deflated itself; None if it did not."""
-        if killed:
-            return guest.max_kib
-        if auto_deflated(guest, self.params.auto_deflate_tolerance_kib):
-            return guest.actual_kib
-        return None
+        return now_s + self.params.oom_hold_s, max(guest.actual_kib, floor if now_s < until_s else 0)

@@ -53,7 +53,7 @@ def test_bursts_keep_the_largest_rise_and_a_kill_makes_it_the_maximum() -> None:
     assert b.warming_up(10.0, 60.0) and not b.warming_up(60.0, 60.0)
 
 
-@pytest.mark.parametrize("name", ["sla-floor", "free-page"])
+@pytest.mark.parametrize("name", ["sla-floor", "free-page", "pid"])
 def test_a_holding_policy_watches_first_keeps_room_for_bursts_and_never_squeezes_after_a_kill(name: str) -> None:
     """The policies that hold a balloon in: what a guest showed bounds what they take."""
     policy = registry.create(name)
