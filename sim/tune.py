@@ -84,17 +84,22 @@ SPACES: dict[str, tuple[Dim, ...]] = {
         Dim("filter_tau_s", 60.0, 172800.0),
         Dim("max_reclaim_step_kib", 16 * MIB, 1 * GIB, integer=True),
         Dim("warmup_s", 0.0, 86400.0),
+        Dim("burst_factor", 0.5, 4.0),
     ),
     "sla-floor": (
         Dim("reserve_pct", 0.0, 100.0),
         Dim("min_reserve_kib", 32 * MIB, 4 * GIB, integer=True),
         Dim("max_reclaim_step_kib", 16 * MIB, 1 * GIB, integer=True),
+        Dim("warmup_s", 0.0, 86400.0),
+        Dim("burst_factor", 0.5, 4.0),
     ),
     "free-page": (
         Dim("reserve_pct", 0.0, 100.0),
         Dim("min_reserve_kib", 32 * MIB, 4 * GIB, integer=True),
         Dim("min_gain_kib", 0.0, 2 * GIB, integer=True),
         Dim("max_reclaim_step_kib", 16 * MIB, 1 * GIB, integer=True),
+        Dim("warmup_s", 0.0, 86400.0),
+        Dim("burst_factor", 0.5, 4.0),
     ),
     "trim": (
         Dim("trim_interval_s", 600.0, 172800.0),

@@ -57,3 +57,13 @@ def test_size_params_take_the_config_size_syntax() -> None:
 def test_a_policy_without_params_refuses_them() -> None:
     with pytest.raises(registry.PolicyLoadError, match="takes no parameters, got: x"):
         registry.create("tests.helpers:Noop", {"x": 1})
+
+
+def test_every_tuning_dimension_is_a_parameter_its_policy_accepts() -> None:
+    from sim.tune import SPACES
+
+    for name, dims in SPACES.items():
+        params = registry.load_class(name).Params
+        for d in dims:
+            assert d.name in params.model_fields, f"{name}: {d.name}"
+            params.model_validate({d.name: int(d.high) if d.integer else d.high})
