@@ -93,6 +93,9 @@ class HostConfig(_Section):
     meminfo_path: Path = Path("/proc/meminfo")
     psi_memory_path: Path = Path("/proc/pressure/memory")
     ksm_dir: Path = Path("/sys/kernel/mm/ksm")
+    arcstats_path: Path = Field(
+        Path("/proc/spl/kstat/zfs/arcstats"), description="ZFS ARC kstat; absent on hosts without ZFS"
+    )
 
 
 class MqttConfig(_Section):

@@ -41,6 +41,7 @@ class HostMessage(_Message):
     psi_some_avg10: float | None
     psi_full_avg10: float | None
     ksm_sharing_kib: int
+    arc_reclaimable_kib: int = 0  # ZFS ARC above c_min: memory the host can take back from ZFS
 
     @classmethod
     def of(cls, h: HostSnapshot) -> HostMessage:
@@ -53,6 +54,7 @@ class HostMessage(_Message):
             psi_some_avg10=h.psi.some_avg10 if h.psi else None,
             psi_full_avg10=h.psi.full_avg10 if h.psi else None,
             ksm_sharing_kib=h.ksm_sharing_kib,
+            arc_reclaimable_kib=h.arc_reclaimable_kib,
         )
 
 

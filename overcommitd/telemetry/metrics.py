@@ -38,6 +38,11 @@ class Metrics:
         )
         self.libvirt_errors = Counter("overcommitd_libvirt_errors", "libvirt calls that failed", ["call"], registry=r)
         self.host_available = Gauge("overcommitd_host_available_bytes", "Host MemAvailable", registry=r)
+        self.host_arc_reclaimable = Gauge(
+            "overcommitd_host_zfs_arc_reclaimable_bytes",
+            "ZFS ARC above its minimum (size - c_min): not in MemAvailable, yet the host can drop it",
+            registry=r,
+        )
         self.host_psi_some = Gauge(
             "overcommitd_host_psi_memory_some_avg10", "Host PSI memory some avg10 (%)", registry=r
         )
@@ -56,6 +61,7 @@ class Metrics:
         self, host: HostSnapshot, guests: Sequence[GuestSnapshot], decisions: Sequence[Decision], applied: set[str]
     ) -> None:
         self.host_available.set(host.mem_available_kib * _KIB)
+        self.host_arc_reclaimable.set(host.arc_reclaimable_kib * _KIB)
         if host.psi is not None:
             self.host_psi_some.set(host.psi.some_avg10)
         now: set[tuple[str, str]] = set()
