@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,14 +14,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from overcommitd.config import DaemonConfig, KsmConfig
+from overcommitd.config import DaemonConfig, KsmConfig, MqttConfig
 from overcommitd.host import HostPaths, ProcHostReader
 from overcommitd.hypervisor.libvirt import LibvirtHypervisor
 from overcommitd.ksm import KsmController, KsmReading, KsmState, KsmSysfs, decide, sleep_ms
 from overcommitd.model import HostSnapshot
 from overcommitd.runner import Daemon
-from overcommitd.telemetry.messages import KsmMessage
+from overcommitd.telemetry.messages import HostMessage, KsmMessage
 from policies.testing import GIB, MIB
+from tests.mqtt_probe import Probe
+from tests.realguest.harness import Mosquitto
 from tests.test_runner import AUTO, config_text
 
 TOTAL_KIB = 64 * GIB
@@ -291,3 +294,27 @@ def test_on_this_hosts_ksm(real_ksm: Path) -> None:
     base = before.pages_to_scan if before.run == 1 else 0  # a start counts from 0, as ksmtuned does
     expected = before.pages_to_scan if before.advisor_scan_time else min(1250, max(64, base + 137))
     assert after.pages_to_scan == expected
+
+
+def test_ksm_and_the_arc_on_mqtt(tmp_path: Path, ksm_dir: Path, broker: Mosquitto) -> None:
+    """A real mosquitto: the retained ``ksm`` topic and the host message's ARC field."""
+    (tmp_path / "arc").write_text((Path(__file__).parent / "data" / "arcstats-at-max").read_text())
+    d = ksm_daemon(tmp_path, ksm_dir)
+    mqtt = f'enabled = true\nport = {broker.port}\nhost_id = "ksm{tmp_path.name[-6:]}"\n'
+    d.cfg = d.cfg.model_copy(update={"interval_s": 0.1, "mqtt": MqttConfig.model_validate(tomllib.loads(mqtt))})
+    base = f"overcommitd/{d.cfg.mqtt.host_id}"
+
+    async def scenario() -> tuple[KsmMessage, HostMessage]:
+        async with Probe(broker.port, f"{base}/#") as probe:
+            task = asyncio.create_task(d.run())
+            ksm = await probe.wait_for(lambda t, b: t == f"{base}/ksm", what="ksm message")
+            host = await probe.wait_for(lambda t, b: t == f"{base}/host", what="host message")
+            d.stopping.set()
+            await asyncio.wait_for(task, 30)
+        return KsmMessage.model_validate(ksm), HostMessage.model_validate(host)
+
+    ksm, host = asyncio.run(asyncio.wait_for(scenario(), 60))
+    # MemAvailable is 2 GiB of 64, but 30 GiB of ARC can go: not pressed, so KSM stays stopped.
+    assert (ksm.action, ksm.run, ksm.dry_run) == ("stop", 0, False)
+    assert ksm.free_kib == 2 * GIB + 31_498_240
+    assert host.arc_reclaimable_kib == 31_498_240
