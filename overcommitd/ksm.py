@@ -227,31 +227,42 @@ class KsmController:
     errors: Counter[str] = field(default_factory=Counter)
     writes_total: Counter[str] = field(default_factory=Counter)
     last: KsmStatus | None = None
+    _last_error: str | None = None
 
     def __post_init__(self) -> None:
         self.sysfs = KsmSysfs(self.cfg.sysfs_dir)
 
-    def tick(self, now_s: float, host: HostSnapshot, guest_memory_kib: int) -> KsmStatus:
+    def tick(self, now_s: float, host: HostSnapshot, guest_memory_kib: int, *, dry_run: bool = False) -> KsmStatus:
+        """One adjustment; ``dry_run`` (the daemon's own) adds to ``[ksm] dry_run``."""
+        dry = self.cfg.dry_run or dry_run
         reading: KsmReading | None = None
         decision: KsmDecision | None = None
         try:
             reading = self.sysfs.read()
             decision = decide(self.cfg, now_s, host, guest_memory_kib, reading, self.state, self.page_kib)
             if decision.writes.items():
-                self._apply(decision)
+                self._apply(decision, dry)
             self.state = decision.state  # after the writes: a failed one is retried next tick
         except KsmError as e:
-            self.errors["read" if decision is None else "write"] += 1
-            log.error("ksm: %s", e, extra={"event": "ksm-error"})
-            self.last = KsmStatus(reading, decision, self.cfg.dry_run, str(e))
+            self._failed("read" if decision is None else "write", str(e))
+            self.last = KsmStatus(reading, decision, dry, str(e))
             return self.last
-        self.last = KsmStatus(reading, decision, self.cfg.dry_run)
+        self._last_error = None
+        self.last = KsmStatus(reading, decision, dry)
         return self.last
 
-    def _apply(self, decision: KsmDecision) -> None:
+    def _failed(self, op: str, error: str) -> None:
+        """Counted every time; logged as an error once per new message (a missing
+        /sys/kernel/mm/ksm would otherwise fill the journal every tick)."""
+        self.errors[op] += 1
+        level = logging.DEBUG if error == self._last_error else logging.ERROR
+        log.log(level, "ksm: %s", error, extra={"event": "ksm-error"})
+        self._last_error = error
+
+    def _apply(self, decision: KsmDecision, dry_run: bool) -> None:
         what = ", ".join(f"{k}={v}" for k, v in decision.writes.items())
         extra = {"event": "ksm", "action": decision.action, "writes": dict(decision.writes.items())}
-        if self.cfg.dry_run:
+        if dry_run:
             log.info("ksm %s (dry-run, not written): %s; %s", decision.action, what, decision.reason, extra=extra)
             return
         log.info("ksm %s: %s; %s", decision.action, what, decision.reason, extra=extra)

@@ -132,12 +132,14 @@ class Daemon:
         return TickReport(guests, outcome, applied)
 
     async def _ksm_tick(self, host: HostSnapshot, guests: Sequence[GuestSnapshot]) -> None:
-        """One KSM adjustment, if enabled. Nothing it does can stop the balloon loop."""
+        """One KSM adjustment, if enabled; the daemon's dry-run holds for KSM too. Nothing it
+        does can stop the balloon loop."""
         if self.ksm is None:
             return
         ksm = self.ksm
         try:
-            status = await asyncio.to_thread(ksm.tick, time.monotonic(), host, sum(g.actual_kib for g in guests))
+            memory_kib = sum(g.actual_kib for g in guests)
+            status = await asyncio.to_thread(ksm.tick, time.monotonic(), host, memory_kib, dry_run=self.dry_run)
             self.metrics.observe_ksm(ksm)
             if self.mqtt is not None:
                 self.mqtt.offer(self.mqtt.topics.ksm, msg.KsmMessage.of(status), retain=True)
