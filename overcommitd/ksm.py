@@ -211,9 +211,10 @@ class KsmStatus:
     """What the controller last saw and did, for /metrics and MQTT."""
 
     reading: KsmReading | None
-    decision: KsmDecision | None
+    decision: KsmDecision | None  # this tick's; "wait" between adjustments
     dry_run: bool
     error: str | None = None
+    adjustment: KsmDecision | None = None  # the last decision that was not "wait"
 
 
 @dataclass
@@ -228,6 +229,7 @@ class KsmController:
     writes_total: Counter[str] = field(default_factory=Counter)
     last: KsmStatus | None = None
     _last_error: str | None = None
+    _adjustment: KsmDecision | None = None
 
     def __post_init__(self) -> None:
         self.sysfs = KsmSysfs(self.cfg.sysfs_dir)
@@ -245,10 +247,12 @@ class KsmController:
             self.state = decision.state  # after the writes: a failed one is retried next tick
         except KsmError as e:
             self._failed("read" if decision is None else "write", str(e))
-            self.last = KsmStatus(reading, decision, dry, str(e))
+            self.last = KsmStatus(reading, decision, dry, str(e), self._adjustment)
             return self.last
         self._last_error = None
-        self.last = KsmStatus(reading, decision, dry)
+        if decision.action != "wait":
+            self._adjustment = decision
+        self.last = KsmStatus(reading, decision, dry, None, self._adjustment)
         return self.last
 
     def _failed(self, op: str, error: str) -> None:

@@ -341,3 +341,12 @@ def test_any_sysfs_content_reads_or_is_a_ksm_error(text: str) -> None:
             assert "pages_sharing" in str(e)
             return
         assert reading.pages_sharing == int(text.strip())
+
+
+def test_between_adjustments_the_message_keeps_the_last_action(ksm_dir: Path) -> None:
+    c = controller(ksm_dir)
+    c.tick(0.0, PRESSED, FEW_GUESTS_KIB)
+    status = c.tick(10.0, PRESSED, FEW_GUESTS_KIB)
+    assert status.decision is not None and status.decision.action == "wait"
+    m = KsmMessage.of(status)
+    assert (m.action, m.run, m.pages_to_scan) == ("start", 1, 300)  # sysfs as read now, after the start

@@ -62,8 +62,8 @@ class HostMessage(_Message):
 
 
 class KsmMessage(_Message):
-    """KSM's sysfs values (pages) and what the controller last did; ``action`` is None
-    when it could not read sysfs (``error`` says why)."""
+    """KSM's sysfs values (pages) as last read and the controller's last adjustment
+    (``action`` None before the first one; ``error``: this tick's read or write failure)."""
 
     run: int | None
     pages_to_scan: int | None
@@ -80,7 +80,7 @@ class KsmMessage(_Message):
 
     @classmethod
     def of(cls, s: KsmStatus) -> KsmMessage:
-        r, d = s.reading, s.decision
+        r, d = s.reading, s.adjustment
         return cls(
             run=r.run if r else None,
             pages_to_scan=r.pages_to_scan if r else None,

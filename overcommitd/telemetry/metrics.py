@@ -76,9 +76,9 @@ class Metrics:
             for name in ("run", "pages_to_scan", "sleep_millisecs", "pages_shared", "pages_sharing", "full_scans"):
                 self.ksm.labels(name).set(getattr(r, name))
             self.ksm_saved.set(r.pages_sharing * ksm.page_kib * _KIB)
-        if status is not None and status.decision is not None and status.decision.action != "wait":
+        if status is not None and status.adjustment is not None:
             for action in ("hold", "start", "boost", "decay", "stop", "backoff"):
-                self.ksm_action.labels(action).set(1 if action == status.decision.action else 0)
+                self.ksm_action.labels(action).set(1 if action == status.adjustment.action else 0)
         for kind, counter, counts in (
             ("error", self.ksm_errors, ksm.errors),
             ("write", self.ksm_writes, ksm.writes_total),
