@@ -58,7 +58,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     logs.setup(args.log_format or cfg.runner.log_format, verbose=args.verbose)
-    host = ProcHostReader(HostPaths(cfg.host.meminfo_path, cfg.host.psi_memory_path, cfg.host.ksm_dir))
+    host = ProcHostReader(
+        HostPaths(cfg.host.meminfo_path, cfg.host.psi_memory_path, cfg.host.ksm_dir, cfg.host.arcstats_path)
+    )
     daemon = Daemon(
         cfg, LibvirtHypervisor(cfg.libvirt), host, config_path=args.config, cli_dry_run=args.dry_run or None
     )

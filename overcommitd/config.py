@@ -93,6 +93,9 @@ class HostConfig(_Section):
     meminfo_path: Path = Path("/proc/meminfo")
     psi_memory_path: Path = Path("/proc/pressure/memory")
     ksm_dir: Path = Path("/sys/kernel/mm/ksm")
+    arcstats_path: Path = Field(
+        Path("/proc/spl/kstat/zfs/arcstats"), description="ZFS ARC kstat; absent on hosts without ZFS"
+    )
 
 
 class MqttConfig(_Section):
@@ -131,6 +134,40 @@ class MetricsConfig(_Section):
     port: int = Field(9477, ge=0, le=65535, description="0 picks a free port")
 
 
+class KsmConfig(_Section):
+    """The KSM controller (overcommitd.ksm): starts, throttles and stops the kernel's
+    same-page merging from host pressure. Off unless ``enabled``; defaults are ksmtuned's
+    (/etc/ksmtuned.conf of Fedora/RHEL's ksmtuned) and oVirt MOM's doc/ksm.rules."""
+
+    enabled: bool = False
+    dry_run: bool = Field(False, description="log what would be written to sysfs, write nothing")
+    sysfs_dir: Path = Field(Path("/sys/kernel/mm/ksm"), description="KSM's sysfs directory (tests point elsewhere)")
+    adjust_interval_s: float = Field(60.0, gt=0, description="time between adjustments (KSM_MONITOR_INTERVAL)")
+    threshold_pct: float = Field(20.0, gt=0, le=100, description="free memory below this % of RAM is pressure")
+    threshold_min_kib: Kib = Field(2048, ge=0, description="the pressure threshold at least (KSM_THRES_CONST)")
+    count_arc: bool = Field(True, description="count the ZFS ARC above c_min as free memory")
+    npages_boost: int = Field(300, ge=0, description="pages_to_scan added per adjustment under pressure")
+    npages_decay: int = Field(50, ge=0, description="pages_to_scan removed per adjustment without pressure")
+    npages_min: int = Field(64, ge=1, description="lowest pages_to_scan while running")
+    npages_max: int = Field(1250, ge=1, description="highest pages_to_scan")
+    sleep_ms_per_16gib: int = Field(10, ge=0, description="sleep_millisecs for a 16 GiB host, scaled by 16 GiB / RAM")
+    sleep_ms_min: int = Field(10, ge=0, description="lowest sleep_millisecs written")
+    sleep_ms_max: int = Field(1000, ge=1, description="highest sleep_millisecs written")
+    min_saved_kib: Kib = Field(
+        128 * 1024, ge=0, description="back off when full scans have shared less than this (pages_sharing)"
+    )
+    judge_after_full_scans: int = Field(2, ge=1, description="full scans since start before sharing is judged")
+    backoff_s: float = Field(3600.0, ge=0, description="how long KSM stays stopped after an unproductive run")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> KsmConfig:
+        if self.npages_min > self.npages_max:
+            raise ValueError(f"npages_min(={self.npages_min}) must be <= npages_max(={self.npages_max})")
+        if self.sleep_ms_min > self.sleep_ms_max:
+            raise ValueError(f"sleep_ms_min(={self.sleep_ms_min}) must be <= sleep_ms_max(={self.sleep_ms_max})")
+        return self
+
+
 class RunnerConfig(_Section):
     """How the daemon runs."""
 
@@ -150,6 +187,7 @@ class DaemonConfig(_Section):
     host: HostConfig = Field(default_factory=HostConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    ksm: KsmConfig = Field(default_factory=KsmConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     @classmethod

@@ -101,7 +101,14 @@ class PsiMemory:
 
 @dataclass(frozen=True, slots=True)
 class HostSnapshot:
-    """The hypervisor host's memory at one instant (``/proc/meminfo``, PSI, KSM)."""
+    """The hypervisor host's memory at one instant (``/proc/meminfo``, PSI, KSM, ZFS ARC).
+
+    ``arc_reclaimable_kib`` is kept apart from MemAvailable on purpose: the kernel counts
+    ZFS's ARC as used (it is not page cache), yet the ARC shrinks to ``c_min`` when the
+    host needs the memory. A policy that wants host headroom as the host could make it
+    reads ``available_with_arc_kib``; a baseline that reproduces a tool which does not
+    know the ARC keeps reading ``mem_available_kib``.
+    """
 
     taken_at_s: float
     mem_total_kib: int
@@ -110,8 +117,11 @@ class HostSnapshot:
     swap_free_kib: int = 0
     psi: PsiMemory | None = None  # None: the kernel has no PSI (older than 4.20 or CONFIG_PSI=n)
     ksm_sharing_kib: int = 0  # memory KSM saves: pages_sharing x page size
+    arc_reclaimable_kib: int = 0  # ZFS ARC above its minimum (size - c_min); 0 without ZFS
 
     def __post_init__(self) -> None:
+        if self.arc_reclaimable_kib < 0:
+            raise ValueError(f"arc_reclaimable_kib(={self.arc_reclaimable_kib}) must be >= 0")
         if self.mem_total_kib <= 0:
             raise ValueError(f"mem_total_kib(={self.mem_total_kib}) must be > 0")
         if not 0 <= self.mem_available_kib <= self.mem_total_kib:
@@ -126,6 +136,19 @@ class HostSnapshot:
     @property
     def available_fraction(self) -> float:
         return self.mem_available_kib / self.mem_total_kib
+
+    @property
+    def available_with_arc_kib(self) -> int:
+        """MemAvailable plus the ARC the host could drop, at most MemTotal."""
+        return min(self.mem_available_kib + self.arc_reclaimable_kib, self.mem_total_kib)
+
+    def available_kib(self, *, count_arc: bool) -> int:
+        """MemAvailable, with or without the reclaimable ARC: the one switch policies use."""
+        return self.available_with_arc_kib if count_arc else self.mem_available_kib
+
+    def used_kib_counting_arc(self, count_arc: bool) -> int:
+        """MemTotal minus ``available_kib(count_arc=...)``."""
+        return self.mem_total_kib - self.available_kib(count_arc=count_arc)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from overcommitd.config import ConfigError, DaemonConfig, GuestOverride
 from overcommitd.host import HostError
 from overcommitd.hypervisor import HostReader, Hypervisor, HypervisorError
+from overcommitd.ksm import KsmController
 from overcommitd.loop import LoopState, StepOutcome, apply, step
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from overcommitd.sdnotify import Notifier
@@ -98,6 +99,8 @@ class Daemon:
         self.reload_requested = False
         self._hv_lock = asyncio.Lock()  # one hypervisor call sequence at a time: tick or command
         self._errors_seen: Counter[str] = Counter()
+        self.ksm = KsmController(cfg.ksm) if cfg.ksm.enabled else None
+        self.ksm_failures = 0  # unexpected errors of the KSM controller, beside its own counted ones
 
     # -- one tick ---------------------------------------------------------------------------
 
@@ -119,6 +122,7 @@ class Daemon:
             log.warning("tick skipped, every guest held: %s", e, extra={"event": "tick-skipped"})
             return TickReport(error=str(e))
         self.last_guests = guests
+        await self._ksm_tick(host, guests)
         outcome = step(host.taken_at_s, host, guests, self.policy, self.state, self._effective_cfg(guests))
         self.state = outcome.state
         applied: frozenset[str] = frozenset()
@@ -126,6 +130,22 @@ class Daemon:
             applied = frozenset(await asyncio.to_thread(apply, self.hv, outcome.decisions))
         self._publish(host, guests, outcome, applied)
         return TickReport(guests, outcome, applied)
+
+    async def _ksm_tick(self, host: HostSnapshot, guests: Sequence[GuestSnapshot]) -> None:
+        """One KSM adjustment, if enabled; the daemon's dry-run holds for KSM too. Nothing it
+        does can stop the balloon loop."""
+        if self.ksm is None:
+            return
+        ksm = self.ksm
+        try:
+            memory_kib = sum(g.actual_kib for g in guests)
+            status = await asyncio.to_thread(ksm.tick, time.monotonic(), host, memory_kib, dry_run=self.dry_run)
+            self.metrics.observe_ksm(ksm)
+            if self.mqtt is not None:
+                self.mqtt.offer(self.mqtt.topics.ksm, msg.KsmMessage.of(status), retain=True)
+        except Exception:  # a bug in the optional controller must not cost the guests their tick
+            self.ksm_failures += 1
+            log.exception("ksm controller failed; balloon control goes on", extra={"event": "ksm-error"})
 
     def _effective_cfg(self, guests: Sequence[GuestSnapshot]) -> DaemonConfig:
         """The config with guests paused by command excluded (keeping their other overrides)."""
@@ -280,6 +300,8 @@ class Daemon:
         for section in ("libvirt", "mqtt", "metrics", "host"):
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("[%s] changed: takes effect after a restart", section)
+        if new.ksm != self.cfg.ksm:
+            self.ksm = KsmController(new.ksm) if new.ksm.enabled else None
         self.cfg = new
         if self.cli_dry_run is None:
             self.dry_run = new.runner.dry_run

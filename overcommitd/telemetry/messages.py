@@ -6,6 +6,8 @@ Topics, under ``<prefix>/<host_id>/``:
 * ``status`` (retained): :class:`StatusMessage`; the broker publishes the last will,
   ``online: false``, when the daemon dies without saying goodbye;
 * ``host`` (retained): :class:`HostMessage`, the host snapshot of the last tick;
+* ``ksm`` (retained, only with ``[ksm] enabled``): :class:`KsmMessage`, the KSM
+  controller's reading and last adjustment;
 * ``guests/<name>/snapshot`` and ``guests/<name>/decision``: :class:`GuestMessage`,
   :class:`DecisionMessage`, every tick; ``guests/<name>/event``: :class:`GuestEventMessage`,
   as libvirt reports them;
@@ -18,6 +20,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from overcommitd.ksm import KsmStatus
 from overcommitd.model import Decision, GuestSnapshot, HostSnapshot, Kib
 
 
@@ -41,6 +44,7 @@ class HostMessage(_Message):
     psi_some_avg10: float | None
     psi_full_avg10: float | None
     ksm_sharing_kib: int
+    arc_reclaimable_kib: int = 0  # ZFS ARC above c_min: memory the host can take back from ZFS
 
     @classmethod
     def of(cls, h: HostSnapshot) -> HostMessage:
@@ -53,6 +57,43 @@ class HostMessage(_Message):
             psi_some_avg10=h.psi.some_avg10 if h.psi else None,
             psi_full_avg10=h.psi.full_avg10 if h.psi else None,
             ksm_sharing_kib=h.ksm_sharing_kib,
+            arc_reclaimable_kib=h.arc_reclaimable_kib,
+        )
+
+
+class KsmMessage(_Message):
+    """KSM's sysfs values (pages) as last read and the controller's last adjustment
+    (``action`` None before the first one; ``error``: this tick's read or write failure)."""
+
+    run: int | None
+    pages_to_scan: int | None
+    sleep_millisecs: int | None
+    pages_shared: int | None
+    pages_sharing: int | None
+    full_scans: int | None
+    action: str | None
+    reason: str | None
+    free_kib: int | None
+    threshold_kib: int | None
+    dry_run: bool
+    error: str | None = None
+
+    @classmethod
+    def of(cls, s: KsmStatus) -> KsmMessage:
+        r, d = s.reading, s.adjustment
+        return cls(
+            run=r.run if r else None,
+            pages_to_scan=r.pages_to_scan if r else None,
+            sleep_millisecs=r.sleep_millisecs if r else None,
+            pages_shared=r.pages_shared if r else None,
+            pages_sharing=r.pages_sharing if r else None,
+            full_scans=r.full_scans if r else None,
+            action=d.action if d else None,
+            reason=d.reason if d else None,
+            free_kib=d.free_kib if d else None,
+            threshold_kib=d.threshold_kib if d else None,
+            dry_run=s.dry_run,
+            error=s.error,
         )
 
 
