@@ -67,7 +67,7 @@ class ReplayResult:
 
 
 def load_traces(spec: ReplaySpec) -> list[trace_io.Trace]:
-    return [trace_io.load(p, machine_kib=spec.machine_kib) for p in trace_io.expand(list(spec.traces))]
+    return trace_io.load_all(list(spec.traces), machine_kib=spec.machine_kib)
 
 
 def build_guests(spec: ReplaySpec, loaded: Sequence[trace_io.Trace]) -> tuple[list[GuestSpec], Workload]:
