@@ -32,10 +32,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from overcommitd import traceformat as tf
-from sim.traces import DEFAULT_MAX_GAP_S, Trace, TraceError, stitch
+from sim.traces import DEFAULT_MAX_GAP_S, Trace, TraceError, clock_notes, stitch
 
 F64 = npt.NDArray[np.float64]
-GAP_HOLD_FACTOR = 2.0  # a gap over twice the median period is reported as held
 _LINE_END = re.compile(rb"\r\n|\n|\r")  # what pyarrow's CSV parser ends a line at
 
 
@@ -310,7 +309,7 @@ class _GuestRows:
         optional = {n: self._series(n) for n in (tf.CACHE_KIB, tf.DISK_READ_KIB_S, tf.DISK_WRITE_KIB_S)}
         present = tuple(n for n in tf.OPTIONAL_COLUMNS if n in self.values and np.isfinite(self.values[n]).any())
         t_s, keep, cut = stitch(self.time_s, max_gap_s)
-        self._clock_notes(t_s, keep, cut, max_gap_s)
+        self.notes += clock_notes(self.time_s, keep, cut, max_gap_s, lambda i: self.where(int(self.rows[i])))
         cache = optional[tf.CACHE_KIB]
         reads, writes = optional[tf.DISK_READ_KIB_S], optional[tf.DISK_WRITE_KIB_S]
         return Trace(
@@ -374,28 +373,3 @@ class _GuestRows:
         first = int(np.flatnonzero(valid)[0])
         idx[:first] = first
         return v[idx]
-
-    def _clock_notes(self, t_s: F64, keep: npt.NDArray[np.bool_], cut: int, max_gap_s: float) -> None:
-        dups = ~keep
-        if dups.any():
-            self.notes.append(
-                f"{int(dups.sum())} duplicate timestamp(s) (first at {self._at(dups)}): kept the first row of each"
-            )
-        dt = np.diff(self.time_s[keep])
-        if not len(dt):
-            return
-        period = float(np.median(dt))
-        held = (dt > GAP_HOLD_FACTOR * period) & (dt <= max_gap_s)
-        if held.any():
-            self.notes.append(
-                f"{int(held.sum())} gap(s) over {GAP_HOLD_FACTOR:g}x the {period:g} s period, "
-                f"longest {float(dt[held].max()):g} s: the last sample holds through each"
-            )
-        if cut:
-            kept_rows = np.flatnonzero(keep)
-            first = int(kept_rows[int(np.flatnonzero(dt > max_gap_s)[0]) + 1])
-            self.notes.append(
-                f"{cut} gap(s) longer than {max_gap_s:g} s (first before "
-                f"{self.where(int(self.rows[first]))}, longest {float(dt.max()):g} s): cut out, "
-                "the clock is stitched"
-            )

@@ -54,6 +54,7 @@ BUNDLED_DIR = Path(__file__).parent / "data" / "traces"
 DEFAULT_MACHINE_KIB = 512 * 1024 * 1024
 DEFAULT_MAX_GAP_S = 3600.0
 SIZE_ROUND_KIB = 128 * 1024
+GAP_HOLD_FACTOR = 2.0  # a gap over twice the median period is reported as held
 
 BITBRAINS_TIME = "Timestamp [ms]"
 BITBRAINS_USAGE = "Memory usage [KB]"
@@ -171,12 +172,12 @@ def sniff(path: Path) -> TraceKind:
             if magic == b"PAR1":
                 return "overcommitd"
             f.seek(0)
-            raw: IO[bytes] = gzip.GzipFile(fileobj=f) if magic[:2] == b"\x1f\x8b" else f
+            raw: IO[bytes] = gzip.GzipFile(fileobj=f) if magic[:2] == b"\x1f\x8b" else f  # type: ignore[assignment]
             first = raw.readline(65536).decode("utf-8", errors="replace")
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise TraceError(f"{path}: cannot read: {e}") from e
     names = [n.strip().strip('"') for n in first.strip().split(",")]
-    if all(c in names for c in traceformat.REQUIRED_COLUMNS):
+    if any(c in names for c in traceformat.REQUIRED_COLUMNS):  # the reader names any missing one
         return "overcommitd"
     if first.startswith("Timestamp") and BITBRAINS_USAGE in first:
         return "bitbrains"
@@ -225,6 +226,7 @@ def load_raw(path: Path, *, machine_kib: int = DEFAULT_MACHINE_KIB) -> RawSeries
 def finish(raw: RawSeries, max_gap_s: float) -> Trace:
     """Stitch the clock (duplicates dropped, long gaps cut) and keep the matching rows."""
     t_s, keep, cut = stitch(raw.time_s, max_gap_s)
+    notes = clock_notes(raw.time_s, keep, cut, max_gap_s, lambda i: f"{raw.name} time {raw.time_s[i]:.0f}")
     return Trace(
         raw.name,
         raw.source,
@@ -234,6 +236,7 @@ def finish(raw: RawSeries, max_gap_s: float) -> Trace:
         None if raw.disk_read_kib_s is None else raw.disk_read_kib_s[keep],
         None if raw.disk_write_kib_s is None else raw.disk_write_kib_s[keep],
         cut,
+        notes=tuple(notes),
     )
 
 
@@ -345,6 +348,39 @@ def stitch(
     long_gaps = dt > max_gap_s
     dt[long_gaps] = step
     return np.concatenate(([0.0], np.cumsum(dt))), keep, int(long_gaps.sum())
+
+
+def clock_notes(
+    time_s: npt.NDArray[np.float64],
+    keep: npt.NDArray[np.bool_],
+    cut: int,
+    max_gap_s: float,
+    where: Callable[[int], str],
+) -> list[str]:
+    """What ``stitch`` did, in words: duplicates dropped, short gaps held, long ones cut.
+    ``where(i)`` names the place of sorted row ``i`` in its file."""
+    notes = []
+    dups = np.flatnonzero(~keep)
+    if len(dups):
+        notes.append(f"{len(dups)} duplicate timestamp(s) (first at {where(int(dups[0]))}): kept the first row of each")
+    kept = np.flatnonzero(keep)
+    dt = np.diff(time_s[kept])
+    if not len(dt):
+        return notes
+    period = float(np.median(dt))
+    held = (dt > GAP_HOLD_FACTOR * period) & (dt <= max_gap_s)
+    if held.any():
+        notes.append(
+            f"{int(held.sum())} gap(s) over {GAP_HOLD_FACTOR:g}x the {period:g} s period, "
+            f"longest {float(dt[held].max()):g} s: the last sample holds through each"
+        )
+    if cut:
+        first = int(kept[int(np.flatnonzero(dt > max_gap_s)[0]) + 1])
+        notes.append(
+            f"{cut} gap(s) longer than {max_gap_s:g} s (first ending at {where(first)}, "
+            f"longest {float(dt.max()):g} s): cut out, the clock is stitched"
+        )
+    return notes
 
 
 def _round_up(kib: float) -> int:
