@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import gzip
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class _File:
     data: bytes | None = None  # CSV text, for line numbers; None for Parquet
     group_rows: tuple[int, ...] = ()  # Parquet: rows per row group
     ignored: tuple[str, ...] = ()  # columns the format does not define
+    notes: tuple[str, ...] = ()  # about the whole file (a torn gzip tail)
     _lines: npt.NDArray[np.int64] | None = field(default=None, repr=False)
 
     def where(self, row: int) -> str:
@@ -65,6 +67,7 @@ def read(paths: Sequence[Path], *, max_gap_s: float = DEFAULT_MAX_GAP_S) -> list
     files = [_read_file(p) for p in paths]
     unknown = sorted({c for f in files for c in f.ignored})
     common = [f"columns not in the format, ignored: {', '.join(unknown)}"] if unknown else []
+    common += [n for f in files for n in f.notes]
     return _Rows(files).traces(max_gap_s, common)
 
 
@@ -78,11 +81,44 @@ def _read_file(path: Path) -> _File:
         raise TraceError(f"{path}: cannot read: {e}") from e
     if raw[:4] == b"PAR1":
         return _read_parquet(path)
+    if raw[:2] != b"\x1f\x8b":
+        return _read_csv(path, raw)
     try:
-        data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise TraceError(f"{path}: cannot decompress: {e}") from e
-    return _read_csv(path, data)
+        return _read_csv(path, gzip.decompress(raw))
+    except (OSError, EOFError, zlib.error):
+        data, note = _gunzip_complete_members(path, raw)
+        f = _read_csv(path, data)
+        f.notes = (note,)
+        return f
+
+
+def _gunzip_complete_members(path: Path, raw: bytes) -> tuple[bytes, str]:
+    """The complete gzip members of a file whose tail is torn or corrupt.
+
+    ``overcommitd record`` writes one gzip member per interval (``overcommitd.hourly``),
+    so a recording cut short by power loss or a full disk ends in a partial member; the
+    members before it are whole intervals and are kept. Raises if no member is whole.
+    """
+    out: list[bytes] = []
+    view, pos = memoryview(raw), 0
+    while pos < len(raw):
+        d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # zlib: 16+ = gzip header and trailer
+        try:
+            chunk = d.decompress(view[pos:])
+        except zlib.error as e:
+            if not out:
+                raise TraceError(f"{path}: cannot decompress: {e}") from None
+            break
+        if not d.eof:
+            break
+        out.append(chunk)
+        pos = len(raw) - len(d.unused_data)
+    if not out:
+        raise TraceError(f"{path}: cannot decompress: no complete gzip member")
+    return b"".join(out), (
+        f"{path}: the last {len(raw) - pos} bytes are not a complete gzip member (a recording cut short?): "
+        "ignored, the rows before them are read"
+    )
 
 
 def _header(path: Path, data: bytes) -> list[str]:

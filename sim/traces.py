@@ -150,13 +150,12 @@ def load_all(
     files = expand(paths)
     kinds = [sniff(f) for f in files]
     own = [f for f, k in zip(files, kinds, strict=True) if k == "overcommitd"]
-    out = [
-        load(f, machine_kib=machine_kib, max_gap_s=max_gap_s)
-        for f, k in zip(files, kinds, strict=True)
-        if k != "overcommitd"
-    ]
-    if own:
-        out.extend(trace_reader.read(own, max_gap_s=max_gap_s))
+    out: list[Trace] = []
+    for f, kind in zip(files, kinds, strict=True):
+        if kind != "overcommitd":
+            out.append(load(f, machine_kib=machine_kib, max_gap_s=max_gap_s))
+        elif f == own[0]:  # every guest of the documented format where its first file is
+            out.extend(trace_reader.read(own, max_gap_s=max_gap_s))
     return out
 
 

@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from overcommitd import traceformat as tf
 from overcommitd.cli import main
 from overcommitd.config import DaemonConfig
 from policies import registry
@@ -312,9 +311,7 @@ def test_info_figures_on_a_hand_made_trace(tmp_path: Path) -> None:
 def test_largest_rise_matches_brute_force(steps: list[tuple[int, int]]) -> None:
     t = np.cumsum([s for s, _ in steps]).astype(np.float64)
     v = np.array([x for _, x in steps], dtype=np.int64)
-    brute = max(
-        [int(v[j] - v[i]) for i in range(len(v)) for j in range(i, len(v)) if t[j] - t[i] <= 3600] + [0]
-    )
+    brute = max([int(v[j] - v[i]) for i in range(len(v)) for j in range(i, len(v)) if t[j] - t[i] <= 3600] + [0])
     assert largest_rise(t, v, 3600.0) == brute
 
 
@@ -367,7 +364,10 @@ def test_materna_layout_is_read_like_bitbrains(tmp_path: Path) -> None:
         "Memory capacity provisioned [KB];Memory usage [KB];Disk read throughput [KB/s];"
         "Disk write throughput [KB/s];Network received throughput [KB/s];Network transmitted throughput [KB/s]"
     )
-    rows = ["01.01.2016 00:00:00;2;4000;10;0.5;1048576;1000;1.0;2.0;0;0", "01.01.2016 00:05:00;2;4000;10;0.5;1048576;2000;3.0;4.0;0;0"]
+    rows = [
+        "01.01.2016 00:00:00;2;4000;10;0.5;1048576;1000;1.0;2.0;0;0",
+        "01.01.2016 00:05:00;2;4000;10;0.5;1048576;2000;3.0;4.0;0;0",
+    ]
     path = write(tmp_path / "1.csv", [header, *rows])
     t = traces.load(path)
     assert t.t_s.tolist() == [0.0, 300.0] and t.demand_kib.tolist() == [1000, 2000]
@@ -375,3 +375,30 @@ def test_materna_layout_is_read_like_bitbrains(tmp_path: Path) -> None:
     out = convert("materna", [path], tmp_path / "out").out
     (back,) = traces.load_all([out])
     assert same_trace(t, back)
+
+
+def test_a_torn_gzip_tail_keeps_the_whole_members_before_it(tmp_path: Path) -> None:
+    # overcommitd record writes a gzip member per interval; power loss can tear the last one
+    members = [gzip.compress(f"{HEADER}\n0,a,10,1\n".encode()), gzip.compress(b"10,a,10,2\n")]
+    torn = gzip.compress(b"20,a,10,3\n")[:-6]
+    path = tmp_path / "guests-2026-12-01T00.csv.gz"
+    path.write_bytes(b"".join(members) + torn)
+    (t,) = traces.load_all([tmp_path])
+    assert t.demand_kib.tolist() == [1, 2]
+    assert t.notes == (
+        (
+            f"{path}: the last {len(torn)} bytes are not a complete gzip member (a recording cut "
+            "short?): ignored, the rows before them are read"
+        ),
+    )
+    path.write_bytes(members[0][:-6])  # not one whole member
+    with pytest.raises(traces.TraceError, match="guests-2026-12-01T00.csv.gz: cannot decompress"):
+        traces.load_all([path])
+
+
+def test_mixed_formats_keep_the_order_given(tmp_path: Path) -> None:
+    google = traces.BUNDLED_DIR / "google2019-instance-usage"
+    ours = write(tmp_path / "g.csv", [HEADER, "0,mine,10,1", "10,mine,10,2"])
+    got = traces.load_all([ours, google])
+    assert [t.source for t in got] == ["overcommitd", "google2019", "google2019", "google2019"]
+    assert [t.source for t in traces.load_all([google, ours])][-1] == "overcommitd"
