@@ -12,7 +12,9 @@ interpreted, each with a note on the guest's Trace: a NaN, infinite or negative 
 holds the guest's previous valid sample; ``used_kib`` above the size is capped at it;
 ``provisioned_kib`` that changes makes the size the largest; duplicate timestamps keep the
 first row; gaps longer than ``max_gap_s`` are cut, shorter ones hold the last sample.
-Columns the format does not define are ignored, with a note.
+Columns the format does not define are ignored, with a note; the optional columns the
+replay does not use (swap rates, actual_kib, deflate_on_oom, stat_*) are named in
+``Trace.columns`` but not parsed.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class _File:
     data: bytes | None = None  # CSV text, for line numbers; None for Parquet
     group_rows: tuple[int, ...] = ()  # Parquet: rows per row group
     ignored: tuple[str, ...] = ()  # columns the format does not define
+    listed: tuple[str, ...] = ()  # optional columns the replay does not use: named, not parsed
     notes: tuple[str, ...] = ()  # about the whole file (a torn gzip tail)
     _lines: npt.NDArray[np.int64] | None = field(default=None, repr=False)
 
@@ -68,7 +71,8 @@ def read(paths: Sequence[Path], *, max_gap_s: float = DEFAULT_MAX_GAP_S) -> list
     unknown = sorted({c for f in files for c in f.ignored})
     common = [f"columns not in the format, ignored: {', '.join(unknown)}"] if unknown else []
     common += [n for f in files for n in f.notes]
-    return _Rows(files).traces(max_gap_s, common)
+    listed = {c for f in files for c in f.listed}
+    return _Rows(files).traces(max_gap_s, common, listed)
 
 
 # ---------------------------------------------------------------------------- files
@@ -140,8 +144,20 @@ def _header(path: Path, data: bytes) -> list[str]:
     return names
 
 
+# The columns the replay uses, parsed and checked. The other optional ones (swap rates,
+# actual, deflate_on_oom, stat_*) are only named in Trace.columns: parsing 20 more
+# numeric columns would triple the load time of a recording for nothing.
+PARSED_COLUMNS = (*tf.REQUIRED_COLUMNS, tf.CACHE_KIB, tf.DISK_READ_KIB_S, tf.DISK_WRITE_KIB_S)
+
+
 def _types(names: Sequence[str]) -> dict[str, pa.DataType]:
-    return {n: (pa.string() if n == tf.GUEST else pa.float64()) for n in names if n in tf.GUEST_COLUMNS}
+    return {n: (pa.string() if n == tf.GUEST else pa.float64()) for n in names if n in PARSED_COLUMNS}
+
+
+def _unparsed(names: Sequence[str], types: dict[str, pa.DataType]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(columns the format does not define, optional columns named but not parsed)."""
+    ignored = tuple(n for n in names if n not in tf.GUEST_COLUMNS)
+    return ignored, tuple(n for n in names if n in tf.GUEST_COLUMNS and n not in types)
 
 
 def _read_csv(path: Path, data: bytes) -> _File:
@@ -152,7 +168,8 @@ def _read_csv(path: Path, data: bytes) -> _File:
         table = pacsv.read_csv(pa.py_buffer(data), convert_options=opts)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
         raise _diagnose_csv(path, data, names, types, e) from None
-    return _File(path, table, data, ignored=tuple(n for n in names if n not in types))
+    ignored, listed = _unparsed(names, types)
+    return _File(path, table, data, ignored=ignored, listed=listed)
 
 
 def _diagnose_csv(path: Path, data: bytes, names: list[str], types: dict[str, pa.DataType], e: Exception) -> TraceError:
@@ -245,8 +262,8 @@ def _read_parquet(path: Path) -> _File:
             raise TraceError(f"{path}: row group {g}: cannot read: {e}") from e
         groups.append(_convert_group(path, g, table, types))
     table = pa.concat_tables(groups) if groups else pa.table({n: pa.array([], t) for n, t in types.items()})
-    ignored = tuple(n for n in names if n not in types)
-    return _File(path, table, None, tuple(len(t) for t in groups), ignored)
+    ignored, listed = _unparsed(names, types)
+    return _File(path, table, None, tuple(len(t) for t in groups), ignored=ignored, listed=listed)
 
 
 def _convert_group(path: Path, g: int, table: pa.Table, types: dict[str, pa.DataType]) -> pa.Table:
@@ -284,7 +301,7 @@ class _Rows:
     def _values(self, name: str) -> F64:
         return np.asarray(self.table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
 
-    def traces(self, max_gap_s: float, common: list[str]) -> list[Trace]:
+    def traces(self, max_gap_s: float, common: list[str], listed: set[str]) -> list[Trace]:
         if len(self.table) == 0:
             raise TraceError(f"{self.files[0].path}:2: no data rows: expected one row per guest per sample")
         time_s = self._values(tf.TIME_S)
@@ -312,7 +329,7 @@ class _Rows:
             out.append(
                 _GuestRows(
                     str(names[g]), rows, time_s[rows], {n: v[rows] for n, v in values.items()}, self.where
-                ).trace(max_gap_s, common)
+                ).trace(max_gap_s, common, listed)
             )
         return out
 
@@ -331,7 +348,7 @@ class _GuestRows:
     def _at(self, mask: npt.NDArray[np.bool_]) -> str:
         return self.where(int(self.rows[int(np.flatnonzero(mask)[0])]))
 
-    def trace(self, max_gap_s: float, common: list[str]) -> Trace:
+    def trace(self, max_gap_s: float, common: list[str], listed: set[str]) -> Trace:
         size_kib = self._size()
         used = self._series(tf.USED_KIB, required=True)
         assert used is not None
@@ -343,7 +360,9 @@ class _GuestRows:
             )
             used = np.minimum(used, size_kib)
         optional = {n: self._series(n) for n in (tf.CACHE_KIB, tf.DISK_READ_KIB_S, tf.DISK_WRITE_KIB_S)}
-        present = tuple(n for n in tf.OPTIONAL_COLUMNS if n in self.values and np.isfinite(self.values[n]).any())
+        present = tuple(
+            n for n in tf.OPTIONAL_COLUMNS if n in listed or (n in self.values and np.isfinite(self.values[n]).any())
+        )
         t_s, keep, cut = stitch(self.time_s, max_gap_s)
         self.notes += clock_notes(self.time_s, keep, cut, max_gap_s, lambda i: self.where(int(self.rows[i])))
         cache = optional[tf.CACHE_KIB]
