@@ -157,7 +157,7 @@ def format_info(info: TraceInfo) -> str:
             f"{g.name[-28:]:<28} {g.source:<11} {g.samples:>7} {_dur(g.span_s):>8} {g.period_s:>6.0f}s "
             f"{f'{g.gaps_held}+{g.gaps_cut}cut':>9} {_mib(g.size_kib):>9} {_mib(g.use_p50_kib):>9} "
             f"{_mib(g.use_p95_kib):>9} {_mib(g.use_max_kib):>9} {_mib(g.rise_sample_kib):>9} "
-            f"{_mib(g.rise_hour_kib):>9}  {','.join(g.columns) or '-'}"
+            f"{_mib(g.rise_hour_kib):>9}  {_columns(g.columns)}"
         )
     o = info.overall
     lines += [
@@ -181,6 +181,13 @@ def format_info(info: TraceInfo) -> str:
         lines += ["", f"notes from loading ({len(noted)} guests):"]
         lines += [f"  {g.name}: {n}" for g in noted for n in g.notes]
     return "\n".join(lines)
+
+
+def _columns(names: tuple[str, ...]) -> str:
+    """Optional columns, the raw balloon stats counted rather than listed (``--json`` lists them)."""
+    stats = [n for n in names if n.startswith("stat_")]
+    shown = [n for n in names if not n.startswith("stat_")] + ([f"stat_*({len(stats)})"] if stats else [])
+    return ",".join(shown) or "-"
 
 
 def _mib(kib: int) -> str:

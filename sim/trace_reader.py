@@ -38,6 +38,8 @@ from overcommitd import traceformat as tf
 from sim.traces import DEFAULT_MAX_GAP_S, Trace, TraceError, clock_notes, stitch
 
 F64 = npt.NDArray[np.float64]
+MAX_SIZE_KIB = 1 << 40  # 1 PiB: a guest size beyond it is a bad value, and KiB stay within int64
+MAX_TIME_S = 1e12  # ~31 700 years either side of the origin: beyond it a time is a bad value
 _LINE_END = re.compile(rb"\r\n|\n|\r")  # what pyarrow's CSV parser ends a line at
 
 
@@ -305,10 +307,12 @@ class _Rows:
         if len(self.table) == 0:
             raise TraceError(f"{self.files[0].path}:2: no data rows: expected one row per guest per sample")
         time_s = self._values(tf.TIME_S)
-        bad_time = np.flatnonzero(~np.isfinite(time_s))
+        bad_time = np.flatnonzero(~(np.abs(time_s) <= MAX_TIME_S))
         if len(bad_time):
+            i = int(bad_time[0])
+            found = "none" if np.isnan(time_s[i]) else f"{time_s[i]:g}"
             raise TraceError(
-                f"{self.where(int(bad_time[0]))}: column {tf.TIME_S}: expected a time in seconds, found none"
+                f"{self.where(i)}: column {tf.TIME_S}: expected a time in seconds within ±{MAX_TIME_S:g}, found {found}"
             )
         guest_col = self.table.column(tf.GUEST).combine_chunks()
         encoded = pc.dictionary_encode(guest_col)
@@ -376,22 +380,22 @@ class _GuestRows:
             None if reads is None else reads[keep],
             None if writes is None else writes[keep],
             cut,
-            cache_kib=None if cache is None else cache[keep].astype(np.int64),
+            cache_kib=None if cache is None else np.minimum(cache[keep], size_kib).astype(np.int64),
             notes=(*common, *self.notes),
             columns=present,
         )
 
     def _size(self) -> int:
         prov = self.values[tf.PROVISIONED_KIB]
-        valid = np.isfinite(prov) & (prov > 0)
+        valid = (prov > 0) & (prov <= MAX_SIZE_KIB)
         if not valid.any():
             raise TraceError(
-                f"{self.where(int(self.rows[0]))}: guest {self.name!r}: no {tf.PROVISIONED_KIB} > 0 "
+                f"{self.where(int(self.rows[0]))}: guest {self.name!r}: no {tf.PROVISIONED_KIB} in 1..{MAX_SIZE_KIB} "
                 f"in any of its {len(prov)} row(s): its size is unknown"
             )
         if not valid.all():
             self.notes.append(
-                f"{tf.PROVISIONED_KIB} missing, NaN or <= 0 in {int((~valid).sum())} row(s) "
+                f"{tf.PROVISIONED_KIB} missing, NaN, <= 0 or over 1 PiB in {int((~valid).sum())} row(s) "
                 f"(first at {self._at(~valid)}): size taken from the other rows"
             )
         size = float(prov[valid].max())
