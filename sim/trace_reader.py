@@ -333,7 +333,7 @@ class _Rows:
             out.append(
                 _GuestRows(
                     str(names[g]), rows, time_s[rows], {n: v[rows] for n, v in values.items()}, self.where
-                ).trace(max_gap_s, common, listed)
+                ).trace(max_gap_s, common, listed, float(time_s.min()))
             )
         return out
 
@@ -352,7 +352,8 @@ class _GuestRows:
     def _at(self, mask: npt.NDArray[np.bool_]) -> str:
         return self.where(int(self.rows[int(np.flatnonzero(mask)[0])]))
 
-    def trace(self, max_gap_s: float, common: list[str], listed: set[str]) -> Trace:
+    def trace(self, max_gap_s: float, common: list[str], listed: set[str], first_s: float) -> Trace:
+        """``first_s``: the earliest sample of any guest read with this one."""
         size_kib = self._size()
         used = self._series(tf.USED_KIB, required=True)
         assert used is not None
@@ -368,6 +369,7 @@ class _GuestRows:
             n for n in tf.OPTIONAL_COLUMNS if n in listed or (n in self.values and np.isfinite(self.values[n]).any())
         )
         t_s, keep, cut = stitch(self.time_s, max_gap_s)
+        self._late_start(first_s, float(np.median(np.diff(t_s))) if len(t_s) > 1 else 0.0)
         self.notes += clock_notes(self.time_s, keep, cut, max_gap_s, lambda i: self.where(int(self.rows[i])))
         cache = optional[tf.CACHE_KIB]
         reads, writes = optional[tf.DISK_READ_KIB_S], optional[tf.DISK_WRITE_KIB_S]
@@ -384,6 +386,16 @@ class _GuestRows:
             notes=(*common, *self.notes),
             columns=present,
         )
+
+    def _late_start(self, first_s: float, period_s: float) -> None:
+        """The replay starts every guest at its own first sample (it has no guest arrivals),
+        so a guest that joined a recording late is shifted to the start: say so."""
+        late_s = float(self.time_s[0]) - first_s
+        if late_s > 0 and late_s > 2 * period_s:
+            self.notes.append(
+                f"first sample {late_s:g} s after the earliest of the other guests: replayed from the start "
+                "like them (the replay has no guest arrivals), so it is shifted against them"
+            )
 
     def _size(self) -> int:
         prov = self.values[tf.PROVISIONED_KIB]

@@ -100,6 +100,19 @@ def test_guests_interleaved_across_files_and_compressions(tmp_path: Path) -> Non
     assert got["a"].disk_read_kib_s is None and got["a"].cache_kib is None and got["a"].notes == ()
 
 
+def test_a_guest_that_joined_late_is_noted(tmp_path: Path) -> None:
+    rows = [HEADER, "0,a,10,1", "10,a,10,1", "20,a,10,1", "30,b,10,1", "40,b,10,2", "25,c,10,1", "35,c,10,1"]
+    got = {t.name: t.notes for t in traces.load_all([write(tmp_path / "g.csv", rows)])}
+    assert got["a"] == ()
+    assert got["b"] == (
+        (
+            "first sample 30 s after the earliest of the other guests: replayed from the start like them "
+            "(the replay has no guest arrivals), so it is shifted against them"
+        ),
+    )
+    assert len(got["c"]) == 1
+
+
 def test_optional_columns_are_read_and_listed(tmp_path: Path) -> None:
     cols = f"{HEADER},cache_kib,disk_read_kib_s,stat_major_faults,vendor_field"
     write(tmp_path / "g.csv", [cols, "0,a,1000,10,50,1.5,7,x", "10,a,1000,20,60,2.5,8,y"])
@@ -338,7 +351,8 @@ def test_cli_convert_info_and_replay_a_directory(tmp_path: Path, capsys: pytest.
     assert "3 guests, 3870 rows" in capsys.readouterr().out
     assert main(["trace", "info", str(tmp_path / "rec"), "--json", str(tmp_path / "info.json")]) == 0
     out = capsys.readouterr().out
-    assert "overall: 3 guests, 3870 samples" in out and "notes from loading (1 guests)" in out
+    assert "overall: 3 guests, 3870 samples" in out and "notes from loading (3 guests)" in out
+    assert "replayed from the start like them" in out  # independent instances, started apart
     assert json.loads((tmp_path / "info.json").read_text())["overall"]["guests"] == 3
     args = ["--trace", str(tmp_path / "rec"), "--hours", "2", "--no-progress"]
     assert main(["replay", *args, "--policy", "trim"]) == 0
