@@ -29,7 +29,9 @@ many guests per file and a guest across many files: ``load_all`` hands those fil
 All: rows are sorted by time; a gap longer than ``max_gap_s`` (Bitbrains' ~30 h
 outage, Google instances that stopped running for up to 520 h) is cut out, so the
 trace's clock is stitched and replay time always has data. Shorter gaps hold the last
-sample. A malformed row raises ``TraceError`` naming the file and line.
+sample. A malformed row raises ``TraceError`` naming the file and line; what the
+loader did with duplicates and gaps is in ``Trace.notes``. Clean files are parsed by
+pyarrow; any file it does not take goes row by row, which names the offending line.
 """
 
 from __future__ import annotations
