@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune_arguments(p)
     p.set_defaults(func=cmd_tune)
 
+    from sim.trace_cli import add_trace_parser
+
+    add_trace_parser(sub)
+
     p = sub.add_parser("sim", help="simulator tools: protocol-level virtio-balloon scenarios")
     sim_sub = p.add_subparsers(dest="sim_command", required=True)
     p = sim_sub.add_parser("scenario", help="run a built-in scenario, print its timeline (omit NAME to list them)")
