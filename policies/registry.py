@@ -3,6 +3,10 @@
 
 A policy that fails to load stops the start with an error naming it (MOM only warned
 about a missing controller and ran without it).
+
+``module:Class`` imports code, so only the config file may name one (whoever writes it
+already controls the host); a name from the network goes through ``create_registered``,
+which looks in the entry points and imports nothing else.
 """
 
 from __future__ import annotations
@@ -24,25 +28,38 @@ class PolicyLoadError(OvercommitdError):
     """A policy name that does not resolve, a plugin that fails to import, or bad params."""
 
 
+class UnknownPolicy(PolicyLoadError):
+    """No policy is registered under this name."""
+
+
+class ModulePathRefused(PolicyLoadError):
+    """A ``module:Class`` name where only registered names are accepted."""
+
+
 def known() -> dict[str, EntryPoint]:
     """Registered policies by name."""
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
-def load_class(spec: str) -> type[Any]:
-    """The policy class for a registry name or a ``module:Class`` spec."""
+def load_class(spec: str, *, allow_module_path: bool = True) -> type[Any]:
+    """The policy class for a registry name or, when allowed, a ``module:Class`` spec."""
     if ":" in spec:
+        if not allow_module_path:
+            raise ModulePathRefused(
+                f"policy {spec[:80]!r}: module:Class names are accepted in the config file only;"
+                " name a registered policy"
+            )
         module_name, _, attr = spec.partition(":")
         try:
             cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
+        except (ImportError, AttributeError, ValueError, TypeError) as e:  # ValueError: ":x", an empty module
             raise PolicyLoadError(f"cannot load policy {spec!r}: {e}") from e
     else:
         registered = known()
         if spec not in registered:
             names = ", ".join(sorted(registered)) or "(none: is overcommitd installed?)"
-            raise PolicyLoadError(
-                f"unknown policy {spec!r}; known policies: {names}; a plugin can also be named as module:Class"
+            raise UnknownPolicy(
+                f"unknown policy {spec[:80]!r}; known policies: {names}; a plugin can also be named as module:Class"
             )
         try:
             cls = registered[spec].load()
@@ -53,9 +70,9 @@ def load_class(spec: str) -> type[Any]:
     return cls  # type: ignore[no-any-return]
 
 
-def create(spec: str, params: Mapping[str, Any] | None = None) -> Policy[Any]:
+def create(spec: str, params: Mapping[str, Any] | None = None, *, allow_module_path: bool = True) -> Policy[Any]:
     """Instantiate a policy, validating ``params`` against its ``Params`` model."""
-    cls = load_class(spec)
+    cls = load_class(spec, allow_module_path=allow_module_path)
     params = dict(params or {})
     params_model: type[BaseModel] | None = getattr(cls, "Params", None)
     if params_model is None:
