@@ -22,6 +22,7 @@ from overcommitd import package_version
 from overcommitd.cli import main
 from overcommitd.config import ConfigError, DaemonConfig, MqttConfig
 from overcommitd.host import ProcHostReader
+from overcommitd.hypervisor import libvirt_xml as lx
 from overcommitd.hypervisor.libvirt import LibvirtHypervisor
 from overcommitd.model import MAX_KIB
 from overcommitd.runner import Daemon
@@ -263,7 +264,15 @@ def test_a_floor_above_the_maximum_is_refused_over_mqtt_and_nothing_is_written(t
 
 def test_guest_set_floor_refuses_above_the_maximum_and_huge_sizes(capsys: pytest.CaptureFixture[str]) -> None:
     conn = libvirt.open("test:///default")  # keeps the driver's state for the command's own connection
+
+    def metadata() -> str | None:
+        try:
+            return str(conn.lookupByName("test").metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, lx.NAMESPACE))
+        except libvirt.libvirtError:
+            return None
+
     try:
+        before = metadata()
         assert main(["guest", "set-floor", "test", "9GiB", "--uri", "test:///default"]) == 2
         assert "above the guest's maximum of 8388608 KiB" in capsys.readouterr().err
         assert main(["guest", "set-floor", "test", str(2**64), "--uri", "test:///default"]) == 2
@@ -271,10 +280,9 @@ def test_guest_set_floor_refuses_above_the_maximum_and_huge_sizes(capsys: pytest
         assert main(["guest", "set-floor", "test", HUGE + "GiB", "--uri", "test:///default"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "not a size" in err
-        with pytest.raises(libvirt.libvirtError):  # nothing was written
-            conn.lookupByName("test").metadata(
-                libvirt.VIR_DOMAIN_METADATA_ELEMENT, "https://overcommitd.dev/xmlns/guest/1"
-            )
+        assert metadata() == before  # nothing was written
+        assert main(["guest", "set-floor", "test", "8GiB", "--uri", "test:///default"]) == 0  # the maximum itself
+        assert '<floor unit="KiB">8388608</floor>' in (metadata() or "")
     finally:
         conn.close()
 
@@ -389,10 +397,14 @@ def test_a_world_readable_config_holding_a_password_is_refused(
 
 
 class BrokenHypervisor(LibvirtHypervisor):
-    """The test driver, until a snapshot fails in a way the daemon does not expect."""
+    """The test driver, until ``broken``: then a snapshot fails in a way the daemon does not expect."""
+
+    broken = False
 
     def snapshot(self):  # type: ignore[no-untyped-def]
-        raise RuntimeError("a bug in a backend")
+        if self.broken:
+            raise RuntimeError("a bug in a backend")
+        return super().snapshot()
 
 
 def test_an_error_exit_leaves_the_status_offline_with_a_version(tmp_path: Path, broker: Mosquitto) -> None:
@@ -401,12 +413,14 @@ def test_an_error_exit_leaves_the_status_offline_with_a_version(tmp_path: Path, 
         config_text(extra=f'[mqtt]\nenabled = true\nport = {broker.port}\nhost_id = "err"\nreconnect_min_s = 0.1\n'),
     )
     cfg = DaemonConfig.load(path)
-    d = Daemon(cfg, BrokenHypervisor(cfg.libvirt), ProcHostReader(), config_path=path)
+    hv = BrokenHypervisor(cfg.libvirt)
+    d = Daemon(cfg, hv, ProcHostReader(), config_path=path)
 
     async def scenario() -> list[dict[str, Any]]:
         async with Probe(broker.port, "overcommitd/err/status") as probe:
             d_task = asyncio.create_task(d.run())
-            await asyncio.sleep(0)
+            await probe.wait_for(lambda t, b: b.get("online") is True, what="online")
+            hv.broken = True
             with pytest.raises(RuntimeError, match="a bug in a backend"):
                 await asyncio.wait_for(d_task, 30)
             await probe.wait_for(lambda t, b: b.get("online") is False, what="offline after the error")
