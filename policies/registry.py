@@ -12,6 +12,7 @@ which looks in the entry points and imports nothing else.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -22,6 +23,10 @@ from overcommitd.model import OvercommitdError
 from policies.api import Policy
 
 GROUP = "overcommitd.policies"
+# Every policy's durations (``*_s`` parameters) stay within a year: a larger one, like
+# ``inf`` or ``nan``, is a typo or an attack, never a setting (a policy's own Params
+# model sets tighter bounds where it has them).
+MAX_PARAM_DURATION_S = 365 * 86400.0
 
 
 class PolicyLoadError(OvercommitdError):
@@ -74,6 +79,8 @@ def create(spec: str, params: Mapping[str, Any] | None = None, *, allow_module_p
     """Instantiate a policy, validating ``params`` against its ``Params`` model."""
     cls = load_class(spec, allow_module_path=allow_module_path)
     params = dict(params or {})
+    if out_of_range := _out_of_range(params):
+        raise PolicyLoadError(f"policy {spec!r}: bad parameters: {'; '.join(out_of_range)}")
     params_model: type[BaseModel] | None = getattr(cls, "Params", None)
     if params_model is None:
         if params:
@@ -84,3 +91,17 @@ def create(spec: str, params: Mapping[str, Any] | None = None, *, allow_module_p
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise PolicyLoadError(f"policy {spec!r}: bad parameters: {problems}") from e
+
+
+def _out_of_range(params: Mapping[str, Any], prefix: str = "", depth: int = 0) -> list[str]:
+    """Non-finite numbers anywhere, and durations above ``MAX_PARAM_DURATION_S``."""
+    problems = []
+    for key, value in params.items():
+        where = f"{prefix}{key}"
+        if isinstance(value, Mapping) and depth < 8:
+            problems += _out_of_range(value, f"{where}.", depth + 1)
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{where}: {value} is not a finite number")
+        elif str(key).endswith("_s") and isinstance(value, int | float) and value > MAX_PARAM_DURATION_S:
+            problems.append(f"{where}: {value} s is more than a year ({MAX_PARAM_DURATION_S:.0f} s)")
+    return problems

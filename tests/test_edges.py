@@ -24,7 +24,7 @@ from overcommitd.config import ConfigError, DaemonConfig, MqttConfig
 from overcommitd.host import ProcHostReader
 from overcommitd.hypervisor import libvirt_xml as lx
 from overcommitd.hypervisor.libvirt import LibvirtHypervisor
-from overcommitd.model import MAX_KIB
+from overcommitd.model import MAX_KIB, parse_kib
 from overcommitd.runner import Daemon
 from overcommitd.telemetry import messages as msg
 from overcommitd.telemetry.mqtt import MqttLink
@@ -105,7 +105,6 @@ def test_strict_types_on_the_wire() -> None:
     for within in ("5", "Infinity", True):
         assert refused({"command": "prepare-migration", "guest": "a", "within_s": within}).name == "invalid-command"
     assert refused(b'{"command": "prepare-migration", "guest": "a", "within_s": Infinity}').name == "invalid-command"
-    assert refused(b'{"command": "set-policy", "name": "pid", "params": {"ki_per_s": NaN}}').name == "invalid-command"
 
 
 def test_control_characters_in_a_guest_name_and_module_paths_have_their_own_names() -> None:
@@ -178,6 +177,33 @@ def test_set_policy_over_mqtt_names_unknown_and_refused_policies(tmp_path: Path)
     assert [r.error for r in replies] == ["policy-path-refused", "unknown-policy", "bad-policy", None]
     assert "this" not in sys.modules
     assert d.policy.name == "trim"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"warmup_s": float("nan")}, {"warmup_s": float("inf")}, {"trim_interval_s": 1e12}, {"x": {"y": float("-inf")}}],
+)
+def test_policy_params_are_finite_and_durations_within_a_year(params: dict[str, Any]) -> None:
+    with pytest.raises(registry.PolicyLoadError, match="bad parameters"):
+        registry.create("trim", params)
+
+
+def test_nan_policy_params_over_mqtt_are_a_bad_policy(tmp_path: Path) -> None:
+    d = make_daemon(tmp_path)
+    cmd = parse(b'{"command": "set-policy", "name": "pid", "params": {"warmup_s": NaN}}')
+    with pytest.raises(msg.CommandError) as e:
+        asyncio.run(d.handle_command(cmd))
+    assert e.value.name == "bad-policy" and "finite" in str(e.value)
+    d.hv.close()
+
+
+@given(st.text(max_size=80))
+def test_parse_kib_returns_an_int_or_raises_value_error(text: str) -> None:
+    try:
+        kib = parse_kib(text)
+    except ValueError:
+        return
+    assert isinstance(kib, int) and kib >= 0
 
 
 def test_a_config_file_may_still_name_module_class_and_a_bad_one_is_a_policy_error(tmp_path: Path) -> None:
