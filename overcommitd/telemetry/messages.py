@@ -14,7 +14,7 @@ Topics, under ``<prefix>/<host_id>/``:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import pydantic_core
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError
@@ -233,7 +233,7 @@ ErrorName = Literal[
     "hypervisor-error",
     "internal-error",  # a bug: logged with its traceback
 ]
-ERROR_NAMES: tuple[ErrorName, ...] = ErrorName.__args__  # type: ignore[attr-defined]
+ERROR_NAMES: tuple[ErrorName, ...] = get_args(ErrorName)
 # Validation error types that have a name of their own in a reply.
 _NAMED_TYPES: dict[str, ErrorName] = {"bad_guest_name": "bad-guest-name", "policy_path_refused": "policy-path-refused"}
 
