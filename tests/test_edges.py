@@ -508,3 +508,29 @@ def test_a_failed_mqtt_session_says_offline_restarts_and_answers_again(
     assert statuses[-1] is False and False in statuses[:-1] and True in statuses
     assert any(getattr(r, "event", None) == "mqtt-session-failed" for r in caplog.records)
     assert not any("x" * 100 in r.getMessage() for r in caplog.records)  # never logged whole
+
+
+def test_with_commands_off_a_command_is_never_handled(broker: Mosquitto) -> None:
+    cfg = MqttConfig(enabled=True, port=broker.port, host_id="nocmd", reconnect_min_s=0.1)
+    handled: list[msg.Command] = []
+
+    async def handler(cmd: msg.Command) -> msg.Reply:
+        handled.append(cmd)
+        return msg.Reply(id=cmd.id, ok=True)
+
+    async def scenario() -> list[str]:
+        link = MqttLink(cfg, handler, lambda: msg.StatusMessage(online=True))
+        async with Probe(broker.port, "overcommitd/nocmd/#") as probe:
+            link.start()
+            try:
+                await probe.wait_for(lambda t, b: t.endswith("/status") and b["online"], what="online")
+                await probe.send("overcommitd/nocmd/command", '{"id": "x", "command": "dry-run", "enabled": true}')
+                link.offer("overcommitd/nocmd/after", msg.StatusMessage(online=True))  # sent after the command
+                await probe.wait_for(lambda t, b: t.endswith("/after"), what="the message sent after")
+                await asyncio.sleep(0.5)  # a reply would have come long before (replies take ~ms here)
+            finally:
+                await link.stop()
+            return [t for t, _, _ in probe.messages]
+
+    topics = asyncio.run(scenario())
+    assert handled == [] and not any(t.endswith("/reply") for t in topics)
