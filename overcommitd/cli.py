@@ -75,16 +75,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_guest_set_floor(args: argparse.Namespace) -> int:
     """Write a guest's SLA floor into its domain's <metadata>; the daemon picks it up."""
+    from pydantic import TypeAdapter, ValidationError
+
     from overcommitd.hypervisor.libvirt import LibvirtHypervisor
-    from overcommitd.model import parse_kib
+    from overcommitd.model import MAX_KIB, Kib
 
     try:
-        floor_kib = parse_kib(args.size)
-    except ValueError as e:
-        print(f"overcommitd: SIZE: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if not isinstance(floor_kib, int) or floor_kib < 0:
-        print(f"overcommitd: SIZE: {args.size!r} must be a size >= 0, e.g. 512MiB", file=sys.stderr)
+        floor_kib = TypeAdapter(Kib).validate_python(args.size)
+    except ValidationError as e:
+        why = e.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+        print(f"overcommitd: SIZE: {why} (a size from 0 to {MAX_KIB} KiB, e.g. 512MiB)", file=sys.stderr)
         return EXIT_BAD_INPUT
     cfg = _load(args)
     libvirt_cfg = cfg.libvirt.model_copy(update={"uri": args.uri}) if args.uri else cfg.libvirt
