@@ -8,9 +8,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from overcommitd.config import ConfigError, DaemonConfig
 from overcommitd.model import OvercommitdError
+
+if TYPE_CHECKING:
+    from overcommitd.runner import ManagedHypervisor
 
 EXIT_BAD_INPUT = 2
 
@@ -47,21 +51,29 @@ def _load(args: argparse.Namespace) -> DaemonConfig:
     return DaemonConfig.load(args.config)
 
 
+def _hypervisor(cfg: DaemonConfig) -> ManagedHypervisor:
+    """The backend ``[hypervisor] backend`` names; only it is imported."""
+    if cfg.hypervisor.backend == "qmp":
+        from overcommitd.hypervisor.qmp import QmpHypervisor
+
+        return QmpHypervisor(cfg.qmp)
+    from overcommitd.hypervisor.libvirt import LibvirtHypervisor
+
+    return LibvirtHypervisor(cfg.libvirt)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon: read, decide, apply on a steady tick until SIGTERM."""
     import asyncio
 
     from overcommitd import logs
     from overcommitd.host import HostPaths, ProcHostReader
-    from overcommitd.hypervisor.libvirt import LibvirtHypervisor
     from overcommitd.runner import Daemon
 
     cfg = _load(args)
     logs.setup(args.log_format or cfg.runner.log_format, verbose=args.verbose)
     host = ProcHostReader(HostPaths(cfg.host.meminfo_path, cfg.host.psi_memory_path, cfg.host.ksm_dir))
-    daemon = Daemon(
-        cfg, LibvirtHypervisor(cfg.libvirt), host, config_path=args.config, cli_dry_run=args.dry_run or None
-    )
+    daemon = Daemon(cfg, _hypervisor(cfg), host, config_path=args.config, cli_dry_run=args.dry_run or None)
 
     async def main() -> None:
         daemon.install_signal_handlers()
@@ -117,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("run", help="run the daemon against libvirt")
+    p = sub.add_parser("run", help="run the daemon against libvirt or QMP sockets ([hypervisor] backend)")
     p.add_argument("--config", type=Path, default=None, help="TOML config (see config.example.toml)")
     p.add_argument("--dry-run", action="store_true", help="decide and publish, but set no balloon")
     p.add_argument("--once", action="store_true", help="one tick, then exit")
