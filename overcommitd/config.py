@@ -108,6 +108,11 @@ class QmpConfig(_Section):
     stats_polling_interval_s: int = Field(
         2, ge=1, description="guest-stats-polling-interval set on every balloon that polls slower or not at all"
     )
+    keep_connected: bool = Field(
+        False,
+        description="hold each socket open between ticks (events as they happen); QEMU serves one client per "
+        "socket, so only for sockets nothing else uses: never Proxmox's <vmid>.qmp, which qm and pvestatd need",
+    )
     call_timeout_s: float = Field(2.0, gt=0, description="a QMP command unanswered this long marks the guest held")
     reconnect_min_s: float = Field(1.0, gt=0, description="first wait before reconnecting to a guest's socket")
     reconnect_max_s: float = Field(60.0, gt=0, description="longest wait between reconnect attempts")

@@ -60,11 +60,40 @@ def events() -> list[GuestEvent]:
     return []
 
 
-@pytest.fixture
-def hv(sock_dir: Path, clock: Clock, events: list[GuestEvent]) -> Iterator[QmpHypervisor]:
-    cfg = QmpConfig(socket_glob=str(sock_dir / "*.qmp"), pve_conf_dir=sock_dir / "pve", call_timeout_s=0.5)
+def make_hv(sock_dir: Path, clock: Clock, events: list[GuestEvent], *, keep_connected: bool) -> QmpHypervisor:
+    cfg = QmpConfig(
+        socket_glob=str(sock_dir / "*.qmp"),
+        pve_conf_dir=sock_dir / "pve",
+        call_timeout_s=0.5,
+        keep_connected=keep_connected,
+    )
     h = QmpHypervisor(cfg, on_event=events.append, clock=clock)
     h.connect()
+    return h
+
+
+@pytest.fixture(params=[True, False], ids=["held-sessions", "brief-sessions"])
+def hv(
+    request: pytest.FixtureRequest, sock_dir: Path, clock: Clock, events: list[GuestEvent]
+) -> Iterator[QmpHypervisor]:
+    """Both session modes: every test using this fixture holds for each."""
+    h = make_hv(sock_dir, clock, events, keep_connected=request.param)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def held(sock_dir: Path, clock: Clock, events: list[GuestEvent]) -> Iterator[QmpHypervisor]:
+    """keep_connected = true: sessions stay open and events arrive between ticks."""
+    h = make_hv(sock_dir, clock, events, keep_connected=True)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def brief(sock_dir: Path, clock: Clock, events: list[GuestEvent]) -> Iterator[QmpHypervisor]:
+    """keep_connected = false (the default): one session per operation."""
+    h = make_hv(sock_dir, clock, events, keep_connected=False)
     yield h
     h.close()
 
@@ -114,24 +143,48 @@ def test_identity_falls_back_to_the_socket_name(qemu: FakeQemuHost, hv: QmpHyper
     assert (g.name, g.uuid) == ("205", "205")
 
 
-def test_a_tick_costs_two_commands_per_guest(qemu: FakeQemuHost, hv: QmpHypervisor) -> None:
+def _tick_commands(qemu: FakeQemuHost, hv: QmpHypervisor) -> tuple[int, dict[str, list[str]]]:
     for i in range(3):
         qemu.add(f"g{i}", name=f"g{i}", uuid=f"{i:08d}-0000-0000-0000-000000000001")
     hv.snapshot()  # connects and probes
     before = sum(hv.calls.values())
     logs_before = {k: len(g.log) for k, g in qemu.guests.items()}
     assert len(hv.snapshot()) == 3
-    assert sum(hv.calls.values()) - before == 6
-    for k, g in qemu.guests.items():
-        assert sorted(g.log[logs_before[k] :]) == ["qom-get", "query-balloon"]
+    return sum(hv.calls.values()) - before, {k: g.log[logs_before[k] :] for k, g in qemu.guests.items()}
+
+
+def test_a_tick_costs_two_commands_per_guest_with_held_sessions(qemu: FakeQemuHost, held: QmpHypervisor) -> None:
+    sent, received = _tick_commands(qemu, held)
+    assert sent == 6
+    assert all(sorted(cmds) == ["qom-get", "query-balloon"] for cmds in received.values())
+
+
+def test_brief_sessions_cost_four_commands_and_leave_the_socket_free(qemu: FakeQemuHost, brief: QmpHypervisor) -> None:
+    sent, received = _tick_commands(qemu, brief)
+    assert sent == 12
+    for cmds in received.values():
+        assert cmds[:2] == ["qmp_capabilities", "query-status"]
+        assert sorted(cmds[2:]) == ["qom-get", "query-balloon"]
+    wait_until(lambda: all(not g._writers for g in qemu.guests.values()))  # nobody connected between ticks
+    brief.set_target("00000000-0000-0000-0000-000000000001", 700 * 1024)
+    assert qemu.guests["g0"].actual == 700 * MIB and qemu.guests["g0"].log[-1] == "balloon"
+    wait_until(lambda: not qemu.guests["g0"]._writers)
+
+
+def test_brief_sessions_see_a_pause_without_events(qemu: FakeQemuHost, brief: QmpHypervisor) -> None:
+    fake = qemu.add("101", name="web", uuid=UUID_A)
+    assert by_name(brief)["web"].run_state is RunState.RUNNING
+    qemu.call(lambda: setattr(fake, "status", "paused"))  # no STOP event reaches a closed session
+    assert by_name(brief)["web"].run_state is RunState.PAUSED
 
 
 # -- targets and events -----------------------------------------------------------------------
 
 
 def test_set_target_sends_bytes_and_is_remembered(
-    qemu: FakeQemuHost, hv: QmpHypervisor, events: list[GuestEvent]
+    qemu: FakeQemuHost, held: QmpHypervisor, events: list[GuestEvent]
 ) -> None:
+    hv = held
     fake = qemu.add("101", name="web", uuid=UUID_A)
     hv.snapshot()
     hv.set_target(UUID_A, 512 * 1024)
@@ -145,8 +198,9 @@ def test_set_target_sends_bytes_and_is_remembered(
 
 
 def test_stop_resume_and_shutdown_events_set_the_run_state(
-    qemu: FakeQemuHost, hv: QmpHypervisor, events: list[GuestEvent]
+    qemu: FakeQemuHost, held: QmpHypervisor, events: list[GuestEvent]
 ) -> None:
+    hv = held
     fake = qemu.add("101", name="web", uuid=UUID_A)
     hv.snapshot()
     qemu.call(lambda: setattr(fake, "status", "paused"))
@@ -175,7 +229,8 @@ def test_return_to_max_deflates_every_guest(qemu: FakeQemuHost, hv: QmpHyperviso
 # -- failures ---------------------------------------------------------------------------------
 
 
-def test_an_error_reply_holds_only_that_guest(qemu: FakeQemuHost, hv: QmpHypervisor) -> None:
+def test_an_error_reply_holds_only_that_guest(qemu: FakeQemuHost, held: QmpHypervisor) -> None:
+    hv = held
     bad = qemu.add("a", name="a", uuid=UUID_A)
     qemu.add("b", name="b", uuid=UUID_B)
     hv.snapshot()

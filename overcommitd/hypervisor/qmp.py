@@ -18,11 +18,17 @@ so it needs no lock. Making the backend natively async would have split the Hype
 protocol in two (the simulator and the loop call it synchronously) for no gain: the
 runner already waits on a thread.
 
-**A tick costs two QMP commands per guest**: ``qom-get guest-stats`` and
-``query-balloon`` (``actual`` is authoritative, unlike an event that QEMU throttles to one
-a second). The rest is read once per session (name, UUID, status, size, the balloon's QOM
-path and properties), again only after an event says the run state changed. ``calls``
-counts every command sent, by name.
+**Sessions, and what a tick costs.** QEMU serves one client per QMP socket at a time (a
+second one waits for the first to leave), and Proxmox's own tools (qm, pvestatd) use
+``<vmid>.qmp``. So by default (``keep_connected = false``) a session lasts one operation:
+connect, read (or set), disconnect; a tick costs four commands per guest
+(``qmp_capabilities``, ``query-status``, ``qom-get guest-stats``, ``query-balloon``).
+With ``keep_connected = true`` (a socket given to overcommitd alone) sessions stay open,
+events arrive as they happen and a tick costs two: ``guest-stats`` and ``query-balloon``
+(``actual`` is authoritative, unlike an event that QEMU throttles to one a second);
+``query-status`` only after an event says the run state changed. Either way, who the
+guest is (name, UUID, size, the balloon's QOM path and properties) is read once per
+QEMU process (the socket file's inode and creation time). ``calls`` counts every command sent, by name.
 
 **Failures are per guest.** Every command has a timeout (``call_timeout_s``); a guest
 that does not answer, or whose connection breaks, is reported as ``UNRESPONSIVE`` with
@@ -82,7 +88,7 @@ class _Session:
 
     path: str
     backoff_s: float
-    inode: int = 0
+    socket_id: tuple[int, int] = (0, 0)  # (inode, ctime_ns): a new file, a new QEMU
     client: QMPClient | None = None
     events_task: asyncio.Task[None] | None = None
     retry_at_s: float = 0.0
@@ -90,6 +96,7 @@ class _Session:
     name: str = ""
     max_kib: int = 0
     balloon: qr.BalloonDevice | None = None
+    probed: bool = False
     run_state: RunState | None = RunState.RUNNING
     status_dirty: bool = False
     stats_period_s: float = 0.0
@@ -205,6 +212,8 @@ class QmpHypervisor:
         except HypervisorError as e:
             # QEMU answered with an error: the session is fine, this reading is not.
             log.warning("guest %s held this tick: %s", s.name or s.path, e)
+        finally:
+            await self._end_operation(s)
         if s.last is None:
             return None
         return dataclasses.replace(s.last, run_state=RunState.UNRESPONSIVE)
@@ -252,16 +261,30 @@ class QmpHypervisor:
     async def _ensure_session(self, s: _Session) -> None:
         """A live, probed session, or Unresponsive; a replaced socket starts a new guest."""
         try:
-            inode = os.stat(s.path).st_ino
+            st = os.stat(s.path)
         except OSError as e:
             raise Unresponsive(f"{s.path}: {e.strerror}") from e
-        if inode != s.inode:
-            if s.inode:
+        # tmpfs reuses a freed inode number at once, so the creation time tells files apart.
+        socket_id = (st.st_ino, st.st_ctime_ns)
+        if socket_id != s.socket_id:
+            if s.socket_id != (0, 0):
                 log.info("QMP socket %s was recreated: a new guest", s.path)
             await self._disconnect(s)
-            s.inode, s.targets, s.last, s.retry_at_s = inode, {}, None, 0.0
-        if s.client is not None:
-            return
+            s.socket_id, s.targets, s.last, s.retry_at_s, s.probed = socket_id, {}, None, 0.0, False
+        if s.client is None:
+            await self._open(s)
+        if not s.probed:
+            try:
+                await self._probe(s)
+            except (HypervisorError, qr.QmpReplyError) as e:
+                # Half-known guests are not ballooned: probe again after the backoff.
+                raise Unresponsive(f"{s.path}: cannot identify the guest: {e}") from e
+            s.probed, s.status_dirty = True, False
+            s.backoff_s = self.cfg.reconnect_min_s
+            log.info("guest %s found at %s", s.name, s.path)
+
+    async def _open(self, s: _Session) -> None:
+        """Connect (greeting and qmp_capabilities), respecting the backoff."""
         now = self.clock()
         if now < s.retry_at_s:
             raise Unresponsive(f"{s.path}: unreachable; next attempt in {s.retry_at_s - now:.1f} s")
@@ -274,16 +297,17 @@ class QmpHypervisor:
             await self._drop_client(client)
             raise Unresponsive(f"{s.path}: cannot connect: {e or type(e).__name__}") from e
         s.client = client
-        try:
-            await self._probe(s)
-        except (HypervisorError, qr.QmpReplyError) as e:
-            # Half-known guests are not ballooned: probe again after the backoff.
-            raise Unresponsive(f"{s.path}: cannot identify the guest: {e}") from e
-        listener = EventListener(_EVENTS)
-        client.register_listener(listener)
-        s.events_task = asyncio.get_running_loop().create_task(self._events(s, listener))
-        s.backoff_s = self.cfg.reconnect_min_s
-        log.info("connected to guest %s over %s", s.name, s.path)
+        if self.cfg.keep_connected:
+            listener = EventListener(_EVENTS)
+            client.register_listener(listener)
+            s.events_task = asyncio.get_running_loop().create_task(self._events(s, listener))
+
+    async def _end_operation(self, s: _Session) -> None:
+        """Leave the socket to QEMU's other clients, unless configured to hold it; the
+        run state is then read afresh next time (no events reach a closed session)."""
+        if not self.cfg.keep_connected and s.client is not None:
+            await self._disconnect(s)
+            s.status_dirty = True
 
     async def _probe(self, s: _Session) -> None:
         """Who the guest is, its state and size, where its balloon is and how it polls."""
@@ -405,27 +429,33 @@ class QmpHypervisor:
 
     def _session(self, name_or_uuid: str) -> _Session:
         for s in list(self._sessions.values()):
-            if s.client is not None and name_or_uuid in (s.uuid, s.name):
+            if s.probed and name_or_uuid in (s.uuid, s.name):
                 return s
         raise NoSuchGuest(f"no QMP guest named or with UUID {name_or_uuid!r}")
 
     async def _set_target(self, uuid: str, target_kib: int) -> None:
         s = self._session(uuid)
         try:
+            await self._ensure_session(s)
             await self._call(s, "balloon", {"value": qr.kib_to_bytes(target_kib)})
         except Unresponsive as e:
             await self._lost(s, str(e))
             raise
+        finally:
+            await self._end_operation(s)
         s.targets[s.uuid] = (target_kib, self.clock())
 
     async def _return_to_max(self) -> int:
         n = 0
         for s in list(self._sessions.values()):
-            if s.client is None or s.balloon is None or not s.max_kib:
+            if not s.probed or s.balloon is None:
                 continue
             try:
+                await self._ensure_session(s)
                 await self._call(s, "balloon", {"value": qr.kib_to_bytes(s.max_kib)})
                 n += 1
             except HypervisorError as e:
                 log.warning("guest %s not returned to its maximum: %s", s.name, e)
+            finally:
+                await self._end_operation(s)
         return n
