@@ -287,6 +287,22 @@ def test_a_vanished_socket_is_a_guest_that_left(qemu: FakeQemuHost, hv: QmpHyper
     assert hv.target_kib(UUID_A) is None
 
 
+def test_a_socket_nobody_listens_on_is_a_guest_that_left(qemu: FakeQemuHost, hv: QmpHypervisor, clock: Clock) -> None:
+    qemu.add("a", name="a", uuid=UUID_A)
+    qemu.add("b", name="b", uuid=UUID_B)
+    hv.snapshot()
+    hv.set_target(UUID_A, 600 * 1024)
+    qemu.run(qemu.guests["a"].stop(unlink=False))  # a killed QEMU leaves its socket file behind
+    # A held session that broke is held for one backoff (it may be a hiccup); then the
+    # refused reconnect says the guest left.
+    guests = by_name(hv)
+    assert "a" not in guests or guests["a"].run_state is RunState.UNRESPONSIVE
+    clock.now_s += 1.0
+    assert set(by_name(hv)) == {"b"}
+    assert hv.target_kib(UUID_A) is None
+    assert hv.errors["qmp_capabilities"] >= 1
+
+
 def test_a_replaced_socket_is_a_new_guest(qemu: FakeQemuHost, hv: QmpHypervisor) -> None:
     qemu.add("a", name="a", uuid=UUID_A)
     hv.snapshot()

@@ -79,7 +79,12 @@ _FEATURE_PROPS = ("deflate-on-oom", "free-page-reporting", "free-page-hint")
 
 
 class Unresponsive(HypervisorError):
-    """A guest's QMP socket refused, broke or timed out."""
+    """A guest's QMP socket broke or timed out."""
+
+
+class Gone(Unresponsive):
+    """Nothing listens on the socket any more: its QEMU exited without removing it
+    (SIGKILL, a crash). A hung QEMU still accepts, so a refusal means the guest left."""
 
 
 @dataclass(slots=True)
@@ -207,6 +212,12 @@ class QmpHypervisor:
     async def _read_guarded(self, s: _Session) -> GuestSnapshot | None:
         try:
             return await self._read(s)
+        except Gone as e:
+            if s.probed:
+                log.info("guest %s left: %s", s.name, e)
+            await self._disconnect(s)
+            s.probed, s.last, s.targets = False, None, {}
+            return None
         except (Unresponsive, qr.QmpReplyError) as e:
             await self._lost(s, str(e))
         except HypervisorError as e:
@@ -295,7 +306,9 @@ class QmpHypervisor:
         except (QMPError, OSError, TimeoutError, EOFError) as e:
             self.errors["qmp_capabilities"] += 1
             await self._drop_client(client)
-            raise Unresponsive(f"{s.path}: cannot connect: {e or type(e).__name__}") from e
+            cause = getattr(e, "exc", e)  # qemu.qmp's ConnectError wraps the OSError
+            kind = Gone if isinstance(cause, ConnectionRefusedError | FileNotFoundError) else Unresponsive
+            raise kind(f"{s.path}: cannot connect: {e or type(e).__name__}") from e
         s.client = client
         if self.cfg.keep_connected:
             listener = EventListener(_EVENTS)
