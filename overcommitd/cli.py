@@ -97,6 +97,14 @@ def cmd_guest_set_floor(args: argparse.Namespace) -> int:
         print(f"overcommitd: SIZE: {args.size!r} must be a size >= 0, e.g. 512MiB", file=sys.stderr)
         return EXIT_BAD_INPUT
     cfg = _load(args)
+    if cfg.hypervisor.backend == "qmp" and not args.uri:
+        print(
+            "overcommitd: guest set-floor writes libvirt domain metadata; QMP guests have none. "
+            "Use [guests.<name>] floor_kib in the config, a Proxmox VM's balloon: minimum, "
+            "or the MQTT set-floor command (kept in the running daemon's memory)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     libvirt_cfg = cfg.libvirt.model_copy(update={"uri": args.uri}) if args.uri else cfg.libvirt
     hv = LibvirtHypervisor(libvirt_cfg)
     hv.connect()

@@ -98,6 +98,7 @@ class Daemon:
         self.reload_requested = False
         self._hv_lock = asyncio.Lock()  # one hypervisor call sequence at a time: tick or command
         self._errors_seen: Counter[str] = Counter()
+        self._calls_seen: Counter[str] = Counter()
 
     # -- one tick ---------------------------------------------------------------------------
 
@@ -147,11 +148,15 @@ class Daemon:
         return tuple(dataclasses.replace(g, migration_pending=True) if g.uuid in self.migrations else g for g in guests)
 
     def _count_libvirt_errors(self) -> None:
-        errors = getattr(self.hv, "errors", Counter())
-        for call, n in errors.items():
-            if n > self._errors_seen[call]:
-                self.metrics.libvirt_errors.labels(call).inc(n - self._errors_seen[call])
-                self._errors_seen[call] = n
+        """Carry the backend's cumulative call and error counts into Prometheus."""
+        for counts, seen, metric in (
+            (getattr(self.hv, "errors", Counter()), self._errors_seen, self.metrics.libvirt_errors),
+            (getattr(self.hv, "calls", Counter()), self._calls_seen, self.metrics.hypervisor_calls),
+        ):
+            for call, n in list(counts.items()):
+                if n > seen[call]:
+                    metric.labels(call).inc(n - seen[call])
+                    seen[call] = n
 
     # -- telemetry --------------------------------------------------------------------------
 

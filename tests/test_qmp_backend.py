@@ -410,3 +410,28 @@ log_format = "text"
     finally:
         hv.close()
     assert fake.actual == 768 * MIB  # a deflation: the guard lets it through without stats checks
+    sample = d.metrics.registry.get_sample_value
+    assert sample("overcommitd_hypervisor_calls_total", {"call": "query-balloon"}) == 1
+    assert sample("overcommitd_hypervisor_calls_total", {"call": "balloon"}) == 1
+
+
+def test_cli_set_floor_on_a_qmp_host_says_where_floors_go(sock_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from overcommitd.cli import main
+
+    cfg = sock_dir / "c.toml"
+    cfg.write_text('[hypervisor]\nbackend = "qmp"\n')
+    assert main(["guest", "set-floor", "web", "1GiB", "--config", str(cfg)]) == 2
+    assert "[guests.<name>] floor_kib" in capsys.readouterr().err
+
+
+def test_cli_run_once_on_a_qmp_host(qemu: FakeQemuHost, sock_dir: Path) -> None:
+    from overcommitd.cli import main
+
+    fake = qemu.add("101", name="web", uuid=UUID_A, actual=512 * MIB)
+    cfg = sock_dir / "c.toml"
+    cfg.write_text(
+        f'[policy]\nname = "tests.helpers:FixedPolicy"\nparams = {{ target_kib = {640 * 1024} }}\n'
+        f'[hypervisor]\nbackend = "qmp"\n[qmp]\nsocket_glob = "{sock_dir}/*.qmp"\n'
+    )
+    assert main(["run", "--config", str(cfg), "--once", "--log-format", "text"]) == 0
+    assert fake.actual == 640 * MIB
