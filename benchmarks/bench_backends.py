@@ -27,18 +27,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from overcommitd.config import LibvirtConfig, QmpConfig
+from overcommitd.hypervisor.libvirt import LibvirtHypervisor
+from overcommitd.hypervisor.qmp import QmpHypervisor
 
-from overcommitd.config import LibvirtConfig, QmpConfig  # noqa: E402
-from overcommitd.hypervisor.libvirt import LibvirtHypervisor  # noqa: E402
-from overcommitd.hypervisor.qmp import QmpHypervisor  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MIB_KIB = 1024
 
 
 def serve(directory: Path, n: int) -> None:
     """Child process: N fake QEMU monitors in ``directory`` until stdin closes."""
+    sys.path.insert(0, str(REPO))  # the scripted servers live with the tests
     from tests.qmp_server import MIB, FakeQemuHost
 
     host = FakeQemuHost(directory)

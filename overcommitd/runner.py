@@ -282,7 +282,7 @@ class Daemon:
             log.error("reload failed, keeping the running config: %s", e, extra={"event": "reload-failed"})
             self.notifier.ready()
             return
-        for section in ("libvirt", "mqtt", "metrics", "host"):
+        for section in ("hypervisor", "libvirt", "qmp", "mqtt", "metrics", "host"):
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("[%s] changed: takes effect after a restart", section)
         self.cfg = new

@@ -181,8 +181,11 @@ class QmpHypervisor:
 
     def set_floor(self, name_or_uuid: str, floor_kib: int) -> str:
         """Keep the guest's SLA floor in the daemon's memory (see the module's docstring)."""
+        return self._run(self._set_floor(name_or_uuid, int(floor_kib)))
+
+    async def _set_floor(self, name_or_uuid: str, floor_kib: int) -> str:
         s = self._session(name_or_uuid)
-        self._floors_kib[s.uuid] = int(floor_kib)
+        self._floors_kib[s.uuid] = floor_kib
         return s.uuid
 
     def return_to_max(self) -> int:
@@ -231,6 +234,8 @@ class QmpHypervisor:
 
     async def _read(self, s: _Session) -> GuestSnapshot | None:
         await self._ensure_session(s)
+        # Read every tick (a small local file): `qm set --balloon` takes effect without a restart.
+        s.pve_balloon = pve.read_balloon(self.cfg.pve_conf_dir, s.stem)
         if s.status_dirty:
             s.status_dirty = False
             s.run_state = qr.run_state(await self._call(s, "query-status"))
@@ -308,7 +313,7 @@ class QmpHypervisor:
             await self._drop_client(client)
             cause = getattr(e, "exc", e)  # qemu.qmp's ConnectError wraps the OSError
             kind = Gone if isinstance(cause, ConnectionRefusedError | FileNotFoundError) else Unresponsive
-            raise kind(f"{s.path}: cannot connect: {e or type(e).__name__}") from e
+            raise kind(f"{s.path}: cannot connect: {str(e) or type(e).__name__}") from e
         s.client = client
         if self.cfg.keep_connected:
             listener = EventListener(_EVENTS)
@@ -328,7 +333,6 @@ class QmpHypervisor:
         s.uuid = qr.guest_uuid(await self._call(s, "query-uuid")) or s.stem
         s.run_state = qr.run_state(await self._call(s, "query-status"))
         s.max_kib = qr.base_memory_kib(await self._call(s, "query-memory-size-summary"))
-        s.pve_balloon = pve.read_balloon(self.cfg.pve_conf_dir, s.stem)
         s.balloon = await self._find_balloon(s)
         if s.balloon is None:
             log.info("guest %s has no virtio-balloon device: not ballooned", s.name)
@@ -383,7 +387,9 @@ class QmpHypervisor:
             raise Unresponsive(f"guest {s.name or s.path}: {cmd} unanswered after {self.cfg.call_timeout_s:g} s") from e
         except (QMPError, OSError, EOFError) as e:
             self.errors[cmd] += 1
-            raise Unresponsive(f"guest {s.name or s.path}: {cmd}: connection lost ({e or type(e).__name__})") from e
+            raise Unresponsive(
+                f"guest {s.name or s.path}: {cmd}: connection lost ({str(e) or type(e).__name__})"
+            ) from e
 
     async def _lost(self, s: _Session, why: str) -> None:
         """Drop the session and schedule a reconnect with exponential backoff."""

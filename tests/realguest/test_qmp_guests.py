@@ -244,7 +244,7 @@ def test_qmp_guest_killed_mid_tick_and_one_that_stops_answering(qemu_guests: Qem
             assert states == {"qmp-survivor": RunState.RUNNING, "qmp-frozen": RunState.UNRESPONSIVE}
             frozen_decision = decision_for(report, "qmp-frozen")
             assert frozen_decision is not None and frozen_decision.clamped_by(ClampReason.NOT_RUNNING)
-            assert report.applied == frozenset({survivor.uuid})
+            assert frozen.uuid not in report.applied and hv.target_kib(survivor.uuid) == 220 * MIB
         finally:
             os.kill(frozen.proc.pid, signal.SIGCONT)
         await tick_until(d, lambda r: frozen.uuid in r.applied, 60, "the thawed guest reconnected and given its target")
