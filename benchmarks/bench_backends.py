@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     n, ticks = args.guests, args.ticks
     print(f"{n} guests, median of {ticks} ticks")
-    print(f"{'backend':<34} {'snapshot ms':>10} {'set all ms':>12} {'calls per tick':>16}")
+    print(f"{'backend':<34} {'snapshot ms':>10} {'set all ms':>12} {'calls (read+set)':>16}")
     with tempfile.TemporaryDirectory(prefix="qmpb", dir="/tmp") as tmp:
         directory = Path(tmp)
         server = subprocess.Popen(
