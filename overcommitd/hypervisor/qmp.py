@@ -53,7 +53,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -107,7 +107,7 @@ class _Session:
     stats_period_s: float = 0.0
     last: GuestSnapshot | None = None
     pve_balloon: pve.PveBalloon | None = None
-    targets: dict[str, tuple[int, float]] = field(default_factory=dict)  # uuid -> (target_kib, set_at_s)
+    target: tuple[int, float] | None = None  # (target_kib, set_at_s) we last set
 
     @property
     def stem(self) -> str:
@@ -195,8 +195,8 @@ class QmpHypervisor:
     def target_kib(self, uuid: str) -> int | None:
         """The target this daemon last set for the guest, if any."""
         for s in list(self._sessions.values()):
-            if s.uuid == uuid and uuid in s.targets:
-                return s.targets[uuid][0]
+            if s.uuid == uuid and s.target is not None:
+                return s.target[0]
         return None
 
     # -- snapshot -----------------------------------------------------------------------
@@ -219,7 +219,7 @@ class QmpHypervisor:
             if s.probed:
                 log.info("guest %s left: %s", s.name, e)
             await self._disconnect(s)
-            s.probed, s.last, s.targets = False, None, {}
+            s.probed, s.last, s.target = False, None, None
             return None
         except (Unresponsive, qr.QmpReplyError) as e:
             await self._lost(s, str(e))
@@ -251,7 +251,7 @@ class QmpHypervisor:
 
     def _guest(self, s: _Session, stats: GuestStats | None, actual_kib: int) -> GuestSnapshot:
         assert s.balloon is not None and s.run_state is not None
-        target = s.targets.get(s.uuid)
+        target = s.target
         floor_kib = self._floors_kib.get(s.uuid, s.pve_balloon.floor_kib if s.pve_balloon else 0)
         return GuestSnapshot(
             uuid=s.uuid,
@@ -286,7 +286,7 @@ class QmpHypervisor:
             if s.socket_id != (0, 0):
                 log.info("QMP socket %s was recreated: a new guest", s.path)
             await self._disconnect(s)
-            s.socket_id, s.targets, s.last, s.retry_at_s, s.probed = socket_id, {}, None, 0.0, False
+            s.socket_id, s.target, s.last, s.retry_at_s, s.probed = socket_id, None, None, 0.0, False
         if s.client is None:
             await self._open(s)
         if not s.probed:
@@ -462,7 +462,7 @@ class QmpHypervisor:
             raise
         finally:
             await self._end_operation(s)
-        s.targets[s.uuid] = (target_kib, self.clock())
+        s.target = (target_kib, self.clock())
 
     async def _return_to_max(self) -> int:
         n = 0
