@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +77,8 @@ def measure(hv: Any, n: int, ticks: int) -> tuple[float, float, float]:
     return statistics.median(snap_s), statistics.median(set_s), per_tick
 
 
-def row(name: str, fn: Callable[[], tuple[float, float, float]]) -> None:
-    snap_s, set_s, calls = fn()
+def row(name: str, hv: Any, n: int, ticks: int) -> None:
+    snap_s, set_s, calls = measure(hv, n, ticks)
     print(f"{name:<34} {snap_s * 1000:>10.1f} {set_s * 1000:>12.1f} {calls:>16.0f}")
 
 
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = QmpConfig(socket_glob=str(directory / "*.qmp"), keep_connected=keep, call_timeout_s=10)
                 hv = QmpHypervisor(cfg)
                 try:
-                    row(f"qmp, {'held' if keep else 'brief'} sessions", lambda hv=hv: measure(hv, n, ticks))
+                    row(f"qmp, {'held' if keep else 'brief'} sessions", hv, n, ticks)
                 finally:
                     hv.close()
         finally:
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         lv = LibvirtHypervisor(LibvirtConfig(uri=f"test://{node}"))
         lv.connect()
         try:
-            row("libvirt, test driver (in-process)", lambda: measure(lv, n, ticks))
+            row("libvirt, test driver (in-process)", lv, n, ticks)
         finally:
             lv.close()
     return 0
