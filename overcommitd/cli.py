@@ -8,9 +8,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from overcommitd.config import ConfigError, DaemonConfig
 from overcommitd.model import OvercommitdError
+
+if TYPE_CHECKING:
+    from overcommitd.runner import ManagedHypervisor
 
 EXIT_BAD_INPUT = 2
 
@@ -47,13 +51,23 @@ def _load(args: argparse.Namespace) -> DaemonConfig:
     return DaemonConfig.load(args.config)
 
 
+def _hypervisor(cfg: DaemonConfig) -> ManagedHypervisor:
+    """The backend ``[hypervisor] backend`` names; only it is imported."""
+    if cfg.hypervisor.backend == "qmp":
+        from overcommitd.hypervisor.qmp import QmpHypervisor
+
+        return QmpHypervisor(cfg.qmp)
+    from overcommitd.hypervisor.libvirt import LibvirtHypervisor
+
+    return LibvirtHypervisor(cfg.libvirt)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon: read, decide, apply on a steady tick until SIGTERM."""
     import asyncio
 
     from overcommitd import logs
     from overcommitd.host import HostPaths, ProcHostReader
-    from overcommitd.hypervisor.libvirt import LibvirtHypervisor
     from overcommitd.runner import Daemon
 
     cfg = _load(args)
@@ -61,9 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     host = ProcHostReader(
         HostPaths(cfg.host.meminfo_path, cfg.host.psi_memory_path, cfg.host.ksm_dir, cfg.host.arcstats_path)
     )
-    daemon = Daemon(
-        cfg, LibvirtHypervisor(cfg.libvirt), host, config_path=args.config, cli_dry_run=args.dry_run or None
-    )
+    daemon = Daemon(cfg, _hypervisor(cfg), host, config_path=args.config, cli_dry_run=args.dry_run or None)
 
     async def main() -> None:
         daemon.install_signal_handlers()
@@ -87,6 +99,14 @@ def cmd_guest_set_floor(args: argparse.Namespace) -> int:
         print(f"overcommitd: SIZE: {why} (a size from 0 to {MAX_KIB} KiB, e.g. 512MiB)", file=sys.stderr)
         return EXIT_BAD_INPUT
     cfg = _load(args)
+    if cfg.hypervisor.backend == "qmp" and not args.uri:
+        print(
+            "overcommitd: guest set-floor writes libvirt domain metadata; QMP guests have none. "
+            "Use [guests.<name>] floor_kib in the config, a Proxmox VM's balloon: minimum, "
+            "or the MQTT set-floor command (kept in the running daemon's memory)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     libvirt_cfg = cfg.libvirt.model_copy(update={"uri": args.uri}) if args.uri else cfg.libvirt
     hv = LibvirtHypervisor(libvirt_cfg)
     hv.connect()
@@ -119,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("run", help="run the daemon against libvirt")
+    p = sub.add_parser("run", help="run the daemon against libvirt or QMP sockets ([hypervisor] backend)")
     p.add_argument("--config", type=Path, default=None, help="TOML config (see config.example.toml)")
     p.add_argument("--dry-run", action="store_true", help="decide and publish, but set no balloon")
     p.add_argument("--once", action="store_true", help="one tick, then exit")

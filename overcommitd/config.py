@@ -105,6 +105,37 @@ class LibvirtConfig(_Section):
     keepalive_count: int = Field(3, ge=1, le=100, description="unanswered probes before the connection is dropped")
 
 
+class HypervisorConfig(_Section):
+    """Which hypervisor backend the daemon talks to."""
+
+    backend: Literal["libvirt", "qmp"] = Field(
+        "libvirt", description="libvirt: through libvirtd ([libvirt]); qmp: QEMU's QMP sockets directly ([qmp])"
+    )
+
+
+class QmpConfig(_Section):
+    """QEMU guests reached through their QMP sockets, without libvirt (Proxmox VE, plain QEMU)."""
+
+    socket_glob: str = Field(
+        "/var/run/qemu-server/*.qmp", min_length=1, description="every socket matching this glob is a guest"
+    )
+    pve_conf_dir: Path = Field(
+        Path("/etc/pve/qemu-server"),
+        description="Proxmox VM configs (<vmid>.conf, vmid from the socket name): balloon: is a floor; absent: none",
+    )
+    stats_polling_interval_s: int = Field(
+        2, ge=1, description="guest-stats-polling-interval set on every balloon that polls slower or not at all"
+    )
+    keep_connected: bool = Field(
+        False,
+        description="hold each socket open between ticks (events as they happen); QEMU serves one client per "
+        "socket, so only for sockets nothing else uses: never Proxmox's <vmid>.qmp, which qm and pvestatd need",
+    )
+    call_timeout_s: float = Field(2.0, gt=0, description="a QMP command unanswered this long marks the guest held")
+    reconnect_min_s: float = Field(1.0, gt=0, description="first wait before reconnecting to a guest's socket")
+    reconnect_max_s: float = Field(60.0, gt=0, description="longest wait between reconnect attempts")
+
+
 class HostConfig(_Section):
     """Where the host's memory files are (only tests change these)."""
 
@@ -227,7 +258,9 @@ class DaemonConfig(_Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     guests: dict[str, GuestOverride] = Field(default_factory=dict)
+    hypervisor: HypervisorConfig = Field(default_factory=HypervisorConfig)
     libvirt: LibvirtConfig = Field(default_factory=LibvirtConfig)
+    qmp: QmpConfig = Field(default_factory=QmpConfig)
     host: HostConfig = Field(default_factory=HostConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)

@@ -213,6 +213,7 @@ class RunState(Enum):
     PAUSED = "paused"
     MIGRATING = "migrating"
     SHUTTING_DOWN = "shutting-down"
+    UNRESPONSIVE = "unresponsive"  # the hypervisor cannot reach it now (a QMP socket that stopped answering)
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,7 @@ class Daemon:
         self.ksm_failures = 0  # unexpected errors of the KSM controller, beside its own counted ones
         self._wake = asyncio.Event()  # SIGHUP and SIGTERM cut the wait between ticks short
         self._floors_warned: set[tuple[str, int]] = set()  # (uuid, config floor) already reported
+        self._calls_seen: Counter[str] = Counter()
 
     # -- one tick ---------------------------------------------------------------------------
 
@@ -200,11 +201,15 @@ class Daemon:
         return tuple(dataclasses.replace(g, migration_pending=True) if g.uuid in self.migrations else g for g in guests)
 
     def _count_libvirt_errors(self) -> None:
-        errors = getattr(self.hv, "errors", Counter())
-        for call, n in errors.items():
-            if n > self._errors_seen[call]:
-                self.metrics.libvirt_errors.labels(call).inc(n - self._errors_seen[call])
-                self._errors_seen[call] = n
+        """Carry the backend's cumulative call and error counts into Prometheus."""
+        for counts, seen, metric in (
+            (getattr(self.hv, "errors", Counter()), self._errors_seen, self.metrics.libvirt_errors),
+            (getattr(self.hv, "calls", Counter()), self._calls_seen, self.metrics.hypervisor_calls),
+        ):
+            for call, n in list(counts.items()):
+                if n > seen[call]:
+                    metric.labels(call).inc(n - seen[call])
+                    seen[call] = n
 
     # -- telemetry --------------------------------------------------------------------------
 
@@ -347,7 +352,7 @@ class Daemon:
         if self.paused:
             changed.append(f"guests paused by command resumed: {len(self.paused)}")
             self.paused.clear()
-        for section in ("libvirt", "mqtt", "metrics", "host"):
+        for section in ("hypervisor", "libvirt", "qmp", "mqtt", "metrics", "host"):
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("[%s] changed: takes effect after a restart", section)
         if new.ksm != self.cfg.ksm:
