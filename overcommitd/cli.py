@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from overcommitd.config import ConfigError, DaemonConfig
+from overcommitd.config import CONFIG_ENV, ConfigError, DaemonConfig, default_config_path
 from overcommitd.model import OvercommitdError
 
 EXIT_BAD_INPUT = 2
@@ -43,7 +43,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return replay_command(args)
 
 
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """``--config``, else the default file if it exists, else None (defaults); says
+    which on stderr, so nobody wonders which file a command used."""
+    if args.config is not None:
+        print(f"overcommitd: config {args.config}", file=sys.stderr)
+        return Path(args.config)
+    path = default_config_path()
+    if path.exists():
+        print(f"overcommitd: config {path} (default; --config to choose another)", file=sys.stderr)
+        return path
+    print(
+        f"overcommitd: no config at {path} (default; ${CONFIG_ENV} or --config to choose): using defaults",
+        file=sys.stderr,
+    )
+    return None
+
+
 def _load(args: argparse.Namespace) -> DaemonConfig:
+    args.config = _config_path(args)
     return DaemonConfig.load(args.config)
 
 
@@ -51,10 +69,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The daemon: read, decide, apply on a steady tick until SIGTERM."""
     import asyncio
 
-    from overcommitd import logs
+    from overcommitd import logs, status
     from overcommitd.host import HostPaths, ProcHostReader
     from overcommitd.hypervisor.libvirt import LibvirtHypervisor
-    from overcommitd.runner import Daemon
+    from overcommitd.runner import Daemon, TickReport
 
     cfg = _load(args)
     logs.setup(args.log_format or cfg.runner.log_format, verbose=args.verbose)
@@ -63,11 +81,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg, LibvirtHypervisor(cfg.libvirt), host, config_path=args.config, cli_dry_run=args.dry_run or None
     )
 
+    def print_decisions(report: TickReport) -> None:
+        if daemon.last_status is not None:
+            print(status.table(daemon.last_status), flush=True)
+        elif report.error is not None:
+            print(f"tick skipped, every guest held: {report.error}", flush=True)
+
     async def main() -> None:
         daemon.install_signal_handlers()
-        await daemon.run(once=args.once)
+        await daemon.run(once=args.once, on_tick=print_decisions if args.once else None)
 
     asyncio.run(main())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """What the running daemon does to each guest and why, from its status socket."""
+    from overcommitd import status
+
+    path = args.socket
+    if path is None:
+        cfg = _load(args)
+        if not cfg.runner.status_socket:
+            print(
+                f"overcommitd: {args.config}: [runner] status_socket is empty: the daemon serves no status",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
+        path = Path(cfg.runner.status_socket)
+    doc = status.read(path)
+    print(doc.model_dump_json(indent=2) if args.json else status.table(doc))
     return 0
 
 
@@ -118,18 +161,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("run", help="run the daemon against libvirt")
-    p.add_argument("--config", type=Path, default=None, help="TOML config (see config.example.toml)")
+    p.add_argument(
+        "--config", type=Path, default=None, help="TOML config (default: /etc/overcommitd/overcommitd.toml if present)"
+    )
     p.add_argument("--dry-run", action="store_true", help="decide and publish, but set no balloon")
     p.add_argument("--once", action="store_true", help="one tick, then exit")
     p.add_argument("--log-format", choices=["json", "text"], default=None, help="default: [runner] log_format")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="each guest's actual, target, floor, the policy's wish and why, from the daemon")
+    p.add_argument("--config", type=Path, default=None, help="to find [runner] status_socket")
+    p.add_argument("--socket", type=Path, default=None, help="the status socket (default: the config's)")
+    p.add_argument("--json", action="store_true", help="the whole document as JSON")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("guest", help="per-guest settings kept in the domain's libvirt metadata")
     guest_sub = p.add_subparsers(dest="guest_command", required=True)
     p = guest_sub.add_parser("set-floor", help="set a guest's SLA floor (the guard never balloons below it)")
     p.add_argument("name", help="domain name or UUID")
     p.add_argument("size", help="KiB as an integer, or e.g. 512MiB, 2GiB")
-    p.add_argument("--config", type=Path, default=None, help="for [libvirt] uri")
+    p.add_argument(
+        "--config", type=Path, default=None, help="for [libvirt] uri (default: /etc/overcommitd/overcommitd.toml)"
+    )
     p.add_argument("--uri", default=None, help="libvirt URI (default: the config's, else qemu:///system)")
     p.set_defaults(func=cmd_guest_set_floor)
 

@@ -10,6 +10,7 @@ Memory sizes take an integer (KiB, libvirt's unit) or a string with a binary uni
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from overcommitd.model import GuestSnapshot, Kib, OvercommitdError
+
+DEFAULT_CONFIG_PATH = Path("/etc/overcommitd/overcommitd.toml")
+CONFIG_ENV = "OVERCOMMITD_CONFIG"  # overrides DEFAULT_CONFIG_PATH (tests, non-standard installs)
+
+
+def default_config_path() -> Path:
+    """Where ``run``, ``guest set-floor`` and ``status`` look without ``--config``."""
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
 
 
 class ConfigError(OvercommitdError):
@@ -137,6 +146,9 @@ class RunnerConfig(_Section):
     dry_run: bool = Field(False, description="decide and publish, but set no balloon")
     return_to_max_on_exit: bool = Field(False, description="on SIGTERM, deflate every balloon to the guest's maximum")
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line, for journald/Loki")
+    status_socket: str = Field(
+        "/run/overcommitd/status.sock", description="Unix socket `overcommitd status` reads; empty: none"
+    )
 
 
 class DaemonConfig(_Section):

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from overcommitd import status as status_doc
 from overcommitd.config import ConfigError, DaemonConfig, GuestOverride
 from overcommitd.host import HostError
 from overcommitd.hypervisor import HostReader, Hypervisor, HypervisorError
-from overcommitd.loop import LoopState, StepOutcome, apply, step
+from overcommitd.loop import LoopState, StepOutcome, apply, step, with_overrides
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from overcommitd.sdnotify import Notifier
 from overcommitd.telemetry import messages as msg
@@ -98,6 +99,10 @@ class Daemon:
         self.reload_requested = False
         self._hv_lock = asyncio.Lock()  # one hypervisor call sequence at a time: tick or command
         self._errors_seen: Counter[str] = Counter()
+        self.last_status: status_doc.DaemonStatus | None = None  # what `overcommitd status` shows
+        self._status_bytes = b"{}"
+        self._reasons = status_doc.ReasonLog()
+        self._status_server: status_doc.StatusServer | None = None
 
     # -- one tick ---------------------------------------------------------------------------
 
@@ -125,7 +130,24 @@ class Daemon:
         if not self.dry_run:
             applied = frozenset(await asyncio.to_thread(apply, self.hv, outcome.decisions))
         self._publish(host, guests, outcome, applied)
+        self._explain(guests, outcome, applied)
         return TickReport(guests, outcome, applied)
+
+    def _explain(self, guests: Sequence[GuestSnapshot], outcome: StepOutcome[Any], applied: frozenset[str]) -> None:
+        """Keep the status document current and log each guest's reason when it changes."""
+        with_floors, _excluded = with_overrides(guests, self.cfg)
+        self.last_status = status_doc.build(
+            with_floors,
+            outcome.decisions,
+            applied,
+            self.cfg.guard,
+            policy=self.policy.name,
+            dry_run=self.dry_run,
+            ticks=self.ticks + 1,
+            interval_s=self.cfg.interval_s,
+        )
+        self._status_bytes = status_doc.encode(self.last_status)
+        self._reasons.update(self.last_status)
 
     def _effective_cfg(self, guests: Sequence[GuestSnapshot]) -> DaemonConfig:
         """The config with guests paused by command excluded (keeping their other overrides)."""
@@ -305,6 +327,9 @@ class Daemon:
         if self.cfg.metrics.enabled:
             port = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.address, port)
+        if self.cfg.runner.status_socket:
+            server = status_doc.StatusServer(Path(self.cfg.runner.status_socket), lambda: self._status_bytes)
+            self._status_server = server if await server.start() else None
         if self.cfg.mqtt.enabled:
             self.mqtt = MqttLink(self.cfg.mqtt, self.handle_command, self.status)
             self.mqtt.start()
@@ -340,5 +365,7 @@ class Daemon:
             log.info("returned %d guests to their maximum", n, extra={"event": "returned-to-max"})
         if self.mqtt is not None:
             await self.mqtt.stop()
+        if self._status_server is not None:
+            await self._status_server.stop()
         await asyncio.to_thread(self.hv.close)
         log.info("stopped", extra={"event": "stopped"})
