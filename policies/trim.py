@@ -163,8 +163,10 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
             if harmed or stalled:
                 done = not harmed and guest.actual_kib - keep < self.min_gain_kib(guest)
                 target, state = self.release(host, guest, used, keep, state, done)
-                why = "squeeze ended early (swap-in, auto-deflate, OOM kill or rising use)" if harmed else (
-                    "squeeze done" if done else "squeeze stalled short of keep"
+                why = (
+                    "squeeze ended early (swap-in, auto-deflate, OOM kill or rising use)"
+                    if harmed
+                    else ("squeeze done" if done else "squeeze stalled short of keep")
                 )
                 return target, state, f"{why}: {self.released_why(host, guest)}"
             return keep, replace(state, actual_kib=guest.actual_kib), f"squeezing to keep {_mib(keep)}"
@@ -231,7 +233,7 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         depth_kib = guest.actual_kib - keep
         min_gain = self.min_gain_kib(guest)
         if depth_kib < min_gain:
-            return f"room above keep {_mib(depth_kib)} below min_gain {_mib(min_gain)}"
+            return f"room above keep {_mib(max(0, depth_kib))} below min_gain {_mib(min_gain)}"
         gain_kib = self.gain_kib(guest, used, state)
         need_kib = max(min_gain, round(depth_kib * p.min_gain_pct_of_depth / 100))
         if gain_kib < need_kib:
