@@ -100,7 +100,18 @@ class Daemon:
         self._hv_lock = asyncio.Lock()  # one hypervisor call sequence at a time: tick or command
         self._errors_seen: Counter[str] = Counter()
         self.last_status: status_doc.DaemonStatus | None = None  # what `overcommitd status` shows
-        self._status_bytes = b"{}"
+        self._status_bytes = status_doc.encode(
+            status_doc.build(
+                [],
+                [],
+                frozenset(),
+                cfg.guard,
+                policy=self.policy.name,
+                dry_run=self.dry_run,
+                ticks=0,
+                interval_s=cfg.interval_s,
+            )
+        )  # served until the first tick
         self._reasons = status_doc.ReasonLog()
         self._status_server: status_doc.StatusServer | None = None
 
@@ -176,6 +187,10 @@ class Daemon:
                 self._errors_seen[call] = n
 
     # -- telemetry --------------------------------------------------------------------------
+
+    def status_document(self) -> bytes:
+        """The JSON the status socket serves: the last tick's ``status.DaemonStatus``."""
+        return self._status_bytes
 
     def status(self) -> msg.StatusMessage:
         return msg.StatusMessage(online=True, dry_run=self.dry_run, policy=self.policy.name)
@@ -328,7 +343,7 @@ class Daemon:
             port = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.address, port)
         if self.cfg.runner.status_socket:
-            server = status_doc.StatusServer(Path(self.cfg.runner.status_socket), lambda: self._status_bytes)
+            server = status_doc.StatusServer(Path(self.cfg.runner.status_socket), self.status_document)
             self._status_server = server if await server.start() else None
         if self.cfg.mqtt.enabled:
             self.mqtt = MqttLink(self.cfg.mqtt, self.handle_command, self.status)

@@ -156,7 +156,7 @@ def table(status: DaemonStatus) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(7)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:7], widths, strict=True)) + "  " + r[7] for r in rows]
     if not status.guests:
-        lines.append("(no guests)")
+        lines.append("(no tick yet: the daemon is starting)" if status.ticks == 0 else "(no guests)")
     return "\n".join([head, *lines])
 
 

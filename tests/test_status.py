@@ -101,6 +101,13 @@ def test_status_without_a_daemon_names_the_socket(tmp_path: Path, capsys: pytest
     assert "none.sock: no status socket: is the daemon running" in err
 
 
+def test_before_the_first_tick_the_status_says_the_daemon_is_starting(tmp_path: Path) -> None:
+    d = make_daemon(tmp_path)
+    doc = status.DaemonStatus.model_validate_json(d.status_document())
+    assert doc.ticks == 0 and doc.guests == () and doc.policy == "fixed"
+    assert status.table(doc).splitlines()[-1] == "(no tick yet: the daemon is starting)"
+
+
 def test_a_socket_another_daemon_serves_is_left_alone(tmp_path: Path) -> None:
     sock = tmp_path / "status.sock"
 
