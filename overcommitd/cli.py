@@ -43,26 +43,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return replay_command(args)
 
 
-def _config_path(args: argparse.Namespace) -> Path | None:
-    """``--config``, else the default file if it exists, else None (defaults); says
-    which on stderr, so nobody wonders which file a command used."""
+def _config_path(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """``--config``, else the default file if it exists, else None (defaults), with a
+    line saying which, so nobody wonders which file a command used."""
     if args.config is not None:
-        print(f"overcommitd: config {args.config}", file=sys.stderr)
-        return Path(args.config)
+        return Path(args.config), f"config {args.config}"
     path = default_config_path()
     if path.exists():
-        print(f"overcommitd: config {path} (default; --config to choose another)", file=sys.stderr)
-        return path
-    print(
-        f"overcommitd: no config at {path} (default; ${CONFIG_ENV} or --config to choose): using defaults",
-        file=sys.stderr,
-    )
-    return None
+        return path, f"config {path} (default; --config to choose another)"
+    return None, f"no config at {path} (default; ${CONFIG_ENV} or --config to choose): using defaults"
 
 
-def _load(args: argparse.Namespace) -> DaemonConfig:
-    args.config = _config_path(args)
-    return DaemonConfig.load(args.config)
+def _load(args: argparse.Namespace, *, say: bool = True) -> tuple[DaemonConfig, str]:
+    """The config and the line naming it; printed on stderr unless ``say`` is False
+    (``run`` logs it instead, so a JSON log stays JSON)."""
+    args.config, which = _config_path(args)
+    cfg = DaemonConfig.load(args.config)
+    if say:
+        print(f"overcommitd: {which}", file=sys.stderr)
+    return cfg, which
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -74,8 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from overcommitd.hypervisor.libvirt import LibvirtHypervisor
     from overcommitd.runner import Daemon, TickReport
 
-    cfg = _load(args)
+    cfg, which = _load(args, say=False)
     logs.setup(args.log_format or cfg.runner.log_format, verbose=args.verbose)
+    logging.getLogger("overcommitd.cli").info(which, extra={"event": "config", "path": str(args.config or "")})
     host = ProcHostReader(HostPaths(cfg.host.meminfo_path, cfg.host.psi_memory_path, cfg.host.ksm_dir))
     daemon = Daemon(
         cfg, LibvirtHypervisor(cfg.libvirt), host, config_path=args.config, cli_dry_run=args.dry_run or None
@@ -101,7 +101,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     path = args.socket
     if path is None:
-        cfg = _load(args)
+        cfg, _which = _load(args)
         if not cfg.runner.status_socket:
             print(
                 f"overcommitd: {args.config}: [runner] status_socket is empty: the daemon serves no status",
@@ -127,7 +127,7 @@ def cmd_guest_set_floor(args: argparse.Namespace) -> int:
     if not isinstance(floor_kib, int) or floor_kib < 0:
         print(f"overcommitd: SIZE: {args.size!r} must be a size >= 0, e.g. 512MiB", file=sys.stderr)
         return EXIT_BAD_INPUT
-    cfg = _load(args)
+    cfg, _which = _load(args)
     libvirt_cfg = cfg.libvirt.model_copy(update={"uri": args.uri}) if args.uri else cfg.libvirt
     hv = LibvirtHypervisor(libvirt_cfg)
     hv.connect()

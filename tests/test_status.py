@@ -168,7 +168,7 @@ def test_without_a_config_the_default_path_is_used_or_defaults_said(
     assert f"config {cfg} (default" in capsys.readouterr().err
     missing = tmp_path / "absent.toml"
     monkeypatch.setenv("OVERCOMMITD_CONFIG", str(missing))
-    cfg_used = _load(argparse.Namespace(config=None))  # what run, set-floor and status call
+    cfg_used, _which = _load(argparse.Namespace(config=None))  # what run, set-floor and status call
     err = capsys.readouterr().err
     assert f"no config at {missing}" in err and "using defaults" in err
     assert cfg_used == DaemonConfig() and cfg_used.runner.status_socket == "/run/overcommitd/status.sock"
