@@ -172,3 +172,11 @@ def test_without_a_config_the_default_path_is_used_or_defaults_said(
     err = capsys.readouterr().err
     assert f"no config at {missing}" in err and "using defaults" in err
     assert cfg_used == DaemonConfig() and cfg_used.runner.status_socket == "/run/overcommitd/status.sock"
+
+
+def test_the_mqtt_decision_carries_the_policys_reason() -> None:
+    from overcommitd.telemetry.messages import DecisionMessage
+
+    d = Decision("u", "web1", None, 2 * GIB, (), "warm-up: 5 min left")
+    m = DecisionMessage.of(d, applied=False)
+    assert DecisionMessage.model_validate_json(m.model_dump_json()).policy_reason == "warm-up: 5 min left"
