@@ -25,6 +25,7 @@ import stat
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -56,7 +57,7 @@ class GuestStatus(BaseModel):
     floor_kib: int
     max_kib: int
     wish_kib: int | None
-    state: str
+    state: Literal["set", "held", "not-applied"]
     why: str
 
 
@@ -105,6 +106,7 @@ def build(
         g = by_uuid.get(d.uuid)
         if g is None:
             continue
+        state: Literal["set", "held", "not-applied"]
         if d.target_kib is None:
             state, target = "held", g.last_target_kib
         else:
