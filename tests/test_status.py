@@ -7,12 +7,17 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from overcommitd import status
 from overcommitd.cli import _load, main
@@ -180,3 +185,31 @@ def test_the_mqtt_decision_carries_the_policys_reason() -> None:
     d = Decision("u", "web1", None, 2 * GIB, (), "warm-up: 5 min left")
     m = DecisionMessage.of(d, applied=False)
     assert DecisionMessage.model_validate_json(m.model_dump_json()).policy_reason == "warm-up: 5 min left"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=2000),
+        st.integers(1, 200_000).map(lambda n: b"[" * n),
+        st.integers(1, 200_000).map(lambda n: b'{"policy":' * n),
+        st.just(b'{"policy": "trim", "dry_run": "yes", "ticks": 1e400}'),
+    )
+)
+def test_a_garbled_status_document_is_a_named_error_never_a_traceback(payload: bytes) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        sock = Path(d) / "s.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(str(sock))
+            server.listen()
+
+            def serve() -> None:
+                conn, _ = server.accept()
+                with conn:
+                    conn.sendall(payload)
+
+            t = threading.Thread(target=serve)
+            t.start()
+            with pytest.raises(status.StatusError, match="not a status document"):
+                status.read(sock)
+            t.join()
