@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from overcommitd.model import GuestSnapshot, Kib, OvercommitdError
 
@@ -149,6 +149,14 @@ class RunnerConfig(_Section):
     status_socket: str = Field(
         "/run/overcommitd/status.sock", description="Unix socket `overcommitd status` reads; empty: none"
     )
+
+    @field_validator("status_socket")
+    @classmethod
+    def _socket_path(cls, value: str) -> str:
+        # sun_path holds 108 bytes with its NUL (unix(7))
+        if value and (not value.startswith("/") or len(value.encode()) > 107 or "\0" in value):
+            raise ValueError("must be an absolute path of at most 107 bytes, or empty for no status socket")
+        return value
 
 
 class DaemonConfig(_Section):

@@ -213,3 +213,11 @@ def test_a_garbled_status_document_is_a_named_error_never_a_traceback(payload: b
             with pytest.raises(status.StatusError, match="not a status document"):
                 status.read(sock)
             t.join()
+
+
+@pytest.mark.parametrize("bad", ["relative.sock", "/" + "x" * 200, "/run/a\0b"])
+def test_a_bad_status_socket_path_is_refused_with_its_key(bad: str) -> None:
+    from overcommitd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"runner.status_socket: Value error, must be an absolute path"):
+        DaemonConfig.load(None, runner={"status_socket": bad})
