@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 apt_packages=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   pkg-config gcc libc6-dev mosquitto busybox-static cpio openssl
-  systemd python3-venv)  # systemd: systemd-analyze checks the unit; python3-venv: the install-steps test
+  systemd)  # systemd: systemd-analyze checks the unit (tests/test_systemd.py)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 && [ ! -s .cache/realguest/vmlinuz ]; then
