@@ -12,15 +12,24 @@ it is an error naming the key, never a daemon that stops ticking or spins.
 
 from __future__ import annotations
 
+import os
 import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from overcommitd.model import GuestSnapshot, Kib, OvercommitdError
+
+DEFAULT_CONFIG_PATH = Path("/etc/overcommitd/overcommitd.toml")
+CONFIG_ENV = "OVERCOMMITD_CONFIG"  # overrides DEFAULT_CONFIG_PATH (tests, non-standard installs)
+
+
+def default_config_path() -> Path:
+    """Where ``run``, ``guest set-floor`` and ``status`` look without ``--config``."""
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
 
 
 class ConfigError(OvercommitdError):
@@ -249,6 +258,17 @@ class RunnerConfig(_Section):
     dry_run: bool = Field(False, description="decide and publish, but set no balloon")
     return_to_max_on_exit: bool = Field(False, description="on SIGTERM, deflate every balloon to the guest's maximum")
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line, for journald/Loki")
+    status_socket: str = Field(
+        "/run/overcommitd/status.sock", description="Unix socket `overcommitd status` reads; empty: none"
+    )
+
+    @field_validator("status_socket")
+    @classmethod
+    def _socket_path(cls, value: str) -> str:
+        # sun_path holds 108 bytes with its NUL (unix(7))
+        if value and (not value.startswith("/") or len(value.encode()) > 107 or "\0" in value):
+            raise ValueError("must be an absolute path of at most 107 bytes, or empty for no status socket")
+        return value
 
 
 class DaemonConfig(_Section):
