@@ -391,7 +391,7 @@ def test_the_daemon_ticks_through_the_qmp_backend(qemu: FakeQemuHost, sock_dir: 
     fake = qemu.add("101", name="web", uuid=UUID_A, actual=512 * MIB)
     cfg_path = sock_dir / "overcommitd.toml"
     cfg_path.write_text(
-        f"""interval_s = 0.2
+        f"""interval_s = 0.5
 [policy]
 name = "tests.helpers:FixedPolicy"
 params = {{ target_kib = {768 * 1024} }}
