@@ -64,7 +64,7 @@ def make_hv(sock_dir: Path, clock: Clock, events: list[GuestEvent], *, keep_conn
     cfg = QmpConfig(
         socket_glob=str(sock_dir / "*.qmp"),
         pve_conf_dir=sock_dir / "pve",
-        call_timeout_s=0.5,
+        call_timeout_s=1.5,  # generous: a loaded CI machine must not time out a guest that answers
         keep_connected=keep_connected,
     )
     h = QmpHypervisor(cfg, on_event=events.append, clock=clock)
