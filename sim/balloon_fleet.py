@@ -61,21 +61,28 @@ class FleetMm:
         self._released_seen = 0
 
     def _row_spare_kib(self, reclaim: bool = True) -> float:
+        # ``.item`` gives Python floats: the same doubles as numpy scalars, at a tenth the cost.
         f, i = self.fleet, self.i
+        cache = f.cache.item(i)
         free = (
-            f.ram[i]
-            - f.reserved[i]
-            - f.kernel[i]
-            - f.driver.balloon_kib[i]
-            - f.driver.held_kib[i]
-            - f.anon[i]
-            - f.cache[i]
+            f.ram.item(i)
+            - f.reserved.item(i)
+            - f.kernel.item(i)
+            - self.balloons.balloon_kib.item(i)
+            - self.balloons.held_kib.item(i)
+            - f.anon.item(i)
+            - cache
         )
-        spare = max(free - f.min_free[i], 0.0)
-        return float(spare + (max(f.cache[i] - f.cache_min[i], 0.0) if reclaim else 0.0))
+        spare = max(free - f.min_free.item(i), 0.0)
+        return float(spare + (max(cache - f.cache_min.item(i), 0.0) if reclaim else 0.0))
 
     def alloc_pages(self, n: int) -> U32s:
         k = min(n, int(self._row_spare_kib() // spec.BALLOON_PAGE_KIB))
+        if k > 0 and not self._free_stack:  # the common case: fresh frames, one arange
+            lo = max(self._next_pfn - k, WINDOW_BYTES // 4096)
+            pfns = np.arange(self._next_pfn - 1, lo - 1, -1, dtype=np.uint32)
+            self._next_pfn = lo
+            return pfns
         out: list[U32s] = []
         while k > 0 and self._free_stack:
             top = self._free_stack[-1]
@@ -211,7 +218,7 @@ class ProtocolBalloons:
         self.stats_period_s = np.full(n, float(stats_period_s))
         self.last_update_s = np.full(n, -np.inf)
         self.stats = {name: np.zeros(n) for name in STAT_FIELDS}
-        fleet.driver = self  # type: ignore[assignment]  # the Fleet's driver seam, protocol speed
+        fleet.driver = self  # the Fleet's driver seam (``sim.driver.FleetDriver``), protocol speed
         self.guests = [
             GuestBalloon(world, s, functools.partial(FleetMm, fleet, self, i), stats_period_s=int(stats_period_s))
             for i, s in enumerate(specs)
@@ -223,6 +230,10 @@ class ProtocolBalloons:
     @property
     def puff_retries(self) -> Array:
         return np.array([g.driver.puff_count for g in self.guests], dtype=np.float64)
+
+    def config_changed(self, i: int, num_pages_kib: float) -> None:
+        """The host writes guest ``i``'s ``num_pages`` (in KiB here) and interrupts."""
+        self.guests[i].device.set_num_pages(int(num_pages_kib) // spec.BALLOON_PAGE_KIB)
 
     def advance(self, dt_s: float, spare_kib: Array) -> None:
         """Nothing to do: balloons moved request by request on the World clock."""
