@@ -467,8 +467,8 @@ class VirtioBalloon:
         self.stats_vq_elem = elem
         data = vq.read_out(elem)
         self.stats = [spec.STAT_NOT_SUPPLIED] * spec.VIRTIO_BALLOON_S_NR
-        for off in range(0, len(data) - spec.STAT.size + 1, spec.STAT.size):
-            tag, val = spec.STAT.unpack_from(data, off)
+        fields = spec.stats_array(len(data) // spec.STAT.size).unpack_from(data)
+        for tag, val in zip(fields[::2], fields[1::2]):  # in order: a repeated tag's last value wins
             if tag < spec.VIRTIO_BALLOON_S_NR:
                 self.stats[tag] = val
         # g_get_real_time() / G_USEC_PER_SEC: whole seconds (integer division).

@@ -503,8 +503,9 @@ class LinuxBalloonDriver:
     # -- stats ----------------------------------------------------------------------
 
     def _write_stats(self) -> None:
-        for k, (tag, val) in enumerate(self.mm.vm_stats()):
-            spec.STAT.pack_into(self.mem.buf, self.stats_addr + k * spec.STAT.size, tag, val)
+        entries = self.mm.vm_stats()
+        flat = [x for entry in entries for x in entry]
+        spec.stats_array(len(entries)).pack_into(self.mem.buf, self.stats_addr, *flat)
 
     def stats_handle_request(self) -> ProcessGen:
         """update_balloon_stats_work: gather, reclaim the used buffer, post it again."""
