@@ -53,6 +53,7 @@ def stats_array(n: int) -> struct.Struct:
     call (``STAT`` ``n`` times, no padding between entries)."""
     return struct.Struct("<" + "HQ" * n)
 
+
 VIRTIO_BALLOON_S_SWAP_IN = 0
 VIRTIO_BALLOON_S_SWAP_OUT = 1
 VIRTIO_BALLOON_S_MAJFLT = 2
