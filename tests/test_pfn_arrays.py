@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sim.balloon_spec as spec
-from sim.backing import HostRam
+from sim.backing import HostRam, RamBacking
 from sim.device import VirtioBalloon
 from sim.driver import LinuxBalloonDriver
 from sim.guestmem import PAGE_BYTES, GuestMemory, GuestMemoryError
@@ -146,3 +146,22 @@ def test_driver_and_device_modules_do_not_import_each_other() -> None:
         "assert not hasattr(d, 'BALLOON_PAGE_KIB') or d.BALLOON_PAGE_KIB is s.BALLOON_PAGE_KIB"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([2, 4, 8, 512]),
+    st.lists(st.integers(0, 4096), max_size=300),
+    st.booleans(),
+)
+def test_large_page_discard_over_arrays_matches_qemus_per_pfn_walk(per_host: int, pfns: list[int], run: bool) -> None:
+    """The vectorized PartiallyBalloonedPage accounting against the per-PFN walk, on
+    arbitrary arrays and on Linux-like runs of descending contiguous PFNs."""
+    if run and pfns:
+        pfns = list(range(pfns[0] + len(pfns) - 1, pfns[0] - 1, -1))
+    array = np.array(pfns, dtype=np.uint32)
+    backing = RamBacking("hugetlbfs", page_bytes=4096 * per_host)
+    fast, walk = HostRam(backing), HostRam(backing)
+    freed = fast.inflate_element(array)
+    assert freed == walk._inflate_large_loop(array, per_host) + walk.released_bytes
+    assert (fast.discard_calls, fast.partial_dropped) == (walk.discard_calls, walk.partial_dropped)
