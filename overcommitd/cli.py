@@ -71,6 +71,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_record(args: argparse.Namespace) -> int:
+    """Record the host's guests and the host into the trace format until SIGTERM/SIGINT
+    or ``--hours``; read-only (a read-only libvirt connection, nothing but snapshots)."""
+    import signal
+    import threading
+
+    from overcommitd import logs
+    from overcommitd.host import HostPaths, ProcHostReader
+    from overcommitd.hypervisor.libvirt import LibvirtHypervisor
+    from overcommitd.record import ReadOnlyGuests, Recorder
+
+    cfg = _load(args)
+    logs.setup(args.log_format or cfg.runner.log_format, verbose=args.verbose)
+    host = ProcHostReader(HostPaths(cfg.host.meminfo_path, cfg.host.psi_memory_path, cfg.host.ksm_dir))
+    hv = LibvirtHypervisor(cfg.libvirt, read_only=True)
+    interval_s = args.interval_s or cfg.interval_s
+    recorder = Recorder(
+        ReadOnlyGuests(hv), host, args.out, rules=cfg.guard, interval_s=interval_s, source=cfg.libvirt.uri
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("overcommitd.record").info(
+        "recording %s every %g s into %s", cfg.libvirt.uri, interval_s, args.out
+    )
+    try:
+        recorder.run(stop, hours=args.hours)
+    finally:
+        hv.close()
+    return 0
+
+
+def _positive(text: str) -> float:
+    """argparse type: a number > 0 (NaN and inf are not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
 def cmd_guest_set_floor(args: argparse.Namespace) -> int:
     """Write a guest's SLA floor into its domain's <metadata>; the daemon picks it up."""
     from overcommitd.hypervisor.libvirt import LibvirtHypervisor
@@ -123,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="one tick, then exit")
     p.add_argument("--log-format", choices=["json", "text"], default=None, help="default: [runner] log_format")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("record", help="record every guest and the host into trace files (read-only)")
+    p.add_argument("--config", type=Path, default=None, help="TOML config: [libvirt] uri, [guard] staleness, [host]")
+    p.add_argument("--out", type=Path, required=True, help="directory for guests-*.csv.gz, host-*.csv.gz")
+    p.add_argument("--interval-s", type=_positive, default=None, help="seconds between samples (default: interval_s)")
+    p.add_argument("--hours", type=_positive, default=None, help="stop after this many hours (default: until SIGTERM)")
+    p.add_argument("--log-format", choices=["json", "text"], default=None, help="default: [runner] log_format")
+    p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("guest", help="per-guest settings kept in the domain's libvirt metadata")
     guest_sub = p.add_subparsers(dest="guest_command", required=True)
