@@ -5,12 +5,14 @@ real files in tmp dirs; the real guests are in tests/realguest/test_record_realg
 
 from __future__ import annotations
 
+import configparser
 import csv
 import gzip
 import io
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from overcommitd import traceformat as tf
+from overcommitd.cli import build_parser, cmd_record
 from overcommitd.config import GuardConfig, LibvirtConfig
 from overcommitd.hourly import HourlyGzipCsv, complete_members_length
 from overcommitd.hypervisor import HypervisorError
@@ -385,3 +388,22 @@ def test_csv_cells_round_trip(tmp_path: Path) -> None:
     f.close()
     with gzip.open(tmp_path / "guests-2026-12-01T00Z.csv.gz", "rt") as fh:
         assert list(csv.reader(io.StringIO(fh.read()))) == [["guest", "x"], ['we"ird,name', "1.5"]]
+
+
+def test_the_unit_is_a_sandboxed_simple_service_that_writes_only_its_state_directory() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(REPO / "overcommitd" / "systemd" / "overcommitd-record.service")
+    svc = unit["Service"]
+    assert svc["Type"] == "simple" and svc["ProtectSystem"] == "strict" and svc["KillSignal"] == "SIGTERM"
+    assert svc["StateDirectory"] == "overcommitd/recordings" and "ReadWritePaths" not in svc
+    assert svc["CapabilityBoundingSet"] == "" and svc["NoNewPrivileges"] == "true"
+    # The command line systemd runs is one the CLI accepts, with the args from the environment.
+    argv = shlex.split(
+        svc["ExecStart"]
+        .replace("${STATE_DIRECTORY}", "/var/lib/overcommitd/recordings")
+        .replace("$OVERCOMMITD_RECORD_ARGS", "--interval-s 30 --hours 168")
+    )
+    assert argv[0].endswith("/overcommitd")
+    args = build_parser().parse_args(argv[1:])
+    assert args.func is cmd_record and args.out == Path("/var/lib/overcommitd/recordings")
+    assert (args.interval_s, args.hours) == (30.0, 168.0)
