@@ -8,10 +8,11 @@ which libvirt itself refuses ``setMemory``), and a ``HostReader``. It never sets
 and never changes a guest, not even its stats period.
 
 Every interval it reads the same bulk stats the daemon reads and the host's meminfo, PSI
-and KSM counters, and appends one row per guest to ``guests-<UTC hour>.csv.gz`` and one
-row to ``host-<UTC hour>.csv.gz`` (``overcommitd.hourly``: one gzip member per interval,
-fsynced, so a crash loses at most one interval). ``recording.json`` beside them says what
-was recorded, and how many samples were skipped and why.
+and KSM counters, and appends one row per guest to ``guests-<UTC hour>.csv`` and one row
+to ``host-<UTC hour>.csv`` (``overcommitd.hourly``: written and fsynced every interval,
+so a crash loses at most one; each hour gzip-compressed to ``.csv.gz`` once it is
+over). ``recording.json`` beside them says what was recorded, and how many samples were
+skipped and why.
 
 ``used_kib`` is the workload's demand, not the balloon's effect. From the guest's own
 stats: ``used = MemTotal - MemAvailable``. The balloon's pages are never available, and
@@ -50,7 +51,7 @@ from overcommitd import traceformat as tf
 from overcommitd.config import GuardConfig
 from overcommitd.guard import stats_problem
 from overcommitd.host import HostError
-from overcommitd.hourly import Cell, HourlyGzipCsv
+from overcommitd.hourly import Cell, HourlyCsv
 from overcommitd.hypervisor import HostReader, Hypervisor, HypervisorError
 from overcommitd.model import GuestSnapshot, GuestStats, HostSnapshot
 
@@ -139,8 +140,8 @@ class Recorder:
     ) -> None:
         self.guests, self.host, self.out_dir, self.rules = guests, host, out_dir, rules
         self.interval_s, self.source, self.clock = interval_s, source, clock
-        self.guest_file = HourlyGzipCsv(out_dir, "guests", GUEST_HEADER)
-        self.host_file = HourlyGzipCsv(out_dir, "host", tf.HOST_COLUMNS)
+        self.guest_file = HourlyCsv(out_dir, "guests", GUEST_HEADER)
+        self.host_file = HourlyCsv(out_dir, "host", tf.HOST_COLUMNS)
         self.rows_written = 0
         self.host_rows_written = 0
         self.skipped: Counter[tuple[str, str]] = Counter()  # (guest, reason) -> samples
@@ -159,6 +160,8 @@ class Recorder:
         now_s = self.clock()
         if self.started_s is None:
             self.started_s = now_s
+            self.guest_file.recover()
+            self.host_file.recover()
         self.last_sample_s = now_s
         self._sample_host(now_s)
         try:
@@ -264,8 +267,8 @@ class Recorder:
 
     def close(self) -> None:
         self._summarise("recording stopped")
-        self.guest_file.close()
-        self.host_file.close()
+        self.guest_file.finish()
+        self.host_file.finish()
         self.write_manifest()
 
     def run(self, stop: threading.Event, *, hours: float | None = None) -> None:

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from overcommitd import traceformat as tf
 from overcommitd.cli import build_parser, cmd_record
 from overcommitd.config import GuardConfig, LibvirtConfig
-from overcommitd.hourly import HourlyGzipCsv, complete_members_length
+from overcommitd.hourly import HourlyCsv
 from overcommitd.hypervisor import HypervisorError
 from overcommitd.hypervisor.libvirt import LibvirtHypervisor
 from overcommitd.model import BalloonFeatures, GuestSnapshot, GuestStats
@@ -187,7 +187,7 @@ def test_rows_rotate_every_utc_hour_with_one_header_each(tmp_path: Path) -> None
     assert [float(r[tf.TIME_S]) - T0 for r in second] == [5, 5, 15, 15]
     with gzip.open(tmp_path / names[0], "rt") as f:
         assert f.readline().strip().split(",") == list(GUEST_HEADER)
-        assert "time_s" not in f.read()  # one header per file, however many members
+        assert "time_s" not in f.read()  # one header per file, however many intervals
     host = read_rows(tmp_path / names[3])
     assert [float(r[tf.TIME_S]) - T0 for r in host] == [5, 15]
     assert set(host[0]) == set(tf.HOST_COLUMNS) and int(host[0]["mem_total_kib"]) > 0
@@ -196,27 +196,49 @@ def test_rows_rotate_every_utc_hour_with_one_header_each(tmp_path: Path) -> None
     assert manifest["format_version"] == tf.FORMAT_VERSION
 
 
-def test_each_interval_is_a_whole_gzip_member_so_a_torn_tail_is_dropped_on_restart(tmp_path: Path) -> None:
-    f = HourlyGzipCsv(tmp_path, "guests", ["a", "b"])
-    f.append(T0, [[1, 2]])
-    f.append(T0 + 10, [[3, None]])
-    f.close()
-    path = tmp_path / "guests-2026-12-01T00Z.csv.gz"
-    good = path.read_bytes()
-    assert complete_members_length(good) == len(good)
-    torn = gzip.compress(b"5,6\n")[:-7]  # a member cut short by a crash
-    path.write_bytes(good + torn)
-    assert complete_members_length(path.read_bytes()) == len(good)
-    f = HourlyGzipCsv(tmp_path, "guests", ["a", "b"])
-    f.append(T0 + 20, [[7, 8]])
-    f.close()
-    assert gzip.decompress(path.read_bytes()).decode() == "a,b\n1,2\n3,\n7,8\n"
+def crash(w: HourlyCsv) -> None:
+    """Stop a writer the way a killed process does: its file closed, nothing compressed."""
+    assert w._file is not None
+    w._file.close()
+    w._file = None
+
+
+def test_a_crash_loses_at_most_the_interval_being_written(tmp_path: Path) -> None:
+    w = HourlyCsv(tmp_path, "guests", ["a", "b"])
+    w.append(T0, [[1, 2]])
+    w.append(T0 + 10, [[3, None]])
+    crash(w)
+    plain = tmp_path / "guests-2026-12-01T00Z.csv"
+    assert plain.read_text() == "a,b\n1,2\n3,\n"  # readable while it grows, every interval on disk
+    with plain.open("ab") as f:
+        f.write(b"5,")  # a write torn by power loss
+    w = HourlyCsv(tmp_path, "guests", ["a", "b"])  # restarted within the hour
+    w.append(T0 + 20, [[7, 8]])
+    w.finish()
+    assert not plain.exists()
+    assert gzip.decompress((tmp_path / "guests-2026-12-01T00Z.csv.gz").read_bytes()) == b"a,b\n1,2\n3,\n7,8\n"
+
+
+def test_a_restart_continues_the_hour_and_compresses_what_a_crash_left(tmp_path: Path) -> None:
+    w = HourlyCsv(tmp_path, "host", ["a"])
+    w.append(T0 - 10, [[1]])  # hour 23: crashed before it was compressed
+    crash(w)
+    w = HourlyCsv(tmp_path, "host", ["a"])
+    assert [p.name for p in w.recover()] == ["host-2026-11-30T23Z.csv.gz"]
+    w.append(T0, [[2]])
+    w.finish()  # a clean stop within hour 00
+    w = HourlyCsv(tmp_path, "host", ["a"])
+    w.append(T0 + 10, [[3]])  # and a restart within it
+    w.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["host-2026-11-30T23Z.csv.gz", "host-2026-12-01T00Z.csv.gz"]
+    assert gzip.decompress((tmp_path / "host-2026-11-30T23Z.csv.gz").read_bytes()) == b"a\n1\n"
+    assert gzip.decompress((tmp_path / "host-2026-12-01T00Z.csv.gz").read_bytes()) == b"a\n2\n3\n"
 
 
 def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    f = HourlyGzipCsv(tmp_path, "host", ["a"])
+    f = HourlyCsv(tmp_path, "host", ["a"])
     f.append(T0, [[1]])
-    path = tmp_path / "host-2026-12-01T00Z.csv.gz"
+    path = tmp_path / "host-2026-12-01T00Z.csv"
     size = path.stat().st_size
 
     def full(_fd: int) -> None:
@@ -228,8 +250,8 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path, monkeypatch: p
     monkeypatch.undo()
     assert path.stat().st_size == size
     f.append(T0 + 20, [[3]])
-    f.close()
-    assert gzip.decompress(path.read_bytes()).decode() == "a\n1\n3\n"
+    f.finish()
+    assert gzip.decompress((tmp_path / "host-2026-12-01T00Z.csv.gz").read_bytes()) == b"a\n1\n3\n"
 
 
 # -- skipped samples, guests coming and going --------------------------------------------
@@ -350,13 +372,14 @@ def test_sigterm_closes_the_recording_cleanly(tmp_path: Path) -> None:
     proc = record_command(tmp_path, "--interval-s", "0.2")
     out = tmp_path / "out"
     deadline = time.monotonic() + 60
-    while not list(out.glob("host-*.csv.gz")) and time.monotonic() < deadline and proc.poll() is None:
+    while not list(out.glob("host-*.csv")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "recording stopped" in err
+    assert not list(out.glob("*.csv"))  # every hour compressed on the way out
     (host,) = out.glob("host-*.csv.gz")
     rows = read_rows(host)  # a valid gzip file, read to the end
     manifest = json.loads((out / MANIFEST).read_text())
@@ -383,9 +406,9 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
 
 
 def test_csv_cells_round_trip(tmp_path: Path) -> None:
-    f = HourlyGzipCsv(tmp_path, "guests", ["guest", "x"])
+    f = HourlyCsv(tmp_path, "guests", ["guest", "x"])
     f.append(T0, [['we"ird,name', 1.5]])
-    f.close()
+    f.finish()
     with gzip.open(tmp_path / "guests-2026-12-01T00Z.csv.gz", "rt") as fh:
         assert list(csv.reader(io.StringIO(fh.read()))) == [["guest", "x"], ['we"ird,name', "1.5"]]
 
