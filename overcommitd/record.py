@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "recording.json"
 NO_MEMTOTAL = "no-memtotal"  # stats without MemTotal or any way to MemAvailable
 UNREACHABLE = "hypervisor-unreachable"  # the whole interval: no guest could be read
+WRITE_FAILED = "write-failed"  # the whole interval: its rows could not be written (disk full?)
 
 # The guest columns the recorder can fill. Disk I/O rates are not in the balloon stats
 # the daemon reads, so those columns are left out (absent, not zero).
@@ -171,6 +172,10 @@ class Recorder:
             self._skip("*", UNREACHABLE)
             return
         rows = [row for g in snapshots if (row := self._guest_row(now_s, g)) is not None]
+        live = {g.uuid for g in snapshots}
+        for gone in set(self._prev) - live:  # a guest that left: forget its counters
+            self._prev.pop(gone)
+            self._rates.pop(gone, None)
         if self.guest_file.append(now_s, rows):
             self._new_hour()
         self.rows_written += len(rows)
@@ -266,10 +271,14 @@ class Recorder:
         os.replace(tmp, self.out_dir / MANIFEST)
 
     def close(self) -> None:
+        """Compress the last hour and save the manifest; a failure is logged, not raised
+        (what is on disk stays readable, and the next start compresses what is left)."""
         self._summarise("recording stopped")
-        self.guest_file.finish()
-        self.host_file.finish()
-        self.write_manifest()
+        for step in (self.guest_file.finish, self.host_file.finish, self.write_manifest):
+            try:
+                step()
+            except OSError as e:
+                log.error("while closing the recording in %s: %s", self.out_dir, e)
 
     def run(self, stop: threading.Event, *, hours: float | None = None) -> None:
         """Sample every ``interval_s`` (on the monotonic clock, so a slow sample does not
@@ -279,7 +288,11 @@ class Recorder:
         k = 0
         try:
             while not stop.is_set():
-                self.sample()
+                try:
+                    self.sample()
+                except OSError as e:  # a full disk may be freed: keep trying every interval
+                    log.error("interval not written to %s: %s", self.out_dir, e)
+                    self._skip("*", WRITE_FAILED)
                 k += 1
                 next_at = start + k * self.interval_s
                 if end is not None and next_at > end:

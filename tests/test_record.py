@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -430,3 +431,25 @@ def test_the_unit_is_a_sandboxed_simple_service_that_writes_only_its_state_direc
     args = build_parser().parse_args(argv[1:])
     assert args.func is cmd_record and args.out == Path("/var/lib/overcommitd/recordings")
     assert (args.interval_s, args.hours) == (30.0, 168.0)
+
+
+def test_run_keeps_recording_through_failed_writes_and_counts_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hv = sim(False)
+    advance(hv, 30)
+    rec = recorder(hv, tmp_path)
+    rec.interval_s = 0.05
+    real_fsync, failures = os.fsync, [2]
+
+    def flaky(fd: int) -> None:  # the disk is full for the first two writes
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", flaky)
+    rec.run(threading.Event(), hours=0.5 / 3600)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["skipped_samples"] == {"*": {"write-failed": 2}}
+    assert manifest["guest_rows"] == len(guest_rows(tmp_path)) >= 5
