@@ -85,7 +85,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     cfg = _load(args)
     logs.setup(args.log_format or cfg.runner.log_format, verbose=args.verbose)
     host = ProcHostReader(HostPaths(cfg.host.meminfo_path, cfg.host.psi_memory_path, cfg.host.ksm_dir))
-    hv = LibvirtHypervisor(cfg.libvirt, read_only=True)
+    hv = LibvirtHypervisor(cfg.libvirt, read_only=True, include_excluded=True)
     interval_s = args.interval_s or cfg.interval_s
     recorder = Recorder(
         ReadOnlyGuests(hv), host, args.out, rules=cfg.guard, interval_s=interval_s, source=cfg.libvirt.uri

@@ -453,3 +453,29 @@ def test_run_keeps_recording_through_failed_writes_and_counts_them(
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert manifest["skipped_samples"] == {"*": {"write-failed": 2}}
     assert manifest["guest_rows"] == len(guest_rows(tmp_path)) >= 5
+
+
+def test_guests_excluded_from_ballooning_are_still_recorded() -> None:
+    import libvirt
+
+    from overcommitd.hypervisor import libvirt_xml as lx
+
+    conn = libvirt.open("test:///default")  # the test driver's state is shared within the process
+    dom = conn.lookupByName("test")
+
+    def exclude(yes: bool) -> None:
+        element = lx.metadata_element(lx.GuestMetadata(0, 1.0, yes))
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, lx.PREFIX, lx.NAMESPACE, 1)
+
+    exclude(True)
+    try:
+        seen = {}
+        for include in (False, True):
+            hv = LibvirtHypervisor(LibvirtConfig(uri="test:///default"), read_only=True, include_excluded=include)
+            hv.connect()
+            seen[include] = [g.name for g in hv.snapshot()]
+            hv.close()
+        assert seen == {False: [], True: ["test"]}
+    finally:
+        exclude(False)
+        conn.close()

@@ -101,11 +101,15 @@ class LibvirtHypervisor:
         on_event: Callable[[GuestEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         read_only: bool = False,
+        include_excluded: bool = False,
     ) -> None:
         self.cfg = cfg
         # Read-only: the connection is opened with virConnectOpenReadOnly, so libvirt itself
         # refuses every change, and stats periods are left as they are (``overcommitd record``).
         self.read_only = read_only
+        # Guests whose <metadata> excludes them from ballooning are left out of snapshots
+        # unless asked for: a recording wants every guest's workload.
+        self.include_excluded = include_excluded
         self.on_event = on_event
         self.clock = clock
         self.calls: Counter[str] = Counter()  # libvirt RPCs by method name, since start
@@ -339,7 +343,7 @@ class LibvirtHypervisor:
         xml = self._xml.get(uuid)
         if xml is None:
             xml = self._xml[uuid] = lx.parse_domain(self._rpc("XMLDesc", dom.XMLDesc, 0), where=name)
-        if not xml.has_balloon or xml.metadata.exclude:
+        if not xml.has_balloon or (xml.metadata.exclude and not self.include_excluded):
             return None
         period_s = self._ensure_stats_period(dom, uuid, name, xml.stats_period_s)
         reading = self._reading(dom, name, params)
