@@ -50,9 +50,11 @@ def hour_stamp(time_s: float) -> str:
 
 
 def encode_rows(rows: Iterable[Sequence[Cell]]) -> bytes:
-    """CSV text (RFC 4180, ``\\n`` line ends); None is an empty cell."""
+    """CSV text as RFC 4180 has it, ``\\r\\n`` line ends; None is an empty cell.
+    (Python's writer quotes a cell only for the characters of its line terminator: with
+    ``\\n`` alone a ``\\r`` in a guest's name would go out bare and end the line.)"""
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csv.writer(buf, lineterminator="\r\n")
     w.writerows(["" if c is None else c for c in row] for row in rows)
     return buf.getvalue().encode()
 

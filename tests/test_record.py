@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -210,14 +211,14 @@ def test_a_crash_loses_at_most_the_interval_being_written(tmp_path: Path) -> Non
     w.append(T0 + 10, [[3, None]])
     crash(w)
     plain = tmp_path / "guests-2026-12-01T00Z.csv"
-    assert plain.read_text() == "a,b\n1,2\n3,\n"  # readable while it grows, every interval on disk
+    assert plain.read_bytes() == b"a,b\r\n1,2\r\n3,\r\n"  # readable while it grows, every interval on disk
     with plain.open("ab") as f:
-        f.write(b"5,")  # a write torn by power loss
+        f.write(b"5,6\r")  # a write torn by power loss
     w = HourlyCsv(tmp_path, "guests", ["a", "b"])  # restarted within the hour
     w.append(T0 + 20, [[7, 8]])
     w.finish()
     assert not plain.exists()
-    assert gzip.decompress((tmp_path / "guests-2026-12-01T00Z.csv.gz").read_bytes()) == b"a,b\n1,2\n3,\n7,8\n"
+    assert gzip.decompress((tmp_path / "guests-2026-12-01T00Z.csv.gz").read_bytes()) == b"a,b\r\n1,2\r\n3,\r\n7,8\r\n"
 
 
 def test_a_restart_continues_the_hour_and_compresses_what_a_crash_left(tmp_path: Path) -> None:
@@ -232,8 +233,8 @@ def test_a_restart_continues_the_hour_and_compresses_what_a_crash_left(tmp_path:
     w.append(T0 + 10, [[3]])  # and a restart within it
     w.finish()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["host-2026-11-30T23Z.csv.gz", "host-2026-12-01T00Z.csv.gz"]
-    assert gzip.decompress((tmp_path / "host-2026-11-30T23Z.csv.gz").read_bytes()) == b"a\n1\n"
-    assert gzip.decompress((tmp_path / "host-2026-12-01T00Z.csv.gz").read_bytes()) == b"a\n2\n3\n"
+    assert gzip.decompress((tmp_path / "host-2026-11-30T23Z.csv.gz").read_bytes()) == b"a\r\n1\r\n"
+    assert gzip.decompress((tmp_path / "host-2026-12-01T00Z.csv.gz").read_bytes()) == b"a\r\n2\r\n3\r\n"
 
 
 def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -252,7 +253,7 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path, monkeypatch: p
     assert path.stat().st_size == size
     f.append(T0 + 20, [[3]])
     f.finish()
-    assert gzip.decompress((tmp_path / "host-2026-12-01T00Z.csv.gz").read_bytes()) == b"a\n1\n3\n"
+    assert gzip.decompress((tmp_path / "host-2026-12-01T00Z.csv.gz").read_bytes()) == b"a\r\n1\r\n3\r\n"
 
 
 # -- skipped samples, guests coming and going --------------------------------------------
@@ -479,3 +480,24 @@ def test_guests_excluded_from_ballooning_are_still_recorded() -> None:
     finally:
         exclude(False)
         conn.close()
+
+
+cells = st.one_of(
+    st.none(),
+    st.integers(-(2**63), 2**64),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20),
+)
+
+
+@given(st.lists(st.lists(cells, min_size=3, max_size=3), max_size=20))
+def test_whatever_the_cells_hold_the_hours_file_reads_back_the_same(rows: list[list[object]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        w = HourlyCsv(Path(tmp), "guests", ["a", "b", "c"])
+        for i, row in enumerate(rows):
+            w.append(T0 + i, [row])  # type: ignore[list-item]
+        w.finish()
+        packed = list(Path(tmp).glob("*.csv.gz"))
+        text = gzip.decompress(packed[0].read_bytes()).decode() if packed else ""
+    expected = [["a", "b", "c"]] * bool(rows) + [["" if c is None else str(c) for c in row] for row in rows]
+    assert list(csv.reader(io.StringIO(text, newline=""))) == expected
