@@ -501,3 +501,17 @@ def test_whatever_the_cells_hold_the_hours_file_reads_back_the_same(rows: list[l
         text = gzip.decompress(packed[0].read_bytes()).decode() if packed else ""
     expected = [["a", "b", "c"]] * bool(rows) + [["" if c is None else str(c) for c in row] for row in rows]
     assert list(csv.reader(io.StringIO(text, newline=""))) == expected
+
+
+def test_the_kept_recording_of_real_guests_follows_their_schedule() -> None:
+    """The recording tests/realguest/test_record_realguest.py made and the repo keeps for
+    replays: the same checks, on the committed files (no guests needed)."""
+    from tests.realguest.recording import check_guest, load_steps, recording_dir, rows_of
+
+    directory = recording_dir()
+    work, balloon = load_steps(directory)
+    rows = rows_of(directory)
+    assert set(rows) == set(work) == {"rec-plain", "rec-doo"}
+    for name, guest_rows_ in rows.items():
+        check_guest(name, guest_rows_, work[name], balloon)
+    assert {r[tf.DEFLATE_ON_OOM] for r in rows["rec-doo"]} == {"1"}
