@@ -505,7 +505,8 @@ def test_whatever_the_cells_hold_the_hours_file_reads_back_the_same(rows: list[l
 
 def test_the_kept_recording_of_real_guests_follows_their_schedule() -> None:
     """The recording tests/realguest/test_record_realguest.py made and the repo keeps for
-    replays: the same checks, on the committed files (no guests needed)."""
+    replays: the same checks, on the committed files (no guests needed); and today's
+    demand_kib, fed the real kernels' raw stats from those rows, still gives their used_kib."""
     from tests.realguest.recording import check_guest, load_steps, recording_dir, rows_of
 
     directory = recording_dir()
@@ -515,3 +516,12 @@ def test_the_kept_recording_of_real_guests_follows_their_schedule() -> None:
     for name, guest_rows_ in rows.items():
         check_guest(name, guest_rows_, work[name], balloon)
     assert {r[tf.DEFLATE_ON_OOM] for r in rows["rec-doo"]} == {"1"}
+    for r in rows["rec-plain"] + rows["rec-doo"]:
+        g = snapshot(
+            max_kib=int(r[tf.PROVISIONED_KIB]),
+            actual_kib=int(r[tf.ACTUAL_KIB]),
+            total=int(r["stat_total_memory_kib"]),
+            available=int(r["stat_available_memory_kib"]),
+            doo=r[tf.DEFLATE_ON_OOM] == "1",
+        )
+        assert demand_kib(g) == int(r[tf.USED_KIB]), r
