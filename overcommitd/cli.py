@@ -58,7 +58,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     logs.setup(args.log_format or cfg.runner.log_format, verbose=args.verbose)
-    host = ProcHostReader(HostPaths(cfg.host.meminfo_path, cfg.host.psi_memory_path, cfg.host.ksm_dir))
+    host = ProcHostReader(
+        HostPaths(cfg.host.meminfo_path, cfg.host.psi_memory_path, cfg.host.ksm_dir, cfg.host.arcstats_path)
+    )
     daemon = Daemon(
         cfg, LibvirtHypervisor(cfg.libvirt), host, config_path=args.config, cli_dry_run=args.dry_run or None
     )
@@ -116,16 +118,16 @@ def _positive(text: str) -> float:
 
 def cmd_guest_set_floor(args: argparse.Namespace) -> int:
     """Write a guest's SLA floor into its domain's <metadata>; the daemon picks it up."""
+    from pydantic import TypeAdapter, ValidationError
+
     from overcommitd.hypervisor.libvirt import LibvirtHypervisor
-    from overcommitd.model import parse_kib
+    from overcommitd.model import MAX_KIB, Kib
 
     try:
-        floor_kib = parse_kib(args.size)
-    except ValueError as e:
-        print(f"overcommitd: SIZE: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if not isinstance(floor_kib, int) or floor_kib < 0:
-        print(f"overcommitd: SIZE: {args.size!r} must be a size >= 0, e.g. 512MiB", file=sys.stderr)
+        floor_kib = TypeAdapter(Kib).validate_python(args.size)
+    except ValidationError as e:
+        why = e.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+        print(f"overcommitd: SIZE: {why} (a size from 0 to {MAX_KIB} KiB, e.g. 512MiB)", file=sys.stderr)
         return EXIT_BAD_INPUT
     cfg = _load(args)
     libvirt_cfg = cfg.libvirt.model_copy(update={"uri": args.uri}) if args.uri else cfg.libvirt
@@ -200,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="search a policy's parameters over replays; write them as config TOML")
     add_tune_arguments(p)
     p.set_defaults(func=cmd_tune)
+
+    from sim.trace_cli import add_trace_parser
+
+    add_trace_parser(sub)
 
     p = sub.add_parser("sim", help="simulator tools: protocol-level virtio-balloon scenarios")
     sim_sub = p.add_subparsers(dest="sim_command", required=True)

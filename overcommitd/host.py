@@ -1,10 +1,13 @@
 """Host memory pressure from the kernel's own files: ``/proc/meminfo`` (MemAvailable,
-swap), ``/proc/pressure/memory`` (PSI) and KSM's sysfs counters.
+swap), ``/proc/pressure/memory`` (PSI), KSM's sysfs counters and, on ZFS hosts, the ARC's
+kstat ``/proc/spl/kstat/zfs/arcstats``.
 
 Paths are injectable so tests read real files under a temporary directory. A missing PSI
 file (kernels older than 4.20, or ``CONFIG_PSI=n``, or ``psi=0`` on the command line)
 degrades to ``psi=None`` with one logged warning; a missing or malformed meminfo is an
-error, since without it there is nothing to control against.
+error, since without it there is nothing to control against. A missing arcstats file
+means the host has no ZFS (the module is not loaded): silently no ARC. A malformed one is
+an error naming the file and line, as a wrong reading would move guests.
 """
 
 from __future__ import annotations
@@ -30,6 +33,57 @@ class HostPaths:
     meminfo: Path = Path("/proc/meminfo")
     psi_memory: Path = Path("/proc/pressure/memory")
     ksm_dir: Path = Path("/sys/kernel/mm/ksm")
+    arcstats: Path = Path("/proc/spl/kstat/zfs/arcstats")
+
+
+# kstat data types (OpenZFS include/sys/kstat.h, KSTAT_DATA_*): the integer ones. arcstats
+# rows are UINT64 (4), except memory_available_bytes, INT64 (3).
+_KSTAT_INTEGER_TYPES = frozenset({1, 2, 3, 4, 5, 6})
+
+
+@dataclass(frozen=True, slots=True)
+class ArcStats:
+    """The ZFS ARC's sizes in KiB, from the kstat names of OpenZFS module/zfs/arc.c:
+    ``size`` (what the ARC holds now), ``c`` (its current target), ``c_min`` and ``c_max``
+    (the bounds ``c`` moves in; ``zfs_arc_min``/``zfs_arc_max``)."""
+
+    size_kib: int
+    c_kib: int
+    c_min_kib: int
+    c_max_kib: int
+
+    @property
+    def reclaimable_kib(self) -> int:
+        """What the ARC gives back under memory pressure: it shrinks to ``c_min``, no lower
+        (arc.c's arc_reap/arc_shrink stop at arc_c_min)."""
+        return max(0, self.size_kib - self.c_min_kib)
+
+
+def parse_arcstats(text: str, *, where: str = "/proc/spl/kstat/zfs/arcstats") -> ArcStats:
+    """A kstat file: a kstat header line (``13 1 0x01 ...``), the column line ``name type
+    data``, then one ``<name> <type> <value>`` row per statistic, values in bytes."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.split() == ["name", "type", "data"]), None)
+    if start is None:
+        raise HostError(f"{where}: no 'name type data' header line; is this a kstat file?")
+    values: dict[str, int] = {}
+    for lineno, line in enumerate(lines[start + 1 :], start=start + 2):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 3 or not fields[1].isdigit():
+            raise HostError(f"{where}:{lineno}: expected '<name> <type> <value>', got {line.strip()[:80]!r}")
+        name, kind, value = fields
+        if int(kind) not in _KSTAT_INTEGER_TYPES:
+            continue
+        try:
+            values[name] = int(value)
+        except ValueError as e:
+            raise HostError(f"{where}:{lineno}: {name}: {value[:40]!r} is not an integer") from e
+    missing = [k for k in ("size", "c", "c_min", "c_max") if k not in values]
+    if missing:
+        raise HostError(f"{where}: no {', '.join(missing)} row; an OpenZFS arcstats has them all")
+    return ArcStats(*(max(0, values[k]) // 1024 for k in ("size", "c", "c_min", "c_max")))
 
 
 def parse_meminfo(text: str, *, where: str = "/proc/meminfo") -> dict[str, int]:
@@ -97,7 +151,19 @@ class ProcHostReader:
             swap_free_kib=meminfo.get("SwapFree", 0),
             psi=self._psi(),
             ksm_sharing_kib=self._ksm_sharing_kib(),
+            arc_reclaimable_kib=arc.reclaimable_kib if (arc := self.arc()) is not None else 0,
         )
+
+    def arc(self) -> ArcStats | None:
+        """The ARC, or None on a host without ZFS (no arcstats file)."""
+        path = self.paths.arcstats
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise HostError(f"cannot read {path}: {e.strerror or e}") from e
+        return parse_arcstats(text, where=str(path))
 
     def _meminfo(self) -> dict[str, int]:
         path = self.paths.meminfo

@@ -56,7 +56,7 @@ def with_overrides(guests: Sequence[GuestSnapshot], cfg: DaemonConfig) -> tuple[
             continue
         if o.exclude:
             excluded.add(g.uuid)
-        floor_kib = max(g.floor_kib, o.floor_kib or 0)
+        floor_kib = min(max(g.floor_kib, o.floor_kib or 0), g.max_kib)  # above the maximum: capped
         out.append(dataclasses.replace(g, floor_kib=floor_kib, weight=o.weight or g.weight))
     return out, excluded
 

@@ -15,26 +15,41 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
+from fractions import Fraction
 from typing import Annotated
 
 from pydantic import BeforeValidator, Field
 
 _UNITS_KIB = {"kib": 1, "k": 1, "mib": 1024, "m": 1024, "gib": 1024**2, "g": 1024**2, "tib": 1024**3, "t": 1024**3}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE = re.compile(r"^\s*(\d{1,20}(?:\.\d{1,20})?)\s*([a-zA-Z]{0,3})\s*$")
+
+# The largest size anything in overcommitd takes: 1 PiB in KiB. No host or guest comes
+# near it (libvirt's own limit is VIR_DOMAIN_MEMORY_PARAM_UNLIMITED, 2^53 - 1 KiB); it
+# keeps a typo or a hostile command from becoming a floor no guest can ever meet.
+MAX_KIB = 1024**4
+_SIZE_TEXT_MAX = 64  # characters: "1.5 GiB" needs 7; longer is not a size
 
 
 def parse_kib(value: object) -> object:
-    """``"4GiB"`` -> 4194304; ints pass through (KiB); anything else is left to pydantic."""
+    """``"4GiB"`` -> 4194304; ints pass through (KiB); anything else is left to pydantic.
+
+    Exact arithmetic (``Fraction``), no float: a 400-digit string is refused as too long,
+    never turned into ``inf`` (whose ``int()`` raised ``OverflowError``, which pydantic
+    does not turn into a validation error). Range checks belong to ``Kib``."""
     if isinstance(value, str):
-        m = _SIZE.match(value)
+        m = _SIZE.match(value) if len(value) <= _SIZE_TEXT_MAX else None
         unit = m.group(2).lower() if m else ""
         if not m or unit not in _UNITS_KIB and unit != "":
-            raise ValueError(f"{value!r} is not a size; use KiB as an integer or a string like '512MiB' or '4GiB'")
-        return int(float(m.group(1)) * _UNITS_KIB.get(unit, 1))
+            shown = value if len(value) <= _SIZE_TEXT_MAX else f"{value[:20]}... ({len(value)} characters)"
+            raise ValueError(
+                f"{shown!r} is not a size; use KiB as an integer or a string like '512MiB' or '4GiB'"
+                f" (at most 20 digits)"
+            )
+        return int(Fraction(m.group(1)) * _UNITS_KIB.get(unit, 1))
     return value
 
 
-Kib = Annotated[int, BeforeValidator(parse_kib), Field(ge=0)]
+Kib = Annotated[int, BeforeValidator(parse_kib), Field(ge=0, le=MAX_KIB)]
 
 
 class OvercommitdError(Exception):
@@ -101,7 +116,14 @@ class PsiMemory:
 
 @dataclass(frozen=True, slots=True)
 class HostSnapshot:
-    """The hypervisor host's memory at one instant (``/proc/meminfo``, PSI, KSM)."""
+    """The hypervisor host's memory at one instant (``/proc/meminfo``, PSI, KSM, ZFS ARC).
+
+    ``arc_reclaimable_kib`` is kept apart from MemAvailable on purpose: the kernel counts
+    ZFS's ARC as used (it is not page cache), yet the ARC shrinks to ``c_min`` when the
+    host needs the memory. A policy that wants host headroom as the host could make it
+    reads ``available_with_arc_kib``; a baseline that reproduces a tool which does not
+    know the ARC keeps reading ``mem_available_kib``.
+    """
 
     taken_at_s: float
     mem_total_kib: int
@@ -110,8 +132,11 @@ class HostSnapshot:
     swap_free_kib: int = 0
     psi: PsiMemory | None = None  # None: the kernel has no PSI (older than 4.20 or CONFIG_PSI=n)
     ksm_sharing_kib: int = 0  # memory KSM saves: pages_sharing x page size
+    arc_reclaimable_kib: int = 0  # ZFS ARC above its minimum (size - c_min); 0 without ZFS
 
     def __post_init__(self) -> None:
+        if self.arc_reclaimable_kib < 0:
+            raise ValueError(f"arc_reclaimable_kib(={self.arc_reclaimable_kib}) must be >= 0")
         if self.mem_total_kib <= 0:
             raise ValueError(f"mem_total_kib(={self.mem_total_kib}) must be > 0")
         if not 0 <= self.mem_available_kib <= self.mem_total_kib:
@@ -126,6 +151,19 @@ class HostSnapshot:
     @property
     def available_fraction(self) -> float:
         return self.mem_available_kib / self.mem_total_kib
+
+    @property
+    def available_with_arc_kib(self) -> int:
+        """MemAvailable plus the ARC the host could drop, at most MemTotal."""
+        return min(self.mem_available_kib + self.arc_reclaimable_kib, self.mem_total_kib)
+
+    def available_kib(self, *, count_arc: bool) -> int:
+        """MemAvailable, with or without the reclaimable ARC: the one switch policies use."""
+        return self.available_with_arc_kib if count_arc else self.mem_available_kib
+
+    def used_kib_counting_arc(self, count_arc: bool) -> int:
+        """MemTotal minus ``available_kib(count_arc=...)``."""
+        return self.mem_total_kib - self.available_kib(count_arc=count_arc)
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,4 +93,5 @@ HOST_COLUMNS: Final = (
     "psi_some_total_us",
     "psi_full_total_us",
     "ksm_sharing_kib",
+    "arc_reclaimable_kib",  # ZFS ARC above c_min (HostSnapshot.arc_reclaimable_kib); 0 without ZFS
 )

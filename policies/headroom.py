@@ -18,6 +18,10 @@ Each step, for each guest with stats:
   proportion to ``slack / weight``, never below need;
 * otherwise guests above their need are held where they are.
 
+Host use counts the ZFS ARC above its minimum as free (``count_arc``, on by default): the
+kernel's MemAvailable leaves the ARC out, and squeezing guests for a cache the host would
+drop on its own is the most common complaint about Proxmox's ballooning on ZFS.
+
 Guests without stats are left out (held): with nothing to go on, hold.
 """
 
@@ -39,6 +43,7 @@ class HeadroomParams(BaseModel):
     host_target_used_pct: float = Field(80.0, gt=0, le=100, description="host MemTotal - MemAvailable to aim for")
     buffer_pct: float = Field(20.0, ge=0, le=1000, description="free memory each guest keeps, % of its use")
     min_free_kib: Kib = Field(256 * 1024, ge=0, description="free memory each guest keeps at least")
+    count_arc: bool = Field(True, description="count the ZFS ARC above c_min as available host memory")
 
 
 class HeadroomPolicy:
@@ -63,7 +68,7 @@ class HeadroomPolicy:
 
     def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: None) -> PolicyResult[None]:
         target_used_kib = int(host.mem_total_kib * self.params.host_target_used_pct / 100)
-        excess_kib = host.used_kib - target_used_kib
+        excess_kib = host.used_kib_counting_arc(self.params.count_arc) - target_used_kib
         targets: dict[str, int] = {}
         slack_kib: dict[str, int] = {}
         for guest in guests:

@@ -27,7 +27,8 @@ same floor every policy sees), ``mem_unused`` = MemFree (libvirt's ``unused``: M
 counts page cache as used, which is its documented weakness, kept on purpose). MOM's
 host ``mem_free`` is MemFree + Buffers + Cached (mom/Collectors/HostMemory.py); the
 host snapshot carries MemAvailable, the closest reading of the same idea (both count
-reclaimable cache as free). Guests without MemFree are skipped, as vdsm's policy does.
+reclaimable cache as free; neither counts ZFS's ARC, so ``count_arc`` is off by
+default). Guests without MemFree are skipped, as vdsm's policy does.
 The plain MOM rules have no QoS rule (doc/balloon-qos.rules is separate); the guard
 raises guests below their floor for every policy alike.
 """
@@ -53,6 +54,7 @@ class MomParams(BaseModel):
     max_balloon_change_percent: float = Field(0.05, gt=0, le=1, description="change per step, fraction of current")
     min_balloon_change_percent: float = Field(0.0025, ge=0, le=1, description="smaller changes are not made")
     history_len: int = Field(10, ge=1, le=1000, description="samples averaged (MOM sample-history-length)")
+    count_arc: bool = Field(False, description="not MOM: count the ZFS ARC above c_min as free host memory")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,7 @@ class MomPolicy:
 
     def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: MomState) -> PolicyResult[MomState]:
         p = self.params
-        host_history = _push(state.host_free_kib, host.mem_available_kib, p.history_len)
+        host_history = _push(state.host_free_kib, host.available_kib(count_arc=p.count_arc), p.history_len)
         host_free = _mean(host_history) / host.mem_total_kib
         shrinking = host_free < p.pressure_threshold
         targets: dict[str, int] = {}

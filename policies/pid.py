@@ -87,6 +87,7 @@ class PidParams(BaseModel):
     swap_in_weight: float = Field(1.0, ge=0, le=100, description="KiB of headroom error per KiB swapped in")
     host_available_target_pct: float = Field(10.0, ge=0, le=100, description="host MemAvailable below this is pressure")
     host_psi_target_pct: float = Field(1.0, gt=0, le=100, description="host PSI some avg10 above this is pressure")
+    count_arc: bool = Field(True, description="count the ZFS ARC above c_min as available host memory")
     host_gain: float = Field(0.05, ge=0, le=1, description="host_scale change per step at full pressure")
     min_setpoint_scale: float = Field(0.5, gt=0, le=1, description="most the host loop may tighten the set-point")
     burst_factor: float = Field(1.25, ge=0, le=10, description="headroom at least this times the largest rise of use")
@@ -147,11 +148,13 @@ class PidPolicy:
         return PolicyResult(targets, PidState(scale, next_guests), errors)
 
     def host_pressure(self, host: HostSnapshot) -> float:
-        """0 (none) .. 1 (full): the worse of low MemAvailable and high PSI."""
+        """0 (none) .. 1 (full): the worse of low MemAvailable (with the ARC the host can
+        drop, unless ``count_arc`` is off) and high PSI."""
         p = self.params
         pressure = 0.0
         if p.host_available_target_pct > 0:
-            short = (p.host_available_target_pct - 100 * host.available_fraction) / p.host_available_target_pct
+            available_pct = 100 * host.available_kib(count_arc=p.count_arc) / host.mem_total_kib
+            short = (p.host_available_target_pct - available_pct) / p.host_available_target_pct
             pressure = max(pressure, short)
         if host.psi is not None:
             pressure = max(pressure, (host.psi.some_avg10 - p.host_psi_target_pct) / p.host_psi_target_pct)

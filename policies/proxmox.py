@@ -20,6 +20,13 @@ runs it every 10 s):
   nothing moves. A guest above its desired share shrinks even in a grow round, which is
   Proxmox's behaviour (prior-art.md §9: it can oscillate).
 
+The ZFS ARC: Proxmox does not count it as free. pvestatd's ``auto_ballooning``
+(pve-manager 14a22df, PVE/Service/pvestatd.pm) takes ``memused`` from pve-common's
+``read_meminfo`` (f665029, src/PVE/ProcFSTools.pm), which is MemTotal - MemAvailable;
+``read_meminfo`` has also read ``arcsize``/``arcmin``/``arcmax`` from arcstats since
+"fix #1454" (b21af8f, 2023), but only for the node's graphs, never for the goal. So the
+baseline leaves ``count_arc`` off; turning it on shows what Proxmox would do if it did.
+
 Same inputs as our policies: ``balloon`` = ``actual``, ``maxmem`` = ``max_kib``, the
 minimum (Proxmox's ``balloon`` option) is the guest's SLA floor, or ``default_min_kib``
 when it has none (Proxmox skips a guest with no minimum, and a baseline that skips every
@@ -49,6 +56,9 @@ class ProxmoxParams(BaseModel):
     dead_band_kib: Kib = Field(10 * 1024, ge=0, description="goals within +/- this do nothing (10 MiB)")
     pressured_free_fraction: float = Field(0.25, ge=0, le=1, description="MemFree <= this x minimum: pressured")
     default_min_kib: Kib = Field(256 * 1024, gt=0, description="minimum for guests without an SLA floor")
+    count_arc: bool = Field(
+        False, description="not Proxmox: count the ZFS ARC above c_min as free host memory (an experiment)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +155,8 @@ class ProxmoxPolicy:
 
     def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: None) -> PolicyResult[None]:
         p = self.params
-        goal_b = int(host.mem_total_kib * 1024 * p.target_pct / 100 - host.used_kib * 1024)
+        used_kib = host.used_kib_counting_arc(p.count_arc)
+        goal_b = int(host.mem_total_kib * 1024 * p.target_pct / 100 - used_kib * 1024)
         vms = [vm for vm in map(self.candidate, guests) if vm is not None]
         placed = compute_alg1(vms, goal_b, p.max_change_kib * 1024, p.dead_band_kib * 1024, p.pressured_free_fraction)
         current = {vm.vmid: vm.balloon_b for vm in vms}

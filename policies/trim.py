@@ -86,6 +86,7 @@ class TrimParams(BaseModel):
         25.0, gt=0, le=100, description="use rising by this % of the room it had left ends a squeeze"
     )
     host_available_target_pct: float = Field(10.0, ge=0, le=100, description="host MemAvailable below this is pressure")
+    count_arc: bool = Field(True, description="count the ZFS ARC above c_min as available host memory")
     auto_deflate_tolerance_kib: Kib = Field(
         2 * MIB, ge=0, description="actual above last target by more = auto-deflate"
     )
@@ -228,7 +229,9 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         return guest.max_kib
 
     def host_pressed(self, host: HostSnapshot) -> bool:
-        return 100 * host.available_fraction < self.params.host_available_target_pct
+        """MemAvailable (with the ZFS ARC above c_min, unless ``count_arc`` is off) below target."""
+        available_pct = 100 * host.available_kib(count_arc=self.params.count_arc) / host.mem_total_kib
+        return available_pct < self.params.host_available_target_pct
 
     @staticmethod
     def refault_count(guest: GuestSnapshot) -> int | None:

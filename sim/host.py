@@ -8,6 +8,9 @@ When that exceeds the host's RAM the host would swap or OOM-kill a QEMU process;
 model lets use run past 100 % and the scorecard reports it, so a policy that
 overcommits too far is seen, not hidden.
 
+With ``arc.enabled`` the host runs ZFS: its ARC (``sim.arc``) is host RAM in use, out
+of MemAvailable, reported apart as ``arc_reclaimable_kib`` as ``overcommitd.host`` reads it.
+
 Host memory pressure (PSI ``some``) is modelled as zero below ``psi_knee_pct`` of RAM
 in use and rising linearly to 100 % of time stalled at full use.
 """
@@ -18,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import HostSnapshot, PsiMemory
+from sim.arc import ArcModelParams, SimArc
 from sim.guest import Array
 
 
@@ -26,6 +30,7 @@ class HostModelParams(BaseModel):
     base_kib: int = Field(2 * 1024 * 1024, ge=0, description="host kernel and services")
     qemu_overhead_kib: int = Field(48 * 1024, ge=0, description="QEMU process memory beside guest RAM, per guest")
     psi_knee_pct: float = Field(90.0, gt=0, lt=100, description="host use where memory stalls begin")
+    arc: ArcModelParams = Field(default_factory=ArcModelParams, description="ZFS ARC; off by default")
 
 
 class SimHost:
@@ -40,9 +45,25 @@ class SimHost:
         self._avg10 = 0.0
         self._avg60 = 0.0
         self._avg300 = 0.0
+        self.arc = SimArc(params.arc) if params.arc.enabled else None
+        self._refault_seen_kib = 0.0
 
     def used_kib(self, touched_kib: Array) -> float:
-        return float(self.params.base_kib + touched_kib.sum() + self.params.qemu_overhead_kib * len(touched_kib))
+        arc_kib = self.arc.size_kib if self.arc is not None else 0.0
+        return float(
+            self.params.base_kib + touched_kib.sum() + self.params.qemu_overhead_kib * len(touched_kib) + arc_kib
+        )
+
+    def advance_arc(self, dt_s: float, read_kib_s: Array, refault_total_kib: Array, touched_kib: Array) -> None:
+        """The ARC takes the guests' disk reads, first reads and re-reads of evicted guest
+        cache (``refault_total_kib``, cumulative) alike, and gives memory back when the
+        host is short. Nothing without ``arc.enabled``."""
+        if self.arc is None or dt_s <= 0:
+            return
+        refault_kib = float(refault_total_kib.sum())
+        reads_kib_s = float(read_kib_s.sum()) + (refault_kib - self._refault_seen_kib) / dt_s
+        self._refault_seen_kib = refault_kib
+        self.arc.advance(dt_s, reads_kib_s, self.used_kib(touched_kib) - self.arc.size_kib, self.mem_total_kib)
 
     def advance(self, dt_s: float, used_kib: float) -> None:
         """Accumulate stall time for ``dt_s`` at ``used_kib`` and update the averages
@@ -62,4 +83,10 @@ class SimHost:
             some_avg300=self._avg300,
             some_total_us=int(self.psi_some_total_us),
         )
-        return HostSnapshot(taken_at_s=now_s, mem_total_kib=self.mem_total_kib, mem_available_kib=available, psi=psi)
+        return HostSnapshot(
+            taken_at_s=now_s,
+            mem_total_kib=self.mem_total_kib,
+            mem_available_kib=available,
+            psi=psi,
+            arc_reclaimable_kib=self.arc.reclaimable_kib if self.arc is not None else 0,
+        )

@@ -106,6 +106,7 @@ class SimHypervisor:
             else:
                 self.fleet.advance(dt_s, demand_kib, read_kib_s)
                 device.after_advance()
+            self.host.advance_arc(dt_s, read_kib_s, self.fleet.refault_kib, self.fleet.touched)
             self.host.advance(dt_s, self.host_used_kib())
         self.now_s = now_s
         if not isinstance(self.device, BalloonDevice):

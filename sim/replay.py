@@ -9,6 +9,7 @@ daemon calls.
 
 from __future__ import annotations
 
+import logging
 import uuid as uuid_module
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from sim.workload import Workload
 from sim.world import World
 
 BLOCK_TICKS = 4096
+log = logging.getLogger(__name__)
 
 
 class ReplaySpec(BaseModel):
@@ -67,7 +69,19 @@ class ReplayResult:
 
 
 def load_traces(spec: ReplaySpec) -> list[trace_io.Trace]:
-    return [trace_io.load(p, machine_kib=spec.machine_kib) for p in trace_io.expand(list(spec.traces))]
+    """Every guest in the spec's traces; one warning line if the loader had to interpret
+    anything (gaps, duplicates, bad values), so no replay hides it."""
+    loaded = trace_io.load_all(list(spec.traces), machine_kib=spec.machine_kib)
+    noted = [t for t in loaded if t.notes]
+    if noted:
+        log.warning(
+            "%d of %d traced guests needed interpreting (e.g. %s: %s); `overcommitd trace info` lists every note",
+            len(noted),
+            len(loaded),
+            noted[0].name,
+            noted[0].notes[0],
+        )
+    return loaded
 
 
 def build_guests(spec: ReplaySpec, loaded: Sequence[trace_io.Trace]) -> tuple[list[GuestSpec], Workload]:

@@ -329,6 +329,14 @@ def huge_pages() -> ScenarioResult:
     return rec.result("hugepages", "2 MiB host pages with partial inflation", notes)
 
 
+def zfs_arc() -> ScenarioResult:
+    """A ZFS host's ARC fills with the guests' reads; headroom and Proxmox's algorithm,
+    each with and without counting the ARC above c_min as free; then a burst."""
+    from sim.arc_scenario import scenario  # sim.arc_scenario imports ScenarioResult from here
+
+    return scenario()
+
+
 SCENARIOS: dict[str, Callable[[], ScenarioResult]] = {
     "deflate-on-oom": deflate_on_oom,
     "out-of-puff": out_of_puff,
@@ -337,6 +345,7 @@ SCENARIOS: dict[str, Callable[[], ScenarioResult]] = {
     "migration-prep": migration_prep,
     "shared-anon": shared_anon,
     "hugepages": huge_pages,
+    "zfs-arc": zfs_arc,
 }
 
 

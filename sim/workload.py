@@ -58,5 +58,5 @@ class Workload:
             t = (times_s + self.offsets_s[g]) % trace.duration_s
             idx = np.searchsorted(trace.t_s, t, side="right") - 1
             demand[:, g] = trace.demand_kib[idx]
-            reads[:, g] = trace.disk_read_kib_s[idx]
+            reads[:, g] = 0.0 if trace.disk_read_kib_s is None else trace.disk_read_kib_s[idx]
         return np.minimum(demand, self.demand_cap_kib), reads

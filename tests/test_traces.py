@@ -110,3 +110,23 @@ def test_any_well_formed_bitbrains_file_gives_a_sane_trace(
     assert t.t_s[0] == 0 and np.all(np.diff(t.t_s) > 0)
     assert len(t.t_s) == len(t.demand_kib) == len({r[0] for r in rows})
     assert t.demand_kib.min() > 0 and t.size_kib >= t.demand_kib.max()
+
+
+def test_the_fast_parser_reads_every_bundled_file_exactly_as_the_row_by_row_one() -> None:
+    """pyarrow parses clean files; the row-by-row path (which names bad lines) must agree."""
+    import io
+
+    for p in traces.bundled():
+        data = traces._read(p)
+        f = io.StringIO(data.decode())
+        header = f.readline()
+        sep = ";\t" if ";\t" in header else ","
+        names = [n.strip() for n in header.rstrip("\r\n").split(sep)]
+        wanted = (
+            (traces.BITBRAINS_TIME, traces.BITBRAINS_USAGE, traces.BITBRAINS_CAPACITY, traces.BITBRAINS_DISK_READ)
+            if sep != ","
+            else traces.GOOGLE_COLUMNS
+        )
+        fast = traces._fast_matrix(data, names, wanted, sep)
+        slow = np.array([v for _, v in traces._rows(p, f, names, wanted, sep)])
+        assert fast is not None and np.array_equal(fast, slow), p

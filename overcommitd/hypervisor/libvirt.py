@@ -55,6 +55,10 @@ class NoSuchGuest(HypervisorError):
     """The guest is not (or no longer) running on this host."""
 
 
+class FloorAboveMaximum(HypervisorError):
+    """A floor the guest can never meet: the guard would hold it at its maximum for good."""
+
+
 @dataclass(frozen=True, slots=True)
 class GuestEvent:
     """Something libvirt told us about a guest: ``kind`` is ``lifecycle``,
@@ -281,6 +285,12 @@ class LibvirtHypervisor:
         the domain is defined), keeping our other keys; returns the guest's UUID."""
         dom = self._lookup(name_or_uuid)
         uuid = dom.UUIDString()
+        max_kib = int(self._rpc("maxMemory", dom.maxMemory))
+        if floor_kib > max_kib:
+            raise FloorAboveMaximum(
+                f"{name_or_uuid}: floor {floor_kib} KiB is above the guest's maximum of {max_kib} KiB;"
+                f" a floor is at most the maximum (0 removes it)"
+            )
         try:
             current = lx.parse_metadata_element(
                 dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, lx.NAMESPACE), name_or_uuid

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from overcommitd.ksm import KsmController
 from overcommitd.model import Decision, GuestSnapshot, HostSnapshot
 
 _KIB = 1024
@@ -38,6 +39,11 @@ class Metrics:
         )
         self.libvirt_errors = Counter("overcommitd_libvirt_errors", "libvirt calls that failed", ["call"], registry=r)
         self.host_available = Gauge("overcommitd_host_available_bytes", "Host MemAvailable", registry=r)
+        self.host_arc_reclaimable = Gauge(
+            "overcommitd_host_zfs_arc_reclaimable_bytes",
+            "ZFS ARC above its minimum (size - c_min): not in MemAvailable, yet the host can drop it",
+            registry=r,
+        )
         self.host_psi_some = Gauge(
             "overcommitd_host_psi_memory_some_avg10", "Host PSI memory some avg10 (%)", registry=r
         )
@@ -45,6 +51,16 @@ class Metrics:
             "overcommitd_mqtt_dropped_messages", "Telemetry dropped: buffer full during an outage", registry=r
         )
         self.dry_run = Gauge("overcommitd_dry_run", "1 when decisions are not applied", registry=r)
+        self.ksm = Gauge(
+            "overcommitd_ksm", "KSM sysfs value as last read (run, pages_to_scan, ...)", ["file"], registry=r
+        )
+        self.ksm_action = Gauge(
+            "overcommitd_ksm_last_action", "1 for the KSM controller's last adjustment", ["action"], registry=r
+        )
+        self.ksm_saved = Gauge("overcommitd_ksm_saved_bytes", "Memory KSM saves: pages_sharing x page size", registry=r)
+        self.ksm_errors = Counter("overcommitd_ksm_errors", "KSM sysfs reads/writes that failed", ["op"], registry=r)
+        self.ksm_writes = Counter("overcommitd_ksm_writes", "KSM sysfs files written", ["file"], registry=r)
+        self._ksm_counted: dict[str, int] = {}
         self._known: set[tuple[str, str]] = set()
 
     def serve(self, address: str, port: int) -> int:
@@ -52,10 +68,32 @@ class Metrics:
         server, _thread = start_http_server(port, addr=address, registry=self.registry)
         return int(server.server_address[1])
 
+    def observe_ksm(self, ksm: KsmController) -> None:
+        """The controller's last reading and action; its error and write counts."""
+        status = ksm.last
+        if status is not None and status.reading is not None:
+            r = status.reading
+            for name in ("run", "pages_to_scan", "sleep_millisecs", "pages_shared", "pages_sharing", "full_scans"):
+                self.ksm.labels(name).set(getattr(r, name))
+            self.ksm_saved.set(r.pages_sharing * ksm.page_kib * _KIB)
+        if status is not None and status.adjustment is not None:
+            for action in ("hold", "start", "boost", "decay", "stop", "backoff"):
+                self.ksm_action.labels(action).set(1 if action == status.adjustment.action else 0)
+        for kind, counter, counts in (
+            ("error", self.ksm_errors, ksm.errors),
+            ("write", self.ksm_writes, ksm.writes_total),
+        ):
+            for label, n in counts.items():
+                seen = self._ksm_counted.get(f"{kind}:{label}", 0)
+                if n > seen:
+                    counter.labels(label).inc(n - seen)
+                    self._ksm_counted[f"{kind}:{label}"] = n
+
     def observe(
         self, host: HostSnapshot, guests: Sequence[GuestSnapshot], decisions: Sequence[Decision], applied: set[str]
     ) -> None:
         self.host_available.set(host.mem_available_kib * _KIB)
+        self.host_arc_reclaimable.set(host.arc_reclaimable_kib * _KIB)
         if host.psi is not None:
             self.host_psi_some.set(host.psi.some_avg10)
         now: set[tuple[str, str]] = set()

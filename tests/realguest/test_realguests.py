@@ -221,7 +221,17 @@ def test_telemetry_on_the_broker_and_a_command_taking_effect(
     libvirtd: Libvirtd, guests: Guests, broker: Mosquitto
 ) -> None:
     (dom,) = guests.boot(GuestSpec("mq"))
-    cfg = config(libvirtd, target_kib=300 * MIB, mqtt={"enabled": True, "port": broker.port, "host_id": "real"})
+    cfg = config(
+        libvirtd,
+        target_kib=300 * MIB,
+        mqtt={
+            "enabled": True,
+            "commands": True,
+            "allow_unauthenticated_commands": True,
+            "port": broker.port,
+            "host_id": "real",
+        },
+    )
     d = daemon(cfg)
     base = "overcommitd/real"
 
