@@ -303,15 +303,12 @@ class Recorder:
 
 
 def _host_row(now_s: float, h: HostSnapshot) -> list[Cell]:
+    """The host columns are HostSnapshot's fields by name, but for the time and PSI's
+    cumulative stall counters (empty on a kernel without PSI)."""
     psi = h.psi
     values: dict[str, Cell] = {
         tf.TIME_S: round(now_s, 3),
-        "mem_total_kib": h.mem_total_kib,
-        "mem_available_kib": h.mem_available_kib,
-        "swap_total_kib": h.swap_total_kib,
-        "swap_free_kib": h.swap_free_kib,
         "psi_some_total_us": None if psi is None else psi.some_total_us,
         "psi_full_total_us": None if psi is None else psi.full_total_us,
-        "ksm_sharing_kib": h.ksm_sharing_kib,
     }
-    return [values[c] for c in tf.HOST_COLUMNS]
+    return [values[c] if c in values else getattr(h, c) for c in tf.HOST_COLUMNS]
