@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import libvirt
@@ -41,7 +42,15 @@ class ConsoleWatch:
             for name in self.names:
                 seen = re.findall(r"RG-WORK (\d+)", self.guests.console(name))
                 for mib in seen[len(self.steps[name]) :]:
-                    self.steps[name].append(Step(time.time(), int(mib)))
+                    self.steps[name].append(Step(time.time(), int(mib), self._began(name)))
+
+    def _began(self, name: str) -> float | None:
+        """When the next step's rise began: its scheduled time after the workload's first
+        line (printed at its start), less 1 s for this poll and the workload's own."""
+        done = self.steps[name]
+        if not done or len(done) >= len(SCHEDULE):
+            return None
+        return done[0].at_s + SCHEDULE[len(done)][1] - 1.0
 
     def stop(self) -> None:
         self._stop.set()
@@ -69,18 +78,20 @@ def test_recorded_used_kib_follows_the_workload_through_a_balloon(libvirtd: Libv
     watch = ConsoleWatch(guests, names)
     out = guests.console_dir / "recording"
     proc = record(libvirtd, out)
-    balloon: list[tuple[float, int]] = []
+    balloon: list[Step] = []
     try:
         wait_for(lambda: len(watch.steps["rec-doo"]) >= 2, 120, "both workloads at 150 MiB")
         time.sleep(25)
+        began = time.time()
         for dom in doms:  # what `virsh setmem --live` does; the recorder only watches
             dom.setMemoryFlags(BALLOON_MIB * MIB, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        balloon.append((time.time(), BALLOON_MIB))
+        balloon.append(Step(time.time(), BALLOON_MIB, began))
         wait_for(lambda: all(len(watch.steps[n]) >= 4 for n in names), 150, "the workloads at 200 MiB")
         time.sleep(20)
+        began = time.time()
         for dom in doms:
             dom.setMemoryFlags(512 * MIB, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        balloon.append((time.time(), 512))
+        balloon.append(Step(time.time(), 512, began))
         time.sleep(20)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -92,18 +103,17 @@ def test_recorded_used_kib_follows_the_workload_through_a_balloon(libvirtd: Libv
     rows = rows_of(out)
     manifest = json.loads((out / MANIFEST).read_text())
     assert set(rows) == set(names), (manifest, err)
-    balloon_steps = [Step(t, mib) for t, mib in balloon]
     for name in names:
         steps = watch.steps[name]
         assert [s.mib for s in steps] == [mib for mib, _ in SCHEDULE], steps
-        check_guest(name, rows[name], steps, balloon_steps)
+        check_guest(name, rows[name], steps, balloon)
 
 
-def keep(out: Path, steps: dict[str, list[Step]], balloon: list[tuple[float, int]]) -> None:
+def keep(out: Path, steps: dict[str, list[Step]], balloon: list[Step]) -> None:
     """Write what happened beside the recording and keep a copy in .cache for replays."""
     schedule = {
-        "work": {n: [{"at_s": s.at_s, "mib": s.mib} for s in ss] for n, ss in steps.items()},
-        "balloon_mib": [{"at_s": t, "mib": mib} for t, mib in balloon],
+        "work": {n: [asdict(s) for s in ss] for n, ss in steps.items()},
+        "balloon_mib": [asdict(s) for s in balloon],
         "guest_mib": 512,
     }
     (out / SCHEDULE_FILE).write_text(json.dumps(schedule, indent=2) + "\n")
