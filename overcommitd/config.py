@@ -12,15 +12,24 @@ it is an error naming the key, never a daemon that stops ticking or spins.
 
 from __future__ import annotations
 
+import os
 import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from overcommitd.model import GuestSnapshot, Kib, OvercommitdError
+
+DEFAULT_CONFIG_PATH = Path("/etc/overcommitd/overcommitd.toml")
+CONFIG_ENV = "OVERCOMMITD_CONFIG"  # overrides DEFAULT_CONFIG_PATH (tests, non-standard installs)
+
+
+def default_config_path() -> Path:
+    """Where ``run``, ``guest set-floor`` and ``status`` look without ``--config``."""
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
 
 
 class ConfigError(OvercommitdError):
@@ -103,6 +112,37 @@ class LibvirtConfig(_Section):
     reconnect_max_s: float = Field(60.0, ge=0.05, le=HOUR_S, description="longest wait between reconnect attempts")
     keepalive_interval_s: int = Field(5, ge=0, le=3600, description="libvirt keepalive probe interval (0: off)")
     keepalive_count: int = Field(3, ge=1, le=100, description="unanswered probes before the connection is dropped")
+
+
+class HypervisorConfig(_Section):
+    """Which hypervisor backend the daemon talks to."""
+
+    backend: Literal["libvirt", "qmp"] = Field(
+        "libvirt", description="libvirt: through libvirtd ([libvirt]); qmp: QEMU's QMP sockets directly ([qmp])"
+    )
+
+
+class QmpConfig(_Section):
+    """QEMU guests reached through their QMP sockets, without libvirt (Proxmox VE, plain QEMU)."""
+
+    socket_glob: str = Field(
+        "/var/run/qemu-server/*.qmp", min_length=1, description="every socket matching this glob is a guest"
+    )
+    pve_conf_dir: Path = Field(
+        Path("/etc/pve/qemu-server"),
+        description="Proxmox VM configs (<vmid>.conf, vmid from the socket name): balloon: is a floor; absent: none",
+    )
+    stats_polling_interval_s: int = Field(
+        2, ge=1, description="guest-stats-polling-interval set on every balloon that polls slower or not at all"
+    )
+    keep_connected: bool = Field(
+        False,
+        description="hold each socket open between ticks (events as they happen); QEMU serves one client per "
+        "socket, so only for sockets nothing else uses: never Proxmox's <vmid>.qmp, which qm and pvestatd need",
+    )
+    call_timeout_s: float = Field(2.0, gt=0, description="a QMP command unanswered this long marks the guest held")
+    reconnect_min_s: float = Field(1.0, gt=0, description="first wait before reconnecting to a guest's socket")
+    reconnect_max_s: float = Field(60.0, gt=0, description="longest wait between reconnect attempts")
 
 
 class HostConfig(_Section):
@@ -218,6 +258,17 @@ class RunnerConfig(_Section):
     dry_run: bool = Field(False, description="decide and publish, but set no balloon")
     return_to_max_on_exit: bool = Field(False, description="on SIGTERM, deflate every balloon to the guest's maximum")
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line, for journald/Loki")
+    status_socket: str = Field(
+        "/run/overcommitd/status.sock", description="Unix socket `overcommitd status` reads; empty: none"
+    )
+
+    @field_validator("status_socket")
+    @classmethod
+    def _socket_path(cls, value: str) -> str:
+        # sun_path holds 108 bytes with its NUL (unix(7))
+        if value and (not value.startswith("/") or len(value.encode()) > 107 or "\0" in value):
+            raise ValueError("must be an absolute path of at most 107 bytes, or empty for no status socket")
+        return value
 
 
 class DaemonConfig(_Section):
@@ -227,7 +278,9 @@ class DaemonConfig(_Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     guests: dict[str, GuestOverride] = Field(default_factory=dict)
+    hypervisor: HypervisorConfig = Field(default_factory=HypervisorConfig)
     libvirt: LibvirtConfig = Field(default_factory=LibvirtConfig)
+    qmp: QmpConfig = Field(default_factory=QmpConfig)
     host: HostConfig = Field(default_factory=HostConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)

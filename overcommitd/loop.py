@@ -91,7 +91,8 @@ def step(
             excluded=g.uuid in excluded,
             error=result.errors.get(g.uuid),
         )
-        decisions.append(decision)
+        reason = result.reasons.get(g.uuid)
+        decisions.append(decision if reason is None else dataclasses.replace(decision, policy_reason=reason))
     return StepOutcome(tuple(decisions), LoopState(result.state, memory), policy_error)
 
 

@@ -213,6 +213,7 @@ class RunState(Enum):
     PAUSED = "paused"
     MIGRATING = "migrating"
     SHUTTING_DOWN = "shutting-down"
+    UNRESPONSIVE = "unresponsive"  # the hypervisor cannot reach it now (a QMP socket that stopped answering)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +298,8 @@ class Decision:
     ``target_kib`` is the balloon target to set now, or None to leave the guest alone
     (hold). ``wish_kib`` is what the policy asked for before the guard, None when it
     asked nothing or raised. ``clamps`` lists every guard rule that fired, in order.
+    ``policy_reason`` is the policy's own word on why it wished what it did (optional:
+    see ``policies.api.PolicyResult.reasons``).
     """
 
     uuid: str
@@ -304,6 +307,7 @@ class Decision:
     target_kib: int | None
     wish_kib: int | None
     clamps: tuple[Clamp, ...] = ()
+    policy_reason: str | None = None
 
     @property
     def held(self) -> bool:

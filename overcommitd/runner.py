@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from overcommitd import package_version
+from overcommitd import status as status_doc
 from overcommitd.config import DaemonConfig, GuestOverride
 from overcommitd.config_diff import changes
 from overcommitd.host import HostError
 from overcommitd.hypervisor import HostReader, Hypervisor, HypervisorError
 from overcommitd.ksm import KsmController
-from overcommitd.loop import LoopState, StepOutcome, apply, step
+from overcommitd.loop import LoopState, StepOutcome, apply, step, with_overrides
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from overcommitd.sdnotify import Notifier
 from overcommitd.telemetry import messages as msg
@@ -117,6 +118,22 @@ class Daemon:
         self.ksm_failures = 0  # unexpected errors of the KSM controller, beside its own counted ones
         self._wake = asyncio.Event()  # SIGHUP and SIGTERM cut the wait between ticks short
         self._floors_warned: set[tuple[str, int]] = set()  # (uuid, config floor) already reported
+        self._calls_seen: Counter[str] = Counter()
+        self.last_status: status_doc.DaemonStatus | None = None  # what `overcommitd status` shows
+        self._status_bytes = status_doc.encode(
+            status_doc.build(
+                [],
+                [],
+                frozenset(),
+                cfg.guard,
+                policy=self.policy.name,
+                dry_run=self.dry_run,
+                ticks=0,
+                interval_s=cfg.interval_s,
+            )
+        )  # served until the first tick
+        self._reasons = status_doc.ReasonLog()
+        self._status_server: status_doc.StatusServer | None = None
 
     # -- one tick ---------------------------------------------------------------------------
 
@@ -146,6 +163,7 @@ class Daemon:
         if not self.dry_run:
             applied = frozenset(await asyncio.to_thread(apply, self.hv, outcome.decisions))
         self._publish(host, guests, outcome, applied)
+        self._explain(guests, outcome, applied)
         return TickReport(guests, outcome, applied)
 
     async def _ksm_tick(self, host: HostSnapshot, guests: Sequence[GuestSnapshot]) -> None:
@@ -163,6 +181,7 @@ class Daemon:
         except Exception:  # a bug in the optional controller must not cost the guests their tick
             self.ksm_failures += 1
             log.exception("ksm controller failed; balloon control goes on", extra={"event": "ksm-error"})
+
     def _warn_floors_above_max(self, guests: Sequence[GuestSnapshot]) -> None:
         """A config floor above a guest's maximum is capped at the maximum (the guard's
         ``floor_kib``); say so once per guest and floor, not every tick."""
@@ -179,6 +198,22 @@ class Daemon:
                     g.max_kib,
                     extra={"event": "floor-above-max", "guest": g.name},
                 )
+
+    def _explain(self, guests: Sequence[GuestSnapshot], outcome: StepOutcome[Any], applied: frozenset[str]) -> None:
+        """Keep the status document current and log each guest's reason when it changes."""
+        with_floors, _excluded = with_overrides(guests, self.cfg)
+        self.last_status = status_doc.build(
+            with_floors,
+            outcome.decisions,
+            applied,
+            self.cfg.guard,
+            policy=self.policy.name,
+            dry_run=self.dry_run,
+            ticks=self.ticks + 1,
+            interval_s=self.cfg.interval_s,
+        )
+        self._status_bytes = status_doc.encode(self.last_status)
+        self._reasons.update(self.last_status)
 
     def _effective_cfg(self, guests: Sequence[GuestSnapshot]) -> DaemonConfig:
         """The config with guests paused by command excluded (keeping their other overrides)."""
@@ -200,13 +235,21 @@ class Daemon:
         return tuple(dataclasses.replace(g, migration_pending=True) if g.uuid in self.migrations else g for g in guests)
 
     def _count_libvirt_errors(self) -> None:
-        errors = getattr(self.hv, "errors", Counter())
-        for call, n in errors.items():
-            if n > self._errors_seen[call]:
-                self.metrics.libvirt_errors.labels(call).inc(n - self._errors_seen[call])
-                self._errors_seen[call] = n
+        """Carry the backend's cumulative call and error counts into Prometheus."""
+        for counts, seen, metric in (
+            (getattr(self.hv, "errors", Counter()), self._errors_seen, self.metrics.libvirt_errors),
+            (getattr(self.hv, "calls", Counter()), self._calls_seen, self.metrics.hypervisor_calls),
+        ):
+            for call, n in list(counts.items()):
+                if n > seen[call]:
+                    metric.labels(call).inc(n - seen[call])
+                    seen[call] = n
 
     # -- telemetry --------------------------------------------------------------------------
+
+    def status_document(self) -> bytes:
+        """The JSON the status socket serves: the last tick's ``status.DaemonStatus``."""
+        return self._status_bytes
 
     def status(self) -> msg.StatusMessage:
         return msg.StatusMessage(online=True, dry_run=self.dry_run, policy=self.policy.name, version=package_version())
@@ -347,7 +390,7 @@ class Daemon:
         if self.paused:
             changed.append(f"guests paused by command resumed: {len(self.paused)}")
             self.paused.clear()
-        for section in ("libvirt", "mqtt", "metrics", "host"):
+        for section in ("hypervisor", "libvirt", "qmp", "mqtt", "metrics", "host"):
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("[%s] changed: takes effect after a restart", section)
         if new.ksm != self.cfg.ksm:
@@ -381,6 +424,9 @@ class Daemon:
         if self.cfg.metrics.enabled:
             port = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.address, port)
+        if self.cfg.runner.status_socket:
+            server = status_doc.StatusServer(Path(self.cfg.runner.status_socket), self.status_document)
+            self._status_server = server if await server.start() else None
         if self.cfg.mqtt.enabled:
             self.mqtt = MqttLink(self.cfg.mqtt, self.handle_command, self.status)
             self.mqtt.start()
@@ -432,6 +478,8 @@ class Daemon:
             try:
                 if self.mqtt is not None:
                     await self.mqtt.stop()
+                if self._status_server is not None:
+                    await self._status_server.stop()
             finally:
                 await asyncio.to_thread(self.hv.close)
                 log.info("stopped", extra={"event": "stopped"})

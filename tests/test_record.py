@@ -525,3 +525,18 @@ def test_the_kept_recording_of_real_guests_follows_their_schedule() -> None:
             doo=r[tf.DEFLATE_ON_OOM] == "1",
         )
         assert demand_kib(g) == int(r[tf.USED_KIB]), r
+
+
+def test_record_refuses_the_qmp_backend_by_name(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[hypervisor]\nbackend = "qmp"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "overcommitd", "record", "--config", str(cfg), "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2 and "backend = 'qmp'" in out.stderr and "libvirt only" in out.stderr
+    assert not (tmp_path / "out").exists()

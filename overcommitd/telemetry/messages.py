@@ -146,6 +146,7 @@ class DecisionMessage(_Message):
     wish_kib: int | None
     applied: bool  # False in dry-run, or when setting it failed
     clamps: list[ClampMessage]
+    policy_reason: str | None = None  # the policy's own word on its wish (PolicyResult.reasons)
 
     @classmethod
     def of(cls, d: Decision, *, applied: bool) -> DecisionMessage:
@@ -159,6 +160,7 @@ class DecisionMessage(_Message):
                 ClampMessage(reason=c.reason.value, before_kib=c.before_kib, after_kib=c.after_kib, detail=c.detail)
                 for c in d.clamps
             ],
+            policy_reason=d.policy_reason,
         )
 
 
