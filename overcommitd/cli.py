@@ -109,6 +109,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_record(args: argparse.Namespace) -> int:
+    """Record the host's guests and the host into the trace format until SIGTERM/SIGINT
+    or ``--hours``; read-only (a read-only libvirt connection, nothing but snapshots)."""
+    import signal
+    import threading
+
+    from overcommitd import logs
+    from overcommitd.host import HostPaths, ProcHostReader
+    from overcommitd.hypervisor.libvirt import LibvirtHypervisor
+    from overcommitd.record import ReadOnlyGuests, Recorder
+
+    cfg, which = _load(args, say=False)
+    if cfg.hypervisor.backend != "libvirt":
+        print(
+            f"overcommitd: {args.config}: [hypervisor] backend = {cfg.hypervisor.backend!r}: record reads libvirt "
+            "only (the QMP backend sets each balloon's stats polling interval, a change to the guest)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    logs.setup(args.log_format or cfg.runner.log_format, verbose=args.verbose)
+    logging.getLogger("overcommitd.cli").info(which, extra={"event": "config", "path": str(args.config or "")})
+    host = ProcHostReader(
+        HostPaths(cfg.host.meminfo_path, cfg.host.psi_memory_path, cfg.host.ksm_dir, cfg.host.arcstats_path)
+    )
+    hv = LibvirtHypervisor(cfg.libvirt, read_only=True, include_excluded=True)
+    interval_s = args.interval_s or cfg.interval_s
+    recorder = Recorder(
+        ReadOnlyGuests(hv), host, args.out, rules=cfg.guard, interval_s=interval_s, source=cfg.libvirt.uri
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("overcommitd.record").info(
+        "recording %s every %g s into %s", cfg.libvirt.uri, interval_s, args.out
+    )
+    try:
+        recorder.run(stop, hours=args.hours)
+    finally:
+        hv.close()
+    return 0
+
+
+def _positive(text: str) -> float:
+    """argparse type: a number > 0 (NaN and inf are not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """What the running daemon does to each guest and why, from its status socket."""
     from overcommitd import status
@@ -190,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="one tick, then exit")
     p.add_argument("--log-format", choices=["json", "text"], default=None, help="default: [runner] log_format")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("record", help="record every guest and the host into trace files (read-only)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML config for [libvirt] uri, [guard] staleness, [host] (default: /etc/overcommitd/overcommitd.toml if present)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="directory for guests-*.csv.gz, host-*.csv.gz")
+    p.add_argument("--interval-s", type=_positive, default=None, help="seconds between samples (default: interval_s)")
+    p.add_argument("--hours", type=_positive, default=None, help="stop after this many hours (default: until SIGTERM)")
+    p.add_argument("--log-format", choices=["json", "text"], default=None, help="default: [runner] log_format")
+    p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("status", help="each guest's actual, target, floor, the policy's wish and why, from the daemon")
     p.add_argument("--config", type=Path, default=None, help="to find [runner] status_socket")

@@ -101,9 +101,10 @@ def _read_file(path: Path) -> _File:
 def _gunzip_complete_members(path: Path, raw: bytes) -> tuple[bytes, str]:
     """The complete gzip members of a file whose tail is torn or corrupt.
 
-    ``overcommitd record`` writes one gzip member per interval (``overcommitd.hourly``),
-    so a recording cut short by power loss or a full disk ends in a partial member; the
-    members before it are whole intervals and are kept. Raises if no member is whole.
+    A gzip file copied while it was written, or cut short by a full disk, ends in a
+    partial member; the members before it are whole and are kept (``overcommitd record``
+    itself writes the hour being recorded as plain CSV and compresses it once complete,
+    ``overcommitd.hourly``). Raises if no member is whole.
     """
     out: list[bytes] = []
     view, pos = memoryview(raw), 0

@@ -406,7 +406,7 @@ def test_materna_layout_is_read_like_bitbrains(tmp_path: Path) -> None:
 
 
 def test_a_torn_gzip_tail_keeps_the_whole_members_before_it(tmp_path: Path) -> None:
-    # overcommitd record writes a gzip member per interval; power loss can tear the last one
+    # a gzip file of several members (an append-style writer), its last one torn
     members = [gzip.compress(f"{HEADER}\n0,a,10,1\n".encode()), gzip.compress(b"10,a,10,2\n")]
     torn = gzip.compress(b"20,a,10,3\n")[:-6]
     path = tmp_path / "guests-2026-12-01T00.csv.gz"

@@ -86,8 +86,16 @@ class LibvirtHypervisor:
         *,
         on_event: Callable[[GuestEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        read_only: bool = False,
+        include_excluded: bool = False,
     ) -> None:
         self.cfg = cfg
+        # Read-only: the connection is opened with virConnectOpenReadOnly, so libvirt itself
+        # refuses every change, and stats periods are left as they are (``overcommitd record``).
+        self.read_only = read_only
+        # Guests whose <metadata> excludes them from ballooning are left out of snapshots
+        # unless asked for: a recording wants every guest's workload.
+        self.include_excluded = include_excluded
         self.on_event = on_event
         self.clock = clock
         self.calls: Counter[str] = Counter()  # libvirt RPCs by method name, since start
@@ -117,7 +125,7 @@ class LibvirtHypervisor:
         start_event_loop()
         uri = self.cfg.uri
         try:
-            conn = self._rpc("open", libvirt.open, uri)
+            conn = self._rpc("open", libvirt.openReadOnly if self.read_only else libvirt.open, uri)
         except HypervisorError as e:
             raise HypervisorError(f"cannot open {uri!r}: {e}. Is libvirtd running? Try: virsh -c {uri} list") from e
         self._conn, self._lost = conn, False
@@ -323,7 +331,7 @@ class LibvirtHypervisor:
         xml = self._xml.get(uuid)
         if xml is None:
             xml = self._xml[uuid] = lx.parse_domain(self._rpc("XMLDesc", dom.XMLDesc, 0), where=name)
-        if not xml.has_balloon or xml.metadata.exclude:
+        if not xml.has_balloon or (xml.metadata.exclude and not self.include_excluded):
             return None
         period_s = self._ensure_stats_period(dom, uuid, name, xml.stats_period_s)
         reading = self._reading(dom, name, params)
@@ -371,7 +379,7 @@ class LibvirtHypervisor:
     def _ensure_stats_period(self, dom: Any, uuid: str, name: str, period_s: float) -> float:
         """Turn on stats polling for a guest that has none, when configured; once per guest."""
         want = self.cfg.enable_stats_period_s
-        if period_s > 0 or want == 0:
+        if period_s > 0 or want == 0 or self.read_only:
             return period_s
         if uuid not in self._period_set:
             self._period_set.add(uuid)
