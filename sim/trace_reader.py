@@ -400,7 +400,7 @@ class _GuestRows:
 
     def _size(self) -> int:
         prov = self.values[tf.PROVISIONED_KIB]
-        valid = (prov > 0) & (prov <= MAX_SIZE_KIB)
+        valid = (prov >= 1) & (prov <= MAX_SIZE_KIB)  # below 1 KiB is no size at all
         if not valid.any():
             raise TraceError(
                 f"{self.where(int(self.rows[0]))}: guest {self.name!r}: no {tf.PROVISIONED_KIB} in 1..{MAX_SIZE_KIB} "
@@ -408,7 +408,7 @@ class _GuestRows:
             )
         if not valid.all():
             self.notes.append(
-                f"{tf.PROVISIONED_KIB} missing, NaN, <= 0 or over 1 PiB in {int((~valid).sum())} row(s) "
+                f"{tf.PROVISIONED_KIB} missing, NaN, under 1 KiB or over 1 PiB in {int((~valid).sum())} row(s) "
                 f"(first at {self._at(~valid)}): size taken from the other rows"
             )
         size = float(prov[valid].max())
