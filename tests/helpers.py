@@ -10,7 +10,7 @@ import dataclasses
 import gzip
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -18,6 +18,9 @@ from overcommitd.model import BalloonFeatures, GuestSnapshot, GuestStats, HostSn
 from policies import testing
 from policies.api import PolicyResult
 from policies.testing import GIB, MIB  # noqa: F401 - re-exported for the tests
+
+if TYPE_CHECKING:
+    from overcommitd.runner import Daemon
 
 NOW_S = 100.0
 
@@ -73,7 +76,7 @@ class FixedParams(BaseModel):
 
 
 class FixedPolicy:
-    name = "fixed"
+    name: ClassVar[str] = "fixed"
     Params = FixedParams
 
     def __init__(self, params: FixedParams | None = None) -> None:
@@ -89,6 +92,13 @@ class FixedPolicy:
             if t is not None:
                 targets[g.uuid] = t
         return PolicyResult(targets, state + 1)
+
+
+def use_fixed_policy(daemon: Daemon, target_kib: int) -> None:
+    """Switch a running daemon to ``FixedPolicy`` as a config reload would (by module path,
+    which only the config may name)."""
+    spec, params = "tests.helpers:FixedPolicy", {"target_kib": target_kib}
+    daemon._use_policy(FixedPolicy(FixedParams(**params)), spec, params)
 
 
 class Raising:

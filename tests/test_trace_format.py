@@ -140,7 +140,9 @@ def test_every_interpreted_value_leaves_a_note_naming_where(tmp_path: Path) -> N
     assert t.t_s.tolist() == [0, 300, 600, 900, 1800, 2100]
     assert t.gaps_cut == 1
     text = "\n".join(t.notes)
-    assert "provisioned_kib missing, NaN, under 1 KiB or over 1 PiB in 1 row(s) (first at " in text and "g.csv:4)" in text
+    assert (
+        "provisioned_kib missing, NaN, under 1 KiB or over 1 PiB in 1 row(s) (first at " in text and "g.csv:4)" in text
+    )
     assert "used_kib missing, NaN, infinite or negative in 2 row(s)" in text and "g.csv:3)" in text
     assert "used_kib above provisioned_kib in 1 sample(s) (first at " in text and "g.csv:6)" in text
     assert "1 duplicate timestamp(s) (first at " in text and "g.csv:5)" in text

@@ -24,6 +24,7 @@ from overcommitd.hypervisor.qmp import QmpHypervisor
 from overcommitd.model import ClampReason, RunState
 from overcommitd.runner import Daemon
 from tests.conftest import UNDER_CI, need_binaries
+from tests.helpers import use_fixed_policy
 from tests.realguest.harness import IMAGE_DIR, GuestSpec, QemuGuest, wait_for
 from tests.realguest.test_realguests import decision_for, record_figure, tick_until
 
@@ -222,7 +223,7 @@ def test_qmp_guest_killed_mid_tick_and_one_that_stops_answering(qemu_guests: Qem
 
     async def scenario() -> None:
         await tick_until(d, lambda r: len(r.guests) == 3 and all(g.stats for g in r.guests), 60, "three guests")
-        d._switch_policy("tests.helpers:FixedPolicy", {"target_kib": 200 * MIB})
+        use_fixed_policy(d, 200 * MIB)
         hv.victim = doomed
         report = await d.tick()
         assert {x.name for x in report.outcome.decisions if x.target_kib == 200 * MIB} == {  # type: ignore[union-attr]
@@ -236,7 +237,7 @@ def test_qmp_guest_killed_mid_tick_and_one_that_stops_answering(qemu_guests: Qem
         assert frozen.proc is not None
         os.kill(frozen.proc.pid, signal.SIGSTOP)
         try:
-            d._switch_policy("tests.helpers:FixedPolicy", {"target_kib": 220 * MIB})
+            use_fixed_policy(d, 220 * MIB)
             report = await tick_until(
                 d, lambda r: "qmp-doomed" not in {g.name for g in r.guests}, 30, "the killed guest to be gone"
             )

@@ -16,6 +16,7 @@ from overcommitd.host import ProcHostReader
 from overcommitd.hypervisor.libvirt import SETTLE_S, LibvirtHypervisor
 from overcommitd.model import ClampReason, Decision
 from overcommitd.runner import Daemon, TickReport
+from tests.helpers import use_fixed_policy
 from tests.mqtt_probe import Probe
 from tests.realguest.conftest import Guests
 from tests.realguest.harness import GuestSpec, Libvirtd, Mosquitto, wait_for
@@ -302,7 +303,7 @@ def test_survives_a_libvirtd_restart_and_a_guest_destroyed_mid_tick(libvirtd: Li
         assert [g.name for g in report.guests] == ["survivor"]
         # Per-guest state survived: the target record, so the guard judges progress from it.
         assert report.guests[0].last_target_kib == 300 * MIB
-        d._switch_policy("tests.helpers:FixedPolicy", {"target_kib": 320 * MIB})
+        use_fixed_policy(d, 320 * MIB)
         report = await d.tick()
         assert survivor_uuid in report.applied
         await asyncio.to_thread(
