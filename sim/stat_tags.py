@@ -27,6 +27,7 @@ them; the 6.1 test image's set (tags 0-9) was read from its own driver (issue 16
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from overcommitd.model import GuestStats
 
@@ -76,4 +77,5 @@ def unsent_fields(version: str) -> tuple[str, ...]:
 def mask_stats(stats: GuestStats, version: str) -> GuestStats:
     """``stats`` as a guest running Linux ``version`` would send them: the tags its
     kernel does not know are None."""
-    return dataclasses.replace(stats, **dict.fromkeys(unsent_fields(version)))
+    unsent: dict[str, Any] = dict.fromkeys(unsent_fields(version))
+    return dataclasses.replace(stats, **unsent)
