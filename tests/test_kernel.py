@@ -119,3 +119,12 @@ def test_reserve_is_bounded_and_grows_with_ram(ram_kib: int) -> None:
     assert 0 < km.totalreserve_kib < km.mem_total_kib // 10
     assert 128 <= km.min_free_kbytes <= 262144 or km.thp_active
     assert boot(ram_kib + 256 * 1024).totalreserve_kib >= km.totalreserve_kib - 64
+
+
+def test_reserve_pct_gives_the_test_guests_65_mib_gap() -> None:
+    from sim.kernel import reserve_pct
+
+    gap_kib = 1024 * 1024 * reserve_pct(1024 * 1024) / 100
+    # issue 16: MemFree - MemAvailable steady ~65 MiB, i.e. totalreserve less half the reclaimable slab
+    assert 65 * 1024 < gap_kib < 72 * 1024
+    assert reserve_pct(4 * 1024 * 1024) < reserve_pct(1024 * 1024) / 2
