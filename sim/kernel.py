@@ -63,10 +63,6 @@ class GuestKernel(BaseModel):
     thp: ThpMode = Field("always", description="/sys/kernel/mm/transparent_hugepage/enabled")
     watermark_scale_factor: int = Field(10, ge=1, le=3000, description="vm.watermark_scale_factor (1/10000)")
 
-    def version_tuple(self) -> tuple[int, int]:
-        major, minor = self.version.split(".")[:2]
-        return int(major), int(minor)
-
 
 @dataclass(frozen=True, slots=True)
 class BootMeasurement:
