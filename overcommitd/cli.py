@@ -8,9 +8,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from overcommitd.config import ConfigError, DaemonConfig
+from overcommitd.config import CONFIG_ENV, ConfigError, DaemonConfig, default_config_path
 from overcommitd.model import OvercommitdError
+
+if TYPE_CHECKING:
+    from overcommitd.runner import ManagedHypervisor
 
 EXIT_BAD_INPUT = 2
 
@@ -43,50 +47,109 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return replay_command(args)
 
 
-def _load(args: argparse.Namespace) -> DaemonConfig:
-    return DaemonConfig.load(args.config)
+def _config_path(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """``--config``, else the default file if it exists, else None (defaults), with a
+    line saying which, so nobody wonders which file a command used."""
+    if args.config is not None:
+        return Path(args.config), f"config {args.config}"
+    path = default_config_path()
+    if path.exists():
+        return path, f"config {path} (default; --config to choose another)"
+    return None, f"no config at {path} (default; ${CONFIG_ENV} or --config to choose): using defaults"
+
+
+def _load(args: argparse.Namespace, *, say: bool = True) -> tuple[DaemonConfig, str]:
+    """The config and the line naming it; printed on stderr unless ``say`` is False
+    (``run`` logs it instead, so a JSON log stays JSON)."""
+    args.config, which = _config_path(args)
+    cfg = DaemonConfig.load(args.config)
+    if say:
+        print(f"overcommitd: {which}", file=sys.stderr)
+    return cfg, which
+
+
+def _hypervisor(cfg: DaemonConfig) -> ManagedHypervisor:
+    """The backend ``[hypervisor] backend`` names; only it is imported."""
+    if cfg.hypervisor.backend == "qmp":
+        from overcommitd.hypervisor.qmp import QmpHypervisor
+
+        return QmpHypervisor(cfg.qmp)
+    from overcommitd.hypervisor.libvirt import LibvirtHypervisor
+
+    return LibvirtHypervisor(cfg.libvirt)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon: read, decide, apply on a steady tick until SIGTERM."""
     import asyncio
 
-    from overcommitd import logs
+    from overcommitd import logs, status
     from overcommitd.host import HostPaths, ProcHostReader
-    from overcommitd.hypervisor.libvirt import LibvirtHypervisor
-    from overcommitd.runner import Daemon
+    from overcommitd.runner import Daemon, TickReport
 
-    cfg = _load(args)
+    cfg, which = _load(args, say=False)
     logs.setup(args.log_format or cfg.runner.log_format, verbose=args.verbose)
+    logging.getLogger("overcommitd.cli").info(which, extra={"event": "config", "path": str(args.config or "")})
     host = ProcHostReader(
         HostPaths(cfg.host.meminfo_path, cfg.host.psi_memory_path, cfg.host.ksm_dir, cfg.host.arcstats_path)
     )
-    daemon = Daemon(
-        cfg, LibvirtHypervisor(cfg.libvirt), host, config_path=args.config, cli_dry_run=args.dry_run or None
-    )
+    daemon = Daemon(cfg, _hypervisor(cfg), host, config_path=args.config, cli_dry_run=args.dry_run or None)
+
+    def print_decisions(report: TickReport) -> None:
+        if daemon.last_status is not None:
+            print(status.table(daemon.last_status), flush=True)
+        elif report.error is not None:
+            print(f"tick skipped, every guest held: {report.error}", flush=True)
 
     async def main() -> None:
         daemon.install_signal_handlers()
-        await daemon.run(once=args.once)
+        await daemon.run(once=args.once, on_tick=print_decisions if args.once else None)
 
     asyncio.run(main())
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """What the running daemon does to each guest and why, from its status socket."""
+    from overcommitd import status
+
+    path = args.socket
+    if path is None:
+        cfg, _which = _load(args)
+        if not cfg.runner.status_socket:
+            print(
+                f"overcommitd: {args.config}: [runner] status_socket is empty: the daemon serves no status",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
+        path = Path(cfg.runner.status_socket)
+    doc = status.read(path)
+    print(doc.model_dump_json(indent=2) if args.json else status.table(doc))
+    return 0
+
+
 def cmd_guest_set_floor(args: argparse.Namespace) -> int:
     """Write a guest's SLA floor into its domain's <metadata>; the daemon picks it up."""
+    from pydantic import TypeAdapter, ValidationError
+
     from overcommitd.hypervisor.libvirt import LibvirtHypervisor
-    from overcommitd.model import parse_kib
+    from overcommitd.model import MAX_KIB, Kib
 
     try:
-        floor_kib = parse_kib(args.size)
-    except ValueError as e:
-        print(f"overcommitd: SIZE: {e}", file=sys.stderr)
+        floor_kib = TypeAdapter(Kib).validate_python(args.size)
+    except ValidationError as e:
+        why = e.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+        print(f"overcommitd: SIZE: {why} (a size from 0 to {MAX_KIB} KiB, e.g. 512MiB)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if not isinstance(floor_kib, int) or floor_kib < 0:
-        print(f"overcommitd: SIZE: {args.size!r} must be a size >= 0, e.g. 512MiB", file=sys.stderr)
+    cfg, _which = _load(args)
+    if cfg.hypervisor.backend == "qmp" and not args.uri:
+        print(
+            "overcommitd: guest set-floor writes libvirt domain metadata; QMP guests have none. "
+            "Use [guests.<name>] floor_kib in the config, a Proxmox VM's balloon: minimum, "
+            "or the MQTT set-floor command (kept in the running daemon's memory)",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
-    cfg = _load(args)
     libvirt_cfg = cfg.libvirt.model_copy(update={"uri": args.uri}) if args.uri else cfg.libvirt
     hv = LibvirtHypervisor(libvirt_cfg)
     hv.connect()
@@ -125,19 +188,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("run", help="run the daemon against libvirt")
-    p.add_argument("--config", type=Path, default=None, help="TOML config (see config.example.toml)")
+    p = sub.add_parser("run", help="run the daemon against libvirt or QMP sockets ([hypervisor] backend)")
+    p.add_argument(
+        "--config", type=Path, default=None, help="TOML config (default: /etc/overcommitd/overcommitd.toml if present)"
+    )
     p.add_argument("--dry-run", action="store_true", help="decide and publish, but set no balloon")
     p.add_argument("--once", action="store_true", help="one tick, then exit")
     p.add_argument("--log-format", choices=["json", "text"], default=None, help="default: [runner] log_format")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="each guest's actual, target, floor, the policy's wish and why, from the daemon")
+    p.add_argument("--config", type=Path, default=None, help="to find [runner] status_socket")
+    p.add_argument("--socket", type=Path, default=None, help="the status socket (default: the config's)")
+    p.add_argument("--json", action="store_true", help="the whole document as JSON")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("guest", help="per-guest settings kept in the domain's libvirt metadata")
     guest_sub = p.add_subparsers(dest="guest_command", required=True)
     p = guest_sub.add_parser("set-floor", help="set a guest's SLA floor (the guard never balloons below it)")
     p.add_argument("name", help="domain name or UUID")
     p.add_argument("size", help="KiB as an integer, or e.g. 512MiB, 2GiB")
-    p.add_argument("--config", type=Path, default=None, help="for [libvirt] uri")
+    p.add_argument(
+        "--config", type=Path, default=None, help="for [libvirt] uri (default: /etc/overcommitd/overcommitd.toml)"
+    )
     p.add_argument("--uri", default=None, help="libvirt URI (default: the config's, else qemu:///system)")
     p.set_defaults(func=cmd_guest_set_floor)
 

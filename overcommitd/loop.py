@@ -56,7 +56,7 @@ def with_overrides(guests: Sequence[GuestSnapshot], cfg: DaemonConfig) -> tuple[
             continue
         if o.exclude:
             excluded.add(g.uuid)
-        floor_kib = max(g.floor_kib, o.floor_kib or 0)
+        floor_kib = min(max(g.floor_kib, o.floor_kib or 0), g.max_kib)  # above the maximum: capped
         out.append(dataclasses.replace(g, floor_kib=floor_kib, weight=o.weight or g.weight))
     return out, excluded
 
@@ -91,7 +91,8 @@ def step(
             excluded=g.uuid in excluded,
             error=result.errors.get(g.uuid),
         )
-        decisions.append(decision)
+        reason = result.reasons.get(g.uuid)
+        decisions.append(decision if reason is None else dataclasses.replace(decision, policy_reason=reason))
     return StepOutcome(tuple(decisions), LoopState(result.state, memory), policy_error)
 
 

@@ -15,26 +15,41 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
+from fractions import Fraction
 from typing import Annotated
 
 from pydantic import BeforeValidator, Field
 
 _UNITS_KIB = {"kib": 1, "k": 1, "mib": 1024, "m": 1024, "gib": 1024**2, "g": 1024**2, "tib": 1024**3, "t": 1024**3}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE = re.compile(r"^\s*(\d{1,20}(?:\.\d{1,20})?)\s*([a-zA-Z]{0,3})\s*$")
+
+# The largest size anything in overcommitd takes: 1 PiB in KiB. No host or guest comes
+# near it (libvirt's own limit is VIR_DOMAIN_MEMORY_PARAM_UNLIMITED, 2^53 - 1 KiB); it
+# keeps a typo or a hostile command from becoming a floor no guest can ever meet.
+MAX_KIB = 1024**4
+_SIZE_TEXT_MAX = 64  # characters: "1.5 GiB" needs 7; longer is not a size
 
 
 def parse_kib(value: object) -> object:
-    """``"4GiB"`` -> 4194304; ints pass through (KiB); anything else is left to pydantic."""
+    """``"4GiB"`` -> 4194304; ints pass through (KiB); anything else is left to pydantic.
+
+    Exact arithmetic (``Fraction``), no float: a 400-digit string is refused as too long,
+    never turned into ``inf`` (whose ``int()`` raised ``OverflowError``, which pydantic
+    does not turn into a validation error). Range checks belong to ``Kib``."""
     if isinstance(value, str):
-        m = _SIZE.match(value)
+        m = _SIZE.match(value) if len(value) <= _SIZE_TEXT_MAX else None
         unit = m.group(2).lower() if m else ""
         if not m or unit not in _UNITS_KIB and unit != "":
-            raise ValueError(f"{value!r} is not a size; use KiB as an integer or a string like '512MiB' or '4GiB'")
-        return int(float(m.group(1)) * _UNITS_KIB.get(unit, 1))
+            shown = value if len(value) <= _SIZE_TEXT_MAX else f"{value[:20]}... ({len(value)} characters)"
+            raise ValueError(
+                f"{shown!r} is not a size; use KiB as an integer or a string like '512MiB' or '4GiB'"
+                f" (at most 20 digits)"
+            )
+        return int(Fraction(m.group(1)) * _UNITS_KIB.get(unit, 1))
     return value
 
 
-Kib = Annotated[int, BeforeValidator(parse_kib), Field(ge=0)]
+Kib = Annotated[int, BeforeValidator(parse_kib), Field(ge=0, le=MAX_KIB)]
 
 
 class OvercommitdError(Exception):
@@ -198,6 +213,7 @@ class RunState(Enum):
     PAUSED = "paused"
     MIGRATING = "migrating"
     SHUTTING_DOWN = "shutting-down"
+    UNRESPONSIVE = "unresponsive"  # the hypervisor cannot reach it now (a QMP socket that stopped answering)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +298,8 @@ class Decision:
     ``target_kib`` is the balloon target to set now, or None to leave the guest alone
     (hold). ``wish_kib`` is what the policy asked for before the guard, None when it
     asked nothing or raised. ``clamps`` lists every guard rule that fired, in order.
+    ``policy_reason`` is the policy's own word on why it wished what it did (optional:
+    see ``policies.api.PolicyResult.reasons``).
     """
 
     uuid: str
@@ -289,6 +307,7 @@ class Decision:
     target_kib: int | None
     wish_kib: int | None
     clamps: tuple[Clamp, ...] = ()
+    policy_reason: str | None = None
 
     @property
     def held(self) -> bool:

@@ -7,8 +7,11 @@ Prometheus, which never wait on the network. Blocking calls (libvirt, /proc) run
 worker thread, so signals, commands and telemetry are served while libvirt is slow.
 
 Signals: SIGTERM/SIGINT stop after the current tick (and, when configured, deflate every
-balloon to its maximum first); SIGHUP reloads the config file. Per-guest state (targets
-set, the guard's back-off memory) lives across reloads and libvirt reconnects.
+balloon to its maximum first); SIGHUP reloads the config file and makes the running state
+match it (a policy, dry-run or pause set over MQTT gives way to the file), logging each
+change. Per-guest state (targets set, the guard's back-off memory) lives across reloads and
+libvirt reconnects. Over MQTT only registered policies are accepted: nothing received
+imports code.
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from overcommitd.config import ConfigError, DaemonConfig, GuestOverride
+from overcommitd import package_version
+from overcommitd import status as status_doc
+from overcommitd.config import DaemonConfig, GuestOverride
+from overcommitd.config_diff import changes
 from overcommitd.host import HostError
 from overcommitd.hypervisor import HostReader, Hypervisor, HypervisorError
 from overcommitd.ksm import KsmController
-from overcommitd.loop import LoopState, StepOutcome, apply, step
+from overcommitd.loop import LoopState, StepOutcome, apply, step, with_overrides
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from overcommitd.sdnotify import Notifier
 from overcommitd.telemetry import messages as msg
@@ -64,8 +70,15 @@ class TickReport:
 
 
 def _error_name(e: HypervisorError) -> msg.ErrorName:
-    # NoSuchGuest lives in the libvirt backend, which this module does not import.
-    return "no-such-guest" if type(e).__name__ == "NoSuchGuest" else "hypervisor-error"
+    # The subclasses live in the libvirt backend, which this module does not import.
+    names: dict[str, msg.ErrorName] = {"NoSuchGuest": "no-such-guest", "FloorAboveMaximum": "floor-above-max"}
+    return names.get(type(e).__name__, "hypervisor-error")
+
+
+def _policy_error_name(e: registry.PolicyLoadError) -> msg.ErrorName:
+    if isinstance(e, registry.ModulePathRefused):
+        return "policy-path-refused"
+    return "unknown-policy" if isinstance(e, registry.UnknownPolicy) else "bad-policy"
 
 
 class Daemon:
@@ -89,6 +102,8 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.metrics = metrics or Metrics()
         self.policy: Policy[Any] = registry.create(cfg.policy.name, cfg.policy.params)
+        self.policy_params: dict[str, Any] = dict(cfg.policy.params)  # as the running policy was given them
+        self.policy_spec = cfg.policy.name  # the name it was created from (registry name or module:Class)
         self.state: LoopState[Any] = LoopState.initial(self.policy)
         self.paused: set[str] = set()  # uuids paused by command: left alone, like excluded guests
         self.migrations: dict[str, float] = {}  # uuid -> monotonic deadline of an announced migration
@@ -101,6 +116,24 @@ class Daemon:
         self._errors_seen: Counter[str] = Counter()
         self.ksm = KsmController(cfg.ksm) if cfg.ksm.enabled else None
         self.ksm_failures = 0  # unexpected errors of the KSM controller, beside its own counted ones
+        self._wake = asyncio.Event()  # SIGHUP and SIGTERM cut the wait between ticks short
+        self._floors_warned: set[tuple[str, int]] = set()  # (uuid, config floor) already reported
+        self._calls_seen: Counter[str] = Counter()
+        self.last_status: status_doc.DaemonStatus | None = None  # what `overcommitd status` shows
+        self._status_bytes = status_doc.encode(
+            status_doc.build(
+                [],
+                [],
+                frozenset(),
+                cfg.guard,
+                policy=self.policy.name,
+                dry_run=self.dry_run,
+                ticks=0,
+                interval_s=cfg.interval_s,
+            )
+        )  # served until the first tick
+        self._reasons = status_doc.ReasonLog()
+        self._status_server: status_doc.StatusServer | None = None
 
     # -- one tick ---------------------------------------------------------------------------
 
@@ -123,12 +156,14 @@ class Daemon:
             return TickReport(error=str(e))
         self.last_guests = guests
         await self._ksm_tick(host, guests)
+        self._warn_floors_above_max(guests)
         outcome = step(host.taken_at_s, host, guests, self.policy, self.state, self._effective_cfg(guests))
         self.state = outcome.state
         applied: frozenset[str] = frozenset()
         if not self.dry_run:
             applied = frozenset(await asyncio.to_thread(apply, self.hv, outcome.decisions))
         self._publish(host, guests, outcome, applied)
+        self._explain(guests, outcome, applied)
         return TickReport(guests, outcome, applied)
 
     async def _ksm_tick(self, host: HostSnapshot, guests: Sequence[GuestSnapshot]) -> None:
@@ -146,6 +181,39 @@ class Daemon:
         except Exception:  # a bug in the optional controller must not cost the guests their tick
             self.ksm_failures += 1
             log.exception("ksm controller failed; balloon control goes on", extra={"event": "ksm-error"})
+
+    def _warn_floors_above_max(self, guests: Sequence[GuestSnapshot]) -> None:
+        """A config floor above a guest's maximum is capped at the maximum (the guard's
+        ``floor_kib``); say so once per guest and floor, not every tick."""
+        for g in guests:
+            o = self.cfg.override_for(g)
+            if o is None or o.floor_kib is None or o.floor_kib <= g.max_kib:
+                continue
+            if (g.uuid, o.floor_kib) not in self._floors_warned:
+                self._floors_warned.add((g.uuid, o.floor_kib))
+                log.warning(
+                    "guest %s: config floor %d KiB is above its maximum %d KiB; capped at the maximum",
+                    g.name,
+                    o.floor_kib,
+                    g.max_kib,
+                    extra={"event": "floor-above-max", "guest": g.name},
+                )
+
+    def _explain(self, guests: Sequence[GuestSnapshot], outcome: StepOutcome[Any], applied: frozenset[str]) -> None:
+        """Keep the status document current and log each guest's reason when it changes."""
+        with_floors, _excluded = with_overrides(guests, self.cfg)
+        self.last_status = status_doc.build(
+            with_floors,
+            outcome.decisions,
+            applied,
+            self.cfg.guard,
+            policy=self.policy.name,
+            dry_run=self.dry_run,
+            ticks=self.ticks + 1,
+            interval_s=self.cfg.interval_s,
+        )
+        self._status_bytes = status_doc.encode(self.last_status)
+        self._reasons.update(self.last_status)
 
     def _effective_cfg(self, guests: Sequence[GuestSnapshot]) -> DaemonConfig:
         """The config with guests paused by command excluded (keeping their other overrides)."""
@@ -167,16 +235,24 @@ class Daemon:
         return tuple(dataclasses.replace(g, migration_pending=True) if g.uuid in self.migrations else g for g in guests)
 
     def _count_libvirt_errors(self) -> None:
-        errors = getattr(self.hv, "errors", Counter())
-        for call, n in errors.items():
-            if n > self._errors_seen[call]:
-                self.metrics.libvirt_errors.labels(call).inc(n - self._errors_seen[call])
-                self._errors_seen[call] = n
+        """Carry the backend's cumulative call and error counts into Prometheus."""
+        for counts, seen, metric in (
+            (getattr(self.hv, "errors", Counter()), self._errors_seen, self.metrics.libvirt_errors),
+            (getattr(self.hv, "calls", Counter()), self._calls_seen, self.metrics.hypervisor_calls),
+        ):
+            for call, n in list(counts.items()):
+                if n > seen[call]:
+                    metric.labels(call).inc(n - seen[call])
+                    seen[call] = n
 
     # -- telemetry --------------------------------------------------------------------------
 
+    def status_document(self) -> bytes:
+        """The JSON the status socket serves: the last tick's ``status.DaemonStatus``."""
+        return self._status_bytes
+
     def status(self) -> msg.StatusMessage:
-        return msg.StatusMessage(online=True, dry_run=self.dry_run, policy=self.policy.name)
+        return msg.StatusMessage(online=True, dry_run=self.dry_run, policy=self.policy.name, version=package_version())
 
     def _publish(
         self, host: HostSnapshot, guests: Sequence[GuestSnapshot], outcome: StepOutcome[Any], applied: frozenset[str]
@@ -253,9 +329,10 @@ class Daemon:
             )
         if isinstance(cmd, msg.SwitchPolicy):
             try:
-                self._switch_policy(cmd.name, dict(cmd.params))
+                policy = registry.create(cmd.name, cmd.params, allow_module_path=False)
             except registry.PolicyLoadError as e:
-                raise msg.CommandError("bad-policy", str(e), cmd.id) from e
+                raise msg.CommandError(_policy_error_name(e), str(e), cmd.id) from e
+            self._use_policy(policy, cmd.name, dict(cmd.params))
             return msg.Reply(id=cmd.id, ok=True, message=f"policy {cmd.name}")
         assert isinstance(cmd, msg.SetDryRun)
         self.dry_run = cmd.enabled
@@ -268,13 +345,18 @@ class Daemon:
                 return g
         raise msg.CommandError("no-such-guest", f"no running guest named or with UUID {name_or_uuid!r}", cmd_id)
 
-    def _switch_policy(self, name: str, params: dict[str, Any]) -> None:
+    def _use_policy(self, policy: Policy[Any], spec: str, params: dict[str, Any]) -> None:
         """A new policy starts from its own initial state; the guard's memory is kept."""
-        policy = registry.create(name, params)
-        self.policy = policy
+        self.policy, self.policy_spec, self.policy_params = policy, spec, params
         self.state = LoopState(policy.initial_state(), self.state.guard)
         self._publish_status()
-        log.info("policy is now %s", name, extra={"event": "policy", "policy": name})
+        log.info("policy is now %s", policy.name, extra={"event": "policy", "policy": policy.name})
+
+    def running_config(self) -> DaemonConfig:
+        """The config as the daemon runs it: the file's, with what commands changed."""
+        policy = self.cfg.policy.model_copy(update={"name": self.policy_spec, "params": self.policy_params})
+        runner = self.cfg.runner.model_copy(update={"dry_run": self.dry_run})
+        return self.cfg.model_copy(update={"policy": policy, "runner": runner})
 
     def _publish_status(self) -> None:
         if self.mqtt is not None:
@@ -283,31 +365,45 @@ class Daemon:
     # -- reload and run ---------------------------------------------------------------------
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file; a bad one is logged and the old one kept."""
+        """SIGHUP: re-read the config file and make the running state match it. A bad file
+        (or anything failing while reading it) is logged and the running config kept."""
         self.reload_requested = False
         if self.config_path is None:
             log.info("SIGHUP: no config file to reload")
             return
         self.notifier.reloading()
         try:
-            new = DaemonConfig.load(self.config_path)
-            if (new.policy.name, new.policy.params) != (self.cfg.policy.name, self.cfg.policy.params):
-                self._switch_policy(new.policy.name, dict(new.policy.params))
-        except (ConfigError, registry.PolicyLoadError) as e:
+            self._reload_from(self.config_path)
+        except Exception as e:  # noqa: BLE001 - a reload never stops the daemon
             log.error("reload failed, keeping the running config: %s", e, extra={"event": "reload-failed"})
+        finally:
             self.notifier.ready()
-            return
-        for section in ("libvirt", "mqtt", "metrics", "host"):
+
+    def _reload_from(self, path: Path) -> None:
+        new = DaemonConfig.load(path)
+        if self.cli_dry_run is not None:  # --dry-run on the command line outlives reloads
+            new = new.model_copy(update={"runner": new.runner.model_copy(update={"dry_run": self.cli_dry_run})})
+        changed = changes(self.running_config(), new)
+        if (new.policy.name, new.policy.params) != (self.policy_spec, self.policy_params):
+            policy = registry.create(new.policy.name, new.policy.params)  # raises before anything changes
+            self._use_policy(policy, new.policy.name, dict(new.policy.params))
+        if self.paused:
+            changed.append(f"guests paused by command resumed: {len(self.paused)}")
+            self.paused.clear()
+        for section in ("hypervisor", "libvirt", "qmp", "mqtt", "metrics", "host"):
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("[%s] changed: takes effect after a restart", section)
         if new.ksm != self.cfg.ksm:
             self.ksm = KsmController(new.ksm) if new.ksm.enabled else None
         self.cfg = new
-        if self.cli_dry_run is None:
-            self.dry_run = new.runner.dry_run
+        self.dry_run = new.runner.dry_run
         self._publish_status()
-        self.notifier.ready()
-        log.info("config reloaded from %s", self.config_path, extra={"event": "reloaded"})
+        log.info(
+            "config reloaded from %s: %s",
+            path,
+            "; ".join(changed) or "no change",
+            extra={"event": "reloaded", "changes": changed},
+        )
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -316,6 +412,7 @@ class Daemon:
 
         def hup() -> None:
             self.reload_requested = True
+            self._wake.set()
 
         loop.add_signal_handler(signal.SIGHUP, hup)
 
@@ -327,6 +424,9 @@ class Daemon:
         if self.cfg.metrics.enabled:
             port = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.address, port)
+        if self.cfg.runner.status_socket:
+            server = status_doc.StatusServer(Path(self.cfg.runner.status_socket), self.status_document)
+            self._status_server = server if await server.start() else None
         if self.cfg.mqtt.enabled:
             self.mqtt = MqttLink(self.cfg.mqtt, self.handle_command, self.status)
             self.mqtt.start()
@@ -347,20 +447,39 @@ class Daemon:
                 if once:
                     break
                 next_s = max(next_s + self.cfg.interval_s, time.monotonic())
-                try:
-                    await asyncio.wait_for(self.stopping.wait(), timeout=next_s - time.monotonic())
-                except TimeoutError:
-                    pass
+                await self._wait_until(next_s)
         finally:
             await self._shutdown()
 
+    async def _wait_until(self, at_s: float) -> None:
+        """Sleep until the next tick; a SIGHUP is served at once, not after the sleep."""
+        while not self.stopping.is_set() and (left_s := at_s - time.monotonic()) > 0:
+            self._wake.clear()
+            stop = asyncio.ensure_future(self.stopping.wait())
+            wake = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait((stop, wake), timeout=left_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                wake.cancel()
+            if self.reload_requested:
+                self.reload()
+
     async def _shutdown(self) -> None:
+        """Every step runs even when one before it failed: the broker hears ``online: false``
+        however the daemon leaves."""
         self.notifier.stopping()
-        if self.cfg.runner.return_to_max_on_exit and not self.dry_run:
-            async with self._hv_lock:
-                n = await asyncio.to_thread(self.hv.return_to_max)
-            log.info("returned %d guests to their maximum", n, extra={"event": "returned-to-max"})
-        if self.mqtt is not None:
-            await self.mqtt.stop()
-        await asyncio.to_thread(self.hv.close)
-        log.info("stopped", extra={"event": "stopped"})
+        try:
+            if self.cfg.runner.return_to_max_on_exit and not self.dry_run:
+                async with self._hv_lock:
+                    n = await asyncio.to_thread(self.hv.return_to_max)
+                log.info("returned %d guests to their maximum", n, extra={"event": "returned-to-max"})
+        finally:
+            try:
+                if self.mqtt is not None:
+                    await self.mqtt.stop()
+                if self._status_server is not None:
+                    await self._status_server.stop()
+            finally:
+                await asyncio.to_thread(self.hv.close)
+                log.info("stopped", extra={"event": "stopped"})

@@ -29,6 +29,14 @@ What a policy returns: a :class:`PolicyResult` whose ``targets_kib`` maps a gues
 catching an exception per guest, so one bad guest never stalls the others (MOM's
 evaluator skipped the whole host when one guest's field was bad).
 
+Why a guest is where it is: ``reasons`` maps a guest's ``uuid`` to one short sentence a
+person can read ("warm-up: 42 min left", "gain 12 MiB below min_gain 32 MiB"). It is
+optional - a policy that gives none still works - but an operator looking at a guest
+that does not move (``overcommitd status``, the log) sees it next to the guard's own
+clamps. With :class:`PerGuestPolicy`, override ``decide_guest_why`` (target, state,
+reason) and let ``decide_guest`` call it; a plugin that only has ``decide_guest`` gives
+no reason and is otherwise unchanged.
+
 Parameters: a policy class may declare ``Params``, a pydantic model with
 ``extra="forbid"``; the registry validates the ``[policy.params]`` table of the config
 against it and passes the model to the constructor. Register a plugin under the entry
@@ -65,12 +73,13 @@ G = TypeVar("G")
 
 @dataclass(frozen=True, slots=True)
 class PolicyResult(Generic[S]):
-    """Targets by guest uuid (KiB of guest memory), the policy's next state, and the
-    guests it could not decide with why."""
+    """Targets by guest uuid (KiB of guest memory), the policy's next state, the guests
+    it could not decide with why, and (optional) why each guest gets what it gets."""
 
     targets_kib: Mapping[str, int]
     state: S
     errors: Mapping[str, str] = field(default_factory=dict)
+    reasons: Mapping[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -108,22 +117,31 @@ class PerGuestPolicy(ABC, Generic[G]):
     def decide_guest(self, host: HostSnapshot, guest: GuestSnapshot, state: G) -> tuple[int | None, G]:
         """The guest's target (None: hold) and its next state."""
 
+    def decide_guest_why(self, host: HostSnapshot, guest: GuestSnapshot, state: G) -> tuple[int | None, G, str | None]:
+        """``decide_guest`` plus why, in a few words a person can read (None: no reason).
+        Override it to explain a guest; ``decide`` calls this one."""
+        target_kib, next_state = self.decide_guest(host, guest, state)
+        return target_kib, next_state, None
+
     def decide(
         self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: Mapping[str, G]
     ) -> PolicyResult[Mapping[str, G]]:
         targets: dict[str, int] = {}
         errors: dict[str, str] = {}
+        reasons: dict[str, str] = {}
         next_state: dict[str, G] = {}
         for guest in guests:
             previous = state.get(guest.uuid)
             if previous is None:
                 previous = self.initial_guest_state(guest)
             try:
-                target_kib, next_state[guest.uuid] = self.decide_guest(host, guest, previous)
+                target_kib, next_state[guest.uuid], reason = self.decide_guest_why(host, guest, previous)
             except Exception as e:  # noqa: BLE001 - a policy bug holds one guest, never the host
                 errors[guest.uuid] = f"{type(e).__name__}: {e}"
                 next_state[guest.uuid] = previous
                 continue
+            if reason:
+                reasons[guest.uuid] = reason
             if target_kib is not None:
                 targets[guest.uuid] = target_kib
-        return PolicyResult(targets, next_state, errors)
+        return PolicyResult(targets, next_state, errors, reasons)

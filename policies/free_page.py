@@ -115,10 +115,16 @@ class FreePagePolicy(PerGuestPolicy[FreePageState]):
     def decide_guest(
         self, host: HostSnapshot, guest: GuestSnapshot, state: FreePageState
     ) -> tuple[int | None, FreePageState]:
+        target_kib, state, _why = self.decide_guest_why(host, guest, state)
+        return target_kib, state
+
+    def decide_guest_why(
+        self, host: HostSnapshot, guest: GuestSnapshot, state: FreePageState
+    ) -> tuple[int | None, FreePageState, str | None]:
         p = self.params
         used, avail = used_kib(guest), available_kib(guest)
         if used is None or avail is None:
-            return None, state
+            return None, state, "no stats from the guest yet"
         swapped, swap_total = swap_in_delta_kib(state.swap_in_total_kib, guest)
         reported, hinted = self.reported_kib(guest), self.hinted_kib(guest)
         bursts, _ = (state.bursts or Bursts(host.taken_at_s)).observe(guest, used)
@@ -126,12 +132,16 @@ class FreePagePolicy(PerGuestPolicy[FreePageState]):
         keep = max(int(used * p.reserve_pct / 100), p.min_reserve_kib, bursts.margin_kib(p.burst_factor))
         need = min(guest.max_kib, used + keep)
         if guest.actual_kib < need:
-            return need, next_state  # short: give back at once
+            return need, next_state, f"short of use + reserve {need // 1024} MiB: given back"
         if bursts.warming_up(host.taken_at_s, p.warmup_s):
-            return guest.actual_kib, next_state  # watched: its bursts are seen before anything is taken
+            left_min = (p.warmup_s - (host.taken_at_s - bursts.first_seen_s)) / 60
+            return guest.actual_kib, next_state, f"warm-up: {left_min:.0f} min left"  # bursts seen before any reclaim
         idle_pct = 0.0 if swapped > 0 else p.idle_anon_pct
         squeezed = int(used * (1 - idle_pct / 100)) + keep
         skipped = max(reported, hinted)  # the same free memory, seen by either
         if skipped > 0 and guest.actual_kib - skipped - squeezed < p.min_gain_kib:
-            return guest.actual_kib, next_state  # nothing worth taking: reporting or hinting has the free memory
-        return min(guest.max_kib, max(squeezed, guest.actual_kib - p.max_reclaim_step_kib)), next_state
+            # nothing worth taking: reporting or hinting has the free memory
+            how = "free page reporting" if reported >= hinted else "the migration's free page hints"
+            return guest.actual_kib, next_state, f"{how} already return its free memory; gain below min_gain"
+        target = min(guest.max_kib, max(squeezed, guest.actual_kib - p.max_reclaim_step_kib))
+        return target, next_state, f"use {used // 1024} MiB + reserve {keep // 1024} MiB"

@@ -133,6 +133,7 @@ class PidPolicy:
         scale = self.host_scale(host, state.host_scale)
         targets: dict[str, int] = {}
         errors: dict[str, str] = {}
+        reasons: dict[str, str] = {}
         next_guests: dict[str, PidGuestState] = {}
         for guest in guests:
             previous = state.guests.get(guest.uuid)
@@ -145,7 +146,23 @@ class PidPolicy:
                 next_guests[guest.uuid] = guest_state
             if target_kib is not None and guest.uuid not in errors:
                 targets[guest.uuid] = target_kib
-        return PolicyResult(targets, PidState(scale, next_guests), errors)
+            if guest.uuid not in errors:
+                reasons[guest.uuid] = self.why(host.taken_at_s, guest, guest_state, scale)
+        return PolicyResult(targets, PidState(scale, next_guests), errors, reasons)
+
+    def why(self, now_s: float, guest: GuestSnapshot, gs: PidGuestState | None, scale: float) -> str:
+        """What ``decide_guest`` did, in words: the first of no stats, warm-up, the hold
+        after an auto-deflate, or the set-point it steers to."""
+        p = self.params
+        if gs is None or gs.at_s != now_s:
+            return "no stats from the guest yet"
+        if gs.bursts is not None and gs.bursts.warming_up(now_s, p.warmup_s):
+            return f"warm-up: {(p.warmup_s - (now_s - gs.bursts.first_seen_s)) / 60:.0f} min left"
+        if now_s < gs.hold_until_s:
+            return f"held after an auto-deflate: {gs.hold_until_s - now_s:.0f} s left"
+        burst_kib = gs.bursts.margin_kib(p.burst_factor) if gs.bursts is not None else 0
+        setpoint = self.setpoint_kib(gs.used_kib, scale, guest.max_kib, burst_kib)
+        return f"steering free memory to {setpoint / 1024:.0f} MiB (use {gs.used_kib / 1024:.0f} MiB)"
 
     def host_pressure(self, host: HostSnapshot) -> float:
         """0 (none) .. 1 (full): the worse of low MemAvailable (with the ARC the host can

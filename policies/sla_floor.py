@@ -84,17 +84,29 @@ class SlaFloorPolicy(PerGuestPolicy[SlaGuestState]):
     def decide_guest(
         self, host: HostSnapshot, guest: GuestSnapshot, state: SlaGuestState
     ) -> tuple[int | None, SlaGuestState]:
+        target_kib, state, _why = self.decide_guest_why(host, guest, state)
+        return target_kib, state
+
+    def decide_guest_why(
+        self, host: HostSnapshot, guest: GuestSnapshot, state: SlaGuestState
+    ) -> tuple[int | None, SlaGuestState, str | None]:
         p, now_s, floor = self.params, host.taken_at_s, self.floor_kib(guest)
         used = used_kib(guest)
         if used is not None:
             state = replace(state, bursts=(state.bursts or Bursts(now_s)).observe(guest, used)[0])
         if auto_deflated(guest, p.auto_deflate_tolerance_kib):
             state = replace(state, no_inflate_until_s=now_s + p.cooldown_s, auto_deflates=state.auto_deflates + 1)
-            return min(guest.max_kib, max(floor, guest.actual_kib + p.deflate_margin_kib)), state
+            target = min(guest.max_kib, max(floor, guest.actual_kib + p.deflate_margin_kib))
+            return target, state, f"auto-deflated: met, no reclaim for {p.cooldown_s:.0f} s"
         if used is None or state.bursts is None:
-            return (floor if guest.actual_kib < floor else None), state
+            return (floor if guest.actual_kib < floor else None), state, "no stats from the guest yet"
         reserve = max(int(used * p.reserve_pct / 100), p.min_reserve_kib, state.bursts.margin_kib(p.burst_factor))
         target = max(used + reserve, guest.actual_kib - p.max_reclaim_step_kib)
-        if now_s < state.no_inflate_until_s or state.bursts.warming_up(now_s, p.warmup_s):
+        why = f"use {used // 1024} MiB + reserve {reserve // 1024} MiB"
+        if now_s < state.no_inflate_until_s:
             target = max(target, guest.actual_kib)
-        return min(guest.max_kib, max(floor, target)), state
+            why = f"back-off after an auto-deflate: {state.no_inflate_until_s - now_s:.0f} s left"
+        elif state.bursts.warming_up(now_s, p.warmup_s):
+            target = max(target, guest.actual_kib)
+            why = f"warm-up: {(p.warmup_s - (now_s - state.bursts.first_seen_s)) / 60:.0f} min left"
+        return min(guest.max_kib, max(floor, target)), state, why

@@ -22,8 +22,9 @@ Per guest, a small state machine, one step per tick:
   anything is taken from it.
 * **released** (target: the maximum). A squeeze starts when ``trim_interval_s`` has
   passed since the last one (a quarter of it while the host's MemAvailable is below
-  ``host_available_target_pct``) and the estimated gain is at least ``min_gain_kib``
-  and ``min_gain_pct_of_depth`` % of how far the balloon would inflate (the balloon
+  ``host_available_target_pct``) and the estimated gain is at least min_gain (``min_gain_pct`` % of
+  the guest's maximum, at least ``min_gain_kib``: scaled to the guest, so a 512 MiB
+  guest is trimmed too) and ``min_gain_pct_of_depth`` % of how far the balloon would inflate (the balloon
   takes free pages before page cache, so a squeeze spends most of its time on pages the
   host does not back). The gain is what
   the guest has touched since the last release and could give up: its page-cache
@@ -53,6 +54,9 @@ its margin.
 
 After an OOM kill the guest's burst margin becomes its whole maximum: it is never
 squeezed again. Guests without stats are held.
+
+Every step says why (``decide_guest_why``): warm-up left, time to the next squeeze, gain
+or room below min_gain, an OOM kill seen, a squeeze under way or how it ended.
 """
 
 from __future__ import annotations
@@ -69,14 +73,27 @@ MIB = 1024
 PAGE_KIB = 4
 
 
+def _mib(kib: float) -> str:
+    return f"{kib / MIB:.0f} MiB"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
 class TrimParams(BaseModel):
     """Knobs of the ``trim`` policy."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     trim_interval_s: float = Field(6 * 3600.0, gt=0, description="time between a guest's squeezes")
     warmup_s: float = Field(3600.0, ge=0, description="watch a new guest this long before its first squeeze")
-    min_gain_kib: Kib = Field(256 * MIB, ge=0, description="squeeze only when it would reclaim at least this")
-    min_headroom_kib: Kib = Field(256 * MIB, ge=0, description="free memory a squeezed guest keeps at least")
+    min_gain_pct: float = Field(
+        3.0, ge=0, le=100, description="squeeze only when it would reclaim at least this % of the guest's maximum"
+    )
+    min_gain_kib: Kib = Field(32 * MIB, ge=0, description="... and at least this (the floor of min_gain_pct)")
+    min_headroom_kib: Kib = Field(
+        64 * MIB, ge=0, description="free memory a squeezed guest keeps at least (the floor of headroom_pct)"
+    )
     headroom_pct: float = Field(5.0, ge=0, le=100, description="... and at least this % of its maximum")
     burst_factor: float = Field(1.25, ge=0, le=10, description="... and this times its largest rise of use")
     min_gain_pct_of_depth: float = Field(
@@ -125,25 +142,41 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
     def decide_guest(
         self, host: HostSnapshot, guest: GuestSnapshot, state: TrimGuestState
     ) -> tuple[int | None, TrimGuestState]:
+        target_kib, state, _why = self.decide_guest_why(host, guest, state)
+        return target_kib, state
+
+    def decide_guest_why(
+        self, host: HostSnapshot, guest: GuestSnapshot, state: TrimGuestState
+    ) -> tuple[int | None, TrimGuestState, str | None]:
         used = used_kib(guest)
         if used is None or guest.stats is None:
-            return None, state
+            return None, state, "no stats from the guest yet"
         now_s = host.taken_at_s
         bursts = state.bursts or Bursts(now_s)
         state, harmed = self.observe(guest, used, state, bursts)
         if bursts.warming_up(now_s, self.params.warmup_s):
-            return guest.max_kib, state  # watched: its bursts are seen before anything is taken
+            left_s = self.params.warmup_s - (now_s - bursts.first_seen_s)
+            # watched: its bursts are seen before anything is taken
+            return guest.max_kib, state, f"warm-up: {_minutes(left_s)} left"
         keep = self.keep_kib(guest, used, state)
         if state.squeezing:
             stalled = guest.actual_kib >= state.actual_kib  # reached keep, or the guard holds it
             if harmed or stalled:
-                done = not harmed and guest.actual_kib - keep < self.params.min_gain_kib
-                return self.release(host, guest, used, keep, state, done)
-            return keep, replace(state, actual_kib=guest.actual_kib)
-        if self.due(host, guest, used, keep, state):
+                done = not harmed and guest.actual_kib - keep < self.min_gain_kib(guest)
+                target, state = self.release(host, guest, used, keep, state, done)
+                why = (
+                    "squeeze ended early (swap-in, auto-deflate, OOM kill or rising use)"
+                    if harmed
+                    else ("squeeze done" if done else "squeeze stalled short of keep")
+                )
+                return target, state, f"{why}: {self.released_why(host, guest)}"
+            return keep, replace(state, actual_kib=guest.actual_kib), f"squeezing to keep {_mib(keep)}"
+        not_due = self.not_due(host, guest, used, keep, state)
+        if not_due is None:
             state = self.start_squeeze(guest, state)
-            return self.keep_kib(guest, used, state), state
-        return self.released_target(host, guest, keep), state
+            keep = self.keep_kib(guest, used, state)
+            return keep, state, f"squeeze started: keep {_mib(keep)}"
+        return self.released_target(host, guest, keep), state, f"{not_due}; {self.released_why(host, guest)}"
 
     def observe(
         self, guest: GuestSnapshot, used: int, state: TrimGuestState, bursts: Bursts
@@ -182,17 +215,34 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         cache_growth = max(0, (caches or 0) - max(state.cache_at_release_kib, state.keep_cache_kib))
         return cache_growth + max(0, state.peak_used_kib - used)
 
-    def due(self, host: HostSnapshot, guest: GuestSnapshot, used: int, keep: int, state: TrimGuestState) -> bool:
+    def min_gain_kib(self, guest: GuestSnapshot) -> int:
+        """The least a squeeze must reclaim: ``min_gain_pct`` % of the guest's maximum,
+        at least ``min_gain_kib`` (absolute defaults did nothing on small guests)."""
+        return max(self.params.min_gain_kib, round(guest.max_kib * self.params.min_gain_pct / 100))
+
+    def not_due(
+        self, host: HostSnapshot, guest: GuestSnapshot, used: int, keep: int, state: TrimGuestState
+    ) -> str | None:
+        """Why no squeeze starts now, or None when one is due."""
         p = self.params
-        now_s = host.taken_at_s
+        if state.bursts is not None and state.bursts.largest_rise_kib >= guest.max_kib:
+            return "OOM kill seen: never squeezed again"
         interval_s = p.trim_interval_s / 4 if self.host_pressed(host) else p.trim_interval_s
+        wait_s = interval_s - (host.taken_at_s - state.released_s)
+        if wait_s > 0:
+            return f"next squeeze in {_minutes(wait_s)}"
         depth_kib = guest.actual_kib - keep
+        min_gain = self.min_gain_kib(guest)
+        if depth_kib < min_gain:
+            return f"room above keep {_mib(max(0, depth_kib))} below min_gain {_mib(min_gain)}"
         gain_kib = self.gain_kib(guest, used, state)
-        return (
-            now_s - state.released_s >= interval_s
-            and depth_kib >= p.min_gain_kib
-            and gain_kib >= max(p.min_gain_kib, depth_kib * p.min_gain_pct_of_depth / 100)
-        )
+        need_kib = max(min_gain, round(depth_kib * p.min_gain_pct_of_depth / 100))
+        if gain_kib < need_kib:
+            return f"gain {_mib(gain_kib)} below min_gain {_mib(need_kib)}"
+        return None
+
+    def due(self, host: HostSnapshot, guest: GuestSnapshot, used: int, keep: int, state: TrimGuestState) -> bool:
+        return self.not_due(host, guest, used, keep, state) is None
 
     def start_squeeze(self, guest: GuestSnapshot, state: TrimGuestState) -> TrimGuestState:
         """Begin a squeeze; charge the refaults since the last release to the hot cache."""
@@ -227,6 +277,14 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         if self.host_pressed(host):
             return min(guest.max_kib, 2 * keep)
         return guest.max_kib
+
+    def released_why(self, host: HostSnapshot, guest: GuestSnapshot) -> str:
+        """Where ``released_target`` puts the guest, in words."""
+        if self.params.hold_deflate_on_oom and guest.features.deflate_on_oom:
+            return "deflate-on-oom guest held at keep"
+        if self.host_pressed(host):
+            return "host under pressure: released to twice keep"
+        return "released to its maximum"
 
     def host_pressed(self, host: HostSnapshot) -> bool:
         """MemAvailable (with the ZFS ARC above c_min, unless ``count_arc`` is off) below target."""

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_packages=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
-  pkg-config gcc libc6-dev mosquitto busybox-static cpio openssl)
+  pkg-config gcc libc6-dev mosquitto busybox-static cpio openssl
+  systemd)  # systemd: systemd-analyze checks the unit (tests/test_systemd.py)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 && [ ! -s .cache/realguest/vmlinuz ]; then

@@ -9,6 +9,7 @@ never leaves ``sim/``.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 VIRTIO_ID_BALLOON = 5
@@ -44,6 +45,15 @@ CONFIG_POISON_VAL = 12
 # struct virtio_balloon_stat { le16 tag; le64 val; } __packed - 10 bytes (the spec's
 # "multiple of 6 bytes" is an erratum; Linux and QEMU use 10).
 STAT = struct.Struct("<HQ")
+
+
+@functools.cache
+def stats_array(n: int) -> struct.Struct:
+    """``n`` packed ``virtio_balloon_stat`` entries back to back: one buffer in one
+    call (``STAT`` ``n`` times, no padding between entries)."""
+    return struct.Struct("<" + "HQ" * n)
+
+
 VIRTIO_BALLOON_S_SWAP_IN = 0
 VIRTIO_BALLOON_S_SWAP_OUT = 1
 VIRTIO_BALLOON_S_MAJFLT = 2

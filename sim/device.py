@@ -31,14 +31,14 @@ import numpy.typing as npt
 import sim.balloon_spec as spec
 from sim import calibration as cal
 from sim.backing import HostRam
+from sim.balloon_spec import BALLOON_PAGE_KIB
 from sim.calibration import STATS_WORK_S
-from sim.driver import BalloonDriver
+from sim.driver import FleetDriver
 from sim.guestmem import GuestMemory, GuestMemoryError
 from sim.virtqueue import DeviceQueue, Element, RingLayout, VirtioError
 from sim.world import World
 
 Array = npt.NDArray[np.float64]
-BALLOON_PAGE_KIB = 4  # VIRTIO_BALLOON_PFN_SHIFT = 12, whatever the guest page size
 
 STAT_FIELDS = (
     "swap_in",
@@ -63,7 +63,7 @@ def num_pages_kib(ram_kib: float, target_kib: int) -> float:
 class BalloonDevice:
     """Targets and received stats of every guest."""
 
-    def __init__(self, ram_kib: Array, stats_period_s: Array, driver: BalloonDriver) -> None:
+    def __init__(self, ram_kib: Array, stats_period_s: Array, driver: FleetDriver) -> None:
         n = len(ram_kib)
         self.ram_kib = ram_kib
         self.driver = driver
@@ -227,24 +227,63 @@ class VirtioBalloon:
         except (VirtioError, GuestMemoryError) as e:  # a bad ring address breaks the device
             self._error(str(e))
 
-    def get_config(self) -> bytes:
-        """virtio_balloon_get_config: the cmd id field reads per hinting state."""
+    def _cmd_id_field(self) -> int:
+        """The cmd id field reads per hinting state (virtio_balloon_get_config)."""
         status = self.free_page_hint_status
         if status == FREE_PAGE_HINT_S_REQUESTED:
-            cmd = self.free_page_hint_cmd_id
-        elif status == FREE_PAGE_HINT_S_DONE:
-            cmd = spec.VIRTIO_BALLOON_CMD_ID_DONE
-        else:  # STOP, and START reads 0 too
-            cmd = spec.VIRTIO_BALLOON_CMD_ID_STOP
-        return spec.CONFIG.pack(self.num_pages, self.actual, cmd, self.poison_val)[: self.config_size]
+            return self.free_page_hint_cmd_id
+        if status == FREE_PAGE_HINT_S_DONE:
+            return spec.VIRTIO_BALLOON_CMD_ID_DONE
+        return spec.VIRTIO_BALLOON_CMD_ID_STOP  # STOP, and START reads 0 too
+
+    def get_config(self) -> bytes:
+        """virtio_balloon_get_config: the whole config space, ``config_size`` bytes."""
+        return spec.CONFIG.pack(self.num_pages, self.actual, self._cmd_id_field(), self.poison_val)[: self.config_size]
 
     def set_config(self, data: bytes) -> None:
         """virtio_balloon_set_config: take ``actual`` (and ``poison_val`` if negotiated)."""
         _, actual, _, poison_val = spec.CONFIG.unpack(data.ljust(spec.CONFIG.size, b"\0")[: spec.CONFIG.size])
+        self._set_actual(actual)
+        if self.config_size > spec.CONFIG_POISON_VAL:
+            self._set_poison_val(poison_val)
+
+    def config_readl(self, offset: int) -> int:
+        """A guest's 4-byte config read (QEMU virtio_config_modern_readl): one field,
+        without packing the struct; past ``config_size`` it reads all ones."""
+        if offset < 0 or offset + 4 > self.config_size:
+            return 0xFFFFFFFF
+        if offset == spec.CONFIG_NUM_PAGES:
+            return self.num_pages
+        if offset == spec.CONFIG_ACTUAL:
+            return self.actual
+        if offset == spec.CONFIG_FREE_PAGE_HINT_CMD_ID:
+            return self._cmd_id_field()
+        if offset == spec.CONFIG_POISON_VAL:
+            return self.poison_val
+        return int(struct.unpack_from("<I", self.get_config(), offset)[0])  # unaligned: from the bytes
+
+    def config_writel(self, offset: int, value: int) -> None:
+        """A guest's 4-byte config write (QEMU virtio_config_modern_writel): ignored past
+        ``config_size``; then set_config sees the fields, of which only ``actual`` and
+        ``poison_val`` are the driver's to write."""
+        if offset < 0 or offset + 4 > self.config_size:
+            return
+        if offset == spec.CONFIG_ACTUAL:
+            self._set_actual(value & 0xFFFFFFFF)
+        elif offset == spec.CONFIG_POISON_VAL:
+            self._set_poison_val(value & 0xFFFFFFFF)
+        elif offset % 4:
+            cfg = bytearray(self.get_config())
+            struct.pack_into("<I", cfg, offset, value & 0xFFFFFFFF)
+            self.set_config(bytes(cfg))
+
+    def _set_actual(self, actual: int) -> None:
         if actual != self.actual:
             self.actual = actual
             self.actual_log.append((self.world.now_s, actual))
             self._balloon_change(self.mem.ram_bytes - (actual << spec.VIRTIO_BALLOON_PFN_SHIFT))
+
+    def _set_poison_val(self, poison_val: int) -> None:
         self.poison_val = poison_val if self.has(spec.VIRTIO_BALLOON_F_PAGE_POISON) else 0
 
     def _balloon_change(self, actual_bytes: int) -> None:
@@ -272,8 +311,12 @@ class VirtioBalloon:
         ram = self.mem.ram_bytes
         target_bytes = min(target_bytes, ram)
         if target_bytes:
-            self.num_pages = (ram - target_bytes) >> spec.VIRTIO_BALLOON_PFN_SHIFT
-            self._notify_config()
+            self.set_num_pages((ram - target_bytes) >> spec.VIRTIO_BALLOON_PFN_SHIFT)
+
+    def set_num_pages(self, num_pages: int) -> None:
+        """The host writes ``num_pages`` and raises the config interrupt."""
+        self.num_pages = num_pages
+        self._notify_config()
 
     def _notify_config(self) -> None:
         if not self.vm_running:
@@ -331,6 +374,8 @@ class VirtioBalloon:
             # QEMU reads no PFNs from a device-writable buffer and pushes it back; the
             # spec makes inflate/deflate buffers device-readable, so we call it an error.
             raise VirtioError(f"virtio-balloon: {name}: device-writable buffer where a device-readable one belongs")
+        if len(elem.out) == 1:  # Linux's one PFN array: read in place, no copy
+            return self.mem.read_u32s(*elem.out[0])
         data = self.queues[name].read_out(elem)
         return np.frombuffer(data[: len(data) // 4 * 4], dtype="<u4")
 
@@ -340,7 +385,8 @@ class VirtioBalloon:
         delay_s = cal.NOTIFY_TO_DEVICE_S
         while (elem := vq.pop()) is not None:
             pfns = self._pfns(name, elem)
-            pfns = pfns[pfns < self.mem.ram_pages]  # not RAM: skipped (trace bad_addr)
+            if len(pfns) and int(pfns.max()) >= self.mem.ram_pages:
+                pfns = pfns[pfns < self.mem.ram_pages]  # not RAM: skipped (trace bad_addr)
             if name == "inflateq":
                 self.host.inflate_element(pfns)
                 delay_s += len(pfns) * cal.HOST_DISCARD_S_PER_PAGE
@@ -421,8 +467,8 @@ class VirtioBalloon:
         self.stats_vq_elem = elem
         data = vq.read_out(elem)
         self.stats = [spec.STAT_NOT_SUPPLIED] * spec.VIRTIO_BALLOON_S_NR
-        for off in range(0, len(data) - spec.STAT.size + 1, spec.STAT.size):
-            tag, val = spec.STAT.unpack_from(data, off)
+        fields = spec.stats_array(len(data) // spec.STAT.size).unpack_from(data)
+        for tag, val in zip(fields[::2], fields[1::2]):  # in order: a repeated tag's last value wins
             if tag < spec.VIRTIO_BALLOON_S_NR:
                 self.stats[tag] = val
         # g_get_real_time() / G_USEC_PER_SEC: whole seconds (integer division).

@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Generator
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Generator
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 import sim.balloon_spec as spec
 from sim import calibration as cal
+from sim.backing import HostRam
+from sim.balloon_spec import BALLOON_PAGE_KIB
 from sim.calibration import DEFLATE_REQUEST_S, FAILED_ALLOC_S, INFLATE_REQUEST_S
 from sim.guestmem import Arena, GuestMemory
 from sim.process import ProcessGen, Signal, WorkItem
@@ -40,12 +42,47 @@ from sim.virtqueue import Buf, DriverQueue, RingLayout, VirtioError
 from sim.world import World
 
 Array = npt.NDArray[np.float64]
-BALLOON_PAGE_KIB = 4  # VIRTIO_BALLOON_PFN_SHIFT = 12
 # One 256-PFN (1 MiB) request per INFLATE_REQUEST_S: the protocol model's calibrated pace.
 INFLATE_KIB_S = 1024.0 / INFLATE_REQUEST_S
 DEFLATE_KIB_S = 1024.0 / DEFLATE_REQUEST_S
 # msleep(200) after "Out of puff!", plus the failed allocation's own direct-reclaim pass.
 OUT_OF_PUFF_RETRY_S = 0.2 + FAILED_ALLOC_S
+
+
+class FleetDriver(Protocol):
+    """The driver seam the bulk ``Fleet`` reads and drives, met by both speeds: the bulk
+    ``BalloonDriver`` and the protocol model's ``sim.balloon_fleet.ProtocolBalloons``.
+    Arrays hold one element per guest, memory in KiB."""
+
+    balloon_kib: Array
+    held_kib: Array  # free page hinting blocks the driver holds
+    reports_itself: npt.NDArray[np.bool_]  # free page reporting runs in the driver, not the Fleet
+
+    @property
+    def managed_removed_kib(self) -> Array:
+        """What adjust_managed_page_count() took out of MemTotal."""
+        ...
+
+    @property
+    def puff_retries(self) -> Array:
+        """Retries after "Out of puff!" so far, per guest."""
+        ...
+
+    def config_changed(self, i: int, num_pages_kib: float) -> None:
+        """The host wrote ``num_pages`` and raised the config interrupt."""
+        ...
+
+    def advance(self, dt_s: float, spare_kib: Array) -> None:
+        """Move the balloons for ``dt_s`` (a no-op where they move event by event)."""
+        ...
+
+    def deflate_on_oom(self, wanted_kib: Array) -> Array:
+        """The OOM notifier: what each guest's balloon gave back."""
+        ...
+
+    def release_held(self, wanted_kib: Array) -> Array:
+        """The hinting shrinker: held blocks given back under pressure."""
+        ...
 
 
 class BalloonDriver:
@@ -110,9 +147,6 @@ class BalloonDriver:
 # x86-64); the guest's memory manager (``GuestMm``) hands out and takes back PFNs.
 
 
-if TYPE_CHECKING:
-    from sim.device import VirtioBalloon
-
 log = logging.getLogger(__name__)
 U32s = npt.NDArray[np.uint32]
 
@@ -167,6 +201,33 @@ class GuestMm(Protocol):
     def mark_reported(self, pfns: list[int], order: int, discarded: bool) -> None: ...
 
 
+class BalloonTransport(Protocol):
+    """The virtio-balloon device as the driver reaches it through the transport (QEMU's
+    ``sim.device.VirtioBalloon``): features, status, queue setup, config space in le32
+    fields, notifications. The driver sets the two interrupt lines at probe."""
+
+    host_features: int
+    status: int
+    broken: str | None
+    host: HostRam  # read by reporting's glue only: did the host discard what was reported
+    irq: Callable[[int], None]
+    config_irq: Callable[[], None]
+
+    def set_features(self, bits: int) -> bool: ...
+
+    def set_status(self, status: int) -> None: ...
+
+    def setup_queues(self, layouts: list[RingLayout]) -> None: ...
+
+    def config_readl(self, offset: int) -> int: ...
+
+    def config_writel(self, offset: int, value: int) -> None: ...
+
+    def notify(self, index: int) -> None: ...
+
+    def service_now(self, name: str) -> None: ...
+
+
 class LinuxBalloonDriver:
     """One guest's virtio_balloon driver: probe, target tracking, stats, OOM,
     free page reporting and hinting, over ``DriverQueue``s in guest memory."""
@@ -175,7 +236,7 @@ class LinuxBalloonDriver:
         self,
         world: World,
         mem: GuestMemory,
-        device: VirtioBalloon,
+        device: BalloonTransport,
         mm: GuestMm,
         *,
         init_on_free: bool = False,
@@ -185,6 +246,7 @@ class LinuxBalloonDriver:
         self.init_on_free, self.page_poisoning = init_on_free, page_poisoning
         self.arena = Arena(mem)
         self.features = 0
+        self.deflate_on_oom_negotiated = False  # fixed at probe; read per request
         self.vqs: dict[str, DriverQueue] = {}
         self.num_pages = 0  # vb->num_pages: 4 KiB units in the balloon
         self.balloon: list[U32s] = []  # the balloon list, LIFO (balloon_page_enqueue/dequeue)
@@ -226,8 +288,10 @@ class LinuxBalloonDriver:
             dev.set_status(spec.VIRTIO_CONFIG_S_FAILED)
             return False
         self.features = wanted
+        self.deflate_on_oom_negotiated = self.has(spec.VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
         dev.set_status(dev.status | spec.VIRTIO_CONFIG_S_FEATURES_OK)
         self.pfns_addr = self.arena.alloc(4 * spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX, 4)
+        self.pfns = self.mem.u32_view(self.pfns_addr, spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX)  # vb->pfns, in place
         self._init_vqs()
         if self.has(spec.VIRTIO_BALLOON_F_PAGE_POISON):
             poison_val = 0 if self.init_on_free else spec.PAGE_POISON * 0x01010101
@@ -275,12 +339,11 @@ class LinuxBalloonDriver:
     # -- config space and interrupts ----------------------------------------------
 
     def _read_config(self, offset: int) -> int:
-        return int(struct.unpack_from("<I", self.device.get_config().ljust(16, b"\0"), offset)[0])
+        """virtio_cread_le of one le32 field (the transport reads fields, not the struct)."""
+        return self.device.config_readl(offset)
 
     def _write_config(self, offset: int, value: int) -> None:
-        cfg = bytearray(self.device.get_config().ljust(16, b"\0"))
-        struct.pack_into("<I", cfg, offset, value)
-        self.device.set_config(bytes(cfg))
+        self.device.config_writel(offset, value)
 
     def _vring_interrupt(self, index: int) -> None:
         """vring_interrupt -> the queue's callback: balloon_ack or stats_request."""
@@ -337,7 +400,7 @@ class LinuxBalloonDriver:
             return 0
         self.balloon.append(pfns)
         self.num_pages += len(pfns)
-        if not self.has(spec.VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
+        if not self.deflate_on_oom_negotiated:
             self.mm.adjust_managed_page_count(-len(pfns))
         yield from self.tell_host("inflateq", pfns)
         self.mm.balloon_taken(len(pfns))
@@ -370,7 +433,7 @@ class LinuxBalloonDriver:
         return len(pfns)
 
     def _release_pages(self, pfns: U32s) -> None:
-        if not self.has(spec.VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
+        if not self.deflate_on_oom_negotiated:
             self.mm.adjust_managed_page_count(len(pfns))
         self.mm.free_pages(pfns)
         self.log.append((self.world.now_s, f"released {len(pfns)} pages"))
@@ -390,14 +453,23 @@ class LinuxBalloonDriver:
         vq = self.vqs[name]
         try:
             while (got := vq.get_buf()) is not None:
-                self.done_tokens.add(int(got[0]))  # type: ignore[call-overload]
+                if isinstance(token := got[0], int):  # every chain this driver adds carries an int
+                    self.done_tokens.add(token)
         except VirtioError as e:  # BAD_RING: the driver stops using the queue
             self.log.append((self.world.now_s, str(e)))
 
+    def _post_pfns(self, name: str, pfns: U32s) -> int | None:
+        """Write ``pfns`` into the shared ``vb->pfns`` array (one numpy store into guest
+        memory, le32) and post that array on ``name``; None if the ring is full."""
+        n = len(pfns)
+        if n > spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX:
+            raise ValueError(f"{n} PFNs exceed VIRTIO_BALLOON_ARRAY_PFNS_MAX(={spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX})")
+        self.pfns[:n] = pfns
+        return self._add_and_kick(name, [Buf(self.pfns_addr, 4 * n)])
+
     def tell_host(self, name: str, pfns: U32s) -> Generator[float | Signal, None, None]:
         """One PFN array in the shared ``vb->pfns`` buffer, kick, sleep until used."""
-        self.mem.view[self.pfns_addr : self.pfns_addr + 4 * len(pfns)] = pfns.astype("<u4").tobytes()
-        token = self._add_and_kick(name, [Buf(self.pfns_addr, 4 * len(pfns))])
+        token = self._post_pfns(name, pfns)
         # wait_event(vb->acked, ...): a broken device never uses the buffer, so the work
         # item sleeps here for good - the balloon stops responding, as on a real guest.
         while token is not None:
@@ -420,8 +492,7 @@ class LinuxBalloonDriver:
         if len(pfns) == 0:
             return 0
         self.num_pages -= len(pfns)
-        self.mem.view[self.pfns_addr : self.pfns_addr + 4 * len(pfns)] = pfns.astype("<u4").tobytes()
-        token = self._add_and_kick("deflateq", [Buf(self.pfns_addr, 4 * len(pfns))])
+        token = self._post_pfns("deflateq", pfns)
         self.device.service_now("deflateq")
         self._reap("deflateq")
         self.done_tokens.discard(token or 0)
@@ -433,8 +504,9 @@ class LinuxBalloonDriver:
     # -- stats ----------------------------------------------------------------------
 
     def _write_stats(self) -> None:
-        for k, (tag, val) in enumerate(self.mm.vm_stats()):
-            spec.STAT.pack_into(self.mem.buf, self.stats_addr + k * spec.STAT.size, tag, val)
+        entries = self.mm.vm_stats()
+        flat = [x for entry in entries for x in entry]
+        spec.stats_array(len(entries)).pack_into(self.mem.buf, self.stats_addr, *flat)
 
     def stats_handle_request(self) -> ProcessGen:
         """update_balloon_stats_work: gather, reclaim the used buffer, post it again."""

@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sim.backing import RamBacking
 from sim.balloon_spec import PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY_S, PAGEBLOCK_ORDER
-from sim.driver import BalloonDriver
+from sim.driver import BalloonDriver, FleetDriver
 from sim.kernel import DEBIAN_6_1_PC
 
 Array = npt.NDArray[np.float64]
@@ -149,7 +149,7 @@ class Fleet:
         self.kernel = p.kernel_fixed_kib + self.ram * p.kernel_pct / 100
         self.min_free = self.ram * p.min_free_pct / 100
         self.cache_min = self.ram * p.cache_min_pct / 100
-        self.driver = BalloonDriver(len(specs), self.deflate_on_oom)
+        self.driver: FleetDriver = BalloonDriver(len(specs), self.deflate_on_oom)
         self.release_frac = np.array([bulk_release_fraction(s.backing) for s in specs])
         self.balloon_resident = np.zeros_like(self.ram)  # ballooned pages the host did not release
         self.anon = np.minimum(initial_demand_kib, self._capacity() - self.min_free - self.cache_min)

@@ -18,7 +18,11 @@ driver allocates its rings and buffers once, at probe, as Linux does).
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
+
 PAGE_BYTES = 4096
+U32s = npt.NDArray[np.uint32]
 
 
 class GuestMemoryError(Exception):
@@ -60,6 +64,25 @@ class GuestMemory:
         self.check(addr, len(data))
         n = max(0, min(len(data), len(self.buf) - addr))
         self.view[addr : addr + n] = data[:n]
+
+    def u32_view(self, addr: int, count: int) -> U32s:
+        """``count`` little-endian u32 at ``addr`` as a numpy array over the window's
+        bytes, no copy: writing it is writing guest memory (the driver's PFN array)."""
+        if count < 0:
+            raise GuestMemoryError(f"count(={count}) must be >= 0")
+        self.check_window(addr, 4 * count)
+        return np.frombuffer(self.buf, dtype="<u4", count=count, offset=addr)
+
+    def read_u32s(self, addr: int, length: int) -> U32s:
+        """The whole le32 values in ``[addr, +length)`` of guest RAM, as the device reads
+        a PFN array: a view of the window where the range lies in it (valid until the
+        guest writes there again), zeros for RAM above it."""
+        if addr < 0 or length < 0 or addr + length > self.ram_bytes:
+            self.check(addr, length)  # raises, with the message
+        count = length // 4
+        if addr + 4 * count <= len(self.buf):
+            return np.frombuffer(self.buf, dtype="<u4", count=count, offset=addr)
+        return np.frombuffer(self.read(addr, 4 * count), dtype="<u4")
 
     def is_ram_pfn(self, pfn: int) -> bool:
         """Whether a 4 KiB frame number lies in the guest's RAM (QEMU's memory-region check)."""

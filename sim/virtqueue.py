@@ -140,7 +140,7 @@ class DriverQueue:
         is full (-ENOSPC). The device does not see it before ``kick``."""
         if not bufs:
             raise ValueError(f"{self.name}: a chain needs at least one buffer")
-        if self._misordered(bufs):
+        if len(bufs) > 1 and self._misordered(bufs):
             raise ValueError(f"{self.name}: device-readable buffers must precede device-writable ones")
         head = None
         if self.indirect and len(bufs) > 1 and self.num_free:
@@ -221,10 +221,11 @@ class DriverQueue:
 
     def get_buf(self) -> tuple[object, int] | None:
         """The next used chain's token and written length, or None; frees its descriptors."""
-        if not self.more_used():
+        buf, lay = self.mem.buf, self.lay
+        if U16.unpack_from(buf, lay.used + 2)[0] == self.last_used_idx:  # not more_used()
             return None
-        slot = self.last_used_idx & (self.lay.num - 1)
-        head, length = USED_ELEM.unpack_from(self.mem.buf, self.lay.used + 4 + 8 * slot)
+        slot = self.last_used_idx & (lay.num - 1)
+        head, length = USED_ELEM.unpack_from(buf, lay.used + 4 + 8 * slot)
         if head not in self.in_flight:
             # Linux BAD_RING: "id %u is not a head!" - the driver stops using the queue.
             raise VirtioError(f"{self.name}: id {head} is not a head!")
@@ -298,7 +299,7 @@ class DeviceQueue:
     def pending(self) -> int:
         """Chains the driver made available and the device has not popped; QEMU's
         ``virtqueue_num_heads`` refuses more than the queue can hold."""
-        idx = self.avail_idx()
+        idx: int = U16.unpack_from(self.mem.buf, self.lay.avail + 2)[0]  # avail_idx()
         n = (idx - self.last_avail_idx) & 0xFFFF
         if n > self.lay.num:
             raise VirtioError(f"Guest moved used index from {self.last_avail_idx} to {idx}")
@@ -308,16 +309,17 @@ class DeviceQueue:
         """The next available chain, its buffers resolved and checked; None if empty."""
         if not self.pending():
             return None
-        num = self.lay.num
-        head = self._u16(self.lay.avail + 4 + 2 * (self.last_avail_idx & (num - 1)))
+        buf, lay = self.mem.buf, self.lay
+        num = lay.num
+        head = U16.unpack_from(buf, lay.avail + 4 + 2 * (self.last_avail_idx & (num - 1)))[0]
         if head >= num:
             raise VirtioError(f"Guest says index {head} is available")
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx:
-            U16.pack_into(self.mem.buf, self.lay.avail_event, self.last_avail_idx)
+            U16.pack_into(buf, lay.avail_event, self.last_avail_idx)
         elem = Element(head)
-        table, limit, i = self.lay.desc, num, head
-        addr, length, flags, nxt = DESC.unpack_from(self.mem.buf, table + 16 * i)
+        table, limit, i = lay.desc, num, head
+        addr, length, flags, nxt = DESC.unpack_from(buf, table + 16 * i)
         if flags & VRING_DESC_F_INDIRECT:
             if length == 0 or length % 16:
                 raise VirtioError("Invalid size for indirect buffer table")

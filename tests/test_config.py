@@ -46,7 +46,7 @@ def test_the_example_config_is_valid_and_documents_every_key() -> None:
     text = example.read_text()
     for key in documented_keys(DaemonConfig):
         leaf = key.rsplit(".", 1)[-1]
-        assert re.search(rf"^(#\s*)?{leaf} =|^\[(.*\.)?{leaf}[.\]]", text, re.MULTILINE), (
+        assert re.search(rf"^(#\s*)?{leaf} =|^(#\s*)?\[(.*\.)?{leaf}[.\]]", text, re.MULTILINE), (
             f"config.example.toml lacks {key}"
         )
 
@@ -68,6 +68,11 @@ def test_the_example_values_are_the_defaults() -> None:
     """The example shows what you get by leaving a key out (its guest section aside)."""
     example = DaemonConfig.load(REPO / "config.example.toml")
     assert example.model_copy(update={"guests": {}}) == DaemonConfig()
+
+
+def test_the_example_guest_section_is_commented_out() -> None:
+    """Copied verbatim to /etc, the example must not configure a guest that is not there."""
+    assert DaemonConfig.load(REPO / "config.example.toml").guests == {}
 
 
 def test_sizes_take_binary_units(tmp_path: Path) -> None:

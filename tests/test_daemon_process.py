@@ -40,6 +40,8 @@ params = {{ target_kib = {target_kib} }}
 uri = "test://{NODE}"
 [mqtt]
 enabled = true
+commands = true
+allow_unauthenticated_commands = true
 port = {broker_port}
 host_id = "{host_id}"
 keepalive_s = 5

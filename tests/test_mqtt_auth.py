@@ -89,6 +89,7 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mosqu
 def link_for(port: int, ca: Path, password: str) -> MqttLink:
     cfg = MqttConfig(
         enabled=True,
+        commands=True,
         port=port,
         tls=True,
         ca_file=ca,

@@ -61,3 +61,32 @@ def test_targets_are_bounded_and_decide_is_pure(
         assert all(0 <= t <= by_uuid[u].max_kib for u, t in result.targets_kib.items())
         assert not result.errors  # no built-in raises on a valid snapshot
         state = result.state
+
+
+@pytest.mark.parametrize("name", ["pid", "sla-floor", "free-page", "trim"])
+def test_the_holding_built_ins_say_why_for_every_guest(name: str) -> None:
+    """A new guest is in its warm-up and one without stats has none: both are said."""
+    policy = registry.create(name)
+    seen, blind = guest("seen", max_kib=8 * GIB, available_kib=6 * GIB), guest("blind", max_kib=8 * GIB, stats=False)
+    result = policy.decide(host(at_s=0.0), [seen, blind], policy.initial_state())
+    assert result.reasons[blind.uuid] == "no stats from the guest yet"
+    assert result.reasons[seen.uuid].startswith("warm-up: ") and "min left" in result.reasons[seen.uuid]
+
+
+def test_a_plugin_without_reasons_still_works_and_gives_none() -> None:
+    """``PerGuestPolicy`` subclasses that predate reasons keep working unchanged."""
+    from overcommitd.model import HostSnapshot
+    from policies.api import PerGuestPolicy
+
+    class Old(PerGuestPolicy[int]):
+        name = "old"
+
+        def initial_guest_state(self, guest: GuestSnapshot) -> int:
+            return 0
+
+        def decide_guest(self, host: HostSnapshot, guest: GuestSnapshot, state: int) -> tuple[int | None, int]:
+            return guest.max_kib, state + 1
+
+    g = guest("g", max_kib=2 * GIB)
+    result = Old().decide(host(), [g], {})
+    assert result.targets_kib == {g.uuid: 2 * GIB} and result.state == {g.uuid: 1} and result.reasons == {}

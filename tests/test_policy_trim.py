@@ -197,3 +197,75 @@ def test_a_squeeze_cut_short_is_tried_again_after_the_interval() -> None:
     again = 20.0 + policy.params.trim_interval_s
     target, state = _step(policy, _guest(swap_in_kib=MIB), state, again)
     assert state.squeezing and target is not None and target < MAX
+
+
+def _why(
+    policy: TrimPolicy, g: GuestSnapshot, state: TrimGuestState, at_s: float
+) -> tuple[int | None, TrimGuestState, str]:
+    h = host(at_s=at_s, total_kib=64 * GIB, available_kib=32 * GIB)
+    target, state, why = policy.decide_guest_why(h, g, state)
+    assert why is not None
+    return target, state, why
+
+
+def test_every_hold_says_why_in_words() -> None:
+    policy = TrimPolicy()  # defaults: a one-hour warm-up
+    _, state, why = _why(policy, _guest(), TrimGuestState(), 0.0)
+    assert why.startswith("warm-up: 60 min left")
+    _, state, why = _why(policy, _guest(), state, 3000.0)
+    assert why.startswith("warm-up: 10 min left")
+    target, state, why = _why(policy, _guest(), state, 3600.0)
+    assert state.squeezing and why == f"squeeze started: keep {target // MIB} MiB"  # type: ignore[operator]
+    _, state, why = _why(policy, _guest(actual_kib=8 * GIB), state, 3610.0)
+    assert why.startswith("squeezing to keep")
+    _, state, why = _why(policy, _guest(actual_kib=8 * GIB), state, 3620.0)  # stopped moving: released
+    assert why == "squeeze stalled short of keep: released to its maximum"
+    _, state, why = _why(policy, _guest(), state, 3630.0)
+    assert why == "next squeeze in 360 min; released to its maximum"
+    quiet = _guest(cache_kib=0)  # nothing touched since: no gain
+    _, _, why = _why(policy, quiet, replace(state, released_s=-1e9, cache_at_release_kib=CACHE), 3640.0)
+    assert why.startswith("gain 0 MiB below min_gain")
+    blind = guest(max_kib=MAX, stats=False)
+    assert policy.decide_guest_why(host(), blind, TrimGuestState())[2] == "no stats from the guest yet"
+
+
+def test_after_an_oom_kill_the_reason_says_never_again() -> None:
+    policy = _policy()
+    g = _guest(oom_kills=0)
+    _, state, _ = _why(policy, g, TrimGuestState(), 0.0)
+    _, state, why = _why(policy, _guest(oom_kills=1), replace(state, squeezing=False), 10.0)
+    _, state, why = _why(policy, _guest(oom_kills=1, cache_kib=12 * GIB), state, 1e7)
+    assert why.startswith("OOM kill seen: never squeezed again") and not state.squeezing
+
+
+def test_min_gain_scales_with_the_guest_and_an_explicit_kib_is_still_honoured() -> None:
+    policy = TrimPolicy()
+    small, big = guest(max_kib=512 * MIB), guest(max_kib=64 * GIB)
+    assert policy.min_gain_kib(small) == policy.params.min_gain_kib == 32 * MIB  # the floor in MiB
+    assert policy.min_gain_kib(big) == round(64 * GIB * policy.params.min_gain_pct / 100)
+    old_style = TrimPolicy(TrimParams(min_gain_kib=256 * MIB))
+    assert old_style.min_gain_kib(small) == 256 * MIB
+
+
+def test_a_512_mib_guest_is_trimmed_after_warm_up_with_the_default_parameters() -> None:
+    """The guest is built with policies.testing and goes through the daemon's own step
+    (policy, then guard) with the default config: after the warm-up it is ballooned."""
+    from overcommitd.config import DaemonConfig
+    from overcommitd.loop import LoopState, step
+
+    policy, cfg = TrimPolicy(), DaemonConfig()
+    state = LoopState.initial(policy)
+    at_s = 0.0
+    while True:  # 400 MiB available, 300 MiB of it page cache: a typical idle small guest
+        g = guest("small", at_s=at_s, max_kib=512 * MIB, available_kib=400 * MIB, caches_kib=300 * MIB)
+        outcome = step(at_s, host(at_s=at_s), [g], policy, state, cfg)
+        state, decision = outcome.state, outcome.decisions[0]
+        if at_s < policy.params.warmup_s:
+            assert decision.held and decision.policy_reason is not None
+            assert decision.policy_reason.startswith("warm-up:")
+        else:
+            break
+        at_s += 600.0
+    assert decision.target_kib is not None and decision.target_kib < 512 * MIB
+    assert decision.target_kib >= cfg.guard.min_guest_kib  # the guard's floor still holds
+    assert decision.policy_reason is not None and decision.policy_reason.startswith("squeeze started")

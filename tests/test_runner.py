@@ -21,7 +21,7 @@ GIB = 1024**2
 
 
 def config_text(*, target_kib: int = 4 * GIB, dry_run: bool = False, extra: str = "") -> str:
-    return f"""interval_s = 0.2
+    return f"""interval_s = 0.5
 [policy]
 name = "tests.helpers:FixedPolicy"
 params = {{ target_kib = {target_kib} }}
@@ -95,7 +95,7 @@ def test_commands_pause_floor_policy_and_dry_run(tmp_path: Path) -> None:
         ("2", True, None),
         ("3", True, None),
         ("4", False, "no-such-guest"),
-        ("5", False, "bad-policy"),
+        ("5", False, "unknown-policy"),
     ]
     assert d.dry_run
     report = asyncio.run(d.tick())
@@ -148,7 +148,7 @@ def test_bad_reload_keeps_the_running_config(tmp_path: Path) -> None:
     d = make_daemon(tmp_path)
     (tmp_path / "overcommitd.toml").write_text("interval_s = -1\n")
     d.reload()
-    assert d.cfg.interval_s == 0.2
+    assert d.cfg.interval_s == 0.5
 
 
 def test_unreachable_libvirt_skips_the_tick_and_holds(tmp_path: Path) -> None:

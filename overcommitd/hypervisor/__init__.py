@@ -8,6 +8,7 @@ Calls are synchronous: a blocking backend is run off the event loop by the runne
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, OvercommitdError
@@ -15,6 +16,35 @@ from overcommitd.model import GuestSnapshot, HostSnapshot, OvercommitdError
 
 class HypervisorError(OvercommitdError):
     """The hypervisor could not be reached or refused a call."""
+
+
+class NoSuchGuest(HypervisorError):
+    """The guest is not (or no longer) running on this host."""
+
+
+class FloorAboveMaximum(HypervisorError):
+    """A floor the guest can never meet: the guard would hold it at its maximum for good."""
+
+    @classmethod
+    def check(cls, name_or_uuid: str, floor_kib: int, max_kib: int) -> None:
+        if floor_kib > max_kib:
+            raise cls(
+                f"{name_or_uuid}: floor {floor_kib} KiB is above the guest's maximum of {max_kib} KiB;"
+                f" a floor is at most the maximum (0 removes it)"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class GuestEvent:
+    """Something the hypervisor told us about a guest: ``kind`` is ``lifecycle``,
+    ``balloon-change``, ``metadata-change`` or ``migration``; ``actual_kib`` is set for a
+    balloon change."""
+
+    kind: str
+    uuid: str
+    name: str
+    detail: str = ""
+    actual_kib: int | None = None
 
 
 class Hypervisor(Protocol):

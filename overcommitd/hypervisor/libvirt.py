@@ -26,16 +26,19 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import libvirt  # type: ignore[import-untyped]
 
 from overcommitd.config import LibvirtConfig
-from overcommitd.hypervisor import HypervisorError
+from overcommitd.hypervisor import FloorAboveMaximum, GuestEvent, HypervisorError, NoSuchGuest
 from overcommitd.hypervisor import libvirt_xml as lx
 from overcommitd.hypervisor.libvirt_stats import STATE_RUNNING, BalloonReading, from_bulk, run_state
 from overcommitd.model import GuestSnapshot, RunState
+
+# GuestEvent and NoSuchGuest live in overcommitd.hypervisor (every backend uses them) and
+# are re-exported here for the callers that always imported them from this module.
+__all__ = ["GuestEvent", "LibvirtHypervisor", "NoSuchGuest", "start_event_loop"]
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +52,6 @@ SETTLE_S = 5.0
 
 # Errors that mean the domain is gone, not that libvirt is.
 _GONE = {libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID}
-
-
-class NoSuchGuest(HypervisorError):
-    """The guest is not (or no longer) running on this host."""
-
-
-@dataclass(frozen=True, slots=True)
-class GuestEvent:
-    """Something libvirt told us about a guest: ``kind`` is ``lifecycle``,
-    ``balloon-change``, ``metadata-change`` or ``migration``; ``actual_kib`` is set for a
-    balloon change."""
-
-    kind: str
-    uuid: str
-    name: str
-    detail: str = ""
-    actual_kib: int | None = None
 
 
 _event_loop_lock = threading.Lock()
@@ -273,6 +259,8 @@ class LibvirtHypervisor:
         the domain is defined), keeping our other keys; returns the guest's UUID."""
         dom = self._lookup(name_or_uuid)
         uuid = dom.UUIDString()
+        max_kib = int(self._rpc("maxMemory", dom.maxMemory))
+        FloorAboveMaximum.check(name_or_uuid, floor_kib, max_kib)
         try:
             current = lx.parse_metadata_element(
                 dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, lx.NAMESPACE), name_or_uuid

@@ -16,9 +16,11 @@ Topics, under ``<prefix>/<host_id>/``:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+import pydantic_core
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
 
 from overcommitd.ksm import KsmStatus
 from overcommitd.model import Decision, GuestSnapshot, HostSnapshot, Kib
@@ -144,6 +146,7 @@ class DecisionMessage(_Message):
     wish_kib: int | None
     applied: bool  # False in dry-run, or when setting it failed
     clamps: list[ClampMessage]
+    policy_reason: str | None = None  # the policy's own word on its wish (PolicyResult.reasons)
 
     @classmethod
     def of(cls, d: Decision, *, applied: bool) -> DecisionMessage:
@@ -157,6 +160,7 @@ class DecisionMessage(_Message):
                 ClampMessage(reason=c.reason.value, before_kib=c.before_kib, after_kib=c.after_kib, detail=c.detail)
                 for c in d.clamps
             ],
+            policy_reason=d.policy_reason,
         )
 
 
@@ -171,26 +175,57 @@ class GuestEventMessage(_Message):
 
 
 # -- commands --------------------------------------------------------------------------
+#
+# Strict on the wire: ``"enabled": "yes"`` or ``1`` is not a boolean, ``"5"`` is not a
+# number of seconds; only sizes take a string (``"2GiB"``), through ``Kib``.
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """``repr`` of untrusted text for a log line or a reply, at most ``limit`` characters."""
+    shown = repr(text[:limit])
+    return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
+
+
+def _guest_name(value: str) -> str:
+    """A domain name or UUID as libvirt could hold it: no control characters (a NUL ends
+    a C string: libvirt would look up a different name than the one written)."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise PydanticCustomError("bad_guest_name", "a guest name has no control characters (NUL, newline...)")
+    return value
+
+
+def _registered_name(value: str) -> str:
+    if ":" in value:
+        raise PydanticCustomError(
+            "policy_path_refused",
+            "module:Class policies are accepted in the config file only; name a registered policy",
+        )
+    return value
+
+
+GuestName = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_guest_name)]
+PolicyName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_registered_name)]
 
 
 class _Command(_Message):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
     id: str | None = Field(None, max_length=200, description="echoed in the reply, to match them up")
 
 
 class SetFloor(_Command):
     command: Literal["set-floor"]
-    guest: str = Field(min_length=1, description="name or UUID")
-    floor_kib: Kib
+    guest: GuestName = Field(description="name or UUID")
+    floor_kib: Kib = Field(description="at most the guest's maximum; 0 removes the floor")
 
 
 class PauseGuest(_Command):
     command: Literal["pause"]
-    guest: str = Field(min_length=1)
+    guest: GuestName
 
 
 class ResumeGuest(_Command):
     command: Literal["resume"]
-    guest: str = Field(min_length=1)
+    guest: GuestName
 
 
 class PrepareMigration(_Command):
@@ -199,24 +234,27 @@ class PrepareMigration(_Command):
     The announcement lapses after ``within_s``, or when the guest leaves this host."""
 
     command: Literal["prepare-migration"]
-    guest: str = Field(min_length=1)
+    guest: GuestName
     within_s: float = Field(900.0, gt=0, le=86400, description="how long the announcement holds")
 
 
 class CancelMigration(_Command):
     command: Literal["cancel-migration"]
-    guest: str = Field(min_length=1)
+    guest: GuestName
 
 
 class SwitchPolicy(_Command):
+    """Only registered policies (entry points): a ``module:Class`` name is refused before
+    anything is imported."""
+
     command: Literal["set-policy"]
-    name: str = Field(min_length=1)
-    params: dict[str, object] = Field(default_factory=dict)
+    name: PolicyName
+    params: dict[str, object] = Field(default_factory=dict)  # checked by the registry and the policy's Params
 
 
 class SetDryRun(_Command):
     command: Literal["dry-run"]
-    enabled: bool
+    enabled: StrictBool
 
 
 Command = Annotated[
@@ -225,7 +263,22 @@ Command = Annotated[
 ]
 _COMMAND = TypeAdapter(Command)
 
-ErrorName = Literal["bad-json", "invalid-command", "no-such-guest", "bad-policy", "hypervisor-error", "internal-error"]
+ErrorName = Literal[
+    "payload-too-large",  # longer than [mqtt] max_payload_bytes: not parsed, not logged
+    "bad-json",
+    "invalid-command",  # valid JSON, not a valid command: the message names the field
+    "bad-guest-name",  # a control character (NUL...) in a guest name
+    "no-such-guest",
+    "floor-above-max",  # a floor above the guest's maximum memory
+    "policy-path-refused",  # module:Class over MQTT
+    "unknown-policy",  # no registered policy of that name
+    "bad-policy",  # the policy failed to load, or its params do not validate
+    "hypervisor-error",
+    "internal-error",  # a bug: logged with its traceback
+]
+ERROR_NAMES: tuple[ErrorName, ...] = get_args(ErrorName)
+# Validation error types that have a name of their own in a reply.
+_NAMED_TYPES: dict[str, ErrorName] = {"bad_guest_name": "bad-guest-name", "policy_path_refused": "policy-path-refused"}
 
 
 class Reply(_Message):
@@ -244,25 +297,33 @@ class CommandError(Exception):
         self.id = id
 
 
-def parse_command(payload: bytes, topic: str) -> Command:
-    """A command from an MQTT payload; CommandError names the bad field and the topic."""
+def parse_command(payload: bytes, topic: str, *, max_bytes: int = 64 * 1024) -> Command:
+    """A command from an MQTT payload; CommandError names the bad field and the topic.
+
+    Never raises anything else: pydantic's JSON parser bounds nesting (a ``json_invalid``
+    error, where ``json.loads`` raised ``RecursionError``) and numbers (4300 digits)."""
+    if len(payload) > max_bytes:
+        raise CommandError("payload-too-large", f"{topic}: {len(payload)} bytes, more than the {max_bytes} allowed")
     try:
         return _COMMAND.validate_json(payload)
     except ValidationError as e:
+        errors = e.errors(include_input=False, include_url=False)
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(payload)'}: {err['msg']}" for err in e.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '(payload)'}: {err['msg']}" for err in errors[:5]
         )
-        kind: ErrorName = "bad-json" if any(err["type"] == "json_invalid" for err in e.errors()) else "invalid-command"
+        kind: ErrorName = "invalid-command"
+        for err in errors:
+            if err["type"] == "json_invalid":
+                kind = "bad-json"
+            kind = _NAMED_TYPES.get(err["type"], kind)
         raise CommandError(kind, f"{topic}: {problems}", _loose_id(payload)) from e
 
 
 def _loose_id(payload: bytes) -> str | None:
     """The ``id`` of a payload that did not validate, so even the error reply can be matched."""
-    import json
-
     try:
-        data = json.loads(payload)
+        data = pydantic_core.from_json(payload)
     except ValueError:
         return None
     i = data.get("id") if isinstance(data, dict) else None
-    return i if isinstance(i, str) else None
+    return i if isinstance(i, str) and len(i) <= 200 else None

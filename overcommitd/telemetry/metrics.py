@@ -37,7 +37,16 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
-        self.libvirt_errors = Counter("overcommitd_libvirt_errors", "libvirt calls that failed", ["call"], registry=r)
+        # The name predates the QMP backend; it counts that backend's failed commands too.
+        self.libvirt_errors = Counter(
+            "overcommitd_libvirt_errors", "Hypervisor calls that failed (libvirt or QMP)", ["call"], registry=r
+        )
+        self.hypervisor_calls = Counter(
+            "overcommitd_hypervisor_calls",
+            "Calls to the hypervisor: libvirt RPCs or QMP commands",
+            ["call"],
+            registry=r,
+        )
         self.host_available = Gauge("overcommitd_host_available_bytes", "Host MemAvailable", registry=r)
         self.host_arc_reclaimable = Gauge(
             "overcommitd_host_zfs_arc_reclaimable_bytes",

@@ -223,3 +223,92 @@ def guest_ram_rss_kib(name: str, memory_mib: int) -> int:
         elif line.startswith("Rss:") and size_kib == memory_mib * 1024:
             return int(line.split()[1])
     raise HarnessError(f"no {memory_mib} MiB mapping in QEMU {pid}'s smaps for {name}")
+
+
+class QemuGuest:
+    """One tiny guest under QEMU started directly (no libvirt), with two QMP sockets: the
+    one the daemon finds by its glob, and a control socket for the test's own checks
+    (QEMU serves one client per socket). Same image, command line and TCG cap as the
+    libvirt guests (``domain_xml``)."""
+
+    def __init__(self, spec: GuestSpec, sock_dir: Path, ctl_dir: Path, console_dir: Path) -> None:
+        import uuid as uuidlib
+
+        self.spec = spec
+        self.uuid = str(uuidlib.uuid4())
+        self.qmp_path = sock_dir / f"{spec.name}.qmp"
+        self.ctl_path = ctl_dir / f"{spec.name}.ctl"
+        self.console_dir = console_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        s = self.spec
+        balloon = "virtio-balloon-pci,id=balloon0"
+        balloon += f",deflate-on-oom={'on' if s.autodeflate else 'off'}"
+        balloon += f",free-page-reporting={'on' if s.free_page_reporting else 'off'}"
+        return [
+            shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64",
+            "-name", s.name, "-uuid", self.uuid,
+            "-machine", "pc", "-accel", "tcg,tb-size=64",  # TCG (pitfall 1), cache capped (pitfall 13)
+            "-m", f"{s.memory_mib}M", "-smp", "1",
+            "-nographic", "-nodefaults", "-no-reboot",
+            "-serial", f"file:{self.console_dir / (s.name + '.console')}",
+            "-kernel", str(IMAGE_DIR / "vmlinuz"), "-initrd", str(IMAGE_DIR / "initrd.img"),
+            "-append", f"console=ttyS0 loglevel=4 panic=-1 rgwork={s.work or '0@0'}",
+            "-device", balloon,
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-qmp", f"unix:{self.ctl_path},server=on,wait=off",
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        log = open(self.console_dir / f"{self.spec.name}.qemu.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.argv(), stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+
+    def ctl(self, cmd: str, **args: object) -> object:
+        """One command on the control socket, in a fresh blocking session of its own
+        (plain sockets: callable from any thread, with or without an event loop)."""
+        import json
+
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(str(self.ctl_path))
+            stream = sock.makefile("rwb")
+
+            def reply() -> dict[str, object]:
+                while True:  # skip the greeting's siblings: events
+                    msg = json.loads(stream.readline())
+                    if "return" in msg or "error" in msg or "QMP" in msg:
+                        return dict(msg)
+
+            reply()  # greeting
+            for name, arguments in (("qmp_capabilities", {}), (cmd, args)):
+                stream.write(json.dumps({"execute": name, "arguments": arguments}).encode() + b"\n")
+                stream.flush()
+                answer = reply()
+            if "error" in answer:
+                raise HarnessError(f"{self.spec.name}: {cmd}: {answer['error']}")
+            return answer["return"]
+
+    def actual_kib(self) -> int:
+        reply = self.ctl("query-balloon")
+        assert isinstance(reply, dict)
+        return int(reply["actual"]) // 1024
+
+    def console(self) -> str:
+        return console_text(self.console_dir, self.spec.name)
+
+    def kill(self) -> None:
+        """SIGKILL: QEMU leaves its socket files behind, like a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()

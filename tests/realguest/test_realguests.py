@@ -221,7 +221,17 @@ def test_telemetry_on_the_broker_and_a_command_taking_effect(
     libvirtd: Libvirtd, guests: Guests, broker: Mosquitto
 ) -> None:
     (dom,) = guests.boot(GuestSpec("mq"))
-    cfg = config(libvirtd, target_kib=300 * MIB, mqtt={"enabled": True, "port": broker.port, "host_id": "real"})
+    cfg = config(
+        libvirtd,
+        target_kib=300 * MIB,
+        mqtt={
+            "enabled": True,
+            "commands": True,
+            "allow_unauthenticated_commands": True,
+            "port": broker.port,
+            "host_id": "real",
+        },
+    )
     d = daemon(cfg)
     base = "overcommitd/real"
 
@@ -377,3 +387,57 @@ return_to_max_on_exit = true
     events = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     assert any(e.get("event") == "target" and e.get("target_kib") == 256 * MIB for e in events)
     assert any(e.get("event") == "returned-to-max" for e in events)
+
+
+def test_status_explains_a_real_guest_and_commands_find_the_default_config(
+    libvirtd: Libvirtd, guests: Guests, tmp_path: Path
+) -> None:
+    """`overcommitd run` and `guest set-floor` without --config read the default file
+    (moved here with $OVERCOMMITD_CONFIG) and its libvirt URI; `overcommitd status` reads
+    the running daemon's socket and says why the guest waits (trim's warm-up)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    guests.boot(GuestSpec("rg-status"))
+    sock = tmp_path / "status.sock"
+    cfg_path = tmp_path / "overcommitd.toml"
+    cfg_path.write_text(f"""interval_s = 3.0
+[libvirt]
+uri = "{libvirtd.uri}"
+[runner]
+log_format = "text"
+status_socket = "{sock}"
+""")
+    env = {**os.environ, "OVERCOMMITD_CONFIG": str(cfg_path)}
+    repo = Path(__file__).resolve().parents[2]
+    cli = [sys.executable, "-m", "overcommitd"]
+    floor = subprocess.run(
+        [*cli, "guest", "set-floor", "rg-status", "300MiB"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert floor.returncode == 0 and f"config {cfg_path} (default" in floor.stderr, floor.stderr
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([*cli, "run"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+
+        def row() -> str | None:
+            out = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True, timeout=60, check=False)
+            lines = [x for x in out.stdout.splitlines() if x.startswith("rg-status ")]
+            return lines[0] if out.returncode == 0 and lines else None
+
+        line = wait_for(row, 90, "rg-status in `overcommitd status`")
+        assert "warm-up: 60 min left" in line and "held" in line
+        assert line.split()[1:6] == ["512M", "-", "300M", "512M", "512M"]  # actual, target, floor, max, wish
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()
+    text = log_path.read_text()
+    assert f"config {cfg_path} (default" in text and "guest rg-status held: warm-up" in text
+    assert not sock.exists()
