@@ -220,6 +220,12 @@ def cmd_sim_scenario(args: argparse.Namespace) -> int:
     return scenario_command(args.name, list_only=args.list, plot_path=args.plot, every_s=args.every_s)
 
 
+def cmd_sim_calibrate(args: argparse.Namespace) -> int:
+    from sim.calibrate import calibrate_command
+
+    return calibrate_command(args.recording, args.out)
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from sim.tune import tune_command
 
@@ -303,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, help="also draw the timeline to this image file (PNG, SVG, PDF)")
     p.add_argument("--every-s", type=float, default=1.0, help="one printed row per this many simulated seconds")
     p.set_defaults(func=cmd_sim_scenario)
+    p = sim_sub.add_parser("calibrate", help="fit the guest model's constants from a recording; write them as TOML")
+    p.add_argument("recording", type=Path, nargs="+", help="recording files or directories (docs/trace-format.md)")
+    p.add_argument("--out", type=Path, help="write the guest-model file here (for replay --guest-model)")
+    p.set_defaults(func=cmd_sim_calibrate)
     return parser
 
 

@@ -70,6 +70,27 @@ def oom_killed(previous_total: int | None, guest: GuestSnapshot) -> tuple[bool, 
     return previous_total is not None and total > previous_total, total
 
 
+# Linux before 6.12 sends no OOM-kill counter (tag 10; sim.stat_tags), and libvirt drops
+# it anyway. A kill then shows as a guest at the end of its memory whose use collapses by
+# the next sample: the OOM killer frees its victim's whole working set at once (issue 16:
+# the real 6.1 guest went from MemAvailable ~0 to its idle use within one 2 s sample).
+OOM_EXHAUSTED_PCT = 2.0  # MemAvailable under this share of the guest's memory: exhausted
+OOM_COLLAPSE_PCT = 25.0  # then use falling by at least this share of its memory: a kill
+
+
+def exhausted(guest: GuestSnapshot) -> bool:
+    """The guest had next to nothing left: MemAvailable under OOM_EXHAUSTED_PCT of ``actual``."""
+    avail = available_kib(guest)
+    return avail is not None and avail * 100 < guest.actual_kib * OOM_EXHAUSTED_PCT
+
+
+def oom_inferred(was_exhausted: bool, previous_used_kib: int | None, used: int, guest: GuestSnapshot) -> bool:
+    """A kill seen without the counter: exhausted at the last sample, use collapsed since."""
+    if not was_exhausted or previous_used_kib is None:
+        return False
+    return (previous_used_kib - used) * 100 >= guest.actual_kib * OOM_COLLAPSE_PCT
+
+
 def auto_deflated(guest: GuestSnapshot, tolerance_kib: int) -> bool:
     """A DEFLATE_ON_OOM guest holding more than the last target asked for by over
     ``tolerance_kib``: it deflated itself under OOM pressure (1 MiB per OOM notification)."""
@@ -95,13 +116,17 @@ class Bursts:
     used_kib: int | None = None  # the last sample's use, for the next rise
     largest_rise_kib: int = 0
     oom_kills_total: int | None = None
+    exhausted: bool = False  # the last sample's guest had next to nothing left
 
     def observe(self, guest: GuestSnapshot, used: int) -> tuple[Bursts, bool]:
-        """This sample learned from, and whether the guest OOM-killed since the last."""
+        """This sample learned from, and whether the guest OOM-killed since the last:
+        from the counter when the guest sends it, else from a collapse of use."""
         rise = 0 if self.used_kib is None else used - self.used_kib
         killed, kills = oom_killed(self.oom_kills_total, guest)
+        if guest.stats is not None and guest.stats.oom_kills is None:
+            killed = oom_inferred(self.exhausted, self.used_kib, used, guest)
         largest = guest.max_kib if killed else max(self.largest_rise_kib, rise)
-        return Bursts(self.first_seen_s, used, largest, kills), killed
+        return Bursts(self.first_seen_s, used, largest, kills, exhausted(guest)), killed
 
     def warming_up(self, now_s: float, warmup_s: float) -> bool:
         return now_s - self.first_seen_s < warmup_s

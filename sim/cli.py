@@ -39,6 +39,7 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
         help="bulk (fast, default) or protocol: byte-level virtio-balloon per guest",
     )
     p.add_argument("--json", type=Path, help="also write the scorecard as JSON here")
+    p.add_argument("--guest-model", type=Path, help="guest constants (TOML; `overcommitd sim calibrate` writes it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

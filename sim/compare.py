@@ -19,6 +19,7 @@ from overcommitd.config import DaemonConfig
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from policies.api import Policy, PolicyResult
 from sim import traces as trace_io
+from sim.guest_model_file import load_guest_model
 from sim.metrics import Scorecard
 from sim.replay import ReplayResult, ReplaySpec, load_traces, replay
 
@@ -161,6 +162,8 @@ def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
         fields["traces"] = tuple(args.trace)
     if args.guests:
         fields["guests"] = args.guests
+    if getattr(args, "guest_model", None):  # issue 16: the guests' own constants (sim.guest_model_file)
+        fields.update(load_guest_model(args.guest_model).model_dump())
     return ReplaySpec.model_validate(fields)
 
 

@@ -60,6 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sim.backing import RamBacking
 from sim.balloon_spec import PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY_S, PAGEBLOCK_ORDER
 from sim.driver import BalloonDriver, FleetDriver
+from sim.kernel import DEBIAN_6_1_PC
 
 Array = npt.NDArray[np.float64]
 T = TypeVar("T", Array, float)
@@ -68,14 +69,18 @@ EPSILON_KIB = 1.0
 REPORT_BLOCK_KIB = 4 << PAGEBLOCK_ORDER  # free page reporting's order-9 blocks: 2 MiB
 
 
+_BOOT = DEBIAN_6_1_PC
+
+
 class GuestModelParams(BaseModel):
     """Constants of the guest memory model, with where each comes from."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    reserved_fixed_kib: int = Field(32 * 1024, ge=0, description="RAM outside MemTotal, fixed part")
-    reserved_pct: float = Field(1.6, ge=0, lt=50, description="... plus struct pages (64 B per 4 KiB page)")
-    kernel_fixed_kib: int = Field(24 * 1024, ge=0, description="kernel memory in use after boot")
-    kernel_pct: float = Field(0.5, ge=0, lt=50)
+    # Issue 16: measured on the test image (Debian 6.1 cloud, QEMU 'pc'): sim.kernel.BootMeasurement.
+    reserved_fixed_kib: int = Field(_BOOT.reserved_fixed_kib, ge=0, description="RAM outside MemTotal, fixed part")
+    reserved_pct: float = Field(_BOOT.reserved_pct, ge=0, lt=50, description="... plus struct pages etc.")
+    kernel_fixed_kib: int = Field(_BOOT.kernel_fixed_kib, ge=0, description="kernel memory in use after boot")
+    kernel_pct: float = Field(_BOOT.kernel_pct, ge=0, lt=50, description="... plus hash tables sized by RAM")
     min_free_pct: float = Field(1.0, ge=0, lt=50, description="low watermark: free memory the kernel keeps")
     cache_min_pct: float = Field(1.0, ge=0, lt=50, description="page cache reclaim never goes below this")
     swap_touch_s: float = Field(60.0, gt=0, description="mean time before a swapped working-set page is touched")

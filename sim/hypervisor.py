@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from sim.balloon_fleet import ProtocolBalloons
 from sim.guest import Array, Fleet, GuestModelParams, GuestSpec
 from sim.host import HostModelParams, SimHost
+from sim.kernel import GuestKernel
+from sim.stat_tags import unsent_fields
 from sim.world import World
 
 SimModel = Literal["bulk", "protocol"]
@@ -59,6 +61,7 @@ class SimHypervisor:
         host_params: HostModelParams | None = None,
         model: SimModel = "bulk",
         world: World | None = None,
+        guest_kernel: GuestKernel | None = None,
     ) -> None:
         self.specs = specs
         self.model = model
@@ -78,6 +81,8 @@ class SimHypervisor:
         self.target_set_s = [0.0] * len(specs)
         self.target_kib = self.fleet.ram.copy()  # the same, as an array; RAM where never set
         self.targets_set = 0
+        # Issue 16: the stats a guest sends depend on its kernel (sim.stat_tags); 6.1 has no tag 10+.
+        self._unsent_stats = dict.fromkeys(unsent_fields((guest_kernel or GuestKernel()).version))
         self.now_s = 0.0
         self._features = [
             BalloonFeatures(deflate_on_oom=s.deflate_on_oom, reporting=s.reporting, free_page_hint=s.free_page_hint)
@@ -160,4 +165,7 @@ class SimHypervisor:
     def _stats(self) -> list[GuestStats | None]:
         columns = [self.device.stats[name].astype(np.int64).tolist() for name in STAT_FIELDS]
         rows = zip(self.device.last_update_s.tolist(), self.device.has_stats().tolist(), *columns)
-        return [GuestStats(last, **dict(zip(_FIELDS, values))) if has else None for last, has, *values in rows]
+        unsent = self._unsent_stats
+        return [
+            GuestStats(last, **(dict(zip(_FIELDS, values)) | unsent)) if has else None for last, has, *values in rows
+        ]

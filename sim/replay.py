@@ -27,6 +27,7 @@ from sim import traces as trace_io
 from sim.guest import Array, GuestModelParams, GuestSpec
 from sim.host import HostModelParams
 from sim.hypervisor import SimHypervisor, SimModel
+from sim.kernel import GuestKernel
 from sim.metrics import Recorder, Scorecard, Timeline
 from sim.workload import Workload
 from sim.world import World
@@ -58,6 +59,7 @@ class ReplaySpec(BaseModel):
         "bulk", description="bulk: closed-form balloons; protocol: byte-level device and driver per guest"
     )
     guest_model: GuestModelParams = GuestModelParams()
+    guest_kernel: GuestKernel = GuestKernel()  # issue 16: which stat tags the guests send
     host_model: HostModelParams = HostModelParams()
 
 
@@ -132,6 +134,7 @@ def replay(
         host_params=spec.host_model,
         model=spec.model,
         world=world,
+        guest_kernel=spec.guest_kernel,
     )
     floors = np.array([floor_kib(g, cfg.guard) for g in hv.snapshot()], dtype=np.float64)
     recorder = Recorder(ram, floors, n_ticks)

@@ -263,6 +263,7 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
         "--config", type=Path, help="daemon config: guard rules, and the starting params if it names the policy"
     )
     p.add_argument("--guests", type=int, help="number of guests (default: one per trace)")
+    p.add_argument("--guest-model", type=Path, help="guest constants (TOML; `overcommitd sim calibrate` writes it)")
     p.add_argument("--hours", type=float, default=24.0, help="replayed span per evaluation (default %(default)s)")
     p.add_argument(
         "--start-hours",

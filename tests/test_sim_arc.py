@@ -87,8 +87,9 @@ def scenario_runs() -> dict[str, ArcRun]:
 def test_headroom_aware_of_the_arc_leaves_the_guests_their_memory(scenario_runs: dict[str, ArcRun]) -> None:
     aware, blind = scenario_runs["headroom, ARC-aware"], scenario_runs["headroom, ARC as used"]
     assert aware.squeezed_mib < 2 * 1024 and blind.squeezed_mib > 8 * 1024
-    # The blind run handed what it squeezed to the ARC: at its maximum, 16 GiB.
-    assert blind.at(blind.arc_mib, BURST_S) > 15.5 * 1024 > 8 * 1024 > aware.at(aware.arc_mib, BURST_S)
+    # The blind run handed what it squeezed to the ARC: near its maximum, 16 GiB (the guests'
+    # kernels keep ~70 MiB each of their own, measured on the test image: issue 16).
+    assert blind.at(blind.arc_mib, BURST_S) > 15 * 1024 > 8 * 1024 > aware.at(aware.arc_mib, BURST_S)
     # The burst: squeezed guests swap and are OOM-killed before memory comes back; the ARC
     # then has to shrink (reaps) while the aware run's guests already had their memory.
     assert (aware.oom_kills, aware.swap_in_mib) == (0, 0.0)
