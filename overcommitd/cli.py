@@ -117,38 +117,46 @@ def cmd_record(args: argparse.Namespace) -> int:
 
     from overcommitd import logs
     from overcommitd.host import HostPaths, ProcHostReader
-    from overcommitd.hypervisor.libvirt import LibvirtHypervisor
     from overcommitd.record import ReadOnlyGuests, Recorder
 
     cfg, which = _load(args, say=False)
-    if cfg.hypervisor.backend != "libvirt":
-        print(
-            f"overcommitd: {args.config}: [hypervisor] backend = {cfg.hypervisor.backend!r}: record reads libvirt "
-            "only (the QMP backend sets each balloon's stats polling interval, a change to the guest)",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
     logs.setup(args.log_format or cfg.runner.log_format, verbose=args.verbose)
     logging.getLogger("overcommitd.cli").info(which, extra={"event": "config", "path": str(args.config or "")})
     host = ProcHostReader(
         HostPaths(cfg.host.meminfo_path, cfg.host.psi_memory_path, cfg.host.ksm_dir, cfg.host.arcstats_path)
     )
-    hv = LibvirtHypervisor(cfg.libvirt, read_only=True, include_excluded=True)
+    hv, source = _recording_source(cfg)
     interval_s = args.interval_s or cfg.interval_s
     recorder = Recorder(
-        ReadOnlyGuests(hv), host, args.out, rules=cfg.guard, interval_s=interval_s, source=cfg.libvirt.uri
+        ReadOnlyGuests(hv), host, args.out, rules=cfg.guard, interval_s=interval_s, source=source
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     logging.getLogger("overcommitd.record").info(
-        "recording %s every %g s into %s", cfg.libvirt.uri, interval_s, args.out
+        "recording %s every %g s into %s", source, interval_s, args.out
     )
     try:
         recorder.run(stop, hours=args.hours)
     finally:
         hv.close()
     return 0
+
+
+def _recording_source(cfg: DaemonConfig) -> tuple[ManagedHypervisor, str]:
+    """The backend ``record`` reads, and what it records, for the log and the manifest.
+    libvirt is opened read-only, so libvirt itself refuses a target; the QMP backend
+    switches each balloon's stats polling on as the daemon would (a guest without polling
+    sends no stats), and the recorder only ever gets its ``snapshot()``."""
+    if cfg.hypervisor.backend == "qmp":
+        from overcommitd.hypervisor.qmp import QmpHypervisor
+
+        qmp = QmpHypervisor(cfg.qmp)
+        qmp.connect()
+        return qmp, cfg.qmp.socket_glob
+    from overcommitd.hypervisor.libvirt import LibvirtHypervisor
+
+    return LibvirtHypervisor(cfg.libvirt, read_only=True, include_excluded=True), cfg.libvirt.uri
 
 
 def _positive(text: str) -> float:

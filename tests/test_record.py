@@ -530,19 +530,43 @@ def test_the_kept_recording_of_real_guests_follows_their_schedule() -> None:
         assert demand_kib(g) == int(r[tf.USED_KIB]), r
 
 
-def test_record_refuses_the_qmp_backend_by_name(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('[hypervisor]\nbackend = "qmp"\n')
-    out = subprocess.run(
-        [sys.executable, "-m", "overcommitd", "record", "--config", str(cfg), "--out", str(tmp_path / "out")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 2 and "backend = 'qmp'" in out.stderr and "libvirt only" in out.stderr
-    assert not (tmp_path / "out").exists()
+def test_record_reads_qmp_guests_and_never_sets_their_balloon(tmp_path: Path) -> None:
+    """Proxmox and plain QEMU hosts: the QMP backend's snapshot, nothing else. Two scripted
+    QEMU monitors (tests/qmp_server.py), one with DEFLATE_ON_OOM and a balloon of 200 MiB."""
+    from tests.qmp_server import MIB as QMP_MIB
+    from tests.qmp_server import FakeQemuHost, stats_reply
+
+    def stats(available_mib: int) -> object:
+        return stats_reply(
+            int(time.time()) + 60,
+            free_memory=available_mib * QMP_MIB,
+            total_memory=1000 * QMP_MIB,
+            available_memory=available_mib * QMP_MIB,
+        )
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="recq", dir="/tmp"))  # unix socket paths must stay short
+    qemu = FakeQemuHost(sock_dir)
+    try:
+        qemu.add("101", name="web", uuid="aaaaaaaa-0000-0000-0000-000000000001", guest_stats=stats(850))
+        # DEFLATE_ON_OOM: the balloon's 200 MiB stay in MemTotal as used memory.
+        db = qemu.add("102", name="db", uuid="aaaaaaaa-0000-0000-0000-000000000002", guest_stats=stats(600))
+        db.actual = 824 * QMP_MIB
+        db.props["deflate-on-oom"] = True
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[hypervisor]\nbackend = "qmp"\n[qmp]\nsocket_glob = "{sock_dir}/*.qmp"\n')
+        out = tmp_path / "out"
+        argv = ["record", "--config", str(cfg), "--out", str(out), "--interval-s", "0.5", "--hours", "0.0008"]
+        assert cmd_record(build_parser().parse_args(argv)) == 0
+        commands = [c for g in qemu.guests.values() for c in g.log]
+    finally:
+        qemu.close()
+    assert "balloon" not in commands and "query-balloon" in commands
+    rows = []
+    for p in sorted(out.glob("guests-*")):
+        with gzip.open(p, "rt") if p.suffix == ".gz" else p.open() as f:
+            rows += list(csv.DictReader(f))
+    assert {row[tf.GUEST]: int(row[tf.USED_KIB]) for row in rows} == {"web": 150 * 1024, "db": 200 * 1024}
+    assert len(rows) >= 4  # at least two samples of each guest
 
 
 def test_systemd_analyze_verifies_the_unit_and_rates_it_ok(tmp_path: Path) -> None:
