@@ -22,6 +22,7 @@ from sim.guest import GuestModelParams
 from sim.host import host_swap
 from sim.metrics import GuestTick, Recorder, RunFacts, Scorecard, Timeline, violations
 from sim.replay import ReplayResult, ReplaySpec, guard_floors, replay
+from sim.workload import io_columns
 from tests.helpers import Noop
 
 GIB = 1024 * 1024
@@ -147,12 +148,21 @@ def test_guests_start_without_invented_cache_and_fill_it_from_reads_and_writes(t
 def test_a_trace_without_disk_columns_says_so() -> None:
     google = next(p for p in traces.bundled() if "google" in str(p))
     t = traces.load(google)
-    assert t.disk_read_kib_s is None and t.disk_write_kib_s is None and t.io_columns == "none"
+    assert t.disk_read_kib_s is None and t.disk_write_kib_s is None and io_columns(t) == "none"
     card = replay(spec_for([t], hours=0.5), Noop(), DaemonConfig(), loaded=[t]).scorecard
     assert card.io_columns == "none"
     from sim.cli import format_scorecard
 
     assert "no disk I/O columns" in format_scorecard(card)
+
+
+def test_a_bitbrains_file_without_a_write_column_says_so(tmp_path: Path) -> None:
+    path = write_trace(tmp_path / "1.csv", spike=False)
+    lines = [line.rsplit(";\t", 1)[0] for line in path.read_text().splitlines()]
+    path.write_text("\n".join(lines) + "\n")
+    t = traces.load(path)
+    assert t.disk_write_kib_s is None and t.disk_read_kib_s is not None and io_columns(t) == "read"
+    assert t.disk_read_kib_s.tolist() == [20.0] * len(t.t_s)
 
 
 def test_the_reclaim_split_adds_up_to_the_saving(spiky: list[traces.Trace]) -> None:

@@ -68,7 +68,10 @@ def test_memtotal_shrinks_with_the_balloon_only_without_deflate_on_oom(doo: bool
 
 
 def test_inflation_returns_touched_memory_to_the_host() -> None:
-    hv = one_guest()
+    """The guest touched 3 GiB and freed 2 GiB of it (guests start with no invented
+    cache: only memory they used costs the host); the balloon takes those back."""
+    hv = one_guest(demand_gib=3.0)
+    run(hv, 10, demand_gib=1.0)
     used_before = hv.host_used_kib()
     hv.set_target("u", 2 * GIB)
     run(hv, 10, demand_gib=1.0)
