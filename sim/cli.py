@@ -39,6 +39,13 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
         help="per-guest paging SLO, %% of its working set per minute (default %(default)s)",
     )
     p.add_argument(
+        "--floor-pct",
+        dest="floor_pct",
+        type=float,
+        default=defaults["floor_pct"].default,
+        help="every guest's SLA floor, %% of its RAM (default %(default)s; a config [guests.<name>] floor_kib raises it)",
+    )
+    p.add_argument(
         "--guard-baselines",
         action="store_true",
         help="run mom and proxmox through overcommitd's guard (default: only their own limits, as upstream)",

@@ -203,7 +203,7 @@ def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
         "overcommit": args.overcommit,
         "seed": args.seed,
     }
-    for name in ("warmup_h", "slo_pct_per_min", "guard_baselines"):
+    for name in ("warmup_h", "slo_pct_per_min", "guard_baselines", "floor_pct"):
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value

@@ -268,3 +268,14 @@ def test_the_better_baseline_is_the_thriftiest_one_that_holds(spiky: list[traces
     none_holds = Comparison(spec, both_kill, ref)
     assert none_holds.better_baseline() is None
     assert "none of mom, proxmox holds" in format_table(none_holds)
+
+
+def test_the_replay_command_takes_the_honest_scorecard_settings() -> None:
+    from overcommitd.cli import build_parser
+    from sim.compare import spec_from_args
+
+    argv = ["replay", "--warmup-hours", "6", "--slo", "0.5", "--floor-pct", "10", "--guard-baselines"]
+    spec = spec_from_args(build_parser().parse_args(argv), DaemonConfig())
+    assert (spec.warmup_h, spec.slo_pct_per_min, spec.floor_pct, spec.guard_baselines) == (6.0, 0.5, 10.0, True)
+    default = spec_from_args(build_parser().parse_args(["replay"]), DaemonConfig())
+    assert (default.warmup_h, default.slo_pct_per_min, default.guard_baselines) == (24.0, 0.2, False)
