@@ -179,7 +179,7 @@ class FleetMm:
         if discarded:
             self.balloons.fleet_changed()
             f, i = self.fleet, self.i
-            f.touched[i] -= min(len(pfns) * (4 << order), float(f._touched_free()[i]))
+            f.mark_reported(i, min(len(pfns) * (4 << order), float(f._touched_free()[i])))
 
 
 class GuestBalloon:

@@ -10,7 +10,8 @@ Bitbrains GWA-T-12 Rnd (``;\\t``-separated, one VM per file)
     * ``Memory capacity provisioned [KB]`` changes within a file, is 0 in some samples
       and once ~511 GB: the guest size is the mode of the non-zero values, raised to the
       largest usage if usage exceeds it (31 VMs), rounded up to 128 MiB.
-    * ``Disk read throughput [KB/s]`` drives page-cache growth in the guest model.
+    * ``Disk read throughput [KB/s]`` and ``Disk write throughput [KB/s]`` drive
+      page-cache growth in the guest model (written data is cached too, dirty first).
 
 Google ClusterData 2019 ``instance_usage`` (CSV, one container per file)
     * ``time`` is in microseconds; values are **normalized** to the largest machine, so
@@ -18,6 +19,8 @@ Google ClusterData 2019 ``instance_usage`` (CSV, one container per file)
       sizes are not published).
     * demand is ``max_memory_usage`` (the 5-minute peak: what must fit to avoid OOM);
       the size is the largest ``memory_limit`` (``assigned_memory`` is 0 in one job).
+    * no disk I/O columns: ``disk_read_kib_s`` and ``disk_write_kib_s`` are None, and
+      the scorecard says so (``io_columns``) rather than inventing reads.
 
 Materna GWA-T-13 shares the Bitbrains layout; a ``;`` separator without the tab and a
 ``Timestamp`` column holding ``dd.mm.yyyy HH:MM:SS`` dates (UTC) are accepted too.

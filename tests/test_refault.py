@@ -76,14 +76,15 @@ def test_cold_cache_costs_almost_nothing_to_drop() -> None:
     assert float(hv.fleet.refault_kib[0]) < 1 * MIB
 
 
-def test_the_first_read_rate_makes_cache_hot_from_the_start() -> None:
-    """The replay passes the trace's first read rate: the window holds rate x
-    cache_reuse_s, capped at the cache."""
+def test_guests_start_with_the_minimum_cache_made_hot_by_the_first_read_rate() -> None:
+    """No invented cache: a guest boots with its minimum page cache; the replay passes
+    the trace's first read rate, whose window (rate x cache_reuse_s) makes it hot."""
     params = GuestModelParams()
     specs = [GuestSpec(uuid=f"u{i}", name=f"g{i}", ram_kib=4 * GIB) for i in range(3)]
     demand = np.full(3, 1.0 * GIB)
-    fleet = Fleet(specs, params, demand, initial_read_kib_s=np.array([0.0, 0.1 * MIB, 100.0 * MIB]))
-    assert fleet.hot_cache.tolist() == [0.0, 0.1 * MIB * params.cache_reuse_s, fleet.cache[2]]
+    fleet = Fleet(specs, params, demand, initial_read_kib_s=np.array([0.0, 0.001 * MIB, 100.0 * MIB]))
+    assert fleet.cache.tolist() == fleet.cache_min.tolist()
+    assert fleet.hot_cache.tolist() == [0.0, 0.001 * MIB * params.cache_reuse_s, fleet.cache[2]]
     assert Fleet(specs, params, demand).hot_cache.tolist() == [0.0] * 3
 
 
@@ -113,9 +114,24 @@ def test_reads_with_no_free_room_still_make_the_cache_hot() -> None:
     """A guest squeezed to its low watermark keeps reading: its new reads replace cold
     cache (the LRU), so what it holds is hot and a further squeeze costs refaults."""
     hv = reader()
-    hv.set_target("u", int(1.3 * GIB))
+    hv.set_target("u", int(1.2 * GIB))  # below what the guest needs: the balloon stops at the watermark
     run(hv, 60)
     f = hv.fleet
     assert float(f.free()[0] - f.min_free[0]) < MIB and float(f.hot_cache[0]) == 0.0
     run(hv, 1200, read_mib_s=0.5)
     assert float(f.hot_cache[0]) == pytest.approx(float(f.cache[0]))
+
+
+def test_refaults_of_the_guests_own_growth_with_no_balloon_are_its_workloads() -> None:
+    """The same hot cache evicted twice: by the guest's own growth with its balloon empty
+    (the workload's paging, which a dedicated host sees too) and by a balloon. Both are
+    refaults; only the second is overcommit's (``own_refault_kib`` tells them apart)."""
+    own, squeezed = reader(), reader()
+    for hv in (own, squeezed):
+        run(hv, 1200, read_mib_s=0.5)  # ~550 MiB of hot cache
+    for _ in range(60):  # the workload grows to what the guest holds unballooned
+        own.advance(own.now_s + 10.0, np.array([3.7 * GIB]), np.zeros(1))
+    squeeze_and_give_back(squeezed, int(1.3 * GIB))
+    assert float(own.fleet.refault_kib[0]) > 300 * MIB
+    assert float(own.fleet.own_refault_kib[0]) == pytest.approx(float(own.fleet.refault_kib[0]), rel=1e-6)
+    assert float(squeezed.fleet.refault_kib[0]) > 300 * MIB and float(squeezed.fleet.own_refault_kib[0]) == 0.0
