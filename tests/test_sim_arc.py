@@ -90,11 +90,11 @@ def test_headroom_aware_of_the_arc_leaves_the_guests_their_memory(scenario_runs:
     # The blind run handed what it squeezed to the ARC: near its maximum, 16 GiB (the guests'
     # kernels keep ~70 MiB each of their own, measured on the test image: issue 16).
     assert blind.at(blind.arc_mib, BURST_S) > 15 * 1024 > 8 * 1024 > aware.at(aware.arc_mib, BURST_S)
-    # The burst: squeezed guests swap and are OOM-killed before memory comes back; the ARC
-    # then has to shrink (reaps) while the aware run's guests already had their memory.
-    assert (aware.oom_kills, aware.swap_in_mib) == (0, 0.0)
-    assert blind.oom_kills >= 1 and blind.swap_in_mib > 1024 and blind.arc_reaps > aware.arc_reaps
-    assert blind.arc_mib[-1] < blind.at(blind.arc_mib, BURST_S) - 2 * 1024
+    # The burst: the squeezed guests' workloads are OOM-killed, restart as their traces say
+    # and are killed again while the blind policy keeps them squeezed for a full ARC; the
+    # aware run's guests had their memory, and the ARC shrank (reaps) to make room.
+    assert (aware.oom_kills, aware.swap_in_mib) == (0, 0.0) and aware.arc_reaps > 0
+    assert blind.oom_kills >= 4 and blind.arc_reaps == 0
 
 
 def test_proxmox_upstream_never_gives_back_while_the_arc_is_full(scenario_runs: dict[str, ArcRun]) -> None:
@@ -103,7 +103,7 @@ def test_proxmox_upstream_never_gives_back_while_the_arc_is_full(scenario_runs: 
     # The ARC never shrinks (the host is never short) so the goal stays negative: no grow round.
     assert upstream.guests_mib[-1] == upstream.at(upstream.guests_mib, BURST_S)
     assert upstream.arc_reaps == 0 and upstream.arc_mib[-1] == 16 * 1024
-    assert upstream.swap_in_mib > 10 * 1024 and upstream.oom_kills >= 1
+    assert upstream.oom_kills >= 4  # each guest's workload killed, again at every restart
     assert (aware.oom_kills, aware.swap_in_mib) == (0, 0.0)
     assert max(aware.guests_mib) <= GUESTS * GUEST_RAM_KIB / MIB
 
