@@ -101,7 +101,8 @@ def test_proxmox_upstream_never_gives_back_while_the_arc_is_full(scenario_runs: 
     upstream, aware = scenario_runs["proxmox, upstream (ARC as used)"], scenario_runs["proxmox + count_arc"]
     assert upstream.squeezed_mib > 12 * 1024 and aware.squeezed_mib < 2 * 1024
     # The ARC never shrinks (the host is never short) so the goal stays negative: no grow round.
-    assert upstream.guests_mib[-1] == upstream.at(upstream.guests_mib, BURST_S)
+    after = [m for t, m in zip(upstream.times_s, upstream.guests_mib, strict=True) if t >= BURST_S]
+    assert max(after) <= upstream.at(upstream.guests_mib, BURST_S)  # the burst is never given back
     assert upstream.arc_reaps == 0 and upstream.arc_mib[-1] == 16 * 1024
     assert upstream.oom_kills >= 4  # each guest's workload killed, again at every restart
     assert (aware.oom_kills, aware.swap_in_mib) == (0, 0.0)
