@@ -108,6 +108,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return tune_command(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sim.plan import plan_command
+
+    return plan_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="overcommitd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -149,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="search a policy's parameters over replays; write them as config TOML")
     add_tune_arguments(p)
     p.set_defaults(func=cmd_tune)
+
+    from sim.plan import add_plan_arguments
+
+    p = sub.add_parser(
+        "plan", help="safe density: the highest overcommit each policy (and no ballooning) holds on the traces"
+    )
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sim", help="simulator tools: protocol-level virtio-balloon scenarios")
     sim_sub = p.add_subparsers(dest="sim_command", required=True)

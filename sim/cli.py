@@ -14,6 +14,7 @@ from policies import registry
 from sim.compare import spec_from_args
 from sim.metrics import Scorecard
 from sim.replay import ReplaySpec, load_traces, replay
+from sim.sweep import add_sweep_arguments
 
 
 def add_replay_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +41,7 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", type=Path, help="also write the scorecard as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_sweep_arguments(p)
 
 
 def replay_command(args: argparse.Namespace) -> int:
