@@ -82,6 +82,9 @@ class Sweep:
     def _client(self) -> Iterator[Any]:
         from distributed import Client, LocalCluster
 
+        # distributed logs every connection at INFO on its own handler; a sweep's user
+        # wants the results (and real errors), not the cluster's chatter.
+        logging.getLogger("distributed").setLevel(logging.ERROR)
         if self.scheduler is not None:
             with Client(self.scheduler) as client:  # type: ignore[no-untyped-call]
                 yield client
