@@ -27,7 +27,11 @@ same floor every policy sees), ``mem_unused`` = MemFree (libvirt's ``unused``: M
 counts page cache as used, which is its documented weakness, kept on purpose). MOM's
 host ``mem_free`` is MemFree + Buffers + Cached (mom/Collectors/HostMemory.py); the
 host snapshot carries MemAvailable, the closest reading of the same idea (both count
-reclaimable cache as free). Guests without MemFree are skipped, as vdsm's policy does.
+reclaimable cache as free). Guests without MemFree are skipped, as vdsm's policy does,
+and keep their history: MOM's ``Monitor.collect`` returns on incomplete data before it
+appends the sample, so the deque of the last 10 samples stays as it was (oVirt/mom
+3de1c8e, mom/Monitor.py lines 111-114 then 120-123); a guest that left the host
+leaves its history with it.
 The plain MOM rules have no QoS rule (doc/balloon-qos.rules is separate); the guard
 raises guests below their floor for every policy alike.
 """
@@ -93,11 +97,12 @@ class MomPolicy:
         host_free = _mean(host_history) / host.mem_total_kib
         shrinking = host_free < p.pressure_threshold
         targets: dict[str, int] = {}
-        histories: dict[str, MomGuestHistory] = {}
+        present = {g.uuid for g in guests}
+        histories = {uuid: h for uuid, h in state.guests.items() if uuid in present}
         for guest in guests:
             unused = guest.stats.mem_free_kib if guest.stats is not None else None
             if unused is None:
-                continue  # vdsm's policy skips guests without mem_unused
+                continue  # vdsm's policy skips guests without mem_unused; history kept
             old = state.guests.get(guest.uuid, MomGuestHistory())
             h = MomGuestHistory(
                 _push(old.balloon_cur_kib, guest.actual_kib, p.history_len),

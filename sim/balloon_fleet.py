@@ -167,7 +167,7 @@ class FleetMm:
     def mark_reported(self, pfns: list[int], order: int, discarded: bool) -> None:
         if discarded:
             f, i = self.fleet, self.i
-            f.touched[i] -= min(len(pfns) * (4 << order), float(f._touched_free()[i]))
+            f.mark_reported(i, min(len(pfns) * (4 << order), float(f._touched_free()[i])))
 
 
 class GuestBalloon:

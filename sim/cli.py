@@ -11,10 +11,34 @@ from tqdm import tqdm
 
 from overcommitd.config import DaemonConfig
 from policies import registry
-from sim.compare import spec_from_args
-from sim.metrics import Scorecard
+from sim.compare import io_note, spec_from_args
+from sim.metrics import Scorecard, violations
 from sim.replay import ReplaySpec, load_traces, replay
 from sim.sweep import add_sweep_arguments
+
+
+def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
+    """How a replay is scored (warm-up, per-guest SLO, guarded baselines): replay and plan."""
+    defaults = ReplaySpec.model_fields
+    p.add_argument(
+        "--warmup-hours",
+        dest="warmup_h",
+        type=float,
+        default=defaults["warmup_h"].default,
+        help="simulated before the scored span, not scored (default %(default)s)",
+    )
+    p.add_argument(
+        "--slo",
+        dest="slo_pct_per_min",
+        type=float,
+        default=defaults["slo_pct_per_min"].default,
+        help="per-guest paging SLO, %% of its working set per minute (default %(default)s)",
+    )
+    p.add_argument(
+        "--guard-baselines",
+        action="store_true",
+        help="run mom and proxmox through overcommitd's guard (default: only their own limits, as upstream)",
+    )
 
 
 def add_replay_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +49,7 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guests", type=int, help="number of guests (default: one per trace)")
     p.add_argument("--hours", type=float, default=defaults["hours"].default, help="replayed span (default %(default)s)")
     p.add_argument("--start-hours", type=float, default=0.0, help="start this far into the traces (default 0)")
+    add_scoring_arguments(p)
     p.add_argument("--interval-s", type=float, help="control interval (default: the config's interval_s)")
     p.add_argument(
         "--overcommit",
@@ -64,11 +89,24 @@ def replay_command(args: argparse.Namespace) -> int:
 
 _ROWS = (
     ("guests", "guests", "{:d}"),
-    ("replayed", "hours", "{:.1f} h"),
+    ("replayed (scored)", "hours", "{:.1f} h"),
+    ("warm-up (not scored)", "warmup_h", "{:.1f} h"),
+    ("paging SLO per guest", "slo_pct_per_min", "{:g} % of WSS per min"),
     ("provisioned guest RAM", "provisioned_gib", "{:.1f} GiB"),
     ("host RAM", "host_gib", "{:.1f} GiB"),
     ("host memory saved", "saved_gib_h", "{:.1f} GiB·h"),
     ("host memory saved, % of provisioned", "saved_pct", "{:.1f} %"),
+    ("  of which ballooned now", "saved_ballooned_gib_h", "{:.1f} GiB·h"),
+    ("  unbacked after a deflate", "saved_unbacked_gib_h", "{:.1f} GiB·h"),
+    ("  returned by free page reporting", "saved_reported_gib_h", "{:.1f} GiB·h"),
+    ("  never touched since boot", "saved_untouched_gib_h", "{:.1f} GiB·h"),
+    ("unserved demand (killed workloads)", "unserved_gib_h", "{:.2f} GiB·h"),
+    ("guest-seconds degraded", "degraded_guest_s", "{:.0f}"),
+    ("host above 100 %", "host_over_100_s", "{:.0f} s"),
+    ("host above 100 %, integrated", "host_over_100_gib_h", "{:.2f} GiB·h"),
+    ("host swap-in per guest-hour", "host_swap_in_mib_per_guest_h", "{:.2f} MiB"),
+    ("worst guest paging, % of WSS per min", "worst_guest_paging_pct_per_min", "{:.3f} %"),
+    ("guests over the paging SLO", "guests_over_slo", "{:d}"),
     ("host use, peak", "host_peak_pct", "{:.1f} %"),
     ("host use, p95", "host_p95_pct", "{:.1f} %"),
     ("guest swap-in per guest-hour", "swap_in_mib_per_guest_h", "{:.2f} MiB"),
@@ -89,4 +127,8 @@ def format_scorecard(card: Scorecard) -> str:
     width = max(len(label) for label, _, _ in _ROWS)
     lines = [f"scorecard: policy {card.policy}"]
     lines += [f"  {label:<{width}}  {fmt.format(getattr(card, key))}" for label, key, fmt in _ROWS]
+    lines.append(f"  {io_note(card)}")
+    held = violations(card)
+    verdict = "holds" if not held else "does not hold: " + ", ".join(f"{k} {v:g}" for k, v in held.items())
+    lines.append(f"  {verdict}")
     return "\n".join(lines)

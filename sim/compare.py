@@ -6,6 +6,12 @@ difference between the policies, not the plumbing. A reference run with no ballo
 at all (``none``) comes first: the scorecard's "memory saved" counts every page the
 guests never touched, which a host gets with or without a balloon, so what a *policy*
 reclaims is its saving minus the reference's.
+
+The yardstick ("reclaimed / better baseline") is the baseline that reclaimed most
+among those that *hold* (``sim.metrics.violations`` is empty: no OOM kill, host never
+above 100 %, every guest within its paging SLO, no time below floor): a baseline that
+saved memory by killing guests is no yardstick. When no baseline holds, the row is
+empty and the table says so.
 """
 
 from __future__ import annotations
@@ -19,12 +25,12 @@ from overcommitd.config import DaemonConfig
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from policies.api import Policy, PolicyResult
 from sim import traces as trace_io
-from sim.metrics import Scorecard
-from sim.replay import ReplayResult, ReplaySpec, load_traces, replay
+from sim.metrics import Scorecard, violations
+from sim.replay import UPSTREAM_BASELINES, ReplayResult, ReplaySpec, load_traces, replay
 from sim.sweep import ReplayJob, Sweep, run_replays, sweep_from_args
 
 REFERENCE = "none"
-BASELINES = ("mom", "proxmox")
+BASELINES = UPSTREAM_BASELINES
 
 
 class NoBalloon:
@@ -53,6 +59,14 @@ class Comparison:
         card = self.results[name].scorecard
         base = self.reference.scorecard.saved_gib_h if self.reference is not None else 0.0
         return card.saved_gib_h - base
+
+    def better_baseline(self) -> str | None:
+        """The baseline that reclaimed most among those that hold; None if none holds."""
+        holding = [b for b in BASELINES if b in self.results and not violations(self.results[b].scorecard)]
+        return max(holding, key=self.reclaimed_gib_h, default=None)
+
+    def baselines_run(self) -> list[str]:
+        return [b for b in BASELINES if b in self.results]
 
     def cards(self) -> list[Scorecard]:
         head = [self.reference.scorecard] if self.reference is not None else []
@@ -101,6 +115,17 @@ ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("memory saved, % of provisioned", "saved_pct", "{:.1f}", "max"),
     ("reclaimed beyond no ballooning, GiB·h", "reclaimed", "{:.0f}", "max"),
     ("reclaimed / better baseline", "vs_baseline", "{:.3f}x", ""),  # 3 places: a bar at 1.5x
+    ("  of which ballooned now, GiB·h", "saved_ballooned_gib_h", "{:.0f}", ""),
+    ("  unbacked after a deflate, GiB·h", "saved_unbacked_gib_h", "{:.0f}", ""),
+    ("  returned by free page reporting, GiB·h", "saved_reported_gib_h", "{:.0f}", ""),
+    ("  never touched since boot, GiB·h", "saved_untouched_gib_h", "{:.0f}", ""),
+    ("unserved demand (killed workloads), GiB·h", "unserved_gib_h", "{:.1f}", "min"),
+    ("guest-seconds degraded", "degraded_guest_s", "{:.0f}", "min"),
+    ("host above 100 %, s", "host_over_100_s", "{:.0f}", "min"),
+    ("host above 100 %, GiB·h", "host_over_100_gib_h", "{:.1f}", "min"),
+    ("host swap-in, MiB per guest-hour", "host_swap_in_mib_per_guest_h", "{:.2f}", "min"),
+    ("worst guest paging, % of WSS per min", "worst_guest_paging_pct_per_min", "{:.3f}", "min"),
+    ("guests over the paging SLO", "guests_over_slo", "{:d}", "min"),
     ("host use peak, %", "host_peak_pct", "{:.1f}", "min"),
     ("host use p95, %", "host_p95_pct", "{:.1f}", "min"),
     ("swap-in, MiB per guest-hour", "swap_in_mib_per_guest_h", "{:.2f}", "min"),
@@ -122,8 +147,8 @@ def row_values(comp: Comparison, key: str) -> dict[str, float]:
     if key == "reclaimed":
         return {n: comp.reclaimed_gib_h(n) if n != REFERENCE else 0.0 for n in names}
     if key == "vs_baseline":
-        present = [b for b in BASELINES if b in comp.results]
-        best = max((comp.reclaimed_gib_h(b) for b in present), default=0.0)
+        better = comp.better_baseline()
+        best = comp.reclaimed_gib_h(better) if better is not None else 0.0
         return {n: (comp.reclaimed_gib_h(n) / best if best > 0 and n != REFERENCE else float("nan")) for n in names}
     cards = {c.policy: c for c in comp.cards()}
     return {n: float(getattr(cards[n], key)) for n in names}
@@ -154,14 +179,37 @@ def format_table(comp: Comparison) -> str:
     names, rows = table_rows(comp)
     c0 = comp.cards()[0]
     head = (
-        f"{c0.guests} guests, {c0.hours:.0f} h, {c0.provisioned_gib:.0f} GiB provisioned on a "
-        f"{c0.host_gib:.0f} GiB host; * = best policy of the row\n\n"
+        f"{c0.guests} guests, {c0.hours:.0f} h scored after {c0.warmup_h:.0f} h of warm-up, "
+        f"{c0.provisioned_gib:.0f} GiB provisioned on a {c0.host_gib:.0f} GiB host; "
+        f"paging SLO {c0.slo_pct_per_min:g} % of each guest's working set per minute; * = best policy of the row\n\n"
     )
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for label, cells, marks in rows:
         shown = [f"{c}*" if m else c for c, m in zip(cells, marks)]
         lines.append(f"| {label} | " + " | ".join(shown) + " |")
-    return head + "\n".join(lines)
+    return head + "\n".join(lines) + "\n\n" + "\n".join(_notes(comp))
+
+
+def _notes(comp: Comparison) -> list[str]:
+    """Lines under the table: the yardstick and the traces' disk I/O columns."""
+    run = comp.baselines_run()
+    better = comp.better_baseline()
+    notes = []
+    if run and better is None:
+        notes.append(f"better baseline: none of {', '.join(run)} holds (kills, host over 100 %, SLO or floor)")
+    elif better is not None:
+        notes.append(f"better baseline: {better}, the baseline that reclaimed most among those that hold")
+    notes.append(io_note(comp.cards()[0]))
+    return notes
+
+
+def io_note(card: Scorecard) -> str:
+    """What file I/O the page cache followed: the traces' disk columns, said plainly."""
+    if card.io_columns == "none":
+        return "disk I/O: the traces have no disk I/O columns; guests read and write nothing (none is invented)"
+    if card.io_columns == "mixed":
+        return "disk I/O: some traces have disk I/O columns, some do not (those read and write nothing)"
+    return f"disk I/O: page cache fills from the traces' disk {card.io_columns.replace('+', ' and ')} columns"
 
 
 def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
@@ -173,6 +221,10 @@ def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
         "overcommit": args.overcommit,
         "seed": args.seed,
     }
+    for name in ("warmup_h", "slo_pct_per_min", "guard_baselines"):
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
     if getattr(args, "model", None):
         fields["model"] = args.model
     if args.trace:

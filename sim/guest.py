@@ -82,7 +82,6 @@ class GuestModelParams(BaseModel):
     cache_reuse_s: float = Field(
         3600.0, gt=0, description="file data read within about this long is hot: it will be read again if evicted"
     )
-    initial_cache_pct: float = Field(50.0, ge=0, le=100, description="page cache at start, % of free memory")
     report_residue_pct: float = Field(10.0, ge=0, le=100, description="free memory not in reportable 2 MiB blocks")
 
 
@@ -147,22 +146,29 @@ class Fleet:
         self.driver = BalloonDriver(len(specs), self.deflate_on_oom)
         self.release_frac = np.array([bulk_release_fraction(s.backing) for s in specs])
         self.balloon_resident = np.zeros_like(self.ram)  # ballooned pages the host did not release
+        # Nothing is invented: the guest starts with the trace's first demand resident and
+        # only the minimum page cache; the cache fills from the trace's own reads and
+        # writes (the replay simulates a warm-up span before it scores, ``sim.replay``).
         self.anon = np.minimum(initial_demand_kib, self._capacity() - self.min_free - self.cache_min)
         self.swap = np.zeros_like(self.ram)
-        free = self._capacity() - self.anon - self.cache_min
-        self.cache = self.cache_min + free * p.initial_cache_pct / 100
-        # Everything in use has been touched; free memory has not (a guest that has run
-        # long enough to fill its page cache shows that as cache).
+        self.cache = self.cache_min.copy()
+        # Everything in use has been touched; free memory has not.
         self.touched = self.reserved + self.kernel + self.anon + self.cache
         self.deflated_free = np.zeros_like(self.ram)  # free, unbacked, handed back by the balloon
         self.older_touched = np.zeros_like(self.ram)  # touched free pages freed before that
-        # The guest is taken to have read at its first rate for a while: the window then
-        # holds rate x cache_reuse_s. The replay knows that rate (its first trace sample)
-        # and passes it in; without it (scripted scenarios) nothing is hot yet.
-        reads = np.zeros_like(self.ram) if initial_read_kib_s is None else initial_read_kib_s
-        self.hot_cache = np.minimum(self.cache, reads * p.cache_reuse_s)  # part of cache
+        self.reported_free = np.zeros_like(self.ram)  # free, unbacked, returned by page reporting
+        # The minimum cache is hot if the guest reads at all at its first rate (passed in
+        # by the replay, its first trace sample; without it nothing is hot yet).
+        io = np.zeros_like(self.ram) if initial_read_kib_s is None else initial_read_kib_s
+        self.hot_cache = np.minimum(self.cache, io * p.cache_reuse_s)  # part of cache
         self.refault_debt = np.zeros_like(self.ram)  # hot data evicted, not yet read again
-        self.oom_capped = np.zeros(len(specs), dtype=bool)
+        # This interval's harm, per guest: demand the workload could not hold (killed in
+        # the interval: down until it restarts at the next), and whether the guest could
+        # not hold its demand at all (killed, or thrashing: swapped pages it touched found
+        # no room and pushed others out).
+        self.unserved_kib = np.zeros_like(self.ram)
+        self.degraded = np.zeros(len(specs), dtype=bool)
+        self.host_swapped = np.zeros_like(self.ram)  # guest pages the host swapped out (sim.host)
         # Cumulative counters, as the guest reports them (KiB or counts).
         self.swap_in = np.zeros_like(self.ram)
         self.swap_out = np.zeros_like(self.ram)
@@ -171,6 +177,7 @@ class Fleet:
         self.oom_kills = np.zeros_like(self.ram)
         self.oom_deflates = np.zeros_like(self.ram)
         self.refault_kib = np.zeros_like(self.ram)  # hot file data read again after eviction
+        self.host_swap_in = np.zeros_like(self.ram)  # host-swapped guest pages touched again (KiB)
 
     # -- what the guest shows ------------------------------------------------------
 
@@ -231,11 +238,13 @@ class Fleet:
             between()
         self._follow_demand(demand_kib)
         self._grow_cache(dt_s, read_kib_s)
-        self._relieve_pressure()
-        self._swap_in(dt_s)
+        killed = self._relieve_pressure()
+        thrashing = self._swap_in(dt_s)
         self._refault(dt_s)
         self.touched = self._clip_touched()
         self._settle_free_layers()
+        self.unserved_kib = np.where(killed, demand_kib, 0.0)
+        self.degraded = killed | thrashing
 
     def _allocate(self, amount: Array) -> None:
         """New pages come from the free list, last freed first; every one that is not a
@@ -257,7 +266,34 @@ class Fleet:
         pages without going through ``_allocate``."""
         touched_free = self._touched_free()
         self.older_touched = np.minimum(self.older_touched, touched_free)
-        self.deflated_free = np.clip(self.deflated_free, 0.0, np.maximum(self.free() - touched_free, 0.0))
+        untouched_free = np.maximum(self.free() - touched_free, 0.0)
+        self.deflated_free = np.clip(self.deflated_free, 0.0, untouched_free)
+        # Reported pages go back to the tail of the free lists (mm/page_reporting.c puts
+        # them back with FPI_TO_TAIL), so allocations take never-touched pages first: the
+        # reported ones are the last of the untouched free pages to go.
+        self.reported_free = np.clip(self.reported_free, 0.0, untouched_free - self.deflated_free)
+
+    def mark_reported(self, i: int | slice, kib: float | Array) -> None:
+        """The host discarded ``kib`` of guest ``i``'s touched free pages, reported free."""
+        self.touched[i] -= kib
+        self.reported_free[i] += kib
+
+    def cold_kib(self) -> Array:
+        """Touched guest pages the guest does not use: free ones, cold page cache and
+        ballooned pages the host still backs (the host swaps these first, ``sim.host``)."""
+        cold = self._touched_free() + np.maximum(self.cache - self.hot_cache, 0.0) + self.balloon_resident
+        return np.minimum(cold, self.touched)
+
+    def saved_split(self) -> tuple[Array, Array, Array]:
+        """Host memory not backing each guest, by where it comes from (the rest of
+        ``ram - touched`` was never touched since boot): ballooned now (released by the
+        host), unbacked after a deflate and not touched since, returned by reporting."""
+        ballooned = np.maximum(self.driver.balloon_kib - self.balloon_resident, 0.0)
+        saved = np.maximum(self.ram - self.touched, 0.0)
+        ballooned = np.minimum(ballooned, saved)
+        unbacked = np.minimum(self.deflated_free, saved - ballooned)
+        reported = np.minimum(self.reported_free, saved - ballooned - unbacked)
+        return ballooned, unbacked, reported
 
     def _touched_free(self) -> Array:
         """Free guest pages that are still backed by host RAM."""
@@ -354,10 +390,11 @@ class Fleet:
         return np.clip(self.touched, 0.0, self.ram - self.driver.balloon_kib + self.balloon_resident)
 
     def _follow_demand(self, demand: Array) -> None:
+        """The working set follows the trace, also after an OOM kill: the killed workload
+        restarted at once and allocates what the trace says it uses (and may be killed
+        again: each kill counts)."""
         working_set = self.anon + self.swap
         grow = np.maximum(demand - working_set, 0.0)
-        self.oom_capped &= grow > 0  # an OOM episode ends once demand fits again
-        grow = np.where(self.oom_capped, 0.0, grow)
         self._allocate(grow)
         self.anon += grow
         shrink = np.clip(1.0 - demand / np.maximum(working_set, 1.0), 0.0, 1.0)
@@ -396,7 +433,8 @@ class Fleet:
         self.hot_cache[i] = hot - hot_lost
         self.refault_debt[i] += hot_lost
 
-    def _relieve_pressure(self) -> None:
+    def _relieve_pressure(self) -> npt.NDArray[np.bool_]:
+        """Reclaim, swap, auto-deflate, then OOM-kill; returns which guests killed."""
         over = self.anon + self.cache + self.min_free - self._capacity()
         from_cache = np.clip(over, 0.0, np.maximum(self.cache - self.cache_min, 0.0))
         self._evict_cache(from_cache)
@@ -415,14 +453,22 @@ class Fleet:
         self._deflated(given, np.zeros_like(given))
         self.oom_deflates += np.ceil(given / OOM_STEP_KIB)
         over -= given
-        killed = over > 0
-        self.oom_kills += killed & ~self.oom_capped
-        self.oom_capped |= killed
-        self.anon -= np.where(killed, over, 0.0)
+        return self._oom_kill(over > 0)
 
-    def _swap_in(self, dt_s: float) -> None:
+    def _oom_kill(self, killed: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+        """The OOM killer takes the workload (the largest process): its resident memory
+        and its swap are freed, the rest of the guest (kernel, page cache) stays. Its freed
+        pages stay touched on the host (free but backed), first in line for the restart,
+        which the next interval's ``_follow_demand`` makes."""
+        if killed.any():
+            self.oom_kills += killed
+            self.anon = np.where(killed, 0.0, self.anon)
+            self.swap = np.where(killed, 0.0, self.swap)
+        return killed
+
+    def _swap_in(self, dt_s: float) -> npt.NDArray[np.bool_]:
         """Swapped working-set pages are touched within ``swap_touch_s`` on average; with
-        room they come back, without it they push others out (thrashing)."""
+        room they come back, without it they push others out (thrashing: returned)."""
         touched = self.swap * (1.0 - np.exp(-dt_s / self.params.swap_touch_s))
         self.swap_in += touched
         self.major_faults += touched / 4
@@ -434,6 +480,7 @@ class Fleet:
         self.swap -= back
         trim = self.cache - np.maximum(self._capacity() - self.anon, self.cache_min)
         self._evict_cache(np.maximum(trim, 0.0))
+        return np.asarray(touched - back > EPSILON_KIB, dtype=bool)
 
     def _refault(self, dt_s: float) -> None:
         """Evicted hot file data is read again as swapped pages are touched (within
@@ -475,4 +522,4 @@ class Fleet:
             if not n.any():
                 return
             calls = np.ceil(n / (PAGE_REPORTING_CAPACITY * 16))
-            self.touched -= np.minimum(n, calls * PAGE_REPORTING_CAPACITY) * REPORT_BLOCK_KIB
+            self.mark_reported(slice(None), np.minimum(n, calls * PAGE_REPORTING_CAPACITY) * REPORT_BLOCK_KIB)

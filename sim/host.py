@@ -4,9 +4,20 @@ the control step reads.
 A guest costs the host the guest pages it has touched (``Fleet.touched``: pages
 discarded by balloon inflation or returned by free page reporting no longer count) plus
 the QEMU process's own memory. The host uses its base (kernel, services) plus that sum.
-When that exceeds the host's RAM the host would swap or OOM-kill a QEMU process; the
-model lets use run past 100 % and the scorecard reports it, so a policy that
-overcommits too far is seen, not hidden.
+When that exceeds the host's RAM the host swaps (``host_swap``): the model lets use run
+past 100 %, the scorecard reports the time and GiB·h above it, and the guests whose
+pages the host swapped out pay for them as major faults when they touch them again.
+
+Whose pages: the coldest first. The host's reclaim (mm/vmscan.c) takes its inactive
+LRU first, and a guest page the guest does not use - a touched free page, cold page
+cache, a ballooned page the host did not release - is never referenced and ages onto
+it; swapping those costs nobody anything. Only the excess beyond every guest's cold
+pages comes out of working sets, in proportion to each guest's hot memory (kernel,
+anonymous working set, hot page cache), since the host cannot tell one guest's hot page
+from another's. A swapped hot page is touched again within the guest model's
+``swap_touch_s`` on average and faulted back in, pushing another out while the host
+stays over (the guest model's own thrashing rule). The host's base and QEMU's own
+memory are taken to stay resident.
 
 Host memory pressure (PSI ``some``) is modelled as zero below ``psi_knee_pct`` of RAM
 in use and rising linearly to 100 % of time stalled at full use.
@@ -26,6 +37,17 @@ class HostModelParams(BaseModel):
     base_kib: int = Field(2 * 1024 * 1024, ge=0, description="host kernel and services")
     qemu_overhead_kib: int = Field(48 * 1024, ge=0, description="QEMU process memory beside guest RAM, per guest")
     psi_knee_pct: float = Field(90.0, gt=0, lt=100, description="host use where memory stalls begin")
+
+
+def host_swap(excess_kib: float, cold_kib: Array, hot_kib: Array, dt_s: float, touch_s: float) -> tuple[Array, Array]:
+    """Hot guest memory the host holds in swap when its use is ``excess_kib`` over its
+    RAM, per guest, and what each guest faults back in over ``dt_s`` (KiB)."""
+    if excess_kib <= 0:
+        return np.zeros_like(hot_kib), np.zeros_like(hot_kib)
+    from_hot = max(excess_kib - float(cold_kib.sum()), 0.0)
+    total_hot = float(hot_kib.sum())
+    swapped = hot_kib * min(from_hot / total_hot, 1.0) if total_hot > 0 else np.zeros_like(hot_kib)
+    return swapped, swapped * (1.0 - float(np.exp(-dt_s / touch_s)))
 
 
 class SimHost:

@@ -15,8 +15,8 @@ from sim.device import STAT_FIELDS, BalloonDevice
 
 if TYPE_CHECKING:
     from sim.balloon_fleet import ProtocolBalloons
-from sim.guest import Array, Fleet, GuestModelParams, GuestSpec
-from sim.host import HostModelParams, SimHost
+from sim.guest import EPSILON_KIB, Array, Fleet, GuestModelParams, GuestSpec
+from sim.host import HostModelParams, SimHost, host_swap
 from sim.world import World
 
 SimModel = Literal["bulk", "protocol"]
@@ -106,10 +106,22 @@ class SimHypervisor:
             else:
                 self.fleet.advance(dt_s, demand_kib, read_kib_s)
                 device.after_advance()
+            self._host_swap(dt_s)
             self.host.advance(dt_s, self.host_used_kib())
         self.now_s = now_s
         if not isinstance(self.device, BalloonDevice):
             self.device.poll_stats(now_s)
+
+    def _host_swap(self, dt_s: float) -> None:
+        """Charge the host's swapping to the guests whose pages it swaps (``sim.host``):
+        faults they pay as major faults, and time they could not hold their demand."""
+        f = self.fleet
+        excess = self.host_used_kib() - self.host.mem_total_kib
+        cold = f.cold_kib()
+        f.host_swapped, faulted = host_swap(excess, cold, f.touched - cold, dt_s, f.params.swap_touch_s)
+        if faulted.any():
+            f.host_swap_in += faulted
+            f.degraded |= faulted > EPSILON_KIB
 
     def host_used_kib(self) -> float:
         return self.host.used_kib(self.fleet.touched)

@@ -59,9 +59,37 @@ class Scorecard:
     demand_jumps: int
     recovery_p50_s: float
     recovery_p95_s: float
+    unserved_gib_h: float
+    degraded_guest_s: float
+    host_over_100_s: float
+    host_over_100_gib_h: float
+    host_swap_in_mib_per_guest_h: float
+    slo_pct_per_min: float
+    worst_guest_paging_pct_per_min: float
+    guests_over_slo: int
+    saved_ballooned_gib_h: float
+    saved_unbacked_gib_h: float
+    saved_reported_gib_h: float
+    saved_untouched_gib_h: float
+    warmup_h: float
+    io_columns: str
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def violations(card: Scorecard) -> dict[str, float]:
+    """What keeps a replay from holding, by constraint, with the amount over; empty when
+    it holds. The one definition of "holds" (``overcommitd plan``, the better baseline of
+    ``sim.compare``, ``tune``): no OOM kill, the host never above 100 % of its RAM, every
+    guest within its paging SLO, no guest-second below floor."""
+    over = {
+        "oom-kills": float(card.oom_kills),
+        "host-over-100": card.host_over_100_s,
+        "guest-slo": float(card.guests_over_slo),
+        "below-floor": card.below_floor_guest_s,
+    }
+    return {name: amount for name, amount in over.items() if amount > 0}
 
 
 @dataclass(slots=True)
@@ -78,6 +106,37 @@ class Timeline:
     swap_in_kib: list[npt.NDArray[np.float64]] = field(default_factory=list)  # cumulative, per guest
 
 
+@dataclass(frozen=True, slots=True)
+class GuestTick:
+    """Per-guest state at one scored tick, KiB arrays (``degraded`` a bool array)."""
+
+    touched_kib: npt.NDArray[np.float64]
+    actual_kib: npt.NDArray[np.float64]
+    target_kib: npt.NDArray[np.float64]
+    demand_kib: npt.NDArray[np.float64]
+    available_kib: npt.NDArray[np.float64]
+    swap_in_kib: npt.NDArray[np.float64]
+    unserved_kib: npt.NDArray[np.float64]
+    degraded: npt.NDArray[np.bool_]
+    ballooned_kib: npt.NDArray[np.float64]
+    unbacked_kib: npt.NDArray[np.float64]
+    reported_kib: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class RunFacts:
+    """What the replay knows at the end, beside the per-tick record: counters over the
+    scored span (fleet totals), each guest's paging over it (KiB: swap-in, page-cache
+    refaults and host swap-in), and how the replay was set up."""
+
+    counters: dict[str, float]
+    paged_kib: npt.NDArray[np.float64]
+    balloon_ops: int
+    slo_pct_per_min: float
+    warmup_s: float = 0.0
+    io_columns: str = "none"
+
+
 class Recorder:
     """Accumulates the scorecard tick by tick, in bulk over guests."""
 
@@ -86,6 +145,12 @@ class Recorder:
         self.floor = floor_kib
         self.host_used_pct = np.empty(n_ticks)
         self.saved_kib_s = 0.0
+        self.split_kib_s = np.zeros(3)  # ballooned, unbacked, reported
+        self.unserved_kib_s = 0.0
+        self.degraded_s = 0.0
+        self.over_100_s = 0.0
+        self.over_100_kib_s = 0.0
+        self.demand_kib_s = np.zeros(len(ram_kib))
         self.below_floor_s = 0.0
         self.ticks = 0
         self.stride = max(1, n_ticks // TIMELINE_POINTS)
@@ -96,33 +161,28 @@ class Recorder:
         self.jumps = 0
         self.prev_swap_in = np.zeros(len(ram_kib))
 
-    def record(
-        self,
-        now_s: float,
-        dt_s: float,
-        *,
-        host_used_kib: float,
-        host_total_kib: float,
-        touched_kib: npt.NDArray[np.float64],
-        actual_kib: npt.NDArray[np.float64],
-        target_kib: npt.NDArray[np.float64],
-        demand_kib: npt.NDArray[np.float64],
-        available_kib: npt.NDArray[np.float64],
-        swap_in_kib: npt.NDArray[np.float64],
-    ) -> None:
+    def record(self, now_s: float, dt_s: float, *, host_used_kib: float, host_total_kib: float, g: GuestTick) -> None:
         self.host_used_pct[self.ticks] = 100.0 * host_used_kib / host_total_kib
-        self.saved_kib_s += float(self.ram.sum() - touched_kib.sum()) * dt_s
-        self.below_floor_s += float(np.count_nonzero(actual_kib < self.floor)) * dt_s
-        self._track_recovery(now_s, demand_kib, available_kib, swap_in_kib)
+        self.saved_kib_s += float(self.ram.sum() - g.touched_kib.sum()) * dt_s
+        split = (g.ballooned_kib.sum(), g.unbacked_kib.sum(), g.reported_kib.sum())
+        self.split_kib_s += np.array(split, dtype=np.float64) * dt_s
+        self.unserved_kib_s += float(g.unserved_kib.sum()) * dt_s
+        self.degraded_s += float(np.count_nonzero(g.degraded)) * dt_s
+        if host_used_kib > host_total_kib:
+            self.over_100_s += dt_s
+            self.over_100_kib_s += (host_used_kib - host_total_kib) * dt_s
+        self.demand_kib_s += g.demand_kib * dt_s
+        self.below_floor_s += float(np.count_nonzero(g.actual_kib < self.floor)) * dt_s
+        self._track_recovery(now_s, g.demand_kib, g.available_kib, g.swap_in_kib)
         if self.ticks % self.stride == 0:
             tl = self.timeline
             tl.t_s.append(now_s)
             tl.host_used_kib.append(host_used_kib)
-            tl.demand_kib.append(demand_kib.copy())
-            tl.target_kib.append(target_kib.copy())
-            tl.actual_kib.append(actual_kib.copy())
-            tl.available_kib.append(available_kib.copy())
-            tl.swap_in_kib.append(swap_in_kib.copy())
+            tl.demand_kib.append(g.demand_kib.copy())
+            tl.target_kib.append(g.target_kib.copy())
+            tl.actual_kib.append(g.actual_kib.copy())
+            tl.available_kib.append(g.available_kib.copy())
+            tl.swap_in_kib.append(g.swap_in_kib.copy())
         self.ticks += 1
 
     def _track_recovery(
@@ -144,20 +204,30 @@ class Recorder:
         self.recoveries_s.extend((now_s - self.jump_started_s[done]).tolist())
         self.jump_started_s[done] = np.nan
 
-    def scorecard(
-        self, policy: str, *, duration_s: float, host_total_kib: float, counters: dict[str, float], balloon_ops: int
-    ) -> Scorecard:
+    def paging_pct_per_min(self, paged_kib: npt.NDArray[np.float64], duration_s: float) -> npt.NDArray[np.float64]:
+        """Each guest's paging (KiB over the span) as % of its own mean working set
+        (mean demand) per minute: the unit of Google's far-memory SLO."""
+        minutes = duration_s / 60.0
+        mean_wss = self.demand_kib_s / max(duration_s, 1e-9)
+        return np.asarray(100.0 * paged_kib / minutes / np.maximum(mean_wss, MIB_KIB), dtype=np.float64)
+
+    def scorecard(self, policy: str, *, duration_s: float, host_total_kib: float, facts: RunFacts) -> Scorecard:
         n = len(self.ram)
         guest_h = n * duration_s / 3600.0
         used = self.host_used_pct[: self.ticks]
         rec = np.array(self.recoveries_s) if self.recoveries_s else np.zeros(1)
+        counters = facts.counters
+        paging = self.paging_pct_per_min(facts.paged_kib, duration_s)
+        gib_h = GIB_KIB * 3600.0
+        ballooned, unbacked, reported = (float(v) / gib_h for v in self.split_kib_s)
+        saved = self.saved_kib_s / gib_h
         return Scorecard(
             policy=policy,
             guests=n,
             hours=duration_s / 3600.0,
             provisioned_gib=float(self.ram.sum() / GIB_KIB),
             host_gib=host_total_kib / GIB_KIB,
-            saved_gib_h=self.saved_kib_s / GIB_KIB / 3600.0,
+            saved_gib_h=saved,
             saved_pct=100.0 * self.saved_kib_s / duration_s / float(self.ram.sum()),
             host_peak_pct=float(used.max()) if len(used) else 0.0,
             host_p95_pct=float(np.percentile(used, 95)) if len(used) else 0.0,
@@ -166,10 +236,24 @@ class Recorder:
             major_faults_per_guest_h=counters["major_faults"] / guest_h,
             oom_kills=int(counters["oom_kills"]),
             below_floor_guest_s=self.below_floor_s,
-            balloon_ops=balloon_ops,
+            balloon_ops=facts.balloon_ops,
             out_of_puff_retries=int(counters["puff_retries"]),
             auto_deflate_events=int(counters["oom_deflates"]),
             demand_jumps=self.jumps,
             recovery_p50_s=float(np.percentile(rec, 50)),
             recovery_p95_s=float(np.percentile(rec, 95)),
+            unserved_gib_h=self.unserved_kib_s / gib_h,
+            degraded_guest_s=self.degraded_s,
+            host_over_100_s=self.over_100_s,
+            host_over_100_gib_h=self.over_100_kib_s / gib_h,
+            host_swap_in_mib_per_guest_h=counters.get("host_swap_in_kib", 0.0) / MIB_KIB / guest_h,
+            slo_pct_per_min=facts.slo_pct_per_min,
+            worst_guest_paging_pct_per_min=float(paging.max()) if n else 0.0,
+            guests_over_slo=int(np.count_nonzero(paging > facts.slo_pct_per_min)),
+            saved_ballooned_gib_h=ballooned,
+            saved_unbacked_gib_h=unbacked,
+            saved_reported_gib_h=reported,
+            saved_untouched_gib_h=saved - ballooned - unbacked - reported,
+            warmup_h=facts.warmup_s / 3600.0,
+            io_columns=facts.io_columns,
         )

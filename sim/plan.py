@@ -37,32 +37,20 @@ from typing import Any
 from overcommitd.config import DaemonConfig
 from overcommitd.model import OvercommitdError
 from policies.api import Policy
+from sim.cli import add_scoring_arguments
 from sim.compare import BASELINES, REFERENCE, NoBalloon, create_policies, spec_from_args
-from sim.metrics import Scorecard
+from sim.metrics import Scorecard, violations
 from sim.replay import ReplaySpec, replay
 from sim.sweep import Sweep, add_sweep_arguments, sweep_from_args, traces_for
 
 START_RATIO = 1.0
 DEFAULT_TOLERANCE = 0.02
-DEFAULT_MAX_RATIO = 4.0
-CONSTRAINTS = ("oom-kills", "host-over-100", "guest-slo", "below-floor")
+DEFAULT_MAX_RATIO = 8.0
+CONSTRAINTS = ("oom-kills", "host-over-100", "guest-slo", "below-floor")  # sim.metrics.violations' names
 
 
 class PlanError(OvercommitdError):
     """Search settings that cannot work (the CLI prints it, exit 2)."""
-
-
-def violations(card: Scorecard) -> dict[str, float]:
-    """Constraint name -> amount over; empty when the replay holds.
-
-    Stand-in until ``sim.metrics.violations`` (the scorecard issue) is merged: it has no
-    per-guest SLO yet, and uses the host's peak above 100 % for the host constraint."""
-    over = {
-        "oom-kills": float(card.oom_kills),
-        "host-over-100": max(0.0, card.host_peak_pct - 100.0),
-        "below-floor": card.below_floor_guest_s,
-    }
-    return {k: v for k, v in over.items() if v > 0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +115,7 @@ class PolicyPlan:
             "provisioned_gib": at.card.provisioned_gib,
             "saved_gib_h": self.safe.card.saved_gib_h if self.safe else None,
             "saved_pct": self.safe.card.saved_pct if self.safe else None,
+            "reclaimed_gib_h": reclaimed_gib_h(self.safe.card) if self.safe else None,
             "binding": self.binding,
             "binding_overcommit": self.next_up.overcommit if self.next_up else None,
             "tolerance": self.tolerance,
@@ -212,10 +201,10 @@ def plan(
     return Plan(tuple(plans), first.guests, first.hours)
 
 
-def reclaimed_gib_h(card: Scorecard) -> float | None:
-    """What the balloon reclaimed (GiB·h), apart from pages never touched; None until the
-    scorecard splits its savings (issue 11 item 3)."""
-    return None
+def reclaimed_gib_h(card: Scorecard) -> float:
+    """What ballooning and reporting took back (GiB·h): the saving apart from pages the
+    guests never touched, which a host has with or without a balloon."""
+    return card.saved_gib_h - card.saved_untouched_gib_h
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -282,6 +271,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guests", type=int, help="number of guests (default: one per trace)")
     p.add_argument("--hours", type=float, default=24.0, help="replayed span of every replay (default %(default)s)")
     p.add_argument("--start-hours", type=float, default=0.0, help="start this far into the traces (default 0)")
+    add_scoring_arguments(p)
     p.add_argument("--interval-s", type=float, help="control interval (default: the config's interval_s)")
     p.add_argument("--seed", type=int, default=0, help="seed for guest features (default 0)")
     p.add_argument(

@@ -5,8 +5,9 @@ policy, filled where the replay held and hollow where it failed:
 
 * memory saved (% of provisioned) against the overcommit ratio: how the saving grows
   as the host shrinks, and where each policy stops holding;
-* memory saved against harm: guest OOM kills plus guest-minutes below floor plus
-  minutes the host spent above 100 % (symlog axis; 0 is a holding replay's harm).
+* memory reclaimed (beyond pages never touched) against harm: guest-hours degraded
+  (workload killed or thrashing) plus guest-hours below floor plus hours the host spent
+  above 100 % (symlog axis; 0 is harm-free, though a replay can still fail the paging SLO).
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 
 from sim.metrics import Scorecard
-from sim.plan import Plan
+from sim.plan import Plan, reclaimed_gib_h
 from sim.report import _img
 
 
-def harm(card: Scorecard) -> float:
-    """One number for a replay's harm, 0 when it harmed nobody (see the module docstring)."""
-    host_over_min = 0.0 if card.host_peak_pct <= 100 else card.hours * 60  # stand-in: peak only
-    return card.oom_kills + card.below_floor_guest_s / 60 + host_over_min
+def harm_h(card: Scorecard) -> float:
+    """One number for a replay's harm, hours, 0 when it harmed nobody (module docstring)."""
+    return (card.degraded_guest_s + card.below_floor_guest_s + card.host_over_100_s) / 3600
 
 
 def plot_frontier(result: Plan, path: Path) -> Path:
@@ -41,11 +41,15 @@ def plot_frontier(result: Plan, path: Path) -> Path:
         for s in steps:
             face = color if s.holds else "none"
             ax_ratio.scatter(s.overcommit, s.card.saved_pct, s=25, facecolors=face, edgecolors=color)
-            ax_harm.scatter(harm(s.card), s.card.saved_pct, s=25, facecolors=face, edgecolors=color)
+            reclaimed_pct = 100 * reclaimed_gib_h(s.card) / (s.card.provisioned_gib * s.card.hours)
+            ax_harm.scatter(harm_h(s.card), reclaimed_pct, s=25, facecolors=face, edgecolors=color)
     ax_ratio.set(xlabel="overcommit (provisioned / host RAM)", ylabel="memory saved, % of provisioned")
     ax_ratio.set_title("saving as the host shrinks (filled: held)", fontsize=10)
-    ax_harm.set_xscale("symlog", linthresh=1.0)
-    ax_harm.set(xlabel="harm: OOM kills + guest-min below floor + host-min over 100 %", ylabel="memory saved, %")
+    ax_harm.set_xscale("symlog", linthresh=0.1)
+    ax_harm.set(
+        xlabel="harm, h: guests degraded + below floor + host over 100 %",
+        ylabel="reclaimed beyond never-touched, % of provisioned",
+    )
     ax_harm.set_title("reclaim against harm, every ratio tried", fontsize=10)
     ax_ratio.legend(fontsize=8, ncol=2)
     fig.tight_layout()

@@ -5,6 +5,22 @@ and host advance in bulk to now under their trace demand, the control step reads
 same snapshots the daemon would, the policy and the guard decide, and the targets are
 set on the simulated balloons. ``overcommitd.loop.step`` is the very function the
 daemon calls.
+
+A replay first simulates ``warmup_h`` of the traces before the scored span (the hours
+before ``start_h``, wrapping to the traces' end when they start earlier) and scores
+only what follows: guests boot from the trace's first demand with no invented page
+cache, and the warm-up is where their page cache fills from the trace's own reads and
+writes and the policy reaches its working state. The default, 24 h, is one daily cycle
+of the workloads (Bitbrains and Google jobs are diurnal) and many times the guest
+model's ``cache_reuse_s`` (1 h): long enough for a guest's cache to reach what its
+reads sustain.
+
+The upstream baselines (``mom``, ``proxmox``) run as their projects run them: with only
+their own limits, clamped to the guest's maximum and the hypervisor's minimum, not
+through overcommitd's guard (its step caps, dead band and back-offs changed about a
+third of MOM's wishes). ``guard_baselines`` runs them guarded instead. This unguarded
+mode exists only here, as a yardstick: the daemon (``overcommitd.runner``) has no way
+to skip the guard for any policy.
 """
 
 from __future__ import annotations
@@ -20,17 +36,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.config import DaemonConfig
 from overcommitd.guard import floor_kib
-from overcommitd.loop import LoopState, apply, step
+from overcommitd.loop import LoopState, StepOutcome, apply, step, with_overrides
+from overcommitd.model import Clamp, ClampReason, Decision, GuestSnapshot, HostSnapshot, RunState
 from policies.api import Policy
 from sim import traces as trace_io
 from sim.guest import Array, GuestModelParams, GuestSpec
 from sim.host import HostModelParams
 from sim.hypervisor import SimHypervisor, SimModel
-from sim.metrics import Recorder, Scorecard, Timeline
+from sim.metrics import GuestTick, Recorder, RunFacts, Scorecard, Timeline
 from sim.workload import Workload
 from sim.world import World
 
 BLOCK_TICKS = 4096
+UPSTREAM_BASELINES = ("mom", "proxmox")
+# QEMU's balloon command rejects a target <= 0 (qmp_balloon, system/balloon.c); libvirt
+# sets sizes in KiB, so 1 KiB is the smallest target the hypervisor takes.
+HYPERVISOR_MIN_KIB = 1
+DEFAULT_SLO_PCT_PER_MIN = 0.2  # Google's far-memory promotion SLO (Lagar-Cavilla et al., ASPLOS 2019)
 
 
 class ReplaySpec(BaseModel):
@@ -40,15 +62,19 @@ class ReplaySpec(BaseModel):
     traces: tuple[Path, ...] = Field(default_factory=lambda: tuple(trace_io.bundled()))
     guests: int | None = Field(None, gt=0, description="guests to simulate; default one per trace")
     hours: float | None = Field(72.0, gt=0, description="replayed span; None: the longest trace")
-    start_h: float = Field(0.0, ge=0, description="where in the traces the replay starts (hours from their start)")
+    start_h: float = Field(0.0, ge=0, description="where in the traces the scored span starts (hours from their start)")
+    warmup_h: float = Field(24.0, ge=0, description="simulated before start_h and not scored (page cache fills)")
     interval_s: float = Field(10.0, gt=0, description="control interval")
     stats_period_s: float = Field(5.0, ge=0, description="guest stats polling period; 0: off")
-    # oVirt's cluster memory overcommit presets are 100/150/200 % (prior-art.md §5.5); at
-    # 200 % the guests' initial use (page cache half full) would not fit the host.
+    # oVirt's cluster memory overcommit presets are 100/150/200 % (prior-art.md §5.5).
     overcommit: float = Field(1.5, gt=0, description="provisioned guest RAM / host RAM for guests")
     deflate_on_oom_share: float = Field(0.25, ge=0, le=1, description="share of guests with DEFLATE_ON_OOM")
     reporting_share: float = Field(0.25, ge=0, le=1, description="share of guests with free page reporting")
     floor_pct: float = Field(0.0, ge=0, le=100, description="SLA floor of every guest, % of its RAM")
+    slo_pct_per_min: float = Field(
+        DEFAULT_SLO_PCT_PER_MIN, gt=0, description="per-guest paging SLO, % of its own working set per minute"
+    )
+    guard_baselines: bool = Field(False, description="run mom and proxmox through the guard (default: as upstream)")
     guest_swap_kib: int = Field(512 * 1024, ge=0, description="swap space in each guest")
     machine_kib: int = Field(trace_io.DEFAULT_MACHINE_KIB, gt=0, description="Google 2019 scale: one machine")
     seed: int = 0
@@ -73,7 +99,8 @@ def load_traces(spec: ReplaySpec) -> list[trace_io.Trace]:
 def build_guests(spec: ReplaySpec, loaded: Sequence[trace_io.Trace]) -> tuple[list[GuestSpec], Workload]:
     """One GuestSpec per guest, features drawn with the seed, and its workload."""
     n = spec.guests or len(loaded)
-    workload = Workload.assign(list(loaded), n, spec.guest_model, start_s=spec.start_h * 3600.0)
+    start_s = (spec.start_h - spec.warmup_h) * 3600.0
+    workload = Workload.assign(list(loaded), n, spec.guest_model, start_s=start_s)
     rng = np.random.default_rng(spec.seed)
     draw = rng.random((n, 2))
     specs = [
@@ -99,48 +126,112 @@ def replay(
     loaded: Sequence[trace_io.Trace] | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> ReplayResult:
-    """Run one policy over the spec; ``progress`` is called with ticks done."""
+    """Run one policy over the spec (warm-up, then the scored span); ``progress`` is
+    called with ticks done, warm-up included."""
     loaded = loaded if loaded is not None else load_traces(spec)
     specs, workload = build_guests(spec, loaded)
     duration_s = spec.hours * 3600.0 if spec.hours else max(t.duration_s for t in workload.traces)
     n_ticks = int(duration_s // spec.interval_s)
+    n_warm = int(spec.warmup_h * 3600.0 // spec.interval_s)
     ram = np.array([s.ram_kib for s in specs], dtype=np.float64)
     host_kib = int(ram.sum() / spec.overcommit) + spec.host_model.base_kib
-    first_demand, first_reads = workload.block(np.zeros(1))
+    first_demand, first_io = workload.block(np.zeros(1))
     world = World()
     hv = SimHypervisor(
         specs,
         host_mem_kib=host_kib,
         initial_demand_kib=first_demand[0],
-        initial_read_kib_s=first_reads[0],
+        initial_read_kib_s=first_io[0],
         stats_period_s=spec.stats_period_s,
         guest_params=spec.guest_model,
         host_params=spec.host_model,
         model=spec.model,
         world=world,
     )
-    floors = np.array([floor_kib(g, cfg.guard) for g in hv.snapshot()], dtype=np.float64)
-    recorder = Recorder(ram, floors, n_ticks)
-    run = _Run(spec, policy, cfg, hv, workload, recorder, progress)
+    recorder = Recorder(ram, guard_floors(hv.snapshot(), cfg), n_ticks)
+    run = _Run(spec, policy, cfg, hv, workload, recorder, progress, n_warm)
     world.every(spec.interval_s, run.tick, first_s=spec.interval_s)
-    world.run(until_s=n_ticks * spec.interval_s)
-    f = hv.fleet
-    counters = {
-        "swap_in_kib": float(f.swap_in.sum()),
-        "refault_kib": float(f.refault_kib.sum()),
-        "major_faults": float(f.major_faults.sum()),
-        "oom_kills": float(f.oom_kills.sum()),
-        "puff_retries": float(f.driver.puff_retries.sum()),
-        "oom_deflates": float(f.oom_deflates.sum()),
-    }
-    card = recorder.scorecard(
-        policy.name,
-        duration_s=n_ticks * spec.interval_s,
-        host_total_kib=host_kib,
-        counters=counters,
-        balloon_ops=hv.targets_set,
+    world.run(until_s=(n_warm + n_ticks) * spec.interval_s)
+    start, end = run.at_scoring or _Counters.of(hv), _Counters.of(hv)
+    facts = RunFacts(
+        counters=end.minus(start).totals(),
+        paged_kib=end.minus(start).paged_kib(),
+        balloon_ops=hv.targets_set - start.targets_set,
+        slo_pct_per_min=spec.slo_pct_per_min,
+        warmup_s=n_warm * spec.interval_s,
+        io_columns=workload.io_columns,
     )
+    card = recorder.scorecard(policy.name, duration_s=n_ticks * spec.interval_s, host_total_kib=host_kib, facts=facts)
     return ReplayResult(card, recorder.timeline, [s.name for s in specs])
+
+
+def guard_floors(guests: Sequence[GuestSnapshot], cfg: DaemonConfig) -> Array:
+    """Each guest's floor as the guard enforces it: the replay's SLA floor or the
+    config's ``[guests.<name>]`` floor (the larger, as the control step applies it),
+    and never below the guard's ``min_guest_kib``."""
+    overridden, _ = with_overrides(guests, cfg)
+    return np.array([floor_kib(g, cfg.guard) for g in overridden], dtype=np.float64)
+
+
+@dataclass(frozen=True, slots=True)
+class _Counters:
+    """The fleet's cumulative counters at one instant, per guest (KiB or counts)."""
+
+    values: dict[str, Array]
+    targets_set: int
+
+    @classmethod
+    def of(cls, hv: SimHypervisor) -> _Counters:
+        f = hv.fleet
+        values = {
+            "swap_in_kib": f.swap_in,
+            "refault_kib": f.refault_kib,
+            "host_swap_in_kib": f.host_swap_in,
+            "major_faults": f.major_faults + f.host_swap_in / 4,  # host swap-in: 4 KiB page faults
+            "oom_kills": f.oom_kills,
+            "puff_retries": f.driver.puff_retries,
+            "oom_deflates": f.oom_deflates,
+        }
+        return cls({k: np.array(v, dtype=np.float64) for k, v in values.items()}, hv.targets_set)
+
+    def minus(self, earlier: _Counters) -> _Counters:
+        values = {k: v - earlier.values[k] for k, v in self.values.items()}
+        return _Counters(values, self.targets_set - earlier.targets_set)
+
+    def totals(self) -> dict[str, float]:
+        return {k: float(v.sum()) for k, v in self.values.items()}
+
+    def paged_kib(self) -> Array:
+        """What each guest paged in: its swap-in, page-cache refaults and host swap-in."""
+        v = self.values
+        return v["swap_in_kib"] + v["refault_kib"] + v["host_swap_in_kib"]
+
+
+def unguarded_step(
+    host: HostSnapshot,
+    guests: Sequence[GuestSnapshot],
+    policy: Policy[Any],
+    state: LoopState[Any],
+    cfg: DaemonConfig,
+) -> StepOutcome[Any]:
+    """A baseline's step as its own project runs it: the config's overrides and
+    exclusions apply, the wish is clamped only to [hypervisor minimum, guest maximum].
+    Replay-only (the yardstick); the daemon always runs ``overcommitd.loop.step``."""
+    guests, excluded = with_overrides(guests, cfg)
+    eligible = [g for g in guests if g.uuid not in excluded and g.run_state is RunState.RUNNING]
+    try:
+        result = policy.decide(host, eligible, state.policy_state)
+    except Exception as e:  # noqa: BLE001 - as the loop: a policy that raises holds every guest
+        return StepOutcome((), state, f"{type(e).__name__}: {e}")
+    decisions = []
+    for g in eligible:
+        wish = result.targets_kib.get(g.uuid)
+        if wish is None:
+            continue
+        target = min(max(int(wish), HYPERVISOR_MIN_KIB), g.max_kib)
+        clamps = () if target == wish else (Clamp(ClampReason.MAXIMUM, int(wish), target, "hypervisor range"),)
+        decisions.append(Decision(g.uuid, g.name, target, int(wish), clamps))
+    return StepOutcome(tuple(decisions), LoopState(result.state, state.guard))
 
 
 class _Run:
@@ -155,9 +246,13 @@ class _Run:
         workload: Workload,
         recorder: Recorder,
         progress: Callable[[int], object] | None,
+        n_warm: int = 0,
     ) -> None:
         self.spec, self.policy, self.cfg, self.hv = spec, policy, cfg, hv
         self.workload, self.recorder, self.progress = workload, recorder, progress
+        self.n_warm = n_warm
+        self.at_scoring: _Counters | None = None  # counters when scoring began
+        self.unguarded = not spec.guard_baselines and policy.name in UPSTREAM_BASELINES
         self.state: LoopState[Any] = LoopState.initial(policy)
         self.k = 0
         self._block_start = -BLOCK_TICKS  # no block loaded yet
@@ -173,25 +268,40 @@ class _Run:
 
     def tick(self) -> None:
         hv, k = self.hv, self.k
+        if k == self.n_warm:
+            self.at_scoring = _Counters.of(hv)
         now_s = (k + 1) * self.spec.interval_s
-        demand, reads = self._inputs(k)
-        hv.advance(now_s, demand, reads)
-        outcome = step(now_s, hv.read(), hv.snapshot(), self.policy, self.state, self.cfg)
+        demand, io = self._inputs(k)
+        hv.advance(now_s, demand, io)
+        if self.unguarded:
+            outcome = unguarded_step(hv.read(), hv.snapshot(), self.policy, self.state, self.cfg)
+        else:
+            outcome = step(now_s, hv.read(), hv.snapshot(), self.policy, self.state, self.cfg)
         self.state = outcome.state
         apply(hv, outcome.decisions)
-        f = hv.fleet
-        self.recorder.record(
-            now_s,
-            self.spec.interval_s,
-            host_used_kib=hv.host_used_kib(),
-            host_total_kib=hv.host.mem_total_kib,
+        if k >= self.n_warm:
+            self._record(now_s - self.n_warm * self.spec.interval_s, demand)
+        self.k += 1
+        if self.progress is not None and self.k % 256 == 0:
+            self.progress(256)
+
+    def _record(self, scored_s: float, demand: Array) -> None:
+        hv, f = self.hv, self.hv.fleet
+        ballooned, unbacked, reported = f.saved_split()
+        tick = GuestTick(
             touched_kib=f.touched,
             actual_kib=f.actual(),
             target_kib=hv.target_kib,
             demand_kib=demand,
             available_kib=f.mem_available(),
             swap_in_kib=f.swap_in,
+            unserved_kib=f.unserved_kib,
+            degraded=f.degraded,
+            ballooned_kib=ballooned,
+            unbacked_kib=unbacked,
+            reported_kib=reported,
         )
-        self.k += 1
-        if self.progress is not None and self.k % 256 == 0:
-            self.progress(256)
+        used = hv.host_used_kib()
+        self.recorder.record(
+            scored_s, self.spec.interval_s, host_used_kib=used, host_total_kib=hv.host.mem_total_kib, g=tick
+        )

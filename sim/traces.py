@@ -10,7 +10,8 @@ Bitbrains GWA-T-12 Rnd (``;\\t``-separated, one VM per file)
     * ``Memory capacity provisioned [KB]`` changes within a file, is 0 in some samples
       and once ~511 GB: the guest size is the mode of the non-zero values, raised to the
       largest usage if usage exceeds it (31 VMs), rounded up to 128 MiB.
-    * ``Disk read throughput [KB/s]`` drives page-cache growth in the guest model.
+    * ``Disk read throughput [KB/s]`` and ``Disk write throughput [KB/s]`` drive
+      page-cache growth in the guest model (written data is cached too, dirty first).
 
 Google ClusterData 2019 ``instance_usage`` (CSV, one container per file)
     * ``time`` is in microseconds; values are **normalized** to the largest machine, so
@@ -18,6 +19,8 @@ Google ClusterData 2019 ``instance_usage`` (CSV, one container per file)
       sizes are not published).
     * demand is ``max_memory_usage`` (the 5-minute peak: what must fit to avoid OOM);
       the size is the largest ``memory_limit`` (``assigned_memory`` is 0 in one job).
+    * no disk I/O columns: ``disk_read_kib_s`` and ``disk_write_kib_s`` are None, and
+      the scorecard says so (``io_columns``) rather than inventing reads.
 
 Both: rows are sorted by time; a gap longer than ``max_gap_s`` (Bitbrains' ~30 h
 outage, Google instances that stopped running for up to 520 h) is cut out, so the
@@ -50,6 +53,7 @@ BITBRAINS_TIME = "Timestamp [ms]"
 BITBRAINS_USAGE = "Memory usage [KB]"
 BITBRAINS_CAPACITY = "Memory capacity provisioned [KB]"
 BITBRAINS_DISK_READ = "Disk read throughput [KB/s]"
+BITBRAINS_DISK_WRITE = "Disk write throughput [KB/s]"
 GOOGLE_COLUMNS = ("time", "max_memory_usage", "memory_limit")
 
 
@@ -62,8 +66,8 @@ class Trace:
     """One guest's memory over time.
 
     ``t_s`` starts at 0 and strictly increases (gaps cut out); ``demand_kib[i]`` holds
-    from ``t_s[i]`` until the next sample. ``disk_read_kib_s`` is file read throughput
-    (zeros where the source has none).
+    from ``t_s[i]`` until the next sample. ``disk_read_kib_s`` and ``disk_write_kib_s``
+    are file read and write throughput, None where the source has no such column.
     """
 
     name: str
@@ -71,8 +75,15 @@ class Trace:
     size_kib: int
     t_s: npt.NDArray[np.float64]
     demand_kib: npt.NDArray[np.int64]
-    disk_read_kib_s: npt.NDArray[np.float64]
+    disk_read_kib_s: npt.NDArray[np.float64] | None
+    disk_write_kib_s: npt.NDArray[np.float64] | None
     gaps_cut: int = 0
+
+    @property
+    def io_columns(self) -> str:
+        """Which disk I/O columns the trace has: "read+write", "read", "write" or "none"."""
+        cols = [n for n, v in (("read", self.disk_read_kib_s), ("write", self.disk_write_kib_s)) if v is not None]
+        return "+".join(cols) or "none"
 
     @property
     def duration_s(self) -> float:
@@ -166,8 +177,8 @@ def _is_float(s: str) -> bool:
 
 def _load_bitbrains(path: Path, f: IO[str], header: str, max_gap_s: float) -> Trace:
     names = [n.strip() for n in header.rstrip("\r\n").split(";\t")]
-    wanted = (BITBRAINS_TIME, BITBRAINS_USAGE, BITBRAINS_CAPACITY, BITBRAINS_DISK_READ)
-    rows = np.array([v for _, v in _rows(path, f, names, wanted, ";\t")], dtype=np.float64).reshape(-1, 4)
+    wanted = (BITBRAINS_TIME, BITBRAINS_USAGE, BITBRAINS_CAPACITY, BITBRAINS_DISK_READ, BITBRAINS_DISK_WRITE)
+    rows = np.array([v for _, v in _rows(path, f, names, wanted, ";\t")], dtype=np.float64).reshape(-1, 5)
     if len(rows) == 0:
         raise TraceError(f"{path}: no data rows")
     rows = rows[np.argsort(rows[:, 0], kind="stable")]
@@ -176,7 +187,8 @@ def _load_bitbrains(path: Path, f: IO[str], header: str, max_gap_s: float) -> Tr
     size = Counter(capacity.tolist()).most_common(1)[0][0] if len(capacity) else 0.0
     size_kib = _round_up(max(size, float(usage.max())))
     t_s, keep, cut = _stitch(rows[:, 0], max_gap_s)
-    return Trace(_name(path), "bitbrains", size_kib, t_s, usage[keep].astype(np.int64), rows[keep, 3], cut)
+    demand = usage[keep].astype(np.int64)
+    return Trace(_name(path), "bitbrains", size_kib, t_s, demand, rows[keep, 3], rows[keep, 4], cut)
 
 
 def _load_google(path: Path, f: IO[str], header: str, machine_kib: int, max_gap_s: float) -> Trace:
@@ -188,8 +200,7 @@ def _load_google(path: Path, f: IO[str], header: str, machine_kib: int, max_gap_
     demand = _hold_nonzero(path, rows[:, 1]) * machine_kib
     size_kib = _round_up(max(float(rows[:, 2].max()) * machine_kib, float(demand.max())))
     t_s, keep, cut = _stitch(rows[:, 0] / 1e6, max_gap_s)
-    zeros = np.zeros(int(keep.sum()))
-    return Trace(_name(path), "google2019", size_kib, t_s, demand[keep].astype(np.int64), zeros, cut)
+    return Trace(_name(path), "google2019", size_kib, t_s, demand[keep].astype(np.int64), None, None, cut)
 
 
 def _hold_nonzero(path: Path, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

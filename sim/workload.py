@@ -7,6 +7,8 @@ tick grid.
 * The replay may start ``start_s`` into every trace (tune on one stretch of the traces,
   judge on another).
 * A trace shorter than the replay repeats from its start.
+* File I/O is the trace's disk reads plus writes (both fill the page cache); a trace
+  without those columns does no file I/O (nothing is invented; ``io_columns`` says so).
 * Demand is capped at what fits in the guest with an empty balloon (its RAM less the
   kernel, the low watermark and the minimum page cache). A workload the guest could not
   hold even unballooned is not a policy's fault; with the cap, every swap-in and OOM
@@ -49,14 +51,23 @@ class Workload:
         headroom = ram * (params.min_free_pct + params.cache_min_pct) / 100
         return cls(chosen, offsets, np.maximum(ram - reserved - kernel - headroom, 0.0))
 
+    @property
+    def io_columns(self) -> str:
+        """The traces' disk I/O columns: one kind for all, else "mixed"."""
+        kinds = {t.io_columns for t in self.traces}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
     def block(self, times_s: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        """Demand (KiB) and read rate (KiB/s) at each time: arrays of shape
-        (len(times_s), n_guests)."""
+        """Demand (KiB) and file I/O rate (reads + writes, KiB/s) at each time: arrays of
+        shape (len(times_s), n_guests)."""
         demand = np.empty((len(times_s), len(self.traces)))
         reads = np.empty_like(demand)
         for g, trace in enumerate(self.traces):
             t = (times_s + self.offsets_s[g]) % trace.duration_s
             idx = np.searchsorted(trace.t_s, t, side="right") - 1
             demand[:, g] = trace.demand_kib[idx]
-            reads[:, g] = trace.disk_read_kib_s[idx]
+            reads[:, g] = 0.0
+            for io in (trace.disk_read_kib_s, trace.disk_write_kib_s):
+                if io is not None:
+                    reads[:, g] += io[idx]
         return np.minimum(demand, self.demand_cap_kib), reads

@@ -5,16 +5,20 @@ shape and the command line."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from overcommitd import cli
 from overcommitd.config import DaemonConfig
+from overcommitd.model import GuestSnapshot, HostSnapshot
 from policies import registry
+from policies.api import PolicyResult
 from sim.compare import REFERENCE, NoBalloon
 from sim.host import HostModelParams
-from sim.plan import CONSTRAINTS, START_RATIO, Plan, PlanError, PlanJob, plan, to_json, try_ratio
+from sim.plan import CONSTRAINTS, START_RATIO, Plan, PlanError, PlanJob, format_plan, plan, to_json, try_ratio
+from sim.replay import ReplaySpec
 from sim.sweep import Sweep
 
 TOLERANCE = 0.05
@@ -22,10 +26,8 @@ TOLERANCE = 0.05
 
 @pytest.fixture(scope="module")
 def small_plan() -> Plan:
-    from sim.replay import ReplaySpec
-
-    spec = ReplaySpec(guests=4, hours=2.0, seed=1)
-    return plan(spec, [registry.create("trim")], DaemonConfig(), Sweep(workers=1), tolerance=TOLERANCE, max_ratio=3.0)
+    spec = ReplaySpec(guests=4, hours=2.0, seed=1, warmup_h=1.0)
+    return plan(spec, [registry.create("trim")], DaemonConfig(), Sweep(workers=1), tolerance=TOLERANCE, max_ratio=8.0)
 
 
 def test_none_is_planned_first_and_holds_at_the_start(small_plan: Plan) -> None:
@@ -36,14 +38,12 @@ def test_none_is_planned_first_and_holds_at_the_start(small_plan: Plan) -> None:
 
 @pytest.mark.parametrize("index", [0, 1])
 def test_safe_ratio_holds_and_the_next_step_up_fails_for_its_binding_constraint(small_plan: Plan, index: int) -> None:
-    from sim.replay import ReplaySpec
-
     p = small_plan.plans[index]
     assert p.safe is not None and p.next_up is not None
     assert 0 < p.next_up.overcommit - p.safe.overcommit <= TOLERANCE
     assert p.binding and set(p.binding.split("+")) <= set(CONSTRAINTS)
     policy = NoBalloon() if p.policy == REFERENCE else registry.create(p.policy)
-    job = PlanJob(ReplaySpec(guests=4, hours=2.0, seed=1), policy, DaemonConfig())
+    job = PlanJob(ReplaySpec(guests=4, hours=2.0, seed=1, warmup_h=1.0), policy, DaemonConfig())
     again_safe = try_ratio(job, p.safe.overcommit)
     again_next = try_ratio(job, p.next_up.overcommit)
     assert again_safe.holds  # replayed afresh: deterministic, and it really holds
@@ -70,9 +70,34 @@ def test_json_has_one_object_per_policy_with_every_ratio_tried(small_plan: Plan)
         assert all("oom_kills" in t["scorecard"] for t in o["tried"])
 
 
-def test_bad_search_settings_are_refused() -> None:
-    from sim.replay import ReplaySpec
+class Squeeze:
+    """A policy that asks every guest down to nothing (the guard raises it to its
+    minimum): guests page far beyond the SLO whatever the host's size, so it fails at 1.0."""
 
+    name = "squeeze"
+
+    def initial_state(self) -> None:
+        return None
+
+    def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: None) -> PolicyResult[None]:
+        return PolicyResult({g.uuid: 0 for g in guests}, None)
+
+
+def test_a_policy_that_fails_at_the_start_has_no_safe_ratio(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = ReplaySpec(guests=3, hours=1.0, seed=2, warmup_h=1.0)
+    result = plan(spec, [Squeeze()], DaemonConfig(), Sweep(workers=1), tolerance=0.1, max_ratio=2.0)
+    none, squeeze = result.plans
+    assert none.safe_overcommit is not None
+    assert squeeze.safe is None and squeeze.safe_overcommit is None and len(squeeze.steps) == 1
+    first = squeeze.steps[0]
+    assert squeeze.next_up is first and "guest-slo" in first.violations
+    assert squeeze.binding == "+".join(c for c in CONSTRAINTS if c in first.violations)
+    assert to_json(result)[1]["safe_overcommit"] is None
+    row = next(line for line in format_plan(result).splitlines() if line.startswith("| squeeze"))
+    assert f"fails at {START_RATIO:g}: {squeeze.binding}" in row
+
+
+def test_bad_search_settings_are_refused() -> None:
     with pytest.raises(PlanError, match="--max-overcommit"):
         plan(ReplaySpec(guests=1, hours=0.1), [], DaemonConfig(), Sweep(), max_ratio=1.0)
     with pytest.raises(PlanError, match="--tolerance"):
@@ -84,7 +109,7 @@ def test_cli_prints_the_table_and_writes_json_and_report(tmp_path: Path, capsys:
     rc = cli.main(
         [
             "plan", "--guests", "3", "--hours", "1", "--policy", "mom,trim", "--workers", "1",
-            "--tolerance", "0.1", "--max-overcommit", "2", "--no-progress",
+            "--tolerance", "0.1", "--max-overcommit", "2", "--no-progress", "--warmup-hours", "1",
             "--json", str(out), "--report", str(tmp_path / "rep"),
         ]
     )  # fmt: skip

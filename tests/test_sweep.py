@@ -11,7 +11,7 @@ from sim.compare import compare
 from sim.replay import ReplaySpec
 from sim.sweep import ReplayJob, Sweep, SweepError, cached_traces, run_replays, sweep_from_args
 
-SPEC = ReplaySpec(guests=6, hours=3.0, seed=5)
+SPEC = ReplaySpec(guests=6, hours=3.0, seed=5, warmup_h=1.0)
 
 
 def _jobs() -> list[ReplayJob]:
