@@ -95,7 +95,9 @@ def compare(
     else:  # each policy its own task; the bar moves a whole replay at a time
         ticks = _ticks(spec, loaded)
         done = run_replays(
-            [ReplayJob(spec, p, cfg) for p in runs], sweep, on_done=(lambda _: progress(ticks)) if progress else None
+            [ReplayJob(spec, p, cfg) for p in runs],
+            sweep,
+            on_done=(lambda _i, _r: progress(ticks)) if progress else None,
         )
     ref = done.pop(0) if reference else None
     return Comparison(spec, {p.name: r for p, r in zip(policies, done)}, ref)

@@ -29,7 +29,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,7 +187,7 @@ def plan(
     *,
     tolerance: float = DEFAULT_TOLERANCE,
     max_ratio: float = DEFAULT_MAX_RATIO,
-    on_done: Any = None,
+    on_done: Callable[[int, PolicyPlan], object] | None = None,
 ) -> Plan:
     """The safe density of ``none`` and of each policy, one sweep task per policy."""
     if not START_RATIO < max_ratio:
@@ -247,6 +247,13 @@ def format_plan(result: Plan) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _summary(p: PolicyPlan) -> str:
+    """One line per finished search, while the others still run."""
+    safe = f"safe {p.safe_overcommit:.3f}" if p.safe_overcommit is not None else f"fails at {START_RATIO:g}"
+    nxt = f", {p.binding} at {p.next_up.overcommit:g}" if p.next_up else ""
+    return f"{safe}{nxt} ({len(p.steps)} replays)"
 
 
 def to_json(result: Plan) -> list[dict[str, object]]:
@@ -310,7 +317,7 @@ def plan_command(args: argparse.Namespace) -> int:
             sweep,
             tolerance=args.tolerance,
             max_ratio=args.max_overcommit,
-            on_done=lambda _: bar.update(1),
+            on_done=lambda _, p: (bar.write(f"{p.policy}: {_summary(p)}", file=sys.stderr), bar.update(1)),
         )
     print(format_plan(result))
     if args.json:

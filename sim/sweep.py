@@ -65,15 +65,16 @@ class Sweep:
         return self.scheduler is None and self.workers == 1
 
     def map(
-        self, fn: Callable[[T], R], items: Sequence[T], *, on_done: Callable[[int], object] | None = None
+        self, fn: Callable[[T], R], items: Sequence[T], *, on_done: Callable[[int, R], object] | None = None
     ) -> list[R]:
-        """``[fn(x) for x in items]``, run where this sweep says; ``on_done(i)`` as item ``i`` finishes."""
+        """``[fn(x) for x in items]``, run where this sweep says; ``on_done(i, result)`` as
+        item ``i`` finishes (in completion order: partial results can be shown early)."""
         if self.in_process or len(items) == 0:
             out = []
             for i, item in enumerate(items):
                 out.append(fn(item))
                 if on_done is not None:
-                    on_done(i)
+                    on_done(i, out[-1])
             return out
         with self._client() as client:
             return _dask_map(client, fn, items, on_done)
@@ -103,7 +104,7 @@ class Sweep:
 
 
 def _dask_map(
-    client: Any, fn: Callable[[T], R], items: Sequence[T], on_done: Callable[[int], object] | None
+    client: Any, fn: Callable[[T], R], items: Sequence[T], on_done: Callable[[int, R], object] | None
 ) -> list[R]:
     from distributed import as_completed
 
@@ -111,9 +112,9 @@ def _dask_map(
     futures = client.map(fn, list(items), pure=False)
     index = {f.key: i for i, f in enumerate(futures)}
     for fut in as_completed(futures):  # type: ignore[no-untyped-call]
-        fut.result()  # raises the task's exception here, with its traceback
+        result = fut.result()  # raises the task's exception here, with its traceback
         if on_done is not None:
-            on_done(index[fut.key])
+            on_done(index[fut.key], result)
     results: list[R] = client.gather(futures)
     return results
 
@@ -149,7 +150,7 @@ def run_job(job: ReplayJob) -> ReplayResult:
 
 
 def run_replays(
-    jobs: Sequence[ReplayJob], sweep: Sweep, *, on_done: Callable[[int], object] | None = None
+    jobs: Sequence[ReplayJob], sweep: Sweep, *, on_done: Callable[[int, ReplayResult], object] | None = None
 ) -> list[ReplayResult]:
     """Every job's result, in the order of ``jobs``."""
     return sweep.map(run_job, jobs, on_done=on_done)

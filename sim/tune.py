@@ -438,6 +438,13 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
         help="provisioned / host RAM (default %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for guest features (default 0)")
+    p.add_argument(
+        "--warmup-hours",
+        dest="warmup_h",
+        type=float,
+        default=ReplaySpec.model_fields["warmup_h"].default,
+        help="simulated before every scored span, not scored (default %(default)s)",
+    )
     p.add_argument("--max-evals", type=int, default=40, help="replays to spend (default %(default)s)")
     p.add_argument(
         "--swap-slo",

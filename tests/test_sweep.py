@@ -26,9 +26,9 @@ def _jobs() -> list[ReplayJob]:
 def test_local_cluster_and_one_process_give_identical_scorecards_in_order() -> None:
     jobs = _jobs()
     done_local: list[int] = []
-    local = run_replays(jobs, Sweep(workers=1), on_done=done_local.append)
+    local = run_replays(jobs, Sweep(workers=1), on_done=lambda i, _: done_local.append(i))
     done_dask: list[int] = []
-    dask = run_replays(jobs, Sweep(workers=2), on_done=done_dask.append)
+    dask = run_replays(jobs, Sweep(workers=2), on_done=lambda i, r: done_dask.append(i) if r.scorecard else None)
     assert [r.scorecard.as_dict() for r in dask] == [r.scorecard.as_dict() for r in local]
     assert [r.scorecard.policy for r in dask] == ["trim", "mom", "pid", "proxmox"]
     assert len({r.scorecard.saved_gib_h for r in local}) == len(jobs)  # the jobs do differ

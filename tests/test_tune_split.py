@@ -47,7 +47,7 @@ def test_cli_tunes_on_train_and_prints_start_and_best_on_both(
     rc = cli.main(
         [
             "tune", "--policy", "trim", "--trace", str(BITBRAINS), "--train-guests", "0:3", "--test-guests", "3:6",
-            "--hours", "2", "--test-start-hours", "24", "--max-evals", "3", "--workers", "1", "--out", str(out),
+            "--hours", "2", "--test-start-hours", "24", "--max-evals", "3", "--workers", "1", "--out", str(out), "--warmup-hours", "1",
         ]
     )  # fmt: skip
     assert rc == 0
