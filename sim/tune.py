@@ -29,8 +29,10 @@ point are then replayed on the *test* split (``--test-guests``, ``--test-start-h
 ``--test-hours``) and both are printed, so a user sees whether the tuning generalises.
 By default the first half of the traces trains and the second half tests (one trace:
 the test span follows the train span). The start's train and test replays run in
-parallel on the sweep (``--workers``/``--scheduler``, ``sim.sweep``); Powell's line
-searches are sequential, so the search itself runs one replay at a time.
+parallel on the sweep (``--workers``/``--scheduler``, ``sim.sweep``), with ``--screen N``
+quasi-random points (Sobol) in the same batch; Powell then starts from the best of them.
+Powell's line searches are sequential, so after that batch the search runs one replay
+at a time.
 """
 
 from __future__ import annotations
@@ -201,10 +203,12 @@ def tune(
     on_eval: Callable[[Evaluation], None] | None = None,
     test_spec: ReplaySpec | None = None,
     sweep: Sweep | None = None,
+    screen: int = 0,
 ) -> TuneResult:
     """Search ``dims`` of policy ``name`` over replays of ``spec`` (the train split); at
     most ``max_evals`` replays. With ``test_spec``, the start and the best point are also
-    replayed on it; the start's train and test replays run in parallel on ``sweep``.
+    replayed on it. The start, ``screen`` quasi-random points and the start on the test
+    split run as one parallel batch on ``sweep``; Powell then starts from the best of them.
     ``slo_pct_per_min`` replaces the specs' per-guest paging SLO when given."""
     if slo_pct_per_min is not None:
         spec = spec.model_copy(update={"slo_pct_per_min": slo_pct_per_min})
@@ -213,11 +217,13 @@ def tune(
     fixed = dict(start_params or {})
     defaults = getattr(registry.create(name, fixed), "params", None)
     x0 = np.array([d.unit(float(getattr(defaults, d.name, (d.low + d.high) / 2))) for d in dims])
-    start = {d.name: d.value(float(u)) for d, u in zip(dims, x0)}
-    sweep = sweep or Sweep()
-    first = run_replays(
-        [ReplayJob(s, registry.create(name, fixed | start), cfg) for s in (spec, test_spec) if s is not None], sweep
-    )
+    points = [x0, *screen_points(dims, min(screen, max_evals - 1), seed=spec.seed)]
+    batch = [{d.name: d.value(float(u)) for d, u in zip(dims, x)} for x in points]
+    start = batch[0]
+    jobs = [ReplayJob(spec, registry.create(name, fixed | p), cfg, timeline=False) for p in batch]
+    if test_spec is not None:
+        jobs.append(ReplayJob(test_spec, registry.create(name, fixed | start), cfg, timeline=False))
+    first = run_replays(jobs, sweep or Sweep())  # in parallel: the start, the screen, the start on test
     loaded = loaded if loaded is not None else load_traces(spec)
     evaluations: list[Evaluation] = []
     cache: dict[tuple[float | int, ...], Evaluation] = {}
@@ -240,7 +246,9 @@ def tune(
             record(params, replay(spec, registry.create(name, fixed | params), cfg, loaded=loaded).scorecard)
         return cache[key].objective
 
-    record(start, first[0].scorecard)
+    for p, r in zip(batch, first):
+        record(p, r.scorecard)
+    x0 = points[int(np.argmin([e.objective for e in evaluations]))]  # Powell starts from the best screened
     try:
         optimize.minimize(
             evaluate,
@@ -254,8 +262,19 @@ def tune(
     best = min(evaluations, key=lambda e: e.objective)
     result = TuneResult(name, evaluations[0], best, evaluations, bound)
     if test_spec is not None:
-        result.test_start, result.test_best = _on_test(name, fixed, cfg, test_spec, first[1], start, best)
+        result.test_start, result.test_best = _on_test(name, fixed, cfg, test_spec, first[-1], start, best)
     return result
+
+
+def screen_points(dims: Sequence[Dim], n: int, *, seed: int) -> list[np.ndarray]:
+    """``n`` points of the unit cube spread evenly (a scrambled Sobol sequence, seeded:
+    the same points every run), for a parallel first batch before the sequential search."""
+    if n <= 0:
+        return []
+    from scipy.stats import qmc  # type: ignore[import-untyped]
+
+    m = max(0, math.ceil(math.log2(n)))  # Sobol's balance holds for powers of 2: draw 2**m, keep n
+    return list(qmc.Sobol(len(dims), scramble=True, seed=seed).random_base2(m)[:n])
 
 
 def _on_test(
@@ -464,6 +483,12 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
         "--param", action="append", default=[], help="search NAME=LOW:HIGH[:int] (replaces the built-in space)"
     )
     p.add_argument("--out", type=Path, help="write the tuned parameters here as TOML (default: stdout only)")
+    p.add_argument(
+        "--screen",
+        type=int,
+        default=0,
+        help="first replay this many quasi-random points in parallel, then search from the best (default 0)",
+    )
     add_sweep_arguments(p)
 
 
@@ -515,6 +540,7 @@ def tune_command(args: argparse.Namespace) -> int:
         on_eval=show,
         test_spec=test_spec,
         sweep=sweep_from_args(args),
+        screen=args.screen,
     )
     text = to_toml(result, {k: v for k, v in start.items() if k not in {d.name for d in dims}})
     print(text, end="")

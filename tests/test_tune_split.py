@@ -64,3 +64,21 @@ def test_cli_refuses_an_empty_split(capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli.main(["tune", "--policy", "trim", "--trace", str(BITBRAINS), "--test-guests", "999:", "--workers", "1"])
     assert rc == cli.EXIT_BAD_INPUT
     assert "--test-guests" in capsys.readouterr().err
+
+
+def test_screen_replays_spread_points_first_and_the_search_starts_from_the_best() -> None:
+    from overcommitd.config import DaemonConfig
+    from sim.sweep import Sweep
+    from sim.tune import SPACES, screen_points, tune
+
+    dims = [d for d in SPACES["trim"] if d.name in ("headroom_pct", "burst_factor")]
+    spec = ReplaySpec(traces=(BITBRAINS,), guests=3, hours=1.0, warmup_h=1.0, seed=4)
+    points = screen_points(dims, 3, seed=4)
+    assert [p.tolist() for p in points] == [p.tolist() for p in screen_points(dims, 3, seed=4)]  # seeded
+    assert all(0 <= u <= 1 for p in points for u in p) and len({tuple(p) for p in points}) == 3
+    result = tune("trim", spec, DaemonConfig(), dims=dims, max_evals=5, sweep=Sweep(workers=1), screen=3)
+    screened = [{d.name: d.value(float(u)) for d, u in zip(dims, p)} for p in points]
+    assert [e.params for e in result.evaluations[1:4]] == screened
+    assert 4 <= len(result.evaluations) <= 5
+    assert result.best.objective <= min(e.objective for e in result.evaluations[:4])
+    assert result.start is result.evaluations[0]
