@@ -35,6 +35,13 @@ def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
         help="per-guest paging SLO, %% of its working set per minute (default %(default)s)",
     )
     p.add_argument(
+        "--floor-pct",
+        dest="floor_pct",
+        type=float,
+        default=defaults["floor_pct"].default,
+        help="every guest's SLA floor, %% of its RAM (default %(default)s; a config [guests.<name>] floor_kib raises it)",
+    )
+    p.add_argument(
         "--guard-baselines",
         action="store_true",
         help="run mom and proxmox through overcommitd's guard (default: only their own limits, as upstream)",
@@ -96,10 +103,6 @@ _ROWS = (
     ("host RAM", "host_gib", "{:.1f} GiB"),
     ("host memory saved", "saved_gib_h", "{:.1f} GiB·h"),
     ("host memory saved, % of provisioned", "saved_pct", "{:.1f} %"),
-    ("  of which ballooned now", "saved_ballooned_gib_h", "{:.1f} GiB·h"),
-    ("  unbacked after a deflate", "saved_unbacked_gib_h", "{:.1f} GiB·h"),
-    ("  returned by free page reporting", "saved_reported_gib_h", "{:.1f} GiB·h"),
-    ("  never touched since boot", "saved_untouched_gib_h", "{:.1f} GiB·h"),
     ("unserved demand (killed workloads)", "unserved_gib_h", "{:.2f} GiB·h"),
     ("guest-seconds degraded", "degraded_guest_s", "{:.0f}"),
     ("host above 100 %", "host_over_100_s", "{:.0f} s"),
@@ -107,6 +110,10 @@ _ROWS = (
     ("host swap-in per guest-hour", "host_swap_in_mib_per_guest_h", "{:.2f} MiB"),
     ("worst guest paging, % of WSS per min", "worst_guest_paging_pct_per_min", "{:.3f} %"),
     ("guests over the paging SLO", "guests_over_slo", "{:d}"),
+    ("saved: ballooned now", "saved_ballooned_gib_h", "{:.1f} GiB·h"),
+    ("saved: unbacked after a deflate", "saved_unbacked_gib_h", "{:.1f} GiB·h"),
+    ("saved: returned by free page reporting", "saved_reported_gib_h", "{:.1f} GiB·h"),
+    ("saved: never touched since boot", "saved_untouched_gib_h", "{:.1f} GiB·h"),
     ("host use, peak", "host_peak_pct", "{:.1f} %"),
     ("host use, p95", "host_p95_pct", "{:.1f} %"),
     ("guest swap-in per guest-hour", "swap_in_mib_per_guest_h", "{:.2f} MiB"),

@@ -117,10 +117,6 @@ ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("memory saved, % of provisioned", "saved_pct", "{:.1f}", "max"),
     ("reclaimed beyond no ballooning, GiB·h", "reclaimed", "{:.0f}", "max"),
     ("reclaimed / better baseline", "vs_baseline", "{:.3f}x", ""),  # 3 places: a bar at 1.5x
-    ("  of which ballooned now, GiB·h", "saved_ballooned_gib_h", "{:.0f}", ""),
-    ("  unbacked after a deflate, GiB·h", "saved_unbacked_gib_h", "{:.0f}", ""),
-    ("  returned by free page reporting, GiB·h", "saved_reported_gib_h", "{:.0f}", ""),
-    ("  never touched since boot, GiB·h", "saved_untouched_gib_h", "{:.0f}", ""),
     ("unserved demand (killed workloads), GiB·h", "unserved_gib_h", "{:.1f}", "min"),
     ("guest-seconds degraded", "degraded_guest_s", "{:.0f}", "min"),
     ("host above 100 %, s", "host_over_100_s", "{:.0f}", "min"),
@@ -128,6 +124,10 @@ ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("host swap-in, MiB per guest-hour", "host_swap_in_mib_per_guest_h", "{:.2f}", "min"),
     ("worst guest paging, % of WSS per min", "worst_guest_paging_pct_per_min", "{:.3f}", "min"),
     ("guests over the paging SLO", "guests_over_slo", "{:d}", "min"),
+    ("saved: ballooned now, GiB·h", "saved_ballooned_gib_h", "{:.0f}", ""),
+    ("saved: unbacked after a deflate, GiB·h", "saved_unbacked_gib_h", "{:.0f}", ""),
+    ("saved: returned by free page reporting, GiB·h", "saved_reported_gib_h", "{:.0f}", ""),
+    ("saved: never touched since boot, GiB·h", "saved_untouched_gib_h", "{:.0f}", ""),
     ("host use peak, %", "host_peak_pct", "{:.1f}", "min"),
     ("host use p95, %", "host_p95_pct", "{:.1f}", "min"),
     ("swap-in, MiB per guest-hour", "swap_in_mib_per_guest_h", "{:.2f}", "min"),
@@ -223,7 +223,7 @@ def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
         "overcommit": args.overcommit,
         "seed": args.seed,
     }
-    for name in ("warmup_h", "slo_pct_per_min", "guard_baselines"):
+    for name in ("warmup_h", "slo_pct_per_min", "guard_baselines", "floor_pct"):
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value

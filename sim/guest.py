@@ -29,8 +29,17 @@ deflate costs the host fresh pages even while it holds touched free ones.
 
 Pressure is resolved as Linux would, in order: reclaim page cache, swap anonymous
 memory out, then - with DEFLATE_ON_OOM - take pages back from the balloon in 1 MiB
-steps (VIRTIO_BALLOON_OOM_NR_PAGES = 256), and only then OOM-kill. Swapped working-set
+steps (VIRTIO_BALLOON_OOM_NR_PAGES = 256), and only then OOM-kill. The kill takes the
+workload (the largest process): its resident memory and its swap are freed (they stay
+backed on the host, free), the kernel and page cache stay. The workload restarts at once
+and at the next interval allocates what the trace says it uses, which may kill it again:
+each kill counts, and the demand it could not hold in the interval it was killed is
+``unserved_kib`` (a guest that stays broken keeps being charged). Swapped working-set
 pages are touched again and swapped back in (thrashing when there is no room).
+
+A guest boots with the trace's first demand resident and only its minimum page cache:
+nothing is assumed; the replay's warm-up fills the cache from the trace's reads and
+writes.
 
 Dropping page cache is not free: a guest re-reads the hot file data it lost (Linux
 counts these re-reads as major faults; mm/workingset.c detects them as refaults). The

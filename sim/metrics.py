@@ -4,16 +4,33 @@ Definitions (all over the replayed span, every guest):
 
 * **memory saved**: guest memory the host does not have to back, i.e. provisioned RAM
   minus what the guests cost it (touched pages; balloon and reported pages are not
-  touched). GiB·h integrates it over time; % is its mean over provisioned RAM.
+  touched). GiB·h integrates it over time; % is its mean over provisioned RAM. Split by
+  where it comes from (the four add up to it): **ballooned** (held by a balloon now and
+  released by the host), **unbacked** (given back by a deflate, not touched since),
+  **reported** (returned by free page reporting, not reused since), **untouched** (the
+  rest: never touched since boot).
+* **unserved**: demand the workloads could not hold, integrated (GiB·h): a workload
+  OOM-killed in an interval is down until it restarts at the next (``sim.guest``).
+  **degraded**: guest-seconds in which a guest was killed or thrashing (its own swap, or
+  the host's swap of its working set).
+* **host above 100 %**: seconds, and the excess integrated (GiB·h); the host swaps and
+  charges the guests (``sim.host``): **host swap-in**, MiB per guest-hour, also counted
+  in the major faults and in each guest's paging.
+* **per-guest paging SLO**: each guest's swap-in, page-cache refaults and host swap-in,
+  as % of its own mean working set (mean demand) per minute, against ``slo_pct_per_min``
+  (Google's far-memory SLO, 0.2): the worst guest, and the guests over it.
+* **warm-up**: the span simulated before scoring began; every figure here (counters
+  included) is over the scored span only.
 * **host use**: host RAM in use (base + guests + QEMU overhead) as % of host RAM; over
   100 % means the host itself would swap.
 * **swap-in, major faults**: per guest-hour, from the guests' own cumulative counters
   (major faults are swap-in faults and page-cache refaults).
 * **page-cache refaults**: hot file data the guests read again because it was evicted
   (ballooned or reclaimed away), MiB per guest-hour (``sim.guest``).
-* **OOM kills**: guest OOM kills (an episode of demand the guest cannot hold counts once).
-* **below floor**: guest-seconds with ``actual`` under the guest's floor (the SLA floor
-  or the guard's global minimum); the guard must keep this at 0.
+* **OOM kills**: guest OOM kills, every one (a restarted workload killed again counts again).
+* **below floor**: guest-seconds with ``actual`` under the guest's floor as the guard
+  enforces it (the replay's SLA floor, the config's ``[guests.<name>]`` floor, or the
+  guard's global minimum); the guard keeps this at 0, an unguarded baseline may not.
 * **balloon operations**: targets set; **out-of-puff retries**: 200 ms driver retries
   against an unreachable target (guest CPU burnt); **auto-deflate events**: 1 MiB
   DEFLATE_ON_OOM steps.

@@ -80,12 +80,6 @@ class Trace:
     gaps_cut: int = 0
 
     @property
-    def io_columns(self) -> str:
-        """Which disk I/O columns the trace has: "read+write", "read", "write" or "none"."""
-        cols = [n for n, v in (("read", self.disk_read_kib_s), ("write", self.disk_write_kib_s)) if v is not None]
-        return "+".join(cols) or "none"
-
-    @property
     def duration_s(self) -> float:
         """Time covered, counting the last sample as one median interval long."""
         if len(self.t_s) < 2:
@@ -177,8 +171,10 @@ def _is_float(s: str) -> bool:
 
 def _load_bitbrains(path: Path, f: IO[str], header: str, max_gap_s: float) -> Trace:
     names = [n.strip() for n in header.rstrip("\r\n").split(";\t")]
-    wanted = (BITBRAINS_TIME, BITBRAINS_USAGE, BITBRAINS_CAPACITY, BITBRAINS_DISK_READ, BITBRAINS_DISK_WRITE)
-    rows = np.array([v for _, v in _rows(path, f, names, wanted, ";\t")], dtype=np.float64).reshape(-1, 5)
+    # The disk columns are optional: a file without one says so (None), none is invented.
+    io = tuple(c for c in (BITBRAINS_DISK_READ, BITBRAINS_DISK_WRITE) if c in names)
+    wanted = (BITBRAINS_TIME, BITBRAINS_USAGE, BITBRAINS_CAPACITY, *io)
+    rows = np.array([v for _, v in _rows(path, f, names, wanted, ";\t")], dtype=np.float64).reshape(-1, len(wanted))
     if len(rows) == 0:
         raise TraceError(f"{path}: no data rows")
     rows = rows[np.argsort(rows[:, 0], kind="stable")]
@@ -188,7 +184,10 @@ def _load_bitbrains(path: Path, f: IO[str], header: str, max_gap_s: float) -> Tr
     size_kib = _round_up(max(size, float(usage.max())))
     t_s, keep, cut = _stitch(rows[:, 0], max_gap_s)
     demand = usage[keep].astype(np.int64)
-    return Trace(_name(path), "bitbrains", size_kib, t_s, demand, rows[keep, 3], rows[keep, 4], cut)
+    read, write = (
+        rows[keep, wanted.index(c)] if c in io else None for c in (BITBRAINS_DISK_READ, BITBRAINS_DISK_WRITE)
+    )
+    return Trace(_name(path), "bitbrains", size_kib, t_s, demand, read, write, cut)
 
 
 def _load_google(path: Path, f: IO[str], header: str, machine_kib: int, max_gap_s: float) -> Trace:

@@ -54,7 +54,7 @@ class Workload:
     @property
     def io_columns(self) -> str:
         """The traces' disk I/O columns: one kind for all, else "mixed"."""
-        kinds = {t.io_columns for t in self.traces}
+        kinds = {io_columns(t) for t in self.traces}
         return kinds.pop() if len(kinds) == 1 else "mixed"
 
     def block(self, times_s: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -71,3 +71,9 @@ class Workload:
                 if io is not None:
                     reads[:, g] += io[idx]
         return np.minimum(demand, self.demand_cap_kib), reads
+
+
+def io_columns(trace: Trace) -> str:
+    """Which disk I/O columns a trace has: "read+write", "read", "write" or "none"."""
+    cols = [n for n, v in (("read", trace.disk_read_kib_s), ("write", trace.disk_write_kib_s)) if v is not None]
+    return "+".join(cols) or "none"

@@ -76,14 +76,15 @@ def test_cold_cache_costs_almost_nothing_to_drop() -> None:
     assert float(hv.fleet.refault_kib[0]) < 1 * MIB
 
 
-def test_the_first_read_rate_makes_cache_hot_from_the_start() -> None:
-    """The replay passes the trace's first read rate: the window holds rate x
-    cache_reuse_s, capped at the cache."""
+def test_guests_start_with_the_minimum_cache_made_hot_by_the_first_read_rate() -> None:
+    """No invented cache: a guest boots with its minimum page cache; the replay passes
+    the trace's first read rate, whose window (rate x cache_reuse_s) makes it hot."""
     params = GuestModelParams()
     specs = [GuestSpec(uuid=f"u{i}", name=f"g{i}", ram_kib=4 * GIB) for i in range(3)]
     demand = np.full(3, 1.0 * GIB)
-    fleet = Fleet(specs, params, demand, initial_read_kib_s=np.array([0.0, 0.1 * MIB, 100.0 * MIB]))
-    assert fleet.hot_cache.tolist() == [0.0, 0.1 * MIB * params.cache_reuse_s, fleet.cache[2]]
+    fleet = Fleet(specs, params, demand, initial_read_kib_s=np.array([0.0, 0.001 * MIB, 100.0 * MIB]))
+    assert fleet.cache.tolist() == fleet.cache_min.tolist()
+    assert fleet.hot_cache.tolist() == [0.0, 0.001 * MIB * params.cache_reuse_s, fleet.cache[2]]
     assert Fleet(specs, params, demand).hot_cache.tolist() == [0.0] * 3
 
 
@@ -113,7 +114,7 @@ def test_reads_with_no_free_room_still_make_the_cache_hot() -> None:
     """A guest squeezed to its low watermark keeps reading: its new reads replace cold
     cache (the LRU), so what it holds is hot and a further squeeze costs refaults."""
     hv = reader()
-    hv.set_target("u", int(1.3 * GIB))
+    hv.set_target("u", int(1.2 * GIB))  # below what the guest needs: the balloon stops at the watermark
     run(hv, 60)
     f = hv.fleet
     assert float(f.free()[0] - f.min_free[0]) < MIB and float(f.hot_cache[0]) == 0.0

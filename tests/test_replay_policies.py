@@ -18,7 +18,11 @@ from sim.report import write_report
 from sim.tune import SPACES, Constraints, objective, to_toml, tune
 
 POLICIES = ("pid", "sla-floor", "free-page", "mom", "proxmox", "headroom", "trim")
-SPEC = ReplaySpec(guests=16, hours=8.0, seed=3)
+# 2.5x: guests boot with no invented page cache, so at 1.5-2x the bundled traces leave the
+# host idle and the host-driven policies (mom, headroom) never act. The baselines run
+# guarded here: these are the guard's invariants (unguarded, as upstream, MOM takes
+# guests below the guard's 256 MiB minimum: test_honest_scorecard).
+SPEC = ReplaySpec(guests=16, hours=8.0, seed=3, overcommit=2.5, guard_baselines=True)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def test_invariants_hold_for_every_policy(comparison: Comparison, name: str) -> 
     min_kib = DaemonConfig().guard.min_guest_kib  # SPEC sets no SLA floor: the guard's minimum applies
     assert (actual <= ram + 1).all() and (target <= ram + 1).all()
     assert (target >= min_kib - 1).all()
-    assert card.balloon_ops > 0  # every policy does something on a 2x overcommitted host
+    assert card.balloon_ops > 0  # every policy does something on a 2.5x overcommitted host
     # ballooning never makes the host back more than running without it
     assert card.saved_gib_h >= comparison.reference.scorecard.saved_gib_h * 0.99  # type: ignore[union-attr]
 
@@ -107,14 +111,24 @@ def test_tuning_writes_params_the_config_accepts_and_never_loses_to_its_start(tm
     )
 
 
-def test_the_tuner_bounds_swap_in_and_refaults_together(comparison: Comparison) -> None:
+def test_the_tuner_holds_every_guest_to_the_slo_not_the_fleet_mean(comparison: Comparison) -> None:
     card = comparison.results["pid"].scorecard
     quiet = replace(
-        card, oom_kills=0, below_floor_guest_s=0.0, swap_in_mib_per_guest_h=1.0, refault_mib_per_guest_h=0.0
+        card,
+        oom_kills=0,
+        below_floor_guest_s=0.0,
+        host_over_100_s=0.0,
+        guests_over_slo=0,
+        worst_guest_paging_pct_per_min=0.1,
+        swap_in_mib_per_guest_h=1.0,
+        refault_mib_per_guest_h=0.0,
     )
-    bound = Constraints(swap_in_mib_per_guest_h=2.0)
+    bound = Constraints(slo_pct_per_min=0.2)
     assert objective(quiet, bound) == (-quiet.saved_pct, True)
-    # the same swap-in plus refaults over the bound: infeasible, by the excess over the bound
-    rereads = replace(quiet, refault_mib_per_guest_h=2.0)
-    value, feasible = objective(rereads, bound)
-    assert not feasible and value == pytest.approx(100.0 + 0.5)
+    # one guest at 0.3 %/min: infeasible, by one guest plus its excess over the SLO, however
+    # quiet the fleet's mean swap-in and refaults are
+    one_guest = replace(quiet, guests_over_slo=1, worst_guest_paging_pct_per_min=0.3)
+    value, feasible = objective(one_guest, bound)
+    assert not feasible and value == pytest.approx(100.0 + 1 + 0.5)
+    # the host above 100 % for a minute is a violation too
+    assert objective(replace(quiet, host_over_100_s=60.0), bound) == (pytest.approx(101.0), False)

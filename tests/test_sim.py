@@ -68,7 +68,10 @@ def test_memtotal_shrinks_with_the_balloon_only_without_deflate_on_oom(doo: bool
 
 
 def test_inflation_returns_touched_memory_to_the_host() -> None:
-    hv = one_guest()
+    """The guest touched 3 GiB and freed 2 GiB of it (guests start with no invented
+    cache: only memory they used costs the host); the balloon takes those back."""
+    hv = one_guest(demand_gib=3.0)
+    run(hv, 10, demand_gib=1.0)
     used_before = hv.host_used_kib()
     hv.set_target("u", 2 * GIB)
     run(hv, 10, demand_gib=1.0)
@@ -101,12 +104,17 @@ def test_deflate_on_oom_gives_back_1_mib_steps_and_does_not_reinflate() -> None:
     assert hv.snapshot()[0].actual_kib == 2 * GIB
 
 
-def test_without_deflate_on_oom_or_swap_the_guest_oom_kills_once_per_episode() -> None:
+def test_without_deflate_on_oom_or_swap_a_workload_that_does_not_fit_is_killed_each_time_it_restarts() -> None:
+    """The killed workload restarts at the next interval and asks for its demand again:
+    each of the 6 intervals kills it again, frees its memory, and leaves its demand unserved."""
     hv = one_guest(demand_gib=1.0)
     hv.set_target("u", 2 * GIB)
     run(hv, 10, demand_gib=1.0)
     run(hv, 60, demand_gib=2.5)
-    assert hv.fleet.oom_kills[0] == 1
+    assert hv.fleet.oom_kills[0] == 6
+    assert hv.fleet.anon[0] == 0 and hv.fleet.unserved_kib[0] == 2.5 * GIB and hv.fleet.degraded[0]
+    run(hv, 10, demand_gib=1.0)  # it fits again: back, served
+    assert hv.fleet.oom_kills[0] == 6 and hv.fleet.anon[0] == GIB and hv.fleet.unserved_kib[0] == 0
 
 
 def test_swap_absorbs_a_spike_and_swaps_back_in_when_there_is_room() -> None:
