@@ -253,8 +253,8 @@ def format_plan(result: Plan) -> str:
             f"{result.guests} guests, {result.hours:.0f} h; safe = highest overcommit (provisioned / host RAM) "
             f"with no violation, bisected to within {tol:g}; binding = what failed at the next step up"
             + (
-                f"; {result.excused_slo_guests} guests over the paging SLO with no ballooning at {START_RATIO:g} "
-                "are excused from guest-slo"
+                f"; excused from guest-slo: {result.excused_slo_guests} guest(s) over the paging SLO "
+                f"with no ballooning at {START_RATIO:g}"
                 if result.excused_slo_guests
                 else ""
             )

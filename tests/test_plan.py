@@ -133,7 +133,7 @@ def test_guests_paging_on_their_own_are_excused_unless_strict() -> None:
     assert loose.excused_slo_guests == ref.card.guests_over_slo and strict.excused_slo_guests == 0
     assert loose.plans[0].steps[0].holds and loose.plans[0].safe_overcommit is not None
     assert strict.plans[0].safe is None and strict.plans[0].binding == "guest-slo"
-    assert f"{ref.card.guests_over_slo} guests over the paging SLO" in format_plan(loose)
+    assert f"excused from guest-slo: {ref.card.guests_over_slo} guest(s)" in format_plan(loose)
 
 
 def test_bad_search_settings_are_refused() -> None:
