@@ -189,10 +189,10 @@ def format_table(comp: Comparison) -> str:
     for label, cells, marks in rows:
         shown = [f"{c}*" if m else c for c, m in zip(cells, marks)]
         lines.append(f"| {label} | " + " | ".join(shown) + " |")
-    return head + "\n".join(lines) + "\n\n" + "\n".join(_notes(comp))
+    return head + "\n".join(lines) + "\n\n" + "\n".join(table_notes(comp))
 
 
-def _notes(comp: Comparison) -> list[str]:
+def table_notes(comp: Comparison) -> list[str]:
     """Lines under the table: the yardstick and the traces' disk I/O columns."""
     run = comp.baselines_run()
     better = comp.better_baseline()

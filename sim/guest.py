@@ -171,6 +171,7 @@ class Fleet:
         io = np.zeros_like(self.ram) if initial_read_kib_s is None else initial_read_kib_s
         self.hot_cache = np.minimum(self.cache, io * p.cache_reuse_s)  # part of cache
         self.refault_debt = np.zeros_like(self.ram)  # hot data evicted, not yet read again
+        self.own_refault_debt = np.zeros_like(self.ram)  # the part the guest's own growth evicted, unballooned
         # This interval's harm, per guest: demand the workload could not hold (killed in
         # the interval: down until it restarts at the next), and whether the guest could
         # not hold its demand at all (killed, or thrashing: swapped pages it touched found
@@ -186,6 +187,10 @@ class Fleet:
         self.oom_kills = np.zeros_like(self.ram)
         self.oom_deflates = np.zeros_like(self.ram)
         self.refault_kib = np.zeros_like(self.ram)  # hot file data read again after eviction
+        # ... of which evicted by the guest's own reclaim while its balloon was empty: the
+        # workload's own paging, which it does on a host with no overcommit too (as the
+        # demand cap of sim.workload leaves what a guest cannot hold unballooned out).
+        self.own_refault_kib = np.zeros_like(self.ram)
         self.host_swap_in = np.zeros_like(self.ram)  # host-swapped guest pages touched again (KiB)
 
     # -- what the guest shows ------------------------------------------------------
@@ -423,16 +428,21 @@ class Fleet:
         cooled = self.hot_cache * math.exp(-dt_s / self.params.cache_reuse_s)
         self.hot_cache = np.minimum(self.cache, cooled + read)
 
-    def _evict_cache(self, amount_kib: Array) -> None:
+    def _evict_cache(self, amount_kib: Array, *, by_reclaim: bool = False) -> None:
         """Take page cache away (balloon or reclaim). Linux reclaims the inactive (cold)
         list first, so hot data goes only once the cold is gone; the hot data taken is
-        owed back as refaults (mm/workingset.c's refault detection is the idea)."""
+        owed back as refaults (mm/workingset.c's refault detection is the idea). What the
+        guest's own reclaim takes while its balloon is empty is its workload's doing, not
+        a policy's (``own_refault_debt``; see ``own_refault_kib``)."""
         if not amount_kib.any():
             return
         hot_lost = np.clip(amount_kib - (self.cache - self.hot_cache), 0.0, self.hot_cache)
         self.cache -= amount_kib
         self.hot_cache -= hot_lost
         self.refault_debt += hot_lost
+        if by_reclaim:
+            unballooned = (self.driver.balloon_kib <= 0) & (self.driver.held_kib <= 0)
+            self.own_refault_debt += np.where(unballooned, hot_lost, 0.0)
 
     def _evict_cache_one(self, i: int, amount_kib: float) -> None:
         """``_evict_cache`` for guest ``i`` alone, in scalars (the protocol path's rate)."""
@@ -446,7 +456,7 @@ class Fleet:
         """Reclaim, swap, auto-deflate, then OOM-kill; returns which guests killed."""
         over = self.anon + self.cache + self.min_free - self._capacity()
         from_cache = np.clip(over, 0.0, np.maximum(self.cache - self.cache_min, 0.0))
-        self._evict_cache(from_cache)
+        self._evict_cache(from_cache, by_reclaim=True)
         over -= from_cache
         # Reclaim also runs the balloon's shrinker: free page hinting blocks go back whole.
         if self.driver.held_kib.any():
@@ -488,7 +498,7 @@ class Fleet:
         self.anon += back
         self.swap -= back
         trim = self.cache - np.maximum(self._capacity() - self.anon, self.cache_min)
-        self._evict_cache(np.maximum(trim, 0.0))
+        self._evict_cache(np.maximum(trim, 0.0), by_reclaim=True)
         return np.asarray(touched - back > EPSILON_KIB, dtype=bool)
 
     def _refault(self, dt_s: float) -> None:
@@ -502,6 +512,9 @@ class Fleet:
         reread = self.refault_debt * (1.0 - math.exp(-dt_s / self.params.swap_touch_s))
         self.refault_debt -= reread
         self.refault_kib += reread
+        own = self.own_refault_debt * (1.0 - math.exp(-dt_s / self.params.swap_touch_s))
+        self.own_refault_debt -= own
+        self.own_refault_kib += own
         self.major_faults += reread / 4  # 4 KiB pages
         back = np.minimum(reread, np.maximum(self.free() - self.min_free, 0.0))
         self._allocate(back)

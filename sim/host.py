@@ -17,7 +17,9 @@ anonymous working set, hot page cache), since the host cannot tell one guest's h
 from another's. A swapped hot page is touched again within the guest model's
 ``swap_touch_s`` on average and faulted back in, pushing another out while the host
 stays over (the guest model's own thrashing rule). The host's base and QEMU's own
-memory are taken to stay resident.
+memory are taken to stay resident. The guest's own stats do not show these faults (to
+the guest a host-swapped page is a stall it cannot see); the scorecard counts them in the
+guest's major faults and paging (``Fleet.host_swap_in``).
 
 Host memory pressure (PSI ``some``) is modelled as zero below ``psi_knee_pct`` of RAM
 in use and rising linearly to 100 % of time stalled at full use.

@@ -18,7 +18,11 @@ Definitions (all over the replayed span, every guest):
   in the major faults and in each guest's paging.
 * **per-guest paging SLO**: each guest's swap-in, page-cache refaults and host swap-in,
   as % of its own mean working set (mean demand) per minute, against ``slo_pct_per_min``
-  (Google's far-memory SLO, 0.2): the worst guest, and the guests over it.
+  (Google's far-memory SLO, 0.2: it bounds the pages the *system* took that come back):
+  the worst guest, and the guests over it. Refaults of cache the guest's own growth
+  evicted while its balloon was empty are its workload's, which it pages on a dedicated
+  host too: they are in the refault figure, not against the SLO (as ``sim.workload``'s
+  demand cap leaves out what a guest cannot hold unballooned).
 * **warm-up**: the span simulated before scoring began; every figure here (counters
   included) is over the scored span only.
 * **host use**: host RAM in use (base + guests + QEMU overhead) as % of host RAM; over

@@ -190,6 +190,7 @@ class _Counters:
         values = {
             "swap_in_kib": f.swap_in,
             "refault_kib": f.refault_kib,
+            "own_refault_kib": f.own_refault_kib,
             "host_swap_in_kib": f.host_swap_in,
             "major_faults": f.major_faults + f.host_swap_in / 4,  # host swap-in: 4 KiB page faults
             "oom_kills": f.oom_kills,
@@ -206,9 +207,11 @@ class _Counters:
         return {k: float(v.sum()) for k, v in self.values.items()}
 
     def paged_kib(self) -> Array:
-        """What each guest paged in: its swap-in, page-cache refaults and host swap-in."""
+        """What each guest paged in because of overcommit: its swap-in, page-cache
+        refaults (less those its own growth caused with an empty balloon: the workload's,
+        which it does on a dedicated host too) and host swap-in."""
         v = self.values
-        return v["swap_in_kib"] + v["refault_kib"] + v["host_swap_in_kib"]
+        return v["swap_in_kib"] + v["refault_kib"] - v["own_refault_kib"] + v["host_swap_in_kib"]
 
 
 def unguarded_step(

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import numpy.typing as npt
 
-from sim.compare import REFERENCE, Comparison, table_rows
+from sim.compare import REFERENCE, Comparison, table_notes, table_rows
 from sim.metrics import Timeline
 from sim.replay import ReplayResult
 
@@ -154,7 +154,10 @@ def write_report(comp: Comparison, out_dir: Path) -> Path:
         "tr:nth-child(even){background:#f4f4f4}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>{card.provisioned_gib:.0f} GiB of guest RAM on a {card.host_gib:.0f} GiB "
         "host. Bold: the best policy of each row (the no-ballooning reference <i>none</i> is not ranked).</p>"
-        f"{html_table(comp)}" + "".join(_img(p) for p in pngs) + "</body></html>"
+        f"{html_table(comp)}"
+        + "".join(f"<p>{html.escape(n)}</p>" for n in table_notes(comp))
+        + "".join(_img(p) for p in pngs)
+        + "</body></html>"
     )
     index = out_dir / "index.html"
     index.write_text(page, encoding="utf-8")

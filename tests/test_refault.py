@@ -120,3 +120,18 @@ def test_reads_with_no_free_room_still_make_the_cache_hot() -> None:
     assert float(f.free()[0] - f.min_free[0]) < MIB and float(f.hot_cache[0]) == 0.0
     run(hv, 1200, read_mib_s=0.5)
     assert float(f.hot_cache[0]) == pytest.approx(float(f.cache[0]))
+
+
+def test_refaults_of_the_guests_own_growth_with_no_balloon_are_its_workloads() -> None:
+    """The same hot cache evicted twice: by the guest's own growth with its balloon empty
+    (the workload's paging, which a dedicated host sees too) and by a balloon. Both are
+    refaults; only the second is overcommit's (``own_refault_kib`` tells them apart)."""
+    own, squeezed = reader(), reader()
+    for hv in (own, squeezed):
+        run(hv, 1200, read_mib_s=0.5)  # ~550 MiB of hot cache
+    for _ in range(60):  # the workload grows to what the guest holds unballooned
+        own.advance(own.now_s + 10.0, np.array([3.7 * GIB]), np.zeros(1))
+    squeeze_and_give_back(squeezed, int(1.3 * GIB))
+    assert float(own.fleet.refault_kib[0]) > 300 * MIB
+    assert float(own.fleet.own_refault_kib[0]) == pytest.approx(float(own.fleet.refault_kib[0]), rel=1e-6)
+    assert float(squeezed.fleet.refault_kib[0]) > 300 * MIB and float(squeezed.fleet.own_refault_kib[0]) == 0.0

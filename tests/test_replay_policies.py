@@ -86,6 +86,7 @@ def test_the_report_writes_plots_and_one_page_embedding_them(comparison: Compari
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 3
     assert all(f"<th>{n}</th>" in text for n in POLICIES)
+    assert "<th>guests over the paging SLO</th>" in text and "better baseline" in text and "disk I/O" in text
 
 
 def test_tuning_writes_params_the_config_accepts_and_never_loses_to_its_start(tmp_path: Path) -> None:
