@@ -3,9 +3,7 @@
 For every policy (and for ``none``, no ballooning at all) the highest overcommit ratio
 (provisioned guest RAM / host RAM, ``ReplaySpec.overcommit``) at which a replay of the
 same guests *holds*: ``violations(card)`` is empty (zero OOM kills, the host never above
-100 %, every guest within the paging SLO, zero guest-seconds below floor), except that
-guests paging over the SLO with no ballooning on a host of ratio 1.0 are excused (their
-own workload does it; ``reference``; ``--strict-slo`` excuses none).
+100 %, every guest within the paging SLO, zero guest-seconds below floor).
 
 The search, per policy, on host size (the guests stay the same, the host shrinks):
 
@@ -32,7 +30,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,44 +133,17 @@ class PlanJob:
     cfg: DaemonConfig
     tolerance: float = DEFAULT_TOLERANCE
     max_ratio: float = DEFAULT_MAX_RATIO
-    excused_slo_guests: int = 0  # guests over the paging SLO with no ballooning at START_RATIO
-    first: Step | None = None  # the replay at START_RATIO, when already done
-
-
-def plan_violations(card: Scorecard, excused_slo_guests: int) -> dict[str, float]:
-    """``sim.metrics.violations`` less the guests that page over the SLO on their own:
-    ``guest-slo`` counts only guests beyond the ``excused`` ones (see ``reference``)."""
-    over = violations(card)
-    if "guest-slo" in over:
-        beyond = over["guest-slo"] - excused_slo_guests
-        if beyond > 0:
-            over["guest-slo"] = beyond
-        else:
-            del over["guest-slo"]
-    return over
 
 
 def try_ratio(job: PlanJob, ratio: float) -> Step:
     spec = job.spec.model_copy(update={"overcommit": ratio})
     card = replay(spec, job.policy, job.cfg, loaded=traces_for(spec)).scorecard
-    return Step(ratio, card, plan_violations(card, job.excused_slo_guests))
-
-
-def reference(spec: ReplaySpec, cfg: DaemonConfig) -> Step:
-    """No ballooning on a host as large as the guests (``START_RATIO``), judged strictly.
-
-    A guest whose own workload pages over the SLO there (it re-reads more file data than
-    its RAM caches, or swaps in what it swapped out itself) does so whatever the host
-    and the policy: no overcommit ratio is safe for it by that measure. Its count is what
-    ``plan`` excuses in every replay (``--strict-slo`` excuses nothing). Ballooning and a
-    smaller host only add paging, so a guest over the SLO here stays over it; any further
-    guest over it counts."""
-    return try_ratio(PlanJob(spec, NoBalloon(), cfg), START_RATIO)
+    return Step(ratio, card, violations(card))
 
 
 def search(job: PlanJob) -> PolicyPlan:
     """Bracket, then bisect (see the module docstring). The task of a sweep."""
-    steps = [job.first if job.first is not None else try_ratio(job, START_RATIO)]
+    steps = [try_ratio(job, START_RATIO)]
     if steps[0].holds:
         lo, hi = START_RATIO, min(2 * START_RATIO, job.max_ratio)
         while hi > lo:
@@ -196,7 +167,6 @@ class Plan:
     plans: tuple[PolicyPlan, ...]
     guests: int
     hours: float
-    excused_slo_guests: int = 0
 
     def by_name(self) -> dict[str, PolicyPlan]:
         return {p.policy: p for p in self.plans}
@@ -217,21 +187,16 @@ def plan(
     tolerance: float = DEFAULT_TOLERANCE,
     max_ratio: float = DEFAULT_MAX_RATIO,
     on_done: Callable[[int, PolicyPlan], object] | None = None,
-    strict_slo: bool = False,
 ) -> Plan:
-    """The safe density of ``none`` and of each policy, one sweep task per policy, after
-    the ``reference`` replay (in this process) that says which guests page on their own."""
+    """The safe density of ``none`` and of each policy, one sweep task per policy."""
     if not START_RATIO < max_ratio:
         raise PlanError(f"--max-overcommit {max_ratio:g}: must be above the start ratio {START_RATIO:g}")
     if not tolerance > 0:
         raise PlanError(f"--tolerance {tolerance:g}: must be > 0")
-    ref = reference(spec, cfg)
-    excused = 0 if strict_slo else ref.card.guests_over_slo
-    first = replace(ref, violations=plan_violations(ref.card, excused))
-    none = PlanJob(spec, NoBalloon(), cfg, tolerance, max_ratio, excused, first)
-    jobs = [none, *(PlanJob(spec, p, cfg, tolerance, max_ratio, excused) for p in policies if p.name != REFERENCE)]
-    plans = sweep.map(search, jobs, on_done=on_done)
-    return Plan(tuple(plans), ref.card.guests, ref.card.hours, excused)
+    runs: list[Policy[Any]] = [NoBalloon(), *(p for p in policies if p.name != REFERENCE)]
+    plans = sweep.map(search, [PlanJob(spec, p, cfg, tolerance, max_ratio) for p in runs], on_done=on_done)
+    first = plans[0].steps[0].card
+    return Plan(tuple(plans), first.guests, first.hours)
 
 
 def reclaimed_gib_h(card: Scorecard) -> float:
@@ -252,12 +217,6 @@ def format_plan(result: Plan) -> str:
         (
             f"{result.guests} guests, {result.hours:.0f} h; safe = highest overcommit (provisioned / host RAM) "
             f"with no violation, bisected to within {tol:g}; binding = what failed at the next step up"
-            + (
-                f"; excused from guest-slo: {result.excused_slo_guests} guest(s) over the paging SLO "
-                f"with no ballooning at {START_RATIO:g}"
-                if result.excused_slo_guests
-                else ""
-            )
         ),
         "",
         (
@@ -302,7 +261,6 @@ def to_json(result: Plan) -> list[dict[str, object]]:
         d = p.as_dict()
         r = p.safe_overcommit
         d["vs_better_baseline"] = r / base if r is not None and base else None
-        d["excused_slo_guests"] = result.excused_slo_guests
         out.append(d)
     return out
 
@@ -333,11 +291,6 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_RATIO,
         help="highest ratio tried (default %(default)s)",
     )
-    p.add_argument(
-        "--strict-slo",
-        action="store_true",
-        help="excuse no guest from the paging SLO, even one over it with no ballooning on a host of ratio 1",
-    )
     p.add_argument("--json", type=Path, help="write one object per policy, with every ratio tried, here")
     p.add_argument("--report", type=Path, help="write the reclaim-against-harm plot and an HTML page here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -363,7 +316,6 @@ def plan_command(args: argparse.Namespace) -> int:
             tolerance=args.tolerance,
             max_ratio=args.max_overcommit,
             on_done=lambda _, p: (bar.write(f"{p.policy}: {_summary(p)}", file=sys.stderr), bar.update(1)),
-            strict_slo=args.strict_slo,
         )
     print(format_plan(result))
     if args.json:

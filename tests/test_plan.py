@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from policies import registry
 from policies.api import PolicyResult
 from sim.compare import REFERENCE, NoBalloon
 from sim.host import HostModelParams
-from sim.metrics import violations
 from sim.plan import (
     CONSTRAINTS,
     START_RATIO,
@@ -27,8 +25,6 @@ from sim.plan import (
     PlanJob,
     format_plan,
     plan,
-    plan_violations,
-    reference,
     to_json,
     try_ratio,
 )
@@ -57,8 +53,7 @@ def test_safe_ratio_holds_and_the_next_step_up_fails_for_its_binding_constraint(
     assert 0 < p.next_up.overcommit - p.safe.overcommit <= TOLERANCE
     assert p.binding and set(p.binding.split("+")) <= set(CONSTRAINTS)
     policy = NoBalloon() if p.policy == REFERENCE else registry.create(p.policy)
-    spec = ReplaySpec(guests=4, hours=2.0, seed=1, warmup_h=1.0)
-    job = PlanJob(spec, policy, DaemonConfig(), excused_slo_guests=small_plan.excused_slo_guests)
+    job = PlanJob(ReplaySpec(guests=4, hours=2.0, seed=1, warmup_h=1.0), policy, DaemonConfig())
     again_safe = try_ratio(job, p.safe.overcommit)
     again_next = try_ratio(job, p.next_up.overcommit)
     assert again_safe.holds  # replayed afresh: deterministic, and it really holds
@@ -110,30 +105,6 @@ def test_a_policy_that_fails_at_the_start_has_no_safe_ratio(capsys: pytest.Captu
     assert to_json(result)[1]["safe_overcommit"] is None
     row = next(line for line in format_plan(result).splitlines() if line.startswith("| squeeze"))
     assert f"fails at {START_RATIO:g}: {squeeze.binding}" in row
-
-
-def test_only_guests_beyond_those_paging_on_their_own_break_the_slo(small_plan: Plan) -> None:
-    card = small_plan.plans[0].steps[0].card
-    over = replace(card, guests_over_slo=3, oom_kills=0, host_over_100_s=0.0, below_floor_guest_s=0.0)
-    assert plan_violations(over, 0) == violations(over) == {"guest-slo": 3.0}
-    assert plan_violations(over, 2) == {"guest-slo": 1.0}
-    assert plan_violations(over, 3) == {}
-    killed = replace(over, oom_kills=2)
-    assert plan_violations(killed, 3) == {"oom-kills": 2.0}  # only the SLO has an excuse
-
-
-def test_guests_paging_on_their_own_are_excused_unless_strict() -> None:
-    # An SLO so tight that any page-cache refault breaks it: guests break it unballooned.
-    spec = ReplaySpec(guests=10, hours=1.0, seed=2, warmup_h=4.0, slo_pct_per_min=1e-9)
-    ref = reference(spec, DaemonConfig())
-    assert ref.overcommit == START_RATIO and ref.card.guests_over_slo > 0
-    assert ref.violations == violations(ref.card)  # the reference itself is judged strictly
-    loose = plan(spec, [], DaemonConfig(), Sweep(workers=1), tolerance=0.5, max_ratio=2.0)
-    strict = plan(spec, [], DaemonConfig(), Sweep(workers=1), tolerance=0.5, max_ratio=2.0, strict_slo=True)
-    assert loose.excused_slo_guests == ref.card.guests_over_slo and strict.excused_slo_guests == 0
-    assert loose.plans[0].steps[0].holds and loose.plans[0].safe_overcommit is not None
-    assert strict.plans[0].safe is None and strict.plans[0].binding == "guest-slo"
-    assert f"excused from guest-slo: {ref.card.guests_over_slo} guest(s)" in format_plan(loose)
 
 
 def test_bad_search_settings_are_refused() -> None:
