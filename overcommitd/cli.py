@@ -127,15 +127,11 @@ def cmd_record(args: argparse.Namespace) -> int:
     )
     hv, source = _recording_source(cfg)
     interval_s = args.interval_s or cfg.interval_s
-    recorder = Recorder(
-        ReadOnlyGuests(hv), host, args.out, rules=cfg.guard, interval_s=interval_s, source=source
-    )
+    recorder = Recorder(ReadOnlyGuests(hv), host, args.out, rules=cfg.guard, interval_s=interval_s, source=source)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    logging.getLogger("overcommitd.record").info(
-        "recording %s every %g s into %s", source, interval_s, args.out
-    )
+    logging.getLogger("overcommitd.record").info("recording %s every %g s into %s", source, interval_s, args.out)
     try:
         recorder.run(stop, hours=args.hours)
     finally:
@@ -240,6 +236,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return tune_command(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sim.plan import plan_command
+
+    return plan_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="overcommitd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -308,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     from sim.trace_cli import add_trace_parser
 
     add_trace_parser(sub)
+
+    from sim.plan import add_plan_arguments
+
+    p = sub.add_parser(
+        "plan", help="safe density: the highest overcommit each policy (and no ballooning) holds on the traces"
+    )
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sim", help="simulator tools: protocol-level virtio-balloon scenarios")
     sim_sub = p.add_subparsers(dest="sim_command", required=True)

@@ -14,16 +14,12 @@ from policies import registry
 from sim.compare import io_note, spec_from_args
 from sim.metrics import Scorecard, violations
 from sim.replay import ReplaySpec, load_traces, replay
+from sim.sweep import add_sweep_arguments
 
 
-def add_replay_arguments(p: argparse.ArgumentParser) -> None:
+def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
+    """How a replay is scored (warm-up, per-guest SLO, guarded baselines): replay and plan."""
     defaults = ReplaySpec.model_fields
-    p.add_argument("--trace", type=Path, nargs="+", help="trace files or directories (default: the bundled traces)")
-    p.add_argument("--policy", help="policy name or module:Class (default: the config's, else trim)")
-    p.add_argument("--config", type=Path, help="daemon config (guard rules, policy params, guest overrides)")
-    p.add_argument("--guests", type=int, help="number of guests (default: one per trace)")
-    p.add_argument("--hours", type=float, default=defaults["hours"].default, help="replayed span (default %(default)s)")
-    p.add_argument("--start-hours", type=float, default=0.0, help="start this far into the traces (default 0)")
     p.add_argument(
         "--warmup-hours",
         dest="warmup_h",
@@ -50,6 +46,17 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run mom and proxmox through overcommitd's guard (default: only their own limits, as upstream)",
     )
+
+
+def add_replay_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = ReplaySpec.model_fields
+    p.add_argument("--trace", type=Path, nargs="+", help="trace files or directories (default: the bundled traces)")
+    p.add_argument("--policy", help="policy name or module:Class (default: the config's, else trim)")
+    p.add_argument("--config", type=Path, help="daemon config (guard rules, policy params, guest overrides)")
+    p.add_argument("--guests", type=int, help="number of guests (default: one per trace)")
+    p.add_argument("--hours", type=float, default=defaults["hours"].default, help="replayed span (default %(default)s)")
+    p.add_argument("--start-hours", type=float, default=0.0, help="start this far into the traces (default 0)")
+    add_scoring_arguments(p)
     p.add_argument("--interval-s", type=float, help="control interval (default: the config's interval_s)")
     p.add_argument(
         "--overcommit",
@@ -67,6 +74,7 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="also write the scorecard as JSON here")
     p.add_argument("--guest-model", type=Path, help="guest constants (TOML; `overcommitd sim calibrate` writes it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_sweep_arguments(p)
 
 
 def replay_command(args: argparse.Namespace) -> int:

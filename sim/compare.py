@@ -28,6 +28,7 @@ from sim import traces as trace_io
 from sim.guest_model_file import load_guest_model
 from sim.metrics import Scorecard, violations
 from sim.replay import UPSTREAM_BASELINES, ReplayResult, ReplaySpec, load_traces, replay
+from sim.sweep import ReplayJob, Sweep, run_replays, sweep_from_args
 
 REFERENCE = "none"
 BASELINES = UPSTREAM_BASELINES
@@ -81,15 +82,34 @@ def compare(
     loaded: Sequence[trace_io.Trace] | None = None,
     reference: bool = True,
     progress: Callable[[int], object] | None = None,
+    sweep: Sweep | None = None,
 ) -> Comparison:
-    """Replay each policy (and the no-ballooning reference) on one spec."""
+    """Replay each policy (and the no-ballooning reference) on one spec; with a ``sweep``
+    of more than one worker, each replay is a task of its own (same results)."""
     names = [p.name for p in policies]
     if len(set(names)) != len(names):
         raise ValueError(f"policies(={names}) must not repeat a name")
-    loaded = loaded if loaded is not None else load_traces(spec)
-    ref = replay(spec, NoBalloon(), cfg, loaded=loaded, progress=progress) if reference else None
-    results = {p.name: replay(spec, p, cfg, loaded=loaded, progress=progress) for p in policies}
-    return Comparison(spec, results, ref)
+    runs: list[Policy[Any]] = ([NoBalloon()] if reference else []) + list(policies)
+    if sweep is None or sweep.in_process:
+        loaded = loaded if loaded is not None else load_traces(spec)
+        done = [replay(spec, p, cfg, loaded=loaded, progress=progress) for p in runs]
+    else:  # each policy its own task; the bar moves a whole replay at a time
+        ticks = _ticks(spec, loaded)
+        done = run_replays(
+            [ReplayJob(spec, p, cfg) for p in runs],
+            sweep,
+            on_done=(lambda _i, _r: progress(ticks)) if progress else None,
+        )
+    ref = done.pop(0) if reference else None
+    return Comparison(spec, {p.name: r for p, r in zip(policies, done)}, ref)
+
+
+def _ticks(spec: ReplaySpec, loaded: Sequence[trace_io.Trace] | None) -> int:
+    """Control ticks in one replay of ``spec`` (for progress bars)."""
+    if spec.hours is None:
+        loaded = loaded if loaded is not None else load_traces(spec)
+    hours = spec.hours or max(t.duration_s for t in loaded or ()) / 3600
+    return int(hours * 3600 // spec.interval_s)
 
 
 # (label, scorecard field or None for a derived row, format, better: "max", "min" or "")
@@ -236,12 +256,12 @@ def compare_command(args: Any) -> int:
     names = [n.strip() for n in (args.policy or cfg.policy.name).split(",") if n.strip()]
     policies = create_policies(names, cfg)
     spec = spec_from_args(args, cfg)
-    loaded = load_traces(spec)
-    hours = spec.hours or max(t.duration_s for t in loaded) / 3600
-    ticks = int(hours * 3600 // spec.interval_s) * (len(policies) + 1)
+    sweep = sweep_from_args(args)
+    loaded = load_traces(spec) if sweep.in_process else None
+    ticks = _ticks(spec, loaded) * (len(policies) + 1)
     with tqdm(total=ticks, unit="tick", disable=args.no_progress or None, file=sys.stderr) as bar:
-        bar.set_description(f"{','.join(names)}: {spec.guests or len(loaded)} guests")
-        comp = compare(spec, policies, cfg, loaded=loaded, progress=bar.update)
+        bar.set_description(f"{','.join(names)}: {spec.guests or 'one per trace'} guests")
+        comp = compare(spec, policies, cfg, loaded=loaded, progress=bar.update, sweep=sweep)
     table = format_table(comp)
     print(table)
     if args.json:

@@ -22,6 +22,17 @@ free, bounded, a good fit for an objective that is a replay) minimises
 The replay is deterministic (seeded), so the starting point (the policy's defaults, or
 the config's params) is evaluated first and the result is never worse than it.
 The result is written as TOML the daemon config accepts (``[policy]`` + ``[policy.params]``).
+
+Train and test: the search sees only the *train* split (``--train-guests A:B``, slices
+of the expanded trace list, and ``--hours``/``--start-hours``); the start and the best
+point are then replayed on the *test* split (``--test-guests``, ``--test-start-hours``,
+``--test-hours``) and both are printed, so a user sees whether the tuning generalises.
+By default the first half of the traces trains and the second half tests (one trace:
+the test span follows the train span). The start's train and test replays run in
+parallel on the sweep (``--workers``/``--scheduler``, ``sim.sweep``), with ``--screen N``
+quasi-random points (Sobol) in the same batch; Powell then starts from the best of them.
+Powell's line searches are sequential, so after that batch the search runs one replay
+at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +49,12 @@ import numpy as np
 from scipy import optimize  # type: ignore[import-untyped]
 
 from overcommitd.config import DaemonConfig
+from overcommitd.model import OvercommitdError
 from policies import registry
 from sim import traces as trace_io
 from sim.metrics import Scorecard
-from sim.replay import DEFAULT_SLO_PCT_PER_MIN, ReplaySpec, load_traces, replay
+from sim.replay import DEFAULT_SLO_PCT_PER_MIN, ReplayResult, ReplaySpec, load_traces, replay
+from sim.sweep import ReplayJob, Sweep, add_sweep_arguments, run_replays, sweep_from_args
 
 MIB = 1024
 GIB = 1024 * 1024
@@ -136,11 +149,16 @@ class Evaluation:
 
 @dataclass(slots=True)
 class TuneResult:
+    """The search on the train split; ``test_start``/``test_best``: the start and the best
+    point replayed on the test split (guests and hours the search never saw)."""
+
     policy: str
     start: Evaluation
     best: Evaluation
     evaluations: list[Evaluation] = field(default_factory=list)
     bound: Constraints | None = None
+    test_start: Evaluation | None = None
+    test_best: Evaluation | None = None
 
 
 def objective(card: Scorecard, bound: Constraints) -> tuple[float, bool]:
@@ -183,18 +201,41 @@ def tune(
     max_oom_kills: int = 0,
     loaded: Sequence[trace_io.Trace] | None = None,
     on_eval: Callable[[Evaluation], None] | None = None,
+    test_spec: ReplaySpec | None = None,
+    sweep: Sweep | None = None,
+    screen: int = 0,
 ) -> TuneResult:
-    """Search ``dims`` of policy ``name`` over replays of ``spec``; at most ``max_evals``
-    replays. ``slo_pct_per_min`` replaces the spec's per-guest paging SLO when given."""
+    """Search ``dims`` of policy ``name`` over replays of ``spec`` (the train split); at
+    most ``max_evals`` replays. With ``test_spec``, the start and the best point are also
+    replayed on it. The start, ``screen`` quasi-random points and the start on the test
+    split run as one parallel batch on ``sweep``; Powell then starts from the best of them.
+    ``slo_pct_per_min`` replaces the specs' per-guest paging SLO when given."""
     if slo_pct_per_min is not None:
         spec = spec.model_copy(update={"slo_pct_per_min": slo_pct_per_min})
-    loaded = loaded if loaded is not None else load_traces(spec)
+        if test_spec is not None:
+            test_spec = test_spec.model_copy(update={"slo_pct_per_min": slo_pct_per_min})
     fixed = dict(start_params or {})
     defaults = getattr(registry.create(name, fixed), "params", None)
     x0 = np.array([d.unit(float(getattr(defaults, d.name, (d.low + d.high) / 2))) for d in dims])
+    points = [x0, *screen_points(dims, min(screen, max_evals - 1), seed=spec.seed)]
+    batch = [{d.name: d.value(float(u)) for d, u in zip(dims, x)} for x in points]
+    start = batch[0]
+    jobs = [ReplayJob(spec, registry.create(name, fixed | p), cfg, timeline=False) for p in batch]
+    if test_spec is not None:
+        jobs.append(ReplayJob(test_spec, registry.create(name, fixed | start), cfg, timeline=False))
+    first = run_replays(jobs, sweep or Sweep())  # in parallel: the start, the screen, the start on test
+    loaded = loaded if loaded is not None else load_traces(spec)
     evaluations: list[Evaluation] = []
     cache: dict[tuple[float | int, ...], Evaluation] = {}
     bound = Constraints(spec.slo_pct_per_min, oom_kills=max_oom_kills)
+
+    def record(params: dict[str, float | int], card: Scorecard) -> Evaluation:
+        value, feasible = objective(card, bound)
+        cache[tuple(params.values())] = e = Evaluation(params, card, value, feasible)
+        evaluations.append(e)
+        if on_eval is not None:
+            on_eval(e)
+        return e
 
     def evaluate(x: np.ndarray) -> float:
         params = {d.name: d.value(float(u)) for d, u in zip(dims, x)}
@@ -202,15 +243,12 @@ def tune(
         if key not in cache:
             if len(evaluations) >= max_evals:
                 raise _Budget()
-            result = replay(spec, registry.create(name, fixed | params), cfg, loaded=loaded)
-            value, feasible = objective(result.scorecard, bound)
-            cache[key] = Evaluation(params, result.scorecard, value, feasible)
-            evaluations.append(cache[key])
-            if on_eval is not None:
-                on_eval(cache[key])
+            record(params, replay(spec, registry.create(name, fixed | params), cfg, loaded=loaded).scorecard)
         return cache[key].objective
 
-    evaluate(x0)
+    for p, r in zip(batch, first):
+        record(p, r.scorecard)
+    x0 = points[int(np.argmin([e.objective for e in evaluations]))]  # Powell starts from the best screened
     try:
         optimize.minimize(
             evaluate,
@@ -222,7 +260,99 @@ def tune(
     except _Budget:
         pass
     best = min(evaluations, key=lambda e: e.objective)
-    return TuneResult(name, evaluations[0], best, evaluations, bound)
+    result = TuneResult(name, evaluations[0], best, evaluations, bound)
+    if test_spec is not None:
+        result.test_start, result.test_best = _on_test(name, fixed, cfg, test_spec, first[-1], start, best)
+    return result
+
+
+def screen_points(dims: Sequence[Dim], n: int, *, seed: int) -> list[np.ndarray]:
+    """``n`` points of the unit cube spread evenly (a scrambled Sobol sequence, seeded:
+    the same points every run), for a parallel first batch before the sequential search."""
+    if n <= 0:
+        return []
+    from scipy.stats import qmc  # type: ignore[import-untyped]
+
+    m = max(0, math.ceil(math.log2(n)))  # Sobol's balance holds for powers of 2: draw 2**m, keep n
+    return list(qmc.Sobol(len(dims), scramble=True, seed=seed).random_base2(m)[:n])
+
+
+def _on_test(
+    name: str,
+    fixed: Mapping[str, Any],
+    cfg: DaemonConfig,
+    test_spec: ReplaySpec,
+    start_run: ReplayResult,
+    start_params: dict[str, float | int],
+    best: Evaluation,
+) -> tuple[Evaluation, Evaluation]:
+    """The start and the best point judged on the test split (no OOM kill allowed there:
+    ``--max-oom-kills`` is a concession to the train traces, not a goal)."""
+    bound = Constraints(test_spec.slo_pct_per_min, oom_kills=0)
+
+    def judged(params: dict[str, float | int], card: Scorecard) -> Evaluation:
+        value, feasible = objective(card, bound)
+        return Evaluation(params, card, value, feasible)
+
+    start = judged(start_params, start_run.scorecard)
+    best_card = replay(
+        test_spec, registry.create(name, dict(fixed) | best.params), cfg, loaded=load_traces(test_spec)
+    ).scorecard
+    return start, judged(best.params, best_card)
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Which guests (slices of the expanded trace list) and hours train and test use."""
+
+    train_guests: slice
+    test_guests: slice
+    train_start_h: float
+    train_hours: float
+    test_start_h: float
+    test_hours: float
+
+
+def parse_slice(text: str, what: str) -> slice:
+    """``A:B`` (either side may be empty) as a slice of the trace list; errors name ``what``."""
+    a, sep, b = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        lo, hi = (int(a) if a else None), (int(b) if b else None)
+    except ValueError:
+        raise TuneError(f"{what} {text!r}: expected A:B, indices into the trace list (e.g. 0:25)") from None
+    if (lo is not None and lo < 0) or (hi is not None and hi < 0):
+        raise TuneError(f"{what} {text!r}: indices must be >= 0")
+    return slice(lo, hi)
+
+
+def default_split(n_traces: int, start_h: float, hours: float) -> Split:
+    """Disjoint by default: the first half of the traces trains, the second half tests,
+    over the same hours; with a single trace, the test span follows the train span."""
+    if n_traces >= 2:
+        half = n_traces // 2
+        return Split(slice(0, half), slice(half, None), start_h, hours, start_h, hours)
+    return Split(slice(None), slice(None), start_h, hours, start_h + hours, hours)
+
+
+def split_specs(base: ReplaySpec, split: Split) -> tuple[ReplaySpec, ReplaySpec]:
+    """The train and the test ReplaySpec of ``split``; each names its trace files."""
+    files = trace_io.expand(list(base.traces))
+    specs = []
+    for what, guests, start_h, hours in (
+        ("--train-guests", split.train_guests, split.train_start_h, split.train_hours),
+        ("--test-guests", split.test_guests, split.test_start_h, split.test_hours),
+    ):
+        chosen = tuple(files[guests])
+        if not chosen:
+            raise TuneError(f"{what} {guests.start}:{guests.stop}: no trace of the {len(files)} given")
+        specs.append(base.model_copy(update={"traces": chosen, "start_h": start_h, "hours": hours}))
+    return specs[0], specs[1]
+
+
+class TuneError(OvercommitdError):
+    """Split arguments that cannot work (the CLI prints it, exit 2)."""
 
 
 class _Budget(Exception):
@@ -246,6 +376,7 @@ def to_toml(result: TuneResult, fixed: Mapping[str, Any] | None = None) -> str:
             f"# start: saved {result.start.card.saved_pct:.1f} %, OOM kills {result.start.card.oom_kills}, "
             f"swap-in {result.start.card.swap_in_mib_per_guest_h:.2f} MiB/guest-h"
         ),
+        *generalisation_lines(result),
         "[policy]",
         f'name = "{result.policy}"',
         "",
@@ -256,6 +387,29 @@ def to_toml(result: TuneResult, fixed: Mapping[str, Any] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _card_line(label: str, e: Evaluation) -> str:
+    c = e.card
+    return (
+        f"#   {label:<12} saved {c.saved_pct:5.1f} %  OOM kills {c.oom_kills:3d}  below floor {c.below_floor_guest_s:6.0f} s  "
+        f"host >100 % {c.host_over_100_s:6.0f} s  worst guest paging {c.worst_guest_paging_pct_per_min:7.3f} %/min  "
+        f"guests over SLO {c.guests_over_slo:3d}  {'ok' if e.feasible else 'NOT ok'}"
+    )
+
+
+def generalisation_lines(result: TuneResult) -> list[str]:
+    """Start and best on the train split and on the test split, as TOML comments."""
+    if result.test_start is None or result.test_best is None:
+        return []
+    tr, te = result.start.card, result.test_start.card
+    return [
+        f"# generalisation: train {tr.guests} guests x {tr.hours:.0f} h, test {te.guests} guests x {te.hours:.0f} h",
+        _card_line("train start", result.start),
+        _card_line("train best", result.best),
+        _card_line("test start", result.test_start),
+        _card_line("test best", result.test_best),
+    ]
+
+
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", required=True, help="policy to tune (registry name or module:Class)")
     p.add_argument("--trace", type=Path, nargs="+", help="trace files or directories (default: the bundled traces)")
@@ -264,13 +418,38 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--guests", type=int, help="number of guests (default: one per trace)")
     p.add_argument("--guest-model", type=Path, help="guest constants (TOML; `overcommitd sim calibrate` writes it)")
-    p.add_argument("--hours", type=float, default=24.0, help="replayed span per evaluation (default %(default)s)")
+    p.add_argument(
+        "--hours",
+        "--train-hours",
+        dest="hours",
+        type=float,
+        default=24.0,
+        help="replayed span of every train evaluation (default %(default)s)",
+    )
     p.add_argument(
         "--start-hours",
+        "--train-start-hours",
+        dest="start_hours",
         type=float,
         default=0.0,
-        help="start this far into the traces (default 0): tune on one stretch, judge on another",
+        help="the train span starts this far into the traces (default 0)",
     )
+    p.add_argument(
+        "--train-guests",
+        metavar="A:B",
+        help="train on traces A..B-1 of the expanded trace list (default: the first half; all if one trace)",
+    )
+    p.add_argument(
+        "--test-guests",
+        metavar="A:B",
+        help="report on traces A..B-1 (default: the second half; with one trace, the same trace)",
+    )
+    p.add_argument(
+        "--test-start-hours",
+        type=float,
+        help="the test span starts here (default: the train start; with one trace, right after the train span)",
+    )
+    p.add_argument("--test-hours", type=float, help="replayed span on the test split (default: the train span)")
     p.add_argument("--interval-s", type=float, help="control interval (default: the config's interval_s)")
     p.add_argument(
         "--overcommit",
@@ -279,6 +458,13 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
         help="provisioned / host RAM (default %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for guest features (default 0)")
+    p.add_argument(
+        "--warmup-hours",
+        dest="warmup_h",
+        type=float,
+        default=ReplaySpec.model_fields["warmup_h"].default,
+        help="simulated before every scored span, not scored (default %(default)s)",
+    )
     p.add_argument("--max-evals", type=int, default=40, help="replays to spend (default %(default)s)")
     p.add_argument(
         "--swap-slo",
@@ -298,6 +484,29 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
         "--param", action="append", default=[], help="search NAME=LOW:HIGH[:int] (replaces the built-in space)"
     )
     p.add_argument("--out", type=Path, help="write the tuned parameters here as TOML (default: stdout only)")
+    p.add_argument(
+        "--screen",
+        type=int,
+        default=0,
+        help="first replay this many quasi-random points in parallel, then search from the best (default 0)",
+    )
+    add_sweep_arguments(p)
+
+
+def split_from_args(args: argparse.Namespace, spec: ReplaySpec) -> tuple[ReplaySpec, ReplaySpec]:
+    """The train and test specs the split arguments describe (see ``default_split``)."""
+    n = len(trace_io.expand(list(spec.traces)))
+    hours = spec.hours or 24.0
+    split = default_split(n, spec.start_h, hours)
+    if args.train_guests:
+        split = replace(split, train_guests=parse_slice(args.train_guests, "--train-guests"))
+    if args.test_guests:
+        split = replace(split, test_guests=parse_slice(args.test_guests, "--test-guests"))
+    if args.test_start_hours is not None:
+        split = replace(split, test_start_h=args.test_start_hours)
+    if args.test_hours is not None:
+        split = replace(split, test_hours=args.test_hours)
+    return split_specs(spec, split)
 
 
 def tune_command(args: argparse.Namespace) -> int:
@@ -308,7 +517,7 @@ def tune_command(args: argparse.Namespace) -> int:
     if not dims:
         print(f"overcommitd: no search space for {args.policy!r}; give one with --param NAME=LOW:HIGH", file=sys.stderr)
         return 2
-    spec = spec_from_args(args, cfg)
+    train_spec, test_spec = split_from_args(args, spec_from_args(args, cfg))
     start = cfg.policy.params if args.policy == cfg.policy.name else {}
 
     def show(e: Evaluation) -> None:
@@ -322,7 +531,7 @@ def tune_command(args: argparse.Namespace) -> int:
 
     result = tune(
         args.policy,
-        spec,
+        train_spec,
         cfg,
         dims=dims,
         start_params=start,
@@ -330,6 +539,9 @@ def tune_command(args: argparse.Namespace) -> int:
         slo_pct_per_min=args.slo_pct_per_min,
         max_oom_kills=args.max_oom_kills,
         on_eval=show,
+        test_spec=test_spec,
+        sweep=sweep_from_args(args),
+        screen=args.screen,
     )
     text = to_toml(result, {k: v for k, v in start.items() if k not in {d.name for d in dims}})
     print(text, end="")
