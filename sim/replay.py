@@ -127,7 +127,7 @@ def build_guests(spec: ReplaySpec, loaded: Sequence[trace_io.Trace]) -> tuple[li
     specs = [
         GuestSpec(
             uuid=str(uuid_module.UUID(int=int(rng.integers(2**63)) << 64 | i)),
-            name=f"g{i:03d}-{t.name.split('/')[-1].split('-')[0]}",
+            name=f"g{i:03d}-{_short_name(t)}",
             ram_kib=t.size_kib,
             swap_kib=spec.guest_swap_kib,
             deflate_on_oom=bool(draw[i, 0] < spec.deflate_on_oom_share),
@@ -137,6 +137,13 @@ def build_guests(spec: ReplaySpec, loaded: Sequence[trace_io.Trace]) -> tuple[li
         for i, t in enumerate(workload.traces)
     ]
     return specs, workload
+
+
+def _short_name(trace: trace_io.Trace) -> str:
+    """The trace's own name without its folder; a Google 2019 file's time range dropped
+    (``0-461643000000-631583000000`` is instance 0). A recorded guest keeps its name."""
+    short = trace.name.rsplit("/", 1)[-1]
+    return short.split("-")[0] if trace.source == "google2019" else short
 
 
 def replay(
