@@ -291,9 +291,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_guest_set_floor)
 
     try:
-        from sim.cli import add_replay_arguments
-    except ImportError:  # the simulator is not installed in this tree: no replay command
-        return parser
+        _add_simulator_commands(sub)
+    except ImportError as e:  # a daemon-only install: say what to install, never a traceback
+        _add_missing_simulator(sub, e)
+    return parser
+
+
+SIMULATOR_COMMANDS = ("replay", "tune", "trace", "plan", "sim")
+
+
+def _add_missing_simulator(sub: argparse._SubParsersAction[argparse.ArgumentParser], e: ImportError) -> None:
+    """The simulator's commands, each explaining that its dependencies are missing."""
+
+    def missing(_args: argparse.Namespace) -> int:
+        print(
+            f"overcommitd: the simulator's dependencies are not installed (no module {e.name!r}): "
+            "pip install 'overcommitd[sim]' (from a clone: pip install '.[sim]')",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+
+    for name in SIMULATOR_COMMANDS:
+        p = sub.add_parser(name, help="(needs the simulator: pip install 'overcommitd[sim]')")
+        p.set_defaults(func=missing, simulator_missing=True)  # main() lets its arguments through
+
+
+def _add_simulator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """replay, tune, trace, plan and sim: they import the simulator and its dependencies,
+    all before any is registered, so a missing one registers none of them."""
+    from sim.cli import add_replay_arguments
+    from sim.plan import add_plan_arguments
+    from sim.trace_cli import add_trace_parser
+    from sim.tune import add_tune_arguments
+
     p = sub.add_parser("replay", help="replay memory traces through the control step on a simulated host")
     add_replay_arguments(p)
     p.add_argument(
@@ -301,17 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_replay)
 
-    from sim.tune import add_tune_arguments
-
     p = sub.add_parser("tune", help="search a policy's parameters over replays; write them as config TOML")
     add_tune_arguments(p)
     p.set_defaults(func=cmd_tune)
 
-    from sim.trace_cli import add_trace_parser
-
     add_trace_parser(sub)
-
-    from sim.plan import add_plan_arguments
 
     p = sub.add_parser(
         "plan", help="safe density: the highest overcommit each policy (and no ballooning) holds on the traces"
@@ -331,11 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recording", type=Path, nargs="+", help="recording files or directories (docs/trace-format.md)")
     p.add_argument("--out", type=Path, help="write the guest-model file here (for replay --guest-model)")
     p.set_defaults(func=cmd_sim_calibrate)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "simulator_missing", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -88,6 +88,20 @@ def test_readme_install_steps_work_in_a_clean_venv(tmp_path: Path) -> None:
         [str(root / "bin" / "overcommitd"), "--help"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
     assert help_out.returncode == 0 and "check-config" in help_out.stdout and "status" in help_out.stdout
+    # The host install is the daemon's alone: the simulator's commands say what to install.
+    replay_out = subprocess.run(
+        [str(root / "bin" / "overcommitd"), "replay", "--hours", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert replay_out.returncode == 2 and "pip install 'overcommitd[sim]'" in replay_out.stderr, replay_out.stderr
+    no_sim = subprocess.run(
+        [str(root / "opt" / "bin" / "python"), "-c", "import scipy"], capture_output=True, timeout=60, check=False
+    )
+    assert no_sim.returncode != 0  # scipy, matplotlib, dask... are not pulled in by the daemon
     site = subprocess.run(
         [str(root / "opt" / "bin" / "python"), "-c", "import overcommitd; print(overcommitd.__file__)"],
         capture_output=True,
