@@ -121,8 +121,9 @@ def _dask_map(
 
 @lru_cache(maxsize=TRACE_CACHE_SETS)
 def cached_traces(paths: tuple[Path, ...], machine_kib: int) -> tuple[trace_io.Trace, ...]:
-    """The parsed traces of ``paths`` (files or directories), kept for later tasks of this process."""
-    return tuple(trace_io.load(p, machine_kib=machine_kib) for p in trace_io.expand(list(paths)))
+    """The parsed traces of ``paths`` (files or directories, recordings of many guests
+    included), kept for later tasks of this process; the one loader the replay uses."""
+    return tuple(trace_io.load_all(list(paths), machine_kib=machine_kib))
 
 
 def traces_for(spec: ReplaySpec) -> tuple[trace_io.Trace, ...]:

@@ -62,3 +62,17 @@ def test_bad_worker_counts_are_refused() -> None:
         sweep_from_args(Args())
     with pytest.raises(ValueError, match="workers"):
         Sweep(workers=-1)
+
+
+def test_a_recording_of_many_guests_per_file_sweeps_like_one_replay() -> None:
+    """A sweep's workers load traces with the replay's own loader: a recording (many
+    guests in one file, tests/data/recordings/realguest) gives the same guests and cards."""
+    from tests.realguest.recording import recording_dir
+
+    spec = ReplaySpec(traces=(recording_dir(),), hours=0.04, warmup_h=0.0, interval_s=2.0)
+    cfg = DaemonConfig(interval_s=2.0)
+    policies = [registry.create(n) for n in ("trim", "mom")]
+    a = compare(spec, policies, cfg)
+    b = compare(spec, policies, cfg, sweep=Sweep(workers=2))
+    assert [c.as_dict() for c in b.cards()] == [c.as_dict() for c in a.cards()]
+    assert b.results["mom"].scorecard.guests == 2 and b.results["mom"].scorecard.balloon_ops > 0
