@@ -137,7 +137,14 @@ def _percent_tables(path: Path, lay: PercentLayout, notes: list[str]) -> list[pa
     if lay.layout == "long":
         if lay.id_column is None or len(lay.value_columns) != 1:
             raise TraceError(f"{path}: --layout long needs --id-column and one --column (the percentage)")
-        ids = pc.cast(table.column(_column(path, names, lay.id_column)), pa.string()).to_numpy(zero_copy_only=False)
+        try:
+            raw_ids = pc.cast(table.column(_column(path, names, lay.id_column)), pa.string())
+        except pa.ArrowException as e:
+            raise TraceError(f"{path}: column {lay.id_column!r}: ids are not text: {e}") from e
+        blank = pc.sum(pc.equal(pc.fill_null(raw_ids, ""), "")).as_py() or 0  # no id, or an empty one
+        if blank:
+            raise TraceError(f"{path}: column {lay.id_column!r}: {blank} row(s) have no id")
+        ids = raw_ids.to_numpy(zero_copy_only=False)
         pct = _numbers(path, table, _column(path, names, lay.value_columns[0]))
         times = None if time_col is None else _numbers(path, table, time_col)
         order = np.argsort(ids, kind="stable")

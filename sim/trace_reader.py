@@ -141,9 +141,7 @@ def _header(path: Path, data: bytes) -> list[str]:
             f"{path}:1: missing column(s) {', '.join(missing)}: the header row must name at least "
             f"{', '.join(tf.REQUIRED_COLUMNS)} (see docs/trace-format.md)"
         )
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise TraceError(f"{path}:1: column(s) {', '.join(dup)} appear more than once in the header")
+    _refuse_repeated(names, f"{path}:1")
     return names
 
 
@@ -247,12 +245,20 @@ def _data_lines(data: bytes) -> npt.NDArray[np.int64]:
     return np.array(nonempty[1:], dtype=np.int64)
 
 
+def _refuse_repeated(names: list[str], where: str) -> None:
+    """A column named twice: which of the two is meant cannot be known."""
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise TraceError(f"{where}: column(s) {', '.join(dup)} appear more than once in the header")
+
+
 def _read_parquet(path: Path) -> _File:
     try:
         pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
     except (pa.ArrowException, OSError) as e:
         raise TraceError(f"{path}: not a readable Parquet file: {e}") from e
+    _refuse_repeated(list(names), f"{path}: schema")
     missing = [c for c in tf.REQUIRED_COLUMNS if c not in names]
     if missing:
         raise TraceError(f"{path}: schema: missing column(s) {', '.join(missing)} (see docs/trace-format.md)")

@@ -42,6 +42,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -178,7 +179,7 @@ def sniff(path: Path) -> TraceKind:
             f.seek(0)
             raw: IO[bytes] = gzip.GzipFile(fileobj=f) if magic[:2] == b"\x1f\x8b" else f  # type: ignore[assignment]
             first = raw.readline(65536).decode("utf-8", errors="replace")
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise TraceError(f"{path}: cannot read: {e}") from e
     names = [n.strip().strip('"') for n in first.strip().split(",")]
     if any(c in names for c in traceformat.REQUIRED_COLUMNS):  # the reader names any missing one
@@ -251,7 +252,7 @@ def _read(path: Path) -> bytes:
         raw = path.read_bytes()
         data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
         data.decode("utf-8")
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError) as e:
         raise TraceError(f"{path}: cannot read: {e}") from e
     return data
 
@@ -291,7 +292,7 @@ def _fast_matrix(data: bytes, names: list[str], wanted: Sequence[str], sep: str)
     if table.num_rows == 0 or any(table.column(w).null_count for w in wanted):
         return None
     rows = np.column_stack([table.column(w).to_numpy() for w in wanted]).astype(np.float64)
-    if np.isnan(rows).any() or (rows < 0).any():
+    if not np.isfinite(rows).all() or (rows < 0).any():
         return None
     return rows
 
@@ -315,8 +316,8 @@ def _rows(
         except ValueError:
             bad = next(names[i] for i in idx if not _is_number(cells[i], parse if i == idx[0] else float))
             raise TraceError(f"{path}:{lineno}: {bad} is not a number: {cells[names.index(bad)]!r}") from None
-        if any(math.isnan(v) or v < 0 for v in values):
-            raise TraceError(f"{path}:{lineno}: negative or NaN value in {', '.join(wanted)}: {values}")
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise TraceError(f"{path}:{lineno}: negative, infinite or NaN value in {', '.join(wanted)}: {values}")
         yield lineno, values
 
 
