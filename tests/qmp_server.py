@@ -53,6 +53,7 @@ class FakeQemu:
     name: str | None = "guest"
     uuid: str = "00000000-0000-0000-0000-000000000000"
     base_memory: int = 1024 * MIB
+    plugged_memory: int = 0  # hotplugged DIMMs
     actual: int | None = None
     status: str = "running"
     balloon_parent: str | None = "/machine/peripheral"  # None: no balloon device
@@ -75,7 +76,7 @@ class FakeQemu:
 
     def __post_init__(self) -> None:
         if self.actual is None:
-            self.actual = self.base_memory
+            self.actual = self.base_memory + self.plugged_memory
         if self.guest_stats is None:
             self.guest_stats = stats_reply(
                 1_700_000_000, free_memory=800 * MIB, total_memory=1000 * MIB, available_memory=850 * MIB
@@ -158,7 +159,7 @@ class FakeQemu:
         return {"status": self.status, "singlestep": False, "running": self.status == "running"}
 
     def _cmd_query_memory_size_summary(self, _: dict[str, Any]) -> object:
-        return {"base-memory": self.base_memory, "plugged-memory": 0}
+        return {"base-memory": self.base_memory, "plugged-memory": self.plugged_memory}
 
     def _cmd_query_balloon(self, _: dict[str, Any]) -> object:
         return {"actual": self.actual}

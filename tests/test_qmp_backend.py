@@ -311,6 +311,26 @@ def test_a_replaced_socket_is_a_new_guest(qemu: FakeQemuHost, hv: QmpHypervisor)
     assert g.last_target_kib is None and g.actual_kib == 1024 * 1024
 
 
+def test_a_target_is_never_sent_to_the_qemu_that_replaced_the_one_decided_for(
+    qemu: FakeQemuHost, hv: QmpHypervisor
+) -> None:
+    qemu.add("a", name="a", uuid=UUID_A)
+    hv.snapshot()  # the tick decides for this QEMU...
+    qemu.remove("a")
+    fresh = qemu.add("a", name="a", uuid=UUID_A)  # ...which is replaced before the target goes out
+    with pytest.raises(NoSuchGuest, match="replaced"):
+        hv.set_target(UUID_A, 600 * 1024)
+    assert "balloon" not in fresh.log
+
+
+def test_hotplugged_memory_counts_in_the_guests_size(qemu: FakeQemuHost, hv: QmpHypervisor) -> None:
+    """Proxmox's memory hotplug: a 1 GiB base and DIMMs; the balloon's maximum is the sum."""
+    fake = qemu.add("a", name="a", uuid=UUID_A, base_memory=1024 * MIB, actual=3072 * MIB)
+    fake.plugged_memory = 2048 * MIB
+    g = by_name(hv)["a"]
+    assert (g.max_kib, g.actual_kib) == (3 * 1024 * 1024, 3 * 1024 * 1024)
+
+
 def test_a_guest_that_refuses_its_probe_is_retried(qemu: FakeQemuHost, hv: QmpHypervisor, clock: Clock) -> None:
     fake = qemu.add("a", name="a", uuid=UUID_A)
     fake.fail["query-memory-size-summary"] = ("GenericError", "not yet")

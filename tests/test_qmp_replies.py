@@ -44,7 +44,7 @@ def test_a_reply_of_any_shape_never_raises(reply: object) -> None:
     qr.guest_stats(reply)
     qr.balloon_children(reply, "/machine/peripheral")
     assert qr.guest_name(reply) is None or isinstance(qr.guest_name(reply), str)
-    for parse in (lambda r: qr.actual_kib(r, 1024), qr.base_memory_kib, qr.run_state):
+    for parse in (lambda r: qr.actual_kib(r, 1024), qr.memory_size_kib, qr.run_state):
         try:
             parse(reply)
         except qr.QmpReplyError:
@@ -70,11 +70,13 @@ def test_guest_stats_in_bytes_become_kib_and_unsupplied_ones_none() -> None:
 
 
 def test_sizes_and_states() -> None:
-    assert qr.base_memory_kib({"base-memory": 512 * MIB, "plugged-memory": 0}) == 512 * 1024
-    assert qr.actual_kib({"actual": 600 * MIB}, 512 * 1024) == 512 * 1024  # never above the maximum
+    assert qr.memory_size_kib({"base-memory": 512 * MIB, "plugged-memory": 0}) == 512 * 1024
+    assert qr.memory_size_kib({"base-memory": 1024 * MIB, "plugged-memory": 7168 * MIB}) == 8 * 1024 * 1024
+    with pytest.raises(qr.QmpReplyError, match="probing again"):  # hotplugged since the probe: hold
+        qr.actual_kib({"actual": 600 * MIB}, 512 * 1024)
     assert qr.kib_to_bytes(3) == 3072 and qr.bytes_to_kib(3072) == 3
     with pytest.raises(qr.QmpReplyError, match="base-memory"):
-        qr.base_memory_kib({"base-memory": -1})
+        qr.memory_size_kib({"base-memory": -1})
     with pytest.raises(qr.QmpReplyError, match="actual"):
         qr.actual_kib({"actual": "lots"}, 1024)
     assert qr.run_state({"status": "running"}) is RunState.RUNNING

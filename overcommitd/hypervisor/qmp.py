@@ -333,7 +333,7 @@ class QmpHypervisor:
         s.name = qr.guest_name(await self._call(s, "query-name")) or s.stem
         s.uuid = qr.guest_uuid(await self._call(s, "query-uuid")) or s.stem
         s.run_state = qr.run_state(await self._call(s, "query-status"))
-        s.max_kib = qr.base_memory_kib(await self._call(s, "query-memory-size-summary"))
+        s.max_kib = qr.memory_size_kib(await self._call(s, "query-memory-size-summary"))
         s.balloon = await self._find_balloon(s)
         if s.balloon is None:
             log.info("guest %s has no virtio-balloon device: not ballooned", s.name)
@@ -455,8 +455,12 @@ class QmpHypervisor:
 
     async def _set_target(self, uuid: str, target_kib: int) -> None:
         s = self._session(uuid)
+        seen = s.socket_id
         try:
             await self._ensure_session(s)
+            if s.socket_id != seen or s.uuid != uuid:
+                # The QEMU process the snapshot saw was replaced since: its target is not this one's.
+                raise NoSuchGuest(f"guest {uuid}: its QEMU was replaced since the snapshot; target not set")
             await self._call(s, "balloon", {"value": qr.kib_to_bytes(target_kib)})
         except Unresponsive as e:
             await self._lost(s, str(e))

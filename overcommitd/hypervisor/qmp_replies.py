@@ -99,20 +99,31 @@ def _field(reply: object, key: str, command: str) -> object:
     return reply[key]
 
 
-def base_memory_kib(reply: object) -> int:
-    """The guest's boot size, the balloon's maximum, from ``query-memory-size-summary``."""
+def memory_size_kib(reply: object) -> int:
+    """The guest's memory with an empty balloon, the balloon's maximum, from
+    ``query-memory-size-summary``: base memory plus hotplugged DIMMs. QEMU's balloon
+    measures ``actual`` and a target against that sum (``get_current_ram_size()`` in
+    hw/virtio/virtio-balloon.c); Proxmox boots hotplug guests with a small base."""
     kib = _kib(_field(reply, "base-memory", "query-memory-size-summary"))
     if not kib:
         raise QmpReplyError(f"query-memory-size-summary: no positive base-memory in {str(reply)[:200]}")
-    return kib
+    plugged = reply.get("plugged-memory", 0) if isinstance(reply, Mapping) else 0
+    plugged_kib = _kib(plugged)
+    if plugged_kib is None:
+        raise QmpReplyError(f"query-memory-size-summary: plugged-memory is not a byte count: {str(reply)[:200]}")
+    return kib + plugged_kib
 
 
 def actual_kib(reply: object, max_kib: int) -> int:
-    """The guest's memory now (``query-balloon``'s ``actual``), within 0..max_kib."""
+    """The guest's memory now (``query-balloon``'s ``actual``). Above ``max_kib`` the size
+    we know is stale (memory was hotplugged since the probe): an error, so the guest is
+    held and probed again, never ballooned against the old size."""
     kib = _kib(_field(reply, "actual", "query-balloon"))
     if kib is None:
         raise QmpReplyError(f"query-balloon: actual is not a byte count: {str(reply)[:200]}")
-    return min(kib, max_kib)
+    if kib > max_kib:
+        raise QmpReplyError(f"query-balloon: actual {kib} KiB is above the size probed, {max_kib} KiB: probing again")
+    return kib
 
 
 def guest_name(reply: object) -> str | None:
