@@ -4,8 +4,9 @@ replay can put other policies in front of the same workload.
 
 Read-only by construction: the recorder is handed a :class:`GuestSource`, which has
 ``snapshot()`` and nothing else (the CLI wraps a libvirt connection opened read-only, on
-which libvirt itself refuses ``setMemory``), and a ``HostReader``. It never sets a target
-and never changes a guest, not even its stats period.
+which libvirt itself refuses ``setMemory``), and a ``HostReader``. It never sets a target.
+On libvirt it does not change a guest's stats period either; the QMP backend switches
+each balloon's stats polling on, as the daemon does, since a guest without it sends none.
 
 Every interval it reads the same bulk stats the daemon reads and the host's meminfo, PSI
 and KSM counters, and appends one row per guest to ``guests-<UTC hour>.csv`` and one row

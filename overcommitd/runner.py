@@ -32,7 +32,7 @@ from overcommitd import status as status_doc
 from overcommitd.config import DaemonConfig, GuestOverride
 from overcommitd.config_diff import changes
 from overcommitd.host import HostError
-from overcommitd.hypervisor import HostReader, Hypervisor, HypervisorError
+from overcommitd.hypervisor import FloorAboveMaximum, HostReader, Hypervisor, HypervisorError, NoSuchGuest
 from overcommitd.ksm import KsmController
 from overcommitd.loop import LoopState, StepOutcome, apply, step, with_overrides
 from overcommitd.model import GuestSnapshot, HostSnapshot
@@ -70,9 +70,11 @@ class TickReport:
 
 
 def _error_name(e: HypervisorError) -> msg.ErrorName:
-    # The subclasses live in the libvirt backend, which this module does not import.
-    names: dict[str, msg.ErrorName] = {"NoSuchGuest": "no-such-guest", "FloorAboveMaximum": "floor-above-max"}
-    return names.get(type(e).__name__, "hypervisor-error")
+    if isinstance(e, NoSuchGuest):
+        return "no-such-guest"
+    if isinstance(e, FloorAboveMaximum):
+        return "floor-above-max"
+    return "hypervisor-error"
 
 
 def _policy_error_name(e: registry.PolicyLoadError) -> msg.ErrorName:

@@ -36,6 +36,7 @@ from overcommitd.model import ClampReason, Decision, GuestSnapshot, OvercommitdE
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
+WRITE_TIMEOUT_S = 5.0  # how long a client may take to read the document
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024  # a client reads at most this much: far above any host's guests
 _MIB = 1024
 
@@ -222,9 +223,10 @@ class StatusServer:
     async def _serve(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             writer.write(self.document())
-            await writer.drain()
-        except OSError:
-            pass  # the client went away: nothing to do
+            async with asyncio.timeout(WRITE_TIMEOUT_S):  # a client that never reads cannot hold shutdown
+                await writer.drain()
+        except (OSError, TimeoutError):
+            pass  # the client went away or stalled: nothing to do
         finally:
             writer.close()
 
