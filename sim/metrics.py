@@ -40,7 +40,8 @@ Definitions (all over the replayed span, every guest):
   DEFLATE_ON_OOM steps.
 * **recovery**: after a demand jump (an increase of at least 10 % of the guest's RAM and
   128 MiB between two ticks), the time until the guest again has MemAvailable of at
-  least 5 % of its RAM and swaps nothing in; 0 when it never lacked.
+  least 5 % of its RAM and swaps nothing in; 0 when it never lacked; a guest still not
+  recovered at the end counts with the time it waited so far.
 """
 
 from __future__ import annotations
@@ -179,10 +180,12 @@ class Recorder:
         self.prev_demand: npt.NDArray[np.float64] | None = None
         self.jump_started_s = np.full(len(ram_kib), np.nan)
         self.recoveries_s: list[float] = []
+        self.last_s = 0.0  # the last scored instant: a jump still unrecovered then counts until it
         self.jumps = 0
         self.prev_swap_in = np.zeros(len(ram_kib))
 
     def record(self, now_s: float, dt_s: float, *, host_used_kib: float, host_total_kib: float, g: GuestTick) -> None:
+        self.last_s = now_s
         self.host_used_pct[self.ticks] = 100.0 * host_used_kib / host_total_kib
         self.saved_kib_s += float(self.ram.sum() - g.touched_kib.sum()) * dt_s
         split = (g.ballooned_kib.sum(), g.unbacked_kib.sum(), g.reported_kib.sum())
@@ -236,7 +239,11 @@ class Recorder:
         n = len(self.ram)
         guest_h = n * duration_s / 3600.0
         used = self.host_used_pct[: self.ticks]
-        rec = np.array(self.recoveries_s) if self.recoveries_s else np.zeros(1)
+        # A guest that never recovered counts with the time it waited so far (a lower bound),
+        # never left out: dropping it would make the slowest policy look fastest.
+        pending = ~np.isnan(self.jump_started_s)
+        waits = self.recoveries_s + (self.last_s - self.jump_started_s[pending]).tolist()
+        rec = np.array(waits) if waits else np.zeros(1)
         counters = facts.counters
         paging = self.paging_pct_per_min(facts.paged_kib, duration_s)
         gib_h = GIB_KIB * 3600.0

@@ -200,9 +200,10 @@ def plan(
 
 
 def reclaimed_gib_h(card: Scorecard) -> float:
-    """What ballooning and reporting took back (GiB·h): the saving apart from pages the
-    guests never touched, which a host has with or without a balloon."""
-    return card.saved_gib_h - card.saved_untouched_gib_h
+    """What the policy's balloons took back (GiB·h): pages held by a balloon, and pages a
+    deflate gave back that were not touched since. Never-touched pages and free page
+    reporting are the host's with or without a policy, so they are not counted."""
+    return card.saved_ballooned_gib_h + card.saved_unbacked_gib_h
 
 
 def _cell(value: float | None, fmt: str) -> str:

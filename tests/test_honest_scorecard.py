@@ -279,3 +279,43 @@ def test_the_replay_command_takes_the_honest_scorecard_settings() -> None:
     assert (spec.warmup_h, spec.slo_pct_per_min, spec.floor_pct, spec.guard_baselines) == (6.0, 0.5, 10.0, True)
     default = spec_from_args(build_parser().parse_args(["replay"]), DaemonConfig())
     assert (default.warmup_h, default.slo_pct_per_min, default.guard_baselines) == (24.0, 0.2, False)
+
+
+def test_a_guest_that_never_recovers_counts_in_the_recovery_figures() -> None:
+    """A demand jump still unrecovered when the span ends waited that long at least: it is
+    counted, never dropped (dropping it would make the slowest policy look fastest)."""
+    import numpy as np
+
+    from sim.metrics import GuestTick, Recorder, RunFacts
+
+    ram = np.array([4.0 * 1024 * 1024])
+    rec = Recorder(ram, np.zeros(1), 10)
+
+    def tick(now_s: float, demand_kib: float) -> None:
+        z = np.zeros(1)
+        g = GuestTick(
+            touched_kib=ram / 2,
+            actual_kib=ram,
+            target_kib=ram,
+            demand_kib=np.array([demand_kib]),
+            available_kib=np.zeros(1),  # never again 5 % of its RAM: never recovered
+            swap_in_kib=z,
+            unserved_kib=z,
+            degraded=np.zeros(1, dtype=bool),
+            ballooned_kib=z,
+            unbacked_kib=z,
+            reported_kib=z,
+        )
+        rec.record(now_s, 100.0, host_used_kib=1.0, host_total_kib=10.0, g=g)
+
+    tick(100.0, 0.0)
+    tick(200.0, 2.0 * 1024 * 1024)  # a jump of half its RAM
+    for now_s in (300.0, 400.0, 500.0, 600.0, 700.0):
+        tick(now_s, 2.0 * 1024 * 1024)
+    counters = dict.fromkeys(
+        ("major_faults", "oom_deflates", "oom_kills", "puff_retries", "refault_kib", "swap_in_kib", "host_swap_in_kib"),
+        0.0,
+    )
+    facts = RunFacts(counters=counters, paged_kib=np.zeros(1), balloon_ops=0, slo_pct_per_min=0.2)
+    card = rec.scorecard("p", duration_s=700.0, host_total_kib=10.0, facts=facts)
+    assert card.demand_jumps == 1 and card.recovery_p50_s == 500.0
