@@ -345,6 +345,11 @@ def split_specs(base: ReplaySpec, split: Split) -> tuple[ReplaySpec, ReplaySpec]
         ("--test-guests", split.test_guests, split.test_start_h, split.test_hours),
     ):
         chosen = tuple(files[guests])
+        if guests != slice(None) and any(trace_io.sniff(f) == "overcommitd" for f in chosen):
+            raise TuneError(
+                f"{what} {guests.start}:{guests.stop}: the traces include a recording, which holds many guests per "
+                "file; split it by hours instead (--test-start-hours, --test-hours)"
+            )
         if not chosen:
             raise TuneError(f"{what} {guests.start}:{guests.stop}: no trace of the {len(files)} given")
         specs.append(base.model_copy(update={"traces": chosen, "start_h": start_h, "hours": hours}))
@@ -495,9 +500,12 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
 
 def split_from_args(args: argparse.Namespace, spec: ReplaySpec) -> tuple[ReplaySpec, ReplaySpec]:
     """The train and test specs the split arguments describe (see ``default_split``)."""
-    n = len(trace_io.expand(list(spec.traces)))
+    files = trace_io.expand(list(spec.traces))
     hours = spec.hours or 24.0
-    split = default_split(n, spec.start_h, hours)
+    # A recording holds many guests per file: slicing its files would put the same guests
+    # in both splits, so it splits by time (the test span after the train span).
+    recorded = any(trace_io.sniff(f) == "overcommitd" for f in files)
+    split = default_split(1 if recorded else len(files), spec.start_h, hours)
     if args.train_guests:
         split = replace(split, train_guests=parse_slice(args.train_guests, "--train-guests"))
     if args.test_guests:

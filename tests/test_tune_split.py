@@ -82,3 +82,19 @@ def test_screen_replays_spread_points_first_and_the_search_starts_from_the_best(
     assert 4 <= len(result.evaluations) <= 5
     assert result.best.objective <= min(e.objective for e in result.evaluations[:4])
     assert result.start is result.evaluations[0]
+
+
+def test_a_recording_is_split_by_time_never_by_file() -> None:
+    """A recording holds many guests per file: slicing files would train and test on the
+    same guests, so the default splits it by hours and a guest slice is refused."""
+    import argparse
+
+    from sim.tune import split_from_args
+    from tests.realguest.recording import recording_dir
+
+    spec = ReplaySpec(traces=(recording_dir(),), start_h=0.0, hours=0.02)
+    args = argparse.Namespace(train_guests=None, test_guests=None, test_start_hours=None, test_hours=None)
+    train, test = split_from_args(args, spec)
+    assert train.traces == test.traces and test.start_h >= train.start_h + train.hours
+    with pytest.raises(TuneError, match="split it by hours"):
+        split_specs(spec, Split(slice(0, 1), slice(1, None), 0.0, 1.0, 0.0, 1.0))
