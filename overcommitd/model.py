@@ -149,10 +149,6 @@ class HostSnapshot:
         return self.mem_total_kib - self.mem_available_kib
 
     @property
-    def available_fraction(self) -> float:
-        return self.mem_available_kib / self.mem_total_kib
-
-    @property
     def available_with_arc_kib(self) -> int:
         """MemAvailable plus the ARC the host could drop, at most MemTotal."""
         return min(self.mem_available_kib + self.arc_reclaimable_kib, self.mem_total_kib)

@@ -241,9 +241,6 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
             return f"gain {_mib(gain_kib)} below min_gain {_mib(need_kib)}"
         return None
 
-    def due(self, host: HostSnapshot, guest: GuestSnapshot, used: int, keep: int, state: TrimGuestState) -> bool:
-        return self.not_due(host, guest, used, keep, state) is None
-
     def start_squeeze(self, guest: GuestSnapshot, state: TrimGuestState) -> TrimGuestState:
         """Begin a squeeze; charge the refaults since the last release to the hot cache."""
         refaulted_kib = 0
