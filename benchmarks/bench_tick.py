@@ -61,7 +61,7 @@ def bench(n: int, ticks: int, loaded: list[Trace]) -> tuple[float, float, float]
         specs, host_mem_kib=int(ram / spec.overcommit) + spec.host_model.base_kib, initial_demand_kib=demand[0]
     )
     cfg = DaemonConfig(interval_s=INTERVAL_S)
-    daemon = Daemon(cfg, hv, hv)
+    daemon = Daemon(cfg, hv, hv, make_policy=registry.create)
     policy = registry.create(cfg.policy.name, cfg.policy.params)
     state = LoopState.initial(policy)
     step_s, tick_s = [], []

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from overcommitd.config import CONFIG_ENV, ConfigError, DaemonConfig, default_config_path
 from overcommitd.model import OvercommitdError
+from policies import registry
 
 if TYPE_CHECKING:
     from overcommitd.runner import ManagedHypervisor
@@ -21,7 +22,7 @@ EXIT_BAD_INPUT = 2
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate a config file, including the policy's parameters; one line per error."""
-    from policies import registry
+    from policies.api import PolicyLoadError
 
     try:
         cfg = DaemonConfig.load(args.path)
@@ -30,7 +31,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for key, msg in e.problems:
             print(f"{e.path}: {key}: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except registry.PolicyLoadError as e:
+    except PolicyLoadError as e:
         print(f"{args.path}: policy: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"{args.path}: ok (policy {cfg.policy.name}, {len(cfg.guests)} guest overrides)")
@@ -41,10 +42,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.report or (args.policy and "," in args.policy):
         from sim.compare import compare_command
 
-        return compare_command(args)
+        return compare_command(args, registry.create)
     from sim.cli import replay_command
 
-    return replay_command(args)
+    return replay_command(args, registry.create)
 
 
 def _config_path(args: argparse.Namespace) -> tuple[Path | None, str]:
@@ -93,7 +94,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     host = ProcHostReader(
         HostPaths(cfg.host.meminfo_path, cfg.host.psi_memory_path, cfg.host.ksm_dir, cfg.host.arcstats_path)
     )
-    daemon = Daemon(cfg, _hypervisor(cfg), host, config_path=args.config, cli_dry_run=args.dry_run or None)
+    daemon = Daemon(
+        cfg,
+        _hypervisor(cfg),
+        host,
+        config_path=args.config,
+        cli_dry_run=args.dry_run or None,
+        make_policy=registry.create,
+    )
 
     def print_decisions(report: TickReport) -> None:
         if daemon.last_status is not None:
@@ -221,7 +229,9 @@ def cmd_guest_set_floor(args: argparse.Namespace) -> int:
 def cmd_sim_scenario(args: argparse.Namespace) -> int:
     from sim.scenarios import scenario_command
 
-    return scenario_command(args.name, list_only=args.list, plot_path=args.plot, every_s=args.every_s)
+    return scenario_command(
+        args.name, list_only=args.list, plot_path=args.plot, every_s=args.every_s, make_policy=registry.create
+    )
 
 
 def cmd_sim_calibrate(args: argparse.Namespace) -> int:
@@ -233,13 +243,13 @@ def cmd_sim_calibrate(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from sim.tune import tune_command
 
-    return tune_command(args)
+    return tune_command(args, registry.create)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from sim.plan import plan_command
 
-    return plan_command(args)
+    return plan_command(args, registry.create)
 
 
 def build_parser() -> argparse.ArgumentParser:

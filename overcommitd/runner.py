@@ -40,8 +40,7 @@ from overcommitd.sdnotify import Notifier
 from overcommitd.telemetry import messages as msg
 from overcommitd.telemetry.metrics import Metrics
 from overcommitd.telemetry.mqtt import MqttLink
-from policies import registry
-from policies.api import Policy
+from policies.api import ModulePathRefused, Policy, PolicyFactory, PolicyLoadError, UnknownPolicy
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +76,10 @@ def _error_name(e: HypervisorError) -> msg.ErrorName:
     return "hypervisor-error"
 
 
-def _policy_error_name(e: registry.PolicyLoadError) -> msg.ErrorName:
-    if isinstance(e, registry.ModulePathRefused):
+def _policy_error_name(e: PolicyLoadError) -> msg.ErrorName:
+    if isinstance(e, ModulePathRefused):
         return "policy-path-refused"
-    return "unknown-policy" if isinstance(e, registry.UnknownPolicy) else "bad-policy"
+    return "unknown-policy" if isinstance(e, UnknownPolicy) else "bad-policy"
 
 
 class Daemon:
@@ -94,6 +93,7 @@ class Daemon:
         cli_dry_run: bool | None = None,
         notifier: Notifier | None = None,
         metrics: Metrics | None = None,
+        make_policy: PolicyFactory,
     ) -> None:
         self.cfg = cfg
         self.hv = hv
@@ -103,7 +103,8 @@ class Daemon:
         self.dry_run = cfg.runner.dry_run if cli_dry_run is None else cli_dry_run
         self.notifier = notifier or Notifier()
         self.metrics = metrics or Metrics()
-        self.policy: Policy[Any] = registry.create(cfg.policy.name, cfg.policy.params)
+        self.make_policy = make_policy  # the CLI hands the registry's create: reload and set-policy need one
+        self.policy: Policy[Any] = make_policy(cfg.policy.name, cfg.policy.params)
         self.policy_params: dict[str, Any] = dict(cfg.policy.params)  # as the running policy was given them
         self.policy_spec = cfg.policy.name  # the name it was created from (registry name or module:Class)
         self.state: LoopState[Any] = LoopState.initial(self.policy)
@@ -331,8 +332,8 @@ class Daemon:
             )
         if isinstance(cmd, msg.SwitchPolicy):
             try:
-                policy = registry.create(cmd.name, cmd.params, allow_module_path=False)
-            except registry.PolicyLoadError as e:
+                policy = self.make_policy(cmd.name, cmd.params, allow_module_path=False)
+            except PolicyLoadError as e:
                 raise msg.CommandError(_policy_error_name(e), str(e), cmd.id) from e
             self._use_policy(policy, cmd.name, dict(cmd.params))
             return msg.Reply(id=cmd.id, ok=True, message=f"policy {cmd.name}")
@@ -387,7 +388,7 @@ class Daemon:
             new = new.model_copy(update={"runner": new.runner.model_copy(update={"dry_run": self.cli_dry_run})})
         changed = changes(self.running_config(), new)
         if (new.policy.name, new.policy.params) != (self.policy_spec, self.policy_params):
-            policy = registry.create(new.policy.name, new.policy.params)  # raises before anything changes
+            policy = self.make_policy(new.policy.name, new.policy.params)  # raises before anything changes
             self._use_policy(policy, new.policy.name, dict(new.policy.params))
         if self.paused:
             changed.append(f"guests paused by command resumed: {len(self.paused)}")

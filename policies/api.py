@@ -63,9 +63,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
-from overcommitd.model import GuestSnapshot, HostSnapshot
+from overcommitd.model import GuestSnapshot, HostSnapshot, OvercommitdError
 
 S = TypeVar("S")
 G = TypeVar("G")
@@ -95,6 +95,31 @@ class Policy(Protocol[S]):
     def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: S) -> PolicyResult[S]:
         """Targets for this step and the next state; pure."""
         ...
+
+
+class PolicyLoadError(OvercommitdError):
+    """A policy name that does not resolve, a plugin that fails to import, or bad params."""
+
+
+class UnknownPolicy(PolicyLoadError):
+    """No policy is registered under this name."""
+
+
+class ModulePathRefused(PolicyLoadError):
+    """A ``module:Class`` name where only registered names are accepted."""
+
+
+class PolicyFactory(Protocol):
+    """Makes a policy from a name and its params; raises ``PolicyLoadError``.
+
+    Only the CLI knows the registry (``policies.registry.create`` is the factory it hands
+    on): the daemon, which must build a new policy on reload or an MQTT ``set-policy``, and
+    the tuner, which builds one per point tried, are handed a factory instead, so they never
+    look a concrete policy up themselves."""
+
+    def __call__(
+        self, spec: str, params: Mapping[str, Any] | None = None, *, allow_module_path: bool = True
+    ) -> Policy[Any]: ...
 
 
 class PerGuestPolicy(ABC, Generic[G]):

@@ -19,26 +19,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from overcommitd.model import OvercommitdError
-from policies.api import Policy
+from policies.api import ModulePathRefused, Policy, PolicyLoadError, UnknownPolicy
 
 GROUP = "overcommitd.policies"
 # Every policy's durations (``*_s`` parameters) stay within a year: a larger one, like
 # ``inf`` or ``nan``, is a typo or an attack, never a setting (a policy's own Params
 # model sets tighter bounds where it has them).
 MAX_PARAM_DURATION_S = 365 * 86400.0
-
-
-class PolicyLoadError(OvercommitdError):
-    """A policy name that does not resolve, a plugin that fails to import, or bad params."""
-
-
-class UnknownPolicy(PolicyLoadError):
-    """No policy is registered under this name."""
-
-
-class ModulePathRefused(PolicyLoadError):
-    """A ``module:Class`` name where only registered names are accepted."""
 
 
 def known() -> dict[str, EntryPoint]:

@@ -19,13 +19,12 @@ import numpy as np
 
 from overcommitd.config import DaemonConfig
 from overcommitd.loop import LoopState, apply, step
-from policies import registry
-from policies.api import Policy
+from policies.api import Policy, PolicyFactory
 from sim.arc import ArcModelParams
 from sim.guest import GuestSpec
 from sim.host import HostModelParams
 from sim.hypervisor import SimHypervisor
-from sim.scenarios import ScenarioResult
+from sim.scenario_result import ScenarioResult
 
 MIB_KIB = 1024
 GIB_KIB = 1024 * 1024
@@ -121,13 +120,13 @@ def run(label: str, policy: Policy[Any]) -> ArcRun:
     )
 
 
-def runs() -> dict[str, ArcRun]:
+def runs(make_policy: PolicyFactory) -> dict[str, ArcRun]:
     """The four variants: headroom and Proxmox's algorithm, each with and without the ARC."""
     done = [
-        run("headroom, ARC-aware", registry.create("headroom")),
-        run("headroom, ARC as used", registry.create("headroom", {"count_arc": False})),
-        run("proxmox, upstream (ARC as used)", registry.create("proxmox")),
-        run("proxmox + count_arc", registry.create("proxmox", {"count_arc": True})),
+        run("headroom, ARC-aware", make_policy("headroom")),
+        run("headroom, ARC as used", make_policy("headroom", {"count_arc": False})),
+        run("proxmox, upstream (ARC as used)", make_policy("proxmox")),
+        run("proxmox + count_arc", make_policy("proxmox", {"count_arc": True})),
     ]
     return {r.label: r for r in done}
 
@@ -141,9 +140,11 @@ def summary(r: ArcRun) -> str:
     )
 
 
-def scenario() -> ScenarioResult:
-    """The ``overcommitd sim scenario zfs-arc`` timeline, one row a minute."""
-    rs = list(runs().values())
+def scenario(make_policy: PolicyFactory) -> ScenarioResult:
+    """A ZFS host's ARC fills with the guests' reads; headroom and Proxmox's algorithm,
+    each with and without counting the ARC above c_min as free; then a burst. The
+    ``overcommitd sim scenario zfs-arc`` timeline, one row a minute."""
+    rs = list(runs(make_policy).values())
     keep = [j for j, t in enumerate(rs[0].times_s) if t % 60 == 0]
     short = ("headroom aware", "headroom blind", "proxmox upstream", "proxmox count_arc")
     series: dict[str, tuple[float, ...]] = {}

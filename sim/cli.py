@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from overcommitd.config import DaemonConfig
-from policies import registry
+from policies.api import PolicyFactory
 from sim.compare import io_note, spec_from_args
 from sim.metrics import Scorecard, violations
 from sim.replay import ReplaySpec, load_traces, replay
@@ -77,11 +77,11 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     add_sweep_arguments(p)
 
 
-def replay_command(args: argparse.Namespace) -> int:
+def replay_command(args: argparse.Namespace, make_policy: PolicyFactory) -> int:
     cfg = DaemonConfig.load(args.config, **({"interval_s": args.interval_s} if args.interval_s else {}))
     name = args.policy or cfg.policy.name
     params = cfg.policy.params if name == cfg.policy.name else {}
-    policy = registry.create(name, params)
+    policy = make_policy(name, params)
     spec = spec_from_args(args, cfg)
     loaded = load_traces(spec)
     n_guests = spec.guests or len(loaded)

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from overcommitd.config import DaemonConfig
 from overcommitd.model import GuestSnapshot, HostSnapshot
-from policies.api import Policy, PolicyResult
+from policies.api import Policy, PolicyFactory, PolicyResult
 from sim import traces as trace_io
 from sim.guest_model_file import load_guest_model
 from sim.metrics import Scorecard, violations
@@ -239,14 +239,12 @@ def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
     return ReplaySpec.model_validate(fields)
 
 
-def create_policies(names: Sequence[str], cfg: DaemonConfig) -> list[Policy[Any]]:
+def create_policies(names: Sequence[str], cfg: DaemonConfig, make_policy: PolicyFactory) -> list[Policy[Any]]:
     """Policies by name; the config's params go to the policy the config names."""
-    from policies import registry
-
-    return [registry.create(n, cfg.policy.params if n == cfg.policy.name else {}) for n in names]
+    return [make_policy(n, cfg.policy.params if n == cfg.policy.name else {}) for n in names]
 
 
-def compare_command(args: Any) -> int:
+def compare_command(args: Any, make_policy: PolicyFactory) -> int:
     """``overcommitd replay --policy a,b,c [--report DIR]``: one table, optional report."""
     import sys
 
@@ -254,7 +252,7 @@ def compare_command(args: Any) -> int:
 
     cfg = DaemonConfig.load(args.config, **({"interval_s": args.interval_s} if args.interval_s else {}))
     names = [n.strip() for n in (args.policy or cfg.policy.name).split(",") if n.strip()]
-    policies = create_policies(names, cfg)
+    policies = create_policies(names, cfg, make_policy)
     spec = spec_from_args(args, cfg)
     sweep = sweep_from_args(args)
     loaded = load_traces(spec) if sweep.in_process else None

@@ -36,7 +36,7 @@ from typing import Any
 
 from overcommitd.config import DaemonConfig
 from overcommitd.model import OvercommitdError
-from policies.api import Policy
+from policies.api import Policy, PolicyFactory
 from sim.cli import add_scoring_arguments
 from sim.compare import BASELINES, REFERENCE, NoBalloon, create_policies, spec_from_args
 from sim.metrics import Scorecard, violations
@@ -299,12 +299,12 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(overcommit=START_RATIO, model=None)
 
 
-def plan_command(args: argparse.Namespace) -> int:
+def plan_command(args: argparse.Namespace, make_policy: PolicyFactory) -> int:
     from tqdm import tqdm
 
     cfg = DaemonConfig.load(args.config, **({"interval_s": args.interval_s} if args.interval_s else {}))
     names = [n.strip() for n in args.policy.split(",") if n.strip()]
-    policies = create_policies([n for n in names if n != REFERENCE], cfg)
+    policies = create_policies([n for n in names if n != REFERENCE], cfg, make_policy)
     spec = spec_from_args(args, cfg)
     sweep = sweep_from_args(args)
     with tqdm(total=len(policies) + 1, unit="policy", disable=args.no_progress or None, file=sys.stderr) as bar:

@@ -22,22 +22,15 @@ import numpy as np
 
 from overcommitd.config import DaemonConfig
 from overcommitd.loop import LoopState, apply, step
-from policies.free_page import FreePageParams, FreePagePolicy
+from policies.api import PolicyFactory
+from sim.arc_scenario import scenario as zfs_arc
 from sim.backing import RamBacking
 from sim.balloon_fleet import ProtocolBalloons
 from sim.guest import GuestSpec
 from sim.hypervisor import SimHypervisor
+from sim.scenario_result import ScenarioResult
 
 MIB_KIB = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class ScenarioResult:
-    name: str
-    title: str
-    times_s: tuple[float, ...]
-    series: dict[str, tuple[float, ...]]  # label -> one value per time, MiB or a count
-    notes: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -230,13 +223,13 @@ def migration_hints() -> ScenarioResult:
     return rec.result("migration", "Live migration with free page hints", notes)
 
 
-def migration_prep() -> ScenarioResult:
+def migration_prep(make_policy: PolicyFactory) -> ScenarioResult:
     """An announced migration under the ``free-page`` policy: a guest with FREE_PAGE_HINT
     keeps its free memory for the hint pass to skip; one without has it ballooned."""
     specs = [_guest("hint", 4096, free_page_hint=True), _guest("plain", 4096)]
     host = OneHost(specs, lambda t: [3072.0 if 1 <= t < 3 else 1024.0] * 2)  # a burst, then freed
     rec = _Recorder(host)
-    policy = FreePagePolicy(FreePageParams(warmup_s=0.0))  # seconds, not hours: no warm-up
+    policy = make_policy("free-page", {"warmup_s": 0.0})  # seconds, not hours: no warm-up
     cfg = DaemonConfig.model_validate({"interval_s": 1.0})
     loop_state = LoopState.initial(policy)
     announced_s, migration_s = 5.0, 30.0
@@ -329,22 +322,18 @@ def huge_pages() -> ScenarioResult:
     return rec.result("hugepages", "2 MiB host pages with partial inflation", notes)
 
 
-def zfs_arc() -> ScenarioResult:
-    """A ZFS host's ARC fills with the guests' reads; headroom and Proxmox's algorithm,
-    each with and without counting the ARC above c_min as free; then a burst."""
-    from sim.arc_scenario import scenario  # sim.arc_scenario imports ScenarioResult from here
-
-    return scenario()
-
-
 SCENARIOS: dict[str, Callable[[], ScenarioResult]] = {
     "deflate-on-oom": deflate_on_oom,
     "out-of-puff": out_of_puff,
     "reporting": free_page_reporting,
     "migration": migration_hints,
-    "migration-prep": migration_prep,
     "shared-anon": shared_anon,
     "hugepages": huge_pages,
+}
+# Scenarios that drive the daemon's step with a policy: the CLI hands the factory, since
+# the simulator never names a concrete policy itself.
+POLICY_SCENARIOS: dict[str, Callable[[PolicyFactory], ScenarioResult]] = {
+    "migration-prep": migration_prep,
     "zfs-arc": zfs_arc,
 }
 
@@ -390,17 +379,25 @@ def plot(result: ScenarioResult, path: Path) -> None:
 
 
 def scenario_command(
-    name: str | None, *, list_only: bool = False, plot_path: Path | None = None, every_s: float = 1.0
+    name: str | None,
+    *,
+    make_policy: PolicyFactory,
+    list_only: bool = False,
+    plot_path: Path | None = None,
+    every_s: float = 1.0,
 ) -> int:
     """``overcommitd sim scenario``: list, or run one, print it, optionally draw it."""
     if list_only or not name:
-        for key, fn in SCENARIOS.items():
+        for key, fn in (SCENARIOS | POLICY_SCENARIOS).items():
             print(f"{key:16} {' '.join((fn.__doc__ or '').split())}")
         return 0
-    if name not in SCENARIOS:
-        print(f"overcommitd: no scenario {name!r}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+    if name in POLICY_SCENARIOS:
+        result = POLICY_SCENARIOS[name](make_policy)
+    elif name in SCENARIOS:
+        result = SCENARIOS[name]()
+    else:
+        print(f"overcommitd: no scenario {name!r}; known: {', '.join(SCENARIOS | POLICY_SCENARIOS)}", file=sys.stderr)
         return 2
-    result = SCENARIOS[name]()
     print(format_timeline(result, every_s))
     if plot_path is not None:
         plot(result, plot_path)

@@ -50,7 +50,7 @@ from scipy import optimize  # type: ignore[import-untyped]
 
 from overcommitd.config import DaemonConfig
 from overcommitd.model import OvercommitdError
-from policies import registry
+from policies.api import Policy, PolicyFactory
 from sim import traces as trace_io
 from sim.metrics import Scorecard
 from sim.replay import DEFAULT_SLO_PCT_PER_MIN, ReplayResult, ReplaySpec, load_traces, replay
@@ -204,6 +204,7 @@ def tune(
     test_spec: ReplaySpec | None = None,
     sweep: Sweep | None = None,
     screen: int = 0,
+    make_policy: PolicyFactory,
 ) -> TuneResult:
     """Search ``dims`` of policy ``name`` over replays of ``spec`` (the train split); at
     most ``max_evals`` replays. With ``test_spec``, the start and the best point are also
@@ -215,14 +216,14 @@ def tune(
         if test_spec is not None:
             test_spec = test_spec.model_copy(update={"slo_pct_per_min": slo_pct_per_min})
     fixed = dict(start_params or {})
-    defaults = getattr(registry.create(name, fixed), "params", None)
+    defaults = getattr(make_policy(name, fixed), "params", None)
     x0 = np.array([d.unit(float(getattr(defaults, d.name, (d.low + d.high) / 2))) for d in dims])
     points = [x0, *screen_points(dims, min(screen, max_evals - 1), seed=spec.seed)]
     batch = [{d.name: d.value(float(u)) for d, u in zip(dims, x)} for x in points]
     start = batch[0]
-    jobs = [ReplayJob(spec, registry.create(name, fixed | p), cfg, timeline=False) for p in batch]
+    jobs = [ReplayJob(spec, make_policy(name, fixed | p), cfg, timeline=False) for p in batch]
     if test_spec is not None:
-        jobs.append(ReplayJob(test_spec, registry.create(name, fixed | start), cfg, timeline=False))
+        jobs.append(ReplayJob(test_spec, make_policy(name, fixed | start), cfg, timeline=False))
     first = run_replays(jobs, sweep or Sweep())  # in parallel: the start, the screen, the start on test
     loaded = loaded if loaded is not None else load_traces(spec)
     evaluations: list[Evaluation] = []
@@ -243,7 +244,7 @@ def tune(
         if key not in cache:
             if len(evaluations) >= max_evals:
                 raise _Budget()
-            record(params, replay(spec, registry.create(name, fixed | params), cfg, loaded=loaded).scorecard)
+            record(params, replay(spec, make_policy(name, fixed | params), cfg, loaded=loaded).scorecard)
         return cache[key].objective
 
     for p, r in zip(batch, first):
@@ -262,7 +263,9 @@ def tune(
     best = min(evaluations, key=lambda e: e.objective)
     result = TuneResult(name, evaluations[0], best, evaluations, bound)
     if test_spec is not None:
-        result.test_start, result.test_best = _on_test(name, fixed, cfg, test_spec, first[-1], start, best)
+        result.test_start, result.test_best = _on_test(
+            make_policy(name, dict(fixed) | best.params), cfg, test_spec, first[-1], start, best
+        )
     return result
 
 
@@ -278,8 +281,7 @@ def screen_points(dims: Sequence[Dim], n: int, *, seed: int) -> list[np.ndarray]
 
 
 def _on_test(
-    name: str,
-    fixed: Mapping[str, Any],
+    best_policy: Policy[Any],
     cfg: DaemonConfig,
     test_spec: ReplaySpec,
     start_run: ReplayResult,
@@ -295,9 +297,7 @@ def _on_test(
         return Evaluation(params, card, value, feasible)
 
     start = judged(start_params, start_run.scorecard)
-    best_card = replay(
-        test_spec, registry.create(name, dict(fixed) | best.params), cfg, loaded=load_traces(test_spec)
-    ).scorecard
+    best_card = replay(test_spec, best_policy, cfg, loaded=load_traces(test_spec)).scorecard
     return start, judged(best.params, best_card)
 
 
@@ -517,7 +517,7 @@ def split_from_args(args: argparse.Namespace, spec: ReplaySpec) -> tuple[ReplayS
     return split_specs(spec, split)
 
 
-def tune_command(args: argparse.Namespace) -> int:
+def tune_command(args: argparse.Namespace, make_policy: PolicyFactory) -> int:
     from sim.compare import spec_from_args
 
     cfg = DaemonConfig.load(args.config, **({"interval_s": args.interval_s} if args.interval_s else {}))
@@ -550,6 +550,7 @@ def tune_command(args: argparse.Namespace) -> int:
         test_spec=test_spec,
         sweep=sweep_from_args(args),
         screen=args.screen,
+        make_policy=make_policy,
     )
     text = to_toml(result, {k: v for k, v in start.items() if k not in {d.name for d in dims}})
     print(text, end="")

@@ -29,6 +29,7 @@ from overcommitd.runner import Daemon
 from overcommitd.telemetry import messages as msg
 from overcommitd.telemetry.mqtt import MqttLink
 from policies import registry
+from policies.api import PolicyLoadError
 from tests.mqtt_probe import Probe
 from tests.realguest.harness import Mosquitto
 from tests.test_runner import AUTO, GIB, config_text, make_daemon
@@ -133,10 +134,11 @@ def test_registered_only_policy_creation_imports_nothing(tmp_path: Path) -> None
     code = """
 import sys
 from policies import registry
+from policies.api import ModulePathRefused
 for spec in ("this:X", "unittest.__main__:X", "sideeffect_policy:X", ":x"):
     try:
         registry.create(spec, {}, allow_module_path=False)
-    except registry.ModulePathRefused as e:
+    except ModulePathRefused as e:
         print("refused", spec)
 print("loaded", sorted(m for m in ("this", "unittest.__main__", "sideeffect_policy") if m in sys.modules))
 """
@@ -184,7 +186,7 @@ def test_set_policy_over_mqtt_names_unknown_and_refused_policies(tmp_path: Path)
     [{"warmup_s": float("nan")}, {"warmup_s": float("inf")}, {"trim_interval_s": 1e12}, {"x": {"y": float("-inf")}}],
 )
 def test_policy_params_are_finite_and_durations_within_a_year(params: dict[str, Any]) -> None:
-    with pytest.raises(registry.PolicyLoadError, match="bad parameters"):
+    with pytest.raises(PolicyLoadError, match="bad parameters"):
         registry.create("trim", params)
 
 
@@ -208,7 +210,7 @@ def test_parse_kib_returns_an_int_or_raises_value_error(text: str) -> None:
 
 def test_a_config_file_may_still_name_module_class_and_a_bad_one_is_a_policy_error(tmp_path: Path) -> None:
     assert registry.create("tests.helpers:FixedPolicy").name == "fixed"
-    with pytest.raises(registry.PolicyLoadError, match="cannot load policy ':x'"):
+    with pytest.raises(PolicyLoadError, match="cannot load policy ':x'"):
         registry.create(":x")
     path = write(tmp_path, '[policy]\nname = ":x"\n')
     assert main(["check-config", str(path)]) == 2
@@ -440,7 +442,7 @@ def test_an_error_exit_leaves_the_status_offline_with_a_version(tmp_path: Path, 
     )
     cfg = DaemonConfig.load(path)
     hv = BrokenHypervisor(cfg.libvirt)
-    d = Daemon(cfg, hv, ProcHostReader(), config_path=path)
+    d = Daemon(cfg, hv, ProcHostReader(), config_path=path, make_policy=registry.create)
 
     async def scenario() -> list[dict[str, Any]]:
         async with Probe(broker.port, "overcommitd/err/status") as probe:

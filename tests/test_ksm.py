@@ -21,6 +21,7 @@ from overcommitd.ksm import KsmController, KsmError, KsmReading, KsmState, KsmSy
 from overcommitd.model import HostSnapshot
 from overcommitd.runner import Daemon
 from overcommitd.telemetry.messages import HostMessage, KsmMessage
+from policies import registry
 from policies.testing import GIB, MIB
 from tests.mqtt_probe import Probe
 from tests.realguest.harness import Mosquitto
@@ -218,7 +219,12 @@ def ksm_daemon(tmp_path: Path, ksm_dir: Path, *, daemon_dry_run: bool = False, *
     hv.connect()
     meminfo = tmp_path / "meminfo"
     meminfo.write_text(f"MemTotal: {TOTAL_KIB} kB\nMemAvailable: {2 * GIB} kB\n")  # under pressure
-    return Daemon(cfg, hv, ProcHostReader(HostPaths(meminfo, tmp_path / "psi", ksm_dir, tmp_path / "arc")))
+    return Daemon(
+        cfg,
+        hv,
+        ProcHostReader(HostPaths(meminfo, tmp_path / "psi", ksm_dir, tmp_path / "arc")),
+        make_policy=registry.create,
+    )
 
 
 def test_the_daemon_starts_ksm_and_exports_it(tmp_path: Path, ksm_dir: Path) -> None:

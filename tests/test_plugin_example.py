@@ -11,6 +11,7 @@ import pytest
 
 from overcommitd.cli import main
 from policies import registry
+from policies.api import PolicyLoadError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "peak-hold-policy"
 
@@ -32,7 +33,7 @@ def test_the_example_registers_its_entry_point(installed: Path, monkeypatch: pyt
     assert "peak-hold" in registry.known()
     policy = registry.create("peak-hold", {"window_s": 3600, "margin_pct": 10})
     assert policy.name == "peak-hold"
-    with pytest.raises(registry.PolicyLoadError, match="margin_pct"):
+    with pytest.raises(PolicyLoadError, match="margin_pct"):
         registry.create("peak-hold", {"margin_pct": -1})
 
 

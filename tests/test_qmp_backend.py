@@ -22,6 +22,7 @@ from overcommitd.hypervisor import FloorAboveMaximum, GuestEvent, NoSuchGuest
 from overcommitd.hypervisor.qmp import QmpHypervisor
 from overcommitd.model import RunState
 from overcommitd.runner import Daemon
+from policies import registry
 from tests.qmp_server import MIB, FakeQemuHost, stats_reply
 
 UUID_A = "aaaaaaaa-0000-0000-0000-00000000000a"
@@ -425,7 +426,7 @@ log_format = "text"
     )
     cfg = DaemonConfig.load(cfg_path)
     hv = QmpHypervisor(cfg.qmp)
-    d = Daemon(cfg, hv, ProcHostReader(HostPaths()), config_path=cfg_path)
+    d = Daemon(cfg, hv, ProcHostReader(HostPaths()), config_path=cfg_path, make_policy=registry.create)
     try:
         asyncio.run(d.run(once=True))
     finally:

@@ -97,6 +97,7 @@ def test_tuning_writes_params_the_config_accepts_and_never_loses_to_its_start(tm
         DaemonConfig(),
         dims=[d for d in SPACES["pid"] if d.name in ("headroom_pct", "min_headroom_kib")],
         max_evals=4,
+        make_policy=registry.create,
     )
     assert 1 < len(result.evaluations) <= 4
     assert result.best.objective <= result.start.objective

@@ -14,6 +14,7 @@ from overcommitd.hypervisor.libvirt import LibvirtHypervisor
 from overcommitd.model import ClampReason
 from overcommitd.runner import Daemon, TickReport
 from overcommitd.telemetry import messages as msg
+from policies import registry
 
 NODE = Path(__file__).parent / "data" / "testnode.xml"
 AUTO = "22222222-2222-2222-2222-222222222222"
@@ -39,7 +40,7 @@ def make_daemon(tmp_path: Path, **kw: object) -> Daemon:
     cfg = DaemonConfig.load(path)
     hv = LibvirtHypervisor(cfg.libvirt)
     hv.connect()
-    return Daemon(cfg, hv, ProcHostReader(HostPaths()), config_path=path)
+    return Daemon(cfg, hv, ProcHostReader(HostPaths()), config_path=path, make_policy=registry.create)
 
 
 def actual_of(d: Daemon, uuid: str) -> int:
@@ -155,7 +156,7 @@ def test_unreachable_libvirt_skips_the_tick_and_holds(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(f'[libvirt]\nuri = "qemu:///system?socket={tmp_path}/none"\n')
     cfg = DaemonConfig.load(path)
-    d = Daemon(cfg, LibvirtHypervisor(cfg.libvirt), ProcHostReader())
+    d = Daemon(cfg, LibvirtHypervisor(cfg.libvirt), ProcHostReader(), make_policy=registry.create)
     report = asyncio.run(d.tick())
     assert report.error and "Is libvirtd running" in report.error and report.outcome is None
 
@@ -169,7 +170,7 @@ def test_stop_returns_every_balloon_to_its_maximum_when_configured(tmp_path: Pat
     path = tmp_path / "c.toml"
     path.write_text('[libvirt]\nuri = "test:///default"\n[runner]\nreturn_to_max_on_exit = true\n')
     cfg = DaemonConfig.load(path)
-    d = Daemon(cfg, LibvirtHypervisor(cfg.libvirt), ProcHostReader())
+    d = Daemon(cfg, LibvirtHypervisor(cfg.libvirt), ProcHostReader(), make_policy=registry.create)
 
     def after_tick(report) -> None:  # type: ignore[no-untyped-def]
         (guest,) = report.guests

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from overcommitd.cli import main
-from sim.scenarios import SCENARIOS, OneHost, _guest
+from policies import registry
+from sim.scenarios import POLICY_SCENARIOS, SCENARIOS, OneHost, _guest
 
 
 def test_sim_scenario_lists_when_name_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,7 +75,7 @@ def test_shared_anonymous_dontneed_frees_nothing_remove_does() -> None:
 def test_an_announced_migration_leaves_free_memory_to_the_hint_pass() -> None:
     """free-page, both guests announced: the FREE_PAGE_HINT guest keeps its 4 GiB and the
     hint round hands over the ~2.8 GiB it has free; the plain guest's balloon takes it."""
-    s = SCENARIOS["migration-prep"]().series
+    s = POLICY_SCENARIOS["migration-prep"](registry.create).series
     assert min(s["hint actual MiB"]) == 4096
     assert s["hint MiB handed to the migration"][-1] >= 2048
     assert 4096 - s["plain actual MiB"][-1] >= 2048

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from policies import registry
 from sim.arc import ArcModelParams, SimArc
 from sim.arc_scenario import BURST_S, GUEST_RAM_KIB, GUESTS, ArcRun, runs
 from sim.guest import GuestSpec
 from sim.host import HostModelParams
 from sim.hypervisor import SimHypervisor
-from sim.scenarios import SCENARIOS, format_timeline
+from sim.scenarios import POLICY_SCENARIOS, format_timeline
 
 GIB = 1024 * 1024
 MIB = 1024
@@ -81,7 +82,7 @@ def test_off_by_default_and_on_it_is_used_memory_apart_from_available() -> None:
 
 @pytest.fixture(scope="module")
 def scenario_runs() -> dict[str, ArcRun]:
-    return runs()
+    return runs(registry.create)
 
 
 def test_headroom_aware_of_the_arc_leaves_the_guests_their_memory(scenario_runs: dict[str, ArcRun]) -> None:
@@ -110,7 +111,7 @@ def test_proxmox_upstream_never_gives_back_while_the_arc_is_full(scenario_runs: 
 
 
 def test_the_scenario_is_listed_and_prints(scenario_runs: dict[str, ArcRun]) -> None:
-    result = SCENARIOS["zfs-arc"]()
+    result = POLICY_SCENARIOS["zfs-arc"](registry.create)
     text = format_timeline(result)
     assert result.times_s[0] == 60.0 and len(result.times_s) == 60
     assert "headroom, ARC-aware: squeezed" in text and "proxmox, upstream (ARC as used)" in text

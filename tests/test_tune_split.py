@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from overcommitd import cli
+from policies import registry
 from sim import traces as trace_io
 from sim.replay import ReplaySpec
 from sim.tune import Split, TuneError, default_split, parse_slice, split_specs
@@ -76,7 +77,16 @@ def test_screen_replays_spread_points_first_and_the_search_starts_from_the_best(
     points = screen_points(dims, 3, seed=4)
     assert [p.tolist() for p in points] == [p.tolist() for p in screen_points(dims, 3, seed=4)]  # seeded
     assert all(0 <= u <= 1 for p in points for u in p) and len({tuple(p) for p in points}) == 3
-    result = tune("trim", spec, DaemonConfig(), dims=dims, max_evals=5, sweep=Sweep(workers=1), screen=3)
+    result = tune(
+        "trim",
+        spec,
+        DaemonConfig(),
+        dims=dims,
+        max_evals=5,
+        sweep=Sweep(workers=1),
+        screen=3,
+        make_policy=registry.create,
+    )
     screened = [{d.name: d.value(float(u)) for d, u in zip(dims, p)} for p in points]
     assert [e.params for e in result.evaluations[1:4]] == screened
     assert 4 <= len(result.evaluations) <= 5

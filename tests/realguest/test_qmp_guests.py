@@ -23,6 +23,7 @@ from overcommitd.host import ProcHostReader
 from overcommitd.hypervisor.qmp import QmpHypervisor
 from overcommitd.model import ClampReason, RunState
 from overcommitd.runner import Daemon
+from policies import registry
 from tests.conftest import UNDER_CI, need_binaries
 from tests.helpers import use_fixed_policy
 from tests.realguest.harness import IMAGE_DIR, GuestSpec, QemuGuest, wait_for
@@ -105,7 +106,7 @@ def qmp_config(glob: str, *, target_kib: int | None = None, **qmp: Any) -> Daemo
 
 
 def daemon(cfg: DaemonConfig, hv: QmpHypervisor | None = None) -> Daemon:
-    return Daemon(cfg, hv or QmpHypervisor(cfg.qmp), ProcHostReader())
+    return Daemon(cfg, hv or QmpHypervisor(cfg.qmp), ProcHostReader(), make_policy=registry.create)
 
 
 def commands_per_tick(glob: str, *, keep_connected: bool) -> int:

@@ -16,6 +16,7 @@ from overcommitd.host import ProcHostReader
 from overcommitd.hypervisor.libvirt import SETTLE_S, LibvirtHypervisor
 from overcommitd.model import ClampReason, Decision
 from overcommitd.runner import Daemon, TickReport
+from policies import registry
 from tests.helpers import use_fixed_policy
 from tests.mqtt_probe import Probe
 from tests.realguest.conftest import Guests
@@ -49,7 +50,7 @@ def config(
 
 
 def daemon(cfg: DaemonConfig, hv: LibvirtHypervisor | None = None) -> Daemon:
-    return Daemon(cfg, hv or LibvirtHypervisor(cfg.libvirt), ProcHostReader())
+    return Daemon(cfg, hv or LibvirtHypervisor(cfg.libvirt), ProcHostReader(), make_policy=registry.create)
 
 
 async def tick_until(d: Daemon, pred: Callable[[TickReport], bool], timeout_s: float, what: str) -> TickReport:
