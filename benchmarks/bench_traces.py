@@ -22,6 +22,7 @@ import pyarrow as pa
 from overcommitd import traceformat as tf
 from sim import traces
 from sim.trace_convert import convert, write
+from sim.trace_loader import load_all
 
 
 def best_of(repeat: int, fn: Callable[[], object]) -> float:
@@ -77,14 +78,14 @@ def main() -> None:
             for fmt, sub in (("bitbrains", "bitbrains-rnd"), ("google2019", "google2019-instance-usage")):
                 convert(fmt, [traces.BUNDLED_DIR / sub], out, parquet=parquet)
             size = sum(f.stat().st_size for f in out.iterdir())
-            secs = best_of(args.repeat, lambda out=out: traces.load_all([out]))
+            secs = best_of(args.repeat, lambda out=out: load_all([out]))
             kind = "Parquet" if parquet else "CSV.gz "
             print(f"bundled, converted {kind}: {size / 1e6:.1f} MB: {secs:.2f} s ({rows / secs:,.0f} rows/s)")
         rec = Path(tmp) / "rec"
         rec.mkdir()
         n = synthetic_recording(rec, args.guests, args.hours, args.interval_s)
         size = sum(f.stat().st_size for f in rec.iterdir())
-        secs = best_of(args.repeat, lambda: traces.load_all([rec]))
+        secs = best_of(args.repeat, lambda: load_all([rec]))
         print(
             f"recording, {args.guests} guests x {args.hours} h at {args.interval_s:g} s, every column: "
             f"{n:,} rows, {size / 1e6:.1f} MB in {args.hours} files: {secs:.2f} s ({n / secs:,.0f} rows/s)"

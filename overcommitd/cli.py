@@ -40,7 +40,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     if args.report or (args.policy and "," in args.policy):
-        from sim.compare import compare_command
+        from sim.cli import compare_command
 
         return compare_command(args, registry.create)
     from sim.cli import replay_command
@@ -247,7 +247,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from sim.plan import plan_command
+    from sim.cli import plan_command
 
     return plan_command(args, registry.create)
 
@@ -329,8 +329,7 @@ def _add_missing_simulator(sub: argparse._SubParsersAction[argparse.ArgumentPars
 def _add_simulator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """replay, tune, trace, plan and sim: they import the simulator and its dependencies,
     all before any is registered, so a missing one registers none of them."""
-    from sim.cli import add_replay_arguments
-    from sim.plan import add_plan_arguments
+    from sim.cli import add_plan_arguments, add_replay_arguments
     from sim.trace_cli import add_trace_parser
     from sim.tune import add_tune_arguments
 

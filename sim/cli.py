@@ -1,4 +1,6 @@
-"""``overcommitd replay``: arguments, the progress bar and the printed scorecard."""
+"""``overcommitd replay`` and ``overcommitd plan``: arguments, progress bars, the printed
+scorecard and tables. Commands live here, above the modules they drive (``sim.compare``
+and ``sim.report``, ``sim.plan`` and ``sim.plan_report``), so none of those imports another back."""
 
 from __future__ import annotations
 
@@ -6,15 +8,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from overcommitd.config import DaemonConfig
 from policies.api import PolicyFactory
-from sim.compare import io_note, spec_from_args
+from sim.compare import REFERENCE, compare, create_policies, format_table, io_note, replay_ticks, spec_from_args
 from sim.metrics import Scorecard, violations
+from sim.plan import DEFAULT_MAX_RATIO, DEFAULT_TOLERANCE, START_RATIO, format_plan, plan, to_json
+from sim.plan import summary as plan_summary
 from sim.replay import ReplaySpec, load_traces, replay
-from sim.sweep import add_sweep_arguments
+from sim.sweep import add_sweep_arguments, sweep_from_args
 
 
 def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
@@ -140,3 +145,95 @@ def format_scorecard(card: Scorecard) -> str:
     verdict = "holds" if not held else "does not hold: " + ", ".join(f"{k} {v:g}" for k, v in held.items())
     lines.append(f"  {verdict}")
     return "\n".join(lines)
+
+
+def compare_command(args: Any, make_policy: PolicyFactory) -> int:
+    """``overcommitd replay --policy a,b,c [--report DIR]``: one table, optional report."""
+    import sys
+
+    from tqdm import tqdm
+
+    cfg = DaemonConfig.load(args.config, **({"interval_s": args.interval_s} if args.interval_s else {}))
+    names = [n.strip() for n in (args.policy or cfg.policy.name).split(",") if n.strip()]
+    policies = create_policies(names, cfg, make_policy)
+    spec = spec_from_args(args, cfg)
+    sweep = sweep_from_args(args)
+    loaded = load_traces(spec) if sweep.in_process else None
+    ticks = replay_ticks(spec, loaded) * (len(policies) + 1)
+    with tqdm(total=ticks, unit="tick", disable=args.no_progress or None, file=sys.stderr) as bar:
+        bar.set_description(f"{','.join(names)}: {spec.guests or 'one per trace'} guests")
+        comp = compare(spec, policies, cfg, loaded=loaded, progress=bar.update, sweep=sweep)
+    table = format_table(comp)
+    print(table)
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps([c.as_dict() for c in comp.cards()], indent=2) + "\n")
+    if args.report:
+        from sim.report import write_report
+
+        page = write_report(comp, args.report)
+        print(f"report: {page}")
+    return 0
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", type=Path, nargs="+", help="trace files or directories (default: the bundled traces)")
+    p.add_argument(
+        "--policy",
+        default="trim,pid,sla-floor,free-page,mom,proxmox,headroom",
+        help="comma-separated policies (default: %(default)s); none (no ballooning) is always planned",
+    )
+    p.add_argument("--config", type=Path, help="daemon config (guard rules, policy params)")
+    p.add_argument("--guests", type=int, help="number of guests (default: one per trace)")
+    p.add_argument("--hours", type=float, default=24.0, help="replayed span of every replay (default %(default)s)")
+    p.add_argument("--start-hours", type=float, default=0.0, help="start this far into the traces (default 0)")
+    add_scoring_arguments(p)
+    p.add_argument("--interval-s", type=float, help="control interval (default: the config's interval_s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for guest features (default 0)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="stop bisecting when the held and failed ratios are this close (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-overcommit",
+        type=float,
+        default=DEFAULT_MAX_RATIO,
+        help="highest ratio tried (default %(default)s)",
+    )
+    p.add_argument("--json", type=Path, help="write one object per policy, with every ratio tried, here")
+    p.add_argument("--report", type=Path, help="write the reclaim-against-harm plot and an HTML page here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_sweep_arguments(p)
+    p.set_defaults(overcommit=START_RATIO, model=None)
+
+
+def plan_command(args: argparse.Namespace, make_policy: PolicyFactory) -> int:
+    from tqdm import tqdm
+
+    cfg = DaemonConfig.load(args.config, **({"interval_s": args.interval_s} if args.interval_s else {}))
+    names = [n.strip() for n in args.policy.split(",") if n.strip()]
+    policies = create_policies([n for n in names if n != REFERENCE], cfg, make_policy)
+    spec = spec_from_args(args, cfg)
+    sweep = sweep_from_args(args)
+    with tqdm(total=len(policies) + 1, unit="policy", disable=args.no_progress or None, file=sys.stderr) as bar:
+        bar.set_description(f"plan: {sweep.scheduler or f'{sweep.workers} workers'}")
+        result = plan(
+            spec,
+            policies,
+            cfg,
+            sweep,
+            tolerance=args.tolerance,
+            max_ratio=args.max_overcommit,
+            on_done=lambda _, p: (bar.write(f"{p.policy}: {plan_summary(p)}", file=sys.stderr), bar.update(1)),
+        )
+    print(format_plan(result))
+    if args.json:
+        args.json.write_text(json.dumps(to_json(result), indent=2) + "\n")
+    if args.report:
+        from sim.plan_report import write_plan_report
+
+        print(f"report: {write_plan_report(result, format_plan(result), args.report)}")
+    return 0

@@ -28,7 +28,7 @@ from sim import traces as trace_io
 from sim.guest_model_file import load_guest_model
 from sim.metrics import Scorecard, violations
 from sim.replay import UPSTREAM_BASELINES, ReplayResult, ReplaySpec, load_traces, replay
-from sim.sweep import ReplayJob, Sweep, run_replays, sweep_from_args
+from sim.sweep import ReplayJob, Sweep, run_replays
 
 REFERENCE = "none"
 BASELINES = UPSTREAM_BASELINES
@@ -94,7 +94,7 @@ def compare(
         loaded = loaded if loaded is not None else load_traces(spec)
         done = [replay(spec, p, cfg, loaded=loaded, progress=progress) for p in runs]
     else:  # each policy its own task; the bar moves a whole replay at a time
-        ticks = _ticks(spec, loaded)
+        ticks = replay_ticks(spec, loaded)
         done = run_replays(
             [ReplayJob(spec, p, cfg) for p in runs],
             sweep,
@@ -104,7 +104,7 @@ def compare(
     return Comparison(spec, {p.name: r for p, r in zip(policies, done)}, ref)
 
 
-def _ticks(spec: ReplaySpec, loaded: Sequence[trace_io.Trace] | None) -> int:
+def replay_ticks(spec: ReplaySpec, loaded: Sequence[trace_io.Trace] | None) -> int:
     """Control ticks in one replay of ``spec`` (for progress bars)."""
     if spec.hours is None:
         loaded = loaded if loaded is not None else load_traces(spec)
@@ -242,33 +242,3 @@ def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
 def create_policies(names: Sequence[str], cfg: DaemonConfig, make_policy: PolicyFactory) -> list[Policy[Any]]:
     """Policies by name; the config's params go to the policy the config names."""
     return [make_policy(n, cfg.policy.params if n == cfg.policy.name else {}) for n in names]
-
-
-def compare_command(args: Any, make_policy: PolicyFactory) -> int:
-    """``overcommitd replay --policy a,b,c [--report DIR]``: one table, optional report."""
-    import sys
-
-    from tqdm import tqdm
-
-    cfg = DaemonConfig.load(args.config, **({"interval_s": args.interval_s} if args.interval_s else {}))
-    names = [n.strip() for n in (args.policy or cfg.policy.name).split(",") if n.strip()]
-    policies = create_policies(names, cfg, make_policy)
-    spec = spec_from_args(args, cfg)
-    sweep = sweep_from_args(args)
-    loaded = load_traces(spec) if sweep.in_process else None
-    ticks = _ticks(spec, loaded) * (len(policies) + 1)
-    with tqdm(total=ticks, unit="tick", disable=args.no_progress or None, file=sys.stderr) as bar:
-        bar.set_description(f"{','.join(names)}: {spec.guests or 'one per trace'} guests")
-        comp = compare(spec, policies, cfg, loaded=loaded, progress=bar.update, sweep=sweep)
-    table = format_table(comp)
-    print(table)
-    if args.json:
-        import json
-
-        args.json.write_text(json.dumps([c.as_dict() for c in comp.cards()], indent=2) + "\n")
-    if args.report:
-        from sim.report import write_report
-
-        page = write_report(comp, args.report)
-        print(f"report: {page}")
-    return 0

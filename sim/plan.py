@@ -25,23 +25,18 @@ Each policy's search is one task of a ``Sweep`` (policies in parallel processes)
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from overcommitd.config import DaemonConfig
 from overcommitd.model import OvercommitdError
-from policies.api import Policy, PolicyFactory
-from sim.cli import add_scoring_arguments
-from sim.compare import BASELINES, REFERENCE, NoBalloon, create_policies, spec_from_args
+from policies.api import Policy
+from sim.compare import BASELINES, REFERENCE, NoBalloon
 from sim.metrics import Scorecard, violations
 from sim.replay import ReplaySpec, replay
-from sim.sweep import Sweep, add_sweep_arguments, sweep_from_args, traces_for
+from sim.sweep import Sweep, traces_for
 
 START_RATIO = 1.0
 DEFAULT_TOLERANCE = 0.02
@@ -248,7 +243,7 @@ def format_plan(result: Plan) -> str:
     return "\n".join(lines)
 
 
-def _summary(p: PolicyPlan) -> str:
+def summary(p: PolicyPlan) -> str:
     """One line per finished search, while the others still run."""
     safe = f"safe {p.safe_overcommit:.3f}" if p.safe_overcommit is not None else f"fails at {START_RATIO:g}"
     nxt = f", {p.binding} at {p.next_up.overcommit:g}" if p.next_up else ""
@@ -264,65 +259,3 @@ def to_json(result: Plan) -> list[dict[str, object]]:
         d["vs_better_baseline"] = r / base if r is not None and base else None
         out.append(d)
     return out
-
-
-def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", type=Path, nargs="+", help="trace files or directories (default: the bundled traces)")
-    p.add_argument(
-        "--policy",
-        default="trim,pid,sla-floor,free-page,mom,proxmox,headroom",
-        help="comma-separated policies (default: %(default)s); none (no ballooning) is always planned",
-    )
-    p.add_argument("--config", type=Path, help="daemon config (guard rules, policy params)")
-    p.add_argument("--guests", type=int, help="number of guests (default: one per trace)")
-    p.add_argument("--hours", type=float, default=24.0, help="replayed span of every replay (default %(default)s)")
-    p.add_argument("--start-hours", type=float, default=0.0, help="start this far into the traces (default 0)")
-    add_scoring_arguments(p)
-    p.add_argument("--interval-s", type=float, help="control interval (default: the config's interval_s)")
-    p.add_argument("--seed", type=int, default=0, help="seed for guest features (default 0)")
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=DEFAULT_TOLERANCE,
-        help="stop bisecting when the held and failed ratios are this close (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-overcommit",
-        type=float,
-        default=DEFAULT_MAX_RATIO,
-        help="highest ratio tried (default %(default)s)",
-    )
-    p.add_argument("--json", type=Path, help="write one object per policy, with every ratio tried, here")
-    p.add_argument("--report", type=Path, help="write the reclaim-against-harm plot and an HTML page here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_sweep_arguments(p)
-    p.set_defaults(overcommit=START_RATIO, model=None)
-
-
-def plan_command(args: argparse.Namespace, make_policy: PolicyFactory) -> int:
-    from tqdm import tqdm
-
-    cfg = DaemonConfig.load(args.config, **({"interval_s": args.interval_s} if args.interval_s else {}))
-    names = [n.strip() for n in args.policy.split(",") if n.strip()]
-    policies = create_policies([n for n in names if n != REFERENCE], cfg, make_policy)
-    spec = spec_from_args(args, cfg)
-    sweep = sweep_from_args(args)
-    with tqdm(total=len(policies) + 1, unit="policy", disable=args.no_progress or None, file=sys.stderr) as bar:
-        bar.set_description(f"plan: {sweep.scheduler or f'{sweep.workers} workers'}")
-        result = plan(
-            spec,
-            policies,
-            cfg,
-            sweep,
-            tolerance=args.tolerance,
-            max_ratio=args.max_overcommit,
-            on_done=lambda _, p: (bar.write(f"{p.policy}: {_summary(p)}", file=sys.stderr), bar.update(1)),
-        )
-    print(format_plan(result))
-    if args.json:
-        args.json.write_text(json.dumps(to_json(result), indent=2) + "\n")
-    if args.report:
-        from sim.plan_report import write_plan_report
-
-        print(f"report: {write_plan_report(result, format_plan(result), args.report)}")
-    return 0

@@ -50,6 +50,7 @@ from sim.host import HostModelParams
 from sim.hypervisor import SimHypervisor, SimModel
 from sim.kernel import GuestKernel
 from sim.metrics import GuestTick, Recorder, RunFacts, Scorecard, Timeline
+from sim.trace_loader import load_all
 from sim.workload import Workload
 from sim.world import World
 
@@ -104,7 +105,7 @@ class ReplayResult:
 def load_traces(spec: ReplaySpec) -> list[trace_io.Trace]:
     """Every guest in the spec's traces; one warning line if the loader had to interpret
     anything (gaps, duplicates, bad values), so no replay hides it."""
-    loaded = trace_io.load_all(list(spec.traces), machine_kib=spec.machine_kib)
+    loaded = load_all(list(spec.traces), machine_kib=spec.machine_kib)
     noted = [t for t in loaded if t.notes]
     if noted:
         log.warning(

@@ -32,6 +32,7 @@ from policies.api import Policy
 from sim import traces as trace_io
 from sim.metrics import Timeline
 from sim.replay import ReplayResult, ReplaySpec, replay
+from sim.trace_loader import load_all
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -123,7 +124,7 @@ def _dask_map(
 def cached_traces(paths: tuple[Path, ...], machine_kib: int) -> tuple[trace_io.Trace, ...]:
     """The parsed traces of ``paths`` (files or directories, recordings of many guests
     included), kept for later tasks of this process; the one loader the replay uses."""
-    return tuple(trace_io.load_all(list(paths), machine_kib=machine_kib))
+    return tuple(load_all(list(paths), machine_kib=machine_kib))
 
 
 def traces_for(spec: ReplaySpec) -> tuple[trace_io.Trace, ...]:

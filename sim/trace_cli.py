@@ -11,6 +11,7 @@ from overcommitd.model import parse_kib
 from sim import traces as trace_io
 from sim.trace_convert import SOURCE_FORMATS, PercentLayout, convert, parse_start
 from sim.trace_info import describe, format_info
+from sim.trace_loader import load_all
 from sim.traces import TraceError
 
 
@@ -100,9 +101,7 @@ def convert_command(args: argparse.Namespace) -> int:
 
 
 def info_command(args: argparse.Namespace) -> int:
-    loaded = trace_io.load_all(
-        args.paths, machine_kib=_size_kib("--machine-size", args.machine_size), max_gap_s=args.max_gap_s
-    )
+    loaded = load_all(args.paths, machine_kib=_size_kib("--machine-size", args.machine_size), max_gap_s=args.max_gap_s)
     info = describe(loaded)
     print(format_info(info))
     if args.json:

@@ -26,7 +26,7 @@ Materna GWA-T-13 shares the Bitbrains layout; a ``;`` separator without the tab 
 ``Timestamp`` column holding ``dd.mm.yyyy HH:MM:SS`` dates (UTC) are accepted too.
 
 overcommitd's own format (``docs/trace-format.md``, ``overcommitd.traceformat``) holds
-many guests per file and a guest across many files: ``load_all`` hands those files to
+many guests per file and a guest across many files: ``sim.trace_loader.load_all`` hands those files to
 ``sim.trace_reader`` and the others to ``load``, one guest per file.
 
 All: rows are sorted by time; a gap longer than ``max_gap_s`` (Bitbrains' ~30 h
@@ -142,29 +142,6 @@ def _natural_key(p: Path) -> tuple[str, int, str]:
     return (str(p.parent), int(stem) if stem.isdigit() else -1, p.name)
 
 
-def load_all(
-    paths: Sequence[Path], *, machine_kib: int = DEFAULT_MACHINE_KIB, max_gap_s: float = DEFAULT_MAX_GAP_S
-) -> list[Trace]:
-    """Every guest in the given files and directories, whatever their format.
-
-    Files in overcommitd's documented format are read together, so a guest's rows may
-    span many files (a recording's hourly files) and a file may hold many guests; a
-    Bitbrains/Materna or Google 2019 file is one guest each, as ``load`` reads it.
-    """
-    from sim import trace_reader  # the documented format; pyarrow is imported only when needed
-
-    files = expand(paths)
-    kinds = [sniff(f) for f in files]
-    own = [f for f, k in zip(files, kinds, strict=True) if k == "overcommitd"]
-    out: list[Trace] = []
-    for f, kind in zip(files, kinds, strict=True):
-        if kind != "overcommitd":
-            out.append(load(f, machine_kib=machine_kib, max_gap_s=max_gap_s))
-        elif f == own[0]:  # every guest of the documented format where its first file is
-            out.extend(trace_reader.read(own, max_gap_s=max_gap_s))
-    return out
-
-
 TraceKind = Literal["overcommitd", "bitbrains", "google2019"]
 
 
@@ -213,7 +190,7 @@ class RawSeries:
 
 def load(path: Path, *, machine_kib: int = DEFAULT_MACHINE_KIB, max_gap_s: float = DEFAULT_MAX_GAP_S) -> Trace:
     """Load a one-guest file (Bitbrains/Materna or Google 2019), telling the source by its
-    header. The documented format (many guests per file) is read by ``load_all``."""
+    header. The documented format (many guests per file) is read by ``sim.trace_loader.load_all``."""
     return finish(load_raw(path, machine_kib=machine_kib), max_gap_s)
 
 
@@ -226,7 +203,9 @@ def load_raw(path: Path, *, machine_kib: int = DEFAULT_MACHINE_KIB) -> RawSeries
         if all(c in header.strip().split(",") for c in GOOGLE_COLUMNS):
             return _load_google(path, data, f, header, machine_kib)
     sniff(path)  # raises the "unknown trace format" error, or names the documented format
-    raise TraceError(f"{path}:1: a trace in overcommitd's format holds many guests: read it with load_all")
+    raise TraceError(
+        f"{path}:1: a trace in overcommitd's format holds many guests: read it with sim.trace_loader.load_all"
+    )
 
 
 def finish(raw: RawSeries, max_gap_s: float) -> Trace:

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from sim.trace_convert import PercentLayout, convert
-from sim.traces import TraceError, load_all
+from sim.trace_loader import load_all
+from sim.traces import TraceError
 
 BITBRAINS_HEADER = (
     "Timestamp [ms];\tCPU cores;\tMemory capacity provisioned [KB];\tMemory usage [KB];\tDisk read throughput [KB/s]\n"

@@ -23,6 +23,7 @@ from sim import traces
 from sim.replay import ReplaySpec, replay
 from sim.trace_convert import PercentLayout, convert
 from sim.trace_info import describe, largest_rise
+from sim.trace_loader import load_all
 
 HEADER = "time_s,guest,provisioned_kib,used_kib"
 LOCATED = re.compile(r"(\.csv(\.gz)?:\d+:|row group \d+, row \d+)")
@@ -61,7 +62,7 @@ def same_trace(a: traces.Trace, b: traces.Trace) -> bool:
 
 def test_every_bundled_trace_round_trips_through_the_format(converted: Path) -> None:
     native = [traces.load(p) for p in traces.bundled()]
-    ours = traces.load_all([converted])
+    ours = load_all([converted])
     assert [t.source for t in ours] == ["overcommitd"] * 53
     assert len(ours) == len(native) == 53
     assert sum(same_trace(a, b) for a, b in zip(native, ours, strict=True)) == 53
@@ -79,8 +80,8 @@ def test_a_round_trip_replays_to_the_same_scorecard(converted: Path) -> None:
 
 def test_parquet_round_trip_matches_csv(tmp_path: Path) -> None:
     src = [traces.BUNDLED_DIR / "google2019-instance-usage"]
-    a = traces.load_all([convert("google2019", src, tmp_path / "csv").out])
-    b = traces.load_all([convert("google2019", src, tmp_path / "pq", parquet=True).out])
+    a = load_all([convert("google2019", src, tmp_path / "csv").out])
+    b = load_all([convert("google2019", src, tmp_path / "pq", parquet=True).out])
     assert len(a) == len(b) == 3
     assert all(same_trace(x, y) for x, y in zip(a, b, strict=True))
 
@@ -92,7 +93,7 @@ def test_guests_interleaved_across_files_and_compressions(tmp_path: Path) -> Non
     write(tmp_path / "guests-01.csv", [HEADER, "0,a,1048576,100", "0,b,2097152,900", "300,a,1048576,200"])
     write(tmp_path / "guests-02.csv.gz", [HEADER, "600,b,2097152,950", "600,a,1048576,300"], gz=True)
     write(tmp_path / "host-01.csv", ["time_s,mem_total_kib", "0,1"])  # a recording's host rows: not guests
-    got = {t.name: t for t in traces.load_all([tmp_path])}
+    got = {t.name: t for t in load_all([tmp_path])}
     assert list(got) == ["a", "b"]
     assert got["a"].t_s.tolist() == [0, 300, 600] and got["a"].demand_kib.tolist() == [100, 200, 300]
     assert got["b"].t_s.tolist() == [0, 600] and got["b"].demand_kib.tolist() == [900, 950]
@@ -102,7 +103,7 @@ def test_guests_interleaved_across_files_and_compressions(tmp_path: Path) -> Non
 
 def test_a_guest_that_joined_late_is_noted(tmp_path: Path) -> None:
     rows = [HEADER, "0,a,10,1", "10,a,10,1", "20,a,10,1", "30,b,10,1", "40,b,10,2", "25,c,10,1", "35,c,10,1"]
-    got = {t.name: t.notes for t in traces.load_all([write(tmp_path / "g.csv", rows)])}
+    got = {t.name: t.notes for t in load_all([write(tmp_path / "g.csv", rows)])}
     assert got["a"] == ()
     assert got["b"] == (
         (
@@ -116,7 +117,7 @@ def test_a_guest_that_joined_late_is_noted(tmp_path: Path) -> None:
 def test_optional_columns_are_read_and_listed(tmp_path: Path) -> None:
     cols = f"{HEADER},cache_kib,disk_read_kib_s,stat_major_faults,vendor_field"
     write(tmp_path / "g.csv", [cols, "0,a,1000,10,50,1.5,7,x", "10,a,1000,20,60,2.5,8,y"])
-    (t,) = traces.load_all([tmp_path / "g.csv"])
+    (t,) = load_all([tmp_path / "g.csv"])
     assert t.cache_kib is not None and t.cache_kib.tolist() == [50, 60]
     assert t.disk_read_kib_s is not None and t.disk_read_kib_s.tolist() == [1.5, 2.5]
     assert t.disk_write_kib_s is None
@@ -135,7 +136,7 @@ def test_every_interpreted_value_leaves_a_note_naming_where(tmp_path: Path) -> N
         "1800,a,1000,200",  # a 900 s gap: held
         "99999,a,1000,300",  # a gap over an hour: cut
     ]
-    (t,) = traces.load_all([write(tmp_path / "g.csv", rows)])
+    (t,) = load_all([write(tmp_path / "g.csv", rows)])
     assert t.demand_kib.tolist() == [100, 100, 100, 1000, 200, 300]
     assert t.t_s.tolist() == [0, 300, 600, 900, 1800, 2100]
     assert t.gaps_cut == 1
@@ -152,7 +153,7 @@ def test_every_interpreted_value_leaves_a_note_naming_where(tmp_path: Path) -> N
 
 def test_huge_numbers_are_bad_values_not_overflows(tmp_path: Path) -> None:
     rows = [f"{HEADER},cache_kib", "0,a,1e300,1e300,1e300", "10,a,4096,1e300,5", "20,a,4096,-1e300,1e300"]
-    (t,) = traces.load_all([write(tmp_path / "g.csv", rows)])
+    (t,) = load_all([write(tmp_path / "g.csv", rows)])
     assert t.size_kib == 4096
     assert t.demand_kib.tolist() == [4096, 4096, 4096]
     assert t.cache_kib is not None and t.cache_kib.tolist() == [4096, 5, 4096]
@@ -161,9 +162,9 @@ def test_huge_numbers_are_bad_values_not_overflows(tmp_path: Path) -> None:
 
 def test_a_guest_without_a_size_or_use_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(traces.TraceError, match=r"g.csv:2: guest 'a': no provisioned_kib in 1..1099511627776"):
-        traces.load_all([write(tmp_path / "g.csv", [HEADER, "0,a,0,10", "10,a,-1,10"])])
+        load_all([write(tmp_path / "g.csv", [HEADER, "0,a,0,10", "10,a,-1,10"])])
     with pytest.raises(traces.TraceError, match=r"g.csv:2: guest 'a': no valid used_kib"):
-        traces.load_all([write(tmp_path / "g.csv", [HEADER, "0,a,10,", "10,a,10,-3"])])
+        load_all([write(tmp_path / "g.csv", [HEADER, "0,a,10,", "10,a,10,-3"])])
 
 
 @pytest.mark.parametrize(
@@ -185,7 +186,7 @@ def test_a_guest_without_a_size_or_use_is_rejected(tmp_path: Path) -> None:
 )
 def test_rejections_name_file_line_and_column(tmp_path: Path, lines: list[str], message: str) -> None:
     with pytest.raises(traces.TraceError, match=message):
-        traces.load_all([write(tmp_path / "g.csv", lines)])
+        load_all([write(tmp_path / "g.csv", lines)])
 
 
 def test_parquet_errors_name_the_row_group(tmp_path: Path) -> None:
@@ -196,10 +197,10 @@ def test_parquet_errors_name_the_row_group(tmp_path: Path) -> None:
         w.write_table(good)
         w.write_table(bad)
     with pytest.raises(traces.TraceError, match=r"g.parquet: row group 1, row 1: column used_kib: .* found 'x'"):
-        traces.load_all([path])
+        load_all([path])
     (tmp_path / "broken.parquet").write_bytes(b"PAR1garbage")
     with pytest.raises(traces.TraceError, match="broken.parquet: not a readable Parquet file"):
-        traces.load_all([tmp_path / "broken.parquet"])
+        load_all([tmp_path / "broken.parquet"])
 
 
 def test_parquet_notes_name_row_group_and_row(tmp_path: Path) -> None:
@@ -209,7 +210,7 @@ def test_parquet_notes_name_row_group_and_row(tmp_path: Path) -> None:
     with pq.ParquetWriter(path, t1.schema) as w:
         w.write_table(t1)
         w.write_table(t2)
-    (t,) = traces.load_all([path])
+    (t,) = load_all([path])
     assert t.demand_kib.tolist() == [1, 2, 3, 3]
     assert "g.parquet: row group 1, row 1" in t.notes[0]
 
@@ -238,7 +239,7 @@ def test_arbitrary_rows_give_traces_or_an_error_naming_the_line(
     lines = [HEADER] + [",".join(r) for r in rows]
     path = write(tmp_path / ("g.csv.gz" if gz else "g.csv"), lines, gz=gz)
     try:
-        loaded = traces.load_all([path])
+        loaded = load_all([path])
     except traces.TraceError as e:
         assert LOCATED.search(str(e)), str(e)
         return
@@ -253,7 +254,7 @@ def test_arbitrary_bytes_after_a_header_never_crash(tmp_path: Path, data: bytes)
     path = tmp_path / "g.csv"
     path.write_bytes(HEADER.encode() + b"\n" + data)
     try:
-        traces.load_all([path])
+        load_all([path])
     except traces.TraceError as e:
         assert "g.csv" in str(e)
 
@@ -264,7 +265,7 @@ def test_arbitrary_files_never_crash(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "x.parquet"
     path.write_bytes(data)
     try:
-        traces.load_all([path])
+        load_all([path])
     except traces.TraceError as e:
         assert "x.parquet" in str(e)
 
@@ -276,7 +277,7 @@ def test_percent_wide_one_column_per_vm(tmp_path: Path) -> None:
     write(tmp_path / "util.csv", ["vm1,vm2", "50,10", "25,", "100,20"])
     lay = PercentLayout(vm_size_kib=4 * 1024 * 1024, period_s=300, start_s=1000.0)
     result = convert("percent", [tmp_path / "util.csv"], tmp_path / "out", percent=lay)
-    got = {t.name: t for t in traces.load_all([result.out])}
+    got = {t.name: t for t in load_all([result.out])}
     assert got["vm1"].demand_kib.tolist() == [2097152, 1048576, 4194304]
     assert got["vm1"].t_s.tolist() == [0, 300, 600] and got["vm1"].size_kib == 4194304
     assert got["vm2"].demand_kib.tolist() == [419430, 419430, 838861]  # the empty cell held
@@ -288,7 +289,7 @@ def test_percent_one_file_per_vm(tmp_path: Path) -> None:
     write(tmp_path / "db.csv", ["mem", "30", "40"])
     lay = PercentLayout(vm_size_kib=1024 * 1024, period_s=60)
     out = convert("percent", [tmp_path / "web.csv", tmp_path / "db.csv"], tmp_path / "out", percent=lay).out
-    got = {t.name: t.demand_kib.tolist() for t in traces.load_all([out])}
+    got = {t.name: t.demand_kib.tolist() for t in load_all([out])}
     assert got == {"web": [104858, 209715], "db": [314573, 419430]}
 
 
@@ -307,7 +308,7 @@ def test_percent_long_layout_like_alibaba_container_usage(tmp_path: Path) -> Non
         header=False,
     )
     result = convert("percent", [tmp_path / "container_usage.csv"], tmp_path / "out", percent=lay)
-    got = {t.name: t for t in traces.load_all([result.out])}
+    got = {t.name: t for t in load_all([result.out])}
     assert list(got) == ["c_2", "c_1"]
     assert got["c_1"].demand_kib.tolist() == [419430, 629146] and got["c_1"].t_s.tolist() == [0, 10]
     assert got["c_2"].demand_kib.tolist() == [838861, 838861]  # -1 (abnormal) held
@@ -322,7 +323,7 @@ def test_info_figures_on_a_hand_made_trace(tmp_path: Path) -> None:
     used = [1, 1, 2, 2, 5, 5, 3, 3, 3, 3, 3, 3, 3, 3, 3, 9]  # GiB, every 600 s; a hole after sample 7
     times = [600 * i for i in range(8)] + [600 * i + 1800 for i in range(8, 16)]
     lines = [f"{HEADER},cache_kib"] + [f"{t},a,{10 * gib},{u * gib},7" for t, u in zip(times, used, strict=True)]
-    info = describe(traces.load_all([write(tmp_path / "g.csv", lines)]))
+    info = describe(load_all([write(tmp_path / "g.csv", lines)]))
     (g,) = info.guests
     assert (g.samples, g.period_s, g.size_kib) == (16, 600.0, 10 * gib)
     assert g.gaps_held == 1 and g.gaps_cut == 0
@@ -403,7 +404,7 @@ def test_materna_layout_is_read_like_bitbrains(tmp_path: Path) -> None:
     assert t.t_s.tolist() == [0.0, 300.0] and t.demand_kib.tolist() == [1000, 2000]
     assert t.disk_write_kib_s is not None and t.disk_write_kib_s.tolist() == [2.0, 4.0]
     out = convert("materna", [path], tmp_path / "out").out
-    (back,) = traces.load_all([out])
+    (back,) = load_all([out])
     assert same_trace(t, back)
 
 
@@ -413,7 +414,7 @@ def test_a_torn_gzip_tail_keeps_the_whole_members_before_it(tmp_path: Path) -> N
     torn = gzip.compress(b"20,a,10,3\n")[:-6]
     path = tmp_path / "guests-2026-12-01T00.csv.gz"
     path.write_bytes(b"".join(members) + torn)
-    (t,) = traces.load_all([tmp_path])
+    (t,) = load_all([tmp_path])
     assert t.demand_kib.tolist() == [1, 2]
     assert t.notes == (
         (
@@ -423,12 +424,12 @@ def test_a_torn_gzip_tail_keeps_the_whole_members_before_it(tmp_path: Path) -> N
     )
     path.write_bytes(members[0][:-6])  # not one whole member
     with pytest.raises(traces.TraceError, match="guests-2026-12-01T00.csv.gz: cannot decompress"):
-        traces.load_all([path])
+        load_all([path])
 
 
 def test_mixed_formats_keep_the_order_given(tmp_path: Path) -> None:
     google = traces.BUNDLED_DIR / "google2019-instance-usage"
     ours = write(tmp_path / "g.csv", [HEADER, "0,mine,10,1", "10,mine,10,2"])
-    got = traces.load_all([ours, google])
+    got = load_all([ours, google])
     assert [t.source for t in got] == ["overcommitd", "google2019", "google2019", "google2019"]
-    assert [t.source for t in traces.load_all([google, ours])][-1] == "overcommitd"
+    assert [t.source for t in load_all([google, ours])][-1] == "overcommitd"
