@@ -86,12 +86,14 @@ def test_a_floor_above_the_use_is_the_need() -> None:
 def test_when_in_doubt_a_guest_needs_what_it_has(case: str) -> None:
     g = vm("a", max_gib=8, actual_gib=6, available_gib=4)  # would need 2 GiB
     held: tuple[str, ...] = ()
+    stats = g.stats
+    assert stats is not None
     if case == "no stats":
         g = dataclasses.replace(g, stats=None)
     elif case == "stale stats":
-        g = dataclasses.replace(g, stats=dataclasses.replace(g.stats, last_update_s=NOW_S - 3600))  # type: ignore[arg-type]
+        g = dataclasses.replace(g, stats=dataclasses.replace(stats, last_update_s=NOW_S - 3600))
     elif case == "impossible stats":
-        g = dataclasses.replace(g, stats=dataclasses.replace(g.stats, mem_total_kib=9 * GIB))  # type: ignore[arg-type]
+        g = dataclasses.replace(g, stats=dataclasses.replace(stats, mem_total_kib=9 * GIB))
     elif case == "paused":
         g = dataclasses.replace(g, run_state=RunState.PAUSED)
     else:
