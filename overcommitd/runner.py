@@ -71,6 +71,11 @@ class TickReport:
     shortfall: Shortfall | None = None  # what the host lacks beyond every balloon (None: not read)
 
 
+# Keys of the restart-only sections that the daemon reads afresh every tick (the shortfall
+# estimate's host reserve): a reload applies them, so no "after a restart" warning.
+_LIVE_KEYS: dict[str, set[str]] = {"host": {"reserve_kib", "guest_overhead_kib"}}
+
+
 def _error_name(e: HypervisorError) -> msg.ErrorName:
     if isinstance(e, NoSuchGuest):
         return "no-such-guest"
@@ -418,7 +423,8 @@ class Daemon:
             changed.append(f"guests paused by command resumed: {len(self.paused)}")
             self.paused.clear()
         for section in ("hypervisor", "libvirt", "qmp", "mqtt", "metrics", "host"):
-            if getattr(new, section) != getattr(self.cfg, section):
+            live = _LIVE_KEYS.get(section, set())  # read every tick: take effect now
+            if getattr(new, section).model_dump(exclude=live) != getattr(self.cfg, section).model_dump(exclude=live):
                 log.warning("[%s] changed: takes effect after a restart", section)
         if new.ksm != self.cfg.ksm:
             self.ksm = KsmController(new.ksm) if new.ksm.enabled else None

@@ -159,3 +159,19 @@ def test_the_shortfall_goes_to_mqtt_as_a_retained_host_message(tmp_path: Path, b
     assert m.mem_total_kib == HOST_KIB and m.need_kib > 21 * GIB
     with pytest.raises(ValueError):
         msg.ShortfallMessage.model_validate({**body, "extra": 1})
+
+
+def test_a_reload_applies_a_new_host_reserve_at_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    hv = sim(4.0)  # 12 GiB of working sets on 16 for guests: room
+    d = daemon(tmp_path, hv)
+    before = asyncio.run(d.tick()).shortfall
+    assert before is not None and before.short_kib == 0
+    assert d.config_path is not None
+    d.config_path.write_text(d.config_path.read_text() + '[host]\nreserve_kib = "6GiB"\n')
+    caplog.set_level(logging.INFO)
+    d.reload()
+    after = asyncio.run(d.tick()).shortfall
+    assert after is not None and after.host_own_kib == 6 * GIB + d.cfg.host.guest_overhead_kib * GUESTS
+    assert after.short_kib == after.host_own_kib + after.need_kib - HOST_KIB > 0
+    assert not [r for r in caplog.records if "after a restart" in r.getMessage()]
+    assert "reserve_kib" in " ".join(r.getMessage() for r in caplog.records if "reloaded" in r.getMessage())

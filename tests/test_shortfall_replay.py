@@ -10,6 +10,7 @@ import pytest
 
 from overcommitd.config import DaemonConfig
 from sim import traces
+from sim.cli import format_scorecard
 from sim.compare import Comparison, format_table
 from sim.metrics import violations
 from sim.plan import Plan, PlanJob, format_plan, search, to_json
@@ -68,12 +69,16 @@ def test_working_sets_beyond_the_host_report_a_shortfall_of_their_size(heavy: li
     assert card.host_short_s == pytest.approx(HOURS * 3600.0)
     assert card.host_short_gib_h == pytest.approx(card.host_short_peak_gib * HOURS, rel=0.02)
     assert "host-over-100" in violations(card)
+    text = format_scorecard(card)
+    assert f"at worst host short by {card.host_short_peak_gib:.1f} GiB: no policy can hold here" in text
+    assert "host short beyond any balloon" in text
 
 
 def test_a_host_with_room_reports_no_shortfall(heavy: list[traces.Trace]) -> None:
     card = replay(spec(overcommit=1.0), Noop(), DaemonConfig(), loaded=heavy).scorecard
     assert card.host_short_s == 0 and card.host_short_peak_gib == 0 and card.host_short_gib_h == 0
     assert not violations(card)
+    assert "no policy can hold" not in format_scorecard(card)
 
 
 @pytest.fixture(scope="module")
