@@ -80,7 +80,10 @@ def short_text(short_kib: float) -> str:
 def guest_need_kib(now_s: float, guest: GuestSnapshot, rules: GuardConfig, *, movable: bool = True) -> int:
     """What no balloon may take from ``guest``: its workload's use or its floor, the larger;
     its current size when it has no usable stats or no balloon will move it."""
-    available_kib = _usable_available_kib(now_s, guest, rules) if movable else None
+    return _need_kib(guest, _usable_available_kib(now_s, guest, rules) if movable else None, rules)
+
+
+def _need_kib(guest: GuestSnapshot, available_kib: int | None, rules: GuardConfig) -> int:
     if available_kib is None:
         return guest.actual_kib
     return max(guest.actual_kib - available_kib, floor_kib(guest, rules), 0)
@@ -106,12 +109,13 @@ def estimate(
     (``loop.with_overrides``); ``held`` are uuids no balloon will move (excluded, paused).
     Stats are judged fresh or stale at ``host.taken_at_s``, as the control step does."""
     now_s = host.taken_at_s
+    held = frozenset(held)
     need_kib = 0
     at_size = 0
     for g in guests:
-        movable = g.uuid not in held
-        need_kib += guest_need_kib(now_s, g, rules, movable=movable)
-        at_size += not movable or _usable_available_kib(now_s, g, rules) is None
+        available_kib = None if g.uuid in held else _usable_available_kib(now_s, g, rules)
+        need_kib += _need_kib(g, available_kib, rules)
+        at_size += available_kib is None
     guests_kib = sum(g.actual_kib for g in guests)
     own_kib = max(host.used_kib_counting_arc(True) - guests_kib, host_own_min_kib, 0)
     short_kib = max(own_kib + need_kib - host.mem_total_kib, 0)
