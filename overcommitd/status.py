@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from overcommitd.config import GuardConfig
 from overcommitd.guard import floor_kib
@@ -73,7 +73,7 @@ class DaemonStatus(BaseModel):
     interval_s: float
     updated_at: str  # ISO 8601, UTC
     guests: tuple[GuestStatus, ...] = ()
-    host_short_kib: int = 0  # what the host lacks even if every balloon took all it can (overcommitd.shortfall)
+    host_short_kib: int = Field(0, ge=0)  # what the host lacks even if every balloon took all it can (shortfall)
 
 
 def explain(d: Decision, guest: GuestSnapshot | None) -> str:

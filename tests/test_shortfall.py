@@ -221,3 +221,25 @@ def test_small_shortfalls_change_by_at_least_the_minimum_step() -> None:
 def test_the_words() -> None:
     assert short_text(0) == "host has room"
     assert short_text(int(2.25 * GIB)) == "host short by 2.2 GiB"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.integers(min_value=-(2**80), max_value=2**80), st.floats(), st.text(max_size=20), st.none()))
+def test_a_status_document_with_any_shortfall_value_parses_or_is_refused_by_name(value: object) -> None:
+    """The status socket's document is read back by ``overcommitd status``: a shortfall that is
+    not a size is a validation error naming the field, a size of any magnitude renders."""
+    import json
+
+    from pydantic import ValidationError
+
+    from overcommitd import status as status_doc
+
+    doc = {"policy": "p", "dry_run": False, "ticks": 1, "interval_s": 10.0, "updated_at": "x", "host_short_kib": value}
+    try:
+        parsed = status_doc.DaemonStatus.model_validate_json(json.dumps(doc))
+    except (ValidationError, ValueError) as e:
+        assert "host_short_kib" in str(e)
+        return
+    assert parsed.host_short_kib >= 0
+    head = status_doc.table(parsed).splitlines()
+    assert (parsed.host_short_kib > 0) == head[1].startswith("host short by")
