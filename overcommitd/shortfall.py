@@ -26,12 +26,20 @@ The estimate (:func:`estimate`), all in KiB::
   True)``: the host drops it when pressed), minus the guests' ``actual``; never below
   ``host_own_min_kib`` (what the caller knows the host keeps for itself) nor 0.
 
-Limits: every error errs toward *not short*, so the daemon never cries wolf.
+A consequence: while the host backs every guest at its current size with room to spare,
+and no guest is below its floor, the estimate is 0 (balloons only ever take away); it
+turns positive when the guests' memory is more than the host has behind it, and then
+says how much of that no balloon can take back.
+
+Limits: apart from "a guest without usable stats needs what it has", every
+approximation errs toward *not short*, so the daemon does not cry wolf.
 
 * Host own use is a lower bound: a guest page never touched is in ``actual`` but costs
   the host nothing, so on a host whose guests have not touched all their memory, the
-  difference under-counts QEMU's own memory and the host's services. ``host_own_min_kib``
-  (the replay passes its host's base and QEMU overhead) closes the gap.
+  difference under-counts QEMU's own memory and the host's services.
+  ``host_own_min_kib`` closes the gap: the daemon passes ``[host] reserve_kib`` plus
+  ``guest_overhead_kib`` per guest, the replay its simulated host's base and QEMU
+  overhead.
 * A guest's need is what it uses now: memory it has swapped out (its own swap, or the
   host's swap of its pages) is not seen, nor demand it could not allocate. A squeezed or
   thrashing guest looks smaller than its working set.
