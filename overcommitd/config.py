@@ -146,7 +146,11 @@ class QmpConfig(_Section):
 
 
 class HostConfig(_Section):
-    """Where the host's memory files are (only tests change these)."""
+    """Where the host's memory files are (only tests change these), and what the host keeps
+    for itself at least: the "host short by N GiB" estimate (``overcommitd.shortfall``)
+    counts the host's own use as no less than ``reserve_kib`` plus ``guest_overhead_kib``
+    per guest. Defaults are oVirt vdsm's ``host_mem_reserve`` (256 MB) and
+    ``guest_ram_overhead`` (65 MB, QEMU's own memory per guest; vdsm/config.py.in)."""
 
     meminfo_path: Path = Path("/proc/meminfo")
     psi_memory_path: Path = Path("/proc/pressure/memory")
@@ -154,6 +158,12 @@ class HostConfig(_Section):
     arcstats_path: Path = Field(
         Path("/proc/spl/kstat/zfs/arcstats"), description="ZFS ARC kstat; absent on hosts without ZFS"
     )
+    reserve_kib: Kib = Field(256 * 1024, description="host kernel and services at least, for the shortfall estimate")
+    guest_overhead_kib: Kib = Field(65 * 1024, description="QEMU's own memory per guest at least, likewise")
+
+    def own_min_kib(self, guests: int) -> int:
+        """The least the host uses for itself with ``guests`` guests running."""
+        return self.reserve_kib + self.guest_overhead_kib * guests
 
 
 class MqttConfig(_Section):

@@ -37,6 +37,7 @@ from overcommitd.ksm import KsmController
 from overcommitd.loop import LoopState, StepOutcome, apply, step, with_overrides
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from overcommitd.sdnotify import Notifier
+from overcommitd.shortfall import Shortfall, ShortfallLog, estimate
 from overcommitd.telemetry import messages as msg
 from overcommitd.telemetry.metrics import Metrics
 from overcommitd.telemetry.mqtt import MqttLink
@@ -66,6 +67,12 @@ class TickReport:
     applied: frozenset[str] = frozenset()
     duration_s: float = 0.0
     error: str | None = None
+    shortfall: Shortfall | None = None  # what the host lacks beyond every balloon (None: not read)
+
+
+# Keys of the restart-only sections that the daemon reads afresh every tick (the shortfall
+# estimate's host reserve): a reload applies them, so no "after a restart" warning.
+_LIVE_KEYS: dict[str, set[str]] = {"host": {"reserve_kib", "guest_overhead_kib"}}
 
 
 def _error_name(e: HypervisorError) -> msg.ErrorName:
@@ -136,6 +143,7 @@ class Daemon:
             )
         )  # served until the first tick
         self._reasons = status_doc.ReasonLog()
+        self._short_log = ShortfallLog()
         self._status_server: status_doc.StatusServer | None = None
 
     # -- one tick ---------------------------------------------------------------------------
@@ -160,14 +168,26 @@ class Daemon:
         self.last_guests = guests
         await self._ksm_tick(host, guests)
         self._warn_floors_above_max(guests)
-        outcome = step(host.taken_at_s, host, guests, self.policy, self.state, self._effective_cfg(guests))
+        cfg = self._effective_cfg(guests)
+        outcome = step(host.taken_at_s, host, guests, self.policy, self.state, cfg)
         self.state = outcome.state
         applied: frozenset[str] = frozenset()
         if not self.dry_run:
             applied = frozenset(await asyncio.to_thread(apply, self.hv, outcome.decisions))
-        self._publish(host, guests, outcome, applied)
-        self._explain(guests, outcome, applied)
-        return TickReport(guests, outcome, applied)
+        shortfall = self._shortfall(host, guests, cfg)
+        self._publish(host, guests, outcome, applied, shortfall)
+        self._explain(guests, outcome, applied, shortfall)
+        return TickReport(guests, outcome, applied, shortfall=shortfall)
+
+    def _shortfall(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], cfg: DaemonConfig) -> Shortfall:
+        """What the host lacks even if every balloon took all it safely can (``overcommitd.
+        shortfall``); excluded and paused guests count at their size, the host's own use at
+        least ``[host]``'s reserve. Logged when it is news."""
+        with_floors, held = with_overrides(guests, cfg)
+        own_min_kib = cfg.host.own_min_kib(len(guests))
+        shortfall = estimate(host, with_floors, cfg.guard, held=held, host_own_min_kib=own_min_kib)
+        self._short_log.update(shortfall)
+        return shortfall
 
     async def _ksm_tick(self, host: HostSnapshot, guests: Sequence[GuestSnapshot]) -> None:
         """One KSM adjustment, if enabled; the daemon's dry-run holds for KSM too. Nothing it
@@ -202,7 +222,9 @@ class Daemon:
                     extra={"event": "floor-above-max", "guest": g.name},
                 )
 
-    def _explain(self, guests: Sequence[GuestSnapshot], outcome: StepOutcome[Any], applied: frozenset[str]) -> None:
+    def _explain(
+        self, guests: Sequence[GuestSnapshot], outcome: StepOutcome[Any], applied: frozenset[str], shortfall: Shortfall
+    ) -> None:
         """Keep the status document current and log each guest's reason when it changes."""
         with_floors, _excluded = with_overrides(guests, self.cfg)
         self.last_status = status_doc.build(
@@ -214,6 +236,7 @@ class Daemon:
             dry_run=self.dry_run,
             ticks=self.ticks + 1,
             interval_s=self.cfg.interval_s,
+            host_short_kib=shortfall.short_kib,
         )
         self._status_bytes = status_doc.encode(self.last_status)
         self._reasons.update(self.last_status)
@@ -258,9 +281,15 @@ class Daemon:
         return msg.StatusMessage(online=True, dry_run=self.dry_run, policy=self.policy.name, version=package_version())
 
     def _publish(
-        self, host: HostSnapshot, guests: Sequence[GuestSnapshot], outcome: StepOutcome[Any], applied: frozenset[str]
+        self,
+        host: HostSnapshot,
+        guests: Sequence[GuestSnapshot],
+        outcome: StepOutcome[Any],
+        applied: frozenset[str],
+        shortfall: Shortfall,
     ) -> None:
         self.metrics.observe(host, guests, outcome.decisions, set(applied))
+        self.metrics.observe_shortfall(shortfall)
         self.metrics.dry_run.set(1 if self.dry_run else 0)
         for d in outcome.decisions:
             if d.target_kib is not None:
@@ -283,6 +312,7 @@ class Daemon:
         self.metrics.mqtt_dropped.set(self.mqtt.dropped_total)
         t = self.mqtt.topics
         self.mqtt.offer(t.host, msg.HostMessage.of(host), retain=True)
+        self.mqtt.offer(t.shortfall, msg.ShortfallMessage.of(shortfall), retain=True)
         names = {}
         for g in guests:
             names[g.uuid] = g.name
@@ -394,7 +424,8 @@ class Daemon:
             changed.append(f"guests paused by command resumed: {len(self.paused)}")
             self.paused.clear()
         for section in ("hypervisor", "libvirt", "qmp", "mqtt", "metrics", "host"):
-            if getattr(new, section) != getattr(self.cfg, section):
+            live = _LIVE_KEYS.get(section, set())  # read every tick: take effect now
+            if getattr(new, section).model_dump(exclude=live) != getattr(self.cfg, section).model_dump(exclude=live):
                 log.warning("[%s] changed: takes effect after a restart", section)
         if new.ksm != self.cfg.ksm:
             self.ksm = KsmController(new.ksm) if new.ksm.enabled else None

@@ -27,11 +27,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from overcommitd.config import GuardConfig
 from overcommitd.guard import floor_kib
 from overcommitd.model import ClampReason, Decision, GuestSnapshot, OvercommitdError
+from overcommitd.shortfall import short_text
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class DaemonStatus(BaseModel):
     interval_s: float
     updated_at: str  # ISO 8601, UTC
     guests: tuple[GuestStatus, ...] = ()
+    host_short_kib: int = Field(0, ge=0)  # what the host lacks even if every balloon took all it can (shortfall)
 
 
 def explain(d: Decision, guest: GuestSnapshot | None) -> str:
@@ -99,6 +101,7 @@ def build(
     dry_run: bool,
     ticks: int,
     interval_s: float,
+    host_short_kib: int = 0,
 ) -> DaemonStatus:
     """The status after a tick; ``guests`` carry the config's floors (``loop.with_overrides``)."""
     by_uuid = {g.uuid: g for g in guests}
@@ -128,7 +131,13 @@ def build(
         )
     now = datetime.now(UTC).isoformat(timespec="seconds")
     return DaemonStatus(
-        policy=policy, dry_run=dry_run, ticks=ticks, interval_s=interval_s, updated_at=now, guests=tuple(rows)
+        policy=policy,
+        dry_run=dry_run,
+        ticks=ticks,
+        interval_s=interval_s,
+        updated_at=now,
+        guests=tuple(rows),
+        host_short_kib=host_short_kib,
     )
 
 
@@ -142,6 +151,8 @@ def table(status: DaemonStatus) -> str:
         f"policy {status.policy}{' (dry-run)' if status.dry_run else ''}, tick {status.ticks}"
         f" at {status.updated_at}, every {status.interval_s:g} s"
     )
+    if status.host_short_kib > 0:
+        head += f"\n{short_text(status.host_short_kib)}: no balloon can help"
     rows = [("GUEST", "ACTUAL", "TARGET", "FLOOR", "MAX", "WISH", "STATE", "WHY")]
     for g in status.guests:
         rows.append(

@@ -13,9 +13,10 @@ from typing import Any
 from tqdm import tqdm
 
 from overcommitd.config import DaemonConfig
+from overcommitd.shortfall import short_text
 from policies.api import PolicyFactory
 from sim.compare import REFERENCE, compare, create_policies, format_table, io_note, replay_ticks, spec_from_args
-from sim.metrics import Scorecard, violations
+from sim.metrics import GIB_KIB, Scorecard, violations
 from sim.plan import DEFAULT_MAX_RATIO, DEFAULT_TOLERANCE, START_RATIO, format_plan, plan, to_json
 from sim.plan import summary as plan_summary
 from sim.replay import ReplaySpec, load_traces, replay
@@ -113,6 +114,9 @@ _ROWS = (
     ("guest-seconds degraded", "degraded_guest_s", "{:.0f}"),
     ("host above 100 %", "host_over_100_s", "{:.0f} s"),
     ("host above 100 %, integrated", "host_over_100_gib_h", "{:.2f} GiB·h"),
+    ("host short beyond any balloon", "host_short_s", "{:.0f} s"),
+    ("host short, peak", "host_short_peak_gib", "{:.1f} GiB"),
+    ("host short, integrated", "host_short_gib_h", "{:.2f} GiB·h"),
     ("host swap-in per guest-hour", "host_swap_in_mib_per_guest_h", "{:.2f} MiB"),
     ("worst guest paging, % of WSS per min", "worst_guest_paging_pct_per_min", "{:.3f} %"),
     ("guests over the paging SLO", "guests_over_slo", "{:d}"),
@@ -143,6 +147,8 @@ def format_scorecard(card: Scorecard) -> str:
     lines.append(f"  {io_note(card)}")
     held = violations(card)
     verdict = "holds" if not held else "does not hold: " + ", ".join(f"{k} {v:g}" for k, v in held.items())
+    if card.host_short_peak_gib > 0:
+        verdict += f"; at worst {short_text(card.host_short_peak_gib * GIB_KIB)}: no policy can hold here"
     lines.append(f"  {verdict}")
     return "\n".join(lines)
 

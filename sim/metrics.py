@@ -25,6 +25,10 @@ Definitions (all over the replayed span, every guest):
   demand cap leaves out what a guest cannot hold unballooned).
 * **warm-up**: the span simulated before scoring began; every figure here (counters
   included) is over the scored span only.
+* **host short**: what the host lacks even if every balloon took all it safely can, as
+  the daemon estimates it from the same snapshots (``overcommitd.shortfall``: the guests'
+  irreducible need plus the host's own use, beyond its RAM): seconds short, the peak
+  (GiB) and the shortfall integrated (GiB·h). Where it is above 0 no policy can hold.
 * **host use**: host RAM in use (base + guests + QEMU overhead) as % of host RAM; over
   100 % means the host itself would swap.
 * **swap-in, major faults**: per guest-hour, from the guests' own cumulative counters
@@ -95,6 +99,9 @@ class Scorecard:
     saved_untouched_gib_h: float
     warmup_h: float
     io_columns: str
+    host_short_s: float
+    host_short_peak_gib: float
+    host_short_gib_h: float
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -183,6 +190,16 @@ class Recorder:
         self.last_s = 0.0  # the last scored instant: a jump still unrecovered then counts until it
         self.jumps = 0
         self.prev_swap_in = np.zeros(len(ram_kib))
+        self.short_s = 0.0
+        self.short_kib_s = 0.0
+        self.short_peak_kib = 0.0
+
+    def record_shortfall(self, dt_s: float, short_kib: float) -> None:
+        """One scored tick's host shortfall (``overcommitd.shortfall``), KiB."""
+        if short_kib > 0:
+            self.short_s += dt_s
+            self.short_kib_s += short_kib * dt_s
+            self.short_peak_kib = max(self.short_peak_kib, short_kib)
 
     def record(self, now_s: float, dt_s: float, *, host_used_kib: float, host_total_kib: float, g: GuestTick) -> None:
         self.last_s = now_s
@@ -284,4 +301,7 @@ class Recorder:
             saved_untouched_gib_h=saved - ballooned - unbacked - reported,
             warmup_h=facts.warmup_s / 3600.0,
             io_columns=facts.io_columns,
+            host_short_s=self.short_s,
+            host_short_peak_gib=self.short_peak_kib / GIB_KIB,
+            host_short_gib_h=self.short_kib_s / gib_h,
         )

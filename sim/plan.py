@@ -32,9 +32,10 @@ from typing import Any
 
 from overcommitd.config import DaemonConfig
 from overcommitd.model import OvercommitdError
+from overcommitd.shortfall import short_text
 from policies.api import Policy
 from sim.compare import BASELINES, REFERENCE, NoBalloon
-from sim.metrics import Scorecard, violations
+from sim.metrics import GIB_KIB, Scorecard, violations
 from sim.replay import ReplaySpec, replay
 from sim.sweep import Sweep, traces_for
 
@@ -101,6 +102,20 @@ class PolicyPlan:
         nxt = self.next_up
         return "+".join(c for c in CONSTRAINTS if nxt and c in nxt.violations)
 
+    @property
+    def host_short_gib(self) -> float | None:
+        """The host's peak shortfall at the next step up (GiB, ``overcommitd.shortfall``):
+        beyond what any balloon can take, so no policy holds there; None when not short."""
+        nxt = self.next_up
+        return nxt.card.host_short_peak_gib if nxt and nxt.card.host_short_peak_gib > 0 else None
+
+    @property
+    def binding_note(self) -> str:
+        """The words "host short by N GiB: no policy can hold here" when the host was short at the
+        next step up (then that, not the policy, is why the ratio failed); else ""."""
+        short = self.host_short_gib
+        return "" if short is None else f"{short_text(short * GIB_KIB)}: no policy can hold here"
+
     def as_dict(self) -> dict[str, object]:
         at = self.safe or self.next_up or self.steps[0]
         return {
@@ -113,6 +128,8 @@ class PolicyPlan:
             "reclaimed_gib_h": reclaimed_gib_h(self.safe.card) if self.safe else None,
             "binding": self.binding,
             "binding_overcommit": self.next_up.overcommit if self.next_up else None,
+            "binding_note": self.binding_note,
+            "host_short_gib": self.host_short_gib,
             "tolerance": self.tolerance,
             "max_overcommit": self.max_ratio,
             "tried": [s.as_dict() for s in sorted(self.steps, key=lambda s: s.overcommit)],
@@ -226,6 +243,8 @@ def format_plan(result: Plan) -> str:
         ratio = p.safe_overcommit
         vs = ratio / base if ratio is not None and base else None
         binding = f"{p.binding} (at {p.next_up.overcommit:g})" if p.next_up else f"none up to {p.max_ratio:g}"
+        if p.binding_note:
+            binding += f"; {p.binding_note}"
         if p.safe is None:
             binding = f"fails at {START_RATIO:g}: " + binding
         cells = [
@@ -247,6 +266,7 @@ def summary(p: PolicyPlan) -> str:
     """One line per finished search, while the others still run."""
     safe = f"safe {p.safe_overcommit:.3f}" if p.safe_overcommit is not None else f"fails at {START_RATIO:g}"
     nxt = f", {p.binding} at {p.next_up.overcommit:g}" if p.next_up else ""
+    nxt += f" ({p.binding_note})" if p.binding_note else ""
     return f"{safe}{nxt} ({len(p.steps)} replays)"
 
 

@@ -43,6 +43,7 @@ from overcommitd.config import DaemonConfig
 from overcommitd.guard import floor_kib
 from overcommitd.loop import LoopState, StepOutcome, apply, step, with_overrides
 from overcommitd.model import Clamp, ClampReason, Decision, GuestSnapshot, HostSnapshot, RunState
+from overcommitd.shortfall import estimate
 from policies.api import Policy
 from sim import traces as trace_io
 from sim.guest import Array, GuestModelParams, GuestSpec
@@ -306,17 +307,28 @@ class _Run:
         now_s = (k + 1) * self.spec.interval_s
         demand, io = self._inputs(k)
         hv.advance(now_s, demand, io)
+        host, guests = hv.read(), hv.snapshot()
         if self.unguarded:
-            outcome = unguarded_step(hv.read(), hv.snapshot(), self.policy, self.state, self.cfg)
+            outcome = unguarded_step(host, guests, self.policy, self.state, self.cfg)
         else:
-            outcome = step(now_s, hv.read(), hv.snapshot(), self.policy, self.state, self.cfg)
+            outcome = step(now_s, host, guests, self.policy, self.state, self.cfg)
         self.state = outcome.state
         apply(hv, outcome.decisions)
         if k >= self.n_warm:
             self._record(now_s - self.n_warm * self.spec.interval_s, demand)
+            self.recorder.record_shortfall(self.spec.interval_s, self._host_short_kib(host, guests))
         self.k += 1
         if self.progress is not None and self.k % 256 == 0:
             self.progress(256)
+
+    def _host_short_kib(self, host: HostSnapshot, guests: Sequence[GuestSnapshot]) -> int:
+        """The daemon's own shortfall estimate (``overcommitd.shortfall``) on this tick's
+        snapshots. The simulated host's base and QEMU overhead are known here, as an
+        operator knows a host's: they bound its own use from below."""
+        with_floors, held = with_overrides(guests, self.cfg)
+        hm = self.spec.host_model
+        own_kib = hm.base_kib + hm.qemu_overhead_kib * len(guests)
+        return estimate(host, with_floors, self.cfg.guard, held=held, host_own_min_kib=own_kib).short_kib
 
     def _record(self, scored_s: float, demand: Array) -> None:
         hv, f = self.hv, self.hv.fleet

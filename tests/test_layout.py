@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("overcommitd", "policies", "sim")
 CLI_MODULES = {"overcommitd.__main__", "overcommitd.cli", "sim.cli", "sim.trace_cli"}
 # What the simulator may see of the daemon: the vocabulary, the step and its guard, the
-# Hypervisor protocol and the trace format it shares with the recorder. Never libvirt,
+# Hypervisor protocol, the trace format it shares with the recorder and the shortfall estimate. Never libvirt,
 # QMP or the runner.
 SIM_SEES = {
     "overcommitd",
@@ -24,6 +24,7 @@ SIM_SEES = {
     "overcommitd.loop",
     "overcommitd.hypervisor",
     "overcommitd.traceformat",
+    "overcommitd.shortfall",  # the daemon's own "host short by N GiB" estimate, so both say the same
 }
 
 

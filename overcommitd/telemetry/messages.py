@@ -6,6 +6,8 @@ Topics, under ``<prefix>/<host_id>/``:
 * ``status`` (retained): :class:`StatusMessage`; the broker publishes the last will,
   ``online: false``, when the daemon dies without saying goodbye;
 * ``host`` (retained): :class:`HostMessage`, the host snapshot of the last tick;
+* ``host/shortfall`` (retained): :class:`ShortfallMessage`, what the host lacks even if
+  every balloon took all it safely can ("host short by N GiB"), every tick;
 * ``ksm`` (retained, only with ``[ksm] enabled``): :class:`KsmMessage`, the KSM
   controller's reading and last adjustment;
 * ``guests/<name>/snapshot`` and ``guests/<name>/decision``: :class:`GuestMessage`,
@@ -24,6 +26,7 @@ from pydantic_core import PydanticCustomError
 
 from overcommitd.ksm import KsmStatus
 from overcommitd.model import Decision, GuestSnapshot, HostSnapshot, Kib
+from overcommitd.shortfall import Shortfall
 
 
 class _Message(BaseModel):
@@ -60,6 +63,32 @@ class HostMessage(_Message):
             psi_full_avg10=h.psi.full_avg10 if h.psi else None,
             ksm_sharing_kib=h.ksm_sharing_kib,
             arc_reclaimable_kib=h.arc_reclaimable_kib,
+        )
+
+
+class ShortfallMessage(_Message):
+    """What the host lacks even if every balloon took all it safely can
+    (``overcommitd.shortfall``): ``short_kib`` 0 when it has room; ``text`` says it in
+    words (``host short by 3.2 GiB``); the terms of the estimate beside it."""
+
+    short_kib: int
+    short: bool
+    text: str
+    need_kib: int  # the guests' irreducible need, summed
+    host_own_kib: int  # the host's own use, as estimated (a lower bound)
+    mem_total_kib: int
+    guests_at_size: int  # guests counted at their current size: no usable stats, or not ballooned
+
+    @classmethod
+    def of(cls, s: Shortfall) -> ShortfallMessage:
+        return cls(
+            short_kib=s.short_kib,
+            short=s.short_kib > 0,
+            text=s.text(),
+            need_kib=s.need_kib,
+            host_own_kib=s.host_own_kib,
+            mem_total_kib=s.mem_total_kib,
+            guests_at_size=s.guests_at_size,
         )
 
 

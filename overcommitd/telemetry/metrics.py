@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from overcommitd.ksm import KsmController
 from overcommitd.model import Decision, GuestSnapshot, HostSnapshot
+from overcommitd.shortfall import Shortfall
 
 _KIB = 1024
 
@@ -53,6 +54,11 @@ class Metrics:
             "ZFS ARC above its minimum (size - c_min): not in MemAvailable, yet the host can drop it",
             registry=r,
         )
+        self.host_short = Gauge(
+            "overcommitd_host_short_bytes",
+            "Memory the host lacks even if every balloon took all it safely can (0: it has room); overcommitd.shortfall",
+            registry=r,
+        )
         self.host_psi_some = Gauge(
             "overcommitd_host_psi_memory_some_avg10", "Host PSI memory some avg10 (%)", registry=r
         )
@@ -76,6 +82,9 @@ class Metrics:
         """Start the HTTP endpoint in a thread; returns the bound port (for port 0)."""
         server, _thread = start_http_server(port, addr=address, registry=self.registry)
         return int(server.server_address[1])
+
+    def observe_shortfall(self, s: Shortfall) -> None:
+        self.host_short.set(s.short_kib * _KIB)
 
     def observe_ksm(self, ksm: KsmController) -> None:
         """The controller's last reading and action; its error and write counts."""

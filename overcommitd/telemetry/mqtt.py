@@ -56,6 +56,7 @@ class Topics:
         self.base = f"{prefix.rstrip('/')}/{host_id}"
         self.status = f"{self.base}/status"
         self.host = f"{self.base}/host"
+        self.shortfall = f"{self.base}/host/shortfall"
         self.ksm = f"{self.base}/ksm"
         self.command = f"{self.base}/command"
         self.reply = f"{self.base}/command/reply"
