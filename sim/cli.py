@@ -81,6 +81,13 @@ def add_guest_arguments(p: argparse.ArgumentParser) -> None:
         default=defaults["deflate_on_oom_share"].default,
         help="share of guests with DEFLATE_ON_OOM, drawn with --seed (default %(default)s)",
     )
+    p.add_argument(
+        "--reporting-share",
+        dest="reporting_share",
+        type=float,
+        default=defaults["reporting_share"].default,
+        help="share of guests with free page reporting, drawn with --seed (default %(default)s)",
+    )
 
 
 def add_replay_arguments(p: argparse.ArgumentParser) -> None:

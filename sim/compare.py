@@ -230,8 +230,9 @@ def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
             fields[name] = value
     if getattr(args, "guest_swap_mib", None) is not None:
         fields["guest_swap_kib"] = args.guest_swap_mib * 1024
-    if getattr(args, "deflate_on_oom_share", None) is not None:
-        fields["deflate_on_oom_share"] = args.deflate_on_oom_share
+    for name in ("deflate_on_oom_share", "reporting_share"):
+        if getattr(args, name, None) is not None:
+            fields[name] = getattr(args, name)
     if getattr(args, "deflate_on_oom_guests", None):
         fields["deflate_on_oom_guests"] = tuple(p for p in args.deflate_on_oom_guests if p != "-")
     if getattr(args, "model", None):

@@ -139,13 +139,14 @@ def write_trace(run_dir: Path, t0_s: float, end_s: float, guests: list[GuestRun]
 
 def replay_args(run_dir: Path, trace: Path, guests: list[GuestRun], duration_s: float) -> list[str]:
     """``overcommitd replay``'s arguments for this run: its config, the guests' stats
-    period, no swap (the test image has none), which guest has DEFLATE_ON_OOM, and a host
+    period, no swap (the test image has none), which guest has DEFLATE_ON_OOM (none has
+    free page reporting), and a host
     large enough that it never presses (the real one had 24 GiB for two guests)."""
     doo = [g.name for g in guests if g.deflate_on_oom]
     return [
         "--trace", str(trace), "--config", str(run_dir / "overcommitd.toml"),
         "--policy", "pid", "--hours", str(duration_s / 3600), "--warmup-hours", "0",
-        "--overcommit", "0.25", "--stats-period-s", str(STATS_PERIOD_S), "--guest-swap-mib", "0",
+        "--overcommit", "0.25", "--stats-period-s", str(STATS_PERIOD_S), "--guest-swap-mib", "0", "--reporting-share", "0",
         "--deflate-on-oom", *(doo or ["-"]), "--no-progress",
     ]  # fmt: skip
 
