@@ -54,6 +54,48 @@ def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_guest_arguments(p: argparse.ArgumentParser) -> None:
+    """What the simulated guests are like beyond the traces (issue 16: set to match the
+    real guests a replay is compared with): stats period, swap, DEFLATE_ON_OOM."""
+    defaults = ReplaySpec.model_fields
+    p.add_argument(
+        "--stats-period-s",
+        dest="stats_period_s",
+        type=float,
+        default=defaults["stats_period_s"].default,
+        help="the guests' balloon stats period, libvirt <stats period> (default %(default)s; 0: off)",
+    )
+    p.add_argument(
+        "--guest-swap-mib",
+        dest="guest_swap_mib",
+        type=int,
+        default=defaults["guest_swap_kib"].default // 1024,
+        help="swap space in each guest, MiB (default %(default)s)",
+    )
+    p.add_argument(
+        "--deflate-on-oom",
+        dest="deflate_on_oom_guests",
+        nargs="+",
+        metavar="GUEST",
+        help="the guests with DEFLATE_ON_OOM: trace guest names or shell patterns ('-': none); "
+        "default: a random share (--deflate-on-oom-share)",
+    )
+    p.add_argument(
+        "--deflate-on-oom-share",
+        dest="deflate_on_oom_share",
+        type=float,
+        default=defaults["deflate_on_oom_share"].default,
+        help="share of guests with DEFLATE_ON_OOM, drawn with --seed (default %(default)s)",
+    )
+    p.add_argument(
+        "--reporting-share",
+        dest="reporting_share",
+        type=float,
+        default=defaults["reporting_share"].default,
+        help="share of guests with free page reporting, drawn with --seed (default %(default)s)",
+    )
+
+
 def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     defaults = ReplaySpec.model_fields
     p.add_argument("--trace", type=Path, nargs="+", help="trace files or directories (default: the bundled traces)")
@@ -63,6 +105,7 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hours", type=float, default=defaults["hours"].default, help="replayed span (default %(default)s)")
     p.add_argument("--start-hours", type=float, default=0.0, help="start this far into the traces (default 0)")
     add_scoring_arguments(p)
+    add_guest_arguments(p)
     p.add_argument("--interval-s", type=float, help="control interval (default: the config's interval_s)")
     p.add_argument(
         "--overcommit",

@@ -227,10 +227,17 @@ def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
         "overcommit": args.overcommit,
         "seed": args.seed,
     }
-    for name in ("warmup_h", "slo_pct_per_min", "guard_baselines", "floor_pct"):
+    for name in ("warmup_h", "slo_pct_per_min", "guard_baselines", "floor_pct", "stats_period_s"):
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
+    if getattr(args, "guest_swap_mib", None) is not None:
+        fields["guest_swap_kib"] = args.guest_swap_mib * 1024
+    for name in ("deflate_on_oom_share", "reporting_share"):
+        if getattr(args, name, None) is not None:
+            fields[name] = getattr(args, name)
+    if getattr(args, "deflate_on_oom_guests", None):
+        fields["deflate_on_oom_guests"] = tuple(p for p in args.deflate_on_oom_guests if p != "-")
     if getattr(args, "model", None):
         fields["model"] = args.model
     if args.trace:

@@ -69,7 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sim.backing import RamBacking
 from sim.balloon_spec import PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY_S, PAGEBLOCK_ORDER
 from sim.driver import BalloonDriver, FleetDriver
-from sim.kernel import DEBIAN_6_1_PC
+from sim.kernel import DEBIAN_6_1_PC, GuestKernel, GuestReserve, guest_reserve
 
 Array = npt.NDArray[np.float64]
 T = TypeVar("T", Array, float)
@@ -90,7 +90,12 @@ class GuestModelParams(BaseModel):
     reserved_pct: float = Field(_BOOT.reserved_pct, ge=0, lt=50, description="... plus struct pages etc.")
     kernel_fixed_kib: int = Field(_BOOT.kernel_fixed_kib, ge=0, description="kernel memory in use after boot")
     kernel_pct: float = Field(_BOOT.kernel_pct, ge=0, lt=50, description="... plus hash tables sized by RAM")
-    min_free_pct: float = Field(1.0, ge=0, lt=50, description="low watermark: free memory the kernel keeps")
+    min_free_pct: float | None = Field(
+        None,
+        ge=0,
+        lt=50,
+        description="free memory the kernel keeps, % of RAM; default: the guest kernel's own rules per size",
+    )
     cache_min_pct: float = Field(1.0, ge=0, lt=50, description="page cache reclaim never goes below this")
     swap_touch_s: float = Field(60.0, gt=0, description="mean time before a swapped working-set page is touched")
     cache_reuse_s: float = Field(
@@ -113,6 +118,16 @@ class GuestSpec:
     weight: float = 1.0
     backing: RamBacking = field(default_factory=RamBacking)
     free_page_hint: bool = False
+
+
+def reserve_for(params: GuestModelParams, ram_kib: Array, kernel: GuestKernel | None = None) -> GuestReserve:
+    """The reserve each guest keeps: ``params.min_free_pct`` of its RAM when the model
+    sets one flat share (a calibrated fleet), else ``kernel``'s own rules for each guest's
+    size (``sim.kernel.guest_reserve``; default: the test image's Debian 6.1, THP on)."""
+    if params.min_free_pct is not None:
+        flat = ram_kib * params.min_free_pct / 100
+        return GuestReserve(flat, flat.copy())
+    return guest_reserve([int(r) for r in ram_kib], kernel)
 
 
 def bulk_release_fraction(backing: RamBacking, *, inhibited: bool = False) -> float:
@@ -145,6 +160,7 @@ class Fleet:
         params: GuestModelParams,
         initial_demand_kib: Array,
         initial_read_kib_s: Array | None = None,
+        reserve: GuestReserve | None = None,
     ) -> None:
         self.specs = specs
         self.params = p = params
@@ -155,7 +171,10 @@ class Fleet:
         self.reporting = np.array([s.reporting for s in specs], dtype=bool)
         self.reserved = p.reserved_fixed_kib + self.ram * p.reserved_pct / 100
         self.kernel = p.kernel_fixed_kib + self.ram * p.kernel_pct / 100
-        self.min_free = self.ram * p.min_free_pct / 100
+        # Issue 16: the free memory the kernel keeps, per guest size (``reserve``, by
+        # default the 6.1 rules of sim.kernel), unless the model sets one flat share.
+        r = reserve or reserve_for(p, self.ram)
+        self.min_free, self.wmark_low = r.totalreserve_kib, r.wmark_low_kib
         self.cache_min = self.ram * p.cache_min_pct / 100
         self.driver: FleetDriver = BalloonDriver(len(specs), self.deflate_on_oom)
         self.release_frac = np.array([bulk_release_fraction(s.backing) for s in specs])
@@ -183,6 +202,7 @@ class Fleet:
         # no room and pushed others out).
         self.unserved_kib = np.zeros_like(self.ram)
         self.degraded = np.zeros(len(specs), dtype=bool)
+        self.reaping = np.zeros(len(specs), dtype=bool)  # killed workloads whose memory is not freed yet
         self.host_swapped = np.zeros_like(self.ram)  # guest pages the host swapped out (sim.host)
         # Cumulative counters, as the guest reports them (KiB or counts).
         self.swap_in = np.zeros_like(self.ram)
@@ -221,10 +241,10 @@ class Fleet:
         return self.ram - self.reserved - self.driver.managed_removed_kib
 
     def mem_available(self) -> Array:
-        """MemAvailable as si_mem_available() estimates it: free above the low watermark
-        plus the page cache less the part that must stay."""
+        """MemAvailable as si_mem_available() (mm/page_alloc.c, 6.1) estimates it: free
+        less totalreserve_pages, plus the page cache less min(half of it, the low watermarks)."""
         free = self.free()
-        return np.maximum(free - self.min_free + self.cache - np.minimum(self.cache / 2, self.min_free), 0.0)
+        return np.maximum(free - self.min_free + self.cache - np.minimum(self.cache / 2, self.wmark_low), 0.0)
 
     def stats(self) -> dict[str, Array]:
         """What each guest's stats would report now, by ``sim.device.STAT_FIELDS`` name."""
@@ -255,6 +275,7 @@ class Fleet:
         self._report_free(dt_s)
         if between is not None:
             between()
+        self._reap_victims()
         self._follow_demand(demand_kib)
         self._grow_cache(dt_s, read_kib_s)
         killed = self._relieve_pressure()
@@ -477,18 +498,31 @@ class Fleet:
         self._deflated(given, np.zeros_like(given))
         self.oom_deflates += np.ceil(given / OOM_STEP_KIB)
         over -= given
-        return self._oom_kill(over > 0)
+        return self._oom_kill(over)
 
-    def _oom_kill(self, killed: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-        """The OOM killer takes the workload (the largest process): its resident memory
-        and its swap are freed, the rest of the guest (kernel, page cache) stays. Its freed
-        pages stay touched on the host (free but backed), first in line for the restart,
-        which the next interval's ``_follow_demand`` makes."""
+    def _oom_kill(self, over: Array) -> npt.NDArray[np.bool_]:
+        """The OOM killer takes the workload (the largest process) where ``over`` > 0: it
+        got what fitted, the guest is exhausted, and its swap is freed. Its resident
+        memory goes when it is reaped, after the stats the guest sends next (the 6.1
+        kernel's oom_reaper and exit_mmap() free it asynchronously, mm/oom_kill.c: the
+        real test guest's next sample still showed it in use, issue 16), so a policy sees
+        the exhaustion before the collapse, as a real daemon does. The rest of the guest
+        (kernel, page cache) stays; the freed pages stay touched on the host (free but
+        backed), first in line for the restart, which the next interval's
+        ``_follow_demand`` makes."""
+        killed = over > 0
         if killed.any():
             self.oom_kills += killed
-            self.anon = np.where(killed, 0.0, self.anon)
+            self.anon = np.where(killed, np.maximum(self.anon - over, 0.0), self.anon)
             self.swap = np.where(killed, 0.0, self.swap)
+            self.reaping |= killed
         return killed
+
+    def _reap_victims(self) -> None:
+        """Free the memory of the workloads killed in the previous interval (``_oom_kill``)."""
+        if self.reaping.any():
+            self.anon = np.where(self.reaping, 0.0, self.anon)
+            self.reaping = np.zeros_like(self.reaping)
 
     def _swap_in(self, dt_s: float) -> npt.NDArray[np.bool_]:
         """Swapped working-set pages are touched within ``swap_touch_s`` on average; with

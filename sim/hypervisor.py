@@ -11,11 +11,12 @@ import numpy as np
 
 from overcommitd.hypervisor import HypervisorError
 from overcommitd.model import BalloonFeatures, GuestSnapshot, GuestStats, HostSnapshot
+from sim.calibration import STATS_WORK_S
 from sim.device import STAT_FIELDS, BalloonDevice
 
 if TYPE_CHECKING:
     from sim.balloon_fleet import ProtocolBalloons
-from sim.guest import EPSILON_KIB, Array, Fleet, GuestModelParams, GuestSpec
+from sim.guest import EPSILON_KIB, Array, Fleet, GuestModelParams, GuestSpec, reserve_for
 from sim.host import HostModelParams, SimHost, host_swap
 from sim.kernel import GuestKernel
 from sim.stat_tags import unsent_fields
@@ -65,7 +66,10 @@ class SimHypervisor:
     ) -> None:
         self.specs = specs
         self.model = model
-        self.fleet = Fleet(specs, guest_params or GuestModelParams(), initial_demand_kib, initial_read_kib_s)
+        params = guest_params or GuestModelParams()
+        ram = np.array([s.ram_kib for s in specs], dtype=np.float64)
+        reserve = reserve_for(params, ram, guest_kernel)  # issue 16: the kernel's watermarks per size
+        self.fleet = Fleet(specs, params, initial_demand_kib, initial_read_kib_s, reserve=reserve)
         self._owns_world = world is None
         self.world = world or World()
         self.device: BalloonDevice | ProtocolBalloons
@@ -84,6 +88,7 @@ class SimHypervisor:
         # Issue 16: the stats a guest sends depend on its kernel (sim.stat_tags); 6.1 has no tag 10+.
         self._unsent_stats = dict.fromkeys(unsent_fields((guest_kernel or GuestKernel()).version))
         self.now_s = 0.0
+        self.fleet_demand_kib = initial_demand_kib  # the demand the guests hold since the last advance
         self._features = [
             BalloonFeatures(deflate_on_oom=s.deflate_on_oom, reporting=s.reporting, free_page_hint=s.free_page_hint)
             for s in specs
@@ -115,8 +120,25 @@ class SimHypervisor:
             self.host.advance_arc(dt_s, read_kib_s, self.fleet.refault_kib, self.fleet.touched)
             self.host.advance(dt_s, self.host_used_kib())
         self.now_s = now_s
+        self.fleet_demand_kib = demand_kib
         if not isinstance(self.device, BalloonDevice):
             self.device.poll_stats(now_s)
+
+    def sample_instants(self, ends_s: Array) -> Array | None:
+        """When, before each of ``ends_s``, the bulk device's last stats timer fires: its
+        sample arrives STATS_WORK_S later (every guest of a replay polls on one schedule,
+        ``period + STATS_WORK_S`` from its next arrival; NaN where none comes first). The
+        replay lands demand there so the sample a policy reads saw it (issue 16). None
+        when there is no such schedule: the protocol model (its own timers), stats off,
+        or guests on different periods."""
+        if not isinstance(self.device, BalloonDevice):
+            return None
+        nxt, period = self.device.next_arrival_s, self.device.stats_period_s
+        if not (np.isfinite(nxt).all() and np.ptp(nxt) == 0 and np.ptp(period) == 0 and period[0] > 0):
+            return None
+        step_s = float(period[0]) + STATS_WORK_S
+        n = np.ceil((ends_s - nxt[0]) / step_s) - 1  # arrivals strictly before the end (poll_stats)
+        return np.where(n >= 0, nxt[0] + n * step_s - STATS_WORK_S, np.nan)
 
     def _host_swap(self, dt_s: float) -> None:
         """Charge the host's swapping to the guests whose pages it swaps (``sim.host``):

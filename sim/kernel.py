@@ -22,10 +22,14 @@ Boot order the model follows (6.1 initcalls):
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 PAGE_KIB = 4
@@ -244,8 +248,37 @@ def mem_available_kib(km: KernelMemory, *, mem_free_kib: int, file_kib: int, sla
 
 
 def reserve_pct(ram_kib: int, kernel: GuestKernel | None = None, machine: BootMeasurement = DEBIAN_6_1_PC) -> float:
-    """GuestModelParams.min_free_pct that gives a guest of ``ram_kib`` the kernel's own gap
-    between MemFree and MemAvailable at low cache (totalreserve_pages, less nothing: the
-    model has no reclaimable slab). 6.8 % for the 1024 MiB test guest, 2.9 % at 4 GiB:
-    one flat share cannot fit a fleet of mixed sizes, so a replay of one size uses this."""
+    """The kernel's own gap between MemFree and MemAvailable at low cache
+    (totalreserve_pages; the model has no reclaimable slab), in % of ``ram_kib``: 6.8 % for
+    the 1024 MiB test guest, 2.9 % at 4 GiB. One flat share cannot fit a fleet of mixed
+    sizes, so replays take each guest's from ``guest_reserve`` unless
+    GuestModelParams.min_free_pct sets one."""
     return 100 * boot(ram_kib, kernel, machine).totalreserve_kib / ram_kib
+
+
+@dataclass(frozen=True, slots=True)
+class GuestReserve:
+    """Per guest (arrays, KiB): what si_mem_available() takes off MemFree
+    (``totalreserve_kib``, which the model also keeps free: kswapd reclaims up to the high
+    watermarks it is made of) and its cap on the page-cache credit (``wmark_low_kib``)."""
+
+    totalreserve_kib: npt.NDArray[np.float64]
+    wmark_low_kib: npt.NDArray[np.float64]
+
+
+@functools.lru_cache(maxsize=256)
+def _boot_cached(ram_kib: int, kernel: GuestKernel, machine: BootMeasurement) -> KernelMemory:
+    return boot(ram_kib, kernel, machine)
+
+
+def guest_reserve(
+    ram_kib: Sequence[int], kernel: GuestKernel | None = None, machine: BootMeasurement = DEBIAN_6_1_PC
+) -> GuestReserve:
+    """The kernel's own reserve for each guest's size (``boot``; a fleet has few sizes, so
+    each is computed once)."""
+    kernel = kernel or GuestKernel()
+    booted = [_boot_cached(int(r), kernel, machine) for r in ram_kib]
+    return GuestReserve(
+        np.array([b.totalreserve_kib for b in booted], dtype=np.float64),
+        np.array([b.wmark_low_kib for b in booted], dtype=np.float64),
+    )

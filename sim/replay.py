@@ -29,6 +29,7 @@ to skip the guard for any policy.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import uuid as uuid_module
 from collections.abc import Callable, Sequence
@@ -79,6 +80,9 @@ class ReplaySpec(BaseModel):
     # oVirt's cluster memory overcommit presets are 100/150/200 % (prior-art.md §5.5).
     overcommit: float = Field(1.5, gt=0, description="provisioned guest RAM / host RAM for guests")
     deflate_on_oom_share: float = Field(0.25, ge=0, le=1, description="share of guests with DEFLATE_ON_OOM")
+    deflate_on_oom_guests: tuple[str, ...] | None = Field(
+        None, description="the guests with DEFLATE_ON_OOM, trace names or shell patterns (instead of the share)"
+    )
     reporting_share: float = Field(0.25, ge=0, le=1, description="share of guests with free page reporting")
     floor_pct: float = Field(0.0, ge=0, le=100, description="SLA floor of every guest, % of its RAM")
     slo_pct_per_min: float = Field(
@@ -123,7 +127,7 @@ def build_guests(spec: ReplaySpec, loaded: Sequence[trace_io.Trace]) -> tuple[li
     """One GuestSpec per guest, features drawn with the seed, and its workload."""
     n = spec.guests or len(loaded)
     start_s = (spec.start_h - spec.warmup_h) * 3600.0
-    workload = Workload.assign(list(loaded), n, spec.guest_model, start_s=start_s)
+    workload = Workload.assign(list(loaded), n, spec.guest_model, start_s=start_s, guest_kernel=spec.guest_kernel)
     rng = np.random.default_rng(spec.seed)
     draw = rng.random((n, 2))
     specs = [
@@ -132,13 +136,21 @@ def build_guests(spec: ReplaySpec, loaded: Sequence[trace_io.Trace]) -> tuple[li
             name=f"g{i:03d}-{_short_name(t)}",
             ram_kib=t.size_kib,
             swap_kib=spec.guest_swap_kib,
-            deflate_on_oom=bool(draw[i, 0] < spec.deflate_on_oom_share),
+            deflate_on_oom=has_deflate_on_oom(spec, _short_name(t), float(draw[i, 0])),
             reporting=bool(draw[i, 1] < spec.reporting_share),
             floor_kib=int(t.size_kib * spec.floor_pct / 100),
         )
         for i, t in enumerate(workload.traces)
     ]
     return specs, workload
+
+
+def has_deflate_on_oom(spec: ReplaySpec, name: str, draw: float) -> bool:
+    """Whether the guest replaying trace ``name`` has DEFLATE_ON_OOM: named by the spec's
+    patterns when it has them (a replay compared with real guests), else drawn."""
+    if spec.deflate_on_oom_guests is not None:
+        return any(fnmatch.fnmatchcase(name, p) for p in spec.deflate_on_oom_guests)
+    return draw < spec.deflate_on_oom_share
 
 
 def _short_name(trace: trace_io.Trace) -> str:
@@ -268,6 +280,34 @@ def unguarded_step(
     return StepOutcome(tuple(decisions), LoopState(result.state, state.guard))
 
 
+Inputs = tuple[float, Array, Array]  # (at, demand KiB, file I/O KiB/s) per guest
+
+
+@dataclass(frozen=True, slots=True)
+class _Landing:
+    """One tick's trace inputs: at the tick's last stats sample (None: no sample in it or
+    no known schedule) and at its end."""
+
+    sample: Inputs | None
+    end: Inputs
+
+
+def land_demand(hv: SimHypervisor, inputs: _Landing, start_s: float) -> Array:
+    """Issue 16: a trace sample's demand lands during the tick it belongs to, and the
+    stats a policy reads at the tick's end saw it. The guests run to the tick's last stats
+    sample and take the demand of that instant there (unless it is what they already
+    hold), then run to the end and take the end's. Before, the demand of the tick's start
+    landed at its end, after the stats were polled: the simulated policy reacted one tick
+    late. Returns the demand in force at the end."""
+    if inputs.sample is not None:
+        at_s, demand, io = inputs.sample
+        if start_s < at_s < inputs.end[0] and not np.array_equal(demand, hv.fleet_demand_kib):
+            hv.advance(at_s, demand, io)
+    end_s, demand, io = inputs.end
+    hv.advance(end_s, demand, io)
+    return demand
+
+
 class _Run:
     """The per-tick work of one replay: advance, step, apply, record."""
 
@@ -290,23 +330,31 @@ class _Run:
         self.state: LoopState[Any] = LoopState.initial(policy)
         self.k = 0
         self._block_start = -BLOCK_TICKS  # no block loaded yet
-        self._demand = self._reads = np.empty((0, 0))
+        self._ends: tuple[Array, Array, Array] = (np.empty(0), np.empty((0, 0)), np.empty((0, 0)))
+        self._samples: tuple[Array, Array, Array] | None = None
 
-    def _inputs(self, k: int) -> tuple[Array, Array]:
-        """Demand and reads in force during tick ``k`` (from the previous tick's time)."""
+    def _inputs(self, k: int) -> _Landing:
+        """The demand and reads of tick ``k`` and where they land (``land_demand``)."""
         if not self._block_start <= k < self._block_start + BLOCK_TICKS:
             self._block_start = k
-            times = (k + np.arange(BLOCK_TICKS, dtype=np.float64)) * self.spec.interval_s
-            self._demand, self._reads = self.workload.block(times)
-        return self._demand[k - self._block_start], self._reads[k - self._block_start]
+            ends = (k + 1 + np.arange(BLOCK_TICKS, dtype=np.float64)) * self.spec.interval_s
+            samples = self.hv.sample_instants(ends)
+            times = ends if samples is None else np.concatenate([ends, np.nan_to_num(samples, nan=0.0)])
+            demand, reads = self.workload.block(times)
+            self._ends = (ends, demand[:BLOCK_TICKS], reads[:BLOCK_TICKS])
+            self._samples = None if samples is None else (samples, demand[BLOCK_TICKS:], reads[BLOCK_TICKS:])
+        i = k - self._block_start
+        at_end = (float(self._ends[0][i]), self._ends[1][i], self._ends[2][i])
+        if self._samples is None or not np.isfinite(self._samples[0][i]):
+            return _Landing(None, at_end)
+        return _Landing((float(self._samples[0][i]), self._samples[1][i], self._samples[2][i]), at_end)
 
     def tick(self) -> None:
         hv, k = self.hv, self.k
         if k == self.n_warm:
             self.at_scoring = _Counters.of(hv)
         now_s = (k + 1) * self.spec.interval_s
-        demand, io = self._inputs(k)
-        hv.advance(now_s, demand, io)
+        demand = land_demand(hv, self._inputs(k), now_s - self.spec.interval_s)
         host, guests = hv.read(), hv.snapshot()
         if self.unguarded:
             outcome = unguarded_step(host, guests, self.policy, self.state, self.cfg)

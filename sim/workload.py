@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from sim.guest import GuestModelParams
+from sim.guest import GuestModelParams, reserve_for
+from sim.kernel import GuestKernel
 from sim.traces import Trace
 
 DAY_S = 86400.0
@@ -38,7 +39,14 @@ class Workload:
     demand_cap_kib: npt.NDArray[np.float64]
 
     @classmethod
-    def assign(cls, traces: list[Trace], n_guests: int, params: GuestModelParams, start_s: float = 0.0) -> Workload:
+    def assign(
+        cls,
+        traces: list[Trace],
+        n_guests: int,
+        params: GuestModelParams,
+        start_s: float = 0.0,
+        guest_kernel: GuestKernel | None = None,
+    ) -> Workload:
         if not traces:
             raise ValueError("no traces to replay")
         chosen = tuple(traces[i % len(traces)] for i in range(n_guests))
@@ -48,7 +56,7 @@ class Workload:
         ram = np.array([t.size_kib for t in chosen], dtype=np.float64)
         reserved = params.reserved_fixed_kib + ram * params.reserved_pct / 100
         kernel = params.kernel_fixed_kib + ram * params.kernel_pct / 100
-        headroom = ram * (params.min_free_pct + params.cache_min_pct) / 100
+        headroom = reserve_for(params, ram, guest_kernel).totalreserve_kib + ram * params.cache_min_pct / 100
         return cls(chosen, offsets, np.maximum(ram - reserved - kernel - headroom, 0.0))
 
     @property

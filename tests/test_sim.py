@@ -106,15 +106,38 @@ def test_deflate_on_oom_gives_back_1_mib_steps_and_does_not_reinflate() -> None:
 
 def test_without_deflate_on_oom_or_swap_a_workload_that_does_not_fit_is_killed_each_time_it_restarts() -> None:
     """The killed workload restarts at the next interval and asks for its demand again:
-    each of the 6 intervals kills it again, frees its memory, and leaves its demand unserved."""
+    each of the 6 intervals kills it again, frees its memory (once reaped, at the next
+    interval), and leaves its demand unserved."""
     hv = one_guest(demand_gib=1.0)
     hv.set_target("u", 2 * GIB)
     run(hv, 10, demand_gib=1.0)
     run(hv, 60, demand_gib=2.5)
     assert hv.fleet.oom_kills[0] == 6
-    assert hv.fleet.anon[0] == 0 and hv.fleet.unserved_kib[0] == 2.5 * GIB and hv.fleet.degraded[0]
+    assert hv.fleet.reaping[0] and hv.fleet.unserved_kib[0] == 2.5 * GIB and hv.fleet.degraded[0]
+    run(hv, 10, demand_gib=0.0)  # reaped; the trace says the workload is gone
+    assert hv.fleet.anon[0] == 0 and not hv.fleet.reaping[0] and hv.fleet.oom_kills[0] == 6
     run(hv, 10, demand_gib=1.0)  # it fits again: back, served
     assert hv.fleet.oom_kills[0] == 6 and hv.fleet.anon[0] == GIB and hv.fleet.unserved_kib[0] == 0
+
+
+def test_the_sample_after_a_kill_shows_the_guest_exhausted_and_the_next_one_the_collapse() -> None:
+    """Issue 16: the 6.1 guest's victim is reaped asynchronously (mm/oom_kill.c
+    oom_reaper, exit_mmap()); the real test guest's first sample after the kill still
+    showed it, MemAvailable near 0, and the next its idle use. A policy without the
+    OOM-kill stat infers the kill from exactly that (policies.signals.oom_inferred)."""
+    hv = one_guest(demand_gib=0.5)
+    hv.set_target("u", 2 * GIB)
+    run(hv, 10, demand_gib=0.5, step_s=5.0)
+    run(hv, 5, demand_gib=2.5, step_s=5.0)  # killed at the end of this interval
+    assert hv.fleet.oom_kills[0] == 1
+    run(hv, 5, demand_gib=0.0, step_s=5.0)  # the samples of this interval
+    stats = hv.snapshot()[0].stats
+    assert stats is not None and stats.mem_available_kib is not None
+    assert stats.mem_available_kib < 0.02 * 2 * GIB  # exhausted: the victim still resident
+    run(hv, 5, demand_gib=0.0, step_s=5.0)
+    stats = hv.snapshot()[0].stats
+    assert stats is not None and stats.mem_available_kib is not None
+    assert stats.mem_available_kib > GIB  # reaped: its memory is free again
 
 
 def test_swap_absorbs_a_spike_and_swaps_back_in_when_there_is_room() -> None:

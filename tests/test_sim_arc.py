@@ -91,11 +91,13 @@ def test_headroom_aware_of_the_arc_leaves_the_guests_their_memory(scenario_runs:
     # The blind run handed what it squeezed to the ARC: near its maximum, 16 GiB (the guests'
     # kernels keep ~70 MiB each of their own, measured on the test image: issue 16).
     assert blind.at(blind.arc_mib, BURST_S) > 15 * 1024 > 8 * 1024 > aware.at(aware.arc_mib, BURST_S)
-    # The burst: the squeezed guests' workloads are OOM-killed, restart as their traces say
-    # and are killed again while the blind policy keeps them squeezed for a full ARC; the
-    # aware run's guests had their memory, and the ARC shrank (reaps) to make room.
+    # The burst: the squeezed guests' workloads are OOM-killed and restart as their traces
+    # say; the aware run's guests had their memory, and the ARC shrank (reaps) to make room.
+    # The blind policy gives the memory back only once it has seen the kills (6.1 guests
+    # send no OOM-kill stat: it sees each guest exhausted, then the victim reaped, issue 16),
+    # and the ARC must then shrink for it too.
     assert (aware.oom_kills, aware.swap_in_mib) == (0, 0.0) and aware.arc_reaps > 0
-    assert blind.oom_kills >= 4 and blind.arc_reaps == 0
+    assert blind.oom_kills >= 4
 
 
 def test_proxmox_upstream_never_gives_back_while_the_arc_is_full(scenario_runs: dict[str, ArcRun]) -> None:

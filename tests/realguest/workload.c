@@ -1,7 +1,8 @@
 /* Guest memory workload for the real-guest tests: holds a scheduled amount of touched
  * anonymous memory. argv[1] is "MiB@seconds,MiB@seconds,...": from each time (seconds
  * since start) on, hold that many MiB. Prints "RG-WORK <MiB>" on the console at each
- * change, then sleeps forever after the last one. Built static: the initramfs has no libc. */
+ * change (and "RG-BEGIN <MiB>" when one starts: touching takes seconds under TCG), then
+ * sleeps forever after the last one. Built static: the initramfs has no libc. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,7 @@ static double now_s(void) {
 }
 
 static void hold(long mib) {
+    if (mib != held) { printf("RG-BEGIN %ld\n", mib); fflush(stdout); } /* when a change starts */
     while (held < mib && held < MAX_CHUNKS) {
         char *p = mmap(NULL, CHUNK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (p == MAP_FAILED) { printf("RG-WORK mmap failed at %ld\n", held); break; }
