@@ -23,6 +23,7 @@ Both keep these rates and rules:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import struct
 from collections.abc import Callable, Generator
@@ -505,8 +506,7 @@ class LinuxBalloonDriver:
 
     def _write_stats(self) -> None:
         entries = self.mm.vm_stats()
-        flat = [x for entry in entries for x in entry]
-        spec.stats_array(len(entries)).pack_into(self.mem.buf, self.stats_addr, *flat)
+        spec.stats_array(len(entries)).pack_into(self.mem.buf, self.stats_addr, *itertools.chain.from_iterable(entries))
 
     def stats_handle_request(self) -> ProcessGen:
         """update_balloon_stats_work: gather, reclaim the used buffer, post it again."""
