@@ -315,15 +315,18 @@ class ProtocolBalloons:
         self.guests[i].device.to_target(target_kib * 1024)
 
     def poll_stats(self, now_s: float, current: dict[str, Array] | None = None) -> None:
-        """Copy what each device last received (u64 bytes/counts) into KiB arrays."""
-        for i, g in enumerate(self.guests):
-            d = g.device
-            if d.stats_updates == self._copied_updates[i]:
-                continue  # nothing new since the last copy (or never received)
+        """Copy what each device last received (u64 bytes/counts) into KiB arrays: the
+        guests with a new sample since the last copy, all at once."""
+        fresh = [i for i, g in enumerate(self.guests) if g.device.stats_updates != self._copied_updates[i]]
+        if not fresh:
+            return
+        devices = [self.guests[i].device for i in fresh]
+        for i, d in zip(fresh, devices):
             self._copied_updates[i] = d.stats_updates
-            self.last_update_s[i] = d.stats_last_update_s
-            for name, (tag, unit) in _TAG_OF.items():
-                self.stats[name][i] = d.stats[tag] // unit
+        self.last_update_s[fresh] = [d.stats_last_update_s for d in devices]
+        received = np.array([d.stats for d in devices], dtype=np.uint64)  # u64: "-1" is 2**64 - 1
+        for name, (tag, unit) in _TAG_OF.items():
+            self.stats[name][fresh] = received[:, tag] // np.uint64(unit)
 
     def has_stats(self) -> npt.NDArray[np.bool_]:
         return np.asarray(np.isfinite(self.last_update_s), dtype=bool)

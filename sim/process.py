@@ -49,7 +49,7 @@ class Process:
     the event queue. Nothing else could have run in between, so the order of events
     and every timestamp are those of the queued path."""
 
-    __slots__ = ("world", "gen", "alive", "_done", "then")
+    __slots__ = ("_done", "alive", "gen", "then", "world")
 
     def __init__(self, world: World, gen: ProcessGen, delay_s: float | None = 0.0) -> None:
         """Start ``gen`` after ``delay_s``; ``None`` runs its first step right now."""
