@@ -52,7 +52,9 @@ class Process:
     __slots__ = ("_done", "alive", "gen", "then", "world")
 
     def __init__(self, world: World, gen: ProcessGen, delay_s: float | None = 0.0) -> None:
-        """Start ``gen`` after ``delay_s``; ``None`` runs its first step right now."""
+        """Start ``gen`` after ``delay_s``; ``None`` leaves it to the caller, who calls
+        ``run_now`` once it holds the process (a work item must know its running
+        process before that process's first step can re-queue it)."""
         self.world = world
         self.gen = gen
         self.alive = True
@@ -60,10 +62,12 @@ class Process:
         # Called synchronously when ``gen`` returns; a generator it returns runs next in
         # this same process (a work item that re-queued itself), in a loop, not nested.
         self.then: Callable[[], ProcessGen | None] | None = None
-        if delay_s is None:
-            self._resume()
-        else:
+        if delay_s is not None:
             world.schedule(self._resume, delay_s)
+
+    def run_now(self) -> None:
+        """Run the first step at once (for a process made with ``delay_s=None``)."""
+        self._resume()
 
     @property
     def done(self) -> Signal:
@@ -137,3 +141,4 @@ class WorkItem:
         self.pending = False
         self.runs += 1
         self.running = Process(self.world, self.func(), delay_s=None)
+        self.running.run_now()

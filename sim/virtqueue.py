@@ -214,7 +214,7 @@ class DriverQueue:
         old = (new - self.num_added) & 0xFFFF
         self.num_added = 0
         if self.event_idx:
-            avail_event = U16.unpack_from(self.mem.buf, self._avail_event_at)[0]
+            avail_event: int = U16.unpack_from(self.mem.buf, self._avail_event_at)[0]
             return (new - avail_event - 1) & 0xFFFF < (new - old) & 0xFFFF  # vring_need_event
         used_flags = U16.unpack_from(self.mem.buf, self.lay.used)[0]
         return not used_flags & VRING_USED_F_NO_NOTIFY

@@ -20,8 +20,11 @@ _Entry = tuple[float, int, int, Event]
 class World:
     """Simulated time and what happens at each instant."""
 
-    def __init__(self, start_s: float = 0.0) -> None:
+    def __init__(self, start_s: float = 0.0, *, jumps: bool = True) -> None:
+        """``jumps=False`` queues every continuation (``may_jump_to`` always says no):
+        the reference the shortcut is tested against."""
         self.now_s = start_s
+        self.jumps = jumps
         self._queue: list[_Entry] = []
         self._seq = itertools.count()
         self._horizon_s = float("inf")  # inside ``run``: the time it must not pass
@@ -57,7 +60,7 @@ class World:
         ``run`` was not told to stop earlier. Code called from outside an event (a
         test poking a device) never moves the clock."""
         queue = self._queue
-        return self._in_event and at_s <= self._horizon_s and (not queue or at_s < queue[0][0])
+        return self._in_event and self.jumps and at_s <= self._horizon_s and (not queue or at_s < queue[0][0])
 
     def peek(self) -> float:
         """When the next event is due; infinity if none is."""
