@@ -68,6 +68,10 @@ _STAT_ROW: tuple[tuple[int, str | None, int], ...] = (
     (spec.VIRTIO_BALLOON_S_CACHES, "disk_caches", 1024),
 )
 _STAT_TAGS = tuple(tag for tag, _, _ in _STAT_ROW)
+_UNKEPT = [0] * 7  # the 7 counters between oom_kills and mem_free the model keeps at 0
+assert [name is None for _, name, _ in _STAT_ROW] == [False] * 5 + [True] * 7 + [False] * 4
+_STAT_NAMES = [name for _, name, _ in _STAT_ROW if name is not None]
+_STAT_UNITS = np.array([[unit] for _, name, unit in _STAT_ROW if name is not None], dtype=np.float64)
 
 
 class FleetMm:
@@ -259,9 +263,8 @@ class ProtocolBalloons:
         guest per gather. Truncated toward zero, as ``int()`` of each float would be."""
         stats = self.fleet_stats()
         if self._stats_rows is None or self._stats_rows[0] is not stats:
-            zeros = np.zeros(len(self.balloon_kib))
-            table = np.stack([zeros if name is None else stats[name] * unit for _, name, unit in _STAT_ROW], axis=1)
-            self._stats_rows = (stats, np.trunc(table).astype(np.int64).tolist())
+            kept = (np.array([stats[name] for name in _STAT_NAMES]) * _STAT_UNITS).astype(np.int64)  # truncates
+            self._stats_rows = (stats, [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()])
         return self._stats_rows[1]
 
     # -- the driver seam (Fleet) ---------------------------------------------------
