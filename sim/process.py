@@ -95,8 +95,8 @@ class Process:
                 what.wait(self._resume)
                 return
             at_s = world.now_s + what
-            if not world.may_jump_to(at_s):
-                world.schedule(self._resume, float(what))
+            if what < 0 or not world.may_jump_to(at_s):
+                world.schedule(self._resume, float(what))  # a negative sleep is refused there
                 return
             world.now_s = at_s
 

@@ -165,3 +165,14 @@ def test_run_never_ends_past_its_horizon(jumps: bool) -> None:
     world.schedule(lambda: Process(world, ticker(), delay_s=None).run_now())
     world.run(1.1)
     assert world.now_s == 1.1 and stamps == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_a_negative_sleep_is_refused_even_when_the_clock_could_jump() -> None:
+    world = World()
+
+    def bad() -> ProcessGen:
+        yield -1.0
+
+    world.schedule(lambda: Process(world, bad(), delay_s=None).run_now())
+    with pytest.raises(ValueError, match="delay_s"):
+        world.run(1.0)
