@@ -47,6 +47,33 @@ _TAG_OF = {
 }
 
 
+# The 16 entries update_balloon_stats() writes, in Linux's order (vm events first):
+# (tag, Fleet stat name or None for a counter the model keeps at 0, units per KiB).
+_STAT_ROW: tuple[tuple[int, str | None, int], ...] = (
+    (spec.VIRTIO_BALLOON_S_SWAP_IN, "swap_in", 1024),
+    (spec.VIRTIO_BALLOON_S_SWAP_OUT, "swap_out", 1024),
+    (spec.VIRTIO_BALLOON_S_MAJFLT, "major_faults", 1),
+    (spec.VIRTIO_BALLOON_S_MINFLT, "minor_faults", 1),
+    (spec.VIRTIO_BALLOON_S_OOM_KILL, "oom_kills", 1),
+    (spec.VIRTIO_BALLOON_S_ALLOC_STALL, None, 1),
+    (spec.VIRTIO_BALLOON_S_ASYNC_SCAN, None, 1),
+    (spec.VIRTIO_BALLOON_S_DIRECT_SCAN, None, 1),
+    (spec.VIRTIO_BALLOON_S_ASYNC_RECLAIM, None, 1),
+    (spec.VIRTIO_BALLOON_S_DIRECT_RECLAIM, None, 1),
+    (spec.VIRTIO_BALLOON_S_HTLB_PGALLOC, None, 1),
+    (spec.VIRTIO_BALLOON_S_HTLB_PGFAIL, None, 1),
+    (spec.VIRTIO_BALLOON_S_MEMFREE, "mem_free", 1024),
+    (spec.VIRTIO_BALLOON_S_MEMTOT, "mem_total", 1024),
+    (spec.VIRTIO_BALLOON_S_AVAIL, "mem_available", 1024),
+    (spec.VIRTIO_BALLOON_S_CACHES, "disk_caches", 1024),
+)
+_STAT_TAGS = tuple(tag for tag, _, _ in _STAT_ROW)
+_UNKEPT = [0] * 7  # the 7 counters between oom_kills and mem_free the model keeps at 0
+assert [name is None for _, name, _ in _STAT_ROW] == [False] * 5 + [True] * 7 + [False] * 4
+_STAT_NAMES = [name for _, name, _ in _STAT_ROW if name is not None]
+_STAT_UNITS = np.array([[unit] for _, name, unit in _STAT_ROW if name is not None], dtype=np.float64)
+
+
 class FleetMm:
     """Guest ``i``'s memory manager, over the Fleet's arrays (the ``GuestMm`` protocol)."""
 
@@ -119,30 +146,9 @@ class FleetMm:
         self.balloons.managed_removed_kib[self.i] -= pages * spec.BALLOON_PAGE_KIB
 
     def vm_stats(self) -> list[tuple[int, int]]:
-        """The 16 entries current Linux sends, vm events first, in its order."""
-        kib = {name: values.item(self.i) for name, values in self.balloons.fleet_stats().items()}
-
-        def b(name: str) -> int:
-            return int(kib[name] * 1024)
-
-        return [
-            (spec.VIRTIO_BALLOON_S_SWAP_IN, b("swap_in")),
-            (spec.VIRTIO_BALLOON_S_SWAP_OUT, b("swap_out")),
-            (spec.VIRTIO_BALLOON_S_MAJFLT, int(kib["major_faults"])),
-            (spec.VIRTIO_BALLOON_S_MINFLT, int(kib["minor_faults"])),
-            (spec.VIRTIO_BALLOON_S_OOM_KILL, int(kib["oom_kills"])),
-            (spec.VIRTIO_BALLOON_S_ALLOC_STALL, 0),
-            (spec.VIRTIO_BALLOON_S_ASYNC_SCAN, 0),
-            (spec.VIRTIO_BALLOON_S_DIRECT_SCAN, 0),
-            (spec.VIRTIO_BALLOON_S_ASYNC_RECLAIM, 0),
-            (spec.VIRTIO_BALLOON_S_DIRECT_RECLAIM, 0),
-            (spec.VIRTIO_BALLOON_S_HTLB_PGALLOC, 0),
-            (spec.VIRTIO_BALLOON_S_HTLB_PGFAIL, 0),
-            (spec.VIRTIO_BALLOON_S_MEMFREE, b("mem_free")),
-            (spec.VIRTIO_BALLOON_S_MEMTOT, b("mem_total")),
-            (spec.VIRTIO_BALLOON_S_AVAIL, b("mem_available")),
-            (spec.VIRTIO_BALLOON_S_CACHES, b("disk_caches")),
-        ]
+        """The 16 entries current Linux sends, vm events first, in its order (every
+        guest's rows are built at once, in numpy, by ``ProtocolBalloons.stats_rows``)."""
+        return list(zip(_STAT_TAGS, self.balloons.stats_rows()[self.i]))
 
     # free page hinting: blocks taken without reclaim, held until DONE
 
@@ -226,6 +232,7 @@ class ProtocolBalloons:
         self._copied_updates = [0] * n
         self._fleet_version = 0
         self._fleet_stats: tuple[float, int, dict[str, Array]] | None = None
+        self._stats_rows: tuple[dict[str, Array], list[list[int]]] | None = None
         fleet.driver = self  # the Fleet's driver seam (``sim.driver.FleetDriver``), protocol speed
         self.guests = [
             GuestBalloon(world, s, functools.partial(FleetMm, fleet, self, i), stats_period_s=int(stats_period_s))
@@ -249,6 +256,16 @@ class ProtocolBalloons:
             cached = (self.world.now_s, self._fleet_version, self.fleet.stats())
             self._fleet_stats = cached
         return cached[2]
+
+    def stats_rows(self) -> list[list[int]]:
+        """Every guest's 16 stat values (``_STAT_ROW`` order, bytes or counts), from
+        ``fleet_stats`` and computed as often: one numpy pass instead of one dict per
+        guest per gather. Truncated toward zero, as ``int()`` of each float would be."""
+        stats = self.fleet_stats()
+        if self._stats_rows is None or self._stats_rows[0] is not stats:
+            kept = (np.array([stats[name] for name in _STAT_NAMES]) * _STAT_UNITS).astype(np.int64)  # truncates
+            self._stats_rows = (stats, [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()])
+        return self._stats_rows[1]
 
     # -- the driver seam (Fleet) ---------------------------------------------------
 
@@ -301,15 +318,18 @@ class ProtocolBalloons:
         self.guests[i].device.to_target(target_kib * 1024)
 
     def poll_stats(self, now_s: float, current: dict[str, Array] | None = None) -> None:
-        """Copy what each device last received (u64 bytes/counts) into KiB arrays."""
-        for i, g in enumerate(self.guests):
-            d = g.device
-            if d.stats_updates == self._copied_updates[i]:
-                continue  # nothing new since the last copy (or never received)
+        """Copy what each device last received (u64 bytes/counts) into KiB arrays: the
+        guests with a new sample since the last copy, all at once."""
+        fresh = [i for i, g in enumerate(self.guests) if g.device.stats_updates != self._copied_updates[i]]
+        if not fresh:
+            return
+        devices = [self.guests[i].device for i in fresh]
+        for i, d in zip(fresh, devices):
             self._copied_updates[i] = d.stats_updates
-            self.last_update_s[i] = d.stats_last_update_s
-            for name, (tag, unit) in _TAG_OF.items():
-                self.stats[name][i] = d.stats[tag] // unit
+        self.last_update_s[fresh] = [d.stats_last_update_s for d in devices]
+        received = np.array([d.stats for d in devices], dtype=np.uint64)  # u64: "-1" is 2**64 - 1
+        for name, (tag, unit) in _TAG_OF.items():
+            self.stats[name][fresh] = received[:, tag] // np.uint64(unit)
 
     def has_stats(self) -> npt.NDArray[np.bool_]:
         return np.asarray(np.isfinite(self.last_update_s), dtype=bool)

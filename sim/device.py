@@ -106,6 +106,8 @@ class BalloonDevice:
 
 log = logging.getLogger(__name__)
 
+_STAT_TAGS = range(spec.VIRTIO_BALLOON_S_NR)
+_UNSUPPLIED = (spec.STAT_NOT_SUPPLIED,) * spec.VIRTIO_BALLOON_S_NR
 BALLOON_CHANGE_RATE_S = 1.0  # monitor/monitor.c monitor_qapi_event_conf: 1000 ms
 # QEMU's FreePageHintStatus (include/hw/virtio/virtio-balloon.h).
 FREE_PAGE_HINT_S_STOP, FREE_PAGE_HINT_S_REQUESTED, FREE_PAGE_HINT_S_START, FREE_PAGE_HINT_S_DONE = 0, 1, 2, 3
@@ -157,6 +159,7 @@ class VirtioBalloon:
         self.config_size = 16 if page_poison else 12 if free_page_hint else 8  # virtio_balloon_config_size
         self.queues: dict[str, DeviceQueue] = {}
         self.index: list[str] = []
+        self._queue_index: dict[str, int] = {}
         self.irq: Callable[[int], None] = lambda index: None  # used-buffer interrupt to the guest
         self.config_irq: Callable[[], None] = lambda: None
         self.actual_log: list[tuple[float, int]] = []  # (time, actual) whenever the guest writes a new one
@@ -215,6 +218,7 @@ class VirtioBalloon:
     def setup_queues(self, layouts: list[RingLayout]) -> None:
         """Queues get transport indices by position among those that exist (§1.3)."""
         self.index = spec.queue_names(self.guest_features)
+        self._queue_index = {name: i for i, name in enumerate(self.index)}
         if len(layouts) != len(self.index):
             self._error(f"virtio-balloon: driver set up {len(layouts)} queues, device has {len(self.index)}")
             return
@@ -353,21 +357,27 @@ class VirtioBalloon:
         except VirtioError as e:
             self._error(str(e))
 
-    def _complete(self, name: str, elem: Element, delay_s: float, sync: bool) -> None:
-        """Push ``elem`` after the host's work on it, then interrupt if the ring asks."""
-        vq = self.queues[name]
-
-        def push() -> None:
-            if self.broken:
-                return
-            vq.push(elem, 0)
-            if vq.should_notify():
-                self.irq(self.index.index(name))
-
-        if sync or delay_s <= 0:
-            push()
+    def _complete(self, name: str, elem: Element, at_s: float, sync: bool) -> None:
+        """Push ``elem`` at ``at_s``, when the host's work on it ends, then interrupt if
+        the ring asks. If nothing else is due before then, the clock moves there and
+        the push happens now (``World.may_jump_to``): the same instant and order as a
+        queued push, without the trip through the queue."""
+        world = self.world
+        if sync or at_s <= world.now_s:
+            self._push(name, elem)
+        elif world.may_jump_to(at_s):
+            world.now_s = at_s
+            self._push(name, elem)
         else:
-            self.world.schedule(push, delay_s)
+            world.schedule_at(at_s, lambda: self._push(name, elem))
+
+    def _push(self, name: str, elem: Element) -> None:
+        if self.broken:
+            return
+        vq = self.queues[name]
+        vq.push(elem, 0)
+        if vq.should_notify():
+            self.irq(self._queue_index[name])
 
     def _pfns(self, name: str, elem: Element) -> npt.NDArray[np.uint32]:
         if elem.inn and not elem.out:
@@ -382,7 +392,7 @@ class VirtioBalloon:
     def _handle_output(self, name: str, sync: bool) -> None:
         """virtio_balloon_handle_output: every PFN of every element, then push (len 0)."""
         vq = self.queues[name]
-        delay_s = cal.NOTIFY_TO_DEVICE_S
+        start_s, delay_s = self.world.now_s, cal.NOTIFY_TO_DEVICE_S
         while (elem := vq.pop()) is not None:
             pfns = self._pfns(name, elem)
             if len(pfns) and int(pfns.max()) >= self.mem.ram_pages:
@@ -393,7 +403,7 @@ class VirtioBalloon:
             else:
                 self.host.deflate_element(pfns)
                 delay_s += len(pfns) * cal.HOST_WILLNEED_S_PER_PAGE
-            self._complete(name, elem, delay_s, sync)
+            self._complete(name, elem, start_s + delay_s, sync)
 
     # -- the stats queue, driven by the device ---------------------------------------
 
@@ -453,7 +463,7 @@ class VirtioBalloon:
             self._stats_timer_mod(float(self.stats_poll_interval_s))
             return
         elem, self.stats_vq_elem = self.stats_vq_elem, None
-        self._complete("statsq", elem, 0.0, True)
+        self._complete("statsq", elem, self.world.now_s, True)
 
     def _handle_stats(self, name: str, sync: bool) -> None:
         """virtio_balloon_receive_stats: hold the buffer, record its entries."""
@@ -463,14 +473,14 @@ class VirtioBalloon:
             return
         if self.stats_vq_elem is not None:  # a second buffer: return the old one at once
             old, self.stats_vq_elem = self.stats_vq_elem, None
-            self._complete(name, old, 0.0, True)
+            self._complete(name, old, self.world.now_s, True)
         self.stats_vq_elem = elem
         data = vq.read_out(elem)
-        self.stats = [spec.STAT_NOT_SUPPLIED] * spec.VIRTIO_BALLOON_S_NR
         fields = spec.stats_array(len(data) // spec.STAT.size).unpack_from(data)
-        for tag, val in zip(fields[::2], fields[1::2]):  # in order: a repeated tag's last value wins
-            if tag < spec.VIRTIO_BALLOON_S_NR:
-                self.stats[tag] = val
+        # In order, so a repeated tag's last value wins (a dict keeps the last); tags
+        # past VIRTIO_BALLOON_S_NR are never looked up; the rest read "-1" (unsupplied).
+        received = dict(zip(fields[::2], fields[1::2]))
+        self.stats = list(map(received.get, _STAT_TAGS, _UNSUPPLIED))
         # g_get_real_time() / G_USEC_PER_SEC: whole seconds (integer division).
         self.stats_last_update_s = float(int(self.world.now_s))
         self.stats_updates += 1
@@ -482,10 +492,10 @@ class VirtioBalloon:
     def _handle_report(self, name: str, sync: bool) -> None:
         """virtio_balloon_handle_report: discard each reported block (unless inhibited
         or ``poison_val`` != 0), then push."""
-        vq = self.queues[name]
+        vq, start_s = self.queues[name], self.world.now_s
         while (elem := vq.pop()) is not None:
             self.host.report(elem.inn, self.poison_val)
-            self._complete(name, elem, len(elem.inn) * cal.REPORT_BLOCK_S, sync)
+            self._complete(name, elem, start_s + len(elem.inn) * cal.REPORT_BLOCK_S, sync)
 
     # -- free page hinting (live migration) ------------------------------------------
 

@@ -23,6 +23,7 @@ Both keep these rates and rules:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import struct
 from collections.abc import Callable, Generator
@@ -387,24 +388,25 @@ class LinuxBalloonDriver:
     def fill_balloon(self, num: int) -> Generator[float | Signal, None, int]:
         num = min(num, spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX)
         pfns = self.mm.alloc_pages(num)
+        got = len(pfns)
         # A failed __GFP_NORETRY allocation still makes one pass of direct reclaim.
-        alloc_s = len(pfns) * cal.GUEST_ALLOC_S_PER_PAGE + (len(pfns) < num) * cal.FAILED_ALLOC_S
+        alloc_s = got * cal.GUEST_ALLOC_S_PER_PAGE + (got < num) * cal.FAILED_ALLOC_S
         self.cpu_s += alloc_s
         yield alloc_s
-        if len(pfns) < num:
+        if got < num:
             self.puff_count += 1
             self.log.append((self.world.now_s, "Out of puff! Can't get 1 pages"))
             self.puff_sleep_s += spec.OUT_OF_PUFF_SLEEP_S
             yield spec.OUT_OF_PUFF_SLEEP_S
-        if len(pfns) == 0:
+        if got == 0:
             return 0
         self.balloon.append(pfns)
-        self.num_pages += len(pfns)
+        self.num_pages += got
         if not self.deflate_on_oom_negotiated:
-            self.mm.adjust_managed_page_count(-len(pfns))
+            self.mm.adjust_managed_page_count(-got)
         yield from self.tell_host("inflateq", pfns)
-        self.mm.balloon_taken(len(pfns))
-        return len(pfns)
+        self.mm.balloon_taken(got)
+        return got
 
     def _dequeue(self, num: int) -> U32s:
         """balloon_page_dequeue, ``num`` times: the most recently inflated pages first."""
@@ -505,8 +507,7 @@ class LinuxBalloonDriver:
 
     def _write_stats(self) -> None:
         entries = self.mm.vm_stats()
-        flat = [x for entry in entries for x in entry]
-        spec.stats_array(len(entries)).pack_into(self.mem.buf, self.stats_addr, *flat)
+        spec.stats_array(len(entries)).pack_into(self.mem.buf, self.stats_addr, *itertools.chain.from_iterable(entries))
 
     def stats_handle_request(self) -> ProcessGen:
         """update_balloon_stats_work: gather, reclaim the used buffer, post it again."""

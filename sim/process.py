@@ -41,33 +41,64 @@ class Signal:
 
 
 class Process:
-    """One running generator; ``done`` fires when it returns."""
+    """One running generator; ``done`` fires when it returns.
+
+    A sleep that ends before anything else is due on the World (strictly earlier than
+    the next queued event, and within the span ``World.run`` was asked to cover) is
+    taken on the spot: the clock moves and the generator goes on, with no trip through
+    the event queue. Nothing else could have run in between, so the order of events
+    and every timestamp are those of the queued path."""
+
+    __slots__ = ("_done", "alive", "gen", "then", "world")
 
     def __init__(self, world: World, gen: ProcessGen, delay_s: float | None = 0.0) -> None:
-        """Start ``gen`` after ``delay_s``; ``None`` runs its first step right now."""
+        """Start ``gen`` after ``delay_s``; ``None`` leaves it to the caller, who calls
+        ``run_now`` once it holds the process (a work item must know its running
+        process before that process's first step can re-queue it)."""
         self.world = world
         self.gen = gen
         self.alive = True
-        self.done = Signal(world)
-        self.on_exit: Callable[[], None] | None = None  # called synchronously when ``gen`` returns
-        if delay_s is None:
-            self._resume()
-        else:
+        self._done: Signal | None = None  # made on first use: most processes are never waited on
+        # Called synchronously when ``gen`` returns; a generator it returns runs next in
+        # this same process (a work item that re-queued itself), in a loop, not nested.
+        self.then: Callable[[], ProcessGen | None] | None = None
+        if delay_s is not None:
             world.schedule(self._resume, delay_s)
 
+    def run_now(self) -> None:
+        """Run the first step at once (for a process made with ``delay_s=None``)."""
+        self._resume()
+
+    @property
+    def done(self) -> Signal:
+        if self._done is None:
+            self._done = Signal(self.world)
+        return self._done
+
     def _resume(self) -> None:
-        try:
-            what = next(self.gen)
-        except StopIteration:
-            self.alive = False
-            self.done.fire()
-            if self.on_exit is not None:
-                self.on_exit()
-            return
-        if isinstance(what, Signal):
-            what.wait(self._resume)
-        else:
-            self.world.schedule(self._resume, float(what))
+        world, gen = self.world, self.gen
+        while True:
+            try:
+                what = next(gen)
+            except StopIteration:
+                self.alive = False
+                if self._done is not None:
+                    self._done.fire()
+                then, self.then = self.then, None
+                nxt = then() if then is not None else None
+                if nxt is None:
+                    return
+                gen = self.gen = nxt
+                self.alive = True
+                continue
+            if isinstance(what, Signal):
+                what.wait(self._resume)
+                return
+            at_s = world.now_s + what
+            if what < 0 or not world.may_jump_to(at_s):
+                world.schedule(self._resume, float(what))  # a negative sleep is refused there
+                return
+            world.now_s = at_s
 
 
 class WorkItem:
@@ -91,10 +122,16 @@ class WorkItem:
             return False
         self.pending = True
         if delay_s == 0 and self.latency_s == 0 and self.running is not None and self.running.alive:
-            self.running.on_exit = self._start
+            self.running.then = self._next_run
             return True
         self.world.schedule(self._start, self.latency_s + delay_s)
         return True
+
+    def _next_run(self) -> ProcessGen:
+        """The run that follows at once in the same worker (see ``queue``)."""
+        self.pending = False
+        self.runs += 1
+        return self.func()
 
     def _start(self) -> None:
         if self.running is not None and self.running.alive:
@@ -104,3 +141,4 @@ class WorkItem:
         self.pending = False
         self.runs += 1
         self.running = Process(self.world, self.func(), delay_s=None)
+        self.running.run_now()

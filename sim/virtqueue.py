@@ -36,6 +36,7 @@ VRING_MAX_SIZE = 32768  # spec §2.7: largest power of 2 that keeps full and emp
 DESC = struct.Struct("<QIHH")  # struct virtq_desc, 16 bytes
 U16 = struct.Struct("<H")
 USED_ELEM = struct.Struct("<II")  # struct virtq_used_elem, 8 bytes
+FLAGS_NEXT = struct.Struct("<HH")  # a descriptor's flags and next, at offset 12
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -115,6 +116,10 @@ class DriverQueue:
         self.mem, self.lay, self.name = mem, layout, name
         self.event_idx, self.indirect, self.arena = event_idx, indirect and arena is not None, arena
         n = layout.num
+        # Addresses the hot path touches, computed once (the layout never moves).
+        self._avail_idx_at, self._avail_ring_at = layout.avail + 2, layout.avail + 4
+        self._used_idx_at, self._used_ring_at = layout.used + 2, layout.used + 4
+        self._used_event_at, self._avail_event_at = layout.used_event, layout.avail_event
         self.num_free = n
         self.free_head = 0
         self.avail_idx_shadow = 0
@@ -153,10 +158,10 @@ class DriverQueue:
                 return None
             head = self._add_direct(bufs)
         self.in_flight[head] = token
-        slot = self.avail_idx_shadow & (self.lay.num - 1)
-        U16.pack_into(self.mem.buf, self.lay.avail + 4 + 2 * slot, head)
-        self.avail_idx_shadow = (self.avail_idx_shadow + 1) & 0xFFFF
-        U16.pack_into(self.mem.buf, self.lay.avail + 2, self.avail_idx_shadow)  # after the ring entry
+        buf, shadow = self.mem.buf, self.avail_idx_shadow
+        U16.pack_into(buf, self._avail_ring_at + 2 * (shadow & (self.lay.num - 1)), head)
+        self.avail_idx_shadow = shadow = (shadow + 1) & 0xFFFF
+        U16.pack_into(buf, self._avail_idx_at, shadow)  # after the ring entry
         self.num_added += 1
         return head
 
@@ -171,12 +176,12 @@ class DriverQueue:
 
     def _add_direct(self, bufs: list[Buf]) -> int:
         head = i = self.free_head
-        buf = self.mem.buf
+        buf, desc, last = self.mem.buf, self.lay.desc, len(bufs) - 1
         for k, b in enumerate(bufs):
-            at = self.lay.desc + 16 * i
+            at = desc + 16 * i
             nxt = U16.unpack_from(buf, at + 14)[0]
-            flags = (VRING_DESC_F_WRITE if b.write else 0) | (VRING_DESC_F_NEXT if k < len(bufs) - 1 else 0)
-            DESC.pack_into(buf, at, b.addr, b.length, flags, nxt if k < len(bufs) - 1 else 0)
+            flags = (VRING_DESC_F_WRITE if b.write else 0) | (VRING_DESC_F_NEXT if k < last else 0)
+            DESC.pack_into(buf, at, b.addr, b.length, flags, nxt if k < last else 0)
             last_next, i = nxt, nxt
         self.free_head = last_next
         self.num_free -= len(bufs)
@@ -209,8 +214,8 @@ class DriverQueue:
         old = (new - self.num_added) & 0xFFFF
         self.num_added = 0
         if self.event_idx:
-            avail_event = U16.unpack_from(self.mem.buf, self.lay.avail_event)[0]
-            return vring_need_event(avail_event, new, old)
+            avail_event: int = U16.unpack_from(self.mem.buf, self._avail_event_at)[0]
+            return (new - avail_event - 1) & 0xFFFF < (new - old) & 0xFFFF  # vring_need_event
         used_flags = U16.unpack_from(self.mem.buf, self.lay.used)[0]
         return not used_flags & VRING_USED_F_NO_NOTIFY
 
@@ -221,32 +226,31 @@ class DriverQueue:
 
     def get_buf(self) -> tuple[object, int] | None:
         """The next used chain's token and written length, or None; frees its descriptors."""
-        buf, lay = self.mem.buf, self.lay
-        if U16.unpack_from(buf, lay.used + 2)[0] == self.last_used_idx:  # not more_used()
+        buf, last = self.mem.buf, self.last_used_idx
+        if U16.unpack_from(buf, self._used_idx_at)[0] == last:  # not more_used()
             return None
-        slot = self.last_used_idx & (lay.num - 1)
-        head, length = USED_ELEM.unpack_from(buf, lay.used + 4 + 8 * slot)
+        head, length = USED_ELEM.unpack_from(buf, self._used_ring_at + 8 * (last & (self.lay.num - 1)))
         if head not in self.in_flight:
             # Linux BAD_RING: "id %u is not a head!" - the driver stops using the queue.
             raise VirtioError(f"{self.name}: id {head} is not a head!")
         token = self.in_flight.pop(head)
         self._detach(head)
-        self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+        self.last_used_idx = last = (last + 1) & 0xFFFF
         if self.event_idx and not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
-            U16.pack_into(self.mem.buf, self.lay.used_event, self.last_used_idx)
+            U16.pack_into(buf, self._used_event_at, last)
         return token, length
 
     def _detach(self, head: int) -> None:
+        buf, desc, num = self.mem.buf, self.lay.desc, self.lay.num
         i, n = head, 1
         while True:
-            at = self.lay.desc + 16 * i
-            flags, nxt = struct.unpack_from("<HH", self.mem.buf, at + 12)
+            flags, nxt = FLAGS_NEXT.unpack_from(buf, desc + 16 * i + 12)
             if not flags & VRING_DESC_F_NEXT:
                 break
-            if nxt >= self.lay.num or n >= self.lay.num:
+            if nxt >= num or n >= num:
                 raise VirtioError(f"{self.name}: descriptor chain at {head} is corrupt")
             i, n = nxt, n + 1
-        U16.pack_into(self.mem.buf, self.lay.desc + 16 * i + 14, self.free_head)
+        U16.pack_into(buf, desc + 16 * i + 14, self.free_head)
         self.free_head = head
         self.num_free += n
 
@@ -266,7 +270,7 @@ class DriverQueue:
             if not self.event_idx:
                 U16.pack_into(self.mem.buf, self.lay.avail, self.avail_flags_shadow)
         if self.event_idx:
-            U16.pack_into(self.mem.buf, self.lay.used_event, self.last_used_idx)
+            U16.pack_into(self.mem.buf, self._used_event_at, self.last_used_idx)
         return not self.more_used()
 
 
@@ -284,6 +288,9 @@ class DeviceQueue:
             (layout.used, 6 + 8 * layout.num),
         ):
             mem.check_window(addr, size)  # the transport refuses rings the model keeps no bytes for
+        self._avail_idx_at, self._avail_ring_at = layout.avail + 2, layout.avail + 4
+        self._used_idx_at, self._used_ring_at = layout.used + 2, layout.used + 4
+        self._used_event_at, self._avail_event_at = layout.used_event, layout.avail_event
         self.last_avail_idx = 0
         self.used_idx = 0
         self.inuse = 0
@@ -307,17 +314,20 @@ class DeviceQueue:
 
     def pop(self) -> Element | None:
         """The next available chain, its buffers resolved and checked; None if empty."""
-        if not self.pending():
+        buf, lay, last = self.mem.buf, self.lay, self.last_avail_idx
+        idx: int = U16.unpack_from(buf, self._avail_idx_at)[0]
+        if idx == last:
             return None
-        buf, lay = self.mem.buf, self.lay
         num = lay.num
-        head = U16.unpack_from(buf, lay.avail + 4 + 2 * (self.last_avail_idx & (num - 1)))[0]
+        if (idx - last) & 0xFFFF > num:  # what pending() refuses
+            raise VirtioError(f"Guest moved used index from {last} to {idx}")
+        head = U16.unpack_from(buf, self._avail_ring_at + 2 * (last & (num - 1)))[0]
         if head >= num:
             raise VirtioError(f"Guest says index {head} is available")
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        self.last_avail_idx = last = (last + 1) & 0xFFFF
         if self.event_idx:
-            U16.pack_into(buf, lay.avail_event, self.last_avail_idx)
-        elem = Element(head)
+            U16.pack_into(buf, self._avail_event_at, last)
+        elem = Element(head, [], [])
         table, limit, i = lay.desc, num, head
         addr, length, flags, nxt = DESC.unpack_from(buf, table + 16 * i)
         if flags & VRING_DESC_F_INDIRECT:
@@ -334,7 +344,7 @@ class DeviceQueue:
         return elem
 
     def _collect(self, elem: Element, table: int, limit: int, i: int, desc: tuple[int, int, int, int]) -> None:
-        indirect = table != self.lay.desc
+        indirect, ram_bytes, buf = table != self.lay.desc, self.mem.ram_bytes, self.mem.buf
         while True:
             addr, length, flags, nxt = desc
             if indirect and flags & VRING_DESC_F_INDIRECT:
@@ -343,10 +353,8 @@ class DeviceQueue:
                 raise VirtioError("Nested indirect descriptor")
             if length == 0:
                 raise VirtioError("virtio: zero sized buffers are not allowed")
-            try:
-                self.mem.check(addr, length)
-            except GuestMemoryError:
-                raise VirtioError("virtio: bogus descriptor or out of resources") from None
+            if addr + length > ram_bytes:  # GuestMemory.check: addr and length are unsigned here
+                raise VirtioError("virtio: bogus descriptor or out of resources")
             if flags & VRING_DESC_F_WRITE:
                 elem.inn.append((addr, length))
             else:
@@ -361,7 +369,7 @@ class DeviceQueue:
             if nxt >= limit:
                 raise VirtioError(f"Desc next is {nxt}")
             i = nxt
-            desc = DESC.unpack_from(self.mem.buf, table + 16 * i)
+            desc = DESC.unpack_from(buf, table + 16 * i)
 
     def read_out(self, elem: Element) -> bytes:
         """The chain's device-readable bytes, concatenated (QEMU ``iov_to_buf``)."""
@@ -382,10 +390,10 @@ class DeviceQueue:
 
     def push(self, elem: Element, length: int = 0) -> None:
         """Return a chain: the used element first, then ``used.idx`` (QEMU fill + flush)."""
-        slot = self.used_idx & (self.lay.num - 1)
-        USED_ELEM.pack_into(self.mem.buf, self.lay.used + 4 + 8 * slot, elem.head, length)
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        U16.pack_into(self.mem.buf, self.lay.used + 2, self.used_idx)
+        buf, used_idx = self.mem.buf, self.used_idx
+        USED_ELEM.pack_into(buf, self._used_ring_at + 8 * (used_idx & (self.lay.num - 1)), elem.head, length)
+        self.used_idx = used_idx = (used_idx + 1) & 0xFFFF
+        U16.pack_into(buf, self._used_idx_at, used_idx)
         self.inuse -= 1
 
     def rewind(self, count: int) -> None:
@@ -401,7 +409,10 @@ class DeviceQueue:
         valid, self.signalled_used_valid = self.signalled_used_valid, True
         old, new = self.signalled_used, self.used_idx
         self.signalled_used = new
-        return not valid or vring_need_event(self._u16(self.lay.used_event), new, old)
+        if not valid:
+            return True
+        used_event: int = U16.unpack_from(self.mem.buf, self._used_event_at)[0]
+        return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF  # vring_need_event
 
     def set_notification(self, enable: bool) -> None:
         """Ask for kicks or not (QEMU ``virtio_queue_set_notification``)."""

@@ -1,0 +1,64 @@
+"""The protocol model's stats gather, built for every guest at once in numpy, writes
+what the per-guest rule says: each value in bytes (memory) or counts, truncated toward
+zero as ``int()`` of the float would, in Linux's order; and the host's copy of each
+device's sample divides back into KiB exactly as the per-guest copy did."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sim.balloon_spec as spec
+from sim.balloon_fleet import _STAT_ROW, _TAG_OF, ProtocolBalloons
+from sim.device import STAT_FIELDS
+from sim.guest import GuestSpec
+from sim.hypervisor import SimHypervisor
+
+GIB_KIB = 1 << 20
+N = 3
+values = st.floats(0.0, 2.0**40, allow_nan=False, allow_infinity=False)
+
+
+def fleet(n: int = N) -> tuple[SimHypervisor, ProtocolBalloons]:
+    specs = [GuestSpec(uuid=f"00000000-0000-0000-0000-{i:012d}", name=f"g{i}", ram_kib=GIB_KIB) for i in range(n)]
+    hv = SimHypervisor(specs, host_mem_kib=16 * GIB_KIB, initial_demand_kib=np.full(n, 256.0 * 1024), model="protocol")
+    assert isinstance(hv.device, ProtocolBalloons)
+    return hv, hv.device
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(values, min_size=N, max_size=N), min_size=len(STAT_FIELDS), max_size=len(STAT_FIELDS)))
+def test_every_guests_row_is_the_per_guest_truncation(columns: list[list[float]]) -> None:
+    _, balloons = fleet()
+    stats = {name: np.array(col) for name, col in zip(STAT_FIELDS, columns)}
+    balloons.fleet_stats = lambda: stats  # type: ignore[method-assign]
+    for i, mm in enumerate(g.mm for g in balloons.guests):
+        expected = [(tag, 0 if name is None else int(stats[name][i].item() * unit)) for tag, name, unit in _STAT_ROW]
+        assert mm.vm_stats() == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.integers(0, 2**64 - 1), min_size=spec.VIRTIO_BALLOON_S_NR, max_size=spec.VIRTIO_BALLOON_S_NR),
+        min_size=N,
+        max_size=N,
+    ),
+    st.lists(st.booleans(), min_size=N, max_size=N),
+)
+def test_copying_fresh_samples_at_once_matches_one_by_one(received: list[list[int]], fresh: list[bool]) -> None:
+    _, balloons = fleet()
+    before = {name: values.copy() for name, values in balloons.stats.items()}
+    before_update_s = balloons.last_update_s.copy()
+    for g, sample, new in zip(balloons.guests, received, fresh):
+        if new:
+            g.device.stats = list(sample)
+            g.device.stats_updates += 1
+            g.device.stats_last_update_s = 7.0
+    balloons.poll_stats(8.0)
+    for i, (sample, new) in enumerate(zip(received, fresh)):
+        for name, (tag, unit) in _TAG_OF.items():
+            want = float(sample[tag] // unit) if new else before[name][i]
+            assert balloons.stats[name][i] == want
+        assert balloons.last_update_s[i] == (7.0 if new else before_update_s[i])
