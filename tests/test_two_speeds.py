@@ -110,7 +110,9 @@ def test_closed_loop_replays_score_alike(seed: int) -> None:
     bulk, proto = cards
     assert proto.saved_gib_h == pytest.approx(bulk.saved_gib_h, rel=0.01)
     assert proto.host_peak_pct == pytest.approx(bulk.host_peak_pct, rel=0.01)
-    assert proto.balloon_ops == pytest.approx(bulk.balloon_ops, rel=0.02)
+    # one target apart at most beyond 2 %: the protocol's stats timers run on their own clock and
+    # may see a tick's landed demand one poll apart from the bulk path (docs/guest-model.md)
+    assert proto.balloon_ops == pytest.approx(bulk.balloon_ops, rel=0.02, abs=1)
     assert (proto.oom_kills, proto.below_floor_guest_s) == (bulk.oom_kills, bulk.below_floor_guest_s)
     assert proto.auto_deflate_events == pytest.approx(bulk.auto_deflate_events, abs=2)
 
