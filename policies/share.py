@@ -130,7 +130,7 @@ class HostOther:
     least over the last one-to-two ``window_s`` (two buckets), so a host whose own use
     grows is followed within two windows; a change in the set of guests starts over."""
 
-    guests: frozenset[str]
+    guests: tuple[str, ...]  # sorted uuids
     bucket_start_s: float
     current_kib: float
     previous_kib: float = math.inf
@@ -138,7 +138,7 @@ class HostOther:
     def estimate_kib(self) -> float:
         return min(self.current_kib, self.previous_kib)
 
-    def observe(self, now_s: float, guests: frozenset[str], sample_kib: float, window_s: float) -> HostOther:
+    def observe(self, now_s: float, guests: tuple[str, ...], sample_kib: float, window_s: float) -> HostOther:
         if guests != self.guests:
             return HostOther(guests, now_s, sample_kib)
         if now_s - self.bucket_start_s >= window_s:
@@ -258,7 +258,7 @@ class SharePolicy:
         reserve_kib = host.mem_total_kib * self.params.reserve_pct / 100
         host_used_kib = host.used_kib_counting_arc(self.params.count_arc)
         sample_kib = host_used_kib - held_total_kib
-        members = frozenset(c.uuid for c in claims)
+        members = tuple(sorted(c.uuid for c in claims))
         other = (
             HostOther(members, now_s, sample_kib)
             if state.host_other is None
