@@ -233,17 +233,3 @@ def test_on_a_short_host_the_lower_weight_guest_gives_first_in_the_simulator(tmp
     target = np.vstack(result.timeline.target_kib)[len(result.timeline.target_kib) // 2 :]
     assert target[:, 0].mean() < target[:, 1].mean() - 64 * 1024
     assert result.scorecard.oom_kills == 0
-
-
-def test_the_surplus_first_lets_each_guest_keep_the_cache_it_holds() -> None:
-    """A guest holding 6 GiB of use and cache keeps it before a guest holding little
-    gets room: its cache is not squeezed while the host can back it."""
-    claims = [
-        Claim("cached", need_kib=2 * GIB, hard_kib=2 * GIB, max_kib=8 * GIB, weight=1.0, hold_kib=6 * GIB),
-        Claim("idle", need_kib=2 * GIB, hard_kib=2 * GIB, max_kib=8 * GIB, weight=1.0, hold_kib=2 * GIB),
-    ]
-    out = fill(8 * GIB, claims)
-    assert out == {"cached": pytest.approx(6 * GIB), "idle": pytest.approx(2 * GIB)}
-    # beyond what they hold, the room is shared by weight x size again
-    more = fill(10 * GIB, claims)
-    assert more["cached"] - 6 * GIB == pytest.approx(more["idle"] - 2 * GIB)
