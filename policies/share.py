@@ -37,11 +37,10 @@ counted.
 
 Then:
 
-* **budget above the sum of needs**: the surplus first lets each guest keep what it
-  holds now (``actual - MemFree``: its page cache is not taken while the host can back
-  it; a squeezed hot cache is paid in refaults against the guest's SLO), then goes as
-  room in proportion to ``weight x maximum`` (water-filling both times: a guest never
-  gets above its maximum, the rest goes to the others), as much as the host can back;
+* **budget above the sum of needs**: the surplus goes to the guests in proportion to
+  ``weight x maximum`` (water-filling: a guest never gets above its maximum, the rest
+  goes to the others), so each guest has room beyond its need for page cache and
+  bursts, as much as the host can back;
 * **budget below**: the host is short. Guests give from their need down to ``hard``,
   the lowest ``weight`` first (within one weight, in proportion to what each can give);
   if even that is not enough, every guest is at ``hard`` and the reason says by how
@@ -54,7 +53,7 @@ A DEFLATE_ON_OOM guest that deflated itself is met (its target is at least its
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -121,7 +120,6 @@ class Claim:
     hard_kib: int
     max_kib: int
     weight: float
-    hold_kib: int = 0  # what it holds now (use and cache): kept before any surplus goes as room
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,31 +189,21 @@ def fill(budget_kib: float, claims: Sequence[Claim]) -> dict[str, float]:
 
 
 def _share_surplus(surplus_kib: float, claims: Sequence[Claim]) -> dict[str, float]:
-    """First each guest keeps what it holds now (its page cache is not taken while the
-    host can back it), then the rest goes as room; both by water-filling."""
+    """Water-filling: each guest gets ``rate x weight x max`` above its need, capped at
+    its maximum; the guests that reach it leave their part to the others."""
     out = {c.uuid: float(c.need_kib) for c in claims}
-    surplus_kib = _water_fill(surplus_kib, claims, out, lambda c: max(c.need_kib, min(c.hold_kib, c.max_kib)))
-    _water_fill(surplus_kib, claims, out, lambda c: c.max_kib)
-    return out
-
-
-def _water_fill(
-    surplus_kib: float, claims: Sequence[Claim], out: dict[str, float], cap: Callable[[Claim], int]
-) -> float:
-    """Raise ``out`` toward each claim's ``cap`` by ``rate x weight x max``; the guests
-    that reach their cap leave their part to the others. Returns what is left."""
-    open_claims = [c for c in claims if cap(c) > out[c.uuid]]
-    open_claims.sort(key=lambda c: (cap(c) - out[c.uuid]) / (c.weight * c.max_kib))
+    open_claims = [c for c in claims if c.max_kib > c.need_kib]
+    open_claims.sort(key=lambda c: (c.max_kib - c.need_kib) / (c.weight * c.max_kib))
     shares_total = sum(c.weight * c.max_kib for c in open_claims)
     for c in open_claims:
         if shares_total <= 0 or surplus_kib <= 0:
             break
         share = c.weight * c.max_kib
-        extra = min(cap(c) - out[c.uuid], surplus_kib * share / shares_total)
+        extra = min(float(c.max_kib - c.need_kib), surplus_kib * share / shares_total)
         out[c.uuid] += extra
         surplus_kib -= extra
         shares_total -= share
-    return surplus_kib
+    return out
 
 
 def _take_shortage(short_kib: float, claims: Sequence[Claim]) -> dict[str, float]:
@@ -265,9 +253,8 @@ class SharePolicy:
                 continue
             gstate = self.observe(now_s, guest, used, previous)
             next_state[guest.uuid] = gstate
-            held = held_kib(guest, used)
-            claims.append(self.claim(now_s, guest, used, gstate, held))
-            held_total_kib += held
+            claims.append(self.claim(now_s, guest, used, gstate))
+            held_total_kib += held_kib(guest, used)
         reserve_kib = host.mem_total_kib * self.params.reserve_pct / 100
         host_used_kib = host.used_kib_counting_arc(self.params.count_arc)
         sample_kib = host_used_kib - held_total_kib
@@ -323,7 +310,7 @@ class SharePolicy:
             paging_room_kib=min(room, float(guest.max_kib)),
         )
 
-    def claim(self, now_s: float, guest: GuestSnapshot, used: int, gstate: ShareGuestState, held: int) -> Claim:
+    def claim(self, now_s: float, guest: GuestSnapshot, used: int, gstate: ShareGuestState) -> Claim:
         """The guest's need and what it must keep, within floor and maximum."""
         p = self.params
         small_margin = max(p.min_headroom_kib, guest.max_kib * p.headroom_pct / 100)
@@ -334,7 +321,7 @@ class SharePolicy:
             margin = max(small_margin, gstate.bursts.margin_kib(p.burst_factor))
             need = round(used + margin + gstate.paging_room_kib)
         need = min(guest.max_kib, max(hard, need))
-        return Claim(guest.uuid, need, hard, guest.max_kib, guest.weight, held)
+        return Claim(guest.uuid, need, hard, guest.max_kib, guest.weight)
 
     @staticmethod
     def why(c: Claim, target: int, short_kib: float) -> str:
