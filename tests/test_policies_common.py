@@ -14,7 +14,7 @@ from overcommitd.model import BalloonFeatures, GuestSnapshot
 from policies import registry
 from policies.testing import GIB, guest, host
 
-BUILT_INS = ("pid", "sla-floor", "free-page", "mom", "proxmox", "headroom", "trim")
+BUILT_INS = ("pid", "sla-floor", "free-page", "mom", "proxmox", "headroom", "trim", "share")
 
 
 @st.composite
