@@ -76,6 +76,12 @@ class BalloonDevice:
     def set_target(self, i: int, target_kib: int) -> None:
         self.driver.config_changed(i, num_pages_kib(self.ram_kib[i], target_kib))
 
+    def set_targets(self, rows: npt.NDArray[np.int64], targets_kib: npt.NDArray[np.int64]) -> None:
+        """``set_target`` for many guests at once (``num_pages_kib``'s rule over arrays)."""
+        ram = self.ram_kib[rows].astype(np.int64)
+        num_pages_kib = (ram - np.minimum(targets_kib, ram)) // BALLOON_PAGE_KIB * BALLOON_PAGE_KIB
+        self.driver.config_changed(rows, num_pages_kib.astype(np.float64))
+
     def take_sample(self, now_s: float, current: dict[str, Array]) -> None:
         """The sample every guest sends at probe, before polling is on."""
         for name, values in current.items():
