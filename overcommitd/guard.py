@@ -130,7 +130,7 @@ def stats_problem_codes(now_s: float, table: GuestTable, rules: GuardConfig) -> 
     (missing, stale, implausible) or 0 if they can."""
     present = table.stats.present
     stale = now_s - table.stats.last_update_s > stats_limits_s(table, rules)
-    return np.where(~present, 1, np.where(stale, 2, np.where(implausible_codes(table) > 0, 3, 0)))
+    return np.where(present, np.where(stale, 2, np.where(implausible_codes(table) > 0, 3, 0)), 1)
 
 
 def implausible_detail(code: int, guest: GuestSnapshot) -> str | None:
@@ -207,9 +207,11 @@ def guard_table(
     the guest. The rules and their order are the module docstring's."""
     actual, last, has_last = table.actual_kib, table.last_target_kib, table.has_last_target
     has_wish = ~np.isnan(wish_kib)
-    wish = np.clip(np.trunc(np.where(has_wish, wish_kib, 0.0)), -_WISH_LIMIT_KIB, _WISH_LIMIT_KIB).astype(np.int64)
+    wish = np.minimum(np.maximum(np.where(has_wish, wish_kib, 0.0), -_WISH_LIMIT_KIB), _WISH_LIMIT_KIB)
+    wish = wish.astype(np.int64)  # truncates toward zero, as int() did
     floor = floors_kib(table, rules)
-    hold = np.select([~table.running, excluded, failed, ~has_wish], [1, 2, 3, 4], 0)
+    # np.where chains, not np.select: a tenth of the cost on a few hundred rows.
+    hold = np.where(~table.running, 1, np.where(excluded, 2, np.where(failed, 3, np.where(has_wish, 0, 4))))
     held = hold > 0
     # Held, unless a running, included guest's balloon is set below its floor (someone ran
     # `virsh setmem` behind our back, or the floor was raised): then stop it at the floor,
@@ -226,7 +228,7 @@ def guard_table(
     # had nothing to give), or still moving to a target set within ``settle_s``. During a
     # back-off any shortfall is one more stop (a guest still deflating past the target
     # that met it a moment ago), never a balloon in flight.
-    short = ~held & has_last & (actual > last + rules.auto_deflate_tolerance_kib)
+    short = ~held & table.short_of_target()  # the tolerance the step stamped on the table, from ``rules``
     settling = table.last_target_age_s < rules.settle_s  # NaN (unknown age): not settling
     in_flight = short & (now_s >= backoff_until_s) & settling
     backoff = np.where(short & ~in_flight, now_s + rules.auto_deflate_cooldown_s, backoff_until_s)
@@ -236,16 +238,18 @@ def guard_table(
     backing_off = now_s < backoff
     flight_bound = in_flight & has_last & (ranged < last)
     step_bound = actual - ranged > rules.max_inflate_step_kib
-    block = np.select(
-        [problem > 0, backing_off, flight_bound, step_bound],
-        [problem, np.where(table.deflate_on_oom, 4, 5), 6, 7],
-        0,
+    block = np.where(
+        problem > 0,
+        problem,
+        np.where(
+            backing_off, np.where(table.deflate_on_oom, 4, 5), np.where(flight_bound, 6, np.where(step_bound, 7, 0))
+        ),
     )
     block = np.where(inflating & ~held, block, 0)
-    inflated = np.select(
-        [(block > 0) & (block <= 5), block == 6, block == 7],
-        [actual, last, actual - rules.max_inflate_step_kib],
-        ranged,
+    inflated = np.where(
+        (block > 0) & (block <= 5),
+        actual,
+        np.where(block == 6, last, np.where(block == 7, actual - rules.max_inflate_step_kib, ranged)),
     )
     deflate_stepped = ~held & ~inflating & (ranged > actual + rules.max_deflate_step_kib)
     stepped = np.where(

@@ -96,7 +96,8 @@ class StatsColumns:
     def available_kib(self) -> FloatArray:
         """``GuestStats.available_kib`` by column: MemAvailable, else MemFree plus disk
         caches (0 where unsent), else NaN."""
-        fallback = self.columns["mem_free_kib"] + np.nan_to_num(self.columns["disk_caches_kib"], nan=0.0)
+        caches = self.columns["disk_caches_kib"]
+        fallback = self.columns["mem_free_kib"] + np.where(np.isnan(caches), 0.0, caches)
         avail = self.columns["mem_available_kib"]
         return np.where(np.isnan(avail), fallback, avail)
 
