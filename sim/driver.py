@@ -68,7 +68,7 @@ class FleetDriver(Protocol):
         """Retries after "Out of puff!" so far, per guest."""
         ...
 
-    def config_changed(self, i: int | npt.NDArray[np.int64], num_pages_kib: float | Array) -> None:
+    def config_changed(self, i: int, num_pages_kib: float) -> None:
         """The host wrote ``num_pages`` and raised the config interrupt."""
         ...
 
