@@ -142,3 +142,4 @@ def test_a_table_built_by_the_simulator_gives_back_the_snapshots_it_describes() 
     table = GuestTable.of([g]).replace()  # drops the source: rebuilt from the columns
     assert table.source is None
     assert table.snapshot(0) == g
+    assert table.snapshots() == (g,)
