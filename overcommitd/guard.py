@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -97,12 +98,17 @@ class GuardMemories:
 def floors_kib(table: GuestTable, rules: GuardConfig) -> IntArray:
     """The lowest target each guest may get: its SLA floor or the global minimum, never
     above its maximum."""
-    return np.minimum(np.maximum(table.floor_kib, rules.min_guest_kib), table.max_kib)
+    return np.asarray(_floor_rule(table.floor_kib, table.max_kib, rules), dtype=np.int64)
 
 
 def floor_kib(guest: GuestSnapshot, rules: GuardConfig) -> int:
-    """``floors_kib`` of one guest."""
-    return int(floors_kib(GuestTable.of([guest]), rules)[0])
+    """``floors_kib`` of one guest (the same rule on scalars: status and metrics call it
+    per guest, where a one-row table would cost more than the rule)."""
+    return int(_floor_rule(np.int64(guest.floor_kib), np.int64(guest.max_kib), rules))
+
+
+def _floor_rule(floor: Any, maximum: Any, rules: GuardConfig) -> Any:
+    return np.minimum(np.maximum(floor, rules.min_guest_kib), maximum)
 
 
 def stats_limits_s(table: GuestTable, rules: GuardConfig) -> FloatArray:
