@@ -27,10 +27,39 @@ Every rule that changes or withholds the wish is recorded in the Decision as a C
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from overcommitd.config import GuardConfig
-from overcommitd.model import Clamp, ClampReason, Decision, GuestSnapshot, RunState
+from overcommitd.model import Clamp, ClampReason, Decision, GuestSnapshot
+from overcommitd.table import BoolArray, FloatArray, GuestTable, IntArray
+
+# The guard runs once over every guest's columns (``guard_table``); the per-guest
+# ``guard`` is that same code on a one-row table, and the Decisions with their Clamps are
+# read back from what each rule recorded (``GuardOutcome``). One implementation of each
+# rule: the two speeds cannot drift.
+
+# A wish is clipped into this range before integer arithmetic: far beyond any memory
+# size (``MAX_KIB`` is 2**40), so the clamps to [floor, maximum] decide as before, and
+# ``actual - wish`` cannot overflow int64.
+_WISH_LIMIT_KIB = 2**62
+
+# Rule codes, 0 = the rule did not fire; the index into each tuple is the code.
+HOLDS = (None, ClampReason.NOT_RUNNING, ClampReason.EXCLUDED, ClampReason.POLICY_ERROR, ClampReason.NO_WISH)
+INFLATE_BLOCKS = (
+    None,
+    ClampReason.MISSING_STATS,
+    ClampReason.STALE_STATS,
+    ClampReason.IMPLAUSIBLE_STATS,
+    ClampReason.AUTO_DEFLATE,
+    ClampReason.NO_PROGRESS,
+    ClampReason.IN_FLIGHT,
+    ClampReason.INFLATE_STEP,
+)
+_IMPLAUSIBLE_FIELDS = ("mem_available_kib", "mem_free_kib", "disk_caches_kib")  # codes 2.. ; 1: MemTotal
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,54 +72,281 @@ class GuardMemory:
 FRESH = GuardMemory()
 
 
-def floor_kib(guest: GuestSnapshot, rules: GuardConfig) -> int:
-    """The lowest target the guest may get: its SLA floor or the global minimum, never
+@dataclass(frozen=True, slots=True, eq=False)
+class GuardMemories:
+    """``GuardMemory`` of every guest, by column: the back-off ends, row for row with
+    ``uuids`` (the table they were decided for)."""
+
+    uuids: tuple[str, ...] = ()
+    backoff_until_s: FloatArray = field(default_factory=lambda: np.empty(0))
+
+    def aligned(self, uuids: tuple[str, ...]) -> FloatArray:
+        """The back-off ends for these guests, in this order (-inf for a guest not seen)."""
+        if uuids == self.uuids:
+            return self.backoff_until_s
+        index = {u: i for i, u in enumerate(self.uuids)}
+        ends = self.backoff_until_s.tolist()
+        return np.array([ends[index[u]] if u in index else -np.inf for u in uuids], dtype=np.float64)
+
+    def get(self, uuid: str) -> GuardMemory:
+        try:
+            return GuardMemory(float(self.backoff_until_s[self.uuids.index(uuid)]))
+        except ValueError:
+            return FRESH
+
+
+def floors_kib(table: GuestTable, rules: GuardConfig) -> IntArray:
+    """The lowest target each guest may get: its SLA floor or the global minimum, never
     above its maximum."""
-    return min(max(guest.floor_kib, rules.min_guest_kib), guest.max_kib)
+    return np.asarray(_floor_rule(table.floor_kib, table.max_kib, rules), dtype=np.int64)
 
 
-def stats_problem(now_s: float, guest: GuestSnapshot, rules: GuardConfig) -> Clamp | None:
-    """Why the guest's stats cannot justify inflation, or None if they can."""
-    if guest.stats is None:
-        return Clamp(ClampReason.MISSING_STATS, None, None, "the guest has sent no stats")
-    limit_s = max(rules.stale_after_periods * guest.stats_period_s, rules.stale_after_min_s)
-    age_s = now_s - guest.stats.last_update_s
-    if age_s > limit_s:
-        return Clamp(ClampReason.STALE_STATS, None, None, f"stats are {age_s:.0f} s old, limit {limit_s:.0f} s")
-    lie = implausible(guest)
-    if lie is not None:
-        return Clamp(ClampReason.IMPLAUSIBLE_STATS, None, None, lie)
-    return None
+def floor_kib(guest: GuestSnapshot, rules: GuardConfig) -> int:
+    """``floors_kib`` of one guest (the same rule on scalars: status and metrics call it
+    per guest, where a one-row table would cost more than the rule)."""
+    return int(_floor_rule(np.int64(guest.floor_kib), np.int64(guest.max_kib), rules))
+
+
+def _floor_rule(floor: Any, maximum: Any, rules: GuardConfig) -> Any:
+    return np.minimum(np.maximum(floor, rules.min_guest_kib), maximum)
+
+
+def stats_limits_s(table: GuestTable, rules: GuardConfig) -> FloatArray:
+    """How old each guest's stats may be before they are stale."""
+    return np.maximum(rules.stale_after_periods * table.stats_period_s, rules.stale_after_min_s)
+
+
+def implausible_codes(table: GuestTable) -> IntArray:
+    """What is impossible about each guest's stats: 0 nothing, 1 MemTotal above the
+    maximum, 2.. a value outside 0..MemTotal (``_IMPLAUSIBLE_FIELDS``). Stats come from
+    an untrusted guest (Firecracker's ballooning docs say as much): a buggy or hostile
+    driver must not talk the host into taking memory the guest needs. Unsent stats
+    (NaN) compare false, so they are never implausible."""
+    total = table.stats["mem_total_kib"]
+    code = np.where(total > table.max_kib, 1, 0)
+    for k, name in enumerate(_IMPLAUSIBLE_FIELDS, start=2):
+        value = table.stats[name]
+        bad = (value < 0) | (value > total)
+        code = np.where((code == 0) & bad, k, code)
+    return np.asarray(code, dtype=np.int64)
+
+
+def stats_problem_codes(now_s: float, table: GuestTable, rules: GuardConfig) -> IntArray:
+    """Why each guest's stats cannot justify inflation: an ``INFLATE_BLOCKS`` code
+    (missing, stale, implausible) or 0 if they can."""
+    present = table.stats.present
+    stale = now_s - table.stats.last_update_s > stats_limits_s(table, rules)
+    return np.where(present, np.where(stale, 2, np.where(implausible_codes(table) > 0, 3, 0)), 1)
+
+
+def implausible_detail(code: int, guest: GuestSnapshot) -> str | None:
+    """The message for an ``implausible_codes`` code, with the guest's own values."""
+    s = guest.stats
+    if code == 0 or s is None:
+        return None
+    if code == 1:
+        return f"MemTotal {s.mem_total_kib} KiB exceeds the guest's maximum {guest.max_kib} KiB"
+    name = _IMPLAUSIBLE_FIELDS[code - 2]
+    return f"{name} {getattr(s, name)} KiB is outside 0..MemTotal ({s.mem_total_kib} KiB)"
 
 
 def implausible(guest: GuestSnapshot) -> str | None:
-    """What is impossible about a guest's stats, or None. Stats come from an untrusted
-    guest (Firecracker's ballooning docs say as much): a buggy or hostile driver must not
-    talk the host into taking memory the guest needs."""
-    s = guest.stats
-    assert s is not None
-    total = s.mem_total_kib
-    if total is not None and total > guest.max_kib:
-        return f"MemTotal {total} KiB exceeds the guest's maximum {guest.max_kib} KiB"
-    for name in ("mem_available_kib", "mem_free_kib", "disk_caches_kib"):
-        value = getattr(s, name)
-        if value is not None and (value < 0 or total is not None and value > total):
-            return f"{name} {value} KiB is outside 0..MemTotal ({total} KiB)"
-    return None
+    """What is impossible about one guest's stats, or None (``implausible_codes``)."""
+    assert guest.stats is not None
+    return implausible_detail(int(implausible_codes(GuestTable.of([guest]))[0]), guest)
 
 
-def _short_of_target(guest: GuestSnapshot, rules: GuardConfig) -> bool:
-    """The balloon holds less than the last target asked for."""
-    last = guest.last_target_kib
-    return last is not None and guest.actual_kib > last + rules.auto_deflate_tolerance_kib
+def _stats_detail(code: int, now_s: float, guest: GuestSnapshot, rules: GuardConfig) -> str:
+    if code == 1:
+        return "the guest has sent no stats"
+    if code == 2:
+        assert guest.stats is not None
+        limit_s = max(rules.stale_after_periods * guest.stats_period_s, rules.stale_after_min_s)
+        return f"stats are {now_s - guest.stats.last_update_s:.0f} s old, limit {limit_s:.0f} s"
+    return implausible(guest) or ""
 
 
-def _settling(guest: GuestSnapshot, rules: GuardConfig) -> bool:
-    """The last target is younger than ``settle_s``: a balloon short of it is still
-    moving (a guest just resumed, a slow TCG guest), not stopped. Backing it off would
-    stall the guest for the whole cooldown."""
-    age_s = guest.last_target_age_s
-    return age_s is not None and age_s < rules.settle_s
+def stats_problem(now_s: float, guest: GuestSnapshot, rules: GuardConfig) -> Clamp | None:
+    """Why one guest's stats cannot justify inflation, or None if they can."""
+    code = int(stats_problem_codes(now_s, GuestTable.of([guest]), rules)[0])
+    if code == 0:
+        return None
+    return Clamp(INFLATE_BLOCKS[code], None, None, _stats_detail(code, now_s, guest, rules))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, eq=False)
+class GuardOutcome:
+    """The guard's verdict on every row of a table, with what each rule did, so that
+    each guest's Decision (``decision``) can be read back without deciding again."""
+
+    now_s: float
+    rules: GuardConfig
+    target_kib: IntArray  # the target to set, valid where has_target
+    has_target: BoolArray
+    backoff_until_s: FloatArray  # what to remember for the next step
+    wish_kib: IntArray  # valid where has_wish
+    has_wish: BoolArray
+    floor_kib: IntArray
+    hold: IntArray  # HOLDS code
+    restored: BoolArray  # held, but raised to the floor (target_kib)
+    maxed: BoolArray  # wish above the maximum
+    floored: BoolArray  # ... then below the floor
+    ranged_kib: IntArray  # the wish within [floor, maximum]
+    inflate_block: IntArray  # INFLATE_BLOCKS code
+    deflate_stepped: BoolArray
+    stepped_kib: IntArray  # after the inflate/deflate rules
+    dead_band: BoolArray
+    reference_kib: IntArray  # the last target, or actual: what the dead band measures from
+
+
+def guard_table(
+    now_s: float,
+    table: GuestTable,
+    wish_kib: FloatArray,
+    *,
+    rules: GuardConfig,
+    backoff_until_s: FloatArray,
+    excluded: BoolArray,
+    failed: BoolArray,
+) -> GuardOutcome:
+    """Check every guest's wish (NaN: none) at once. ``failed``: the policy raised for
+    the guest. The rules and their order are the module docstring's."""
+    actual, last, has_last = table.actual_kib, table.last_target_kib, table.has_last_target
+    has_wish = ~np.isnan(wish_kib)
+    wish = np.minimum(np.maximum(np.where(has_wish, wish_kib, 0.0), -_WISH_LIMIT_KIB), _WISH_LIMIT_KIB)
+    wish = wish.astype(np.int64)  # truncates toward zero, as int() did
+    floor = floors_kib(table, rules)
+    # np.where chains, not np.select: a tenth of the cost on a few hundred rows.
+    hold = np.where(~table.running, 1, np.where(excluded, 2, np.where(failed, 3, np.where(has_wish, 0, 4))))
+    held = hold > 0
+    # Held, unless a running, included guest's balloon is set below its floor (someone ran
+    # `virsh setmem` behind our back, or the floor was raised): then stop it at the floor,
+    # or where it is if that is higher. Never inflates.
+    reference = np.where(has_last, last, actual)
+    restored = held & (hold >= 3) & (np.minimum(reference, actual) < floor)
+
+    maxed = wish > table.max_kib
+    ranged = np.where(maxed, table.max_kib, wish)
+    floored = ranged < floor
+    ranged = np.where(floored, floor, ranged)
+
+    # Short of the last target: stopped (the guest deflated itself under DEFLATE_ON_OOM or
+    # had nothing to give), or still moving to a target set within ``settle_s``. During a
+    # back-off any shortfall is one more stop (a guest still deflating past the target
+    # that met it a moment ago), never a balloon in flight.
+    short = ~held & table.short_of_target()  # the tolerance the step stamped on the table, from ``rules``
+    settling = table.last_target_age_s < rules.settle_s  # NaN (unknown age): not settling
+    in_flight = short & (now_s >= backoff_until_s) & settling
+    backoff = np.where(short & ~in_flight, now_s + rules.auto_deflate_cooldown_s, backoff_until_s)
+
+    inflating = ranged < actual
+    problem = stats_problem_codes(now_s, table, rules)
+    backing_off = now_s < backoff
+    flight_bound = in_flight & has_last & (ranged < last)
+    step_bound = actual - ranged > rules.max_inflate_step_kib
+    block = np.where(
+        problem > 0,
+        problem,
+        np.where(
+            backing_off, np.where(table.deflate_on_oom, 4, 5), np.where(flight_bound, 6, np.where(step_bound, 7, 0))
+        ),
+    )
+    block = np.where(inflating & ~held, block, 0)
+    inflated = np.where(
+        (block > 0) & (block <= 5),
+        actual,
+        np.where(block == 6, last, np.where(block == 7, actual - rules.max_inflate_step_kib, ranged)),
+    )
+    deflate_stepped = ~held & ~inflating & (ranged > actual + rules.max_deflate_step_kib)
+    stepped = np.where(
+        deflate_stepped, np.maximum(actual + rules.max_deflate_step_kib, floor), np.where(inflating, inflated, ranged)
+    )
+    dead = ~held & (np.abs(stepped - reference) < rules.dead_band_kib) & ~(reference < floor)
+    target = np.where(held, np.maximum(floor, actual), stepped)
+    return GuardOutcome(
+        now_s=now_s,
+        rules=rules,
+        target_kib=target,
+        has_target=(~held & ~dead) | restored,
+        backoff_until_s=np.where(held, backoff_until_s, backoff),
+        wish_kib=wish,
+        has_wish=has_wish,
+        floor_kib=floor,
+        hold=hold,
+        restored=restored,
+        maxed=maxed & ~held,
+        floored=floored & ~held,
+        ranged_kib=ranged,
+        inflate_block=block,
+        deflate_stepped=deflate_stepped,
+        stepped_kib=stepped,
+        dead_band=dead,
+        reference_kib=reference,
+    )
+
+
+def decision(
+    table: GuestTable, out: GuardOutcome, i: int, *, error: str | None = None, policy_reason: str | None = None
+) -> Decision:
+    """Row ``i``'s Decision with every Clamp that fired, read back from ``out``."""
+    guest = table.snapshot(i)
+    wish = int(out.wish_kib[i]) if out.has_wish[i] else None
+    target = int(out.target_kib[i]) if out.has_target[i] else None
+    hold = int(out.hold[i])
+    if hold:
+        return Decision(
+            guest.uuid, guest.name, target, wish, _hold_clamps(guest, out, i, hold, wish, error), policy_reason
+        )
+    clamps: list[Clamp] = []
+    assert wish is not None
+    ranged, floor = int(out.ranged_kib[i]), int(out.floor_kib[i])
+    if out.maxed[i]:
+        clamps.append(Clamp(ClampReason.MAXIMUM, wish, guest.max_kib, f"maximum {guest.max_kib} KiB"))
+    if out.floored[i]:
+        clamps.append(Clamp(ClampReason.FLOOR, min(wish, guest.max_kib), floor, f"floor {floor} KiB"))
+    stepped = int(out.stepped_kib[i])
+    block = int(out.inflate_block[i])
+    if block:
+        clamps.append(Clamp(INFLATE_BLOCKS[block], ranged, stepped, _block_detail(guest, out, i, block)))  # type: ignore[arg-type]
+    if out.deflate_stepped[i]:
+        detail = f"at most +{out.rules.max_deflate_step_kib} KiB"
+        clamps.append(Clamp(ClampReason.DEFLATE_STEP, ranged, stepped, detail))
+    if out.dead_band[i]:
+        reference = int(out.reference_kib[i])
+        clamps.append(Clamp(ClampReason.DEAD_BAND, stepped, None, f"{stepped - reference:+d} KiB from {reference}"))
+    return Decision(guest.uuid, guest.name, target, wish, tuple(clamps), policy_reason)
+
+
+def _hold_clamps(
+    guest: GuestSnapshot, out: GuardOutcome, i: int, hold: int, wish: int | None, error: str | None
+) -> tuple[Clamp, ...]:
+    reason = HOLDS[hold]
+    assert reason is not None
+    if reason is ClampReason.NOT_RUNNING:
+        why = Clamp(reason, wish, None, guest.run_state.value)
+    elif reason is ClampReason.EXCLUDED:
+        why = Clamp(reason, wish, None, "excluded by config")
+    elif reason is ClampReason.POLICY_ERROR:
+        why = Clamp(reason, None, None, error or "the policy raised")
+    else:
+        why = Clamp(reason, None, None, "the policy gave no target")
+    if not out.restored[i]:
+        return (why,)
+    floor = int(out.floor_kib[i])
+    raised = Clamp(ClampReason.FLOOR, None, int(out.target_kib[i]), f"set below the floor of {floor} KiB")
+    return why, raised
+
+
+def _block_detail(guest: GuestSnapshot, out: GuardOutcome, i: int, block: int) -> str:
+    now_s, rules = out.now_s, out.rules
+    if block <= 3:
+        return _stats_detail(block, now_s, guest, rules)
+    if block <= 5:
+        left_s = float(out.backoff_until_s[i]) - now_s
+        return f"balloon stopped short of its target; no inflation for {left_s:.0f} s"
+    if block == 6:
+        return f"balloon still moving to {guest.last_target_kib} KiB, set {guest.last_target_age_s:.1f} s ago"
+    return f"at most -{rules.max_inflate_step_kib} KiB"
 
 
 def guard(
@@ -103,105 +359,43 @@ def guard(
     excluded: bool = False,
     error: str | None = None,
 ) -> tuple[Decision, GuardMemory]:
-    """Check one guest's wish; returns the Decision and what to remember for next time."""
-    hold_reason = _hold_reason(guest, wish_kib, excluded, error)
-    if hold_reason is not None:
-        return _hold_or_restore_floor(guest, wish_kib, hold_reason, rules), memory
-    assert wish_kib is not None
-    clamps: list[Clamp] = []
-    target = _clamp_range(guest, int(wish_kib), rules, clamps)
-    actual = guest.actual_kib
-
-    # Short of the last target: stopped (the guest deflated itself under DEFLATE_ON_OOM or
-    # had nothing to give), or still moving to a target set within ``settle_s``. During a
-    # back-off any shortfall is one more stop (a guest still deflating past the target
-    # that met it a moment ago), never a balloon in flight.
-    in_flight = False
-    if _short_of_target(guest, rules):
-        in_flight = now_s >= memory.backoff_until_s and _settling(guest, rules)
-        if not in_flight:
-            memory = GuardMemory(backoff_until_s=now_s + rules.auto_deflate_cooldown_s)
-    if target < actual:
-        target = _check_inflate(now_s, guest, target, rules, memory, clamps, in_flight=in_flight)
-    elif target > actual + rules.max_deflate_step_kib:
-        stepped = max(actual + rules.max_deflate_step_kib, floor_kib(guest, rules))
-        clamps.append(Clamp(ClampReason.DEFLATE_STEP, target, stepped, f"at most +{rules.max_deflate_step_kib} KiB"))
-        target = stepped
-
-    reference = guest.last_target_kib if guest.last_target_kib is not None else actual
-    below_floor = reference < floor_kib(guest, rules)
-    if abs(target - reference) < rules.dead_band_kib and not below_floor:
-        clamps.append(Clamp(ClampReason.DEAD_BAND, target, None, f"{target - reference:+d} KiB from {reference}"))
-        return Decision(guest.uuid, guest.name, None, wish_kib, tuple(clamps)), memory
-    return Decision(guest.uuid, guest.name, target, wish_kib, tuple(clamps)), memory
+    """Check one guest's wish; returns the Decision and what to remember for next time.
+    The one-row case of ``guard_table``."""
+    table = GuestTable.of([guest], auto_deflate_tolerance_kib=rules.auto_deflate_tolerance_kib)
+    out = guard_table(
+        now_s,
+        table,
+        np.array([np.nan if wish_kib is None else wish_kib], dtype=np.float64),
+        rules=rules,
+        backoff_until_s=np.array([memory.backoff_until_s]),
+        excluded=np.array([excluded]),
+        failed=np.array([error is not None]),
+    )
+    return decision(table, out, 0, error=error), GuardMemory(float(out.backoff_until_s[0]))
 
 
-def _hold_reason(guest: GuestSnapshot, wish_kib: int | None, excluded: bool, error: str | None) -> Clamp | None:
-    if guest.run_state is not RunState.RUNNING:
-        return Clamp(ClampReason.NOT_RUNNING, wish_kib, None, guest.run_state.value)
-    if excluded:
-        return Clamp(ClampReason.EXCLUDED, wish_kib, None, "excluded by config")
-    if error is not None:
-        return Clamp(ClampReason.POLICY_ERROR, None, None, error)
-    if wish_kib is None:
-        return Clamp(ClampReason.NO_WISH, None, None, "the policy gave no target")
-    return None
+def decisions(
+    table: GuestTable,
+    out: GuardOutcome,
+    errors: Mapping[int, str] | None = None,
+    reasons: Mapping[int, str] | None = None,
+) -> tuple[Decision, ...]:
+    """Every row's Decision; ``errors`` and ``reasons`` by row."""
+    errors, reasons = errors or {}, reasons or {}
+    return tuple(decision(table, out, i, error=errors.get(i), policy_reason=reasons.get(i)) for i in range(len(table)))
 
 
-def _hold_or_restore_floor(guest: GuestSnapshot, wish_kib: int | None, why: Clamp, rules: GuardConfig) -> Decision:
-    """Hold, unless a running, included guest's balloon is set below its floor (someone
-    ran ``virsh setmem`` behind our back, or the floor was raised): then stop it at the
-    floor, or where it is if that is higher. Never inflates."""
-    floor = floor_kib(guest, rules)
-    current = guest.last_target_kib if guest.last_target_kib is not None else guest.actual_kib
-    restorable = why.reason in (ClampReason.POLICY_ERROR, ClampReason.NO_WISH)
-    if restorable and min(current, guest.actual_kib) < floor:
-        target = max(floor, guest.actual_kib)
-        raised = Clamp(ClampReason.FLOOR, None, target, f"set below the floor of {floor} KiB")
-        return Decision(guest.uuid, guest.name, target, wish_kib, (why, raised))
-    return Decision(guest.uuid, guest.name, None, wish_kib, (why,))
-
-
-def _clamp_range(guest: GuestSnapshot, target: int, rules: GuardConfig, clamps: list[Clamp]) -> int:
-    if target > guest.max_kib:
-        clamps.append(Clamp(ClampReason.MAXIMUM, target, guest.max_kib, f"maximum {guest.max_kib} KiB"))
-        target = guest.max_kib
-    floor = floor_kib(guest, rules)
-    if target < floor:
-        clamps.append(Clamp(ClampReason.FLOOR, target, floor, f"floor {floor} KiB"))
-        target = floor
-    return target
-
-
-def _check_inflate(
-    now_s: float,
-    guest: GuestSnapshot,
-    target: int,
-    rules: GuardConfig,
-    memory: GuardMemory,
-    clamps: list[Clamp],
-    *,
-    in_flight: bool,
-) -> int:
-    """Bound a target below ``actual``: refused on bad stats or during back-off, no
-    deeper than a target the balloon is still moving to, else at most one inflate step."""
-    actual = guest.actual_kib
-    problem = stats_problem(now_s, guest, rules)
-    if problem is not None:
-        clamps.append(Clamp(problem.reason, target, actual, problem.detail))
-        return actual
-    if now_s < memory.backoff_until_s:
-        reason = ClampReason.AUTO_DEFLATE if guest.features.deflate_on_oom else ClampReason.NO_PROGRESS
-        detail = f"balloon stopped short of its target; no inflation for {memory.backoff_until_s - now_s:.0f} s"
-        clamps.append(Clamp(reason, target, actual, detail))
-        return actual
-    last = guest.last_target_kib
-    if in_flight and last is not None and target < last:
-        detail = f"balloon still moving to {last} KiB, set {guest.last_target_age_s:.1f} s ago"
-        clamps.append(Clamp(ClampReason.IN_FLIGHT, target, last, detail))
-        return last
-    if actual - target > rules.max_inflate_step_kib:
-        stepped = actual - rules.max_inflate_step_kib
-        clamps.append(Clamp(ClampReason.INFLATE_STEP, target, stepped, f"at most -{rules.max_inflate_step_kib} KiB"))
-        return stepped
-    return target
+__all__: Sequence[str] = (
+    "FRESH",
+    "GuardMemories",
+    "GuardMemory",
+    "GuardOutcome",
+    "decision",
+    "decisions",
+    "floor_kib",
+    "floors_kib",
+    "guard",
+    "guard_table",
+    "implausible",
+    "stats_problem",
+)

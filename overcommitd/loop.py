@@ -4,22 +4,32 @@
 reads. The replay calls it on a virtual clock, the daemon on a timer; both then hand the
 decisions to ``apply``. One step::
 
-    snapshots -> config overrides -> policy.decide -> guard (per guest) -> decisions
+    guest table -> config overrides -> policy.decide_batch -> guard (every guest) -> targets
+
+It runs over columns (``overcommitd.table.GuestTable``): a bounded number of numpy
+operations per tick whatever the number of guests. ``step_table`` is the step;
+``step`` is the same on a table built from snapshots. The per-guest Decisions, with
+their clamps, are read back from the guard's columns only when someone asks
+(``StepOutcome.decisions``: logs, MQTT, status, tests); the replay never does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Generic, TypeVar
 
+import numpy as np
+
 from overcommitd.config import DaemonConfig
-from overcommitd.guard import FRESH, GuardMemory, guard
+from overcommitd.guard import GuardMemories, decisions, guard_table
 from overcommitd.hypervisor import Hypervisor, HypervisorError
-from overcommitd.model import Decision, GuestSnapshot, HostSnapshot, RunState
-from policies.api import Policy, PolicyResult
+from overcommitd.model import Decision, GuestSnapshot, HostSnapshot
+from overcommitd.table import BoolArray, GuestTable, IntArray
+from policies.api import BatchResult, Policy, decide_batch
 
 S = TypeVar("S")
 log = logging.getLogger(__name__)
@@ -30,18 +40,28 @@ class LoopState(Generic[S]):
     """What one step hands the next: the policy's state and the guard's memory."""
 
     policy_state: S
-    guard: dict[str, GuardMemory] = dataclasses.field(default_factory=dict)
+    guard: GuardMemories = dataclasses.field(default_factory=GuardMemories)
 
     @classmethod
     def initial(cls, policy: Policy[S]) -> LoopState[S]:
         return cls(policy.initial_state())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False)
 class StepOutcome(Generic[S]):
-    decisions: tuple[Decision, ...]
+    """What one step decided: the target of each row of ``table`` (valid where
+    ``has_target``), the next state, and the Decisions, derived on first use."""
+
+    table: GuestTable
+    target_kib: IntArray
+    has_target: BoolArray
     state: LoopState[S]
+    explain: Callable[[], tuple[Decision, ...]] = dataclasses.field(repr=False)
     policy_error: str | None = None  # decide() raised as a whole: every guest held
+
+    @cached_property
+    def decisions(self) -> tuple[Decision, ...]:
+        return self.explain()
 
 
 def with_overrides(guests: Sequence[GuestSnapshot], cfg: DaemonConfig) -> tuple[list[GuestSnapshot], set[str]]:
@@ -61,6 +81,86 @@ def with_overrides(guests: Sequence[GuestSnapshot], cfg: DaemonConfig) -> tuple[
     return out, excluded
 
 
+def table_overrides(table: GuestTable, cfg: DaemonConfig) -> tuple[GuestTable, BoolArray]:
+    """``with_overrides`` over a table: the config's floors and weights applied, and
+    which rows it excludes. Without ``[guests.*]`` sections (the replay's case) the
+    table passes through untouched."""
+    tolerance_kib = cfg.guard.auto_deflate_tolerance_kib
+    if table.auto_deflate_tolerance_kib != tolerance_kib:
+        table = dataclasses.replace(table, auto_deflate_tolerance_kib=tolerance_kib)
+    excluded = np.zeros(len(table), dtype=bool)
+    if not cfg.guests:
+        return table, excluded
+    floor, weight = table.floor_kib.copy(), table.weight.copy()
+    for i, (uuid, name) in enumerate(zip(table.uuid, table.name, strict=True)):
+        o = cfg.guests.get(uuid) or cfg.guests.get(name)
+        if o is None:
+            continue
+        excluded[i] = o.exclude
+        floor[i] = min(max(int(floor[i]), o.floor_kib or 0), int(table.max_kib[i]))  # above the maximum: capped
+        weight[i] = o.weight or weight[i]
+    return table.replace(floor_kib=floor, weight=weight), excluded
+
+
+def _decide(
+    policy: Policy[S], host: HostSnapshot, table: GuestTable, eligible: BoolArray, state: S
+) -> tuple[BatchResult[S], str | None]:
+    """The policy's targets for every row (NaN where not eligible or held), by row of
+    ``table``; a policy that raises holds every eligible guest."""
+    all_in = bool(eligible.all())
+    rows = np.flatnonzero(eligible)
+    sub = table if all_in else table.take(rows)
+    try:
+        result = decide_batch(policy, host, sub, state)
+    except Exception as e:  # noqa: BLE001 - a policy that raises holds every guest, the loop goes on
+        error = f"{type(e).__name__}: {e}"
+        log.error("policy %s raised: %s; holding every guest", policy.name, error)
+        return BatchResult(np.full(len(table), np.nan), state, dict.fromkeys(rows.tolist(), error)), error
+    if all_in:
+        return result, None
+    targets = np.full(len(table), np.nan)
+    targets[rows] = result.targets_kib
+    back = rows.tolist()
+    errors = {back[i]: e for i, e in result.errors.items()}
+    reasons = {back[i]: r for i, r in result.reasons.items()}
+    return BatchResult(targets, result.state, errors, reasons), None
+
+
+def step_table(
+    now_s: float,
+    host: HostSnapshot,
+    table: GuestTable,
+    policy: Policy[S],
+    state: LoopState[S],
+    cfg: DaemonConfig,
+) -> StepOutcome[S]:
+    """Decide every guest's target for this tick, over columns."""
+    table, excluded = table_overrides(table, cfg)
+    eligible = table.running & ~excluded
+    result, policy_error = _decide(policy, host, table, eligible, state.policy_state)
+    failed = np.zeros(len(table), dtype=bool)
+    failed[list(result.errors)] = True
+    verdict = guard_table(
+        now_s,
+        table,
+        np.asarray(result.targets_kib, dtype=np.float64),
+        rules=cfg.guard,
+        backoff_until_s=state.guard.aligned(table.uuid),
+        excluded=excluded,
+        failed=failed,
+    )
+    errors: Mapping[int, str] = result.errors
+    reasons: Mapping[int, str] = result.reasons
+    return StepOutcome(
+        table,
+        verdict.target_kib,
+        verdict.has_target,
+        LoopState(result.state, GuardMemories(table.uuid, verdict.backoff_until_s)),
+        lambda: decisions(table, verdict, errors, reasons),
+        policy_error,
+    )
+
+
 def step(
     now_s: float,
     host: HostSnapshot,
@@ -69,31 +169,9 @@ def step(
     state: LoopState[S],
     cfg: DaemonConfig,
 ) -> StepOutcome[S]:
-    """Decide every guest's target for this tick."""
-    guests, excluded = with_overrides(guests, cfg)
-    eligible = [g for g in guests if g.uuid not in excluded and g.run_state is RunState.RUNNING]
-    policy_error = None
-    try:
-        result = policy.decide(host, eligible, state.policy_state)
-    except Exception as e:  # noqa: BLE001 - a policy that raises holds every guest, the loop goes on
-        policy_error = f"{type(e).__name__}: {e}"
-        log.error("policy %s raised: %s; holding every guest", policy.name, policy_error)
-        result = PolicyResult({}, state.policy_state, {g.uuid: policy_error for g in eligible})
-    decisions = []
-    memory: dict[str, GuardMemory] = {}
-    for g in guests:
-        decision, memory[g.uuid] = guard(
-            now_s,
-            g,
-            result.targets_kib.get(g.uuid),
-            rules=cfg.guard,
-            memory=state.guard.get(g.uuid, FRESH),
-            excluded=g.uuid in excluded,
-            error=result.errors.get(g.uuid),
-        )
-        reason = result.reasons.get(g.uuid)
-        decisions.append(decision if reason is None else dataclasses.replace(decision, policy_reason=reason))
-    return StepOutcome(tuple(decisions), LoopState(result.state, memory), policy_error)
+    """Decide every guest's target for this tick (``step_table`` on these snapshots)."""
+    table = GuestTable.of(guests, auto_deflate_tolerance_kib=cfg.guard.auto_deflate_tolerance_kib)
+    return step_table(now_s, host, table, policy, state, cfg)
 
 
 def apply(hv: Hypervisor, decisions: Sequence[Decision]) -> set[str]:
@@ -116,3 +194,6 @@ def apply(hv: Hypervisor, decisions: Sequence[Decision]) -> set[str]:
             continue
         applied.add(d.uuid)
     return applied
+
+
+__all__ = ["LoopState", "StepOutcome", "apply", "step", "step_table", "table_overrides", "with_overrides"]

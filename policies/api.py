@@ -53,6 +53,13 @@ Habits the built-in policies keep, worth keeping in a plugin:
 * with ``features.deflate_on_oom``, ``actual_kib`` above ``last_target_kib`` means the
   guest deflated itself under OOM pressure: meet it, do not fight it; with
   ``features.reporting`` the guest's free memory is already back on the host;
+* a policy that decides many guests with the same arithmetic may also implement
+  ``decide_batch(host, table, state) -> BatchResult``: the same decision over a
+  :class:`overcommitd.table.GuestTable` (one numpy column per snapshot field), in a
+  bounded number of array operations whatever the number of guests. The step calls it
+  when it exists and adapts ``decide`` otherwise (:func:`decide_batch`), so a plugin
+  with only ``decide`` runs unchanged; a batch policy's ``decide`` should be its
+  ``decide_batch`` on ``GuestTable.of(guests)`` (:func:`result_of`), one implementation;
 * unit-test on hand-built snapshots (``policies.testing``), then replay side by side:
   ``overcommitd replay --policy yours,pid,mom,proxmox --report DIR``; tune with
   ``overcommitd tune --policy yours --param NAME=LOW:HIGH``.
@@ -65,7 +72,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
+import numpy as np
+
 from overcommitd.model import GuestSnapshot, HostSnapshot, OvercommitdError
+from overcommitd.table import FloatArray, GuestTable
 
 S = TypeVar("S")
 G = TypeVar("G")
@@ -120,6 +130,53 @@ class PolicyFactory(Protocol):
     def __call__(
         self, spec: str, params: Mapping[str, Any] | None = None, *, allow_module_path: bool = True
     ) -> Policy[Any]: ...
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class BatchResult(Generic[S]):
+    """``decide_batch``'s answer: a target per row of the table (KiB of guest memory;
+    NaN: hold), the next state, and by row the guests it could not decide and why each
+    gets what it gets (optional, as in :class:`PolicyResult`)."""
+
+    targets_kib: FloatArray
+    state: S
+    errors: Mapping[int, str] = field(default_factory=dict)
+    reasons: Mapping[int, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class BatchPolicy(Policy[S], Protocol[S]):
+    """A policy that also decides a whole table at once."""
+
+    def decide_batch(self, host: HostSnapshot, guests: GuestTable, state: S) -> BatchResult[S]:
+        """``decide`` over columns: the same targets, by row; pure."""
+        ...
+
+
+def decide_batch(policy: Policy[S], host: HostSnapshot, guests: GuestTable, state: S) -> BatchResult[S]:
+    """The policy's ``decide_batch``, or its per-guest ``decide`` adapted to columns
+    (targets for uuids not in the table are ignored, as the step always did)."""
+    batch = getattr(policy, "decide_batch", None)  # not isinstance: a Protocol check costs more than a tick
+    if batch is not None:
+        return batch(host, guests, state)  # type: ignore[no-any-return]
+    result = policy.decide(host, guests.snapshots(), state)
+    row = {uuid: i for i, uuid in enumerate(guests.uuid)}
+    targets = np.full(len(guests), np.nan)
+    for uuid, target_kib in result.targets_kib.items():
+        i = row.get(uuid)
+        if i is not None:
+            targets[i] = target_kib
+    errors = {row[u]: e for u, e in result.errors.items() if u in row}
+    reasons = {row[u]: r for u, r in result.reasons.items() if u in row}
+    return BatchResult(targets, result.state, errors, reasons)
+
+
+def result_of(guests: GuestTable, batch: BatchResult[S]) -> PolicyResult[S]:
+    """A ``BatchResult`` keyed by uuid again: what a batch policy's ``decide`` returns."""
+    targets = {guests.uuid[i]: int(batch.targets_kib[i]) for i in np.flatnonzero(~np.isnan(batch.targets_kib)).tolist()}
+    errors = {guests.uuid[i]: e for i, e in batch.errors.items()}
+    reasons = {guests.uuid[i]: r for i, r in batch.reasons.items()}
+    return PolicyResult(targets, batch.state, errors, reasons)
 
 
 class PerGuestPolicy(ABC, Generic[G]):

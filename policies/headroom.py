@@ -29,11 +29,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
-from policies.api import PolicyResult
-from policies.signals import used_kib
+from overcommitd.table import FloatArray, GuestTable
+from policies.api import BatchResult, PolicyResult, result_of
+from policies.signals import used_kib_columns
 
 
 class HeadroomParams(BaseModel):
@@ -47,7 +49,8 @@ class HeadroomParams(BaseModel):
 
 
 class HeadroomPolicy:
-    """Host-headroom policy; stateless."""
+    """Host-headroom policy; stateless. Decides over columns (``decide_batch``);
+    ``decide`` is the same on a table of the snapshots."""
 
     name = "headroom"
     Params = HeadroomParams
@@ -58,40 +61,43 @@ class HeadroomPolicy:
     def initial_state(self) -> None:
         return None
 
+    def needs_kib(self, guests: GuestTable) -> FloatArray:
+        """Memory each guest should have: its use plus a buffer; NaN without stats."""
+        used = used_kib_columns(guests)
+        buffer_kib = np.maximum(np.trunc(used * self.params.buffer_pct / 100), self.params.min_free_kib)
+        return np.minimum(used + buffer_kib, guests.max_kib)
+
     def need_kib(self, guest: GuestSnapshot) -> int | None:
-        """Memory the guest should have: its use plus a buffer; None without stats."""
-        used = used_kib(guest)
-        if used is None:
-            return None
-        buffer_kib = max(int(used * self.params.buffer_pct / 100), self.params.min_free_kib)
-        return min(used + buffer_kib, guest.max_kib)
+        """``needs_kib`` of one guest; None without stats."""
+        need = float(self.needs_kib(GuestTable.of([guest]))[0])
+        return None if np.isnan(need) else int(need)
 
     def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: None) -> PolicyResult[None]:
+        table = GuestTable.of(guests)
+        return result_of(table, self.decide_batch(host, table, state))
+
+    def decide_batch(self, host: HostSnapshot, guests: GuestTable, state: None) -> BatchResult[None]:
         target_used_kib = int(host.mem_total_kib * self.params.host_target_used_pct / 100)
         excess_kib = host.used_kib_counting_arc(self.params.count_arc) - target_used_kib
-        targets: dict[str, int] = {}
-        slack_kib: dict[str, int] = {}
-        for guest in guests:
-            need = self.need_kib(guest)
-            if need is None:
-                continue
-            if guest.actual_kib < need:
-                targets[guest.uuid] = need
-                excess_kib += need - guest.actual_kib
-            else:
-                slack_kib[guest.uuid] = guest.actual_kib - need
-        if excess_kib > 0 and slack_kib:
-            targets |= self._take(excess_kib, guests, slack_kib)
-        return PolicyResult(targets, None)
+        need = self.needs_kib(guests)
+        actual = guests.actual_kib
+        known = ~np.isnan(need)
+        short = known & (actual < need)
+        targets = np.where(short, need, np.nan)
+        excess_kib += int(np.sum(np.where(short, need - actual, 0.0)))
+        comfortable = known & ~short
+        if excess_kib > 0 and comfortable.any():
+            slack = np.where(comfortable, actual - need, 0.0)
+            taken = self._take(excess_kib, slack, guests.weight)
+            targets = np.where(slack > 0, actual - taken, targets)
+        return BatchResult(targets, None)
 
     @staticmethod
-    def _take(amount_kib: int, guests: Sequence[GuestSnapshot], slack_kib: dict[str, int]) -> dict[str, int]:
+    def _take(amount_kib: int, slack_kib: FloatArray, weight: FloatArray) -> FloatArray:
         """Take ``amount_kib`` from guests with slack, in proportion to slack / weight."""
-        by_uuid = {g.uuid: g for g in guests}
-        shares = {u: s / max(by_uuid[u].weight, 1e-9) for u, s in slack_kib.items() if s > 0}
-        total_share = sum(shares.values())
-        targets = {}
-        for uuid, share in shares.items():
-            take_kib = min(slack_kib[uuid], int(amount_kib * share / total_share))
-            targets[uuid] = by_uuid[uuid].actual_kib - take_kib
-        return targets
+        has = slack_kib > 0
+        shares = np.where(has, slack_kib / np.maximum(weight, 1e-9), 0.0)
+        # Summed in guest order (cumsum), as a running total would: numpy's pairwise sum
+        # may differ in the last bit, and with it a target by 1 KiB.
+        total_share = float(np.cumsum(shares[has])[-1]) if has.any() else 1.0
+        return np.minimum(slack_kib, np.trunc(amount_kib * shares / total_share))

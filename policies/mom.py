@@ -42,10 +42,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot
-from policies.api import PolicyResult
+from overcommitd.table import BoolArray, FloatArray, GuestTable, IntArray
+from policies.api import BatchResult, PolicyResult, result_of
 
 
 class MomParams(BaseModel):
@@ -67,10 +69,52 @@ class MomGuestHistory:
     mem_unused_kib: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+def _no_history() -> IntArray:
+    return np.zeros((0, 1), dtype=np.int64)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class MomState:
+    """MOM's sample histories: the host's free memory, and per guest (rows with
+    ``uuids``) the last ``count`` samples of ``balloon_cur`` and ``mem_unused``, oldest
+    first, right-aligned in ``history_len`` columns."""
+
     host_free_kib: tuple[int, ...] = ()
-    guests: Mapping[str, MomGuestHistory] = field(default_factory=dict)
+    uuids: tuple[str, ...] = ()
+    balloon_cur_kib: IntArray = field(default_factory=_no_history)
+    mem_unused_kib: IntArray = field(default_factory=_no_history)
+    count: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def guests(self) -> Mapping[str, MomGuestHistory]:
+        """Each guest's history as tuples (a view, for logs and tests)."""
+        out = {}
+        for i, uuid in enumerate(self.uuids):
+            n = int(self.count[i])
+            if n == 0:
+                continue  # never sampled: MOM keeps no history for it
+            cur, unused = self.balloon_cur_kib[i], self.mem_unused_kib[i]
+            width = cur.shape[0]
+            out[uuid] = MomGuestHistory(tuple(cur[width - n :].tolist()), tuple(unused[width - n :].tolist()))
+        return out
+
+    def aligned(self, uuids: tuple[str, ...], length: int) -> MomState:
+        """The histories of these guests in this order (empty for a guest not seen),
+        ``length`` columns wide; guests that left are dropped."""
+        if uuids == self.uuids and self.balloon_cur_kib.shape[1] == length:
+            return self
+        index = {u: i for i, u in enumerate(self.uuids)}
+        cur = np.zeros((len(uuids), length), dtype=np.int64)
+        unused = np.zeros_like(cur)
+        count = np.zeros(len(uuids), dtype=np.int64)
+        width = min(length, self.balloon_cur_kib.shape[1])
+        for row, uuid in enumerate(uuids):
+            i = index.get(uuid)
+            if i is not None:
+                cur[row, length - width :] = self.balloon_cur_kib[i, -width:]
+                unused[row, length - width :] = self.mem_unused_kib[i, -width:]
+                count[row] = min(int(self.count[i]), width)
+        return MomState(self.host_free_kib, uuids, cur, unused, count)
 
 
 def _push(history: tuple[int, ...], value: int, length: int) -> tuple[int, ...]:
@@ -81,8 +125,23 @@ def _mean(history: tuple[int, ...]) -> float:
     return sum(history) / len(history)
 
 
+def _push_rows(history: IntArray, values: FloatArray, where: BoolArray) -> IntArray:
+    """Append ``values`` to the rows ``where``, dropping each row's oldest sample."""
+    shifted = np.concatenate([history[:, 1:], values.astype(np.int64)[:, None]], axis=1)
+    return np.where(where[:, None], shifted, history)
+
+
+def _mean_rows(history: IntArray, count: IntArray) -> FloatArray:
+    """Mean of each row's last ``count`` samples (NaN where none)."""
+    width = history.shape[1]
+    valid = np.arange(width)[None, :] >= (width - count)[:, None]
+    total = np.where(valid, history, 0).sum(axis=1)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 class MomPolicy:
-    """oVirt MOM's default balloon rules (doc/balloon.rules)."""
+    """oVirt MOM's default balloon rules (doc/balloon.rules), over columns
+    (``decide_batch``); ``decide`` is the same on a table of the snapshots."""
 
     name = "mom"
     Params = MomParams
@@ -94,48 +153,41 @@ class MomPolicy:
         return MomState()
 
     def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: MomState) -> PolicyResult[MomState]:
+        table = GuestTable.of(guests)
+        return result_of(table, self.decide_batch(host, table, state))
+
+    def decide_batch(self, host: HostSnapshot, guests: GuestTable, state: MomState) -> BatchResult[MomState]:
         p = self.params
         host_history = _push(state.host_free_kib, host.available_kib(count_arc=p.count_arc), p.history_len)
         host_free = _mean(host_history) / host.mem_total_kib
-        shrinking = host_free < p.pressure_threshold
-        targets: dict[str, int] = {}
-        present = {g.uuid for g in guests}
-        histories = {uuid: h for uuid, h in state.guests.items() if uuid in present}
-        for guest in guests:
-            unused = guest.stats.mem_free_kib if guest.stats is not None else None
-            if unused is None:
-                continue  # vdsm's policy skips guests without mem_unused; history kept
-            old = state.guests.get(guest.uuid, MomGuestHistory())
-            h = MomGuestHistory(
-                _push(old.balloon_cur_kib, guest.actual_kib, p.history_len),
-                _push(old.mem_unused_kib, unused, p.history_len),
+        old = state.aligned(guests.uuid, p.history_len)
+        # vdsm's policy skips guests without mem_unused; their history is kept.
+        unused = np.where(guests.stats.present, guests.stats["mem_free_kib"], np.nan)
+        has = ~np.isnan(unused)
+        cur = guests.actual_kib
+        balloon_cur = _push_rows(old.balloon_cur_kib, cur.astype(np.float64), has)
+        mem_unused = _push_rows(old.mem_unused_kib, np.where(has, unused, 0.0), has)
+        count = np.where(has, np.minimum(old.count + 1, p.history_len), old.count)
+        used = _mean_rows(balloon_cur, count) - _mean_rows(mem_unused, count)
+        floor = guests.floor_kib.astype(np.float64)
+        if host_free < p.pressure_threshold:  # shrink every guest
+            size = np.maximum(
+                cur * (1 - p.max_balloon_change_percent),
+                np.maximum(floor, used + self.guest_free_fraction(host_free) * cur),
             )
-            histories[guest.uuid] = h
-            used = _mean(h.balloon_cur_kib) - _mean(h.mem_unused_kib)
-            size = self.shrink(guest, used, host_free) if shrinking else self.grow(guest, used)
-            if size is not None and self.big_enough(guest, size):
-                targets[guest.uuid] = int(size)
-        return PolicyResult(targets, MomState(host_history, histories))
+            moves = size <= cur
+        else:  # grow every guest below its maximum
+            grown = np.maximum(
+                cur * (1 + p.max_balloon_change_percent), np.maximum(floor, used + p.min_guest_free_percent * cur)
+            )
+            size = np.minimum(grown, guests.max_kib)
+            moves = cur < guests.max_kib
+        big_enough = np.abs(size - cur) > p.min_balloon_change_percent * cur
+        targets = np.where(has & moves & big_enough, np.trunc(size), np.nan)
+        return BatchResult(targets, MomState(host_history, guests.uuid, balloon_cur, mem_unused, count))
 
     def guest_free_fraction(self, host_free: float) -> float:
         p = self.params
         if host_free <= p.pressure_critical:
             return host_free - 0.05  # "force guest to swap by making free memory negative"
         return p.min_guest_free_percent * host_free / p.pressure_threshold
-
-    def shrink(self, guest: GuestSnapshot, used: float, host_free: float) -> float | None:
-        cur = guest.actual_kib
-        floor = max(guest.floor_kib, used + self.guest_free_fraction(host_free) * cur)
-        size = max(cur * (1 - self.params.max_balloon_change_percent), floor)
-        return size if size <= cur else None
-
-    def grow(self, guest: GuestSnapshot, used: float) -> float | None:
-        cur = guest.actual_kib
-        if cur >= guest.max_kib:
-            return None
-        floor = max(guest.floor_kib, used + self.params.min_guest_free_percent * cur)
-        size = max(cur * (1 + self.params.max_balloon_change_percent), floor)
-        return min(size, guest.max_kib)
-
-    def big_enough(self, guest: GuestSnapshot, size: float) -> bool:
-        return abs(size - guest.actual_kib) > self.params.min_balloon_change_percent * guest.actual_kib

@@ -12,7 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from overcommitd.model import GuestSnapshot
+from overcommitd.table import FloatArray, GuestTable
 
 
 def available_kib(guest: GuestSnapshot) -> int | None:
@@ -26,6 +29,14 @@ def used_kib(guest: GuestSnapshot) -> int | None:
     if avail is None:
         return None
     return max(0, guest.actual_kib - min(avail, guest.actual_kib))
+
+
+def used_kib_columns(guests: GuestTable) -> FloatArray:
+    """``used_kib`` of every guest at once; NaN without stats (or without MemAvailable,
+    MemFree)."""
+    avail = np.where(guests.stats.present, guests.stats.available_kib(), np.nan)
+    actual = guests.actual_kib
+    return np.maximum(0.0, actual - np.minimum(avail, actual))
 
 
 def smoothing_weight(dt_s: float, tau_s: float) -> float:

@@ -21,9 +21,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+
 from overcommitd.config import DaemonConfig
 from overcommitd.model import GuestSnapshot, HostSnapshot
-from policies.api import Policy, PolicyFactory, PolicyResult
+from overcommitd.table import GuestTable
+from policies.api import BatchResult, Policy, PolicyFactory, PolicyResult
 from sim import traces as trace_io
 from sim.guest_model_file import load_guest_model
 from sim.metrics import Scorecard, violations
@@ -44,6 +47,9 @@ class NoBalloon:
 
     def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: None) -> PolicyResult[None]:
         return PolicyResult({}, None)
+
+    def decide_batch(self, host: HostSnapshot, guests: GuestTable, state: None) -> BatchResult[None]:
+        return BatchResult(np.full(len(guests), np.nan), None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from sim import calibration as cal
 from sim.backing import HostRam
 from sim.balloon_spec import BALLOON_PAGE_KIB
 from sim.calibration import STATS_WORK_S
-from sim.driver import FleetDriver
+from sim.driver import BalloonDriver, FleetDriver
 from sim.guestmem import GuestMemory, GuestMemoryError
 from sim.virtqueue import DeviceQueue, Element, RingLayout, VirtioError
 from sim.world import World
@@ -75,6 +75,17 @@ class BalloonDevice:
 
     def set_target(self, i: int, target_kib: int) -> None:
         self.driver.config_changed(i, num_pages_kib(self.ram_kib[i], target_kib))
+
+    def set_targets(self, rows: npt.NDArray[np.int64], targets_kib: npt.NDArray[np.int64]) -> None:
+        """``set_target`` for many guests at once (``num_pages_kib``'s rule over arrays)."""
+        ram = self.ram_kib[rows].astype(np.int64)
+        num_pages_kib = (ram - np.minimum(targets_kib, ram)) // BALLOON_PAGE_KIB * BALLOON_PAGE_KIB
+        pages = num_pages_kib.astype(np.float64)
+        if isinstance(self.driver, BalloonDriver):  # the bulk driver takes every row at once
+            self.driver.config_changed(rows, pages)
+            return
+        for i, kib in zip(rows.tolist(), pages.tolist(), strict=True):
+            self.driver.config_changed(i, kib)
 
     def take_sample(self, now_s: float, current: dict[str, Array]) -> None:
         """The sample every guest sends at probe, before polling is on."""

@@ -105,7 +105,7 @@ class BalloonDriver:
         DEFLATE_ON_OOM was negotiated."""
         return np.where(self.deflate_on_oom_negotiated, 0.0, self.balloon_kib)
 
-    def config_changed(self, i: int, num_pages_kib: float) -> None:
+    def config_changed(self, i: int | npt.NDArray[np.int64], num_pages_kib: float | Array) -> None:
         """Config interrupt: the host wrote ``num_pages`` (even the same value again)."""
         self.num_pages_kib[i] = num_pages_kib
         self.waiting_for_config[i] = False

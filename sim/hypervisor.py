@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from overcommitd.hypervisor import HypervisorError
-from overcommitd.model import BalloonFeatures, GuestSnapshot, GuestStats, HostSnapshot
+from overcommitd.model import BalloonFeatures, GuestSnapshot, HostSnapshot
+from overcommitd.table import RUNNING, STAT_NAMES, GuestTable, IntArray, StatsColumns
 from sim.calibration import STATS_WORK_S
 from sim.device import STAT_FIELDS, BalloonDevice
 
@@ -36,9 +37,6 @@ _STAT_TO_FIELD = {
     "disk_caches": "disk_caches_kib",
     "oom_kills": "oom_kills",
 }
-
-
-_FIELDS = tuple(_STAT_TO_FIELD[name] for name in STAT_FIELDS)
 
 
 class SimHypervisor:
@@ -81,8 +79,17 @@ class SimHypervisor:
             self.device = BalloonDevice(self.fleet.ram, np.full(len(specs), stats_period_s), self.fleet.driver)
         self.host = SimHost(host_mem_kib, host_params or HostModelParams())
         self.index = {s.uuid: i for i, s in enumerate(specs)}
-        self.last_target_kib: list[int | None] = [None] * len(specs)
-        self.target_set_s = [0.0] * len(specs)
+        n = len(specs)
+        self._last_target = np.zeros(n, dtype=np.int64)
+        self._has_last_target = np.zeros(n, dtype=bool)
+        self._target_set_s = np.zeros(n)
+        # Columns that never change, built once for ``table``.
+        self._uuids = tuple(s.uuid for s in specs)
+        self._names = tuple(s.name for s in specs)
+        self._max_kib = np.array([s.ram_kib for s in specs], dtype=np.int64)
+        self._floor_kib = np.array([s.floor_kib for s in specs], dtype=np.int64)
+        self._weight = np.array([s.weight for s in specs], dtype=np.float64)
+        self._nan = np.full(n, np.nan)
         self.target_kib = self.fleet.ram.copy()  # the same, as an array; RAM where never set
         self.targets_set = 0
         # Issue 16: the stats a guest sends depend on its kernel (sim.stat_tags); 6.1 has no tag 10+.
@@ -97,6 +104,7 @@ class SimHypervisor:
             # The protocol path knows what the driver actually negotiated (e.g. Linux drops
             # PAGE_POISON without init_on_free): report that, as libvirt would expose it.
             self._features = [BalloonFeatures.from_bits(g.driver.features) for g in self.device.guests]
+        self._feature_bits = np.array([f.to_bits() for f in self._features], dtype=np.int64)
         if isinstance(self.device, BalloonDevice):
             self.device.take_sample(self.world.now_s, self.fleet.stats())
 
@@ -162,44 +170,70 @@ class SimHypervisor:
     # -- Hypervisor ------------------------------------------------------------------
 
     def snapshot(self) -> Sequence[GuestSnapshot]:
-        actual = self.fleet.actual().astype(np.int64).tolist()
-        stats = self._stats()
-        return [
-            GuestSnapshot(
-                uuid=spec.uuid,
-                name=spec.name,
-                max_kib=spec.ram_kib,
-                actual_kib=actual[i],
-                current_kib=actual[i],
-                last_target_kib=self.last_target_kib[i],
-                last_target_age_s=None if self.last_target_kib[i] is None else self.now_s - self.target_set_s[i],
-                features=self._features[i],
-                stats=stats[i],
-                stats_period_s=float(self.device.stats_period_s[i]),
-                floor_kib=spec.floor_kib,
-                weight=spec.weight,
+        return self.table().snapshots()
+
+    def table(self) -> GuestTable:
+        """Every guest's snapshot as columns, straight from the Fleet's and the device's
+        arrays: no per-guest object. Sizes are truncated to whole KiB as a snapshot's ints."""
+        n = len(self.specs)
+        present = self.device.has_stats()
+        last_update = np.where(present, self.device.last_update_s, np.nan)
+        sent = {
+            _STAT_TO_FIELD[name]: np.trunc(self.device.stats[name])
+            for name in STAT_FIELDS
+            if _STAT_TO_FIELD[name] not in self._unsent_stats
+        }
+        if not present.all():
+            sent = {k: np.where(present, v, np.nan) for k, v in sent.items()}
+        columns = {name: sent.get(name, self._nan) for name in STAT_NAMES}
+        has_last = self._has_last_target
+        return GuestTable(
+            uuid=self._uuids,
+            name=self._names,
+            max_kib=self._max_kib,
+            actual_kib=self.fleet.actual().astype(np.int64),
+            current_kib=self.fleet.actual().astype(np.int64),
+            last_target_kib=self._last_target,
+            has_last_target=has_last,
+            last_target_age_s=np.where(has_last, self.now_s - self._target_set_s, np.nan),
+            feature_bits=self._feature_bits,
+            stats=StatsColumns(last_update, columns),
+            stats_period_s=np.asarray(self.device.stats_period_s, dtype=np.float64),
+            floor_kib=self._floor_kib,
+            weight=self._weight,
+            run_state=np.zeros(n, dtype=np.int8) + RUNNING,
+            migration_pending=np.zeros(n, dtype=bool),
+        )
+
+    def set_targets(self, rows: IntArray, targets_kib: IntArray) -> None:
+        """``set_target`` for many guests at once (rows of ``table``), in row order."""
+        if len(rows) == 0:
+            return
+        ram = self._max_kib[rows]
+        bad = (targets_kib <= 0) | (targets_kib > ram)
+        if bad.any():
+            i = int(rows[np.argmax(bad)])
+            raise HypervisorError(
+                f"guest {self.specs[i].name}: target {int(targets_kib[np.argmax(bad)])} KiB outside 1..{int(self._max_kib[i])}"
             )
-            for i, spec in enumerate(self.specs)
-        ]
+        if isinstance(self.device, BalloonDevice):
+            self.device.set_targets(rows, targets_kib)
+        else:
+            for i, t in zip(rows.tolist(), targets_kib.tolist(), strict=True):
+                self.device.set_target(i, t)
+        self._last_target[rows] = targets_kib
+        self._has_last_target[rows] = True
+        self._target_set_s[rows] = self.now_s
+        self.target_kib[rows] = targets_kib
+        self.targets_set += len(rows)
 
     def set_target(self, uuid: str, target_kib: int) -> None:
         i = self.index.get(uuid)
         if i is None:
             raise HypervisorError(f"no simulated guest with uuid {uuid!r}")
-        if not 0 < target_kib <= self.specs[i].ram_kib:
-            raise HypervisorError(
-                f"guest {self.specs[i].name}: target {target_kib} KiB outside 1..{self.specs[i].ram_kib}"
-            )
-        self.device.set_target(i, target_kib)
-        self.last_target_kib[i] = target_kib
-        self.target_set_s[i] = self.now_s
-        self.target_kib[i] = target_kib
-        self.targets_set += 1
+        self.set_targets(np.array([i]), np.array([target_kib], dtype=np.int64))
 
-    def _stats(self) -> list[GuestStats | None]:
-        columns = [self.device.stats[name].astype(np.int64).tolist() for name in STAT_FIELDS]
-        rows = zip(self.device.last_update_s.tolist(), self.device.has_stats().tolist(), *columns)
-        unsent = self._unsent_stats
-        return [
-            GuestStats(last, **(dict(zip(_FIELDS, values)) | unsent)) if has else None for last, has, *values in rows
-        ]
+    @property
+    def last_target_kib(self) -> list[int | None]:
+        """The target last set per guest, None where never (for tests and scenarios)."""
+        return [int(t) if has else None for t, has in zip(self._last_target, self._has_last_target, strict=True)]

@@ -41,11 +41,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.config import DaemonConfig
-from overcommitd.guard import floor_kib
-from overcommitd.loop import LoopState, StepOutcome, apply, step, with_overrides
-from overcommitd.model import Clamp, ClampReason, Decision, GuestSnapshot, HostSnapshot, RunState
+from overcommitd.guard import floors_kib
+from overcommitd.loop import LoopState, StepOutcome, step_table, table_overrides, with_overrides
+from overcommitd.model import Clamp, ClampReason, Decision, GuestSnapshot, HostSnapshot
 from overcommitd.shortfall import estimate
-from policies.api import Policy
+from overcommitd.table import GuestTable
+from policies.api import Policy, decide_batch
 from sim import traces as trace_io
 from sim.guest import Array, GuestModelParams, GuestSpec
 from sim.host import HostModelParams
@@ -191,7 +192,7 @@ def replay(
         world=world,
         guest_kernel=spec.guest_kernel,
     )
-    recorder = Recorder(ram, guard_floors(hv.snapshot(), cfg), n_ticks)
+    recorder = Recorder(ram, guard_floors(hv.table(), cfg), n_ticks)
     run = _Run(spec, policy, cfg, hv, workload, recorder, progress, n_warm)
     world.every(spec.interval_s, run.tick, first_s=spec.interval_s)
     world.run(until_s=(n_warm + n_ticks) * spec.interval_s)
@@ -208,12 +209,13 @@ def replay(
     return ReplayResult(card, recorder.timeline, [s.name for s in specs])
 
 
-def guard_floors(guests: Sequence[GuestSnapshot], cfg: DaemonConfig) -> Array:
+def guard_floors(guests: GuestTable | Sequence[GuestSnapshot], cfg: DaemonConfig) -> Array:
     """Each guest's floor as the guard enforces it: the replay's SLA floor or the
     config's ``[guests.<name>]`` floor (the larger, as the control step applies it),
     and never below the guard's ``min_guest_kib``."""
-    overridden, _ = with_overrides(guests, cfg)
-    return np.array([floor_kib(g, cfg.guard) for g in overridden], dtype=np.float64)
+    table = guests if isinstance(guests, GuestTable) else GuestTable.of(guests)
+    overridden, _ = table_overrides(table, cfg)
+    return np.asarray(floors_kib(overridden, cfg.guard), dtype=np.float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +257,7 @@ class _Counters:
 
 def unguarded_step(
     host: HostSnapshot,
-    guests: Sequence[GuestSnapshot],
+    table: GuestTable,
     policy: Policy[Any],
     state: LoopState[Any],
     cfg: DaemonConfig,
@@ -263,21 +265,30 @@ def unguarded_step(
     """A baseline's step as its own project runs it: the config's overrides and
     exclusions apply, the wish is clamped only to [hypervisor minimum, guest maximum].
     Replay-only (the yardstick); the daemon always runs ``overcommitd.loop.step``."""
-    guests, excluded = with_overrides(guests, cfg)
-    eligible = [g for g in guests if g.uuid not in excluded and g.run_state is RunState.RUNNING]
+    table, excluded = table_overrides(table, cfg)
+    eligible = table.running & ~excluded
+    rows = np.flatnonzero(eligible)
+    sub = table if len(rows) == len(table) else table.take(rows)
     try:
-        result = policy.decide(host, eligible, state.policy_state)
+        result = decide_batch(policy, host, sub, state.policy_state)
     except Exception as e:  # noqa: BLE001 - as the loop: a policy that raises holds every guest
-        return StepOutcome((), state, f"{type(e).__name__}: {e}")
-    decisions = []
-    for g in eligible:
-        wish = result.targets_kib.get(g.uuid)
-        if wish is None:
-            continue
-        target = min(max(int(wish), HYPERVISOR_MIN_KIB), g.max_kib)
-        clamps = () if target == wish else (Clamp(ClampReason.MAXIMUM, int(wish), target, "hypervisor range"),)
-        decisions.append(Decision(g.uuid, g.name, target, int(wish), clamps))
-    return StepOutcome(tuple(decisions), LoopState(result.state, state.guard))
+        none = np.zeros(len(table), dtype=bool)
+        return StepOutcome(table, np.zeros(len(table), dtype=np.int64), none, state, tuple, f"{type(e).__name__}: {e}")
+    wish = np.full(len(table), np.nan)
+    wish[rows] = result.targets_kib
+    has_wish = ~np.isnan(wish)
+    wish_kib = np.trunc(np.where(has_wish, wish, 0.0)).clip(-(2**62), 2**62).astype(np.int64)
+    target = np.minimum(np.maximum(wish_kib, HYPERVISOR_MIN_KIB), table.max_kib)
+
+    def explain() -> tuple[Decision, ...]:
+        decisions = []
+        for i in np.flatnonzero(has_wish).tolist():
+            w, t = int(wish_kib[i]), int(target[i])
+            clamps = () if t == w else (Clamp(ClampReason.MAXIMUM, w, t, "hypervisor range"),)
+            decisions.append(Decision(table.uuid[i], table.name[i], t, w, clamps))
+        return tuple(decisions)
+
+    return StepOutcome(table, target, has_wish, LoopState(result.state, state.guard), explain)
 
 
 Inputs = tuple[float, Array, Array]  # (at, demand KiB, file I/O KiB/s) per guest
@@ -355,16 +366,17 @@ class _Run:
             self.at_scoring = _Counters.of(hv)
         now_s = (k + 1) * self.spec.interval_s
         demand = land_demand(hv, self._inputs(k), now_s - self.spec.interval_s)
-        host, guests = hv.read(), hv.snapshot()
+        host, table = hv.read(), hv.table()
         if self.unguarded:
-            outcome = unguarded_step(host, guests, self.policy, self.state, self.cfg)
+            outcome = unguarded_step(host, table, self.policy, self.state, self.cfg)
         else:
-            outcome = step(now_s, host, guests, self.policy, self.state, self.cfg)
+            outcome = step_table(now_s, host, table, self.policy, self.state, self.cfg)
         self.state = outcome.state
-        apply(hv, outcome.decisions)
+        rows = np.flatnonzero(outcome.has_target)
+        hv.set_targets(rows, outcome.target_kib[rows])
         if k >= self.n_warm:
             self._record(now_s - self.n_warm * self.spec.interval_s, demand)
-            self.recorder.record_shortfall(self.spec.interval_s, self._host_short_kib(host, guests))
+            self.recorder.record_shortfall(self.spec.interval_s, self._host_short_kib(host, table.snapshots()))
         self.k += 1
         if self.progress is not None and self.k % 256 == 0:
             self.progress(256)
