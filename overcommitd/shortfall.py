@@ -12,14 +12,14 @@ The estimate (:func:`estimate`), all in KiB::
     short = max(0, host_own + sum(need of every guest) - MemTotal)
 
 * a guest's **need** is what no balloon may take from it: the larger of the memory its
-  workload uses and its floor as the guard enforces it (``guard.floor_kib``: the SLA
+  workload uses and its floor as the guard enforces it (``guard.floors_kib``: the SLA
   floor, the guard's ``min_guest_kib``). The memory it uses is ``actual -
   MemAvailable`` (``GuestStats.available_kib``): page cache and free memory are what a
   balloon can take, everything else - anonymous memory, the kernel, the part of the cache
   that must stay - is not. The same formula holds with DEFLATE_ON_OOM (MemTotal does not
   shrink, but ballooned pages are allocated, so they are not in MemAvailable either).
   When in doubt, a guest needs what it has: one without usable stats (missing, stale or
-  impossible, by the guard's own ``stats_problem``), one that is not running, or one that
+  impossible, by the guard's own ``stats_problem_codes``), one that is not running, or one that
   no balloon will move (excluded, paused by command) counts at ``actual``;
 * the host's **own use** is what it uses beyond the guests' memory: host use, with the ZFS
   ARC above its minimum counted as available (``HostSnapshot.available_kib(count_arc=
@@ -53,9 +53,12 @@ import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from overcommitd.config import GuardConfig
-from overcommitd.guard import floor_kib, stats_problem
-from overcommitd.model import GuestSnapshot, HostSnapshot, RunState
+from overcommitd.guard import floors_kib, stats_problem_codes
+from overcommitd.model import GuestSnapshot, HostSnapshot
+from overcommitd.table import BoolArray, GuestTable, IntArray
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +88,35 @@ def short_text(short_kib: float) -> str:
     return f"host short by {short_kib / _GIB_KIB:.1f} GiB" if short_kib > 0 else "host has room"
 
 
+def needs_kib(now_s: float, table: GuestTable, rules: GuardConfig, held: BoolArray) -> tuple[IntArray, BoolArray]:
+    """What no balloon may take from each guest (its workload's use or its floor, the
+    larger), and which guests count at their current size: not running, stats the guard
+    would not trust (``stats_problem_codes``), or ``held`` (excluded, paused: no balloon
+    will move them)."""
+    available_kib = table.stats.available_kib()
+    at_size = held | ~table.running | (stats_problem_codes(now_s, table, rules) != 0) | np.isnan(available_kib)
+    used_kib = table.actual_kib - np.nan_to_num(available_kib, nan=0.0)
+    need = np.maximum(np.maximum(used_kib, floors_kib(table, rules)), 0)
+    return np.where(at_size, table.actual_kib, need).astype(np.int64), at_size
+
+
 def guest_need_kib(now_s: float, guest: GuestSnapshot, rules: GuardConfig, *, movable: bool = True) -> int:
-    """What no balloon may take from ``guest``: its workload's use or its floor, the larger;
-    its current size when it has no usable stats or no balloon will move it."""
-    return _need_kib(guest, _usable_available_kib(now_s, guest, rules) if movable else None, rules)
+    """``needs_kib`` of one guest (the status document and metrics ask per guest)."""
+    need, _ = needs_kib(now_s, GuestTable.of([guest]), rules, np.array([not movable]))
+    return int(need[0])
 
 
-def _need_kib(guest: GuestSnapshot, available_kib: int | None, rules: GuardConfig) -> int:
-    if available_kib is None:
-        return guest.actual_kib
-    return max(guest.actual_kib - available_kib, floor_kib(guest, rules), 0)
-
-
-def _usable_available_kib(now_s: float, guest: GuestSnapshot, rules: GuardConfig) -> int | None:
-    """The guest's MemAvailable if it is running and its stats can be trusted, else None."""
-    if guest.run_state is not RunState.RUNNING or stats_problem(now_s, guest, rules) is not None:
-        return None
-    assert guest.stats is not None  # stats_problem says so
-    return guest.stats.available_kib()
+def estimate_table(
+    host: HostSnapshot, table: GuestTable, rules: GuardConfig, *, held: BoolArray, host_own_min_kib: int = 0
+) -> Shortfall:
+    """What the host lacks (module docstring), over columns: the table carries the config's
+    floors (``loop.table_overrides``), ``held`` marks the rows no balloon will move. Stats
+    are judged fresh or stale at ``host.taken_at_s``, as the control step does."""
+    need, at_size = needs_kib(host.taken_at_s, table, rules, held)
+    need_kib = int(need.sum())
+    own_kib = max(host.used_kib_counting_arc(True) - int(table.actual_kib.sum()), host_own_min_kib, 0)
+    short_kib = max(own_kib + need_kib - host.mem_total_kib, 0)
+    return Shortfall(short_kib, need_kib, own_kib, host.mem_total_kib, int(at_size.sum()))
 
 
 def estimate(
@@ -113,21 +127,10 @@ def estimate(
     held: Collection[str] = (),
     host_own_min_kib: int = 0,
 ) -> Shortfall:
-    """What the host lacks (module docstring). ``guests`` carry the config's floors
-    (``loop.with_overrides``); ``held`` are uuids no balloon will move (excluded, paused).
-    Stats are judged fresh or stale at ``host.taken_at_s``, as the control step does."""
-    now_s = host.taken_at_s
-    held = frozenset(held)
-    need_kib = 0
-    at_size = 0
-    for g in guests:
-        available_kib = None if g.uuid in held else _usable_available_kib(now_s, g, rules)
-        need_kib += _need_kib(g, available_kib, rules)
-        at_size += available_kib is None
-    guests_kib = sum(g.actual_kib for g in guests)
-    own_kib = max(host.used_kib_counting_arc(True) - guests_kib, host_own_min_kib, 0)
-    short_kib = max(own_kib + need_kib - host.mem_total_kib, 0)
-    return Shortfall(short_kib, need_kib, own_kib, host.mem_total_kib, at_size)
+    """``estimate_table`` on snapshots; ``held`` are the uuids no balloon will move."""
+    table = GuestTable.of(guests)
+    held_rows = np.array([u in held for u in table.uuid], dtype=bool)
+    return estimate_table(host, table, rules, held=held_rows, host_own_min_kib=host_own_min_kib)
 
 
 # A change of the shortfall is news when it moves by this much since last said: 10 % of

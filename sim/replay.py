@@ -42,9 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.config import DaemonConfig
 from overcommitd.guard import floors_kib
-from overcommitd.loop import LoopState, StepOutcome, step_table, table_overrides, with_overrides
+from overcommitd.loop import LoopState, StepOutcome, step_table, table_overrides
 from overcommitd.model import Clamp, ClampReason, Decision, GuestSnapshot, HostSnapshot
-from overcommitd.shortfall import estimate
+from overcommitd.shortfall import estimate_table
 from overcommitd.table import GuestTable
 from policies.api import Policy, decide_batch
 from sim import traces as trace_io
@@ -376,19 +376,19 @@ class _Run:
         hv.set_targets(rows, outcome.target_kib[rows])
         if k >= self.n_warm:
             self._record(now_s - self.n_warm * self.spec.interval_s, demand)
-            self.recorder.record_shortfall(self.spec.interval_s, self._host_short_kib(host, table.snapshots()))
+            self.recorder.record_shortfall(self.spec.interval_s, self._host_short_kib(host, table))
         self.k += 1
         if self.progress is not None and self.k % 256 == 0:
             self.progress(256)
 
-    def _host_short_kib(self, host: HostSnapshot, guests: Sequence[GuestSnapshot]) -> int:
+    def _host_short_kib(self, host: HostSnapshot, table: GuestTable) -> int:
         """The daemon's own shortfall estimate (``overcommitd.shortfall``) on this tick's
-        snapshots. The simulated host's base and QEMU overhead are known here, as an
-        operator knows a host's: they bound its own use from below."""
-        with_floors, held = with_overrides(guests, self.cfg)
+        table. The simulated host's base and QEMU overhead are known here, as an operator
+        knows a host's: they bound its own use from below."""
+        with_floors, held = table_overrides(table, self.cfg)
         hm = self.spec.host_model
-        own_kib = hm.base_kib + hm.qemu_overhead_kib * len(guests)
-        return estimate(host, with_floors, self.cfg.guard, held=held, host_own_min_kib=own_kib).short_kib
+        own_kib = hm.base_kib + hm.qemu_overhead_kib * len(table)
+        return estimate_table(host, with_floors, self.cfg.guard, held=held, host_own_min_kib=own_kib).short_kib
 
     def _record(self, scored_s: float, demand: Array) -> None:
         hv, f = self.hv, self.hv.fleet
