@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from sim.balloon_fleet import ProtocolBalloons
-from sim.guest import GuestSpec
-from sim.hypervisor import SimHypervisor
+from sim.memory.balloon_fleet import ProtocolBalloons
+from sim.memory.guest import GuestSpec
+from sim.memory.hypervisor import SimHypervisor
 
 GIB_KIB = 1 << 20
 

@@ -26,9 +26,9 @@ import numpy as np
 from overcommitd.config import GuardConfig
 from overcommitd.model import GuestSnapshot
 from overcommitd.record import ReadOnlyGuests, Recorder
-from sim import traces
-from sim.hypervisor import SimHypervisor
-from sim.replay import ReplaySpec, build_guests, load_traces
+from sim.evaluation.replay import ReplaySpec, build_guests, load_traces
+from sim.memory import traces
+from sim.memory.hypervisor import SimHypervisor
 
 BLOCK = 1024  # samples of demand computed at once
 

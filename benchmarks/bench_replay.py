@@ -20,8 +20,8 @@ from collections import defaultdict
 
 from overcommitd.config import DaemonConfig
 from policies import registry
-from sim import traces
-from sim.replay import ReplaySpec, load_traces, replay
+from sim.evaluation.replay import ReplaySpec, load_traces, replay
+from sim.memory import traces
 
 TARGET_GUEST_TICKS_S = 1_000_000
 

@@ -28,9 +28,9 @@ from overcommitd.config import DaemonConfig
 from overcommitd.loop import LoopState, step
 from overcommitd.runner import Daemon
 from policies import registry
-from sim.hypervisor import SimHypervisor
-from sim.replay import ReplaySpec, build_guests, load_traces
-from sim.traces import Trace
+from sim.evaluation.replay import ReplaySpec, build_guests, load_traces
+from sim.memory.hypervisor import SimHypervisor
+from sim.memory.traces import Trace
 
 INTERVAL_S = 10.0
 

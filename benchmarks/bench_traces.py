@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 
 from overcommitd import traceformat as tf
-from sim import traces
-from sim.trace_convert import convert, write
-from sim.trace_loader import load_all
+from sim.memory import traces
+from sim.memory.trace_convert import convert, write
+from sim.memory.trace_loader import load_all
 
 
 def best_of(repeat: int, fn: Callable[[], object]) -> float:

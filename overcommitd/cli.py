@@ -227,7 +227,7 @@ def cmd_guest_set_floor(args: argparse.Namespace) -> int:
 
 
 def cmd_sim_scenario(args: argparse.Namespace) -> int:
-    from sim.scenarios import scenario_command
+    from sim.evaluation.scenarios import scenario_command
 
     return scenario_command(
         args.name, list_only=args.list, plot_path=args.plot, every_s=args.every_s, make_policy=registry.create
@@ -235,13 +235,13 @@ def cmd_sim_scenario(args: argparse.Namespace) -> int:
 
 
 def cmd_sim_calibrate(args: argparse.Namespace) -> int:
-    from sim.calibrate import calibrate_command
+    from sim.memory.calibrate import calibrate_command
 
     return calibrate_command(args.recording, args.out)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from sim.tune import tune_command
+    from sim.evaluation.tune import tune_command
 
     return tune_command(args, registry.create)
 
@@ -330,8 +330,8 @@ def _add_simulator_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     """replay, tune, trace, plan and sim: they import the simulator and its dependencies,
     all before any is registered, so a missing one registers none of them."""
     from sim.cli import add_plan_arguments, add_replay_arguments
+    from sim.evaluation.tune import add_tune_arguments
     from sim.trace_cli import add_trace_parser
-    from sim.tune import add_tune_arguments
 
     p = sub.add_parser("replay", help="replay memory traces through the control step on a simulated host")
     add_replay_arguments(p)

@@ -116,7 +116,7 @@ class StatsColumns:
 class GuestTable:
     """Every guest's ``GuestSnapshot`` fields as columns, one row per guest (see the
     module docstring for the encoding). Build it with ``of`` from snapshots, or straight
-    from arrays (the simulator, ``sim.hypervisor.SimHypervisor.table``)."""
+    from arrays (the simulator, ``sim.memory.hypervisor.SimHypervisor.table``)."""
 
     uuid: tuple[str, ...]
     name: tuple[str, ...]

@@ -81,7 +81,7 @@ def oom_killed(previous_total: int | None, guest: GuestSnapshot) -> tuple[bool, 
     return previous_total is not None and total > previous_total, total
 
 
-# Linux before 6.12 sends no OOM-kill counter (tag 10; sim.stat_tags), and libvirt drops
+# Linux before 6.12 sends no OOM-kill counter (tag 10; sim.memory.stat_tags), and libvirt drops
 # it anyway. A kill then shows as a guest at the end of its memory whose use collapses by
 # the next sample: the OOM killer frees its victim's whole working set at once (issue 16:
 # the real 6.1 guest went from MemAvailable ~0 to its idle use within one 2 s sample).

@@ -6,7 +6,7 @@ deflates, the page returns to the guest *free and unbacked*: the host pays for i
 only when the guest touches it. So what a squeeze reclaims (page cache, memory a burst
 touched and freed) stays reclaimed after the release, until the guest reads or allocates
 that much again (its next allocations land on exactly those pages: a real guest takes
-free pages last freed, first taken, see ``sim.guest``), while the guest gets its
+free pages last freed, first taken, see ``sim.memory.guest``), while the guest gets its
 headroom back. Holding the balloon inflated
 (``pid``, ``sla-floor``) reclaims a little more, but a guest without DEFLATE_ON_OOM whose
 use leaps above what the balloon left it is OOM-killed before any control loop can

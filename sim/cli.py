@@ -1,6 +1,6 @@
 """``overcommitd replay`` and ``overcommitd plan``: arguments, progress bars, the printed
-scorecard and tables. Commands live here, above the modules they drive (``sim.compare``
-and ``sim.report``, ``sim.plan`` and ``sim.plan_report``), so none of those imports another back."""
+scorecard and tables. Commands live here, above the modules they drive (``sim.evaluation.compare``
+and ``sim.evaluation.report``, ``sim.evaluation.plan`` and ``sim.evaluation.plan_report``), so none of those imports another back."""
 
 from __future__ import annotations
 
@@ -15,12 +15,20 @@ from tqdm import tqdm
 from overcommitd.config import DaemonConfig
 from overcommitd.shortfall import short_text
 from policies.api import PolicyFactory
-from sim.compare import REFERENCE, compare, create_policies, format_table, io_note, replay_ticks, spec_from_args
-from sim.metrics import GIB_KIB, Scorecard, violations
-from sim.plan import DEFAULT_MAX_RATIO, DEFAULT_TOLERANCE, START_RATIO, format_plan, plan, to_json
-from sim.plan import summary as plan_summary
-from sim.replay import ReplaySpec, load_traces, replay
-from sim.sweep import add_sweep_arguments, sweep_from_args
+from sim.evaluation.compare import (
+    REFERENCE,
+    compare,
+    create_policies,
+    format_table,
+    io_note,
+    replay_ticks,
+    spec_from_args,
+)
+from sim.evaluation.metrics import GIB_KIB, Scorecard, violations
+from sim.evaluation.plan import DEFAULT_MAX_RATIO, DEFAULT_TOLERANCE, START_RATIO, format_plan, plan, to_json
+from sim.evaluation.plan import summary as plan_summary
+from sim.evaluation.replay import ReplaySpec, load_traces, replay
+from sim.evaluation.sweep import add_sweep_arguments, sweep_from_args
 
 
 def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
@@ -219,7 +227,7 @@ def compare_command(args: Any, make_policy: PolicyFactory) -> int:
 
         args.json.write_text(json.dumps([c.as_dict() for c in comp.cards()], indent=2) + "\n")
     if args.report:
-        from sim.report import write_report
+        from sim.evaluation.report import write_report
 
         page = write_report(comp, args.report)
         print(f"report: {page}")
@@ -282,7 +290,7 @@ def plan_command(args: argparse.Namespace, make_policy: PolicyFactory) -> int:
     if args.json:
         args.json.write_text(json.dumps(to_json(result), indent=2) + "\n")
     if args.report:
-        from sim.plan_report import write_plan_report
+        from sim.evaluation.plan_report import write_plan_report
 
         print(f"report: {write_plan_report(result, format_plan(result), args.report)}")
     return 0

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from overcommitd.model import parse_kib
-from sim import traces as trace_io
-from sim.trace_convert import SOURCE_FORMATS, PercentLayout, convert, parse_start
-from sim.trace_info import describe, format_info
-from sim.trace_loader import load_all
-from sim.traces import TraceError
+from sim.memory import traces as trace_io
+from sim.memory.trace_convert import SOURCE_FORMATS, PercentLayout, convert, parse_start
+from sim.memory.trace_info import describe, format_info
+from sim.memory.trace_loader import load_all
+from sim.memory.traces import TraceError
 
 
 def add_trace_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

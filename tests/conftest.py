@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.world import World
+from sim.virtio.world import World
 from tests.realguest.harness import Mosquitto
 
 UNDER_CI = os.environ.get("CI", "").lower() == "true"

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.guest import GuestSpec, take_in_order
-from sim.hypervisor import SimHypervisor
-from sim.world import World
+from sim.memory.guest import GuestSpec, take_in_order
+from sim.memory.hypervisor import SimHypervisor
+from sim.virtio.world import World
 
 MIB = 1024
 RAM_MIB = 1024

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import sim.balloon_spec as spec
-from sim.backing import HostRam, RamBacking
-from sim.device import VirtioBalloon
-from sim.driver import LinuxBalloonDriver
-from sim.guestmem import GuestMemory
-from sim.world import World
+import sim.virtio.balloon_spec as spec
+from sim.virtio.backing import HostRam, RamBacking
+from sim.virtio.device import VirtioBalloon
+from sim.virtio.driver import LinuxBalloonDriver
+from sim.virtio.guestmem import GuestMemory
+from sim.virtio.world import World
 
 RAM_PAGES = 512 * 256  # a 512 MiB guest
 
@@ -218,7 +218,7 @@ def test_out_of_puff_retries_every_200_ms_and_sends_partial_batches(world: World
     puffs = [t for t, m in drv.log if m.startswith("Out of puff")]
     assert all(0.2 <= b - a < 0.21 for a, b in itertools.pairwise(puffs))
     assert drv.puff_sleep_s == pytest.approx(0.2 * drv.puff_count)
-    from sim.calibration import FAILED_ALLOC_S, GUEST_ALLOC_S_PER_PAGE
+    from sim.virtio.calibration import FAILED_ALLOC_S, GUEST_ALLOC_S_PER_PAGE
 
     assert drv.cpu_s == pytest.approx(
         300 * GUEST_ALLOC_S_PER_PAGE + drv.puff_count * FAILED_ALLOC_S
@@ -390,7 +390,9 @@ def test_descriptor_outside_guest_memory_breaks_the_device_not_the_world(world: 
 
 def test_write_only_buffer_on_inflateq_is_a_named_error(world: World, log: list) -> None:
     dev, drv, _ = make(world, log)
-    drv.vqs["inflateq"].add([__import__("sim.virtqueue", fromlist=["Buf"]).Buf(drv.pfns_addr, 16, write=True)], 99)
+    drv.vqs["inflateq"].add(
+        [__import__("sim.virtio.virtqueue", fromlist=["Buf"]).Buf(drv.pfns_addr, 16, write=True)], 99
+    )
     dev.notify(0)
     assert dev.broken is not None and "device-writable buffer" in dev.broken
 
@@ -424,8 +426,8 @@ def test_device_survives_arbitrary_ring_contents(name: str, blob: bytes, offset:
     st.booleans(),
 )
 def test_balloon_invariants_under_random_targets_and_demand(steps: list[tuple[int, int]], doo: bool) -> None:
-    from sim.balloon_fleet import WINDOW_BYTES
-    from sim.scenarios import OneHost, _guest
+    from sim.evaluation.scenarios import OneHost, _guest
+    from sim.memory.balloon_fleet import WINDOW_BYTES
 
     demand = {"mib": 100.0}
     host = OneHost([_guest("inv", 1024, deflate_on_oom=doo, swap_kib=0)], lambda t: [demand["mib"]], step_s=0.5)

@@ -1,5 +1,5 @@
 """``overcommitd sim calibrate``: the guest constants recovered from recordings built
-with the kernel's own rules (sim.kernel), and clear errors on recordings that lack them."""
+with the kernel's own rules (sim.memory.kernel), and clear errors on recordings that lack them."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from overcommitd.cli import EXIT_BAD_INPUT, main
 from overcommitd.config import DaemonConfig
-from sim.calibrate import CalibrationError, calibrate
-from sim.compare import spec_from_args
-from sim.guest_model_file import GuestModelFileError, load_guest_model
-from sim.kernel import DEBIAN_6_1_PC, GuestKernel, boot, mem_available_kib
+from sim.evaluation.compare import spec_from_args
+from sim.memory.calibrate import CalibrationError, calibrate
+from sim.memory.guest_model_file import GuestModelFileError, load_guest_model
+from sim.memory.kernel import DEBIAN_6_1_PC, GuestKernel, boot, mem_available_kib
 
 MIB = 1024
 STATS = ["stat_total_memory_kib", "stat_free_memory_kib", "stat_available_memory_kib", "stat_disk_caches_kib"]

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from overcommitd.config import DaemonConfig
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from policies.api import PolicyResult
-from sim.calibration import STATS_WORK_S
-from sim.replay import ReplaySpec, replay
+from sim.evaluation.replay import ReplaySpec, replay
+from sim.virtio.calibration import STATS_WORK_S
 
 MIB = 1024
 GUEST_KIB = 1024 * MIB
@@ -87,7 +87,7 @@ def test_a_rise_is_seen_at_the_end_of_the_tick_it_happened_in(tmp_path: Path) ->
 
 def last_sample_before(end_s: float) -> float:
     """The bulk device's last stats sample before ``end_s`` (first at STATS_WORK_S, then
-    every period + STATS_WORK_S, as a real guest's: sim.device)."""
+    every period + STATS_WORK_S, as a real guest's: sim.virtio.device)."""
     step_s = PERIOD_S + STATS_WORK_S
     return STATS_WORK_S + (math.ceil((end_s - STATS_WORK_S) / step_s) - 1) * step_s
 

@@ -16,13 +16,13 @@ from overcommitd.config import DaemonConfig
 from overcommitd.model import GuestSnapshot, GuestStats, HostSnapshot
 from policies.api import PolicyResult
 from policies.mom import MomPolicy
-from sim import traces
-from sim.compare import Comparison, format_table
-from sim.guest import GuestModelParams
-from sim.host import host_swap
-from sim.metrics import GuestTick, Recorder, RunFacts, Scorecard, Timeline, violations
-from sim.replay import ReplayResult, ReplaySpec, guard_floors, replay
-from sim.workload import io_columns
+from sim.evaluation.compare import Comparison, format_table
+from sim.evaluation.metrics import GuestTick, Recorder, RunFacts, Scorecard, Timeline, violations
+from sim.evaluation.replay import ReplayResult, ReplaySpec, guard_floors, replay
+from sim.memory import traces
+from sim.memory.guest import GuestModelParams
+from sim.memory.host import host_swap
+from sim.memory.workload import io_columns
 from tests.helpers import Noop
 
 GIB = 1024 * 1024
@@ -214,8 +214,8 @@ def test_a_config_floor_is_never_crossed_and_a_guest_below_its_floor_is_counted(
 
 
 def test_the_replay_measures_the_floor_the_guard_enforces() -> None:
-    from sim.guest import GuestSpec
-    from sim.hypervisor import SimHypervisor
+    from sim.memory.guest import GuestSpec
+    from sim.memory.hypervisor import SimHypervisor
 
     specs = [GuestSpec("u0", "a", 4 * GIB, floor_kib=GIB), GuestSpec("u1", "b", 4 * GIB)]
     hv = SimHypervisor(specs, host_mem_kib=16 * GIB, initial_demand_kib=np.full(2, float(GIB)))
@@ -272,7 +272,7 @@ def test_the_better_baseline_is_the_thriftiest_one_that_holds(spiky: list[traces
 
 def test_the_replay_command_takes_the_honest_scorecard_settings() -> None:
     from overcommitd.cli import build_parser
-    from sim.compare import spec_from_args
+    from sim.evaluation.compare import spec_from_args
 
     argv = ["replay", "--warmup-hours", "6", "--slo", "0.5", "--floor-pct", "10", "--guard-baselines"]
     spec = spec_from_args(build_parser().parse_args(argv), DaemonConfig())
@@ -286,7 +286,7 @@ def test_a_guest_that_never_recovers_counts_in_the_recovery_figures() -> None:
     counted, never dropped (dropping it would make the slowest policy look fastest)."""
     import numpy as np
 
-    from sim.metrics import GuestTick, Recorder, RunFacts
+    from sim.evaluation.metrics import GuestTick, Recorder, RunFacts
 
     ram = np.array([4.0 * 1024 * 1024])
     rec = Recorder(ram, np.zeros(1), 10)

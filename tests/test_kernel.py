@@ -1,4 +1,4 @@
-"""The guest kernel's memory rules (sim/kernel.py) against a real guest.
+"""The guest kernel's memory rules (sim/memory/kernel.py) against a real guest.
 
 Measured values: tests/data/realguest/k16-dump-{512,1024}.txt, the console dump of the
 test image (Debian 6.1.0-57-cloud-amd64, QEMU 'pc', TCG) booted with ``rgdump=1``:
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim.kernel import (
+from sim.memory.kernel import (
     DEBIAN_6_1_PC,
     GuestKernel,
     boot,
@@ -122,7 +122,7 @@ def test_reserve_is_bounded_and_grows_with_ram(ram_kib: int) -> None:
 
 
 def test_reserve_pct_gives_the_test_guests_65_mib_gap() -> None:
-    from sim.kernel import reserve_pct
+    from sim.memory.kernel import reserve_pct
 
     gap_kib = 1024 * 1024 * reserve_pct(1024 * 1024) / 100
     # issue 16: MemFree - MemAvailable steady ~65 MiB, i.e. totalreserve less half the reclaimable slab

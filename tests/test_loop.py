@@ -11,8 +11,8 @@ from overcommitd.config import DaemonConfig, GuestOverride
 from overcommitd.loop import LoopState, apply, step
 from overcommitd.model import ClampReason, GuestSnapshot, HostSnapshot
 from policies.api import PerGuestPolicy
-from sim.guest import GuestSpec
-from sim.hypervisor import SimHypervisor
+from sim.memory.guest import GuestSpec
+from sim.memory.hypervisor import SimHypervisor
 from tests.helpers import GIB, FixedParams, FixedPolicy, Noop, Raising, guest, host
 
 CFG = DaemonConfig()

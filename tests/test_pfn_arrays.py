@@ -18,13 +18,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import sim.balloon_spec as spec
-from sim.backing import HostRam, RamBacking
-from sim.device import VirtioBalloon
-from sim.driver import LinuxBalloonDriver
-from sim.guestmem import PAGE_BYTES, GuestMemory, GuestMemoryError
-from sim.virtqueue import Buf
-from sim.world import World
+import sim.virtio.balloon_spec as spec
+from sim.virtio.backing import HostRam, RamBacking
+from sim.virtio.device import VirtioBalloon
+from sim.virtio.driver import LinuxBalloonDriver
+from sim.virtio.guestmem import PAGE_BYTES, GuestMemory, GuestMemoryError
+from sim.virtio.virtqueue import Buf
+from sim.virtio.world import World
 from tests.test_balloon_protocol import RAM_PAGES, FakeMm, make
 
 WINDOW = 64 * 1024
@@ -141,8 +141,8 @@ def test_config_field_access_matches_the_packed_config(offset: int, value: int, 
 
 def test_driver_and_device_modules_do_not_import_each_other() -> None:
     code = (
-        "import sys, sim.driver; assert 'sim.device' not in sys.modules, 'driver imports device';"
-        "import sim.balloon_spec as s, sim.driver as d, sim.device as v;"
+        "import sys, sim.virtio.driver; assert 'sim.virtio.device' not in sys.modules, 'driver imports device';"
+        "import sim.virtio.balloon_spec as s, sim.virtio.driver as d, sim.virtio.device as v;"
         "assert not hasattr(d, 'BALLOON_PAGE_KIB') or d.BALLOON_PAGE_KIB is s.BALLOON_PAGE_KIB"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

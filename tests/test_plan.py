@@ -15,9 +15,8 @@ from overcommitd.config import DaemonConfig
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from policies import registry
 from policies.api import PolicyResult
-from sim.compare import REFERENCE, NoBalloon
-from sim.host import HostModelParams
-from sim.plan import (
+from sim.evaluation.compare import REFERENCE, NoBalloon
+from sim.evaluation.plan import (
     CONSTRAINTS,
     START_RATIO,
     Plan,
@@ -28,8 +27,9 @@ from sim.plan import (
     to_json,
     try_ratio,
 )
-from sim.replay import ReplaySpec
-from sim.sweep import Sweep
+from sim.evaluation.replay import ReplaySpec
+from sim.evaluation.sweep import Sweep
+from sim.memory.host import HostModelParams
 
 TOLERANCE = 0.05
 

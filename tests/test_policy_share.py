@@ -16,8 +16,8 @@ from overcommitd.model import GuestSnapshot
 from policies import registry
 from policies.share import Claim, ShareParams, SharePolicy, ShareState, fill
 from policies.testing import GIB, MIB, guest, host
-from sim.compare import compare
-from sim.replay import ReplaySpec, replay
+from sim.evaluation.compare import compare
+from sim.evaluation.replay import ReplaySpec, replay
 from tests.helpers import bitbrains
 
 HOST_KIB = 64 * GIB

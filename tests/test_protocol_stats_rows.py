@@ -9,11 +9,11 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import sim.balloon_spec as spec
-from sim.balloon_fleet import _STAT_ROW, _TAG_OF, ProtocolBalloons
-from sim.device import STAT_FIELDS
-from sim.guest import GuestSpec
-from sim.hypervisor import SimHypervisor
+import sim.virtio.balloon_spec as spec
+from sim.memory.balloon_fleet import _STAT_ROW, _TAG_OF, ProtocolBalloons
+from sim.memory.guest import GuestSpec
+from sim.memory.hypervisor import SimHypervisor
+from sim.virtio.device import STAT_FIELDS
 
 GIB_KIB = 1 << 20
 N = 3

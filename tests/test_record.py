@@ -37,8 +37,8 @@ from overcommitd.hypervisor import HypervisorError
 from overcommitd.hypervisor.libvirt import LibvirtHypervisor
 from overcommitd.model import BalloonFeatures, GuestSnapshot, GuestStats
 from overcommitd.record import GUEST_HEADER, MANIFEST, ReadOnlyGuests, Recorder, demand_kib
-from sim.guest import GuestSpec
-from sim.hypervisor import SimHypervisor
+from sim.memory.guest import GuestSpec
+from sim.memory.hypervisor import SimHypervisor
 from tests.conftest import need_binaries
 
 GIB = 1024 * 1024
@@ -600,8 +600,8 @@ def test_a_replay_of_the_real_recording_follows_what_the_guests_did() -> None:
     that never balloons, so what the replayed guests hold is the recording alone. The
     replay reads a sample's demand one tick late (issue 16 item 4): SETTLE_S covers it."""
     from overcommitd.config import DaemonConfig
-    from sim.compare import NoBalloon
-    from sim.replay import ReplaySpec, replay
+    from sim.evaluation.compare import NoBalloon
+    from sim.evaluation.replay import ReplaySpec, replay
     from tests.realguest.recording import MIB as REC_MIB
     from tests.realguest.recording import TOLERANCE_KIB, load_steps, recording_dir, rows_of, work_at
 

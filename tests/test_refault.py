@@ -1,6 +1,6 @@
 """Page cache is not free to drop: hot file data a balloon or reclaim takes away is read
 again (refaults, counted as major faults) and cached again where there is room; cold
-data and free memory cost nothing (``sim.guest``)."""
+data and free memory cost nothing (``sim.memory.guest``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.guest import Fleet, GuestModelParams, GuestSpec
-from sim.hypervisor import SimHypervisor
+from sim.memory.guest import Fleet, GuestModelParams, GuestSpec
+from sim.memory.hypervisor import SimHypervisor
 
 MIB = 1024
 GIB = 1024 * MIB

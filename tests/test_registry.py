@@ -61,7 +61,7 @@ def test_a_policy_without_params_refuses_them() -> None:
 
 
 def test_every_tuning_dimension_is_a_parameter_its_policy_accepts() -> None:
-    from sim.tune import SPACES
+    from sim.evaluation.tune import SPACES
 
     for name, dims in SPACES.items():
         params = registry.load_class(name).Params

@@ -12,10 +12,10 @@ import pytest
 from overcommitd.cli import main
 from overcommitd.config import DaemonConfig
 from policies import registry
-from sim import traces
-from sim.guest import GuestModelParams
-from sim.replay import ReplaySpec, replay
-from sim.workload import Workload
+from sim.evaluation.replay import ReplaySpec, replay
+from sim.memory import traces
+from sim.memory.guest import GuestModelParams
+from sim.memory.workload import Workload
 from tests.helpers import Noop
 
 SLICE = tuple(traces.bundled()[:12])

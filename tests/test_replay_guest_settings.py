@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 from overcommitd.cli import build_parser
 from overcommitd.config import DaemonConfig
-from sim.compare import spec_from_args
-from sim.guest import Fleet, GuestModelParams, GuestSpec
-from sim.hypervisor import SimHypervisor
-from sim.kernel import GuestKernel, boot
-from sim.replay import ReplaySpec, build_guests, has_deflate_on_oom
-from sim.trace_loader import load_all
+from sim.evaluation.compare import spec_from_args
+from sim.evaluation.replay import ReplaySpec, build_guests, has_deflate_on_oom
+from sim.memory.guest import Fleet, GuestModelParams, GuestSpec
+from sim.memory.hypervisor import SimHypervisor
+from sim.memory.kernel import GuestKernel, boot
+from sim.memory.trace_loader import load_all
 
 MIB = 1024
 GIB = 1024 * MIB
@@ -28,7 +28,7 @@ GIB = 1024 * MIB
 def test_each_guest_keeps_its_own_sizes_reserve_between_memfree_and_memavailable() -> None:
     """1 and 4 GiB guests side by side, little cache: MemFree - MemAvailable is each one's
     totalreserve_pages less the half of its cache MemAvailable credits (si_mem_available()),
-    from sim.kernel.boot()."""
+    from sim.memory.kernel.boot()."""
     specs = [GuestSpec(uuid=str(i), name=str(i), ram_kib=r) for i, r in enumerate((GIB, 4 * GIB))]
     hv = SimHypervisor(specs, host_mem_kib=16 * GIB, initial_demand_kib=np.array([100.0 * MIB, 100.0 * MIB]))
     f = hv.fleet

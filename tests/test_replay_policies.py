@@ -12,10 +12,10 @@ import pytest
 
 from overcommitd.config import DaemonConfig
 from policies import registry
-from sim.compare import REFERENCE, Comparison, compare, format_table
-from sim.replay import ReplaySpec
-from sim.report import write_report
-from sim.tune import SPACES, Constraints, objective, to_toml, tune
+from sim.evaluation.compare import REFERENCE, Comparison, compare, format_table
+from sim.evaluation.replay import ReplaySpec
+from sim.evaluation.report import write_report
+from sim.evaluation.tune import SPACES, Constraints, objective, to_toml, tune
 
 POLICIES = ("pid", "sla-floor", "free-page", "mom", "proxmox", "headroom", "trim")
 # 2.5x: guests boot with no invented page cache, so at 1.5-2x the bundled traces leave the

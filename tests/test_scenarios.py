@@ -9,7 +9,7 @@ import pytest
 
 from overcommitd.cli import main
 from policies import registry
-from sim.scenarios import POLICY_SCENARIOS, SCENARIOS, OneHost, _guest
+from sim.evaluation.scenarios import POLICY_SCENARIOS, SCENARIOS, OneHost, _guest
 
 
 def test_sim_scenario_lists_when_name_is_missing(capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,8 +19,8 @@ from overcommitd.hypervisor import HypervisorError
 from overcommitd.runner import Daemon
 from overcommitd.telemetry import messages as msg
 from policies import registry
-from sim.guest import GuestSpec
-from sim.hypervisor import SimHypervisor
+from sim.memory.guest import GuestSpec
+from sim.memory.hypervisor import SimHypervisor
 from tests.mqtt_probe import Probe
 from tests.realguest.harness import Mosquitto
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from overcommitd.config import DaemonConfig
-from sim import traces
 from sim.cli import format_scorecard
-from sim.compare import Comparison, format_table
-from sim.metrics import violations
-from sim.plan import Plan, PlanJob, format_plan, search, to_json
-from sim.replay import ReplaySpec, replay
+from sim.evaluation.compare import Comparison, format_table
+from sim.evaluation.metrics import violations
+from sim.evaluation.plan import Plan, PlanJob, format_plan, search, to_json
+from sim.evaluation.replay import ReplaySpec, replay
+from sim.memory import traces
 from tests.helpers import Noop
 from tests.test_honest_scorecard import FixedTarget
 

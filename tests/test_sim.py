@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.device import num_pages_kib
-from sim.guest import OOM_STEP_KIB, GuestSpec
-from sim.hypervisor import SimHypervisor
-from sim.world import World
+from sim.memory.guest import OOM_STEP_KIB, GuestSpec
+from sim.memory.hypervisor import SimHypervisor
+from sim.virtio.device import num_pages_kib
+from sim.virtio.world import World
 
 GIB = 1024 * 1024
 

@@ -1,4 +1,4 @@
-"""The simulated ZFS ARC (sim/arc.py) and the ``zfs-arc`` scenario's key numbers."""
+"""The simulated ZFS ARC (sim/memory/arc.py) and the ``zfs-arc`` scenario's key numbers."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from policies import registry
-from sim.arc import ArcModelParams, SimArc
-from sim.arc_scenario import BURST_S, GUEST_RAM_KIB, GUESTS, ArcRun, runs
-from sim.guest import GuestSpec
-from sim.host import HostModelParams
-from sim.hypervisor import SimHypervisor
-from sim.scenarios import POLICY_SCENARIOS, format_timeline
+from sim.evaluation.arc_scenario import BURST_S, GUEST_RAM_KIB, GUESTS, ArcRun, runs
+from sim.evaluation.scenarios import POLICY_SCENARIOS, format_timeline
+from sim.memory.arc import ArcModelParams, SimArc
+from sim.memory.guest import GuestSpec
+from sim.memory.host import HostModelParams
+from sim.memory.hypervisor import SimHypervisor
 
 GIB = 1024 * 1024
 MIB = 1024

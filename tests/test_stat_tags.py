@@ -1,4 +1,4 @@
-"""Which stat tags a guest kernel sends (sim.stat_tags), the simulator sending only
+"""Which stat tags a guest kernel sends (sim.memory.stat_tags), the simulator sending only
 those, and every built-in policy working without the tags a 6.1 guest lacks."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from overcommitd.model import GuestSnapshot, GuestStats
 from policies import registry
 from policies.signals import Bursts
 from policies.testing import GIB, guest, host
-from sim.guest import GuestSpec
-from sim.hypervisor import SimHypervisor
-from sim.kernel import GuestKernel
-from sim.stat_tags import mask_stats, parse_version, tags_sent, unsent_fields
+from sim.memory.guest import GuestSpec
+from sim.memory.hypervisor import SimHypervisor
+from sim.memory.kernel import GuestKernel
+from sim.memory.stat_tags import mask_stats, parse_version, tags_sent, unsent_fields
 
 BUILT_IN = sorted(registry.known())
 

@@ -7,9 +7,9 @@ import pytest
 
 from overcommitd.config import DaemonConfig
 from policies import registry
-from sim.compare import compare
-from sim.replay import ReplaySpec
-from sim.sweep import ReplayJob, Sweep, SweepError, cached_traces, run_replays, sweep_from_args
+from sim.evaluation.compare import compare
+from sim.evaluation.replay import ReplaySpec
+from sim.evaluation.sweep import ReplayJob, Sweep, SweepError, cached_traces, run_replays, sweep_from_args
 
 SPEC = ReplaySpec(guests=6, hours=3.0, seed=5, warmup_h=1.0)
 

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sim.trace_convert import PercentLayout, convert
-from sim.trace_loader import load_all
-from sim.traces import TraceError
+from sim.memory.trace_convert import PercentLayout, convert
+from sim.memory.trace_loader import load_all
+from sim.memory.traces import TraceError
 
 BITBRAINS_HEADER = (
     "Timestamp [ms];\tCPU cores;\tMemory capacity provisioned [KB];\tMemory usage [KB];\tDisk read throughput [KB/s]\n"

@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from overcommitd.cli import main
 from overcommitd.config import DaemonConfig
 from policies import registry
-from sim import traces
-from sim.replay import ReplaySpec, replay
-from sim.trace_convert import PercentLayout, convert
-from sim.trace_info import describe, largest_rise
-from sim.trace_loader import load_all
+from sim.evaluation.replay import ReplaySpec, replay
+from sim.memory import traces
+from sim.memory.trace_convert import PercentLayout, convert
+from sim.memory.trace_info import describe, largest_rise
+from sim.memory.trace_loader import load_all
 
 HEADER = "time_s,guest,provisioned_kib,used_kib"
 LOCATED = re.compile(r"(\.csv(\.gz)?:\d+:|row group \d+, row \d+)")

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim import traces
+from sim.memory import traces
 from tests.helpers import bitbrains
 
 G_HEADER = "time,unique_id,avg_memory_usage,max_memory_usage,assigned_memory,memory_limit"

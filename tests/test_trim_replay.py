@@ -10,8 +10,8 @@ import pytest
 
 from overcommitd.config import DaemonConfig
 from policies import registry
-from sim.compare import compare
-from sim.replay import ReplaySpec
+from sim.evaluation.compare import compare
+from sim.evaluation.replay import ReplaySpec
 from tests.helpers import bitbrains
 
 RAM_KB = 8 * 1024 * 1024

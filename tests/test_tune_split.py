@@ -8,9 +8,9 @@ import pytest
 
 from overcommitd import cli
 from policies import registry
-from sim import traces as trace_io
-from sim.replay import ReplaySpec
-from sim.tune import Split, TuneError, default_split, parse_slice, split_specs
+from sim.evaluation.replay import ReplaySpec
+from sim.evaluation.tune import Split, TuneError, default_split, parse_slice, split_specs
+from sim.memory import traces as trace_io
 
 BITBRAINS = Path(__file__).parents[1] / "sim" / "data" / "traces" / "bitbrains-rnd"
 
@@ -69,8 +69,8 @@ def test_cli_refuses_an_empty_split(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_screen_replays_spread_points_first_and_the_search_starts_from_the_best() -> None:
     from overcommitd.config import DaemonConfig
-    from sim.sweep import Sweep
-    from sim.tune import SPACES, screen_points, tune
+    from sim.evaluation.sweep import Sweep
+    from sim.evaluation.tune import SPACES, screen_points, tune
 
     dims = [d for d in SPACES["trim"] if d.name in ("headroom_pct", "burst_factor")]
     spec = ReplaySpec(traces=(BITBRAINS,), guests=3, hours=1.0, warmup_h=1.0, seed=4)
@@ -99,7 +99,7 @@ def test_a_recording_is_split_by_time_never_by_file() -> None:
     same guests, so the default splits it by hours and a guest slice is refused."""
     import argparse
 
-    from sim.tune import split_from_args
+    from sim.evaluation.tune import split_from_args
     from tests.realguest.recording import recording_dir
 
     spec = ReplaySpec(traces=(recording_dir(),), start_h=0.0, hours=0.02)

@@ -12,10 +12,10 @@ import pytest
 from overcommitd.config import DaemonConfig
 from overcommitd.loop import LoopState, apply, step
 from policies import registry
-from sim.guest import GuestSpec
-from sim.hypervisor import SimHypervisor
-from sim.replay import ReplaySpec, build_guests, load_traces, replay
-from sim.world import World
+from sim.evaluation.replay import ReplaySpec, build_guests, load_traces, replay
+from sim.memory.guest import GuestSpec
+from sim.memory.hypervisor import SimHypervisor
+from sim.virtio.world import World
 
 FLEET_ARRAYS = (
     "anon",

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.guestmem import Arena, GuestMemory
-from sim.virtqueue import (
+from sim.virtio.guestmem import Arena, GuestMemory
+from sim.virtio.virtqueue import (
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,

@@ -18,11 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.balloon_fleet import ProtocolBalloons
-from sim.guest import GuestSpec
-from sim.hypervisor import SimHypervisor
-from sim.process import Process, ProcessGen
-from sim.world import World
+from sim.memory.balloon_fleet import ProtocolBalloons
+from sim.memory.guest import GuestSpec
+from sim.memory.hypervisor import SimHypervisor
+from sim.virtio.process import Process, ProcessGen
+from sim.virtio.world import World
 
 GIB_KIB = 1 << 20
 
@@ -121,7 +121,7 @@ def test_a_big_inflate_jumps_and_still_lands_on_the_queued_instants() -> None:
     log = jumped["actual_log"]
     assert isinstance(log, list)
     # ~1.5 GiB in 1 MiB (256-page) requests, each its own instant; the guest kernel's reserve
-    # (sim.kernel, 6.1 watermarks) stops the last request a few pages short of the target.
+    # (sim.memory.kernel, 6.1 watermarks) stops the last request a few pages short of the target.
     requests, final_pages = log[0], log[0][-1][1]
     assert len({t for t, _ in requests}) == len(requests) == -(-final_pages // 256)
     assert 1500 * 256 < final_pages <= 1536 * 256

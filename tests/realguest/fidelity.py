@@ -28,8 +28,8 @@ import numpy as np
 from overcommitd import traceformat as tf
 from overcommitd.config import DaemonConfig
 from policies import registry
-from sim.compare import spec_from_args
-from sim.replay import ReplayResult, replay
+from sim.evaluation.compare import spec_from_args
+from sim.evaluation.replay import ReplayResult, replay
 from tests.realguest.recording import rows_of
 
 MIB = 1024

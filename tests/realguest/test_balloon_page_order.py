@@ -1,5 +1,5 @@
 """Which free pages a real guest's balloon takes, measured through the host RAM behind
-the guest (the Rss of QEMU's RAM mapping). The simulator's rule rests on it (sim.guest:
+the guest (the Rss of QEMU's RAM mapping). The simulator's rule rests on it (sim.memory.guest:
 last freed, first taken; tests/test_balloon_page_order.py is its twin): the first inflate
 takes touched pages the guest freed, a deflate gives pages back at the head of the free
 list, so the next inflate by the same amount re-takes them and gains the host nothing,

@@ -1,0 +1,307 @@
+"""What a replay measured: the scorecard, and a timeline for plots.
+
+Definitions (all over the replayed span, every guest):
+
+* **memory saved**: guest memory the host does not have to back, i.e. provisioned RAM
+  minus what the guests cost it (touched pages; balloon and reported pages are not
+  touched). GiB·h integrates it over time; % is its mean over provisioned RAM. Split by
+  where it comes from (the four add up to it): **ballooned** (held by a balloon now and
+  released by the host), **unbacked** (given back by a deflate, not touched since),
+  **reported** (returned by free page reporting, not reused since), **untouched** (the
+  rest: never touched since boot).
+* **unserved**: demand the workloads could not hold, integrated (GiB·h): a workload
+  OOM-killed in an interval is down until it restarts at the next (``sim.memory.guest``).
+  **degraded**: guest-seconds in which a guest was killed or thrashing (its own swap, or
+  the host's swap of its working set).
+* **host above 100 %**: seconds, and the excess integrated (GiB·h); the host swaps and
+  charges the guests (``sim.memory.host``): **host swap-in**, MiB per guest-hour, also counted
+  in the major faults and in each guest's paging.
+* **per-guest paging SLO**: each guest's swap-in, page-cache refaults and host swap-in,
+  as % of its own mean working set (mean demand) per minute, against ``slo_pct_per_min``
+  (Google's far-memory SLO, 0.2: it bounds the pages the *system* took that come back):
+  the worst guest, and the guests over it. Refaults of cache the guest's own growth
+  evicted while its balloon was empty are its workload's, which it pages on a dedicated
+  host too: they are in the refault figure, not against the SLO (as ``sim.memory.workload``'s
+  demand cap leaves out what a guest cannot hold unballooned).
+* **warm-up**: the span simulated before scoring began; every figure here (counters
+  included) is over the scored span only.
+* **host short**: what the host lacks even if every balloon took all it safely can, as
+  the daemon estimates it from the same snapshots (``overcommitd.shortfall``: the guests'
+  irreducible need plus the host's own use, beyond its RAM): seconds short, the peak
+  (GiB) and the shortfall integrated (GiB·h). Where it is above 0 no policy can hold.
+* **host use**: host RAM in use (base + guests + QEMU overhead) as % of host RAM; over
+  100 % means the host itself would swap.
+* **swap-in, major faults**: per guest-hour, from the guests' own cumulative counters
+  (major faults are swap-in faults and page-cache refaults).
+* **page-cache refaults**: hot file data the guests read again because it was evicted
+  (ballooned or reclaimed away), MiB per guest-hour (``sim.memory.guest``).
+* **OOM kills**: guest OOM kills, every one (a restarted workload killed again counts again).
+* **below floor**: guest-seconds with ``actual`` under the guest's floor as the guard
+  enforces it (the replay's SLA floor, the config's ``[guests.<name>]`` floor, or the
+  guard's global minimum); the guard keeps this at 0, an unguarded baseline may not.
+* **balloon operations**: targets set; **out-of-puff retries**: 200 ms driver retries
+  against an unreachable target (guest CPU burnt); **auto-deflate events**: 1 MiB
+  DEFLATE_ON_OOM steps.
+* **recovery**: after a demand jump (an increase of at least 10 % of the guest's RAM and
+  128 MiB between two ticks), the time until the guest again has MemAvailable of at
+  least 5 % of its RAM and swaps nothing in; 0 when it never lacked; a guest still not
+  recovered at the end counts with the time it waited so far.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+GIB_KIB = 1024.0 * 1024.0
+MIB_KIB = 1024.0
+JUMP_PCT = 10.0
+JUMP_MIN_KIB = 128 * 1024.0
+RECOVERED_AVAILABLE_PCT = 5.0
+TIMELINE_POINTS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Scorecard:
+    policy: str
+    guests: int
+    hours: float
+    provisioned_gib: float
+    host_gib: float
+    saved_gib_h: float
+    saved_pct: float
+    host_peak_pct: float
+    host_p95_pct: float
+    swap_in_mib_per_guest_h: float
+    refault_mib_per_guest_h: float
+    major_faults_per_guest_h: float
+    oom_kills: int
+    below_floor_guest_s: float
+    balloon_ops: int
+    out_of_puff_retries: int
+    auto_deflate_events: int
+    demand_jumps: int
+    recovery_p50_s: float
+    recovery_p95_s: float
+    unserved_gib_h: float
+    degraded_guest_s: float
+    host_over_100_s: float
+    host_over_100_gib_h: float
+    host_swap_in_mib_per_guest_h: float
+    slo_pct_per_min: float
+    worst_guest_paging_pct_per_min: float
+    guests_over_slo: int
+    saved_ballooned_gib_h: float
+    saved_unbacked_gib_h: float
+    saved_reported_gib_h: float
+    saved_untouched_gib_h: float
+    warmup_h: float
+    io_columns: str
+    host_short_s: float
+    host_short_peak_gib: float
+    host_short_gib_h: float
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def violations(card: Scorecard) -> dict[str, float]:
+    """What keeps a replay from holding, by constraint, with the amount over; empty when
+    it holds. The one definition of "holds" (``overcommitd plan``, the better baseline of
+    ``sim.evaluation.compare``, ``tune``): no OOM kill, the host never above 100 % of its RAM, every
+    guest within its paging SLO, no guest-second below floor."""
+    over = {
+        "oom-kills": float(card.oom_kills),
+        "host-over-100": card.host_over_100_s,
+        "guest-slo": float(card.guests_over_slo),
+        "below-floor": card.below_floor_guest_s,
+    }
+    return {name: amount for name, amount in over.items() if amount > 0}
+
+
+@dataclass(slots=True)
+class Timeline:
+    """Sampled series for plots: ``t_s`` and host use, and per guest (columns) demand,
+    target, actual and MemAvailable, all in KiB."""
+
+    t_s: list[float] = field(default_factory=list)
+    host_used_kib: list[float] = field(default_factory=list)
+    demand_kib: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    target_kib: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    actual_kib: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    available_kib: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    swap_in_kib: list[npt.NDArray[np.float64]] = field(default_factory=list)  # cumulative, per guest
+
+
+@dataclass(frozen=True, slots=True)
+class GuestTick:
+    """Per-guest state at one scored tick, KiB arrays (``degraded`` a bool array)."""
+
+    touched_kib: npt.NDArray[np.float64]
+    actual_kib: npt.NDArray[np.float64]
+    target_kib: npt.NDArray[np.float64]
+    demand_kib: npt.NDArray[np.float64]
+    available_kib: npt.NDArray[np.float64]
+    swap_in_kib: npt.NDArray[np.float64]
+    unserved_kib: npt.NDArray[np.float64]
+    degraded: npt.NDArray[np.bool_]
+    ballooned_kib: npt.NDArray[np.float64]
+    unbacked_kib: npt.NDArray[np.float64]
+    reported_kib: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class RunFacts:
+    """What the replay knows at the end, beside the per-tick record: counters over the
+    scored span (fleet totals), each guest's paging over it (KiB: swap-in, page-cache
+    refaults and host swap-in), and how the replay was set up."""
+
+    counters: dict[str, float]
+    paged_kib: npt.NDArray[np.float64]
+    balloon_ops: int
+    slo_pct_per_min: float
+    warmup_s: float = 0.0
+    io_columns: str = "none"
+
+
+class Recorder:
+    """Accumulates the scorecard tick by tick, in bulk over guests."""
+
+    def __init__(self, ram_kib: npt.NDArray[np.float64], floor_kib: npt.NDArray[np.float64], n_ticks: int) -> None:
+        self.ram = ram_kib
+        self.floor = floor_kib
+        self.host_used_pct = np.empty(n_ticks)
+        self.saved_kib_s = 0.0
+        self.split_kib_s = np.zeros(3)  # ballooned, unbacked, reported
+        self.unserved_kib_s = 0.0
+        self.degraded_s = 0.0
+        self.over_100_s = 0.0
+        self.over_100_kib_s = 0.0
+        self.demand_kib_s = np.zeros(len(ram_kib))
+        self.below_floor_s = 0.0
+        self.ticks = 0
+        self.stride = max(1, n_ticks // TIMELINE_POINTS)
+        self.timeline = Timeline()
+        self.prev_demand: npt.NDArray[np.float64] | None = None
+        self.jump_started_s = np.full(len(ram_kib), np.nan)
+        self.recoveries_s: list[float] = []
+        self.last_s = 0.0  # the last scored instant: a jump still unrecovered then counts until it
+        self.jumps = 0
+        self.prev_swap_in = np.zeros(len(ram_kib))
+        self.short_s = 0.0
+        self.short_kib_s = 0.0
+        self.short_peak_kib = 0.0
+
+    def record_shortfall(self, dt_s: float, short_kib: float) -> None:
+        """One scored tick's host shortfall (``overcommitd.shortfall``), KiB."""
+        if short_kib > 0:
+            self.short_s += dt_s
+            self.short_kib_s += short_kib * dt_s
+            self.short_peak_kib = max(self.short_peak_kib, short_kib)
+
+    def record(self, now_s: float, dt_s: float, *, host_used_kib: float, host_total_kib: float, g: GuestTick) -> None:
+        self.last_s = now_s
+        self.host_used_pct[self.ticks] = 100.0 * host_used_kib / host_total_kib
+        self.saved_kib_s += float(self.ram.sum() - g.touched_kib.sum()) * dt_s
+        split = (g.ballooned_kib.sum(), g.unbacked_kib.sum(), g.reported_kib.sum())
+        self.split_kib_s += np.array(split, dtype=np.float64) * dt_s
+        self.unserved_kib_s += float(g.unserved_kib.sum()) * dt_s
+        self.degraded_s += float(np.count_nonzero(g.degraded)) * dt_s
+        if host_used_kib > host_total_kib:
+            self.over_100_s += dt_s
+            self.over_100_kib_s += (host_used_kib - host_total_kib) * dt_s
+        self.demand_kib_s += g.demand_kib * dt_s
+        self.below_floor_s += float(np.count_nonzero(g.actual_kib < self.floor)) * dt_s
+        self._track_recovery(now_s, g.demand_kib, g.available_kib, g.swap_in_kib)
+        if self.ticks % self.stride == 0:
+            tl = self.timeline
+            tl.t_s.append(now_s)
+            tl.host_used_kib.append(host_used_kib)
+            tl.demand_kib.append(g.demand_kib.copy())
+            tl.target_kib.append(g.target_kib.copy())
+            tl.actual_kib.append(g.actual_kib.copy())
+            tl.available_kib.append(g.available_kib.copy())
+            tl.swap_in_kib.append(g.swap_in_kib.copy())
+        self.ticks += 1
+
+    def _track_recovery(
+        self,
+        now_s: float,
+        demand: npt.NDArray[np.float64],
+        available: npt.NDArray[np.float64],
+        swap_in: npt.NDArray[np.float64],
+    ) -> None:
+        if self.prev_demand is not None:
+            rise = demand - self.prev_demand
+            jumped = (rise >= self.ram * JUMP_PCT / 100) & (rise >= JUMP_MIN_KIB) & np.isnan(self.jump_started_s)
+            self.jumps += int(jumped.sum())
+            self.jump_started_s[jumped] = now_s
+        self.prev_demand = demand.copy()
+        ok = (available >= self.ram * RECOVERED_AVAILABLE_PCT / 100) & (swap_in <= self.prev_swap_in)
+        self.prev_swap_in = swap_in.copy()
+        done = ok & ~np.isnan(self.jump_started_s)
+        self.recoveries_s.extend((now_s - self.jump_started_s[done]).tolist())
+        self.jump_started_s[done] = np.nan
+
+    def paging_pct_per_min(self, paged_kib: npt.NDArray[np.float64], duration_s: float) -> npt.NDArray[np.float64]:
+        """Each guest's paging (KiB over the span) as % of its own mean working set
+        (mean demand) per minute: the unit of Google's far-memory SLO."""
+        minutes = duration_s / 60.0
+        mean_wss = self.demand_kib_s / max(duration_s, 1e-9)
+        return np.asarray(100.0 * paged_kib / minutes / np.maximum(mean_wss, MIB_KIB), dtype=np.float64)
+
+    def scorecard(self, policy: str, *, duration_s: float, host_total_kib: float, facts: RunFacts) -> Scorecard:
+        n = len(self.ram)
+        guest_h = n * duration_s / 3600.0
+        used = self.host_used_pct[: self.ticks]
+        # A guest that never recovered counts with the time it waited so far (a lower bound),
+        # never left out: dropping it would make the slowest policy look fastest.
+        pending = ~np.isnan(self.jump_started_s)
+        waits = self.recoveries_s + (self.last_s - self.jump_started_s[pending]).tolist()
+        rec = np.array(waits) if waits else np.zeros(1)
+        counters = facts.counters
+        paging = self.paging_pct_per_min(facts.paged_kib, duration_s)
+        gib_h = GIB_KIB * 3600.0
+        ballooned, unbacked, reported = (float(v) / gib_h for v in self.split_kib_s)
+        saved = self.saved_kib_s / gib_h
+        return Scorecard(
+            policy=policy,
+            guests=n,
+            hours=duration_s / 3600.0,
+            provisioned_gib=float(self.ram.sum() / GIB_KIB),
+            host_gib=host_total_kib / GIB_KIB,
+            saved_gib_h=saved,
+            saved_pct=100.0 * self.saved_kib_s / duration_s / float(self.ram.sum()),
+            host_peak_pct=float(used.max()) if len(used) else 0.0,
+            host_p95_pct=float(np.percentile(used, 95)) if len(used) else 0.0,
+            swap_in_mib_per_guest_h=counters["swap_in_kib"] / MIB_KIB / guest_h,
+            refault_mib_per_guest_h=counters["refault_kib"] / MIB_KIB / guest_h,
+            major_faults_per_guest_h=counters["major_faults"] / guest_h,
+            oom_kills=int(counters["oom_kills"]),
+            below_floor_guest_s=self.below_floor_s,
+            balloon_ops=facts.balloon_ops,
+            out_of_puff_retries=int(counters["puff_retries"]),
+            auto_deflate_events=int(counters["oom_deflates"]),
+            demand_jumps=self.jumps,
+            recovery_p50_s=float(np.percentile(rec, 50)),
+            recovery_p95_s=float(np.percentile(rec, 95)),
+            unserved_gib_h=self.unserved_kib_s / gib_h,
+            degraded_guest_s=self.degraded_s,
+            host_over_100_s=self.over_100_s,
+            host_over_100_gib_h=self.over_100_kib_s / gib_h,
+            host_swap_in_mib_per_guest_h=counters.get("host_swap_in_kib", 0.0) / MIB_KIB / guest_h,
+            slo_pct_per_min=facts.slo_pct_per_min,
+            worst_guest_paging_pct_per_min=float(paging.max()) if n else 0.0,
+            guests_over_slo=int(np.count_nonzero(paging > facts.slo_pct_per_min)),
+            saved_ballooned_gib_h=ballooned,
+            saved_unbacked_gib_h=unbacked,
+            saved_reported_gib_h=reported,
+            saved_untouched_gib_h=saved - ballooned - unbacked - reported,
+            warmup_h=facts.warmup_s / 3600.0,
+            io_columns=facts.io_columns,
+            host_short_s=self.short_s,
+            host_short_peak_gib=self.short_peak_kib / GIB_KIB,
+            host_short_gib_h=self.short_kib_s / gib_h,
+        )

@@ -1,0 +1,335 @@
+"""The protocol speed for a whole fleet: one byte-level balloon per guest, kept in step
+with the bulk ``Fleet``.
+
+Each guest gets a ``GuestBalloon``: a small guest-physical memory window holding its
+rings (``sim.virtio.guestmem``), QEMU's device (``sim.virtio.device.VirtioBalloon``), Linux's driver
+(``sim.virtio.driver.LinuxBalloonDriver``) and the host's view of its RAM (``sim.virtio.backing``).
+They run on the World clock only when something happens: a target (config interrupt,
+then 256-PFN requests), a stats poll, an OOM, a report pass. ``FleetMm`` is the guest
+kernel's memory manager over the guest's row of the Fleet's arrays, so every request
+lands in the same numbers the bulk path advances.
+
+``ProtocolBalloons`` presents the same two seams as the bulk path: the driver seam the
+Fleet uses (``balloon_kib``, ``managed_removed_kib``, ``deflate_on_oom``, ...) and the
+device seam SimHypervisor uses (``set_target``, ``stats``, ``last_update_s``, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+import sim.virtio.balloon_spec as spec
+from sim.memory.guest import Array, Fleet, GuestSpec
+from sim.virtio.backing import HostRam
+from sim.virtio.device import STAT_FIELDS, VirtioBalloon
+from sim.virtio.driver import LinuxBalloonDriver
+from sim.virtio.guestmem import GuestMemory
+from sim.virtio.world import World
+
+WINDOW_BYTES = 128 * 1024  # rings of all five queues (~40 KiB), indirect tables, PFN and stats buffers
+U32s = npt.NDArray[np.uint32]
+
+# Device stat tag -> (Fleet stat name, bytes per unit): memory in bytes, counters as counts.
+_TAG_OF = {
+    "swap_in": (spec.VIRTIO_BALLOON_S_SWAP_IN, 1024),
+    "swap_out": (spec.VIRTIO_BALLOON_S_SWAP_OUT, 1024),
+    "major_faults": (spec.VIRTIO_BALLOON_S_MAJFLT, 1),
+    "minor_faults": (spec.VIRTIO_BALLOON_S_MINFLT, 1),
+    "mem_free": (spec.VIRTIO_BALLOON_S_MEMFREE, 1024),
+    "mem_total": (spec.VIRTIO_BALLOON_S_MEMTOT, 1024),
+    "mem_available": (spec.VIRTIO_BALLOON_S_AVAIL, 1024),
+    "disk_caches": (spec.VIRTIO_BALLOON_S_CACHES, 1024),
+    "oom_kills": (spec.VIRTIO_BALLOON_S_OOM_KILL, 1),
+}
+
+
+# The 16 entries update_balloon_stats() writes, in Linux's order (vm events first):
+# (tag, Fleet stat name or None for a counter the model keeps at 0, units per KiB).
+_STAT_ROW: tuple[tuple[int, str | None, int], ...] = (
+    (spec.VIRTIO_BALLOON_S_SWAP_IN, "swap_in", 1024),
+    (spec.VIRTIO_BALLOON_S_SWAP_OUT, "swap_out", 1024),
+    (spec.VIRTIO_BALLOON_S_MAJFLT, "major_faults", 1),
+    (spec.VIRTIO_BALLOON_S_MINFLT, "minor_faults", 1),
+    (spec.VIRTIO_BALLOON_S_OOM_KILL, "oom_kills", 1),
+    (spec.VIRTIO_BALLOON_S_ALLOC_STALL, None, 1),
+    (spec.VIRTIO_BALLOON_S_ASYNC_SCAN, None, 1),
+    (spec.VIRTIO_BALLOON_S_DIRECT_SCAN, None, 1),
+    (spec.VIRTIO_BALLOON_S_ASYNC_RECLAIM, None, 1),
+    (spec.VIRTIO_BALLOON_S_DIRECT_RECLAIM, None, 1),
+    (spec.VIRTIO_BALLOON_S_HTLB_PGALLOC, None, 1),
+    (spec.VIRTIO_BALLOON_S_HTLB_PGFAIL, None, 1),
+    (spec.VIRTIO_BALLOON_S_MEMFREE, "mem_free", 1024),
+    (spec.VIRTIO_BALLOON_S_MEMTOT, "mem_total", 1024),
+    (spec.VIRTIO_BALLOON_S_AVAIL, "mem_available", 1024),
+    (spec.VIRTIO_BALLOON_S_CACHES, "disk_caches", 1024),
+)
+_STAT_TAGS = tuple(tag for tag, _, _ in _STAT_ROW)
+_UNKEPT = [0] * 7  # the 7 counters between oom_kills and mem_free the model keeps at 0
+assert [name is None for _, name, _ in _STAT_ROW] == [False] * 5 + [True] * 7 + [False] * 4
+_STAT_NAMES = [name for _, name, _ in _STAT_ROW if name is not None]
+_STAT_UNITS = np.array([[unit] for _, name, unit in _STAT_ROW if name is not None], dtype=np.float64)
+
+
+class FleetMm:
+    """Guest ``i``'s memory manager, over the Fleet's arrays (the ``GuestMm`` protocol)."""
+
+    def __init__(self, fleet: Fleet, balloons: ProtocolBalloons, i: int, ram_pages: int) -> None:
+        self.fleet, self.balloons, self.i = fleet, balloons, i
+        self.ram_pages = ram_pages
+        self._next_pfn = ram_pages  # never-used frames are handed out from the top down
+        self._free_stack: list[U32s] = []  # frames given back, reused first (LIFO)
+        self._hint_next_pfn = WINDOW_BYTES // 4096
+        self._report_next_pfn = 0
+        self.host = HostRam()  # replaced by GuestBalloon with the guest's own
+        self._released_seen = 0
+
+    def _row_spare_kib(self, reclaim: bool = True) -> float:
+        # ``.item`` gives Python floats: the same doubles as numpy scalars, at a tenth the cost.
+        f, i = self.fleet, self.i
+        cache = f.cache.item(i)
+        free = (
+            f.ram.item(i)
+            - f.reserved.item(i)
+            - f.kernel.item(i)
+            - self.balloons.balloon_kib.item(i)
+            - self.balloons.held_kib.item(i)
+            - f.anon.item(i)
+            - cache
+        )
+        spare = max(free - f.min_free.item(i), 0.0)
+        return float(spare + (max(cache - f.cache_min.item(i), 0.0) if reclaim else 0.0))
+
+    def alloc_pages(self, n: int) -> U32s:
+        k = min(n, int(self._row_spare_kib() // spec.BALLOON_PAGE_KIB))
+        if k > 0 and not self._free_stack:  # the common case: fresh frames, one arange
+            lo = max(self._next_pfn - k, WINDOW_BYTES // 4096)
+            pfns = np.arange(self._next_pfn - 1, lo - 1, -1, dtype=np.uint32)
+            self._next_pfn = lo
+            return pfns
+        out: list[U32s] = []
+        while k > 0 and self._free_stack:
+            top = self._free_stack[-1]
+            take = min(k, len(top))
+            out.append(top[len(top) - take :])
+            self._free_stack[-1] = top[: len(top) - take]
+            if not len(self._free_stack[-1]):
+                self._free_stack.pop()
+            k -= take
+        if k > 0:
+            lo = max(self._next_pfn - k, WINDOW_BYTES // 4096)
+            out.append(np.arange(self._next_pfn - 1, lo - 1, -1, dtype=np.uint32))
+            self._next_pfn = lo
+        return np.concatenate(out) if out else np.empty(0, dtype=np.uint32)
+
+    def _moved(self, delta_kib: float, release_frac: float) -> None:
+        self.balloons.fleet_changed()
+        self.balloons.balloon_kib[self.i] += delta_kib
+        self.fleet.balloon_moved_one(self.i, delta_kib, release_frac)
+
+    def balloon_taken(self, pages: int) -> None:
+        """Account an inflate request; what the host released decides how many of the
+        touched pages taken stop costing it (glue, not guest code: it reads the host)."""
+        released = self.host.released_bytes - self._released_seen
+        self._released_seen = self.host.released_bytes
+        self._moved(pages * spec.BALLOON_PAGE_KIB, min(released / (pages * spec.BALLOON_PAGE_BYTES), 1.0))
+
+    def free_pages(self, pfns: U32s) -> None:
+        self._free_stack.append(pfns)
+        self._moved(-len(pfns) * spec.BALLOON_PAGE_KIB, 0.0)
+
+    def adjust_managed_page_count(self, pages: int) -> None:
+        self.balloons.fleet_changed()
+        self.balloons.managed_removed_kib[self.i] -= pages * spec.BALLOON_PAGE_KIB
+
+    def vm_stats(self) -> list[tuple[int, int]]:
+        """The 16 entries current Linux sends, vm events first, in its order (every
+        guest's rows are built at once, in numpy, by ``ProtocolBalloons.stats_rows``)."""
+        return list(zip(_STAT_TAGS, self.balloons.stats_rows()[self.i]))
+
+    # free page hinting: blocks taken without reclaim, held until DONE
+
+    def alloc_block(self, order: int) -> int | None:
+        size_kib = 4 << order
+        if self._row_spare_kib(reclaim=False) < size_kib:
+            return None
+        pfn = self._hint_next_pfn
+        self._hint_next_pfn = (pfn + (1 << order)) % max(self.ram_pages - (1 << order), 1)
+        self.balloons.fleet_changed()
+        self.balloons.held_kib[self.i] += size_kib
+        return pfn
+
+    def free_block(self, pfn: int, order: int) -> None:
+        self.balloons.fleet_changed()
+        self.balloons.held_kib[self.i] -= 4 << order
+
+    # free page reporting: touched free memory in whole 2 MiB blocks, past the zone gate
+
+    def reportable_blocks(self, order: int) -> int:
+        return int(self.fleet.reportable_blocks()[self.i])
+
+    def isolate_reportable(self, n: int, order: int) -> list[int]:
+        k = min(n, self.reportable_blocks(order))
+        blocks = []
+        for _ in range(k):
+            blocks.append(self._report_next_pfn)
+            self._report_next_pfn = (self._report_next_pfn + (1 << order)) % (
+                self.ram_pages // (1 << order) * (1 << order)
+            )
+        return blocks
+
+    def mark_reported(self, pfns: list[int], order: int, discarded: bool) -> None:
+        if discarded:
+            self.balloons.fleet_changed()
+            f, i = self.fleet, self.i
+            f.mark_reported(i, min(len(pfns) * (4 << order), float(f._touched_free()[i])))
+
+
+class GuestBalloon:
+    """One guest's byte-level balloon: memory window, device, driver, host RAM."""
+
+    def __init__(
+        self, world: World, gspec: GuestSpec, mm_factory: Callable[[int], FleetMm], *, stats_period_s: int
+    ) -> None:
+        ram_pages = gspec.ram_kib // spec.BALLOON_PAGE_KIB
+        self.mem = GuestMemory(WINDOW_BYTES, ram_pages)
+        self.host = HostRam(gspec.backing)
+        self.device = VirtioBalloon(
+            world,
+            self.mem,
+            self.host,
+            deflate_on_oom=gspec.deflate_on_oom,
+            free_page_hint=gspec.free_page_hint,
+            free_page_reporting=gspec.reporting,
+        )
+        self.mm = mm_factory(ram_pages)
+        self.mm.host = self.host
+        self.driver = LinuxBalloonDriver(world, self.mem, self.device, self.mm)
+        self.driver.probe()
+        if stats_period_s:
+            self.device.set_stats_poll_interval(stats_period_s)
+
+
+class ProtocolBalloons:
+    """Every guest's protocol-level balloon behind the bulk path's two seams."""
+
+    def __init__(self, world: World, fleet: Fleet, specs: list[GuestSpec], stats_period_s: float) -> None:
+        if stats_period_s != int(stats_period_s):
+            raise ValueError(f"stats_period_s(={stats_period_s}) must be whole seconds (QEMU's property is an int)")
+        n = len(specs)
+        self.world, self.fleet = world, fleet
+        self.ram_kib = fleet.ram
+        self.balloon_kib = np.zeros(n)
+        self.held_kib = np.zeros(n)
+        self.managed_removed_kib = np.zeros(n)
+        self.reports_itself = np.array([s.reporting for s in specs], dtype=bool)
+        self.stats_period_s = np.full(n, float(stats_period_s))
+        self.last_update_s = np.full(n, -np.inf)
+        self.stats = {name: np.zeros(n) for name in STAT_FIELDS}
+        self._copied_updates = [0] * n
+        self._fleet_version = 0
+        self._fleet_stats: tuple[float, int, dict[str, Array]] | None = None
+        self._stats_rows: tuple[dict[str, Array], list[list[int]]] | None = None
+        fleet.driver = self  # the Fleet's driver seam (``sim.virtio.driver.FleetDriver``), protocol speed
+        self.guests = [
+            GuestBalloon(world, s, functools.partial(FleetMm, fleet, self, i), stats_period_s=int(stats_period_s))
+            for i, s in enumerate(specs)
+        ]
+        self.poll_stats(world.now_s)
+
+    # -- the Fleet's state, as the guests' stats read it -------------------------------
+
+    def fleet_changed(self) -> None:
+        """Something moved a guest's memory: the next stats gather reads the Fleet again."""
+        self._fleet_version += 1
+
+    def fleet_stats(self) -> dict[str, Array]:
+        """``Fleet.stats()``, computed once per instant and change: every guest's stats
+        timer fires at the same instants, and each would otherwise compute the arrays of
+        all guests to read its own row. Every path that changes the Fleet between its
+        ticks goes through ``FleetMm`` or this seam, which call ``fleet_changed``."""
+        cached = self._fleet_stats
+        if cached is None or cached[0] != self.world.now_s or cached[1] != self._fleet_version:
+            cached = (self.world.now_s, self._fleet_version, self.fleet.stats())
+            self._fleet_stats = cached
+        return cached[2]
+
+    def stats_rows(self) -> list[list[int]]:
+        """Every guest's 16 stat values (``_STAT_ROW`` order, bytes or counts), from
+        ``fleet_stats`` and computed as often: one numpy pass instead of one dict per
+        guest per gather. Truncated toward zero, as ``int()`` of each float would be."""
+        stats = self.fleet_stats()
+        if self._stats_rows is None or self._stats_rows[0] is not stats:
+            kept = (np.array([stats[name] for name in _STAT_NAMES]) * _STAT_UNITS).astype(np.int64)  # truncates
+            self._stats_rows = (stats, [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()])
+        return self._stats_rows[1]
+
+    # -- the driver seam (Fleet) ---------------------------------------------------
+
+    @property
+    def puff_retries(self) -> Array:
+        return np.array([g.driver.puff_count for g in self.guests], dtype=np.float64)
+
+    def config_changed(self, i: int, num_pages_kib: float) -> None:
+        """The host writes guest ``i``'s ``num_pages`` (in KiB here) and interrupts."""
+        self.guests[i].device.set_num_pages(int(num_pages_kib) // spec.BALLOON_PAGE_KIB)
+
+    def advance(self, dt_s: float, spare_kib: Array) -> None:
+        """Nothing to move: balloons moved request by request on the World clock. The
+        Fleet calls this first in its own advance, which changes every guest."""
+        self.fleet_changed()
+
+    def deflate_on_oom(self, wanted_kib: Array) -> Array:
+        """Run each guest's OOM notifier until it covered ``wanted_kib`` or had nothing."""
+        self.fleet_changed()
+        given = np.zeros_like(wanted_kib)
+        for i in np.flatnonzero(wanted_kib > 0):
+            driver = self.guests[i].driver
+            while given[i] < wanted_kib[i]:
+                pages = driver.oom_notify()
+                if not pages:
+                    break
+                given[i] += pages * spec.BALLOON_PAGE_KIB
+        return given
+
+    def release_held(self, wanted_kib: Array) -> Array:
+        """Memory pressure runs each guest's hinting shrinker: whole 4 MiB blocks back."""
+        self.fleet_changed()
+        given = np.zeros_like(wanted_kib)
+        block_kib = 4 << spec.VIRTIO_BALLOON_HINT_BLOCK_ORDER
+        for i in np.flatnonzero((wanted_kib > 0) & (self.held_kib > 0)):
+            blocks = int(np.ceil(wanted_kib[i] / block_kib))
+            given[i] = self.guests[i].driver.shrink_free_pages(blocks) * block_kib
+        return given
+
+    def after_advance(self) -> None:
+        """Free memory changed in bulk: reporting guests get their 2-s timer armed."""
+        self.fleet_changed()
+        blocks = self.fleet.reportable_blocks()  # once for all guests, not once per guest
+        for i in np.flatnonzero(self.reports_itself & (blocks > 0)):
+            self.guests[i].driver.page_reporting_notify_free()
+
+    # -- the device seam (SimHypervisor) -------------------------------------------
+
+    def set_target(self, i: int, target_kib: int) -> None:
+        self.guests[i].device.to_target(target_kib * 1024)
+
+    def poll_stats(self, now_s: float, current: dict[str, Array] | None = None) -> None:
+        """Copy what each device last received (u64 bytes/counts) into KiB arrays: the
+        guests with a new sample since the last copy, all at once."""
+        fresh = [i for i, g in enumerate(self.guests) if g.device.stats_updates != self._copied_updates[i]]
+        if not fresh:
+            return
+        devices = [self.guests[i].device for i in fresh]
+        for i, d in zip(fresh, devices):
+            self._copied_updates[i] = d.stats_updates
+        self.last_update_s[fresh] = [d.stats_last_update_s for d in devices]
+        received = np.array([d.stats for d in devices], dtype=np.uint64)  # u64: "-1" is 2**64 - 1
+        for name, (tag, unit) in _TAG_OF.items():
+            self.stats[name][fresh] = received[:, tag] // np.uint64(unit)
+
+    def has_stats(self) -> npt.NDArray[np.bool_]:
+        return np.asarray(np.isfinite(self.last_update_s), dtype=bool)

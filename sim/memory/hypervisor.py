@@ -1,0 +1,239 @@
+"""``SimHypervisor``: a simulated host behind the same Hypervisor and HostReader
+protocols the libvirt backend and ``overcommitd.host`` implement, so the control step
+cannot tell a replay from a hypervisor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from overcommitd.hypervisor import HypervisorError
+from overcommitd.model import BalloonFeatures, GuestSnapshot, HostSnapshot
+from overcommitd.table import RUNNING, STAT_NAMES, GuestTable, IntArray, StatsColumns
+from sim.virtio.calibration import STATS_WORK_S
+from sim.virtio.device import STAT_FIELDS, BalloonDevice
+
+if TYPE_CHECKING:
+    from sim.memory.balloon_fleet import ProtocolBalloons
+from sim.memory.guest import EPSILON_KIB, Array, Fleet, GuestModelParams, GuestSpec, reserve_for
+from sim.memory.host import HostModelParams, SimHost, host_swap
+from sim.memory.kernel import GuestKernel
+from sim.memory.stat_tags import unsent_fields
+from sim.virtio.world import World
+
+SimModel = Literal["bulk", "protocol"]
+
+# GuestStats field for each device stat, translated at this edge.
+_STAT_TO_FIELD = {
+    "swap_in": "swap_in_kib",
+    "swap_out": "swap_out_kib",
+    "major_faults": "major_faults",
+    "minor_faults": "minor_faults",
+    "mem_free": "mem_free_kib",
+    "mem_total": "mem_total_kib",
+    "mem_available": "mem_available_kib",
+    "disk_caches": "disk_caches_kib",
+    "oom_kills": "oom_kills",
+}
+
+
+class SimHypervisor:
+    """Guests, their balloon devices and the host, advanced by the replay's clock.
+
+    ``model="bulk"`` moves balloons and polls stats in closed form for all guests at once;
+    ``model="protocol"`` gives each guest the byte-level device and driver
+    (``sim.memory.balloon_fleet``), run on ``world`` between the replay's ticks. A replay passes
+    its own World; without one the hypervisor owns a World and runs it in ``advance``.
+    """
+
+    def __init__(
+        self,
+        specs: list[GuestSpec],
+        *,
+        host_mem_kib: int,
+        initial_demand_kib: Array,
+        initial_read_kib_s: Array | None = None,
+        stats_period_s: float = 5.0,
+        guest_params: GuestModelParams | None = None,
+        host_params: HostModelParams | None = None,
+        model: SimModel = "bulk",
+        world: World | None = None,
+        guest_kernel: GuestKernel | None = None,
+    ) -> None:
+        self.specs = specs
+        self.model = model
+        params = guest_params or GuestModelParams()
+        ram = np.array([s.ram_kib for s in specs], dtype=np.float64)
+        reserve = reserve_for(params, ram, guest_kernel)  # issue 16: the kernel's watermarks per size
+        self.fleet = Fleet(specs, params, initial_demand_kib, initial_read_kib_s, reserve=reserve)
+        self._owns_world = world is None
+        self.world = world or World()
+        self.device: BalloonDevice | ProtocolBalloons
+        if model == "protocol":
+            from sim.memory.balloon_fleet import ProtocolBalloons
+
+            self.device = ProtocolBalloons(self.world, self.fleet, specs, stats_period_s)
+        else:
+            self.device = BalloonDevice(self.fleet.ram, np.full(len(specs), stats_period_s), self.fleet.driver)
+        self.host = SimHost(host_mem_kib, host_params or HostModelParams())
+        self.index = {s.uuid: i for i, s in enumerate(specs)}
+        n = len(specs)
+        self._last_target = np.zeros(n, dtype=np.int64)
+        self._has_last_target = np.zeros(n, dtype=bool)
+        self._target_set_s = np.zeros(n)
+        # Columns that never change, built once for ``table``.
+        self._uuids = tuple(s.uuid for s in specs)
+        self._names = tuple(s.name for s in specs)
+        self._max_kib = np.array([s.ram_kib for s in specs], dtype=np.int64)
+        self._floor_kib = np.array([s.floor_kib for s in specs], dtype=np.int64)
+        self._weight = np.array([s.weight for s in specs], dtype=np.float64)
+        self._nan = np.full(n, np.nan)
+        self.target_kib = self.fleet.ram.copy()  # the same, as an array; RAM where never set
+        self.targets_set = 0
+        # Issue 16: the stats a guest sends depend on its kernel (sim.memory.stat_tags); 6.1 has no tag 10+.
+        self._unsent_stats = dict.fromkeys(unsent_fields((guest_kernel or GuestKernel()).version))
+        self.now_s = 0.0
+        self.fleet_demand_kib = initial_demand_kib  # the demand the guests hold since the last advance
+        self._features = [
+            BalloonFeatures(deflate_on_oom=s.deflate_on_oom, reporting=s.reporting, free_page_hint=s.free_page_hint)
+            for s in specs
+        ]
+        if not isinstance(self.device, BalloonDevice):
+            # The protocol path knows what the driver actually negotiated (e.g. Linux drops
+            # PAGE_POISON without init_on_free): report that, as libvirt would expose it.
+            self._features = [BalloonFeatures.from_bits(g.driver.features) for g in self.device.guests]
+        self._feature_bits = np.array([f.to_bits() for f in self._features], dtype=np.int64)
+        if isinstance(self.device, BalloonDevice):
+            self.device.take_sample(self.world.now_s, self.fleet.stats())
+
+    def advance(self, now_s: float, demand_kib: Array, read_kib_s: Array) -> None:
+        """Let the guests and the host run from the previous instant to ``now_s``."""
+        dt_s = now_s - self.now_s
+        if dt_s < 0:
+            raise ValueError(f"now_s(={now_s}) is before the simulator's clock (={self.now_s})")
+        if self._owns_world:
+            self.world.run(until_s=now_s)
+        if dt_s > 0:
+            device = self.device
+            if isinstance(device, BalloonDevice):
+                self.fleet.advance(
+                    dt_s, demand_kib, read_kib_s, between=lambda: device.poll_stats(now_s, self.fleet.stats())
+                )
+            else:
+                self.fleet.advance(dt_s, demand_kib, read_kib_s)
+                device.after_advance()
+            self._host_swap(dt_s)
+            self.host.advance_arc(dt_s, read_kib_s, self.fleet.refault_kib, self.fleet.touched)
+            self.host.advance(dt_s, self.host_used_kib())
+        self.now_s = now_s
+        self.fleet_demand_kib = demand_kib
+        if not isinstance(self.device, BalloonDevice):
+            self.device.poll_stats(now_s)
+
+    def sample_instants(self, ends_s: Array) -> Array | None:
+        """When, before each of ``ends_s``, the bulk device's last stats timer fires: its
+        sample arrives STATS_WORK_S later (every guest of a replay polls on one schedule,
+        ``period + STATS_WORK_S`` from its next arrival; NaN where none comes first). The
+        replay lands demand there so the sample a policy reads saw it (issue 16). None
+        when there is no such schedule: the protocol model (its own timers), stats off,
+        or guests on different periods."""
+        if not isinstance(self.device, BalloonDevice):
+            return None
+        nxt, period = self.device.next_arrival_s, self.device.stats_period_s
+        if not (np.isfinite(nxt).all() and np.ptp(nxt) == 0 and np.ptp(period) == 0 and period[0] > 0):
+            return None
+        step_s = float(period[0]) + STATS_WORK_S
+        n = np.ceil((ends_s - nxt[0]) / step_s) - 1  # arrivals strictly before the end (poll_stats)
+        return np.where(n >= 0, nxt[0] + n * step_s - STATS_WORK_S, np.nan)
+
+    def _host_swap(self, dt_s: float) -> None:
+        """Charge the host's swapping to the guests whose pages it swaps (``sim.memory.host``):
+        faults they pay as major faults, and time they could not hold their demand."""
+        f = self.fleet
+        excess = self.host_used_kib() - self.host.mem_total_kib
+        cold = f.cold_kib()
+        f.host_swapped, faulted = host_swap(excess, cold, f.touched - cold, dt_s, f.params.swap_touch_s)
+        if faulted.any():
+            f.host_swap_in += faulted
+            f.degraded |= faulted > EPSILON_KIB
+
+    def host_used_kib(self) -> float:
+        return self.host.used_kib(self.fleet.touched)
+
+    # -- HostReader ------------------------------------------------------------------
+
+    def read(self) -> HostSnapshot:
+        return self.host.snapshot(self.now_s, self.host_used_kib())
+
+    # -- Hypervisor ------------------------------------------------------------------
+
+    def snapshot(self) -> Sequence[GuestSnapshot]:
+        return self.table().snapshots()
+
+    def table(self) -> GuestTable:
+        """Every guest's snapshot as columns, straight from the Fleet's and the device's
+        arrays: no per-guest object. Sizes are truncated to whole KiB as a snapshot's ints."""
+        n = len(self.specs)
+        present = self.device.has_stats()
+        last_update = np.where(present, self.device.last_update_s, np.nan)
+        sent = {
+            _STAT_TO_FIELD[name]: np.trunc(self.device.stats[name])
+            for name in STAT_FIELDS
+            if _STAT_TO_FIELD[name] not in self._unsent_stats
+        }
+        if not present.all():
+            sent = {k: np.where(present, v, np.nan) for k, v in sent.items()}
+        columns = {name: sent.get(name, self._nan) for name in STAT_NAMES}
+        has_last = self._has_last_target
+        return GuestTable(
+            uuid=self._uuids,
+            name=self._names,
+            max_kib=self._max_kib,
+            actual_kib=self.fleet.actual().astype(np.int64),
+            current_kib=self.fleet.actual().astype(np.int64),
+            last_target_kib=self._last_target,
+            has_last_target=has_last,
+            last_target_age_s=np.where(has_last, self.now_s - self._target_set_s, np.nan),
+            feature_bits=self._feature_bits,
+            stats=StatsColumns(last_update, columns),
+            stats_period_s=np.asarray(self.device.stats_period_s, dtype=np.float64),
+            floor_kib=self._floor_kib,
+            weight=self._weight,
+            run_state=np.zeros(n, dtype=np.int8) + RUNNING,
+            migration_pending=np.zeros(n, dtype=bool),
+        )
+
+    def set_targets(self, rows: IntArray, targets_kib: IntArray) -> None:
+        """``set_target`` for many guests at once (rows of ``table``), in row order."""
+        if len(rows) == 0:
+            return
+        ram = self._max_kib[rows]
+        bad = (targets_kib <= 0) | (targets_kib > ram)
+        if bad.any():
+            i = int(rows[np.argmax(bad)])
+            raise HypervisorError(
+                f"guest {self.specs[i].name}: target {int(targets_kib[np.argmax(bad)])} KiB outside 1..{int(self._max_kib[i])}"
+            )
+        if isinstance(self.device, BalloonDevice):
+            self.device.set_targets(rows, targets_kib)
+        else:
+            for i, t in zip(rows.tolist(), targets_kib.tolist(), strict=True):
+                self.device.set_target(i, t)
+        self._last_target[rows] = targets_kib
+        self._has_last_target[rows] = True
+        self._target_set_s[rows] = self.now_s
+        self.target_kib[rows] = targets_kib
+        self.targets_set += len(rows)
+
+    def set_target(self, uuid: str, target_kib: int) -> None:
+        i = self.index.get(uuid)
+        if i is None:
+            raise HypervisorError(f"no simulated guest with uuid {uuid!r}")
+        self.set_targets(np.array([i]), np.array([target_kib], dtype=np.int64))
+
+    @property
+    def last_target_kib(self) -> list[int | None]:
+        """The target last set per guest, None where never (for tests and scenarios)."""
+        return [int(t) if has else None for t, has in zip(self._last_target, self._has_last_target, strict=True)]

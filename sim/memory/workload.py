@@ -1,0 +1,87 @@
+"""Which trace drives which simulated guest, and each guest's demand on the replay's
+tick grid.
+
+* Guest ``i`` replays trace ``i mod n``; a trace used again starts at a different
+  point (an offset of whole days plus a prime number of seconds), so copies of one
+  trace are not in lockstep.
+* The replay may start ``start_s`` into every trace (tune on one stretch of the traces,
+  judge on another).
+* A trace shorter than the replay repeats from its start.
+* File I/O is the trace's disk reads plus writes (both fill the page cache); a trace
+  without those columns does no file I/O (nothing is invented; ``io_columns`` says so).
+* Demand is capped at what fits in the guest with an empty balloon (its RAM less the
+  kernel, the low watermark and the minimum page cache). A workload the guest could not
+  hold even unballooned is not a policy's fault; with the cap, every swap-in and OOM
+  kill in a replay is caused by ballooning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from sim.memory.guest import GuestModelParams, reserve_for
+from sim.memory.kernel import GuestKernel
+from sim.memory.traces import Trace
+
+DAY_S = 86400.0
+REUSE_SHIFT_S = 7919.0
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Workload:
+    """Demand and file-read rate per guest over the tick grid, computed in blocks."""
+
+    traces: tuple[Trace, ...]
+    offsets_s: npt.NDArray[np.float64]
+    demand_cap_kib: npt.NDArray[np.float64]
+
+    @classmethod
+    def assign(
+        cls,
+        traces: list[Trace],
+        n_guests: int,
+        params: GuestModelParams,
+        start_s: float = 0.0,
+        guest_kernel: GuestKernel | None = None,
+    ) -> Workload:
+        if not traces:
+            raise ValueError("no traces to replay")
+        chosen = tuple(traces[i % len(traces)] for i in range(n_guests))
+        offsets = np.array(
+            [(start_s + (i // len(traces)) * (DAY_S + REUSE_SHIFT_S)) % t.duration_s for i, t in enumerate(chosen)]
+        )
+        ram = np.array([t.size_kib for t in chosen], dtype=np.float64)
+        reserved = params.reserved_fixed_kib + ram * params.reserved_pct / 100
+        kernel = params.kernel_fixed_kib + ram * params.kernel_pct / 100
+        headroom = reserve_for(params, ram, guest_kernel).totalreserve_kib + ram * params.cache_min_pct / 100
+        return cls(chosen, offsets, np.maximum(ram - reserved - kernel - headroom, 0.0))
+
+    @property
+    def io_columns(self) -> str:
+        """The traces' disk I/O columns: one kind for all, else "mixed"."""
+        kinds = {io_columns(t) for t in self.traces}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def block(self, times_s: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Demand (KiB) and file I/O rate (reads + writes, KiB/s) at each time: arrays of
+        shape (len(times_s), n_guests)."""
+        demand = np.empty((len(times_s), len(self.traces)))
+        reads = np.empty_like(demand)
+        for g, trace in enumerate(self.traces):
+            t = (times_s + self.offsets_s[g]) % trace.duration_s
+            idx = np.searchsorted(trace.t_s, t, side="right") - 1
+            demand[:, g] = trace.demand_kib[idx]
+            reads[:, g] = 0.0
+            for io in (trace.disk_read_kib_s, trace.disk_write_kib_s):
+                if io is not None:
+                    reads[:, g] += io[idx]
+        return np.minimum(demand, self.demand_cap_kib), reads
+
+
+def io_columns(trace: Trace) -> str:
+    """Which disk I/O columns a trace has: "read+write", "read", "write" or "none"."""
+    cols = [n for n, v in (("read", trace.disk_read_kib_s), ("write", trace.disk_write_kib_s)) if v is not None]
+    return "+".join(cols) or "none"

@@ -1,0 +1,548 @@
+"""The host side of the virtio-balloon device (QEMU hw/virtio/virtio-balloon.c), at both
+of the simulator's speeds.
+
+* ``BalloonDevice``: the bulk path, every guest at once: the target as ``num_pages``, and
+  the stats the host last received.
+* ``VirtioBalloon``: the protocol path, one guest: config space at the spec's offsets,
+  feature negotiation, queues in guest memory, inflate/deflate discards, the reverse
+  stats queue and its timer, free page hinting and reporting, QEMU's error handling.
+
+Both keep these rules (``tests/test_two_speeds.py`` holds them to the same results):
+
+* a target becomes ``num_pages = (ram - target) >> 12`` (truncating; a target above RAM
+  is RAM) and a config-change interrupt, even when the value did not change;
+* stats arrive once per polling period and are stamped with the host time they
+  arrived (``last-update``); between polls the host sees the previous sample; a period
+  of 0 means polling is off and the host keeps the last sample forever;
+* QEMU re-arms its poll timer only when the guest's answer arrives, so samples arrive
+  every ``period + STATS_WORK_S`` (the guest's response time), drifting off the
+  period's grid, and the first one arrives at once when polling is switched on.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+import sim.virtio.balloon_spec as spec
+from sim.virtio import calibration as cal
+from sim.virtio.backing import HostRam
+from sim.virtio.balloon_spec import BALLOON_PAGE_KIB
+from sim.virtio.calibration import STATS_WORK_S
+from sim.virtio.driver import BalloonDriver, FleetDriver
+from sim.virtio.guestmem import GuestMemory, GuestMemoryError
+from sim.virtio.virtqueue import DeviceQueue, Element, RingLayout, VirtioError
+from sim.virtio.world import World
+
+Array = npt.NDArray[np.float64]
+
+STAT_FIELDS = (
+    "swap_in",
+    "swap_out",
+    "major_faults",
+    "minor_faults",
+    "mem_free",
+    "mem_total",
+    "mem_available",
+    "disk_caches",
+    "oom_kills",
+)
+
+
+def num_pages_kib(ram_kib: float, target_kib: int) -> float:
+    """The balloon size the host asks for, in KiB, as QEMU's virtio_balloon_to_target
+    computes ``num_pages``: whole 4 KiB pages, truncated."""
+    target_kib = min(target_kib, int(ram_kib))
+    return float((int(ram_kib) - target_kib) // BALLOON_PAGE_KIB * BALLOON_PAGE_KIB)
+
+
+class BalloonDevice:
+    """Targets and received stats of every guest."""
+
+    def __init__(self, ram_kib: Array, stats_period_s: Array, driver: FleetDriver) -> None:
+        n = len(ram_kib)
+        self.ram_kib = ram_kib
+        self.driver = driver
+        self.stats_period_s = stats_period_s
+        self.last_update_s = np.full(n, -np.inf)  # never received
+        self.stats = {name: np.zeros(n) for name in STAT_FIELDS}
+        # Polling switched on at time 0 fires at once; the guest answers STATS_WORK_S later.
+        self.next_arrival_s = np.where(stats_period_s > 0, 0.0 + STATS_WORK_S, np.inf)
+
+    def set_target(self, i: int, target_kib: int) -> None:
+        self.driver.config_changed(i, num_pages_kib(self.ram_kib[i], target_kib))
+
+    def set_targets(self, rows: npt.NDArray[np.int64], targets_kib: npt.NDArray[np.int64]) -> None:
+        """``set_target`` for many guests at once (``num_pages_kib``'s rule over arrays)."""
+        ram = self.ram_kib[rows].astype(np.int64)
+        num_pages_kib = (ram - np.minimum(targets_kib, ram)) // BALLOON_PAGE_KIB * BALLOON_PAGE_KIB
+        pages = num_pages_kib.astype(np.float64)
+        if isinstance(self.driver, BalloonDriver):  # the bulk driver takes every row at once
+            self.driver.config_changed(rows, pages)
+            return
+        for i, kib in zip(rows.tolist(), pages.tolist(), strict=True):
+            self.driver.config_changed(i, kib)
+
+    def take_sample(self, now_s: float, current: dict[str, Array]) -> None:
+        """The sample every guest sends at probe, before polling is on."""
+        for name, values in current.items():
+            self.stats[name][:] = values
+        self.last_update_s[:] = np.floor(now_s)
+
+    def poll_stats(self, now_s: float, current: dict[str, Array]) -> None:
+        """Take every sample that arrives before ``now_s``; ``current`` is the guests'
+        state over that span. Times are summed as the World sums them (timer at
+        arrival + period, answer STATS_WORK_S later), so both speeds stamp alike."""
+        while (due := self.next_arrival_s < now_s).any():
+            for name, values in current.items():
+                self.stats[name][due] = values[due]
+            self.last_update_s[due] = np.floor(self.next_arrival_s[due])  # QEMU stamps whole seconds
+            self.next_arrival_s[due] = self.next_arrival_s[due] + self.stats_period_s[due] + STATS_WORK_S
+
+    def has_stats(self) -> npt.NDArray[np.bool_]:
+        return np.asarray(np.isfinite(self.last_update_s), dtype=bool)
+
+
+# -- the protocol level: QEMU's virtio-balloon, byte for byte ---------------------------
+#
+# One ``VirtioBalloon`` per guest: the config space, the queues in guest memory, the
+# inflate/deflate handlers that discard through ``sim.virtio.backing``, the reverse stats
+# queue and its timer, free page hinting and reporting. Runs only when something happens
+# (a kick, a timer, a target); ``sim.memory.balloon_fleet`` keeps the bulk view in step.
+
+
+log = logging.getLogger(__name__)
+
+_STAT_TAGS = range(spec.VIRTIO_BALLOON_S_NR)
+_UNSUPPLIED = (spec.STAT_NOT_SUPPLIED,) * spec.VIRTIO_BALLOON_S_NR
+BALLOON_CHANGE_RATE_S = 1.0  # monitor/monitor.c monitor_qapi_event_conf: 1000 ms
+# QEMU's FreePageHintStatus (include/hw/virtio/virtio-balloon.h).
+FREE_PAGE_HINT_S_STOP, FREE_PAGE_HINT_S_REQUESTED, FREE_PAGE_HINT_S_START, FREE_PAGE_HINT_S_DONE = 0, 1, 2, 3
+
+
+class VirtioBalloon:
+    """QEMU's hw/virtio/virtio-balloon.c for one guest, on the World clock.
+
+    ``deflate_on_oom``, ``free_page_hint``, ``page_poison`` (default on, as in QEMU),
+    ``free_page_reporting`` are QEMU's device properties; STATS_VQ is always offered and
+    MUST_TELL_HOST never (QEMU does not), unless ``must_tell_host`` asks for it.
+    A guest-caused protocol error marks the device broken (``broken`` holds QEMU's
+    message, status gets NEEDS_RESET) and the device stops processing; nothing raises.
+    """
+
+    def __init__(
+        self,
+        world: World,
+        mem: GuestMemory,
+        host: HostRam,
+        *,
+        deflate_on_oom: bool = False,
+        free_page_hint: bool = False,
+        page_poison: bool = True,
+        free_page_reporting: bool = False,
+        must_tell_host: bool = False,
+        event_idx: bool = True,
+        indirect_desc: bool = True,
+    ) -> None:
+        self.world, self.mem, self.host = world, mem, host
+        bits = 1 << spec.VIRTIO_BALLOON_F_STATS_VQ | 1 << spec.VIRTIO_F_VERSION_1
+        for on, bit in (
+            (must_tell_host, spec.VIRTIO_BALLOON_F_MUST_TELL_HOST),
+            (deflate_on_oom, spec.VIRTIO_BALLOON_F_DEFLATE_ON_OOM),
+            (free_page_hint, spec.VIRTIO_BALLOON_F_FREE_PAGE_HINT),
+            (page_poison, spec.VIRTIO_BALLOON_F_PAGE_POISON),
+            (free_page_reporting, spec.VIRTIO_BALLOON_F_REPORTING),
+            (event_idx, spec.VIRTIO_RING_F_EVENT_IDX),
+            (indirect_desc, spec.VIRTIO_RING_F_INDIRECT_DESC),
+        ):
+            bits |= on << bit
+        self.host_features = bits
+        self.guest_features = 0
+        self.status = 0
+        self.broken: str | None = None
+        self.num_pages = 0
+        self.actual = 0
+        self.poison_val = 0
+        self.config_size = 16 if page_poison else 12 if free_page_hint else 8  # virtio_balloon_config_size
+        self.queues: dict[str, DeviceQueue] = {}
+        self.index: list[str] = []
+        self._queue_index: dict[str, int] = {}
+        self.irq: Callable[[int], None] = lambda index: None  # used-buffer interrupt to the guest
+        self.config_irq: Callable[[], None] = lambda: None
+        self.actual_log: list[tuple[float, int]] = []  # (time, actual) whenever the guest writes a new one
+        # QAPI BALLOON_CHANGE {"actual": bytes of guest memory}, rate-limited by the monitor.
+        self.balloon_change_events: list[tuple[float, int]] = []
+        self._event_window_end_s = -float("inf")
+        self._event_pending: int | None = None
+        # statsq
+        self.stats = [spec.STAT_NOT_SUPPLIED] * spec.VIRTIO_BALLOON_S_NR
+        self.stats_last_update_s = 0.0  # 0 = never, as QEMU's "last-update"
+        self.stats_updates = 0
+        self.stats_poll_interval_s = 0
+        self.stats_vq_elem: Element | None = None
+        self._stats_timer_gen = 0
+        self._stats_timer_due_s: float | None = None
+        # VM run state: QEMU_CLOCK_VIRTUAL stops while the VM is paused (or migrating).
+        self.vm_running = True
+        self._frozen_timer_s: float | None = None
+        self._config_irq_deferred = False
+        # free page hinting
+        self.free_page_hint_status = FREE_PAGE_HINT_S_STOP
+        self.free_page_hint_cmd_id = spec.VIRTIO_BALLOON_FREE_PAGE_HINT_CMD_ID_MIN - 1
+        self.hinted_bytes = 0
+        self._handlers: dict[str, Callable[[str, bool], None]] = {
+            "inflateq": self._handle_output,
+            "deflateq": self._handle_output,
+            "statsq": self._handle_stats,
+            "free_page_vq": self._handle_free_page,
+            "reporting_vq": self._handle_report,
+        }
+
+    # -- transport: features, status, queues, config --------------------------------
+
+    def has(self, bit: int) -> bool:
+        return spec.has(self.guest_features, bit)
+
+    def set_features(self, bits: int) -> bool:
+        """The driver's accepted subset; FEATURES_OK fails on bits never offered."""
+        if bits & ~self.host_features:
+            return False
+        self.guest_features = bits
+        return True
+
+    def set_status(self, status: int) -> None:
+        was_ok = self.status & spec.VIRTIO_CONFIG_S_DRIVER_OK
+        self.status = status | (spec.VIRTIO_CONFIG_S_NEEDS_RESET if self.broken else 0)
+        # virtio_balloon_set_status: a stats buffer kicked before DRIVER_OK is picked up now.
+        if (
+            status & spec.VIRTIO_CONFIG_S_DRIVER_OK
+            and not was_ok
+            and "statsq" in self.queues
+            and self.stats_vq_elem is None
+        ):
+            self._service("statsq")
+
+    def setup_queues(self, layouts: list[RingLayout]) -> None:
+        """Queues get transport indices by position among those that exist (§1.3)."""
+        self.index = spec.queue_names(self.guest_features)
+        self._queue_index = {name: i for i, name in enumerate(self.index)}
+        if len(layouts) != len(self.index):
+            self._error(f"virtio-balloon: driver set up {len(layouts)} queues, device has {len(self.index)}")
+            return
+        event_idx = self.has(spec.VIRTIO_RING_F_EVENT_IDX)
+        try:
+            for name, lay in zip(self.index, layouts):
+                if lay.num > spec.QUEUE_SIZES[name]:
+                    raise VirtioError(f"virtio-balloon: {name} size {lay.num} exceeds {spec.QUEUE_SIZES[name]}")
+                self.queues[name] = DeviceQueue(self.mem, lay, event_idx=event_idx, name=name)
+        except (VirtioError, GuestMemoryError) as e:  # a bad ring address breaks the device
+            self._error(str(e))
+
+    def _cmd_id_field(self) -> int:
+        """The cmd id field reads per hinting state (virtio_balloon_get_config)."""
+        status = self.free_page_hint_status
+        if status == FREE_PAGE_HINT_S_REQUESTED:
+            return self.free_page_hint_cmd_id
+        if status == FREE_PAGE_HINT_S_DONE:
+            return spec.VIRTIO_BALLOON_CMD_ID_DONE
+        return spec.VIRTIO_BALLOON_CMD_ID_STOP  # STOP, and START reads 0 too
+
+    def get_config(self) -> bytes:
+        """virtio_balloon_get_config: the whole config space, ``config_size`` bytes."""
+        return spec.CONFIG.pack(self.num_pages, self.actual, self._cmd_id_field(), self.poison_val)[: self.config_size]
+
+    def set_config(self, data: bytes) -> None:
+        """virtio_balloon_set_config: take ``actual`` (and ``poison_val`` if negotiated)."""
+        _, actual, _, poison_val = spec.CONFIG.unpack(data.ljust(spec.CONFIG.size, b"\0")[: spec.CONFIG.size])
+        self._set_actual(actual)
+        if self.config_size > spec.CONFIG_POISON_VAL:
+            self._set_poison_val(poison_val)
+
+    def config_readl(self, offset: int) -> int:
+        """A guest's 4-byte config read (QEMU virtio_config_modern_readl): one field,
+        without packing the struct; past ``config_size`` it reads all ones."""
+        if offset < 0 or offset + 4 > self.config_size:
+            return 0xFFFFFFFF
+        if offset == spec.CONFIG_NUM_PAGES:
+            return self.num_pages
+        if offset == spec.CONFIG_ACTUAL:
+            return self.actual
+        if offset == spec.CONFIG_FREE_PAGE_HINT_CMD_ID:
+            return self._cmd_id_field()
+        if offset == spec.CONFIG_POISON_VAL:
+            return self.poison_val
+        return int(struct.unpack_from("<I", self.get_config(), offset)[0])  # unaligned: from the bytes
+
+    def config_writel(self, offset: int, value: int) -> None:
+        """A guest's 4-byte config write (QEMU virtio_config_modern_writel): ignored past
+        ``config_size``; then set_config sees the fields, of which only ``actual`` and
+        ``poison_val`` are the driver's to write."""
+        if offset < 0 or offset + 4 > self.config_size:
+            return
+        if offset == spec.CONFIG_ACTUAL:
+            self._set_actual(value & 0xFFFFFFFF)
+        elif offset == spec.CONFIG_POISON_VAL:
+            self._set_poison_val(value & 0xFFFFFFFF)
+        elif offset % 4:
+            cfg = bytearray(self.get_config())
+            struct.pack_into("<I", cfg, offset, value & 0xFFFFFFFF)
+            self.set_config(bytes(cfg))
+
+    def _set_actual(self, actual: int) -> None:
+        if actual != self.actual:
+            self.actual = actual
+            self.actual_log.append((self.world.now_s, actual))
+            self._balloon_change(self.mem.ram_bytes - (actual << spec.VIRTIO_BALLOON_PFN_SHIFT))
+
+    def _set_poison_val(self, poison_val: int) -> None:
+        self.poison_val = poison_val if self.has(spec.VIRTIO_BALLOON_F_PAGE_POISON) else 0
+
+    def _balloon_change(self, actual_bytes: int) -> None:
+        """Emit BALLOON_CHANGE through the monitor's rate limit (monitor/monitor.c:
+        BALLOON_CHANGE at most once per 1000 ms): the first goes out at once and opens a
+        window; later ones replace a pending value, sent when the window ends."""
+        now = self.world.now_s
+        if self._event_pending is None and now >= self._event_window_end_s:
+            self.balloon_change_events.append((now, actual_bytes))
+            self._event_window_end_s = now + BALLOON_CHANGE_RATE_S
+            return
+        if self._event_pending is None:
+            self.world.schedule(self._flush_balloon_change, max(self._event_window_end_s - now, 0.0))
+        self._event_pending = actual_bytes
+
+    def _flush_balloon_change(self) -> None:
+        if self._event_pending is not None:
+            self.balloon_change_events.append((self.world.now_s, self._event_pending))
+            self._event_pending = None
+            self._event_window_end_s = self.world.now_s + BALLOON_CHANGE_RATE_S
+
+    def to_target(self, target_bytes: int) -> None:
+        """virtio_balloon_to_target: ``num_pages = (ram - target) >> 12``, then a
+        config interrupt (always, even for the same value)."""
+        ram = self.mem.ram_bytes
+        target_bytes = min(target_bytes, ram)
+        if target_bytes:
+            self.set_num_pages((ram - target_bytes) >> spec.VIRTIO_BALLOON_PFN_SHIFT)
+
+    def set_num_pages(self, num_pages: int) -> None:
+        """The host writes ``num_pages`` and raises the config interrupt."""
+        self.num_pages = num_pages
+        self._notify_config()
+
+    def _notify_config(self) -> None:
+        if not self.vm_running:
+            self._config_irq_deferred = True
+        elif self.status & spec.VIRTIO_CONFIG_S_DRIVER_OK and not self.broken:
+            self.world.schedule(self.config_irq, urgent=True)
+
+    def _error(self, message: str) -> None:
+        """QEMU's virtio_error: log, mark NEEDS_RESET, stop touching the rings."""
+        if self.broken is None:
+            log.warning("virtio-balloon: %s", message)
+            self.broken = message
+            self.status |= spec.VIRTIO_CONFIG_S_NEEDS_RESET
+
+    # -- queue processing ----------------------------------------------------------
+
+    def notify(self, index: int) -> None:
+        """A kick from the guest on transport queue ``index``. The device reads the
+        request at once (the vCPU exits on the kick) and pushes it back after the host's
+        work on it; so the driver's one shared PFN array may be rewritten right after."""
+        if self.broken or not 0 <= index < len(self.index):
+            return
+        self._service(self.index[index])
+
+    def service_now(self, name: str) -> None:
+        """Handle a queue at once (a synchronous exit: the OOM notifier's path)."""
+        self._service(name, sync=True)
+
+    def _service(self, name: str, *, sync: bool = False) -> None:
+        if self.broken or name not in self.queues:
+            return
+        try:
+            self._handlers[name](name, sync)
+        except VirtioError as e:
+            self._error(str(e))
+
+    def _complete(self, name: str, elem: Element, at_s: float, sync: bool) -> None:
+        """Push ``elem`` at ``at_s``, when the host's work on it ends, then interrupt if
+        the ring asks. If nothing else is due before then, the clock moves there and
+        the push happens now (``World.may_jump_to``): the same instant and order as a
+        queued push, without the trip through the queue."""
+        world = self.world
+        if sync or at_s <= world.now_s:
+            self._push(name, elem)
+        elif world.may_jump_to(at_s):
+            world.now_s = at_s
+            self._push(name, elem)
+        else:
+            world.schedule_at(at_s, lambda: self._push(name, elem))
+
+    def _push(self, name: str, elem: Element) -> None:
+        if self.broken:
+            return
+        vq = self.queues[name]
+        vq.push(elem, 0)
+        if vq.should_notify():
+            self.irq(self._queue_index[name])
+
+    def _pfns(self, name: str, elem: Element) -> npt.NDArray[np.uint32]:
+        if elem.inn and not elem.out:
+            # QEMU reads no PFNs from a device-writable buffer and pushes it back; the
+            # spec makes inflate/deflate buffers device-readable, so we call it an error.
+            raise VirtioError(f"virtio-balloon: {name}: device-writable buffer where a device-readable one belongs")
+        if len(elem.out) == 1:  # Linux's one PFN array: read in place, no copy
+            return self.mem.read_u32s(*elem.out[0])
+        data = self.queues[name].read_out(elem)
+        return np.frombuffer(data[: len(data) // 4 * 4], dtype="<u4")
+
+    def _handle_output(self, name: str, sync: bool) -> None:
+        """virtio_balloon_handle_output: every PFN of every element, then push (len 0)."""
+        vq = self.queues[name]
+        start_s, delay_s = self.world.now_s, cal.NOTIFY_TO_DEVICE_S
+        while (elem := vq.pop()) is not None:
+            pfns = self._pfns(name, elem)
+            if len(pfns) and int(pfns.max()) >= self.mem.ram_pages:
+                pfns = pfns[pfns < self.mem.ram_pages]  # not RAM: skipped (trace bad_addr)
+            if name == "inflateq":
+                self.host.inflate_element(pfns)
+                delay_s += len(pfns) * cal.HOST_DISCARD_S_PER_PAGE
+            else:
+                self.host.deflate_element(pfns)
+                delay_s += len(pfns) * cal.HOST_WILLNEED_S_PER_PAGE
+            self._complete(name, elem, start_s + delay_s, sync)
+
+    # -- the stats queue, driven by the device ---------------------------------------
+
+    def set_stats_poll_interval(self, interval_s: int) -> None:
+        """QOM ``guest-stats-polling-interval``: 0 stops the timer; the first non-zero
+        value fires at once; a change re-arms at now + the new value."""
+        if interval_s < 0:
+            raise ValueError("timer value must be greater than zero")
+        if interval_s == self.stats_poll_interval_s:
+            return
+        previous, self.stats_poll_interval_s = self.stats_poll_interval_s, interval_s
+        if interval_s == 0:
+            self._stats_timer_gen += 1
+        elif previous == 0:
+            self._stats_timer_mod(0.0)
+        else:
+            self._stats_timer_mod(float(interval_s))
+
+    def _stats_timer_mod(self, delay_s: float) -> None:
+        self._stats_timer_gen += 1
+        gen = self._stats_timer_gen
+        if not self.vm_running:  # the virtual clock is stopped: the timer waits for vm_start
+            self._frozen_timer_s = delay_s
+            return
+        self._stats_timer_due_s = self.world.now_s + delay_s
+        self.world.schedule(lambda: self._stats_poll_cb(gen), delay_s)
+
+    def vm_stop(self) -> None:
+        """The VM pauses: the stats timer (QEMU_CLOCK_VIRTUAL) freezes with what it had
+        left to run, and config interrupts wait until the guest runs again."""
+        if not self.vm_running:
+            return
+        self.vm_running = False
+        if self._stats_timer_due_s is not None and self.stats_poll_interval_s > 0:
+            self._frozen_timer_s = max(self._stats_timer_due_s - self.world.now_s, 0.0)
+            self._stats_timer_gen += 1  # cancel the armed callback
+
+    def vm_start(self) -> None:
+        """The VM runs again: the frozen timer resumes, a deferred config interrupt fires."""
+        if self.vm_running:
+            return
+        self.vm_running = True
+        if self._frozen_timer_s is not None and self.stats_poll_interval_s > 0:
+            self._stats_timer_mod(self._frozen_timer_s)
+        self._frozen_timer_s = None
+        if self._config_irq_deferred:
+            self._config_irq_deferred = False
+            self._notify_config()
+
+    def _stats_poll_cb(self, gen: int) -> None:
+        """balloon_stats_poll_cb: hand the held buffer back to ask for fresh stats. It
+        re-arms only when it had nothing to return; otherwise the next buffer re-arms."""
+        if gen != self._stats_timer_gen or self.broken:
+            return
+        self._stats_timer_due_s = None
+        if not self.has(spec.VIRTIO_BALLOON_F_STATS_VQ) or self.stats_vq_elem is None:
+            self._stats_timer_mod(float(self.stats_poll_interval_s))
+            return
+        elem, self.stats_vq_elem = self.stats_vq_elem, None
+        self._complete("statsq", elem, self.world.now_s, True)
+
+    def _handle_stats(self, name: str, sync: bool) -> None:
+        """virtio_balloon_receive_stats: hold the buffer, record its entries."""
+        vq = self.queues[name]
+        elem = vq.pop()
+        if elem is None:
+            return
+        if self.stats_vq_elem is not None:  # a second buffer: return the old one at once
+            old, self.stats_vq_elem = self.stats_vq_elem, None
+            self._complete(name, old, self.world.now_s, True)
+        self.stats_vq_elem = elem
+        data = vq.read_out(elem)
+        fields = spec.stats_array(len(data) // spec.STAT.size).unpack_from(data)
+        # In order, so a repeated tag's last value wins (a dict keeps the last); tags
+        # past VIRTIO_BALLOON_S_NR are never looked up; the rest read "-1" (unsupplied).
+        received = dict(zip(fields[::2], fields[1::2]))
+        self.stats = list(map(received.get, _STAT_TAGS, _UNSUPPLIED))
+        # g_get_real_time() / G_USEC_PER_SEC: whole seconds (integer division).
+        self.stats_last_update_s = float(int(self.world.now_s))
+        self.stats_updates += 1
+        if self.stats_poll_interval_s > 0:
+            self._stats_timer_mod(float(self.stats_poll_interval_s))
+
+    # -- free page reporting ---------------------------------------------------------
+
+    def _handle_report(self, name: str, sync: bool) -> None:
+        """virtio_balloon_handle_report: discard each reported block (unless inhibited
+        or ``poison_val`` != 0), then push."""
+        vq, start_s = self.queues[name], self.world.now_s
+        while (elem := vq.pop()) is not None:
+            self.host.report(elem.inn, self.poison_val)
+            self._complete(name, elem, start_s + len(elem.inn) * cal.REPORT_BLOCK_S, sync)
+
+    # -- free page hinting (live migration) ------------------------------------------
+
+    def free_page_start(self) -> None:
+        """After a dirty-bitmap sync: a new command id, REQUESTED, config interrupt."""
+        nxt = self.free_page_hint_cmd_id + 1
+        self.free_page_hint_cmd_id = nxt if nxt <= 0xFFFFFFFF else spec.VIRTIO_BALLOON_FREE_PAGE_HINT_CMD_ID_MIN
+        self.free_page_hint_status = FREE_PAGE_HINT_S_REQUESTED
+        self._notify_config()
+
+    def free_page_stop(self) -> None:
+        """Before a dirty-bitmap sync: hints stop counting; the guest keeps its blocks."""
+        if self.free_page_hint_status != FREE_PAGE_HINT_S_STOP:
+            self.free_page_hint_status = FREE_PAGE_HINT_S_STOP
+            self._notify_config()
+
+    def free_page_done(self) -> None:
+        """Migration finished or cancelled: the guest may free every held block."""
+        self.free_page_hint_status = FREE_PAGE_HINT_S_DONE
+        self._notify_config()
+
+    def _handle_free_page(self, name: str, sync: bool) -> None:
+        """get_free_page_hints: an out buffer carries a command id (the current id moves
+        REQUESTED -> START, any id in START -> STOP); in buffers are free blocks the
+        migration may skip, honoured only in START."""
+        vq = self.queues[name]
+        while (elem := vq.pop()) is not None:
+            if elem.out:
+                data = vq.read_out(elem)
+                if len(data) != 4:
+                    raise VirtioError("received an incorrect cmd id")
+                (cmd_id,) = struct.unpack("<I", data)
+                if self.free_page_hint_status == FREE_PAGE_HINT_S_REQUESTED and cmd_id == self.free_page_hint_cmd_id:
+                    self.free_page_hint_status = FREE_PAGE_HINT_S_START
+                elif self.free_page_hint_status == FREE_PAGE_HINT_S_START:
+                    self.free_page_hint_status = FREE_PAGE_HINT_S_STOP
+            if elem.inn and self.free_page_hint_status == FREE_PAGE_HINT_S_START:
+                self.hinted_bytes += sum(n for _, n in elem.inn)
+            vq.push(elem, 0)  # free_page_vq has no guest callback: the guest polls
