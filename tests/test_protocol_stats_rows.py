@@ -5,6 +5,8 @@ device's sample divides back into KiB exactly as the per-guest copy did."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,7 +15,7 @@ import sim.virtio.balloon_spec as spec
 from sim.memory.balloon_fleet import _STAT_ROW, _TAG_OF, ProtocolBalloons
 from sim.memory.guest import GuestSpec
 from sim.memory.hypervisor import SimHypervisor
-from sim.virtio.device import STAT_FIELDS
+from sim.virtio.device import StatArrays
 
 GIB_KIB = 1 << 20
 N = 3
@@ -27,12 +29,16 @@ def fleet(n: int = N) -> tuple[SimHypervisor, ProtocolBalloons]:
     return hv, hv.device
 
 
+STAT_FIELDS = tuple(f.name for f in dataclasses.fields(StatArrays))
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.lists(values, min_size=N, max_size=N), min_size=len(STAT_FIELDS), max_size=len(STAT_FIELDS)))
 def test_every_guests_row_is_the_per_guest_truncation(columns: list[list[float]]) -> None:
     _, balloons = fleet()
     stats = {name: np.array(col) for name, col in zip(STAT_FIELDS, columns)}
-    balloons.fleet_stats = lambda: stats  # type: ignore[method-assign]
+    arrays = StatArrays(**stats)
+    balloons.fleet_stats = lambda: arrays  # type: ignore[method-assign]
     for i, mm in enumerate(g.mm for g in balloons.guests):
         expected = [(tag, 0 if name is None else int(stats[name][i].item() * unit)) for tag, name, unit in _STAT_ROW]
         assert mm.vm_stats() == expected
@@ -60,5 +66,5 @@ def test_copying_fresh_samples_at_once_matches_one_by_one(received: list[list[in
     for i, (sample, new) in enumerate(zip(received, fresh)):
         for name, (tag, unit) in _TAG_OF.items():
             want = float(sample[tag] // unit) if new else before[name][i]
-            assert balloons.stats[name][i] == want
+            assert getattr(balloons.stats, name)[i] == want
         assert balloons.last_update_s[i] == (7.0 if new else before_update_s[i])

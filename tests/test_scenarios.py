@@ -42,7 +42,7 @@ def test_auto_deflate_leaves_actual_where_the_real_guest_left_it() -> None:
     actual_mib = host.hv.fleet.actual()[0] / 1024
     assert actual_mib == pytest.approx(378, abs=8)
     assert host.hv.fleet.oom_kills[0] == 0
-    assert host.balloons.stats["mem_total"][0] / 1024 == pytest.approx(470, abs=5)  # MemTotal unchanged
+    assert host.balloons.stats.mem_total_kib[0] / 1024 == pytest.approx(470, abs=5)  # MemTotal unchanged
 
 
 def test_without_auto_deflate_memtotal_shrinks_like_the_real_guest() -> None:
@@ -50,7 +50,7 @@ def test_without_auto_deflate_memtotal_shrinks_like_the_real_guest() -> None:
     (MemTotal) from 470 to 342 MiB."""
     host = OneHost([_guest("rg", 512)], lambda t: [60.0])
     host.run(6.0, lambda t: None, {1.0: lambda: host.set_target_mib(0, 384)})
-    assert host.balloons.stats["mem_total"][0] / 1024 == pytest.approx(342, abs=5)
+    assert host.balloons.stats.mem_total_kib[0] / 1024 == pytest.approx(342, abs=5)
 
 
 def test_reporting_starts_two_seconds_after_the_free_in_64_mib_requests() -> None:

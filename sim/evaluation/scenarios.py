@@ -107,8 +107,8 @@ def _guest_row(rec: _Recorder, i: int, tag: str) -> None:
     hv = rec.host.hv
     f, d = hv.fleet, rec.host.balloons
     rec.add(f"{tag} actual MiB", f.actual()[i] / MIB_KIB)
-    rec.add(f"{tag} MemTotal MiB (stats)", d.stats["mem_total"][i] / MIB_KIB)
-    rec.add(f"{tag} MemFree MiB (stats)", d.stats["mem_free"][i] / MIB_KIB)
+    rec.add(f"{tag} MemTotal MiB (stats)", d.stats.mem_total_kib[i] / MIB_KIB)
+    rec.add(f"{tag} MemFree MiB (stats)", d.stats.mem_free_kib[i] / MIB_KIB)
     rec.add(f"{tag} host RAM used MiB", f.touched[i] / MIB_KIB)
 
 

@@ -25,7 +25,7 @@ import numpy.typing as npt
 import sim.virtio.balloon_spec as spec
 from sim.memory.guest import Array, Fleet, GuestSpec
 from sim.virtio.backing import HostRam
-from sim.virtio.device import STAT_FIELDS, VirtioBalloon
+from sim.virtio.device import StatArrays, VirtioBalloon
 from sim.virtio.driver import LinuxBalloonDriver
 from sim.virtio.guestmem import GuestMemory
 from sim.virtio.world import World
@@ -33,25 +33,25 @@ from sim.virtio.world import World
 WINDOW_BYTES = 128 * 1024  # rings of all five queues (~40 KiB), indirect tables, PFN and stats buffers
 U32s = npt.NDArray[np.uint32]
 
-# Device stat tag -> (Fleet stat name, bytes per unit): memory in bytes, counters as counts.
+# GuestStats field -> (device stat tag, bytes per unit): memory in bytes, counters as counts.
 _TAG_OF = {
-    "swap_in": (spec.VIRTIO_BALLOON_S_SWAP_IN, 1024),
-    "swap_out": (spec.VIRTIO_BALLOON_S_SWAP_OUT, 1024),
+    "swap_in_kib": (spec.VIRTIO_BALLOON_S_SWAP_IN, 1024),
+    "swap_out_kib": (spec.VIRTIO_BALLOON_S_SWAP_OUT, 1024),
     "major_faults": (spec.VIRTIO_BALLOON_S_MAJFLT, 1),
     "minor_faults": (spec.VIRTIO_BALLOON_S_MINFLT, 1),
-    "mem_free": (spec.VIRTIO_BALLOON_S_MEMFREE, 1024),
-    "mem_total": (spec.VIRTIO_BALLOON_S_MEMTOT, 1024),
-    "mem_available": (spec.VIRTIO_BALLOON_S_AVAIL, 1024),
-    "disk_caches": (spec.VIRTIO_BALLOON_S_CACHES, 1024),
+    "mem_free_kib": (spec.VIRTIO_BALLOON_S_MEMFREE, 1024),
+    "mem_total_kib": (spec.VIRTIO_BALLOON_S_MEMTOT, 1024),
+    "mem_available_kib": (spec.VIRTIO_BALLOON_S_AVAIL, 1024),
+    "disk_caches_kib": (spec.VIRTIO_BALLOON_S_CACHES, 1024),
     "oom_kills": (spec.VIRTIO_BALLOON_S_OOM_KILL, 1),
 }
 
 
 # The 16 entries update_balloon_stats() writes, in Linux's order (vm events first):
-# (tag, Fleet stat name or None for a counter the model keeps at 0, units per KiB).
+# (tag, GuestStats field or None for a counter the model keeps at 0, units per KiB).
 _STAT_ROW: tuple[tuple[int, str | None, int], ...] = (
-    (spec.VIRTIO_BALLOON_S_SWAP_IN, "swap_in", 1024),
-    (spec.VIRTIO_BALLOON_S_SWAP_OUT, "swap_out", 1024),
+    (spec.VIRTIO_BALLOON_S_SWAP_IN, "swap_in_kib", 1024),
+    (spec.VIRTIO_BALLOON_S_SWAP_OUT, "swap_out_kib", 1024),
     (spec.VIRTIO_BALLOON_S_MAJFLT, "major_faults", 1),
     (spec.VIRTIO_BALLOON_S_MINFLT, "minor_faults", 1),
     (spec.VIRTIO_BALLOON_S_OOM_KILL, "oom_kills", 1),
@@ -62,10 +62,10 @@ _STAT_ROW: tuple[tuple[int, str | None, int], ...] = (
     (spec.VIRTIO_BALLOON_S_DIRECT_RECLAIM, None, 1),
     (spec.VIRTIO_BALLOON_S_HTLB_PGALLOC, None, 1),
     (spec.VIRTIO_BALLOON_S_HTLB_PGFAIL, None, 1),
-    (spec.VIRTIO_BALLOON_S_MEMFREE, "mem_free", 1024),
-    (spec.VIRTIO_BALLOON_S_MEMTOT, "mem_total", 1024),
-    (spec.VIRTIO_BALLOON_S_AVAIL, "mem_available", 1024),
-    (spec.VIRTIO_BALLOON_S_CACHES, "disk_caches", 1024),
+    (spec.VIRTIO_BALLOON_S_MEMFREE, "mem_free_kib", 1024),
+    (spec.VIRTIO_BALLOON_S_MEMTOT, "mem_total_kib", 1024),
+    (spec.VIRTIO_BALLOON_S_AVAIL, "mem_available_kib", 1024),
+    (spec.VIRTIO_BALLOON_S_CACHES, "disk_caches_kib", 1024),
 )
 _STAT_TAGS = tuple(tag for tag, _, _ in _STAT_ROW)
 _UNKEPT = [0] * 7  # the 7 counters between oom_kills and mem_free the model keeps at 0
@@ -228,11 +228,11 @@ class ProtocolBalloons:
         self.reports_itself = np.array([s.reporting for s in specs], dtype=bool)
         self.stats_period_s = np.full(n, float(stats_period_s))
         self.last_update_s = np.full(n, -np.inf)
-        self.stats = {name: np.zeros(n) for name in STAT_FIELDS}
+        self.stats = StatArrays.zeros(n)
         self._copied_updates = [0] * n
         self._fleet_version = 0
-        self._fleet_stats: tuple[float, int, dict[str, Array]] | None = None
-        self._stats_rows: tuple[dict[str, Array], list[list[int]]] | None = None
+        self._fleet_stats: tuple[float, int, StatArrays] | None = None
+        self._stats_rows: tuple[StatArrays, list[list[int]]] | None = None
         fleet.driver = self  # the Fleet's driver seam (``sim.virtio.driver.FleetDriver``), protocol speed
         self.guests = [
             GuestBalloon(world, s, functools.partial(FleetMm, fleet, self, i), stats_period_s=int(stats_period_s))
@@ -246,7 +246,7 @@ class ProtocolBalloons:
         """Something moved a guest's memory: the next stats gather reads the Fleet again."""
         self._fleet_version += 1
 
-    def fleet_stats(self) -> dict[str, Array]:
+    def fleet_stats(self) -> StatArrays:
         """``Fleet.stats()``, computed once per instant and change: every guest's stats
         timer fires at the same instants, and each would otherwise compute the arrays of
         all guests to read its own row. Every path that changes the Fleet between its
@@ -263,7 +263,9 @@ class ProtocolBalloons:
         guest per gather. Truncated toward zero, as ``int()`` of each float would be."""
         stats = self.fleet_stats()
         if self._stats_rows is None or self._stats_rows[0] is not stats:
-            kept = (np.array([stats[name] for name in _STAT_NAMES]) * _STAT_UNITS).astype(np.int64)  # truncates
+            kept = (np.array([getattr(stats, name) for name in _STAT_NAMES]) * _STAT_UNITS).astype(
+                np.int64
+            )  # truncates
             self._stats_rows = (stats, [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()])
         return self._stats_rows[1]
 
@@ -317,7 +319,7 @@ class ProtocolBalloons:
     def set_target(self, i: int, target_kib: int) -> None:
         self.guests[i].device.to_target(target_kib * 1024)
 
-    def poll_stats(self, now_s: float, current: dict[str, Array] | None = None) -> None:
+    def poll_stats(self, now_s: float, current: StatArrays | None = None) -> None:
         """Copy what each device last received (u64 bytes/counts) into KiB arrays: the
         guests with a new sample since the last copy, all at once."""
         fresh = [i for i, g in enumerate(self.guests) if g.device.stats_updates != self._copied_updates[i]]
@@ -329,7 +331,7 @@ class ProtocolBalloons:
         self.last_update_s[fresh] = [d.stats_last_update_s for d in devices]
         received = np.array([d.stats for d in devices], dtype=np.uint64)  # u64: "-1" is 2**64 - 1
         for name, (tag, unit) in _TAG_OF.items():
-            self.stats[name][fresh] = received[:, tag] // np.uint64(unit)
+            getattr(self.stats, name)[fresh] = received[:, tag] // np.uint64(unit)
 
     def has_stats(self) -> npt.NDArray[np.bool_]:
         return np.asarray(np.isfinite(self.last_update_s), dtype=bool)

@@ -69,6 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sim.memory.kernel import DEBIAN_6_1_PC, GuestKernel, GuestReserve, guest_reserve
 from sim.virtio.backing import RamBacking
 from sim.virtio.balloon_spec import PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY_S, PAGEBLOCK_ORDER
+from sim.virtio.device import StatArrays
 from sim.virtio.driver import BalloonDriver, FleetDriver
 
 Array = npt.NDArray[np.float64]
@@ -246,19 +247,19 @@ class Fleet:
         free = self.free()
         return np.maximum(free - self.min_free + self.cache - np.minimum(self.cache / 2, self.wmark_low), 0.0)
 
-    def stats(self) -> dict[str, Array]:
-        """What each guest's stats would report now, by ``sim.virtio.device.STAT_FIELDS`` name."""
-        return {
-            "swap_in": self.swap_in,
-            "swap_out": self.swap_out,
-            "major_faults": self.major_faults,
-            "minor_faults": self.minor_faults,
-            "mem_free": self.free(),
-            "mem_total": self.mem_total(),
-            "mem_available": self.mem_available(),
-            "disk_caches": self.cache,
-            "oom_kills": self.oom_kills,
-        }
+    def stats(self) -> StatArrays:
+        """What each guest's stats would report now, by ``GuestStats`` field."""
+        return StatArrays(
+            swap_in_kib=self.swap_in,
+            swap_out_kib=self.swap_out,
+            major_faults=self.major_faults,
+            minor_faults=self.minor_faults,
+            mem_free_kib=self.free(),
+            mem_total_kib=self.mem_total(),
+            mem_available_kib=self.mem_available(),
+            disk_caches_kib=self.cache,
+            oom_kills=self.oom_kills,
+        )
 
     # -- time passes ---------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from overcommitd.hypervisor import HypervisorError
 from overcommitd.model import BalloonFeatures, GuestSnapshot, HostSnapshot
 from overcommitd.table import RUNNING, STAT_NAMES, GuestTable, IntArray, StatsColumns
 from sim.virtio.calibration import STATS_WORK_S
-from sim.virtio.device import STAT_FIELDS, BalloonDevice
+from sim.virtio.device import BalloonDevice
 
 if TYPE_CHECKING:
     from sim.memory.balloon_fleet import ProtocolBalloons
@@ -24,19 +24,6 @@ from sim.memory.stat_tags import unsent_fields
 from sim.virtio.world import World
 
 SimModel = Literal["bulk", "protocol"]
-
-# GuestStats field for each device stat, translated at this edge.
-_STAT_TO_FIELD = {
-    "swap_in": "swap_in_kib",
-    "swap_out": "swap_out_kib",
-    "major_faults": "major_faults",
-    "minor_faults": "minor_faults",
-    "mem_free": "mem_free_kib",
-    "mem_total": "mem_total_kib",
-    "mem_available": "mem_available_kib",
-    "disk_caches": "disk_caches_kib",
-    "oom_kills": "oom_kills",
-}
 
 
 class SimHypervisor:
@@ -178,11 +165,7 @@ class SimHypervisor:
         n = len(self.specs)
         present = self.device.has_stats()
         last_update = np.where(present, self.device.last_update_s, np.nan)
-        sent = {
-            _STAT_TO_FIELD[name]: np.trunc(self.device.stats[name])
-            for name in STAT_FIELDS
-            if _STAT_TO_FIELD[name] not in self._unsent_stats
-        }
+        sent = {name: np.trunc(values) for name, values in self.device.stats.items() if name not in self._unsent_stats}
         if not present.all():
             sent = {k: np.where(present, v, np.nan) for k, v in sent.items()}
         columns = {name: sent.get(name, self._nan) for name in STAT_NAMES}

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 
 import numpy as np
 import numpy.typing as npt
 
 import sim.virtio.balloon_spec as spec
+from overcommitd.table import STAT_NAMES
 from sim.virtio import calibration as cal
 from sim.virtio.backing import HostRam
 from sim.virtio.balloon_spec import BALLOON_PAGE_KIB
@@ -40,17 +42,39 @@ from sim.virtio.world import World
 
 Array = npt.NDArray[np.float64]
 
-STAT_FIELDS = (
-    "swap_in",
-    "swap_out",
-    "major_faults",
-    "minor_faults",
-    "mem_free",
-    "mem_total",
-    "mem_available",
-    "disk_caches",
-    "oom_kills",
-)
+
+@dataclass(frozen=True)
+class StatArrays:
+    """Every guest's balloon stats, one array per ``GuestStats`` field (KiB or counts):
+    the typed seam between the Fleet and both device speeds, so a misspelt stat is a
+    mypy/AttributeError rather than a silent KeyError. The arrays are filled in place."""
+
+    swap_in_kib: Array
+    swap_out_kib: Array
+    major_faults: Array
+    minor_faults: Array
+    mem_free_kib: Array
+    mem_total_kib: Array
+    mem_available_kib: Array
+    disk_caches_kib: Array
+    oom_kills: Array
+
+    @classmethod
+    def zeros(cls, n: int) -> StatArrays:
+        return cls(*(np.zeros(n) for _ in fields(cls)))
+
+    def items(self) -> Iterator[tuple[str, Array]]:
+        """(GuestStats field name, array) for every stat, in field order."""
+        return ((f.name, getattr(self, f.name)) for f in fields(self))
+
+    def copy_from(self, other: StatArrays, rows: npt.NDArray[np.bool_] | slice = slice(None)) -> None:
+        """Overwrite ``rows`` of every stat with ``other``'s."""
+        for name, values in other.items():
+            getattr(self, name)[rows] = values[rows]
+
+
+if not {f.name for f in fields(StatArrays)} <= set(STAT_NAMES):
+    raise AssertionError("StatArrays fields must be GuestStats fields")
 
 
 def num_pages_kib(ram_kib: float, target_kib: int) -> float:
@@ -69,7 +93,7 @@ class BalloonDevice:
         self.driver = driver
         self.stats_period_s = stats_period_s
         self.last_update_s = np.full(n, -np.inf)  # never received
-        self.stats = {name: np.zeros(n) for name in STAT_FIELDS}
+        self.stats = StatArrays.zeros(n)
         # Polling switched on at time 0 fires at once; the guest answers STATS_WORK_S later.
         self.next_arrival_s = np.where(stats_period_s > 0, 0.0 + STATS_WORK_S, np.inf)
 
@@ -87,19 +111,17 @@ class BalloonDevice:
         for i, kib in zip(rows.tolist(), pages.tolist(), strict=True):
             self.driver.config_changed(i, kib)
 
-    def take_sample(self, now_s: float, current: dict[str, Array]) -> None:
+    def take_sample(self, now_s: float, current: StatArrays) -> None:
         """The sample every guest sends at probe, before polling is on."""
-        for name, values in current.items():
-            self.stats[name][:] = values
+        self.stats.copy_from(current)
         self.last_update_s[:] = np.floor(now_s)
 
-    def poll_stats(self, now_s: float, current: dict[str, Array]) -> None:
+    def poll_stats(self, now_s: float, current: StatArrays) -> None:
         """Take every sample that arrives before ``now_s``; ``current`` is the guests'
         state over that span. Times are summed as the World sums them (timer at
         arrival + period, answer STATS_WORK_S later), so both speeds stamp alike."""
         while (due := self.next_arrival_s < now_s).any():
-            for name, values in current.items():
-                self.stats[name][due] = values[due]
+            self.stats.copy_from(current, due)
             self.last_update_s[due] = np.floor(self.next_arrival_s[due])  # QEMU stamps whole seconds
             self.next_arrival_s[due] = self.next_arrival_s[due] + self.stats_period_s[due] + STATS_WORK_S
 
