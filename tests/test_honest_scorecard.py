@@ -17,7 +17,7 @@ from overcommitd.model import GuestSnapshot, GuestStats, HostSnapshot
 from policies.api import PolicyResult
 from policies.mom import MomPolicy
 from sim.evaluation.compare import Comparison, format_table
-from sim.evaluation.metrics import GuestTick, Recorder, RunFacts, Scorecard, Timeline, violations
+from sim.evaluation.metrics import GuestTick, Recorder, RunCounters, RunFacts, Scorecard, Timeline, violations
 from sim.evaluation.replay import ReplayResult, ReplaySpec, guard_floors, replay
 from sim.memory import traces
 from sim.memory.guest import GuestModelParams
@@ -183,9 +183,7 @@ def test_one_guest_over_its_slo_is_found_when_the_fleet_mean_is_fine() -> None:
         rec.record((k + 1) * 10.0, 10.0, host_used_kib=1.0, host_total_kib=2.0, g=tick)
     paged = np.zeros(n)
     paged[3] = 0.01 * GIB * 60  # 1 % of its 1 GiB working set every minute for the hour
-    counters = dict.fromkeys(
-        ("swap_in_kib", "refault_kib", "major_faults", "oom_kills", "puff_retries", "oom_deflates"), 0.0
-    )
+    counters = RunCounters.zero()
     facts = RunFacts(counters=counters, paged_kib=paged, balloon_ops=0, slo_pct_per_min=0.2)
     card = rec.scorecard("p", duration_s=duration_s, host_total_kib=2.0, facts=facts)
     fleet_mean_pct = float(paged.sum() / n) / 60 / GIB * 100
@@ -312,10 +310,7 @@ def test_a_guest_that_never_recovers_counts_in_the_recovery_figures() -> None:
     tick(200.0, 2.0 * 1024 * 1024)  # a jump of half its RAM
     for now_s in (300.0, 400.0, 500.0, 600.0, 700.0):
         tick(now_s, 2.0 * 1024 * 1024)
-    counters = dict.fromkeys(
-        ("major_faults", "oom_deflates", "oom_kills", "puff_retries", "refault_kib", "swap_in_kib", "host_swap_in_kib"),
-        0.0,
-    )
+    counters = RunCounters.zero()
     facts = RunFacts(counters=counters, paged_kib=np.zeros(1), balloon_ops=0, slo_pct_per_min=0.2)
     card = rec.scorecard("p", duration_s=700.0, host_total_kib=10.0, facts=facts)
     assert card.demand_jumps == 1 and card.recovery_p50_s == 500.0

@@ -50,7 +50,7 @@ Definitions (all over the replayed span, every guest):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import numpy.typing as npt
@@ -153,12 +153,31 @@ class GuestTick:
 
 
 @dataclass(frozen=True, slots=True)
+class RunCounters:
+    """Fleet totals of the guests' cumulative counters over the scored span (KiB or
+    counts): fields, not string keys, so a misspelt counter is a mypy/AttributeError."""
+
+    swap_in_kib: float
+    refault_kib: float
+    own_refault_kib: float
+    host_swap_in_kib: float
+    major_faults: float
+    oom_kills: float
+    puff_retries: float
+    oom_deflates: float
+
+    @classmethod
+    def zero(cls) -> RunCounters:
+        return cls(*(0.0 for _ in fields(cls)))
+
+
+@dataclass(frozen=True, slots=True)
 class RunFacts:
     """What the replay knows at the end, beside the per-tick record: counters over the
     scored span (fleet totals), each guest's paging over it (KiB: swap-in, page-cache
     refaults and host swap-in), and how the replay was set up."""
 
-    counters: dict[str, float]
+    counters: RunCounters
     paged_kib: npt.NDArray[np.float64]
     balloon_ops: int
     slo_pct_per_min: float
@@ -276,14 +295,14 @@ class Recorder:
             saved_pct=100.0 * self.saved_kib_s / duration_s / float(self.ram.sum()),
             host_peak_pct=float(used.max()) if len(used) else 0.0,
             host_p95_pct=float(np.percentile(used, 95)) if len(used) else 0.0,
-            swap_in_mib_per_guest_h=counters["swap_in_kib"] / MIB_KIB / guest_h,
-            refault_mib_per_guest_h=counters["refault_kib"] / MIB_KIB / guest_h,
-            major_faults_per_guest_h=counters["major_faults"] / guest_h,
-            oom_kills=int(counters["oom_kills"]),
+            swap_in_mib_per_guest_h=counters.swap_in_kib / MIB_KIB / guest_h,
+            refault_mib_per_guest_h=counters.refault_kib / MIB_KIB / guest_h,
+            major_faults_per_guest_h=counters.major_faults / guest_h,
+            oom_kills=int(counters.oom_kills),
             below_floor_guest_s=self.below_floor_s,
             balloon_ops=facts.balloon_ops,
-            out_of_puff_retries=int(counters["puff_retries"]),
-            auto_deflate_events=int(counters["oom_deflates"]),
+            out_of_puff_retries=int(counters.puff_retries),
+            auto_deflate_events=int(counters.oom_deflates),
             demand_jumps=self.jumps,
             recovery_p50_s=float(np.percentile(rec, 50)),
             recovery_p95_s=float(np.percentile(rec, 95)),
@@ -291,7 +310,7 @@ class Recorder:
             degraded_guest_s=self.degraded_s,
             host_over_100_s=self.over_100_s,
             host_over_100_gib_h=self.over_100_kib_s / gib_h,
-            host_swap_in_mib_per_guest_h=counters.get("host_swap_in_kib", 0.0) / MIB_KIB / guest_h,
+            host_swap_in_mib_per_guest_h=counters.host_swap_in_kib / MIB_KIB / guest_h,
             slo_pct_per_min=facts.slo_pct_per_min,
             worst_guest_paging_pct_per_min=float(paging.max()) if n else 0.0,
             guests_over_slo=int(np.count_nonzero(paging > facts.slo_pct_per_min)),

@@ -33,7 +33,7 @@ import fnmatch
 import logging
 import uuid as uuid_module
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from overcommitd.model import Clamp, ClampReason, Decision, GuestSnapshot, HostS
 from overcommitd.shortfall import estimate_table
 from overcommitd.table import GuestTable
 from policies.api import Policy, decide_batch
-from sim.evaluation.metrics import GuestTick, Recorder, RunFacts, Scorecard, Timeline
+from sim.evaluation.metrics import GuestTick, Recorder, RunCounters, RunFacts, Scorecard, Timeline
 from sim.memory import traces as trace_io
 from sim.memory.guest import Array, GuestModelParams, GuestSpec
 from sim.memory.host import HostModelParams
@@ -220,39 +220,50 @@ def guard_floors(guests: GuestTable | Sequence[GuestSnapshot], cfg: DaemonConfig
 
 @dataclass(frozen=True, slots=True)
 class _Counters:
-    """The fleet's cumulative counters at one instant, per guest (KiB or counts)."""
+    """The fleet's cumulative counters at one instant, per guest (KiB or counts), named
+    like ``RunCounters``'s fields."""
 
-    values: dict[str, Array]
+    swap_in_kib: Array
+    refault_kib: Array
+    own_refault_kib: Array
+    host_swap_in_kib: Array
+    major_faults: Array
+    oom_kills: Array
+    puff_retries: Array
+    oom_deflates: Array
     targets_set: int
 
     @classmethod
     def of(cls, hv: SimHypervisor) -> _Counters:
         f = hv.fleet
-        values = {
-            "swap_in_kib": f.swap_in,
-            "refault_kib": f.refault_kib,
-            "own_refault_kib": f.own_refault_kib,
-            "host_swap_in_kib": f.host_swap_in,
-            "major_faults": f.major_faults + f.host_swap_in / 4,  # host swap-in: 4 KiB page faults
-            "oom_kills": f.oom_kills,
-            "puff_retries": f.driver.puff_retries,
-            "oom_deflates": f.oom_deflates,
-        }
-        return cls({k: np.array(v, dtype=np.float64) for k, v in values.items()}, hv.targets_set)
+
+        def arr(values: Array) -> Array:
+            return np.array(values, dtype=np.float64)
+
+        return cls(
+            swap_in_kib=arr(f.swap_in),
+            refault_kib=arr(f.refault_kib),
+            own_refault_kib=arr(f.own_refault_kib),
+            host_swap_in_kib=arr(f.host_swap_in),
+            major_faults=arr(f.major_faults + f.host_swap_in / 4),  # host swap-in: 4 KiB page faults
+            oom_kills=arr(f.oom_kills),
+            puff_retries=arr(f.driver.puff_retries),
+            oom_deflates=arr(f.oom_deflates),
+            targets_set=hv.targets_set,
+        )
 
     def minus(self, earlier: _Counters) -> _Counters:
-        values = {k: v - earlier.values[k] for k, v in self.values.items()}
-        return _Counters(values, self.targets_set - earlier.targets_set)
+        diffs = {f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(RunCounters)}
+        return _Counters(**diffs, targets_set=self.targets_set - earlier.targets_set)
 
-    def totals(self) -> dict[str, float]:
-        return {k: float(v.sum()) for k, v in self.values.items()}
+    def totals(self) -> RunCounters:
+        return RunCounters(**{f.name: float(getattr(self, f.name).sum()) for f in fields(RunCounters)})
 
     def paged_kib(self) -> Array:
         """What each guest paged in because of overcommit: its swap-in, page-cache
         refaults (less those its own growth caused with an empty balloon: the workload's,
         which it does on a dedicated host too) and host swap-in."""
-        v = self.values
-        return v["swap_in_kib"] + v["refault_kib"] - v["own_refault_kib"] + v["host_swap_in_kib"]
+        return self.swap_in_kib + self.refault_kib - self.own_refault_kib + self.host_swap_in_kib
 
 
 def unguarded_step(
