@@ -25,7 +25,7 @@ def spikes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An 8 GiB guest at 2 % use that leaps to 80 % for 30 min in its first hour, idles
     4 h, then leaps the same way again: 5-minute samples."""
     levels = [0.02] * 4 + [0.80] * 6 + [0.02] * 48 + [0.80] * 6 + [0.02] * 12
-    rows = [(1_370_000_000 + SAMPLE_S * i, float(RAM_KB), RAM_KB * level) for i, level in enumerate(levels)]
+    rows = [(1_370_000_000.0 + SAMPLE_S * i, float(RAM_KB), RAM_KB * level) for i, level in enumerate(levels)]
     return bitbrains(tmp_path_factory.mktemp("spikes"), rows)
 
 
