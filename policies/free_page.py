@@ -5,7 +5,9 @@ guest cannot drop), ``free`` = MemFree, ``cache = MemAvailable - free`` (page ca
 other reclaimable memory) and ``keep = max(reserve_pct % of use, min_reserve_kib)``,
 the headroom the guest keeps, raised to ``burst_factor`` x the largest rise of use the
 guest has shown between two samples (after an OOM kill: its whole maximum, so it is not
-squeezed again; ``policies.signals.Bursts``). A guest is watched for ``warmup_s`` before
+squeezed again; ``policies.signals.Bursts``), plus the room the guest earned by paging
+(``policies.signals.Paging``, as ``share``: its swap-ins and page-cache refaults, halving
+every ``paging_half_life_s``, doubled at once while it pages faster than its SLO). A guest is watched for ``warmup_s`` before
 anything is taken from it. The squeezed size is ``use x (1 - idle_anon_pct/100) +
 keep``: below it the guest would have to give up memory it uses.
 
@@ -55,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PerGuestPolicy
-from policies.signals import Bursts, available_kib, swap_in_delta_kib, used_kib
+from policies.signals import Bursts, Paging, available_kib, swap_in_delta_kib, used_kib
 
 MIB = 1024
 
@@ -75,6 +77,10 @@ class FreePageParams(BaseModel):
     max_reclaim_step_kib: Kib = Field(128 * MIB, gt=0, description="most taken from a guest per step")
     burst_factor: float = Field(1.25, ge=0, le=10, description="room kept for this times the largest rise of use seen")
     warmup_s: float = Field(3600.0, ge=0, description="a new guest is watched this long before anything is taken")
+    slo_pct_per_min: float = Field(
+        0.2, gt=0, le=100, description="paging (swap-in + refaults), % of use per minute, before the room doubles"
+    )
+    paging_half_life_s: float = Field(3600.0, gt=0, description="room earned by swap-ins and refaults halves this fast")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,7 @@ class FreePageState:
     reported_kib: int = 0  # the memory this policy counted as already returned
     hinted_kib: int = 0  # free memory the announced migration's hint pass will skip
     bursts: Bursts | None = None  # set at the first sample with stats
+    paging: Paging | None = None  # room earned by paging, set at the first sample with stats
 
 
 class FreePagePolicy(PerGuestPolicy[FreePageState]):
@@ -128,8 +135,12 @@ class FreePagePolicy(PerGuestPolicy[FreePageState]):
         swapped, swap_total = swap_in_delta_kib(state.swap_in_total_kib, guest)
         reported, hinted = self.reported_kib(guest), self.hinted_kib(guest)
         bursts, _ = (state.bursts or Bursts(host.taken_at_s)).observe(guest, used)
-        next_state = FreePageState(swap_total, reported, hinted, bursts)
+        paging = (state.paging or Paging(host.taken_at_s)).observe(
+            host.taken_at_s, guest, used, p.slo_pct_per_min, p.paging_half_life_s, p.min_reserve_kib
+        )
+        next_state = FreePageState(swap_total, reported, hinted, bursts, paging)
         keep = max(int(used * p.reserve_pct / 100), p.min_reserve_kib, bursts.margin_kib(p.burst_factor))
+        keep += round(paging.room_kib)
         need = min(guest.max_kib, used + keep)
         if guest.actual_kib < need:
             return need, next_state, f"short of use + reserve {need // 1024} MiB: given back"

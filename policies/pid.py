@@ -47,6 +47,11 @@ back and is not reclaimed from again. After an auto-deflate of a DEFLATE_ON_OOM 
 squeezed again after each burst and killed again at the next (bitbrains-rnd has guests
 idling at 1 % of their RAM that leap to 90 % within one 5-minute sample).
 
+A guest that pages gets room back: the set-point grows by the room its swap-ins and
+page-cache refaults earned (``policies.signals.Paging``, as ``share``: every KiB paged,
+halving every ``paging_half_life_s``, doubled at once while it pages faster than its
+SLO), not scaled by host pressure either.
+
 A guest first seen less than ``warmup_s`` ago is watched, not reclaimed from (memory is
 still given back): its use filter and its burst memory learn the peaks it shows
 meanwhile.
@@ -63,7 +68,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PolicyResult
-from policies.signals import Bursts, auto_deflated, fast_up_slow_down, smoothing_weight, swap_in_delta_kib, used_kib
+from policies.signals import (
+    Bursts,
+    Paging,
+    auto_deflated,
+    fast_up_slow_down,
+    smoothing_weight,
+    swap_in_delta_kib,
+    used_kib,
+)
 
 MIB = 1024
 
@@ -96,6 +109,10 @@ class PidParams(BaseModel):
         2 * MIB, ge=0, description="actual above last target by more = auto-deflate"
     )
     warmup_s: float = Field(3600.0, ge=0, description="watch a new guest this long before reclaiming from it")
+    slo_pct_per_min: float = Field(
+        0.2, gt=0, le=100, description="paging (swap-in + refaults), % of use per minute, before the room doubles"
+    )
+    paging_half_life_s: float = Field(3600.0, gt=0, description="room earned by swap-ins and refaults halves this fast")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +126,7 @@ class PidGuestState:
     hold_until_s: float = float("-inf")  # until then no target below hold_floor_kib
     hold_floor_kib: int = 0  # after an auto-deflate: what the guest took back
     bursts: Bursts | None = None  # set at the first sample
+    paging: Paging | None = None  # room earned by paging, set at the first sample
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +180,7 @@ class PidPolicy:
             return f"held after an auto-deflate: {gs.hold_until_s - now_s:.0f} s left"
         burst_kib = gs.bursts.margin_kib(p.burst_factor) if gs.bursts is not None else 0
         setpoint = self.setpoint_kib(gs.used_kib, scale, guest.max_kib, burst_kib)
+        setpoint += gs.paging.room_kib if gs.paging is not None else 0.0
         return f"steering free memory to {setpoint / 1024:.0f} MiB (use {gs.used_kib / 1024:.0f} MiB)"
 
     def host_pressure(self, host: HostSnapshot) -> float:
@@ -203,7 +222,11 @@ class PidPolicy:
         headroom = guest.actual_kib - used
         swapped_kib, swap_total = swap_in_delta_kib(None if previous is None else previous.swap_in_total_kib, guest)
         bursts, _ = (previous.bursts if previous and previous.bursts else Bursts(now_s)).observe(guest, raw_used)
+        paging = (previous.paging if previous and previous.paging else Paging(now_s)).observe(
+            now_s, guest, raw_used, p.slo_pct_per_min, p.paging_half_life_s, p.min_headroom_kib
+        )
         setpoint = self.setpoint_kib(used, scale, guest.max_kib, bursts.margin_kib(p.burst_factor))
+        setpoint += paging.room_kib
         error = headroom - setpoint - p.swap_in_weight * swapped_kib
 
         integral = 0.0 if previous is None else previous.integral_kib
@@ -224,7 +247,7 @@ class PidPolicy:
             bounded, integral = hold_floor, 0.0
         if bursts.warming_up(now_s, p.warmup_s) and bounded < guest.actual_kib:
             bounded, integral = guest.actual_kib, 0.0
-        return bounded, PidGuestState(now_s, used, integral, swap_total, hold_until_s, hold_floor, bursts)
+        return bounded, PidGuestState(now_s, used, integral, swap_total, hold_until_s, hold_floor, bursts, paging)
 
     def hold(self, now_s: float, guest: GuestSnapshot, previous: PidGuestState | None) -> tuple[float, int]:
         """(until when, at least what) a DEFLATE_ON_OOM guest is held after it took

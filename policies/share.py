@@ -61,11 +61,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PolicyResult
-from policies.signals import Bursts, auto_deflated, swap_in_delta_kib, used_kib
+from policies.signals import Bursts, Paging, auto_deflated, used_kib
 
 MIB = 1024
 GIB = 1024 * MIB
-PAGE_KIB = 4
 
 
 class ShareParams(BaseModel):
@@ -152,14 +151,6 @@ class ShareState:
 
     guests: Mapping[str, ShareGuestState]
     host_other: HostOther | None = None
-
-
-def refault_count(guest: GuestSnapshot) -> int | None:
-    """Major faults that were not swap-ins: page-cache refaults, in pages."""
-    stats = guest.stats
-    if stats is None or stats.major_faults is None:
-        return None
-    return stats.major_faults - (stats.swap_in_kib or 0) // PAGE_KIB
 
 
 def held_kib(guest: GuestSnapshot, used: int) -> int:
@@ -284,31 +275,22 @@ class SharePolicy:
     def observe(
         self, now_s: float, guest: GuestSnapshot, used: int, previous: ShareGuestState | None
     ) -> ShareGuestState:
-        """Learn this sample: bursts, and the paging room swap-ins and refaults earn."""
+        """Learn this sample: bursts, and the paging room swap-ins and refaults earn
+        (``policies.signals.Paging``)."""
         if previous is None:
             previous = ShareGuestState(Bursts(now_s), now_s)
         bursts, _killed = previous.bursts.observe(guest, used)
-        swapped_kib, swap_total = swap_in_delta_kib(previous.swap_in_total_kib, guest)
-        refaults = refault_count(guest)
-        refaulted_kib = 0
-        if refaults is not None and previous.refault_total is not None and refaults >= previous.refault_total:
-            refaulted_kib = (refaults - previous.refault_total) * PAGE_KIB
-        dt_s = max(0.0, now_s - previous.seen_s)
-        paged_kib = swapped_kib + refaulted_kib
-        allowed_kib = used * self.params.slo_pct_per_min / 100 * dt_s / 60
-        if paged_kib > 0 and paged_kib >= allowed_kib:
-            # paging at its SLO's rate or faster: double the room (at least what it paged)
-            room = max(2 * previous.paging_room_kib, previous.paging_room_kib + paged_kib, self.params.min_headroom_kib)
-        else:
-            room = previous.paging_room_kib * 0.5 ** (dt_s / self.params.paging_half_life_s) + paged_kib
-        return replace(
-            previous,
-            bursts=bursts,
-            seen_s=now_s,
-            swap_in_total_kib=swap_total,
-            refault_total=refaults,
-            paging_room_kib=min(room, float(guest.max_kib)),
+        paging = Paging(
+            previous.seen_s, previous.swap_in_total_kib, previous.refault_total, previous.paging_room_kib
+        ).observe(
+            now_s,
+            guest,
+            used,
+            self.params.slo_pct_per_min,
+            self.params.paging_half_life_s,
+            self.params.min_headroom_kib,
         )
+        return ShareGuestState(bursts, now_s, paging.swap_in_total_kib, paging.refault_total, paging.room_kib)
 
     def claim(self, now_s: float, guest: GuestSnapshot, used: int, gstate: ShareGuestState) -> Claim:
         """The guest's need and what it must keep, within floor and maximum."""

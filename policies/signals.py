@@ -145,3 +145,57 @@ class Bursts:
     def margin_kib(self, factor: float) -> int:
         """Room for the largest burst seen, ``factor`` times over."""
         return round(self.largest_rise_kib * factor)
+
+
+PAGE_KIB = 4
+
+
+def refault_count(guest: GuestSnapshot) -> int | None:
+    """Major faults that were not swap-ins: page-cache refaults, in pages."""
+    stats = guest.stats
+    if stats is None or stats.major_faults is None:
+        return None
+    return stats.major_faults - (stats.swap_in_kib or 0) // PAGE_KIB
+
+
+@dataclass(frozen=True, slots=True)
+class Paging:
+    """Room a guest earned by paging, kept from step to step.
+
+    The room grows by every KiB the guest swapped in or refaulted from page cache since
+    the last sample and halves every ``half_life_s``: a refault is a page the guest would
+    have kept with that much more memory (mm/workingset.c), so the room follows the
+    guest's measured shortage, with no constant fitted to a trace. A guest paging at its
+    SLO's rate or faster (``slo_pct_per_min`` of its use per minute; Google's far-memory
+    SLO of 0.2 %, Lagar-Cavilla et al., ASPLOS 2019) has its room doubled at once
+    (multiplicative increase, as TCP's congestion window).
+    """
+
+    seen_s: float
+    swap_in_total_kib: int | None = None
+    refault_total: int | None = None  # major faults less swap-in pages, cumulative
+    room_kib: float = 0.0
+
+    def observe(
+        self,
+        now_s: float,
+        guest: GuestSnapshot,
+        used: int,
+        slo_pct_per_min: float,
+        half_life_s: float,
+        min_room_kib: int,
+    ) -> Paging:
+        """This sample's swap-ins and refaults learned from."""
+        swapped_kib, swap_total = swap_in_delta_kib(self.swap_in_total_kib, guest)
+        refaults = refault_count(guest)
+        refaulted_kib = 0
+        if refaults is not None and self.refault_total is not None and refaults >= self.refault_total:
+            refaulted_kib = (refaults - self.refault_total) * PAGE_KIB
+        dt_s = max(0.0, now_s - self.seen_s)
+        paged_kib = swapped_kib + refaulted_kib
+        allowed_kib = used * slo_pct_per_min / 100 * dt_s / 60
+        if paged_kib > 0 and paged_kib >= allowed_kib:
+            room = max(2 * self.room_kib, self.room_kib + paged_kib, min_room_kib)
+        else:
+            room = self.room_kib * 0.5 ** (dt_s / half_life_s) + paged_kib
+        return Paging(now_s, swap_total, refaults, min(room, float(guest.max_kib)))

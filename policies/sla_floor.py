@@ -12,6 +12,10 @@ Each step, for a guest with stats:
   MemAvailable``. ``actual``, not MemTotal, is the base: a DEFLATE_ON_OOM guest reports an
   unchanged MemTotal while inflated (Linux commit 997e120843e8), so MemTotal would count
   the balloon as use;
+* a guest that pages gets room back: ``need`` grows by the room its swap-ins and
+  page-cache refaults earned (``policies.signals.Paging``, as ``share``): every KiB it
+  paged, halving every ``paging_half_life_s``, doubled at once while it pages faster
+  than its SLO (``slo_pct_per_min`` of its use per minute);
 * the target is ``need`` within ``[floor, maximum]``, taken at most
   ``max_reclaim_step_kib`` per step (given back at once);
 * a DEFLATE_ON_OOM guest whose ``actual`` is above the target we last set (by more than
@@ -38,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PerGuestPolicy
-from policies.signals import Bursts, auto_deflated, used_kib
+from policies.signals import Bursts, Paging, auto_deflated, used_kib
 
 MIB = 1024
 
@@ -57,6 +61,10 @@ class SlaFloorParams(BaseModel):
     cooldown_s: float = Field(600.0, ge=0, description="no inflation for this long after an auto-deflate")
     burst_factor: float = Field(1.25, ge=0, le=10, description="room kept for this times the largest rise of use seen")
     warmup_s: float = Field(3600.0, ge=0, description="a new guest is watched this long before anything is taken")
+    slo_pct_per_min: float = Field(
+        0.2, gt=0, le=100, description="paging (swap-in + refaults), % of use per minute, before the room doubles"
+    )
+    paging_half_life_s: float = Field(3600.0, gt=0, description="room earned by swap-ins and refaults halves this fast")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +72,7 @@ class SlaGuestState:
     no_inflate_until_s: float = float("-inf")
     auto_deflates: int = 0  # how many times the guest deflated itself, for the record
     bursts: Bursts | None = None  # set at the first sample with stats
+    paging: Paging | None = None  # room earned by paging, set at the first sample with stats
 
 
 class SlaFloorPolicy(PerGuestPolicy[SlaGuestState]):
@@ -93,14 +102,19 @@ class SlaFloorPolicy(PerGuestPolicy[SlaGuestState]):
         p, now_s, floor = self.params, host.taken_at_s, self.floor_kib(guest)
         used = used_kib(guest)
         if used is not None:
-            state = replace(state, bursts=(state.bursts or Bursts(now_s)).observe(guest, used)[0])
+            paging = (state.paging or Paging(now_s)).observe(
+                now_s, guest, used, p.slo_pct_per_min, p.paging_half_life_s, p.min_reserve_kib
+            )
+            state = replace(state, bursts=(state.bursts or Bursts(now_s)).observe(guest, used)[0], paging=paging)
         if auto_deflated(guest, p.auto_deflate_tolerance_kib):
             state = replace(state, no_inflate_until_s=now_s + p.cooldown_s, auto_deflates=state.auto_deflates + 1)
             target = min(guest.max_kib, max(floor, guest.actual_kib + p.deflate_margin_kib))
             return target, state, f"auto-deflated: met, no reclaim for {p.cooldown_s:.0f} s"
         if used is None or state.bursts is None:
             return (floor if guest.actual_kib < floor else None), state, "no stats from the guest yet"
+        paging_kib = round(state.paging.room_kib) if state.paging is not None else 0
         reserve = max(int(used * p.reserve_pct / 100), p.min_reserve_kib, state.bursts.margin_kib(p.burst_factor))
+        reserve += paging_kib
         target = max(used + reserve, guest.actual_kib - p.max_reclaim_step_kib)
         why = f"use {used // 1024} MiB + reserve {reserve // 1024} MiB"
         if now_s < state.no_inflate_until_s:

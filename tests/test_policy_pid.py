@@ -49,7 +49,9 @@ def _setpoint(policy: PidPolicy, used: int) -> float:
 
 
 def test_converges_on_a_step_without_oscillation() -> None:
-    policy = _pid(burst_factor=0.0)  # the controller alone: no room kept for the step it saw
+    # the controller alone: no room kept for the step it saw, and the room its swap-in
+    # earned (policies.signals.Paging) gone by the next step
+    policy = _pid(burst_factor=0.0, paging_half_life_s=1e-3)
     demand = [2 * GIB] * 150 + [4 * GIB] * 150
     sizes = _run(policy, demand)
     first, second = sizes[:150], sizes[150:]
