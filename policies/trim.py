@@ -67,10 +67,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
 from policies.api import PerGuestPolicy
-from policies.signals import Bursts, auto_deflated, swap_in_delta_kib, used_kib
+from policies.signals import PAGE_KIB, Bursts, auto_deflated, refault_count, swap_in_delta_kib, used_kib
 
 MIB = 1024
-PAGE_KIB = 4
 
 
 def _mib(kib: float) -> str:
@@ -245,7 +244,7 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         """Begin a squeeze; charge the refaults since the last release to the hot cache."""
         refaulted_kib = 0
         base = state.refault_base
-        current = self.refault_count(guest)
+        current = refault_count(guest)
         if base is not None and current is not None:
             refaulted_kib = max(0, current - base) * PAGE_KIB
         keep_cache = max(refaulted_kib, state.keep_cache_kib // 2)
@@ -263,7 +262,7 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
                 state,
                 cache_at_release_kib=caches or 0,
                 peak_used_kib=used,
-                refault_base=self.refault_count(guest),
+                refault_base=refault_count(guest),
             )
         return self.released_target(host, guest, keep), state
 
@@ -287,11 +286,3 @@ class TrimPolicy(PerGuestPolicy[TrimGuestState]):
         """MemAvailable (with the ZFS ARC above c_min, unless ``count_arc`` is off) below target."""
         available_pct = 100 * host.available_kib(count_arc=self.params.count_arc) / host.mem_total_kib
         return available_pct < self.params.host_available_target_pct
-
-    @staticmethod
-    def refault_count(guest: GuestSnapshot) -> int | None:
-        """Major faults that were not swap-ins: page-cache refaults, in pages."""
-        stats = guest.stats
-        if stats is None or stats.major_faults is None:
-            return None
-        return stats.major_faults - (stats.swap_in_kib or 0) // PAGE_KIB
