@@ -100,12 +100,6 @@ def needs_kib(now_s: float, table: GuestTable, rules: GuardConfig, held: BoolArr
     return np.where(at_size, table.actual_kib, need).astype(np.int64), at_size
 
 
-def guest_need_kib(now_s: float, guest: GuestSnapshot, rules: GuardConfig, *, movable: bool = True) -> int:
-    """``needs_kib`` of one guest (the status document and metrics ask per guest)."""
-    need, _ = needs_kib(now_s, GuestTable.of([guest]), rules, np.array([not movable]))
-    return int(need[0])
-
-
 def estimate_table(
     host: HostSnapshot, table: GuestTable, rules: GuardConfig, *, held: BoolArray, host_own_min_kib: int = 0
 ) -> Shortfall:

@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overcommitd.config import GuardConfig
 from overcommitd.model import GuestSnapshot, HostSnapshot, RunState
-from overcommitd.shortfall import NEWS_MIN_KIB, Shortfall, ShortfallLog, estimate, guest_need_kib, short_text
+from overcommitd.shortfall import NEWS_MIN_KIB, Shortfall, ShortfallLog, estimate, needs_kib, short_text
+from overcommitd.table import GuestTable
 from policies import testing
 from policies.testing import GIB, MIB
 
@@ -72,11 +74,17 @@ def test_the_zfs_arc_the_host_can_drop_counts_as_room() -> None:
     assert with_arc.host_own_kib == 2 * GIB and with_arc.short_kib == 0
 
 
+def need_kib(guest: GuestSnapshot) -> int:
+    """``needs_kib`` of one guest, free to move."""
+    need, _ = needs_kib(NOW_S, GuestTable.of([guest]), RULES, np.array([False]))
+    return int(need[0])
+
+
 def test_a_floor_above_the_use_is_the_need() -> None:
     g = vm("a", available_gib=6, floor_kib=5 * GIB)  # uses 2 GiB, floor 5 GiB
-    assert guest_need_kib(NOW_S, g, RULES) == 5 * GIB
+    assert need_kib(g) == 5 * GIB
     tiny = vm("b", max_gib=1, available_gib=1)  # uses nothing: the guard's minimum
-    assert guest_need_kib(NOW_S, tiny, RULES) == RULES.min_guest_kib
+    assert need_kib(tiny) == RULES.min_guest_kib
 
 
 @pytest.mark.parametrize(
@@ -110,7 +118,7 @@ def test_a_deflate_on_oom_guest_needs_its_use_not_its_balloon() -> None:
     # MemTotal stays 8 GiB with DEFLATE_ON_OOM; 3 GiB ballooned are allocated, so not available
     g = vm("a", max_gib=8, actual_gib=5, available_gib=2, features=BalloonFeatures(deflate_on_oom=True))
     assert g.stats is not None and g.stats.mem_total_kib == 8 * GIB
-    assert guest_need_kib(NOW_S, g, RULES) == 3 * GIB
+    assert need_kib(g) == 3 * GIB
 
 
 # -- invariants -------------------------------------------------------------------------------
@@ -153,7 +161,7 @@ def test_never_negative_and_each_term_adds_up(h: HostSnapshot, guests: list[Gues
     s = estimate(h, guests, RULES, host_own_min_kib=own_min)
     assert s.short_kib >= 0 and s.host_own_kib >= own_min
     assert s.short_kib == max(s.host_own_kib + s.need_kib - h.mem_total_kib, 0)
-    assert all(0 <= guest_need_kib(NOW_S, g, RULES) <= g.max_kib for g in guests)
+    assert all(0 <= need_kib(g) <= g.max_kib for g in guests)
 
 
 @settings(max_examples=300, deadline=None)
@@ -173,7 +181,7 @@ def test_monotone_in_each_guests_need(h: HostSnapshot, guests: list[GuestSnapsho
     else:
         needier = dataclasses.replace(g, floor_kib=data.draw(st.integers(g.floor_kib, g.max_kib)))
     more = [*guests[:i], needier, *guests[i + 1 :]]
-    assert guest_need_kib(NOW_S, needier, RULES) >= guest_need_kib(NOW_S, g, RULES)
+    assert need_kib(needier) >= need_kib(g)
     assert estimate(h, more, RULES).short_kib >= estimate(h, guests, RULES).short_kib
 
 
