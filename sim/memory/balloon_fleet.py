@@ -126,9 +126,10 @@ class FleetMm:
         return np.concatenate(out) if out else np.empty(0, dtype=np.uint32)
 
     def _moved(self, delta_kib: float, release_frac: float) -> None:
-        self.balloons.fleet_changed()
-        self.balloons.balloon_kib[self.i] += delta_kib
-        self.fleet.balloon_moved_one(self.i, delta_kib, release_frac)
+        balloons, i = self.balloons, self.i
+        balloons.fleet_changed()
+        balloons.balloon_kib[i] = balloons.balloon_kib.item(i) + delta_kib
+        self.fleet.balloon_moved_one(i, delta_kib, release_frac)
 
     def balloon_taken(self, pages: int) -> None:
         """Account an inflate request; what the host released decides how many of the
@@ -142,8 +143,9 @@ class FleetMm:
         self._moved(-len(pfns) * spec.BALLOON_PAGE_KIB, 0.0)
 
     def adjust_managed_page_count(self, pages: int) -> None:
-        self.balloons.fleet_changed()
-        self.balloons.managed_removed_kib[self.i] -= pages * spec.BALLOON_PAGE_KIB
+        balloons, i = self.balloons, self.i
+        balloons.fleet_changed()
+        balloons.managed_removed_kib[i] = balloons.managed_removed_kib.item(i) - pages * spec.BALLOON_PAGE_KIB
 
     def vm_stats(self) -> list[tuple[int, int]]:
         """The 16 entries current Linux sends, vm events first, in its order (every

@@ -365,21 +365,19 @@ class Fleet:
 
     def balloon_moved_one(self, i: int, delta_kib: float, release_frac: float) -> None:
         """``balloon_moved`` for guest ``i`` alone, in scalars: the protocol path calls it
-        once per 256-PFN request, where numpy over every guest would dominate."""
-        before = float(self.driver.balloon_kib[i]) - delta_kib
-        anon, cache, touched, resident = (
-            float(self.anon[i]),
-            float(self.cache[i]),
-            float(self.touched[i]),
-            float(self.balloon_resident[i]),
-        )
-        in_use = float(self.reserved[i] + self.kernel[i]) + anon + cache
+        once per 256-PFN request, where numpy over every guest would dominate. ``.item``
+        reads give the same doubles as numpy scalars at a fraction of the cost."""
+        balloon_kib = self.driver.balloon_kib.item(i)
+        before = balloon_kib - delta_kib
+        anon, cache, touched = self.anon.item(i), self.cache.item(i), self.touched.item(i)
+        resident, reserved, kernel = self.balloon_resident.item(i), self.reserved.item(i), self.kernel.item(i)
+        in_use = (reserved + kernel) + anon + cache
         touched_free = max(touched - in_use - resident, 0.0)
-        deflated_free, older = float(self.deflated_free[i]), float(self.older_touched[i])
+        deflated_free, older = self.deflated_free.item(i), self.older_touched.item(i)
         if delta_kib > 0:
-            capacity = float(self.ram[i] - self.reserved[i] - self.kernel[i] - self.driver.held_kib[i]) - before
+            capacity = (self.ram.item(i) - reserved - kernel - self.driver.held_kib.item(i)) - before
             free_before = max(capacity - anon - cache, 0.0)
-            from_free = min(delta_kib, max(free_before - float(self.min_free[i]), 0.0))
+            from_free = min(delta_kib, max(free_before - self.min_free.item(i), 0.0))
             from_cache = delta_kib - from_free
             self._evict_cache_one(i, from_cache)
             layers = [max(touched_free - older, 0.0), deflated_free, older]
@@ -396,7 +394,7 @@ class Fleet:
             self.deflated_free[i] = deflated_free - delta_kib - back_resident
         self.balloon_resident[i] = resident
         if delta_kib > 0:
-            limit = float(self.ram[i] - self.driver.balloon_kib[i]) + resident
+            limit = (self.ram.item(i) - balloon_kib) + resident
             self.touched[i] = min(max(touched, 0.0), limit)
 
     def balloon_moved(self, delta_kib: Array, release_frac: Array) -> None:
@@ -480,11 +478,11 @@ class Fleet:
 
     def _evict_cache_one(self, i: int, amount_kib: float) -> None:
         """``_evict_cache`` for guest ``i`` alone, in scalars (the protocol path's rate)."""
-        cache, hot = float(self.cache[i]), float(self.hot_cache[i])
+        cache, hot = self.cache.item(i), self.hot_cache.item(i)
         hot_lost = min(max(amount_kib - (cache - hot), 0.0), hot)
         self.cache[i] = cache - amount_kib
         self.hot_cache[i] = hot - hot_lost
-        self.refault_debt[i] += hot_lost
+        self.refault_debt[i] = self.refault_debt.item(i) + hot_lost
 
     def _relieve_pressure(self) -> npt.NDArray[np.bool_]:
         """Reclaim, swap, auto-deflate, then OOM-kill; returns which guests killed."""

@@ -366,10 +366,10 @@ class LinuxBalloonDriver:
 
     def towards_target(self) -> int:
         """Signed 4 KiB units still to inflate (>0) or deflate (<0)."""
-        return self._read_config(spec.CONFIG_NUM_PAGES) - self.num_pages  # PAGES_PER_PAGE = 1: no rounding
+        return self.device.config_readl(spec.CONFIG_NUM_PAGES) - self.num_pages  # PAGES_PER_PAGE = 1: no rounding
 
     def update_balloon_size(self) -> None:
-        self._write_config(spec.CONFIG_ACTUAL, self.num_pages)
+        self.device.config_writel(spec.CONFIG_ACTUAL, self.num_pages)
 
     # -- inflate and deflate ------------------------------------------------------
 
@@ -451,6 +451,17 @@ class LinuxBalloonDriver:
             self.device.notify(self.index[name])
         return token
 
+    def _add_one_and_kick(self, name: str, addr: int, length: int) -> int | None:
+        """``_add_and_kick`` of one device-readable buffer (virtqueue_add_outbuf)."""
+        vq = self.vqs[name]
+        self._token += 1
+        token = self._token
+        if vq.add_one(addr, length, token) is None:
+            return None
+        if vq.kick_prepare():
+            self.device.notify(self.index[name])
+        return token
+
     def _reap(self, name: str) -> None:
         vq = self.vqs[name]
         try:
@@ -467,7 +478,7 @@ class LinuxBalloonDriver:
         if n > spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX:
             raise ValueError(f"{n} PFNs exceed VIRTIO_BALLOON_ARRAY_PFNS_MAX(={spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX})")
         self.pfns[:n] = pfns
-        return self._add_and_kick(name, [Buf(self.pfns_addr, 4 * n)])
+        return self._add_one_and_kick(name, self.pfns_addr, 4 * n)
 
     def tell_host(self, name: str, pfns: U32s) -> Generator[float | Signal, None, None]:
         """One PFN array in the shared ``vb->pfns`` buffer, kick, sleep until used."""
@@ -509,8 +520,9 @@ class LinuxBalloonDriver:
         entries = self.mm.vm_stats()
         spec.stats_array(len(entries)).pack_into(self.mem.buf, self.stats_addr, *itertools.chain.from_iterable(entries))
 
-    def stats_handle_request(self) -> ProcessGen:
-        """update_balloon_stats_work: gather, reclaim the used buffer, post it again."""
+    def stats_handle_request(self) -> None:
+        """update_balloon_stats_work: gather, reclaim the used buffer, post it again
+        (work that never sleeps: a plain function for its ``WorkItem``)."""
         self._write_stats()
         vq = self.vqs["statsq"]
         try:
@@ -520,9 +532,7 @@ class LinuxBalloonDriver:
             return
         if got is None:
             return
-        self._add_and_kick("statsq", [Buf(self.stats_addr, self.stats_len)])
-        return
-        yield  # a work item is a generator; this one never sleeps
+        self._add_one_and_kick("statsq", self.stats_addr, self.stats_len)
 
     # -- free page reporting ----------------------------------------------------------
 

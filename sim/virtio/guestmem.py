@@ -53,8 +53,9 @@ class GuestMemory:
             raise GuestMemoryError(f"[{addr:#x}, +{length}) is outside the ring window ({len(self.buf):#x} bytes)")
 
     def read(self, addr: int, length: int) -> bytes:
-        self.check(addr, length)
         end = addr + length
+        if addr < 0 or length < 0 or end > self.ram_bytes:
+            self.check(addr, length)  # raises, with the message
         if end <= len(self.buf):
             return bytes(self.view[addr:end])
         inside = bytes(self.view[addr : len(self.buf)]) if addr < len(self.buf) else b""

@@ -105,7 +105,9 @@ class WorkItem:
     """A Linux work item: ``queue()`` is a no-op while it is pending, and the function
     runs later on the worker, never inside the caller (an interrupt handler)."""
 
-    def __init__(self, world: World, func: Callable[[], ProcessGen], latency_s: float = 0.0) -> None:
+    def __init__(self, world: World, func: Callable[[], ProcessGen | None], latency_s: float = 0.0) -> None:
+        """``func`` returns the generator that does the work, or None when it did all of
+        it at once (work that never sleeps: no process, no generator to step)."""
         self.world = world
         self.func = func
         self.latency_s = latency_s
@@ -127,7 +129,7 @@ class WorkItem:
         self.world.schedule(self._start, self.latency_s + delay_s)
         return True
 
-    def _next_run(self) -> ProcessGen:
+    def _next_run(self) -> ProcessGen | None:
         """The run that follows at once in the same worker (see ``queue``)."""
         self.pending = False
         self.runs += 1
@@ -140,5 +142,7 @@ class WorkItem:
             return
         self.pending = False
         self.runs += 1
-        self.running = Process(self.world, self.func(), delay_s=None)
-        self.running.run_now()
+        gen = self.func()
+        if gen is not None:
+            self.running = Process(self.world, gen, delay_s=None)
+            self.running.run_now()

@@ -145,7 +145,10 @@ class DriverQueue:
         is full (-ENOSPC). The device does not see it before ``kick``."""
         if not bufs:
             raise ValueError(f"{self.name}: a chain needs at least one buffer")
-        if len(bufs) > 1 and self._misordered(bufs):
+        if len(bufs) == 1:
+            b = bufs[0]
+            return self.add_one(b.addr, b.length, token, write=b.write)
+        if self._misordered(bufs):
             raise ValueError(f"{self.name}: device-readable buffers must precede device-writable ones")
         head = None
         if self.indirect and len(bufs) > 1 and self.num_free:
@@ -157,13 +160,31 @@ class DriverQueue:
             if self.num_free < len(bufs):
                 return None
             head = self._add_direct(bufs)
+        self._publish(head, token)
+        return head
+
+    def add_one(self, addr: int, length: int, token: object, *, write: bool = False) -> int | None:
+        """``add`` of a one-buffer chain (a PFN array, the stats buffer), as Linux adds
+        it: one direct descriptor, never an indirect table (virtqueue_add_split uses one
+        only for more than one scatterlist entry); None if the ring is full."""
+        if not self.num_free:
+            return None
+        buf, head = self.mem.buf, self.free_head
+        at = self.lay.desc + 16 * head
+        self.free_head = U16.unpack_from(buf, at + 14)[0]
+        DESC.pack_into(buf, at, addr, length, VRING_DESC_F_WRITE if write else 0, 0)
+        self.num_free -= 1
+        self._publish(head, token)
+        return head
+
+    def _publish(self, head: int, token: object) -> None:
+        """Put ``head`` in the available ring, then move ``avail.idx`` (in that order)."""
         self.in_flight[head] = token
         buf, shadow = self.mem.buf, self.avail_idx_shadow
         U16.pack_into(buf, self._avail_ring_at + 2 * (shadow & (self.lay.num - 1)), head)
         self.avail_idx_shadow = shadow = (shadow + 1) & 0xFFFF
         U16.pack_into(buf, self._avail_idx_at, shadow)  # after the ring entry
         self.num_added += 1
-        return head
 
     @staticmethod
     def _misordered(bufs: list[Buf]) -> bool:
@@ -234,7 +255,13 @@ class DriverQueue:
             # Linux BAD_RING: "id %u is not a head!" - the driver stops using the queue.
             raise VirtioError(f"{self.name}: id {head} is not a head!")
         token = self.in_flight.pop(head)
-        self._detach(head)
+        at = self.lay.desc + 16 * head
+        if U16.unpack_from(buf, at + 12)[0] & VRING_DESC_F_NEXT:
+            self._detach(head)
+        else:  # a one-descriptor chain (every PFN array): _detach without the walk
+            U16.pack_into(buf, at + 14, self.free_head)
+            self.free_head = head
+            self.num_free += 1
         self.last_used_idx = last = (last + 1) & 0xFFFF
         if self.event_idx and not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
             U16.pack_into(buf, self._used_event_at, last)
@@ -327,9 +354,20 @@ class DeviceQueue:
         self.last_avail_idx = last = (last + 1) & 0xFFFF
         if self.event_idx:
             U16.pack_into(buf, self._avail_event_at, last)
-        elem = Element(head, [], [])
         table, limit, i = lay.desc, num, head
         addr, length, flags, nxt = DESC.unpack_from(buf, table + 16 * i)
+        if not flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT):
+            # One direct descriptor (a PFN array, the stats buffer): _collect's checks,
+            # in its order, without its loop.
+            if length == 0:
+                raise VirtioError("virtio: zero sized buffers are not allowed")
+            if addr + length > self.mem.ram_bytes:
+                raise VirtioError("virtio: bogus descriptor or out of resources")
+            self.inuse += 1
+            if flags & VRING_DESC_F_WRITE:
+                return Element(head, [], [(addr, length)], 1)
+            return Element(head, [(addr, length)], [], 1)
+        elem = Element(head, [], [])
         if flags & VRING_DESC_F_INDIRECT:
             if length == 0 or length % 16:
                 raise VirtioError("Invalid size for indirect buffer table")
