@@ -283,7 +283,8 @@ class ReasonKinds:
         ):
             guard = guard * size + np.asarray(flag, dtype=np.int64)
         n = len(table)
-        return np.stack([guard, self._text_ids(n, reasons), self._text_ids(n, errors)], axis=1)
+        error_ids = np.where(v.hold == 3, self._text_ids(n, errors), -1)  # shown only when it holds the guest
+        return np.stack([guard, self._text_ids(n, reasons), error_ids], axis=1)
 
     def update(
         self, uuids: tuple[str, ...], kinds: npt.NDArray[np.int64], status_of: Callable[[int], GuestStatus]
