@@ -17,8 +17,9 @@ from overcommitd.table import GuestTable
 from policies.api import RowReasons, decide_batch, result_of
 from policies.headroom import HeadroomPolicy
 from policies.mom import MomPolicy
+from policies.proxmox import ProxmoxPolicy
 from policies.trim import ENDED, SQUEEZING, STARTED, WARMUP_MIN, TrimGuestState, TrimPolicy
-from tests import headroom_reference, mom_reference, trim_reference
+from tests import headroom_reference, mom_reference, proxmox_reference, trim_reference
 
 GIB, MIB = 1024 * 1024, 1024
 
@@ -252,3 +253,48 @@ def test_trim_over_columns_decides_as_per_guest_in_closed_loop_on_real_traces() 
         hv.set_targets(rows, outcome.target_kib[rows])
         state, old_state = outcome.state, b.state
     assert {WARMUP_MIN, STARTED, SQUEEZING} <= kinds and any(k >= ENDED for k in kinds)  # the cycle ran
+
+
+@given(steps=st.lists(fleets(), min_size=1, max_size=4), target_pct=st.sampled_from([0.0, 50.0, 80.0, 100.0]))
+@settings(max_examples=300, deadline=None)
+def test_proxmox_over_columns_decides_as_per_vm(
+    steps: list[tuple[HostSnapshot, list[GuestSnapshot]]], target_pct: float
+) -> None:
+    new = ProxmoxPolicy(ProxmoxPolicy.Params(target_pct=target_pct))
+    old = proxmox_reference.ProxmoxPolicy(proxmox_reference.ProxmoxParams(target_pct=target_pct))
+    for host, guests in steps:
+        guests = list({g.uuid: g for g in guests}.values())  # AutoBalloon.pm keys VMs by vmid
+        assert _targets(new.decide(host, guests, None)) == _targets(old.decide(host, guests, None))
+
+
+B_MIB = 1024 * 1024
+
+
+@st.composite
+def pve_vms(draw: st.DrawFn) -> list[proxmox_reference.PveVm]:
+    vms = []
+    for i in range(draw(st.integers(min_value=0, max_value=12))):
+        maxmem = draw(st.integers(min_value=64, max_value=64 * 1024)) * B_MIB
+        low = draw(st.integers(min_value=0, max_value=maxmem // B_MIB)) * B_MIB
+        balloon = draw(st.integers(min_value=1, max_value=maxmem))
+        shares = draw(st.sampled_from([1, 500, 1000, 1000, 3000, 50000]))
+        free = draw(st.none() | st.just(0) | st.integers(min_value=0, max_value=maxmem))
+        vms.append(proxmox_reference.PveVm(f"vm{i}", balloon, low, maxmem, shares, free))
+    return vms
+
+
+@given(
+    vms=pve_vms(),
+    goal_mib=st.integers(min_value=-(2**20), max_value=2**20) | st.sampled_from([-11, -10, 0, 10, 11]),
+    maxchange_mib=st.sampled_from([1, 100, 4096]),
+)
+@settings(max_examples=500, deadline=None)
+def test_compute_alg1_over_columns_places_as_autoballoon_per_vm(
+    vms: list[proxmox_reference.PveVm], goal_mib: int, maxchange_mib: int
+) -> None:
+    """The water-filling rounds, byte for byte, on arbitrary VMs and goals."""
+    from policies.proxmox import PveVm, compute_alg1
+
+    as_new = [PveVm(vm.vmid, vm.balloon_b, vm.balloon_min_b, vm.maxmem_b, vm.shares, vm.freemem_b) for vm in vms]
+    goal_b, maxchange_b = goal_mib * B_MIB + 12345, maxchange_mib * B_MIB
+    assert compute_alg1(as_new, goal_b, maxchange_b) == proxmox_reference.compute_alg1(vms, goal_b, maxchange_b)
