@@ -31,7 +31,7 @@ import numpy as np
 
 from overcommitd import package_version
 from overcommitd import status as status_doc
-from overcommitd.config import DaemonConfig, GuestOverride
+from overcommitd.config import DaemonConfig, GuardConfig, GuestOverride
 from overcommitd.config_diff import changes
 from overcommitd.guard import clamp_counts
 from overcommitd.host import HostError
@@ -94,7 +94,7 @@ class _StatusInputs:
 
     outcome: StepOutcome[Any]
     applied: frozenset[str]
-    rules: Any  # GuardConfig
+    rules: GuardConfig
     policy: str
     dry_run: bool
     ticks: int
