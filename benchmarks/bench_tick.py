@@ -4,8 +4,9 @@ host, without libvirt.
 The guests are the simulator's (``SimHypervisor`` over the bundled real traces, reused
 with offsets past 53 guests), advanced 10 s between ticks, so their stats, balloons and
 the policy's wishes move as they would on a host. Measured: ``step()`` alone (policy +
-guard) and a whole ``Daemon.tick()`` (host read, one bulk snapshot, step, apply,
-Prometheus metrics and the asyncio thread hops for the blocking calls); the simulator's
+guard) and a whole ``Daemon.tick()`` (host read, one bulk snapshot as a table, step,
+apply, Prometheus metrics, the reasons log, the shortfall and the asyncio thread hops for
+the blocking calls); the simulator's
 own advance between ticks is not counted. libvirt's share is one bulk RPC per tick
 whatever the number of guests, plus one call per target set; see tests/realguest for
 those counts on real guests.

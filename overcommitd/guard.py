@@ -385,11 +385,32 @@ def decisions(
     return tuple(decision(table, out, i, error=errors.get(i), policy_reason=reasons.get(i)) for i in range(len(table)))
 
 
+def clamp_counts(out: GuardOutcome) -> dict[ClampReason, int]:
+    """How many rows' Decisions carry each Clamp reason (what ``decision`` would list),
+    counted over the columns: the daemon's metrics without a Decision per guest."""
+    counts: dict[ClampReason, int] = {}
+
+    def add(reason: ClampReason | None, n: int) -> None:
+        if reason is not None and n:
+            counts[reason] = counts.get(reason, 0) + n
+
+    for code, n in enumerate(np.bincount(out.hold, minlength=len(HOLDS)).tolist()):
+        add(HOLDS[code], n)
+    add(ClampReason.FLOOR, int(np.count_nonzero(out.restored)) + int(np.count_nonzero(out.floored)))
+    add(ClampReason.MAXIMUM, int(np.count_nonzero(out.maxed)))
+    for code, n in enumerate(np.bincount(out.inflate_block, minlength=len(INFLATE_BLOCKS)).tolist()):
+        add(INFLATE_BLOCKS[code], n)
+    add(ClampReason.DEFLATE_STEP, int(np.count_nonzero(out.deflate_stepped)))
+    add(ClampReason.DEAD_BAND, int(np.count_nonzero(out.dead_band)))
+    return counts
+
+
 __all__: Sequence[str] = (
     "FRESH",
     "GuardMemories",
     "GuardMemory",
     "GuardOutcome",
+    "clamp_counts",
     "decision",
     "decisions",
     "floor_kib",

@@ -25,11 +25,11 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from overcommitd.config import DaemonConfig
-from overcommitd.guard import GuardMemories, decisions, guard_table
+from overcommitd.guard import GuardMemories, GuardOutcome, decision, decisions, guard_table
 from overcommitd.hypervisor import Hypervisor, HypervisorError
 from overcommitd.model import Decision, GuestSnapshot, HostSnapshot
 from overcommitd.table import BoolArray, GuestTable, IntArray
-from policies.api import BatchResult, Policy, decide_batch
+from policies.api import BatchResult, Policy, RowReasons, decide_batch
 
 S = TypeVar("S")
 log = logging.getLogger(__name__)
@@ -50,7 +50,12 @@ class LoopState(Generic[S]):
 @dataclass(frozen=True, eq=False)
 class StepOutcome(Generic[S]):
     """What one step decided: the target of each row of ``table`` (valid where
-    ``has_target``), the next state, and the Decisions, derived on first use."""
+    ``has_target``), the next state, and the Decisions, derived on first use.
+
+    The control step (``step_table``) also keeps the guard's columns (``verdict``), the
+    policy's errors and reasons by row and the rows the config excludes, so the daemon
+    reads a few rows' Decisions (``decisions_of``), counts clamps and estimates the
+    shortfall from arrays rather than from a Decision per guest per tick."""
 
     table: GuestTable
     target_kib: IntArray
@@ -58,10 +63,22 @@ class StepOutcome(Generic[S]):
     state: LoopState[S]
     explain: Callable[[], tuple[Decision, ...]] = dataclasses.field(repr=False)
     policy_error: str | None = None  # decide() raised as a whole: every guest held
+    verdict: GuardOutcome | None = dataclasses.field(default=None, repr=False)
+    errors: Mapping[int, str] = dataclasses.field(default_factory=dict, repr=False)
+    reasons: Mapping[int, str] = dataclasses.field(default_factory=dict, repr=False)
+    excluded: BoolArray | None = dataclasses.field(default=None, repr=False)
 
     @cached_property
     def decisions(self) -> tuple[Decision, ...]:
         return self.explain()
+
+    def decisions_of(self, rows: Sequence[int]) -> tuple[Decision, ...]:
+        """The Decisions of these rows of ``table`` only, in that order."""
+        if self.verdict is None:  # a step without the guard's columns (the replay's baselines)
+            by_uuid = {d.uuid: d for d in self.decisions}
+            return tuple(by_uuid[self.table.uuid[i]] for i in rows if self.table.uuid[i] in by_uuid)
+        v, errors, reasons = self.verdict, self.errors, self.reasons
+        return tuple(decision(self.table, v, i, error=errors.get(i), policy_reason=reasons.get(i)) for i in rows)
 
 
 def with_overrides(guests: Sequence[GuestSnapshot], cfg: DaemonConfig) -> tuple[list[GuestSnapshot], set[str]]:
@@ -122,7 +139,11 @@ def _decide(
     targets[rows] = result.targets_kib
     back = rows.tolist()
     errors = {back[i]: e for i, e in result.errors.items()}
-    reasons = {back[i]: r for i, r in result.reasons.items()}
+    reasons: Mapping[int, str]
+    if isinstance(result.reasons, RowReasons):  # kept unworded
+        reasons = result.reasons.spread(rows, len(table))
+    else:
+        reasons = {back[i]: r for i, r in result.reasons.items()}
     return BatchResult(targets, result.state, errors, reasons), None
 
 
@@ -158,6 +179,10 @@ def step_table(
         LoopState(result.state, GuardMemories(table.uuid, verdict.backoff_until_s)),
         lambda: decisions(table, verdict, errors, reasons),
         policy_error,
+        verdict,
+        errors,
+        reasons,
+        excluded,
     )
 
 

@@ -27,17 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from overcommitd import package_version
 from overcommitd import status as status_doc
-from overcommitd.config import DaemonConfig, GuestOverride
+from overcommitd.config import DaemonConfig, GuardConfig, GuestOverride
 from overcommitd.config_diff import changes
+from overcommitd.guard import clamp_counts
 from overcommitd.host import HostError
 from overcommitd.hypervisor import FloorAboveMaximum, HostReader, Hypervisor, HypervisorError, NoSuchGuest
 from overcommitd.ksm import KsmController
-from overcommitd.loop import LoopState, StepOutcome, apply, step, with_overrides
-from overcommitd.model import GuestSnapshot, HostSnapshot
+from overcommitd.loop import LoopState, StepOutcome, apply, step_table
+from overcommitd.model import Decision, GuestSnapshot, HostSnapshot
 from overcommitd.sdnotify import Notifier
-from overcommitd.shortfall import Shortfall, ShortfallLog, estimate
+from overcommitd.shortfall import Shortfall, ShortfallLog, estimate_table
+from overcommitd.table import GuestTable
 from overcommitd.telemetry import messages as msg
 from overcommitd.telemetry.metrics import Metrics
 from overcommitd.telemetry.mqtt import MqttLink
@@ -62,12 +66,55 @@ class ManagedHypervisor(Hypervisor, Protocol):
 class TickReport:
     """What one tick did; ``error`` is set when it could not read and so decided nothing."""
 
-    guests: tuple[GuestSnapshot, ...] = ()
+    table: GuestTable | None = None  # every guest as the hypervisor reported it this tick
     outcome: StepOutcome[Any] | None = None
     applied: frozenset[str] = frozenset()
     duration_s: float = 0.0
     error: str | None = None
     shortfall: Shortfall | None = None  # what the host lacks beyond every balloon (None: not read)
+
+    @property
+    def guests(self) -> tuple[GuestSnapshot, ...]:
+        """The table's rows as snapshots (built when asked: the tick itself never does)."""
+        return () if self.table is None else self.table.snapshots()
+
+
+def read_table(hv: Hypervisor) -> GuestTable:
+    """The hypervisor's one bulk snapshot as a table: straight from its arrays when it
+    builds one (``table()``, the simulator), else from its snapshots (libvirt, QMP)."""
+    table = getattr(hv, "table", None)
+    if table is not None:
+        return table()  # type: ignore[no-any-return]
+    return GuestTable.of(hv.snapshot())
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _StatusInputs:
+    """What the status document of the last tick is built from, when someone asks."""
+
+    outcome: StepOutcome[Any]
+    applied: frozenset[str]
+    rules: GuardConfig
+    policy: str
+    dry_run: bool
+    ticks: int
+    interval_s: float
+    host_short_kib: int
+    updated_at: str
+
+    def build(self) -> status_doc.DaemonStatus:
+        return status_doc.build(
+            self.outcome.table.snapshots(),
+            self.outcome.decisions,
+            self.applied,
+            self.rules,
+            policy=self.policy,
+            dry_run=self.dry_run,
+            ticks=self.ticks,
+            interval_s=self.interval_s,
+            host_short_kib=self.host_short_kib,
+            updated_at=self.updated_at,
+        )
 
 
 # Keys of the restart-only sections that the daemon reads afresh every tick (the shortfall
@@ -117,7 +164,7 @@ class Daemon:
         self.state: LoopState[Any] = LoopState.initial(self.policy)
         self.paused: set[str] = set()  # uuids paused by command: left alone, like excluded guests
         self.migrations: dict[str, float] = {}  # uuid -> monotonic deadline of an announced migration
-        self.last_guests: tuple[GuestSnapshot, ...] = ()
+        self.last_table: GuestTable | None = None  # the last tick's guests, for commands naming one
         self.ticks = 0
         self.mqtt: MqttLink | None = None
         self.stopping = asyncio.Event()
@@ -129,8 +176,8 @@ class Daemon:
         self._wake = asyncio.Event()  # SIGHUP and SIGTERM cut the wait between ticks short
         self._floors_warned: set[tuple[str, int]] = set()  # (uuid, config floor) already reported
         self._calls_seen: Counter[str] = Counter()
-        self.last_status: status_doc.DaemonStatus | None = None  # what `overcommitd status` shows
-        self._status_bytes = status_doc.encode(
+        self._status: _StatusInputs | status_doc.DaemonStatus | None = None  # built on first read
+        self._status_bytes: bytes | None = status_doc.encode(
             status_doc.build(
                 [],
                 [],
@@ -142,7 +189,7 @@ class Daemon:
                 interval_s=cfg.interval_s,
             )
         )  # served until the first tick
-        self._reasons = status_doc.ReasonLog()
+        self._reasons = status_doc.ReasonKinds()
         self._short_log = ShortfallLog()
         self._status_server: status_doc.StatusServer | None = None
 
@@ -160,43 +207,50 @@ class Daemon:
 
     async def _read_decide_apply(self) -> TickReport:
         try:
-            host = await asyncio.to_thread(self.host.read)
-            guests = self._mark_migrations(await asyncio.to_thread(self.hv.snapshot))
+            host, table = await asyncio.to_thread(self._read)
         except (HostError, HypervisorError) as e:
             log.warning("tick skipped, every guest held: %s", e, extra={"event": "tick-skipped"})
             return TickReport(error=str(e))
-        self.last_guests = guests
-        await self._ksm_tick(host, guests)
-        self._warn_floors_above_max(guests)
-        cfg = self._effective_cfg(guests)
-        outcome = step(host.taken_at_s, host, guests, self.policy, self.state, cfg)
+        table = self._mark_migrations(table)
+        self.last_table = table
+        await self._ksm_tick(host, table)
+        self._warn_floors_above_max(table)
+        cfg = self._effective_cfg(table)
+        outcome = step_table(host.taken_at_s, host, table, self.policy, self.state, cfg)
         self.state = outcome.state
+        moving = outcome.decisions_of(np.flatnonzero(outcome.has_target).tolist())
         applied: frozenset[str] = frozenset()
-        if not self.dry_run:
-            applied = frozenset(await asyncio.to_thread(apply, self.hv, outcome.decisions))
-        shortfall = self._shortfall(host, guests, cfg)
-        self._publish(host, guests, outcome, applied, shortfall)
-        self._explain(guests, outcome, applied, shortfall)
-        return TickReport(guests, outcome, applied, shortfall=shortfall)
+        if not self.dry_run and moving:
+            applied = frozenset(await asyncio.to_thread(apply, self.hv, moving))
+        shortfall = self._shortfall(host, outcome, cfg)
+        self._publish(host, table, outcome, moving, applied, shortfall)
+        self._explain(outcome, applied, shortfall)
+        return TickReport(table, outcome, applied, shortfall=shortfall)
 
-    def _shortfall(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], cfg: DaemonConfig) -> Shortfall:
+    def _read(self) -> tuple[HostSnapshot, GuestTable]:
+        """The host, then every guest: one trip to the worker thread for both."""
+        return self.host.read(), read_table(self.hv)
+
+    def _shortfall(self, host: HostSnapshot, outcome: StepOutcome[Any], cfg: DaemonConfig) -> Shortfall:
         """What the host lacks even if every balloon took all it safely can (``overcommitd.
-        shortfall``); excluded and paused guests count at their size, the host's own use at
-        least ``[host]``'s reserve. Logged when it is news."""
-        with_floors, held = with_overrides(guests, cfg)
-        own_min_kib = cfg.host.own_min_kib(len(guests))
-        shortfall = estimate(host, with_floors, cfg.guard, held=held, host_own_min_kib=own_min_kib)
+        shortfall``), over the step's own table (with the config's floors); excluded and
+        paused guests count at their size, the host's own use at least ``[host]``'s
+        reserve. Logged when it is news."""
+        table = outcome.table
+        held = outcome.excluded if outcome.excluded is not None else np.zeros(len(table), dtype=bool)
+        own_min_kib = cfg.host.own_min_kib(len(table))
+        shortfall = estimate_table(host, table, cfg.guard, held=held, host_own_min_kib=own_min_kib)
         self._short_log.update(shortfall)
         return shortfall
 
-    async def _ksm_tick(self, host: HostSnapshot, guests: Sequence[GuestSnapshot]) -> None:
+    async def _ksm_tick(self, host: HostSnapshot, table: GuestTable) -> None:
         """One KSM adjustment, if enabled; the daemon's dry-run holds for KSM too. Nothing it
         does can stop the balloon loop."""
         if self.ksm is None:
             return
         ksm = self.ksm
         try:
-            memory_kib = sum(g.actual_kib for g in guests)
+            memory_kib = int(table.actual_kib.sum())
             status = await asyncio.to_thread(ksm.tick, time.monotonic(), host, memory_kib, dry_run=self.dry_run)
             self.metrics.observe_ksm(ksm)
             if self.mqtt is not None:
@@ -205,60 +259,96 @@ class Daemon:
             self.ksm_failures += 1
             log.exception("ksm controller failed; balloon control goes on", extra={"event": "ksm-error"})
 
-    def _warn_floors_above_max(self, guests: Sequence[GuestSnapshot]) -> None:
+    def _overridden_rows(self, table: GuestTable) -> list[tuple[int, GuestOverride]]:
+        """The rows the config's ``[guests.*]`` sections name, with their override (one
+        keyed by UUID wins, as ``DaemonConfig.override_for``)."""
+        guests = self.cfg.guests
+        if not guests:
+            return []
+        out = []
+        for i, (uuid, name) in enumerate(zip(table.uuid, table.name, strict=True)):
+            o = guests.get(uuid) or guests.get(name)
+            if o is not None:
+                out.append((i, o))
+        return out
+
+    def _warn_floors_above_max(self, table: GuestTable) -> None:
         """A config floor above a guest's maximum is capped at the maximum (the guard's
         ``floor_kib``); say so once per guest and floor, not every tick."""
-        for g in guests:
-            o = self.cfg.override_for(g)
-            if o is None or o.floor_kib is None or o.floor_kib <= g.max_kib:
+        for i, o in self._overridden_rows(table):
+            max_kib = int(table.max_kib[i])
+            if o.floor_kib is None or o.floor_kib <= max_kib:
                 continue
-            if (g.uuid, o.floor_kib) not in self._floors_warned:
-                self._floors_warned.add((g.uuid, o.floor_kib))
+            uuid, name = table.uuid[i], table.name[i]
+            if (uuid, o.floor_kib) not in self._floors_warned:
+                self._floors_warned.add((uuid, o.floor_kib))
                 log.warning(
                     "guest %s: config floor %d KiB is above its maximum %d KiB; capped at the maximum",
-                    g.name,
+                    name,
                     o.floor_kib,
-                    g.max_kib,
-                    extra={"event": "floor-above-max", "guest": g.name},
+                    max_kib,
+                    extra={"event": "floor-above-max", "guest": name},
                 )
 
-    def _explain(
-        self, guests: Sequence[GuestSnapshot], outcome: StepOutcome[Any], applied: frozenset[str], shortfall: Shortfall
-    ) -> None:
-        """Keep the status document current and log each guest's reason when it changes."""
-        with_floors, _excluded = with_overrides(guests, self.cfg)
-        self.last_status = status_doc.build(
-            with_floors,
-            outcome.decisions,
+    def _explain(self, outcome: StepOutcome[Any], applied: frozenset[str], shortfall: Shortfall) -> None:
+        """Keep what the status document is built from (built when someone reads it) and
+        log each guest's reason when its kind changes (``status.ReasonKinds``)."""
+        self._status = _StatusInputs(
+            outcome,
             applied,
             self.cfg.guard,
-            policy=self.policy.name,
-            dry_run=self.dry_run,
-            ticks=self.ticks + 1,
-            interval_s=self.cfg.interval_s,
-            host_short_kib=shortfall.short_kib,
+            self.policy.name,
+            self.dry_run,
+            self.ticks + 1,
+            self.cfg.interval_s,
+            shortfall.short_kib,
+            status_doc.now_text(),
         )
-        self._status_bytes = status_doc.encode(self.last_status)
-        self._reasons.update(self.last_status)
+        self._status_bytes = None
+        table, verdict = outcome.table, outcome.verdict
+        if verdict is None:
+            return
+        applied_rows = (
+            np.array([u in applied for u in table.uuid], dtype=bool) if applied else np.zeros(len(table), dtype=bool)
+        )
+        kinds = self._reasons.kinds(table, verdict, applied_rows, outcome.errors, outcome.reasons)
 
-    def _effective_cfg(self, guests: Sequence[GuestSnapshot]) -> DaemonConfig:
+        def status_of(i: int) -> status_doc.GuestStatus:
+            (d,) = outcome.decisions_of([i])
+            return status_doc.guest_status(table.snapshot(i), d, d.uuid in applied, int(verdict.floor_kib[i]))
+
+        self._reasons.update(table.uuid, kinds, status_of)
+
+    @property
+    def last_status(self) -> status_doc.DaemonStatus | None:
+        """What `overcommitd status` shows: the last tick's document (None before one)."""
+        if isinstance(self._status, _StatusInputs):
+            self._status = self._status.build()
+        return self._status
+
+    def _effective_cfg(self, table: GuestTable) -> DaemonConfig:
         """The config with guests paused by command excluded (keeping their other overrides)."""
         if not self.paused:
             return self.cfg
         overrides = dict(self.cfg.guests)
-        for g in guests:
-            if g.uuid in self.paused:
-                base = self.cfg.override_for(g) or GuestOverride.model_validate({})
-                overrides[g.uuid] = base.model_copy(update={"exclude": True})
+        for uuid, name in zip(table.uuid, table.name, strict=True):
+            if uuid in self.paused:
+                base = self.cfg.guests.get(uuid) or self.cfg.guests.get(name) or GuestOverride.model_validate({})
+                overrides[uuid] = base.model_copy(update={"exclude": True})
         return self.cfg.model_copy(update={"guests": overrides})
 
-    def _mark_migrations(self, guests: Sequence[GuestSnapshot]) -> tuple[GuestSnapshot, ...]:
+    def _mark_migrations(self, table: GuestTable) -> GuestTable:
         """Guests with an announced migration, marked; an announcement whose time ran out,
         or whose guest has left this host, is dropped."""
+        if not self.migrations:
+            return table
         now_s = time.monotonic()
-        present = {g.uuid for g in guests}
+        present = set(table.uuid)
         self.migrations = {u: t for u, t in self.migrations.items() if t > now_s and u in present}
-        return tuple(dataclasses.replace(g, migration_pending=True) if g.uuid in self.migrations else g for g in guests)
+        if not self.migrations:
+            return table
+        announced = np.array([u in self.migrations for u in table.uuid], dtype=bool)
+        return table.replace(migration_pending=table.migration_pending | announced)
 
     def _count_libvirt_errors(self) -> None:
         """Carry the backend's cumulative call and error counts into Prometheus."""
@@ -275,6 +365,10 @@ class Daemon:
 
     def status_document(self) -> bytes:
         """The JSON the status socket serves: the last tick's ``status.DaemonStatus``."""
+        if self._status_bytes is None:
+            status = self.last_status
+            assert status is not None  # set with the first tick, which also cleared the bytes
+            self._status_bytes = status_doc.encode(status)
         return self._status_bytes
 
     def status(self) -> msg.StatusMessage:
@@ -283,15 +377,28 @@ class Daemon:
     def _publish(
         self,
         host: HostSnapshot,
-        guests: Sequence[GuestSnapshot],
+        read: GuestTable,
         outcome: StepOutcome[Any],
+        moving: Sequence[Decision],
         applied: frozenset[str],
         shortfall: Shortfall,
     ) -> None:
-        self.metrics.observe(host, guests, outcome.decisions, set(applied))
+        """Prometheus from the step's columns; a log line per target set; MQTT as documented
+        (a snapshot and a decision per guest per tick, built only when MQTT is on)."""
+        table = outcome.table
+        self.metrics.observe_host(host)
+        row = {u: i for i, u in enumerate(table.uuid)} if applied else {}
+        set_rows = [(row[d.uuid], d.target_kib) for d in moving if d.uuid in applied and d.target_kib is not None]
+        self.metrics.observe_guests(
+            table,
+            np.array([r for r, _ in set_rows], dtype=np.int64),
+            np.array([t for _, t in set_rows], dtype=np.int64),
+        )
+        clamps = clamp_counts(outcome.verdict) if outcome.verdict is not None else self._clamps_of(outcome.decisions)
+        self.metrics.count_decisions(len(applied), len(table) - len(applied), clamps)
         self.metrics.observe_shortfall(shortfall)
         self.metrics.dry_run.set(1 if self.dry_run else 0)
-        for d in outcome.decisions:
+        for d in moving:
             if d.target_kib is not None:
                 log.info(
                     "guest %s: target %d KiB%s",
@@ -314,13 +421,20 @@ class Daemon:
         self.mqtt.offer(t.host, msg.HostMessage.of(host), retain=True)
         self.mqtt.offer(t.shortfall, msg.ShortfallMessage.of(shortfall), retain=True)
         names = {}
-        for g in guests:
+        for g in read.snapshots():  # the snapshot as read: before the config's overrides
             names[g.uuid] = g.name
             self.mqtt.offer(t.guest(g.name, "snapshot"), msg.GuestMessage.of(g))
         for d in outcome.decisions:
             self.mqtt.offer(
                 t.guest(names.get(d.uuid, d.name), "decision"), msg.DecisionMessage.of(d, applied=d.uuid in applied)
             )
+
+    @staticmethod
+    def _clamps_of(decisions: Sequence[Decision]) -> dict[Any, int]:
+        counts: Counter[Any] = Counter()
+        for d in decisions:
+            counts.update(c.reason for c in d.clamps)
+        return dict(counts)
 
     def on_guest_event(self, event: Any) -> None:
         """A libvirt event, on the asyncio loop (bridged from libvirt's event thread)."""
@@ -373,9 +487,11 @@ class Daemon:
         return msg.Reply(id=cmd.id, ok=True, message=f"dry-run {'on' if cmd.enabled else 'off'}")
 
     def _known_guest(self, name_or_uuid: str, cmd_id: str | None) -> GuestSnapshot:
-        for g in self.last_guests:
-            if name_or_uuid in (g.name, g.uuid):
-                return g
+        table = self.last_table
+        if table is not None:
+            for i, (uuid, name) in enumerate(zip(table.uuid, table.name, strict=True)):
+                if name_or_uuid in (name, uuid):
+                    return table.snapshot(i)
         raise msg.CommandError("no-such-guest", f"no running guest named or with UUID {name_or_uuid!r}", cmd_id)
 
     def _use_policy(self, policy: Policy[Any], spec: str, params: dict[str, Any]) -> None:

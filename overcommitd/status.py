@@ -22,17 +22,20 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from overcommitd.config import GuardConfig
-from overcommitd.guard import floor_kib
+from overcommitd.guard import GuardOutcome, floor_kib, implausible_codes
 from overcommitd.model import ClampReason, Decision, GuestSnapshot, OvercommitdError
 from overcommitd.shortfall import short_text
+from overcommitd.table import BoolArray, GuestTable, IntArray
 
 log = logging.getLogger(__name__)
 
@@ -102,34 +105,18 @@ def build(
     ticks: int,
     interval_s: float,
     host_short_kib: int = 0,
+    updated_at: str | None = None,
 ) -> DaemonStatus:
-    """The status after a tick; ``guests`` carry the config's floors (``loop.with_overrides``)."""
+    """The status after a tick; ``guests`` carry the config's floors (``loop.with_overrides``).
+    ``updated_at``: when the tick ran (default: now), for a document built later."""
     by_uuid = {g.uuid: g for g in guests}
     rows = []
     for d in decisions:
         g = by_uuid.get(d.uuid)
         if g is None:
             continue
-        state: Literal["set", "held", "not-applied"]
-        if d.target_kib is None:
-            state, target = "held", g.last_target_kib
-        else:
-            state = "set" if d.uuid in applied else "not-applied"
-            target = d.target_kib
-        rows.append(
-            GuestStatus(
-                name=g.name,
-                uuid=g.uuid,
-                actual_kib=g.actual_kib,
-                target_kib=target,
-                floor_kib=floor_kib(g, rules),
-                max_kib=g.max_kib,
-                wish_kib=d.wish_kib,
-                state=state,
-                why=explain(d, g),
-            )
-        )
-    now = datetime.now(UTC).isoformat(timespec="seconds")
+        rows.append(guest_status(g, d, d.uuid in applied, floor_kib(g, rules)))
+    now = updated_at or now_text()
     return DaemonStatus(
         policy=policy,
         dry_run=dry_run,
@@ -138,6 +125,32 @@ def build(
         updated_at=now,
         guests=tuple(rows),
         host_short_kib=host_short_kib,
+    )
+
+
+def now_text() -> str:
+    """The ``updated_at`` of a document made now."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def guest_status(g: GuestSnapshot, d: Decision, applied: bool, floor: int) -> GuestStatus:
+    """One guest's row: ``g`` carries the config's floor, ``floor`` is the guard's."""
+    state: Literal["set", "held", "not-applied"]
+    if d.target_kib is None:
+        state, target = "held", g.last_target_kib
+    else:
+        state = "set" if applied else "not-applied"
+        target = d.target_kib
+    return GuestStatus(
+        name=g.name,
+        uuid=g.uuid,
+        actual_kib=g.actual_kib,
+        target_kib=target,
+        floor_kib=floor,
+        max_kib=g.max_kib,
+        wish_kib=d.wish_kib,
+        state=state,
+        why=explain(d, g),
     )
 
 
@@ -193,15 +206,103 @@ class ReasonLog:
             seen[g.uuid] = shape
             if self._last.get(g.uuid) != shape:
                 changed.append(g)
-                log.info(
-                    "guest %s %s: %s",
-                    g.name,
-                    g.state,
-                    g.why,
-                    extra={"event": "reason", "guest": g.name, "state": g.state, "reason": g.why},
-                )
+                _log_reason(g)
         self._last = seen
         return changed
+
+
+def _log_reason(g: GuestStatus) -> None:
+    log.info(
+        "guest %s %s: %s",
+        g.name,
+        g.state,
+        g.why,
+        extra={"event": "reason", "guest": g.name, "state": g.state, "reason": g.why},
+    )
+
+
+def _shape(why: str) -> str:
+    return ReasonLog._shape(why)
+
+
+class ReasonKinds:
+    """``ReasonLog`` over columns: each guest's reason as a few integers that change
+    exactly when its wording does (numbers aside): the state, every guard rule that shows
+    in ``explain``, and the shape of the policy's reason and error. Only the guests whose
+    kind changed are worded and logged, so a tick costs a few array operations, not a
+    sentence per guest. The policy's reasons are shaped one per kind when they are
+    ``policies.api.RowReasons`` (the batch policies), one per guest otherwise."""
+
+    def __init__(self) -> None:
+        self._uuids: tuple[str, ...] = ()
+        self._kinds: npt.NDArray[np.int64] = np.zeros((0, 3), dtype=np.int64)
+        self._shapes: dict[str, int] = {}  # shape text -> id, for the whole run
+
+    def _id(self, text: str | None) -> int:
+        if not text:
+            return -1
+        return self._shapes.setdefault(_shape(text), len(self._shapes))
+
+    def _text_ids(self, n: int, texts: Mapping[int, str]) -> IntArray:
+        ids = np.full(n, -1, dtype=np.int64)
+        kind = getattr(texts, "kind", None)
+        word = getattr(texts, "word", None)
+        if isinstance(kind, np.ndarray) and word is not None:  # policies.api.RowReasons
+            for k in np.unique(kind[kind >= 0]).tolist():
+                rows = np.flatnonzero(kind == k)
+                ids[rows] = self._id(word(int(rows[0])))
+            return ids
+        for i, text in texts.items():
+            ids[i] = self._id(text)
+        return ids
+
+    def kinds(
+        self,
+        table: GuestTable,
+        v: GuardOutcome,
+        applied: BoolArray,
+        errors: Mapping[int, str],
+        reasons: Mapping[int, str],
+    ) -> npt.NDArray[np.int64]:
+        """Each row's kind: (state and guard rules, policy reason shape, error shape)."""
+        state = np.where(v.has_target, np.where(applied, 0, 2), 1)
+        shown_dead = v.dead_band & (v.stepped_kib != v.reference_kib)  # explain() leaves out "no change at all"
+        implausible = np.where(v.inflate_block == 3, implausible_codes(table), 0)
+        not_running = np.where(v.hold == 1, table.run_state.astype(np.int64), 0)
+        guard = v.hold.astype(np.int64)
+        for flag, size in (
+            (v.restored, 2),
+            (v.maxed, 2),
+            (v.floored, 2),
+            (v.inflate_block, 8),
+            (v.deflate_stepped, 2),
+            (shown_dead, 2),
+            (implausible, 8),
+            (not_running, 16),
+            (state, 3),
+        ):
+            guard = guard * size + np.asarray(flag, dtype=np.int64)
+        n = len(table)
+        error_ids = np.where(v.hold == 3, self._text_ids(n, errors), -1)  # shown only when it holds the guest
+        return np.stack([guard, self._text_ids(n, reasons), error_ids], axis=1)
+
+    def update(
+        self, uuids: tuple[str, ...], kinds: npt.NDArray[np.int64], status_of: Callable[[int], GuestStatus]
+    ) -> list[GuestStatus]:
+        """Log and return the rows whose kind changed (worded by ``status_of``); forget
+        guests that left."""
+        if uuids == self._uuids:
+            changed = np.flatnonzero((kinds != self._kinds).any(axis=1))
+        else:
+            index = {u: i for i, u in enumerate(self._uuids)}
+            at = np.array([index.get(u, -1) for u in uuids], dtype=np.int64)
+            before = self._kinds[np.maximum(at, 0)] if len(self._kinds) else np.zeros_like(kinds)
+            changed = np.flatnonzero((at < 0) | (kinds != before).any(axis=1))
+        self._uuids, self._kinds = uuids, kinds
+        rows = [status_of(i) for i in changed.tolist()]
+        for g in rows:
+            _log_reason(g)
+        return rows
 
 
 class StatusServer:

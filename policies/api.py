@@ -68,14 +68,14 @@ Habits the built-in policies keep, worth keeping in a plugin:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, OvercommitdError
-from overcommitd.table import FloatArray, GuestTable
+from overcommitd.table import FloatArray, GuestTable, IntArray
 
 S = TypeVar("S")
 G = TypeVar("G")
@@ -142,6 +142,37 @@ class BatchResult(Generic[S]):
     state: S
     errors: Mapping[int, str] = field(default_factory=dict)
     reasons: Mapping[int, str] = field(default_factory=dict)
+
+
+class RowReasons(Mapping[int, str]):
+    """Reasons by row, worded only when read: a batch policy that has a reason for every
+    guest every tick would otherwise format a thousand sentences no one reads (the daemon
+    reads the few that changed; the replay none). ``kind[i]`` says which wording row ``i``
+    gets (-1: none); rows of one kind differ only in their numbers, which is what lets the
+    daemon tell a changed reason (``overcommitd.status``) from its kinds alone."""
+
+    def __init__(self, kind: IntArray, word: Callable[[int], str]) -> None:
+        self.kind = kind
+        self.word = word
+
+    def __getitem__(self, row: int) -> str:
+        if not 0 <= row < len(self.kind) or self.kind[row] < 0:
+            raise KeyError(row)
+        return self.word(row)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.flatnonzero(self.kind >= 0).tolist())
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.kind >= 0))
+
+    def spread(self, rows: IntArray, n: int) -> RowReasons:
+        """These reasons, for a table of which they cover only ``rows`` (of ``n``)."""
+        kind = np.full(n, -1, dtype=np.int64)
+        kind[rows] = self.kind
+        position = np.zeros(n, dtype=np.int64)
+        position[rows] = np.arange(len(rows))
+        return RowReasons(kind, lambda i: self.word(int(position[i])))
 
 
 @runtime_checkable

@@ -31,17 +31,27 @@ Same inputs as our policies: ``balloon`` = ``actual``, ``maxmem`` = ``max_kib``,
 minimum (Proxmox's ``balloon`` option) is the guest's SLA floor, or ``default_min_kib``
 when it has none (Proxmox skips a guest with no minimum, and a baseline that skips every
 guest would compare nothing), ``shares = 1000 x weight`` (default 1000, qemu-server).
+
+Over columns (``decide_batch``): each round of the water-filling is a few numpy
+operations over every candidate at once (within a round no VM sees another's new size,
+as in AutoBalloon.pm, so the round vectorizes exactly); ``compute_alg1`` on ``PveVm``s
+and the per-guest ``decide`` are the same code. VMs are told apart by row, where
+AutoBalloon.pm keys them by vmid: a host never has two guests with one uuid. The
+per-VM version it replaced is the tests' oracle (``tests/proxmox_reference.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
-from policies.api import PolicyResult
+from overcommitd.table import BoolArray, FloatArray, GuestTable, IntArray
+from policies.api import BatchResult, PolicyResult, result_of
 
 MIB_B = 1024 * 1024
 DEFAULT_SHARES = 1000  # qemu-server: `shares` default 1000, range 0..50000
@@ -73,63 +83,113 @@ class PveVm:
     freemem_b: int | None = None  # guest MemFree; None: unknown
 
 
-def _place(vms: Sequence[PveVm], placed: dict[str, int], bytes_b: int, maxchange_b: int) -> int:
-    """Water-fill ``bytes_b`` (negative: take) over ``vms``; updates ``placed`` (vmid ->
-    new size) and returns what could not be placed."""
-    rest, done, repeat, progress = bytes_b, set(), True, True
+@dataclass(frozen=True, slots=True, eq=False)
+class PveColumns:
+    """The candidates as compute_alg1 sees them, one row each, in bytes; ``freemem_b``
+    NaN where unknown."""
+
+    balloon_b: IntArray
+    balloon_min_b: IntArray
+    maxmem_b: IntArray
+    shares: IntArray
+    freemem_b: FloatArray
+
+    @classmethod
+    def of(cls, vms: Sequence[PveVm]) -> PveColumns:
+        i64 = np.int64
+        return cls(
+            np.array([vm.balloon_b for vm in vms], dtype=i64),
+            np.array([vm.balloon_min_b for vm in vms], dtype=i64),
+            np.array([vm.maxmem_b for vm in vms], dtype=i64),
+            np.array([vm.shares for vm in vms], dtype=i64),
+            np.array([np.nan if vm.freemem_b is None else vm.freemem_b for vm in vms], dtype=np.float64),
+        )
+
+    def take(self, rows: IntArray) -> PveColumns:
+        return PveColumns(
+            self.balloon_b[rows], self.balloon_min_b[rows], self.maxmem_b[rows], self.shares[rows], self.freemem_b[rows]
+        )
+
+
+@dataclass(slots=True, eq=False)
+class _Placed:
+    """The new size of each row placed so far (``size_b``, valid where ``placed``)."""
+
+    size_b: IntArray
+    placed: BoolArray
+
+
+def _place(vms: PveColumns, members: BoolArray, out: _Placed, bytes_b: int, maxchange_b: int) -> int:
+    """Water-fill ``bytes_b`` (negative: take) over the rows ``members``; updates ``out``
+    and returns what could not be placed. One round: every live VM's desired share of
+    what is allocated plus the rest, clamped to [min, maxmem], approached by at most
+    ``maxchange_b`` from its current size; a VM that does not move is done."""
+    rest, repeat, progress = bytes_b, True, True
+    done = np.zeros(len(members), dtype=bool)
+    bal, low, high = vms.balloon_b, vms.balloon_min_b, vms.maxmem_b
     while rest and repeat and progress:
-        repeat, progress = False, False
-        live = [vm for vm in vms if vm.vmid not in done]
-        alloc_old = sum(placed.get(vm.vmid, vm.balloon_b) - vm.balloon_min_b for vm in live)
-        shares_total = sum(vm.shares for vm in live)
-        alloc_new = alloc_old + rest
-        changes = 0
-        for vm in live:
-            desired = vm.balloon_min_b + int(alloc_new / shares_total * vm.shares)
-            if not vm.balloon_min_b <= desired <= vm.maxmem_b:
-                desired, repeat = min(vm.maxmem_b, max(vm.balloon_min_b, desired)), True
-            if bytes_b > 0 and desired > vm.balloon_b:
-                new_b = min(vm.balloon_b + maxchange_b, desired)
-            elif desired < vm.balloon_b:  # shrinks even in a grow round, as AutoBalloon.pm does
-                new_b = max(vm.balloon_b - maxchange_b, desired)
-            else:
-                done.add(vm.vmid)
-                continue
-            change = new_b - placed.get(vm.vmid, vm.balloon_b)
-            placed[vm.vmid] = new_b
-            if change:
-                changes += change
-                progress = repeat = True
-        rest -= changes
+        live = members & ~done
+        if not live.any():
+            break
+        current = np.where(out.placed, out.size_b, bal)
+        alloc_new = int((current - low)[live].sum()) + rest
+        per_share = alloc_new / int(vms.shares[live].sum())  # Python division, as Perl's: exact for ints below 2**53
+        desired = low + np.trunc(per_share * vms.shares).astype(np.int64)
+        clamped = np.minimum(high, np.maximum(low, desired))
+        repeat = bool((live & (clamped != desired)).any())
+        grow = (bytes_b > 0) & (clamped > bal)
+        shrink = ~grow & (clamped < bal)  # shrinks even in a grow round, as AutoBalloon.pm does
+        new = np.where(grow, np.minimum(bal + maxchange_b, clamped), np.maximum(bal - maxchange_b, clamped))
+        moves = live & (grow | shrink)
+        done |= live & ~moves
+        change = np.where(moves, new - current, 0)
+        out.size_b = np.where(moves, new, out.size_b)
+        out.placed |= moves
+        if change.any():
+            progress = repeat = True
+        else:
+            progress = False
+        rest -= int(change.sum())
     return rest
+
+
+def compute_alg1_columns(
+    vms: PveColumns, goal_b: int, maxchange_b: int, dead_band_b: int = 10 * MIB_B, pressured_fraction: float = 0.25
+) -> _Placed:
+    """New sizes in bytes of the rows that move this round (Proxmox's ``compute_alg1``)."""
+    free = vms.freemem_b
+    comfortable = (
+        ~np.isnan(free)
+        & (free != 0)
+        & (free > vms.balloon_min_b * pressured_fraction)
+        & (vms.balloon_b >= vms.balloon_min_b)
+    )
+    every = np.ones(len(free), dtype=bool)
+    out = _Placed(np.zeros(len(free), dtype=np.int64), np.zeros(len(free), dtype=bool))
+    if goal_b > dead_band_b:
+        rest = _place(vms, ~comfortable, out, goal_b, maxchange_b)
+        if rest >= goal_b:
+            _place(vms, every, out, rest, maxchange_b)
+    elif goal_b < -dead_band_b:
+        rest = _place(vms, comfortable, out, goal_b, maxchange_b)
+        if rest <= goal_b:
+            _place(vms, every, out, rest, maxchange_b)
+    return out
 
 
 def compute_alg1(
     vms: Sequence[PveVm], goal_b: int, maxchange_b: int, dead_band_b: int = 10 * MIB_B, pressured_fraction: float = 0.25
 ) -> dict[str, int]:
-    """New sizes in bytes for the VMs that move this round (Proxmox's ``compute_alg1``)."""
-    comfortable = [
-        vm
-        for vm in vms
-        if vm.freemem_b and vm.freemem_b > vm.balloon_min_b * pressured_fraction and vm.balloon_b >= vm.balloon_min_b
-    ]
-    pressured = [vm for vm in vms if vm not in comfortable]
-    placed: dict[str, int] = {}
-    if goal_b > dead_band_b:
-        rest = _place(pressured, placed, goal_b, maxchange_b)
-        if rest >= goal_b:
-            _place(vms, placed, rest, maxchange_b)
-    elif goal_b < -dead_band_b:
-        rest = _place(comfortable, placed, goal_b, maxchange_b)
-        if rest <= goal_b:
-            _place(vms, placed, rest, maxchange_b)
-    return placed
+    """New sizes in bytes for the VMs that move this round, by vmid (``compute_alg1_columns``)."""
+    out = compute_alg1_columns(PveColumns.of(vms), goal_b, maxchange_b, dead_band_b, pressured_fraction)
+    sizes = out.size_b.tolist()
+    return {vms[i].vmid: sizes[i] for i in np.flatnonzero(out.placed).tolist()}
 
 
 class ProxmoxPolicy:
     """Proxmox VE auto-ballooning (pve-manager PVE/AutoBalloon.pm); stateless."""
 
-    name = "proxmox"
+    name: ClassVar[str] = "proxmox"
     Params = ProxmoxParams
 
     def __init__(self, params: ProxmoxParams | None = None) -> None:
@@ -138,27 +198,33 @@ class ProxmoxPolicy:
     def initial_state(self) -> None:
         return None
 
-    def candidate(self, guest: GuestSnapshot) -> PveVm | None:
-        shares = round(DEFAULT_SHARES * guest.weight)
-        if guest.actual_kib <= 0 or shares == 0:
-            return None
-        free = guest.stats.mem_free_kib if guest.stats is not None else None
-        minimum = guest.floor_kib if guest.floor_kib > 0 else min(self.params.default_min_kib, guest.max_kib)
-        return PveVm(
-            vmid=guest.uuid,
-            balloon_b=guest.actual_kib * 1024,
-            balloon_min_b=minimum * 1024,
-            maxmem_b=guest.max_kib * 1024,
-            shares=shares,
-            freemem_b=None if free is None else free * 1024,
+    def candidates(self, guests: GuestTable) -> tuple[BoolArray, PveColumns]:
+        """Which rows are candidates (a balloon, ``shares != 0``), and every row in bytes:
+        the minimum is the SLA floor, else ``default_min_kib`` (at most the maximum)."""
+        shares = np.round(DEFAULT_SHARES * guests.weight).astype(np.int64)
+        is_candidate = (guests.actual_kib > 0) & (shares != 0)
+        free = np.where(guests.stats.present, guests.stats["mem_free_kib"], np.nan)
+        minimum = np.where(
+            guests.floor_kib > 0, guests.floor_kib, np.minimum(self.params.default_min_kib, guests.max_kib)
         )
+        columns = PveColumns(guests.actual_kib * 1024, minimum * 1024, guests.max_kib * 1024, shares, free * 1024)
+        return is_candidate, columns
 
     def decide(self, host: HostSnapshot, guests: Sequence[GuestSnapshot], state: None) -> PolicyResult[None]:
+        table = GuestTable.of(guests)
+        return result_of(table, self.decide_batch(host, table, state))
+
+    def decide_batch(self, host: HostSnapshot, guests: GuestTable, state: None) -> BatchResult[None]:
         p = self.params
         used_kib = host.used_kib_counting_arc(p.count_arc)
         goal_b = int(host.mem_total_kib * 1024 * p.target_pct / 100 - used_kib * 1024)
-        vms = [vm for vm in map(self.candidate, guests) if vm is not None]
-        placed = compute_alg1(vms, goal_b, p.max_change_kib * 1024, p.dead_band_kib * 1024, p.pressured_free_fraction)
-        current = {vm.vmid: vm.balloon_b for vm in vms}
-        targets = {vmid: size_b // 1024 for vmid, size_b in placed.items() if size_b != current[vmid]}
-        return PolicyResult(targets, None)
+        is_candidate, columns = self.candidates(guests)
+        rows = np.flatnonzero(is_candidate)
+        vms = columns.take(rows)
+        out = compute_alg1_columns(
+            vms, goal_b, p.max_change_kib * 1024, p.dead_band_kib * 1024, p.pressured_free_fraction
+        )
+        moved = out.placed & (out.size_b != vms.balloon_b)
+        targets = np.full(len(guests), np.nan)
+        targets[rows[moved]] = out.size_b[moved] // 1024
+        return BatchResult(targets, None)

@@ -169,19 +169,21 @@ class SimHypervisor:
         if not present.all():
             sent = {k: np.where(present, v, np.nan) for k, v in sent.items()}
         columns = {name: sent.get(name, self._nan) for name in STAT_NAMES}
-        has_last = self._has_last_target
+        # Copies of what ``set_targets`` changes in place: a table is one instant, and the
+        # daemon keeps the last one (status, commands) after the next targets are set.
+        has_last = self._has_last_target.copy()
         return GuestTable(
             uuid=self._uuids,
             name=self._names,
             max_kib=self._max_kib,
             actual_kib=self.fleet.actual().astype(np.int64),
             current_kib=self.fleet.actual().astype(np.int64),
-            last_target_kib=self._last_target,
+            last_target_kib=self._last_target.copy(),
             has_last_target=has_last,
             last_target_age_s=np.where(has_last, self.now_s - self._target_set_s, np.nan),
             feature_bits=self._feature_bits,
             stats=StatsColumns(last_update, columns),
-            stats_period_s=np.asarray(self.device.stats_period_s, dtype=np.float64),
+            stats_period_s=np.array(self.device.stats_period_s, dtype=np.float64),
             floor_kib=self._floor_kib,
             weight=self._weight,
             run_state=np.zeros(n, dtype=np.int8) + RUNNING,

@@ -1,0 +1,291 @@
+"""Oracle: the per-guest policy before it ran over columns (overcommitd 134522e), kept
+verbatim for ``tests/test_batch_policies.py``; not used by the daemon.
+
+``trim``: reclaim what a guest has touched but does not use in short squeezes, then
+give the memory back, so between squeezes every guest has its whole size for a burst.
+
+Why release? A page the balloon takes is discarded on the host; when the balloon
+deflates, the page returns to the guest *free and unbacked*: the host pays for it again
+only when the guest touches it. So what a squeeze reclaims (page cache, memory a burst
+touched and freed) stays reclaimed after the release, until the guest reads or allocates
+that much again (its next allocations land on exactly those pages: a real guest takes
+free pages last freed, first taken, see ``sim.memory.guest``), while the guest gets its
+headroom back. Holding the balloon inflated
+(``pid``, ``sla-floor``) reclaims a little more, but a guest without DEFLATE_ON_OOM whose
+use leaps above what the balloon left it is OOM-killed before any control loop can
+react: bitbrains-rnd has guests idling at 1 % of their RAM that leap to 50-95 % within
+one 5-minute sample, after days of quiet. A trimmed guest is exposed only while a
+squeeze lasts. This is Senpai's idea (prior-art.md: apply pressure, watch the cost,
+back off) applied from the host, with the balloon as the pressure.
+
+Per guest, a small state machine, one step per tick:
+
+* **watched** (target: the maximum) for ``warmup_s`` after a guest is first seen (also
+  after a restart of the daemon, which keeps no state): its bursts are seen before
+  anything is taken from it.
+* **released** (target: the maximum). A squeeze starts when ``trim_interval_s`` has
+  passed since the last one (a quarter of it while the host's MemAvailable is below
+  ``host_available_target_pct``) and the estimated gain is at least min_gain (``min_gain_pct`` % of
+  the guest's maximum, at least ``min_gain_kib``: scaled to the guest, so a 512 MiB
+  guest is trimmed too) and ``min_gain_pct_of_depth`` % of how far the balloon would inflate (the balloon
+  takes free pages before page cache, so a squeeze spends most of its time on pages the
+  host does not back). The gain is what
+  the guest has touched since the last release and could give up: its page-cache
+  growth (the disk_caches stat) beyond the hot cache it keeps, plus how far its use
+  fell from the peak it showed meanwhile (memory a burst touched and freed).
+* **squeezing** (target: ``keep``; the guard paces the inflation). ``keep`` is the
+  guest's use plus a margin - the largest of ``min_headroom_kib``, ``headroom_pct`` %
+  of its maximum and ``burst_factor`` x the largest rise of use it has shown between
+  two samples - plus the hot cache it keeps. A guest that bursts keeps room for its
+  bursts even mid-squeeze. The squeeze ends, released at once, when ``actual`` stops
+  falling (it reached ``keep``, or the guard holds it), or at the first sign of harm:
+  any swap-in, an auto-deflate, an OOM kill, or use rising between two samples by
+  ``abort_rise_pct`` % of the room it had left. Only a squeeze that reached ``keep``
+  counts as a trim; one cut short is tried again after the interval.
+
+What a squeeze costs is measured, not assumed: page-cache refaults (major faults that
+are not swap-ins, x 4 KiB) between one release and the next squeeze are hot file data
+the squeeze evicted. The guest keeps that much cache at its next squeeze (a running
+maximum that halves when a squeeze costs nothing), so a guest that reads its files
+again is not trimmed into re-reading them.
+
+Under host pressure a released guest gets twice its ``keep`` rather than its maximum.
+A DEFLATE_ON_OOM guest is not released at all (``hold_deflate_on_oom``): it follows
+``keep`` like a set-point, because a burst beyond its margin makes it swap (at most its
+swap space) and then deflate itself, never OOM-kill; the burst it showed then widens
+its margin.
+
+After an OOM kill the guest's burst margin becomes its whole maximum: it is never
+squeezed again. Guests without stats are held.
+
+Every step says why (``decide_guest_why``): warm-up left, time to the next squeeze, gain
+or room below min_gain, an OOM kill seen, a squeeze under way or how it ended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
+from policies.api import PerGuestPolicy
+from policies.signals import PAGE_KIB, Bursts, auto_deflated, refault_count, swap_in_delta_kib, used_kib
+
+MIB = 1024
+
+
+def _mib(kib: float) -> str:
+    return f"{kib / MIB:.0f} MiB"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+class TrimParams(BaseModel):
+    """Knobs of the ``trim`` policy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    trim_interval_s: float = Field(6 * 3600.0, gt=0, description="time between a guest's squeezes")
+    warmup_s: float = Field(3600.0, ge=0, description="watch a new guest this long before its first squeeze")
+    min_gain_pct: float = Field(
+        3.0, ge=0, le=100, description="squeeze only when it would reclaim at least this % of the guest's maximum"
+    )
+    min_gain_kib: Kib = Field(32 * MIB, ge=0, description="... and at least this (the floor of min_gain_pct)")
+    min_headroom_kib: Kib = Field(
+        64 * MIB, ge=0, description="free memory a squeezed guest keeps at least (the floor of headroom_pct)"
+    )
+    headroom_pct: float = Field(5.0, ge=0, le=100, description="... and at least this % of its maximum")
+    burst_factor: float = Field(1.25, ge=0, le=10, description="... and this times its largest rise of use")
+    min_gain_pct_of_depth: float = Field(
+        10.0, ge=0, le=100, description="... and at least this % of how far it would inflate the balloon"
+    )
+    abort_rise_pct: float = Field(
+        25.0, gt=0, le=100, description="use rising by this % of the room it had left ends a squeeze"
+    )
+    host_available_target_pct: float = Field(10.0, ge=0, le=100, description="host MemAvailable below this is pressure")
+    count_arc: bool = Field(True, description="count the ZFS ARC above c_min as available host memory")
+    auto_deflate_tolerance_kib: Kib = Field(
+        2 * MIB, ge=0, description="actual above last target by more = auto-deflate"
+    )
+    hold_deflate_on_oom: bool = Field(
+        True, description="keep DEFLATE_ON_OOM guests at keep instead of releasing them: they cannot be OOM-killed"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TrimGuestState:
+    """One guest's trim cycle and what it has learned."""
+
+    bursts: Bursts | None = None  # set at the first sample
+    squeezing: bool = False
+    actual_kib: int = 0  # last sample, to see a squeeze stall
+    released_s: float = float("-inf")
+    cache_at_release_kib: int = 0
+    peak_used_kib: int = 0  # highest use since the last release
+    refault_base: int | None = None  # major faults less swap-in pages, at the last release
+    keep_cache_kib: int = 0  # hot page cache a squeeze leaves alone
+    swap_in_total_kib: int | None = None
+
+
+class TrimPolicy(PerGuestPolicy[TrimGuestState]):
+    """Squeeze, then release: reclaim touched-but-idle memory, keep burst room."""
+
+    name = "trim"
+    Params = TrimParams
+
+    def __init__(self, params: TrimParams | None = None) -> None:
+        self.params = params or TrimParams()
+
+    def initial_guest_state(self, guest: GuestSnapshot) -> TrimGuestState:
+        return TrimGuestState()
+
+    def decide_guest(
+        self, host: HostSnapshot, guest: GuestSnapshot, state: TrimGuestState
+    ) -> tuple[int | None, TrimGuestState]:
+        target_kib, state, _why = self.decide_guest_why(host, guest, state)
+        return target_kib, state
+
+    def decide_guest_why(
+        self, host: HostSnapshot, guest: GuestSnapshot, state: TrimGuestState
+    ) -> tuple[int | None, TrimGuestState, str | None]:
+        used = used_kib(guest)
+        if used is None or guest.stats is None:
+            return None, state, "no stats from the guest yet"
+        now_s = host.taken_at_s
+        bursts = state.bursts or Bursts(now_s)
+        state, harmed = self.observe(guest, used, state, bursts)
+        if bursts.warming_up(now_s, self.params.warmup_s):
+            left_s = self.params.warmup_s - (now_s - bursts.first_seen_s)
+            # watched: its bursts are seen before anything is taken
+            return guest.max_kib, state, f"warm-up: {_minutes(left_s)} left"
+        keep = self.keep_kib(guest, used, state)
+        if state.squeezing:
+            stalled = guest.actual_kib >= state.actual_kib  # reached keep, or the guard holds it
+            if harmed or stalled:
+                done = not harmed and guest.actual_kib - keep < self.min_gain_kib(guest)
+                target, state = self.release(host, guest, used, keep, state, done)
+                why = (
+                    "squeeze ended early (swap-in, auto-deflate, OOM kill or rising use)"
+                    if harmed
+                    else ("squeeze done" if done else "squeeze stalled short of keep")
+                )
+                return target, state, f"{why}: {self.released_why(host, guest)}"
+            return keep, replace(state, actual_kib=guest.actual_kib), f"squeezing to keep {_mib(keep)}"
+        not_due = self.not_due(host, guest, used, keep, state)
+        if not_due is None:
+            state = self.start_squeeze(guest, state)
+            keep = self.keep_kib(guest, used, state)
+            return keep, state, f"squeeze started: keep {_mib(keep)}"
+        return self.released_target(host, guest, keep), state, f"{not_due}; {self.released_why(host, guest)}"
+
+    def observe(
+        self, guest: GuestSnapshot, used: int, state: TrimGuestState, bursts: Bursts
+    ) -> tuple[TrimGuestState, bool]:
+        """Learn from this sample: the burst margin, the peak, and whether the guest was
+        harmed (swap-in, auto-deflate, OOM kill, a rise mid-squeeze) since the last."""
+        last_used = bursts.used_kib
+        bursts, killed = bursts.observe(guest, used)
+        swapped_kib, swap_total = swap_in_delta_kib(state.swap_in_total_kib, guest)
+        deflated = auto_deflated(guest, self.params.auto_deflate_tolerance_kib)
+        # a rise is alarming in proportion to the room the guest had left for it
+        rise = 0 if last_used is None else used - last_used
+        room_kib = 0 if last_used is None else max(0, guest.actual_kib - last_used)
+        rising = rise > room_kib * self.params.abort_rise_pct / 100
+        harmed = swapped_kib > 0 or killed or deflated or (state.squeezing and rising)
+        state = replace(
+            state, bursts=bursts, peak_used_kib=max(state.peak_used_kib, used), swap_in_total_kib=swap_total
+        )
+        return state, harmed
+
+    def margin_kib(self, guest: GuestSnapshot, state: TrimGuestState) -> float:
+        """Room above use a squeezed guest keeps for a burst."""
+        p = self.params
+        burst_kib = state.bursts.margin_kib(p.burst_factor) if state.bursts is not None else 0
+        return max(p.min_headroom_kib, guest.max_kib * p.headroom_pct / 100, burst_kib)
+
+    def keep_kib(self, guest: GuestSnapshot, used: int, state: TrimGuestState) -> int:
+        """What a squeeze leaves the guest: use, burst room, hot cache; within bounds."""
+        keep = round(used + self.margin_kib(guest, state) + state.keep_cache_kib)
+        return min(guest.max_kib, max(guest.floor_kib, keep))
+
+    def gain_kib(self, guest: GuestSnapshot, used: int, state: TrimGuestState) -> int:
+        """Touched-but-reclaimable memory since the last release: cache growth beyond the
+        hot cache kept, plus memory a burst touched and freed."""
+        caches = guest.stats.disk_caches_kib if guest.stats is not None else None
+        cache_growth = max(0, (caches or 0) - max(state.cache_at_release_kib, state.keep_cache_kib))
+        return cache_growth + max(0, state.peak_used_kib - used)
+
+    def min_gain_kib(self, guest: GuestSnapshot) -> int:
+        """The least a squeeze must reclaim: ``min_gain_pct`` % of the guest's maximum,
+        at least ``min_gain_kib`` (absolute defaults did nothing on small guests)."""
+        return max(self.params.min_gain_kib, round(guest.max_kib * self.params.min_gain_pct / 100))
+
+    def not_due(
+        self, host: HostSnapshot, guest: GuestSnapshot, used: int, keep: int, state: TrimGuestState
+    ) -> str | None:
+        """Why no squeeze starts now, or None when one is due."""
+        p = self.params
+        if state.bursts is not None and state.bursts.largest_rise_kib >= guest.max_kib:
+            return "OOM kill seen: never squeezed again"
+        interval_s = p.trim_interval_s / 4 if self.host_pressed(host) else p.trim_interval_s
+        wait_s = interval_s - (host.taken_at_s - state.released_s)
+        if wait_s > 0:
+            return f"next squeeze in {_minutes(wait_s)}"
+        depth_kib = guest.actual_kib - keep
+        min_gain = self.min_gain_kib(guest)
+        if depth_kib < min_gain:
+            return f"room above keep {_mib(max(0, depth_kib))} below min_gain {_mib(min_gain)}"
+        gain_kib = self.gain_kib(guest, used, state)
+        need_kib = max(min_gain, round(depth_kib * p.min_gain_pct_of_depth / 100))
+        if gain_kib < need_kib:
+            return f"gain {_mib(gain_kib)} below min_gain {_mib(need_kib)}"
+        return None
+
+    def start_squeeze(self, guest: GuestSnapshot, state: TrimGuestState) -> TrimGuestState:
+        """Begin a squeeze; charge the refaults since the last release to the hot cache."""
+        refaulted_kib = 0
+        base = state.refault_base
+        current = refault_count(guest)
+        if base is not None and current is not None:
+            refaulted_kib = max(0, current - base) * PAGE_KIB
+        keep_cache = max(refaulted_kib, state.keep_cache_kib // 2)
+        return replace(state, squeezing=True, actual_kib=guest.actual_kib, keep_cache_kib=keep_cache)
+
+    def release(
+        self, host: HostSnapshot, guest: GuestSnapshot, used: int, keep: int, state: TrimGuestState, done: bool
+    ) -> tuple[int, TrimGuestState]:
+        """End a squeeze. Only one that reached ``keep`` resets what the next gain is
+        measured from; one cut short leaves it, so the guest is tried again."""
+        state = replace(state, squeezing=False, released_s=host.taken_at_s)
+        if done:
+            caches = guest.stats.disk_caches_kib if guest.stats is not None else None
+            state = replace(
+                state,
+                cache_at_release_kib=caches or 0,
+                peak_used_kib=used,
+                refault_base=refault_count(guest),
+            )
+        return self.released_target(host, guest, keep), state
+
+    def released_target(self, host: HostSnapshot, guest: GuestSnapshot, keep: int) -> int:
+        """The maximum; under host pressure, what a squeeze keeps plus as much again."""
+        if self.params.hold_deflate_on_oom and guest.features.deflate_on_oom:
+            return keep
+        if self.host_pressed(host):
+            return min(guest.max_kib, 2 * keep)
+        return guest.max_kib
+
+    def released_why(self, host: HostSnapshot, guest: GuestSnapshot) -> str:
+        """Where ``released_target`` puts the guest, in words."""
+        if self.params.hold_deflate_on_oom and guest.features.deflate_on_oom:
+            return "deflate-on-oom guest held at keep"
+        if self.host_pressed(host):
+            return "host under pressure: released to twice keep"
+        return "released to its maximum"
+
+    def host_pressed(self, host: HostSnapshot) -> bool:
+        """MemAvailable (with the ZFS ARC above c_min, unless ``count_arc`` is off) below target."""
+        available_pct = 100 * host.available_kib(count_arc=self.params.count_arc) / host.mem_total_kib
+        return available_pct < self.params.host_available_target_pct
