@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,7 @@ def test_peaks_are_the_largest_sample_of_each_window(demand: list[int], cuts: li
         return
     peaks = w.peaks(0.0, at)[:, 0]
     edges = np.concatenate([[0.0], at])
-    oracle = [min(brute_peak(trace, a, b), float(w.demand_cap_kib[0])) for a, b in zip(edges, edges[1:], strict=False)]
+    oracle = [min(brute_peak(trace, a, b), float(w.demand_cap_kib[0])) for a, b in pairwise(edges)]
     assert peaks.tolist() == oracle
     assert (peaks >= w.block(at)[0][:, 0]).all()
 
