@@ -20,6 +20,7 @@ from tests.realguest.fidelity import (
     CONFIG,
     GUEST_MIB,
     LATEST,
+    RECORD_INTERVAL_S,
     RUN_AFTER_LAST_S,
     SCHEDULE,
     STATS_PERIOD_S,
@@ -106,7 +107,8 @@ def test_simulator_follows_real_guests_under_pid(libvirtd: Libvirtd, guests: Gue
     )
     consoles = Consoles(guests)
     cfg = str(run / "overcommitd.toml")
-    recorder = start(["record", "--config", cfg, "--out", str(run / "recording"), "--interval-s", "2"], run / "rec.log")
+    recording = ["record", "--config", cfg, "--out", str(run / "recording"), "--interval-s", str(RECORD_INTERVAL_S)]
+    recorder = start(recording, run / "rec.log")
     t0_s = time.time()
     daemon = start(["run", "--config", cfg], run / "daemon.log")
     try:
