@@ -362,14 +362,25 @@ class _Run:
             ends = (k + 1 + np.arange(BLOCK_TICKS, dtype=np.float64)) * self.spec.interval_s
             samples = self.hv.sample_instants(ends)
             times = ends if samples is None else np.concatenate([ends, np.nan_to_num(samples, nan=0.0)])
-            demand, reads = self.workload.block(times)
-            self._ends = (ends, demand[:BLOCK_TICKS], reads[:BLOCK_TICKS])
-            self._samples = None if samples is None else (samples, demand[BLOCK_TICKS:], reads[BLOCK_TICKS:])
+            _, reads = self.workload.block(times)
+            peaks = self._peaks(ends, samples)
+            self._ends = (ends, peaks[1::2], reads[:BLOCK_TICKS])
+            self._samples = None if samples is None else (samples, peaks[0::2], reads[BLOCK_TICKS:])
         i = k - self._block_start
         at_end = (float(self._ends[0][i]), self._ends[1][i], self._ends[2][i])
         if self._samples is None or not np.isfinite(self._samples[0][i]):
             return _Landing(None, at_end)
         return _Landing((float(self._samples[0][i]), self._samples[1][i], self._samples[2][i]), at_end)
+
+    def _peaks(self, ends: Array, samples: Array | None) -> Array:
+        """The demand each guest lands at each tick's stats sample and end, in that order
+        (two rows a tick): the peak of its trace since the landing before
+        (``Workload.peaks``). A tick without a sample inside it lands all at its end."""
+        starts = ends - self.spec.interval_s
+        sample_at = starts if samples is None else np.nan_to_num(samples)
+        inside = (starts < sample_at) & (sample_at < ends)
+        at = np.stack([np.where(inside, sample_at, starts), ends], axis=1).ravel()
+        return self.workload.peaks(float(starts[0]), at)
 
     def tick(self) -> None:
         hv, k = self.hv, self.k
