@@ -78,6 +78,9 @@ class KernelState(NamedTuple):
     held: Array
     num_pages: Array
     waiting_for_config: Flags
+    puff_clock: Array  # the driver's puff_clock_s
+    puff_retries: Array
+    release_frac: Array
 
 
 def _jit(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,26 +142,96 @@ def _allocate(i: int, s: Any, amount: float) -> None:
 
 
 @_jit
-def _evict(i: int, s: Any, amount: float) -> None:
-    """``Fleet._evict_cache(..., by_reclaim=True)`` of guest ``i``."""
+def _evict(i: int, s: Any, amount: float, by_reclaim: bool = True) -> None:
+    """``Fleet._evict_cache`` of guest ``i``."""
     cache, hot = s.cache[i], s.hot[i]
     hot_lost = _min(_max(amount - (cache - hot), 0.0), hot)
     s.cache[i] = cache - amount
     s.hot[i] = hot - hot_lost
     s.refault_debt[i] += hot_lost
-    unballooned = (s.balloon[i] <= 0) & (s.held[i] <= 0)
-    s.own_refault_debt[i] += hot_lost if unballooned else 0.0
+    if by_reclaim:
+        unballooned = (s.balloon[i] <= 0) & (s.held[i] <= 0)
+        s.own_refault_debt[i] += hot_lost if unballooned else 0.0
 
 
 @_jit
-def _evict_all(s: Any, amount: Any) -> None:
+def _evict_all(s: Any, amount: Any, by_reclaim: bool = True) -> None:
     """``Fleet._evict_cache`` over the fleet: nothing at all when no guest gives any."""
     n = len(amount)
     for i in range(n):
         if amount[i] != 0.0:  # ``.any()``: NaN counts too
             for j in range(n):
-                _evict(j, s, amount[j])
+                _evict(j, s, amount[j], by_reclaim)
             return
+
+
+@_jit
+def move_balloons(
+    s: Any, dt_s: float, inflate_max_kib: float, deflate_max_kib: float, retry_s: float, page_kib: float
+) -> None:
+    """``Fleet._move_balloon`` with the bulk driver (``BalloonDriver.advance``), then
+    ``Fleet.balloon_moved`` where any balloon moved."""
+    n = len(s.balloon)
+    delta = np.empty(n)
+    for i in range(n):
+        spare = _max(_free(i, s) - s.min_free[i], 0.0) + _max(s.cache[i] - s.cache_min[i], 0.0)
+        before = s.balloon[i]
+        diff = s.num_pages[i] - s.balloon[i]
+        inflate = 0.0 if s.waiting_for_config[i] else _min(_max(diff, 0.0), inflate_max_kib)
+        spare_pages_kib = np.floor(spare / page_kib) * page_kib
+        short = inflate > spare_pages_kib
+        inflate = _min(inflate, spare_pages_kib)
+        deflate = _min(_max(-diff, 0.0), deflate_max_kib)
+        s.balloon[i] += inflate - deflate
+        retries_before = np.ceil(s.puff_clock[i] / retry_s)
+        s.puff_clock[i] = s.puff_clock[i] + dt_s if short else 0.0
+        s.puff_retries[i] += np.ceil(s.puff_clock[i] / retry_s) - retries_before if short else 0.0
+        delta[i] = s.balloon[i] - before
+    for i in range(n):
+        if delta[i] != 0.0:
+            _balloon_moved(s, delta)
+            return
+
+
+@_jit
+def _balloon_moved(s: Any, delta: Any) -> None:
+    """``Fleet.balloon_moved``: the free-list layers are read before the page cache is
+    evicted, which happens for the whole fleet or not at all (``_evict_all``)."""
+    n = len(delta)
+    fresh_layer = np.empty(n)
+    from_free = np.empty(n)
+    from_cache = np.empty(n)
+    for i in range(n):
+        inflated = _max(delta[i], 0.0)
+        free_before = _max(_capacity(i, s) + delta[i] - s.anon[i] - s.cache[i], 0.0)
+        fresh_layer[i] = _max(_touched_free(i, s) - s.older[i], 0.0)
+        from_free[i] = _min(inflated, _max(free_before - s.min_free[i], 0.0))
+        from_cache[i] = inflated - from_free[i]
+    _evict_all(s, from_cache, False)
+    for i in range(n):
+        left = from_free[i]
+        fresh = _min(left, fresh_layer[i])
+        left = left - fresh
+        deflated_taken = _min(left, s.deflated[i])
+        left = left - deflated_taken
+        older_taken = _min(left, s.older[i])
+        s.deflated[i] -= deflated_taken
+        s.older[i] -= older_taken
+        taken_touched = from_cache[i] + fresh + older_taken
+        s.touched[i] -= s.release_frac[i] * taken_touched
+        s.resident[i] += (1.0 - s.release_frac[i]) * taken_touched
+        deflated = _max(-delta[i], 0.0)
+        before = s.balloon[i] - delta[i]
+        share = deflated / before if before > 0 else 0.0
+        back_resident = s.resident[i] * _min(share, 1.0)
+        # Fleet._deflated
+        if deflated > 0:
+            s.older[i] = _touched_free(i, s)
+        s.deflated[i] += deflated - back_resident
+        s.resident[i] -= back_resident
+        if delta[i] > 0:
+            limit = s.ram[i] - s.balloon[i] + s.resident[i]
+            s.touched[i] = _min(_max(s.touched[i], 0.0), limit)
 
 
 @_jit

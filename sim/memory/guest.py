@@ -69,9 +69,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sim.memory import fleet_kernel
 from sim.memory.kernel import DEBIAN_6_1_PC, GuestKernel, GuestReserve, guest_reserve
 from sim.virtio.backing import RamBacking
-from sim.virtio.balloon_spec import PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY_S, PAGEBLOCK_ORDER
+from sim.virtio.balloon_spec import BALLOON_PAGE_KIB, PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY_S, PAGEBLOCK_ORDER
 from sim.virtio.device import StatArrays
-from sim.virtio.driver import BalloonDriver, FleetDriver
+from sim.virtio.driver import DEFLATE_KIB_S, INFLATE_KIB_S, OUT_OF_PUFF_RETRY_S, BalloonDriver, FleetDriver
 
 Array = npt.NDArray[np.float64]
 T = TypeVar("T", Array, float)
@@ -361,6 +361,9 @@ class Fleet:
             d.held_kib,
             d.num_pages_kib,
             d.waiting_for_config,
+            d.puff_clock_s,
+            d.puff_retries,
+            self.release_frac,
         )
 
     def _allocate(self, amount: Array) -> None:
@@ -426,6 +429,16 @@ class Fleet:
         """The bulk driver moves the balloons; the protocol model moves them on the World
         clock instead (its ``advance`` leaves them be) and reports each request through
         ``balloon_moved``."""
+        if self.compiled and type(self.driver) is BalloonDriver:
+            fleet_kernel.move_balloons(
+                self._kernel_state(),
+                dt_s,
+                INFLATE_KIB_S * dt_s,
+                DEFLATE_KIB_S * dt_s,
+                OUT_OF_PUFF_RETRY_S,
+                float(BALLOON_PAGE_KIB),
+            )
+            return
         before = self.driver.balloon_kib.copy()
         self.driver.advance(dt_s, self.spare_kib())
         delta = self.driver.balloon_kib - before
