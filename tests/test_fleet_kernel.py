@@ -148,3 +148,21 @@ def test_arbitrary_states_land_bit_identical(n: int, data: st.DataObject, dt_s: 
     for fleet in (ref, fast):
         fleet.advance(dt_s, demand, reads)
     assert differences(ref, fast) == []
+
+
+@pytest.mark.parametrize("trace_dir", sorted(p.name for p in BUNDLED_DIR.iterdir() if p.is_dir()))
+def test_workload_block_identical(trace_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled trace lookup of ``Workload.block`` finds the sample numpy's
+    ``searchsorted`` finds, for every bundled trace set, reused traces (offsets) and
+    times that wrap around the traces' ends and go back (the replay's sample instants)."""
+    spec = ReplaySpec(traces=(BUNDLED_DIR / trace_dir,), guests=60, hours=6, start_h=5000.0)
+    _, workload = build_guests(spec, load_traces(spec))
+    longest = max(t.duration_s for t in workload.traces)
+    ends = np.arange(1, 3001, dtype=np.float64) * 10.0 * (longest / 20000.0)
+    times = np.concatenate([ends, ends - 4.9, np.zeros(3), [1e12, 0.5]])
+    monkeypatch.setattr(fleet_kernel, "AVAILABLE", False)
+    ref = workload.block(times)
+    monkeypatch.setattr(fleet_kernel, "AVAILABLE", True)
+    fast = workload.block(times)
+    assert np.array_equal(ref[0], fast[0]) and np.array_equal(ref[1], fast[1])
+    assert len(np.unique(ref[0])) > 100  # the lookup had samples to tell apart

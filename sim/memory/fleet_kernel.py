@@ -380,3 +380,22 @@ def land(
     for i in range(n):
         unserved[i] = demand[i] if killed[i] else 0.0
         degraded[i] = killed[i] | thrashing[i]
+
+
+@_jit
+def sample_rows(times_s: Any, offset_s: float, duration_s: float, t_s: Any, out: Any) -> None:
+    """``np.searchsorted(t_s, (times_s + offset_s) % duration_s, side="right") - 1`` into
+    ``out``, for ``Workload.block``: the times mostly increase, so each answer is searched
+    for from the previous one, and from scratch only where the times go back."""
+    m = len(t_s)
+    j = 0  # how many samples are at or before the time
+    for k in range(len(times_s)):
+        t = (times_s[k] + offset_s) % duration_s
+        if math.isnan(t):
+            out[k] = m - 1  # numpy sorts NaN last
+            continue
+        if j > 0 and t_s[j - 1] > t:
+            j = np.searchsorted(t_s, t, side="right")
+        while j < m and t_s[j] <= t:
+            j += 1
+        out[k] = j - 1
