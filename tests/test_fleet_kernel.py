@@ -117,11 +117,17 @@ odd = st.one_of(kib, st.sampled_from([0.0, 1e-9, 0.5, 1.0, 1024.0]), st.floats(-
 )
 def test_arbitrary_states_land_bit_identical(n: int, data: st.DataObject, dt_s: float) -> None:
     """Any state the arrays can hold - over-full guests, negative float dust, empty
-    balloons, killed workloads not reaped yet - lands the same on both paths."""
+    balloons, killed workloads not reaped yet, free page reporting on or off - moves and
+    lands the same on both paths."""
     ram = np.array(data.draw(st.lists(st.integers(256 * 1024, 64 * 2**20), min_size=n, max_size=n)), dtype=float)
     specs = [
         GuestSpec(
-            str(i), f"g{i}", int(r), deflate_on_oom=data.draw(st.booleans()), swap_kib=data.draw(st.integers(0, 2**21))
+            str(i),
+            f"g{i}",
+            int(r),
+            deflate_on_oom=data.draw(st.booleans()),
+            reporting=data.draw(st.booleans()),
+            swap_kib=data.draw(st.integers(0, 2**21)),
         )
         for i, r in enumerate(ram)
     ]

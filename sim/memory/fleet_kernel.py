@@ -81,6 +81,7 @@ class KernelState(NamedTuple):
     puff_clock: Array  # the driver's puff_clock_s
     puff_retries: Array
     release_frac: Array
+    reporting: Flags  # free page reporting runs in the Fleet, in closed form
 
 
 def _jit(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -399,3 +400,30 @@ def sample_rows(times_s: Any, offset_s: float, duration_s: float, t_s: Any, out:
         while j < m and t_s[j] <= t:
             j += 1
         out[k] = j - 1
+
+
+@_jit
+def report_free(s: Any, passes: int, capacity: float, block_kib: float, residue_pct: float) -> None:
+    """``Fleet._report_free`` for guests whose reporting the Fleet runs (``s.reporting``):
+    ``passes`` passes of ``reportable_blocks``, each ending the loop once no guest has a
+    block to report."""
+    n = len(s.reporting)
+    blocks = np.zeros(n)
+    gate_kib = capacity * block_kib
+    for _ in range(passes):
+        found = False
+        for i in range(n):
+            blocks[i] = 0.0
+            if s.reporting[i]:
+                free = _free(i, s)
+                unreported = _touched_free(i, s) - free * residue_pct / 100
+                if free >= s.min_free[i] + gate_kib:
+                    blocks[i] = np.floor(_max(unreported, 0.0) / block_kib)
+            found |= blocks[i] != 0.0
+        if not found:
+            return
+        for i in range(n):
+            calls = np.ceil(blocks[i] / (capacity * 16))
+            kib = _min(blocks[i], calls * capacity) * block_kib
+            s.touched[i] -= kib
+            s.reported[i] += kib

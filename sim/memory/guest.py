@@ -364,6 +364,7 @@ class Fleet:
             d.puff_clock_s,
             d.puff_retries,
             self.release_frac,
+            self.reporting & ~d.reports_itself,
         )
 
     def _allocate(self, amount: Array) -> None:
@@ -668,7 +669,12 @@ class Fleet:
         bulk = self.reporting & ~self.driver.reports_itself
         if not bulk.any():
             return
-        for _ in range(max(int(np.ceil(dt_s / PAGE_REPORTING_DELAY_S)) - 1, 0)):
+        passes = max(int(np.ceil(dt_s / PAGE_REPORTING_DELAY_S)) - 1, 0)
+        if self.compiled and type(self.driver) is BalloonDriver:
+            capacity, residue_pct = float(PAGE_REPORTING_CAPACITY), self.params.report_residue_pct
+            fleet_kernel.report_free(self._kernel_state(), passes, capacity, float(REPORT_BLOCK_KIB), residue_pct)
+            return
+        for _ in range(passes):
             n = np.where(bulk, self.reportable_blocks(), 0.0)
             if not n.any():
                 return
