@@ -139,10 +139,10 @@ class GuestTable:
 
     def __post_init__(self) -> None:
         n = len(self.uuid)
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in _field_names():
+            value = getattr(self, name)
             if isinstance(value, np.ndarray) and value.shape != (n,):
-                raise ValueError(f"guest table column {f.name} has shape {value.shape}, expected ({n},)")
+                raise ValueError(f"guest table column {name} has shape {value.shape}, expected ({n},)")
         if len(self.name) != n:
             raise ValueError(f"guest table has {n} uuids but {len(self.name)} names")
 
@@ -270,6 +270,17 @@ class GuestTable:
             strict=True,
         )
         return tuple(GuestSnapshot(*row) for row in columns)
+
+
+_FIELD_NAMES: list[str] = []
+
+
+def _field_names() -> list[str]:
+    """``GuestTable``'s field names, listed once: ``dataclasses.fields`` on every table
+    built (each tick of a replay) cost more than the check it feeds (issue 13 profile)."""
+    if not _FIELD_NAMES:
+        _FIELD_NAMES.extend(f.name for f in fields(GuestTable))
+    return _FIELD_NAMES
 
 
 _FEATURES: dict[int, BalloonFeatures] = {}

@@ -191,6 +191,10 @@ class Recorder:
     def __init__(self, ram_kib: npt.NDArray[np.float64], floor_kib: npt.NDArray[np.float64], n_ticks: int) -> None:
         self.ram = ram_kib
         self.floor = floor_kib
+        # Per-tick constants, computed once with the very operations ``record`` used.
+        self._ram_total_kib = self.ram.sum()
+        self._jump_kib = self.ram * JUMP_PCT / 100
+        self._recovered_kib = self.ram * RECOVERED_AVAILABLE_PCT / 100
         self.host_used_pct = np.empty(n_ticks)
         self.saved_kib_s = 0.0
         self.split_kib_s = np.zeros(3)  # ballooned, unbacked, reported
@@ -223,7 +227,7 @@ class Recorder:
     def record(self, now_s: float, dt_s: float, *, host_used_kib: float, host_total_kib: float, g: GuestTick) -> None:
         self.last_s = now_s
         self.host_used_pct[self.ticks] = 100.0 * host_used_kib / host_total_kib
-        self.saved_kib_s += float(self.ram.sum() - g.touched_kib.sum()) * dt_s
+        self.saved_kib_s += float(self._ram_total_kib - g.touched_kib.sum()) * dt_s
         split = (g.ballooned_kib.sum(), g.unbacked_kib.sum(), g.reported_kib.sum())
         self.split_kib_s += np.array(split, dtype=np.float64) * dt_s
         self.unserved_kib_s += float(g.unserved_kib.sum()) * dt_s
@@ -254,15 +258,17 @@ class Recorder:
     ) -> None:
         if self.prev_demand is not None:
             rise = demand - self.prev_demand
-            jumped = (rise >= self.ram * JUMP_PCT / 100) & (rise >= JUMP_MIN_KIB) & np.isnan(self.jump_started_s)
-            self.jumps += int(jumped.sum())
-            self.jump_started_s[jumped] = now_s
+            jumped = (rise >= self._jump_kib) & (rise >= JUMP_MIN_KIB) & np.isnan(self.jump_started_s)
+            if jumped.any():
+                self.jumps += int(jumped.sum())
+                self.jump_started_s[jumped] = now_s
         self.prev_demand = demand.copy()
-        ok = (available >= self.ram * RECOVERED_AVAILABLE_PCT / 100) & (swap_in <= self.prev_swap_in)
+        ok = (available >= self._recovered_kib) & (swap_in <= self.prev_swap_in)
         self.prev_swap_in = swap_in.copy()
         done = ok & ~np.isnan(self.jump_started_s)
-        self.recoveries_s.extend((now_s - self.jump_started_s[done]).tolist())
-        self.jump_started_s[done] = np.nan
+        if done.any():
+            self.recoveries_s.extend((now_s - self.jump_started_s[done]).tolist())
+            self.jump_started_s[done] = np.nan
 
     def paging_pct_per_min(self, paged_kib: npt.NDArray[np.float64], duration_s: float) -> npt.NDArray[np.float64]:
         """Each guest's paging (KiB over the span) as % of its own mean working set

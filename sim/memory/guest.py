@@ -66,11 +66,12 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from sim.memory import fleet_kernel
 from sim.memory.kernel import DEBIAN_6_1_PC, GuestKernel, GuestReserve, guest_reserve
 from sim.virtio.backing import RamBacking
-from sim.virtio.balloon_spec import PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY_S, PAGEBLOCK_ORDER
+from sim.virtio.balloon_spec import BALLOON_PAGE_KIB, PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY_S, PAGEBLOCK_ORDER
 from sim.virtio.device import StatArrays
-from sim.virtio.driver import BalloonDriver, FleetDriver
+from sim.virtio.driver import DEFLATE_KIB_S, INFLATE_KIB_S, OUT_OF_PUFF_RETRY_S, BalloonDriver, FleetDriver
 
 Array = npt.NDArray[np.float64]
 T = TypeVar("T", Array, float)
@@ -225,6 +226,9 @@ class Fleet:
         # demand cap of sim.memory.workload leaves what a guest cannot hold unballooned out).
         self.own_refault_kib = np.zeros_like(self.ram)
         self.host_swap_in = np.zeros_like(self.ram)  # host-swapped guest pages touched again (KiB)
+        # The bulk driver's fleets land each interval through the compiled kernel (the
+        # numpy methods below are its reference); the protocol model's driver never does.
+        self.compiled = fleet_kernel.AVAILABLE
 
     # -- what the guest shows ------------------------------------------------------
 
@@ -283,6 +287,14 @@ class Fleet:
         self._report_free(dt_s)
         if between is not None:
             between()
+        if self.compiled and type(self.driver) is BalloonDriver:
+            self._land_compiled(dt_s, demand_kib, read_kib_s)
+        else:
+            self.land_workload(dt_s, demand_kib, read_kib_s)
+
+    def land_workload(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
+        """The interval's workload and the pressure it causes, at its end. The reference:
+        ``sim.memory.fleet_kernel`` does the same guest by guest, compiled."""
         self._reap_victims()
         self._follow_demand(demand_kib)
         self._grow_cache(dt_s, read_kib_s)
@@ -293,6 +305,67 @@ class Fleet:
         self._settle_free_layers()
         self.unserved_kib = np.where(killed, demand_kib, 0.0)
         self.degraded = killed | thrashing
+
+    def _land_compiled(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
+        """``land_workload`` through the compiled kernel; the scalars the reference
+        computes with ``np.exp``/``math.exp`` are computed here the same way."""
+        p = self.params
+        self.unserved_kib = np.empty_like(self.ram)
+        self.degraded = np.empty(len(self.ram), dtype=bool)
+        fleet_kernel.land(
+            self._kernel_state(),
+            np.ascontiguousarray(demand_kib, dtype=np.float64),
+            np.ascontiguousarray(read_kib_s, dtype=np.float64),
+            dt_s,
+            math.exp(-dt_s / p.cache_reuse_s),
+            1.0 - np.exp(-dt_s / p.swap_touch_s),
+            1.0 - math.exp(-dt_s / p.swap_touch_s),
+            float(OOM_STEP_KIB),
+            EPSILON_KIB,
+            self.unserved_kib,
+            self.degraded,
+        )
+
+    def _kernel_state(self) -> fleet_kernel.KernelState:
+        d = self.driver
+        assert isinstance(d, BalloonDriver)
+        return fleet_kernel.KernelState(
+            self.ram,
+            self.reserved,
+            self.kernel,
+            self.min_free,
+            self.cache_min,
+            self.swap_size,
+            self.deflate_on_oom,
+            self.anon,
+            self.swap,
+            self.cache,
+            self.hot_cache,
+            self.touched,
+            self.balloon_resident,
+            self.older_touched,
+            self.deflated_free,
+            self.reported_free,
+            self.refault_debt,
+            self.own_refault_debt,
+            self.reaping,
+            self.swap_in,
+            self.swap_out,
+            self.major_faults,
+            self.minor_faults,
+            self.oom_kills,
+            self.oom_deflates,
+            self.refault_kib,
+            self.own_refault_kib,
+            d.balloon_kib,
+            d.held_kib,
+            d.num_pages_kib,
+            d.waiting_for_config,
+            d.puff_clock_s,
+            d.puff_retries,
+            self.release_frac,
+            self.reporting & ~d.reports_itself,
+        )
 
     def _allocate(self, amount: Array) -> None:
         """New pages come from the free list, last freed first; every one that is not a
@@ -357,6 +430,16 @@ class Fleet:
         """The bulk driver moves the balloons; the protocol model moves them on the World
         clock instead (its ``advance`` leaves them be) and reports each request through
         ``balloon_moved``."""
+        if self.compiled and type(self.driver) is BalloonDriver:
+            fleet_kernel.move_balloons(
+                self._kernel_state(),
+                dt_s,
+                INFLATE_KIB_S * dt_s,
+                DEFLATE_KIB_S * dt_s,
+                OUT_OF_PUFF_RETRY_S,
+                float(BALLOON_PAGE_KIB),
+            )
+            return
         before = self.driver.balloon_kib.copy()
         self.driver.advance(dt_s, self.spare_kib())
         delta = self.driver.balloon_kib - before
@@ -584,7 +667,12 @@ class Fleet:
         bulk = self.reporting & ~self.driver.reports_itself
         if not bulk.any():
             return
-        for _ in range(max(int(np.ceil(dt_s / PAGE_REPORTING_DELAY_S)) - 1, 0)):
+        passes = max(int(np.ceil(dt_s / PAGE_REPORTING_DELAY_S)) - 1, 0)
+        if self.compiled and type(self.driver) is BalloonDriver:
+            capacity, residue_pct = float(PAGE_REPORTING_CAPACITY), self.params.report_residue_pct
+            fleet_kernel.report_free(self._kernel_state(), passes, capacity, float(REPORT_BLOCK_KIB), residue_pct)
+            return
+        for _ in range(passes):
             n = np.where(bulk, self.reportable_blocks(), 0.0)
             if not n.any():
                 return

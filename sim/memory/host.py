@@ -71,6 +71,7 @@ class SimHost:
         self._avg300 = 0.0
         self.arc = SimArc(params.arc) if params.arc.enabled else None
         self._refault_seen_kib = 0.0
+        self._decay_cache: dict[float, tuple[float, float, float]] = {}
 
     def used_kib(self, touched_kib: Array) -> float:
         arc_kib = self.arc.size_kib if self.arc is not None else 0.0
@@ -95,9 +96,22 @@ class SimHost:
         knee = self.mem_total_kib * self.params.psi_knee_pct / 100
         stalled = float(np.clip((used_kib - knee) / (self.mem_total_kib - knee), 0.0, 1.0))
         self.psi_some_total_us += stalled * dt_s * 1e6
-        for name, window_s in (("_avg10", 10.0), ("_avg60", 60.0), ("_avg300", 300.0)):
-            decay = np.exp(-dt_s / window_s)
-            setattr(self, name, getattr(self, name) * decay + 100 * stalled * (1 - decay))
+        d10, d60, d300 = self._decays(dt_s)
+        self._avg10 = self._avg10 * d10 + 100 * stalled * (1 - d10)
+        self._avg60 = self._avg60 * d60 + 100 * stalled * (1 - d60)
+        self._avg300 = self._avg300 * d300 + 100 * stalled * (1 - d300)
+
+    def _decays(self, dt_s: float) -> tuple[float, float, float]:
+        """The 10, 60 and 300 s windows' decay over ``dt_s``, computed once per interval
+        length (a replay has one or two: three ``np.exp`` calls a tick were a tenth of
+        the host's cost)."""
+        found = self._decay_cache.get(dt_s)
+        if found is None:
+            e10, e60, e300 = (np.exp(-dt_s / w) for w in (10.0, 60.0, 300.0))
+            found = self._decay_cache[dt_s] = (e10, e60, e300)
+            if len(self._decay_cache) > 64:  # irregular intervals: keep the cache small
+                self._decay_cache.clear()
+        return found
 
     def snapshot(self, now_s: float, used_kib: float) -> HostSnapshot:
         available = int(min(max(self.mem_total_kib - used_kib, 0.0), self.mem_total_kib))

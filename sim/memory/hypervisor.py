@@ -153,6 +153,9 @@ class SimHypervisor:
         faults they pay as major faults, and time they could not hold their demand."""
         f = self.fleet
         excess = self.host_used_kib() - self.host.mem_total_kib
+        if excess <= 0:  # host_swap's own first case, without computing what it would ignore
+            f.host_swapped = np.zeros_like(f.touched)
+            return
         cold = f.cold_kib()
         f.host_swapped, faulted = host_swap(excess, cold, f.touched - cold, dt_s, f.params.swap_touch_s)
         if faulted.any():
@@ -190,12 +193,13 @@ class SimHypervisor:
         # Copies of what ``set_targets`` changes in place: a table is one instant, and the
         # daemon keeps the last one (status, commands) after the next targets are set.
         has_last = self._has_last_target.copy()
+        actual_kib = self.fleet.actual().astype(np.int64)
         return GuestTable(
             uuid=self._uuids,
             name=self._names,
             max_kib=self._max_kib,
-            actual_kib=self.fleet.actual().astype(np.int64),
-            current_kib=self.fleet.actual().astype(np.int64),
+            actual_kib=actual_kib,
+            current_kib=actual_kib.copy(),
             last_target_kib=self._last_target.copy(),
             has_last_target=has_last,
             last_target_age_s=self.target_ages_s(),
@@ -204,7 +208,7 @@ class SimHypervisor:
             stats_period_s=np.array(self.device.stats_period_s, dtype=np.float64),
             floor_kib=self._floor_kib,
             weight=self._weight,
-            run_state=np.zeros(n, dtype=np.int8) + RUNNING,
+            run_state=np.full(n, RUNNING, dtype=np.int8),
             migration_pending=np.zeros(n, dtype=bool),
         )
 

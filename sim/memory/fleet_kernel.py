@@ -1,0 +1,429 @@
+"""The end of a bulk interval (``Fleet.land_workload``) as one compiled loop over guests.
+
+At 50 guests ``Fleet.advance`` spent its time in ~300 numpy calls of a few microseconds
+each on arrays of 50 elements (issue 13 profile): dispatch, not arithmetic. This module
+does the same arithmetic guest by guest in a loop that numba compiles, so a tick costs one
+call. ``Fleet``'s numpy methods stay the reference (and the only path of the protocol
+model, whose driver moves balloons on its own clock); ``tests/test_fleet_kernel.py`` holds
+the two to bit-identical results on real traces and on arbitrary states.
+
+Bit-identity rules followed here: every expression keeps the reference's operands and
+their order (IEEE arithmetic is then the same, numba compiles without fast-math or FMA
+contraction); the scalars the reference computes with ``np.exp``/``math.exp`` are computed
+by the caller the same way and passed in; ``_max``/``_min`` are ``np.maximum``/``np.minimum``
+(NaN wins); and where the reference skips a step for the whole fleet when no guest needs it
+(``if not amount.any(): return``), the loop checks the same condition over every guest
+first, since running such a step with a zero amount can still move a guest by an ulp.
+
+numba is in the ``sim`` extra only; without it ``AVAILABLE`` is False and the Fleet keeps
+to numpy. ``OVERCOMMITD_SIM_COMPILED=0`` turns the compiled path off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+njit: Any
+try:
+    from numba import njit
+except ImportError:  # the daemon's install has no numba: the Fleet runs its numpy path
+    njit = None
+
+OFF = os.environ.get("OVERCOMMITD_SIM_COMPILED", "1") == "0"
+AVAILABLE = njit is not None and not OFF
+
+
+Array = npt.NDArray[np.float64]
+Flags = npt.NDArray[np.bool_]
+
+
+class KernelState(NamedTuple):
+    """The Fleet's and the bulk driver's arrays the kernel reads and changes in place,
+    named as the kernel uses them (``Fleet._kernel_state`` fills it)."""
+
+    ram: Array
+    reserved: Array
+    kernel: Array
+    min_free: Array
+    cache_min: Array
+    swap_size: Array
+    deflate_on_oom: Flags
+    anon: Array
+    swap: Array
+    cache: Array
+    hot: Array
+    touched: Array
+    resident: Array  # balloon_resident
+    older: Array  # older_touched
+    deflated: Array  # deflated_free
+    reported: Array  # reported_free
+    refault_debt: Array
+    own_refault_debt: Array
+    reaping: Flags
+    swap_in: Array
+    swap_out: Array
+    major_faults: Array
+    minor_faults: Array
+    oom_kills: Array
+    oom_deflates: Array
+    refault_kib: Array
+    own_refault_kib: Array
+    balloon: Array  # the driver's balloon_kib
+    held: Array
+    num_pages: Array
+    waiting_for_config: Flags
+    puff_clock: Array  # the driver's puff_clock_s
+    puff_retries: Array
+    release_frac: Array
+    reporting: Flags  # free page reporting runs in the Fleet, in closed form
+
+
+def _jit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if njit is None:
+        return fn
+    compiled: Callable[..., Any] = njit(cache=True)(fn)
+    return compiled
+
+
+@_jit
+def _max(a: float, b: float) -> float:
+    """``np.maximum`` of two scalars: NaN if either is."""
+    return a if (a >= b or math.isnan(a)) else b
+
+
+@_jit
+def _min(a: float, b: float) -> float:
+    """``np.minimum`` of two scalars: NaN if either is."""
+    return a if (a <= b or math.isnan(a)) else b
+
+
+@_jit
+def _touched_free(i: int, s: Any) -> float:
+    """``Fleet._touched_free`` of guest ``i``."""
+    in_use = s.reserved[i] + s.kernel[i] + s.anon[i] + s.cache[i] + s.resident[i]
+    touched_free: float = _max(s.touched[i] - in_use, 0.0)
+    return touched_free
+
+
+@_jit
+def _capacity(i: int, s: Any) -> float:
+    """``Fleet._capacity`` of guest ``i``."""
+    capacity: float = s.ram[i] - s.reserved[i] - s.kernel[i] - s.balloon[i] - s.held[i]
+    return capacity
+
+
+@_jit
+def _free(i: int, s: Any) -> float:
+    """``Fleet.free`` of guest ``i``."""
+    free: float = _max(_capacity(i, s) - s.anon[i] - s.cache[i], 0.0)
+    return free
+
+
+@_jit
+def _allocate(i: int, s: Any, amount: float) -> None:
+    """``Fleet._allocate`` of guest ``i``: last freed first (``take_in_order``)."""
+    touched_free = _touched_free(i, s)
+    older = s.older[i]
+    left = amount
+    fresh = _min(left, _max(touched_free - older, 0.0))
+    left = left - fresh
+    deflated = _min(left, s.deflated[i])
+    left = left - deflated
+    older_taken = _min(left, older)
+    s.deflated[i] -= deflated
+    s.older[i] -= older_taken
+    s.touched[i] += amount - fresh - older_taken
+    s.minor_faults[i] += amount / 4
+
+
+@_jit
+def _evict(i: int, s: Any, amount: float, by_reclaim: bool = True) -> None:
+    """``Fleet._evict_cache`` of guest ``i``."""
+    cache, hot = s.cache[i], s.hot[i]
+    hot_lost = _min(_max(amount - (cache - hot), 0.0), hot)
+    s.cache[i] = cache - amount
+    s.hot[i] = hot - hot_lost
+    s.refault_debt[i] += hot_lost
+    if by_reclaim:
+        unballooned = (s.balloon[i] <= 0) & (s.held[i] <= 0)
+        s.own_refault_debt[i] += hot_lost if unballooned else 0.0
+
+
+@_jit
+def _evict_all(s: Any, amount: Any, by_reclaim: bool = True) -> None:
+    """``Fleet._evict_cache`` over the fleet: nothing at all when no guest gives any."""
+    n = len(amount)
+    for i in range(n):
+        if amount[i] != 0.0:  # ``.any()``: NaN counts too
+            for j in range(n):
+                _evict(j, s, amount[j], by_reclaim)
+            return
+
+
+@_jit
+def move_balloons(
+    s: Any, dt_s: float, inflate_max_kib: float, deflate_max_kib: float, retry_s: float, page_kib: float
+) -> None:
+    """``Fleet._move_balloon`` with the bulk driver (``BalloonDriver.advance``), then
+    ``Fleet.balloon_moved`` where any balloon moved."""
+    n = len(s.balloon)
+    delta = np.empty(n)
+    for i in range(n):
+        spare = _max(_free(i, s) - s.min_free[i], 0.0) + _max(s.cache[i] - s.cache_min[i], 0.0)
+        before = s.balloon[i]
+        diff = s.num_pages[i] - s.balloon[i]
+        inflate = 0.0 if s.waiting_for_config[i] else _min(_max(diff, 0.0), inflate_max_kib)
+        spare_pages_kib = np.floor(spare / page_kib) * page_kib
+        short = inflate > spare_pages_kib
+        inflate = _min(inflate, spare_pages_kib)
+        deflate = _min(_max(-diff, 0.0), deflate_max_kib)
+        s.balloon[i] += inflate - deflate
+        retries_before = np.ceil(s.puff_clock[i] / retry_s)
+        s.puff_clock[i] = s.puff_clock[i] + dt_s if short else 0.0
+        s.puff_retries[i] += np.ceil(s.puff_clock[i] / retry_s) - retries_before if short else 0.0
+        delta[i] = s.balloon[i] - before
+    for i in range(n):
+        if delta[i] != 0.0:
+            _balloon_moved(s, delta)
+            return
+
+
+@_jit
+def _balloon_moved(s: Any, delta: Any) -> None:
+    """``Fleet.balloon_moved``: the free-list layers are read before the page cache is
+    evicted, which happens for the whole fleet or not at all (``_evict_all``)."""
+    n = len(delta)
+    fresh_layer = np.empty(n)
+    from_free = np.empty(n)
+    from_cache = np.empty(n)
+    for i in range(n):
+        inflated = _max(delta[i], 0.0)
+        free_before = _max(_capacity(i, s) + delta[i] - s.anon[i] - s.cache[i], 0.0)
+        fresh_layer[i] = _max(_touched_free(i, s) - s.older[i], 0.0)
+        from_free[i] = _min(inflated, _max(free_before - s.min_free[i], 0.0))
+        from_cache[i] = inflated - from_free[i]
+    _evict_all(s, from_cache, False)
+    for i in range(n):
+        left = from_free[i]
+        fresh = _min(left, fresh_layer[i])
+        left = left - fresh
+        deflated_taken = _min(left, s.deflated[i])
+        left = left - deflated_taken
+        older_taken = _min(left, s.older[i])
+        s.deflated[i] -= deflated_taken
+        s.older[i] -= older_taken
+        taken_touched = from_cache[i] + fresh + older_taken
+        s.touched[i] -= s.release_frac[i] * taken_touched
+        s.resident[i] += (1.0 - s.release_frac[i]) * taken_touched
+        deflated = _max(-delta[i], 0.0)
+        before = s.balloon[i] - delta[i]
+        share = deflated / before if before > 0 else 0.0
+        back_resident = s.resident[i] * _min(share, 1.0)
+        # Fleet._deflated
+        if deflated > 0:
+            s.older[i] = _touched_free(i, s)
+        s.deflated[i] += deflated - back_resident
+        s.resident[i] -= back_resident
+        if delta[i] > 0:
+            limit = s.ram[i] - s.balloon[i] + s.resident[i]
+            s.touched[i] = _min(_max(s.touched[i], 0.0), limit)
+
+
+@_jit
+def _follow_and_grow(s: Any, demand: Any, read: Any, dt_s: float, cooling: float) -> None:
+    """``_reap_victims``, ``_follow_demand`` and ``_grow_cache``, guest by guest."""
+    for i in range(len(demand)):
+        if s.reaping[i]:
+            s.anon[i] = 0.0
+            s.reaping[i] = False
+        working_set = s.anon[i] + s.swap[i]
+        grow = _max(demand[i] - working_set, 0.0)
+        _allocate(i, s, grow)
+        s.anon[i] += grow
+        shrink = _min(_max(1.0 - demand[i] / _max(working_set, 1.0), 0.0), 1.0)
+        s.anon[i] -= s.anon[i] * shrink
+        s.swap[i] -= s.swap[i] * shrink
+        read_kib = read[i] * dt_s
+        room = _max(_free(i, s) - s.min_free[i], 0.0)
+        grown = _min(read_kib, room)
+        _allocate(i, s, grown)
+        s.cache[i] += grown
+        cooled = s.hot[i] * cooling
+        s.hot[i] = _min(s.cache[i], cooled + read_kib)
+
+
+@_jit
+def _relieve_pressure(s: Any, over: Any, killed: Any, oom_step_kib: float, epsilon_kib: float) -> None:
+    """``Fleet._relieve_pressure`` with the bulk driver (no hint blocks held)."""
+    n = len(over)
+    from_cache = np.empty(n)
+    for i in range(n):
+        over[i] = s.anon[i] + s.cache[i] + s.min_free[i] - _capacity(i, s)
+        from_cache[i] = _min(_max(over[i], 0.0), _max(s.cache[i] - s.cache_min[i], 0.0))
+    _evict_all(s, from_cache)
+    for i in range(n):
+        o = over[i] - from_cache[i]
+        to_swap = _min(_max(o, 0.0), _max(s.swap_size[i] - s.swap[i], 0.0))
+        s.anon[i] -= to_swap
+        s.swap[i] += to_swap
+        s.swap_out[i] += to_swap
+        o -= to_swap
+        o = o if o > epsilon_kib else 0.0
+        steps = np.ceil(o / oom_step_kib) if (s.deflate_on_oom[i] & (o > 0)) else 0.0
+        # BalloonDriver.deflate_on_oom, then Fleet._deflated with nothing resident back.
+        active = s.balloon[i] < s.num_pages[i]
+        given = _min(steps * oom_step_kib, s.balloon[i])
+        s.balloon[i] -= given
+        s.waiting_for_config[i] |= (given > 0) & (not active)
+        if given > 0:
+            s.older[i] = _touched_free(i, s)
+        s.deflated[i] += given - 0.0
+        s.resident[i] -= 0.0
+        s.oom_deflates[i] += np.ceil(given / oom_step_kib)
+        o -= given
+        # Fleet._oom_kill
+        killed[i] = o > 0
+        if killed[i]:
+            s.oom_kills[i] += 1.0
+            s.anon[i] = _max(s.anon[i] - o, 0.0)
+            s.swap[i] = 0.0
+            s.reaping[i] = True
+        over[i] = o
+
+
+@_jit
+def _swap_in(s: Any, thrashing: Any, swap_touch: float, epsilon_kib: float) -> None:
+    """``Fleet._swap_in``, guest by guest."""
+    n = len(thrashing)
+    trim = np.empty(n)
+    for i in range(n):
+        touched = s.swap[i] * swap_touch
+        s.swap_in[i] += touched
+        s.major_faults[i] += touched / 4
+        room = _max(_capacity(i, s) - s.min_free[i] - s.cache_min[i] - s.anon[i], 0.0)
+        back = _min(touched, room)
+        s.swap_out[i] += touched - back
+        _allocate(i, s, back)
+        s.anon[i] += back
+        s.swap[i] -= back
+        trim[i] = _max(s.cache[i] - _max(_capacity(i, s) - s.anon[i], s.cache_min[i]), 0.0)
+        thrashing[i] = touched - back > epsilon_kib
+    _evict_all(s, trim)
+
+
+@_jit
+def _refault(s: Any, reread_share: float) -> None:
+    """``Fleet._refault``: nothing at all when no guest owes a re-read."""
+    n = len(s.refault_debt)
+    owed = False
+    for i in range(n):
+        owed |= s.refault_debt[i] != 0.0
+    if not owed:
+        return
+    for i in range(n):
+        reread = s.refault_debt[i] * reread_share
+        s.refault_debt[i] -= reread
+        s.refault_kib[i] += reread
+        own = s.own_refault_debt[i] * reread_share
+        s.own_refault_debt[i] -= own
+        s.own_refault_kib[i] += own
+        s.major_faults[i] += reread / 4
+        back = _min(reread, _max(_free(i, s) - s.min_free[i], 0.0))
+        _allocate(i, s, back)
+        s.cache[i] += back
+        s.hot[i] += back
+
+
+@_jit
+def _settle(s: Any) -> None:
+    """``_clip_touched`` then ``_settle_free_layers``, guest by guest."""
+    for i in range(len(s.touched)):
+        limit = s.ram[i] - s.balloon[i] + s.resident[i]
+        s.touched[i] = _min(_max(s.touched[i], 0.0), limit)
+        touched_free = _touched_free(i, s)
+        s.older[i] = _min(s.older[i], touched_free)
+        untouched_free = _max(_free(i, s) - touched_free, 0.0)
+        s.deflated[i] = _min(_max(s.deflated[i], 0.0), untouched_free)
+        s.reported[i] = _min(_max(s.reported[i], 0.0), untouched_free - s.deflated[i])
+
+
+@_jit
+def land(
+    s: Any,
+    demand: Any,
+    read: Any,
+    dt_s: float,
+    cooling: float,
+    swap_touch: float,
+    reread_share: float,
+    oom_step_kib: float,
+    epsilon_kib: float,
+    unserved: Any,
+    degraded: Any,
+) -> None:
+    """``Fleet.land_workload`` for the bulk driver: ``s`` holds the Fleet's and the
+    driver's arrays by the names above (``Fleet._kernel_state``), changed in place."""
+    n = len(demand)
+    over = np.empty(n)
+    killed = np.zeros(n, dtype=np.bool_)
+    thrashing = np.zeros(n, dtype=np.bool_)
+    _follow_and_grow(s, demand, read, dt_s, cooling)
+    _relieve_pressure(s, over, killed, oom_step_kib, epsilon_kib)
+    _swap_in(s, thrashing, swap_touch, epsilon_kib)
+    _refault(s, reread_share)
+    _settle(s)
+    for i in range(n):
+        unserved[i] = demand[i] if killed[i] else 0.0
+        degraded[i] = killed[i] | thrashing[i]
+
+
+@_jit
+def sample_rows(times_s: Any, offset_s: float, duration_s: float, t_s: Any, out: Any) -> None:
+    """``np.searchsorted(t_s, (times_s + offset_s) % duration_s, side="right") - 1`` into
+    ``out``, for ``Workload.block``: the times mostly increase, so each answer is searched
+    for from the previous one, and from scratch only where the times go back."""
+    m = len(t_s)
+    j = 0  # how many samples are at or before the time
+    for k in range(len(times_s)):
+        t = (times_s[k] + offset_s) % duration_s
+        if math.isnan(t):
+            out[k] = m - 1  # numpy sorts NaN last
+            continue
+        if j > 0 and t_s[j - 1] > t:
+            j = np.searchsorted(t_s, t, side="right")
+        while j < m and t_s[j] <= t:
+            j += 1
+        out[k] = j - 1
+
+
+@_jit
+def report_free(s: Any, passes: int, capacity: float, block_kib: float, residue_pct: float) -> None:
+    """``Fleet._report_free`` for guests whose reporting the Fleet runs (``s.reporting``):
+    ``passes`` passes of ``reportable_blocks``, each ending the loop once no guest has a
+    block to report."""
+    n = len(s.reporting)
+    blocks = np.zeros(n)
+    gate_kib = capacity * block_kib
+    for _ in range(passes):
+        found = False
+        for i in range(n):
+            blocks[i] = 0.0
+            if s.reporting[i]:
+                free = _free(i, s)
+                unreported = _touched_free(i, s) - free * residue_pct / 100
+                if free >= s.min_free[i] + gate_kib:
+                    blocks[i] = np.floor(_max(unreported, 0.0) / block_kib)
+            found |= blocks[i] != 0.0
+        if not found:
+            return
+        for i in range(n):
+            calls = np.ceil(blocks[i] / (capacity * 16))
+            kib = _min(blocks[i], calls * capacity) * block_kib
+            s.touched[i] -= kib
+            s.reported[i] += kib
