@@ -104,10 +104,7 @@ class ShareGuestState:
     """What ``share`` has learned of one guest."""
 
     bursts: Bursts
-    seen_s: float  # last sample, for the paging room's decay
-    swap_in_total_kib: int | None = None
-    refault_total: int | None = None  # major faults less swap-in pages, cumulative
-    paging_room_kib: float = 0.0
+    paging: Paging  # the room swap-ins and refaults earned, and the SLO budget spent
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,11 +275,9 @@ class SharePolicy:
         """Learn this sample: bursts, and the paging room swap-ins and refaults earn
         (``policies.signals.Paging``)."""
         if previous is None:
-            previous = ShareGuestState(Bursts(now_s), now_s)
+            previous = ShareGuestState(Bursts(now_s), Paging(now_s))
         bursts, _killed = previous.bursts.observe(guest, used)
-        paging = Paging(
-            previous.seen_s, previous.swap_in_total_kib, previous.refault_total, previous.paging_room_kib
-        ).observe(
+        paging = previous.paging.observe(
             now_s,
             guest,
             used,
@@ -290,7 +285,7 @@ class SharePolicy:
             self.params.paging_half_life_s,
             self.params.min_headroom_kib,
         )
-        return ShareGuestState(bursts, now_s, paging.swap_in_total_kib, paging.refault_total, paging.room_kib)
+        return ShareGuestState(bursts, paging)
 
     def claim(self, now_s: float, guest: GuestSnapshot, used: int, gstate: ShareGuestState) -> Claim:
         """The guest's need and what it must keep, within floor and maximum."""
@@ -301,7 +296,7 @@ class SharePolicy:
             need = guest.max_kib
         else:
             margin = max(small_margin, gstate.bursts.margin_kib(p.burst_factor))
-            need = round(used + margin + gstate.paging_room_kib)
+            need = round(used + margin + gstate.paging.room_kib)
         need = min(guest.max_kib, max(hard, need))
         return Claim(guest.uuid, need, hard, guest.max_kib, guest.weight)
 

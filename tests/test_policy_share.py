@@ -131,7 +131,7 @@ def test_a_guest_that_pages_gets_its_room_doubled_then_it_decays() -> None:
     policy = _policy()
     calm = _guests(4.0, n=1)
     state = _decide(policy, calm, 40 * GIB).state
-    base = _decide(policy, calm, 40 * GIB, state).state.guests[calm[0].uuid].paging_room_kib
+    base = _decide(policy, calm, 40 * GIB, state).state.guests[calm[0].uuid].paging.room_kib
     swapped = [
         guest(
             "g0",
@@ -145,7 +145,7 @@ def test_a_guest_that_pages_gets_its_room_doubled_then_it_decays() -> None:
     ]
     h = host(at_s=10.0, total_kib=HOST_KIB, available_kib=40 * GIB)
     after = policy.decide(h, swapped, state).state
-    room = after.guests[swapped[0].uuid].paging_room_kib
+    room = after.guests[swapped[0].uuid].paging.room_kib
     assert base == 0 and room >= 64 * MIB
     again = [
         guest(
@@ -159,7 +159,7 @@ def test_a_guest_that_pages_gets_its_room_doubled_then_it_decays() -> None:
         )
     ]
     doubled = policy.decide(host(at_s=20.0, total_kib=HOST_KIB, available_kib=40 * GIB), again, after).state
-    assert doubled.guests[again[0].uuid].paging_room_kib >= 2 * room
+    assert doubled.guests[again[0].uuid].paging.room_kib >= 2 * room
     quiet = [
         guest(
             "g0",
@@ -172,8 +172,8 @@ def test_a_guest_that_pages_gets_its_room_doubled_then_it_decays() -> None:
         )
     ]
     later = policy.decide(host(at_s=3620.0, total_kib=HOST_KIB, available_kib=40 * GIB), quiet, doubled).state
-    assert later.guests[quiet[0].uuid].paging_room_kib == pytest.approx(
-        doubled.guests[again[0].uuid].paging_room_kib / 2
+    assert later.guests[quiet[0].uuid].paging.room_kib == pytest.approx(
+        doubled.guests[again[0].uuid].paging.room_kib / 2
     )
 
 
