@@ -13,7 +13,8 @@ Each step, per guest with stats:
   (``policies.signals.Bursts``: the guest's own history, never lowered, and the whole
   maximum after an OOM kill). Paging room grows by every KiB the guest swapped in or
   refaulted from page cache since the last sample, and halves every
-  ``paging_half_life_s``: a refault is a page the guest would have kept with that much
+  ``paging_half_life_s`` (a day: the SLO is judged over a day, and a job that re-reads
+  its files every few hours must find them still cached): a refault is a page the guest would have kept with that much
   more memory (the kernel's own reading of a refault, mm/workingset.c), so the room
   follows the guest's measured shortage, with no constant fitted to a trace. A guest
   paging at its SLO's rate (``slo_pct_per_min``, Google's far-memory SLO of 0.2 % of
@@ -24,7 +25,10 @@ Each step, per guest with stats:
   ``warmup_s`` after a guest is first seen it needs its whole maximum (it is watched,
   as in ``trim``), but gives like any other when the host is short.
 * **what the guest must keep** (``hard``): use plus the smaller margin
-  (``min_headroom_kib`` / ``headroom_pct``), at least its floor.
+  (``min_headroom_kib`` / ``headroom_pct``) plus its paging room, at least its floor.
+  The paging room is measured working set (pages the guest needed again), not a
+  margin for what might come: taking it back when the host is short would only make
+  the guest refault it again, against its SLO, so the others give instead.
 
 The **budget** for all targets is a lower bound of what the guests hold in host RAM now
 (``actual - MemFree`` each: memory a guest uses or caches was touched) plus the host's
@@ -92,7 +96,12 @@ class ShareParams(BaseModel):
         le=100,
         description="paging (swap-in + refaults) a guest may do, % of its use per minute, before its room doubles",
     )
-    paging_half_life_s: float = Field(3600.0, gt=0, description="room earned by swap-ins and refaults halves this fast")
+    # A day: the paging SLO is judged over a day, and hosted workloads re-read their data
+    # on daily cycles (cron jobs, backups, batch runs hours apart); room that halved away
+    # within an hour was taken again before the next run and refaulted again.
+    paging_half_life_s: float = Field(
+        86400.0, gt=0, description="room earned by swap-ins and refaults halves this fast"
+    )
     count_arc: bool = Field(True, description="count the ZFS ARC above c_min as available host memory")
     auto_deflate_tolerance_kib: Kib = Field(
         2 * MIB, ge=0, description="actual above last target by more = auto-deflate"
@@ -291,7 +300,7 @@ class SharePolicy:
         """The guest's need and what it must keep, within floor and maximum."""
         p = self.params
         small_margin = max(p.min_headroom_kib, guest.max_kib * p.headroom_pct / 100)
-        hard = min(guest.max_kib, max(guest.floor_kib, round(used + small_margin)))
+        hard = min(guest.max_kib, max(guest.floor_kib, round(used + small_margin + gstate.paging.room_kib)))
         if gstate.bursts.warming_up(now_s, p.warmup_s):
             need = guest.max_kib
         else:

@@ -186,6 +186,10 @@ class Paging:
     are also summed over ``window_s`` (exponentially forgotten, the SLO's window): while
     it has spent more than ``SLO_BUDGET_SHARE`` of that error budget, its room does not
     shrink.
+
+    Paging while the balloon is empty (``actual`` at the maximum) earns nothing: the
+    guest would page the same on a host of its own, so it is its workload's, not a
+    shortage a balloon made (the scorecard leaves it out of the SLO for the same reason).
     """
 
     seen_s: float
@@ -212,7 +216,9 @@ class Paging:
         if refaults is not None and self.refault_total is not None and refaults >= self.refault_total:
             refaulted_kib = (refaults - self.refault_total) * PAGE_KIB
         dt_s = max(0.0, now_s - self.seen_s)
-        paged_kib = swapped_kib + refaulted_kib
+        # A guest with its balloon empty pages as it would on a host of its own: that is
+        # its workload's, which no room can help (and the SLO does not count it).
+        paged_kib = 0 if guest.actual_kib >= guest.max_kib else swapped_kib + refaulted_kib
         allowed_kib = used * slo_pct_per_min / 100 * dt_s / 60
         keep = math.exp(-dt_s / window_s) if window_s > 0 else 0.0
         paged_window = self.paged_window_kib * keep + paged_kib

@@ -76,7 +76,7 @@ def test_a_guest_that_pages_gets_room_back(name: str) -> None:
 
 
 def _room_after_bursts(budget_on: bool) -> list[float]:
-    """The paging room of a 1 GiB guest using 512 MiB that swaps in 400 MiB in one
+    """The paging room of a guest ballooned to 1 GiB, using 512 MiB, that swaps in 400 MiB in one
     5-minute sample every 2 h (over its SLO on average: 3.3 MiB/min against 0.2 % of
     512 MiB, 1 MiB/min), sampled just before each next burst."""
     window_s = 86400.0 if budget_on else 1e-9  # a window of ~0 forgets the budget at once
@@ -84,7 +84,7 @@ def _room_after_bursts(budget_on: bool) -> list[float]:
     for i in range(1, 4 * 24 + 1):  # 8 h of 5-minute samples
         t_s = 300.0 * i
         swap_kib += 400 * MIB if i % 24 == 2 else 0
-        g = guest("g0", at_s=t_s, max_kib=GIB, available_kib=512 * MIB, swap_in_kib=swap_kib)
+        g = guest("g0", at_s=t_s, max_kib=2 * GIB, actual_kib=GIB, available_kib=512 * MIB, swap_in_kib=swap_kib)
         paging = paging.observe(t_s, g, 512 * MIB, 0.2, 3600.0, 64 * MIB, window_s)
         if i % 24 == 0:
             rooms.append(paging.room_kib)
@@ -105,6 +105,23 @@ def test_a_guest_within_its_slo_lets_its_room_decay() -> None:
     paging, swap_kib = Paging(0.0), 0
     for i in range(1, 25):
         swap_kib += 40 * MIB if i == 2 else 0
-        g = guest("g0", at_s=300.0 * i, max_kib=8 * GIB, available_kib=4 * GIB, swap_in_kib=swap_kib)
+        g = guest(
+            "g0", at_s=300.0 * i, max_kib=8 * GIB, actual_kib=6 * GIB, available_kib=2 * GIB, swap_in_kib=swap_kib
+        )
         paging = paging.observe(300.0 * i, g, 4 * GIB, 0.2, 3600.0, 64 * MIB)
     assert paging.room_kib < 64 * MIB / 2
+
+
+def test_paging_with_the_balloon_empty_earns_no_room() -> None:
+    # At its maximum the guest pages as on a host of its own: no room can help it.
+    def room(actual_kib: int) -> float:
+        paging = Paging(0.0)
+        for i, swap_kib in enumerate([0, 256 * MIB]):
+            g = guest(
+                "g0", at_s=10.0 * i, max_kib=8 * GIB, actual_kib=actual_kib, available_kib=GIB, swap_in_kib=swap_kib
+            )
+            paging = paging.observe(10.0 * i, g, actual_kib - GIB, 0.2, 3600.0, 64 * MIB)
+        return paging.room_kib
+
+    assert room(8 * GIB) == 0
+    assert room(6 * GIB) >= 256 * MIB

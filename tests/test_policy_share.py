@@ -128,7 +128,7 @@ def test_targets_never_book_more_than_the_host_can_back(used: list[int], weights
 
 
 def test_a_guest_that_pages_gets_its_room_doubled_then_it_decays() -> None:
-    policy = _policy()
+    policy = _policy(paging_half_life_s=3600.0)
     calm = _guests(4.0, n=1)
     state = _decide(policy, calm, 40 * GIB).state
     base = _decide(policy, calm, 40 * GIB, state).state.guests[calm[0].uuid].paging.room_kib
@@ -136,6 +136,7 @@ def test_a_guest_that_pages_gets_its_room_doubled_then_it_decays() -> None:
         guest(
             "g0",
             max_kib=16 * GIB,
+            actual_kib=14 * GIB,
             available_kib=12 * GIB,
             free_kib=11 * GIB,
             caches_kib=GIB,
@@ -151,6 +152,7 @@ def test_a_guest_that_pages_gets_its_room_doubled_then_it_decays() -> None:
         guest(
             "g0",
             max_kib=16 * GIB,
+            actual_kib=14 * GIB,
             available_kib=12 * GIB,
             free_kib=11 * GIB,
             caches_kib=GIB,
@@ -164,6 +166,7 @@ def test_a_guest_that_pages_gets_its_room_doubled_then_it_decays() -> None:
         guest(
             "g0",
             max_kib=16 * GIB,
+            actual_kib=14 * GIB,
             available_kib=12 * GIB,
             free_kib=11 * GIB,
             caches_kib=GIB,
@@ -229,7 +232,10 @@ def test_on_a_short_host_the_lower_weight_guest_gives_first_in_the_simulator(tmp
     spec = ReplaySpec(traces=(a, b), guests=2, hours=4.0, warmup_h=2.0, overcommit=1.25)
     names = replay(spec, registry.create("share"), DaemonConfig()).guest_names
     cfg = DaemonConfig.model_validate({"guests": {names[0]: {"weight": 0.5}, names[1]: {"weight": 2.0}}})
-    result = replay(spec, registry.create("share", {"warmup_s": 0.0}), cfg)
+    # Squeezed from the start, both page in the warm-up; room earned so is kept for a day
+    # by default, which would leave both at their maximum here: an hour's memory keeps
+    # the test on the shortage, where the weights decide.
+    result = replay(spec, registry.create("share", {"warmup_s": 0.0, "paging_half_life_s": 3600.0}), cfg)
     target = np.vstack(result.timeline.target_kib)[len(result.timeline.target_kib) // 2 :]
     assert target[:, 0].mean() < target[:, 1].mean() - 64 * 1024
     assert result.scorecard.oom_kills == 0
