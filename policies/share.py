@@ -69,6 +69,9 @@ from policies.signals import Bursts, Paging, auto_deflated, used_kib
 
 MIB = 1024
 GIB = 1024 * MIB
+# The paging SLO's window: the scorecard judges it over the scored day, and Google's
+# far-memory SLO is a rate sustained over time, not per sample (Lagar-Cavilla et al.).
+SLO_WINDOW_S = 86400.0
 
 
 class ShareParams(BaseModel):
@@ -293,6 +296,7 @@ class SharePolicy:
             self.params.slo_pct_per_min,
             self.params.paging_half_life_s,
             self.params.min_headroom_kib,
+            SLO_WINDOW_S,
         )
         return ShareGuestState(bursts, paging)
 

@@ -183,9 +183,9 @@ class Paging:
     its files every few hours) can stay under the per-sample rate and still breach it
     over a day: the room it earned halves away between the bursts, the cache is taken
     again, and the next burst refaults it again. So the guest's paging and its allowance
-    are also summed over ``window_s`` (exponentially forgotten, the SLO's window): while
-    it has spent more than ``SLO_BUDGET_SHARE`` of that error budget, its room does not
-    shrink.
+    are also summed over ``window_s`` (exponentially forgotten, the SLO's window; 0, the
+    default, keeps no budget): while it has spent more than ``SLO_BUDGET_SHARE`` of that
+    error budget, its room does not shrink.
 
     Paging while the balloon is empty (``actual`` at the maximum) earns nothing: the
     guest would page the same on a host of its own, so it is its workload's, not a
@@ -207,9 +207,10 @@ class Paging:
         slo_pct_per_min: float,
         half_life_s: float,
         min_room_kib: int,
-        window_s: float = 86400.0,
+        window_s: float = 0.0,
     ) -> Paging:
-        """This sample's swap-ins and refaults learned from."""
+        """This sample's swap-ins and refaults learned from; ``window_s`` 0: no error
+        budget kept (the room halves whatever the guest spent)."""
         swapped_kib, swap_total = swap_in_delta_kib(self.swap_in_total_kib, guest)
         refaults = refault_count(guest)
         refaulted_kib = 0
@@ -225,7 +226,7 @@ class Paging:
         allowed_window = self.allowed_window_kib * keep + allowed_kib
         if paged_kib > 0 and paged_kib >= allowed_kib:
             room = max(2 * self.room_kib, self.room_kib + paged_kib, min_room_kib)
-        elif paged_window > SLO_BUDGET_SHARE * allowed_window:
+        elif window_s > 0 and paged_window > SLO_BUDGET_SHARE * allowed_window:
             room = self.room_kib + paged_kib  # spending its error budget: keep what it earned
         else:
             room = self.room_kib * 0.5 ** (dt_s / half_life_s) + paged_kib
