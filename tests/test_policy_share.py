@@ -239,3 +239,38 @@ def test_on_a_short_host_the_lower_weight_guest_gives_first_in_the_simulator(tmp
     target = np.vstack(result.timeline.target_kib)[len(result.timeline.target_kib) // 2 :]
     assert target[:, 0].mean() < target[:, 1].mean() - 64 * 1024
     assert result.scorecard.oom_kills == 0
+
+
+def _pager(name: str, swap_in_kib: int, at_s: float) -> GuestSnapshot:
+    """A 16 GiB guest ballooned to 12 GiB, using 4 GiB, with 8 GiB of cache and free memory."""
+    return guest(
+        name,
+        at_s=at_s,
+        max_kib=16 * GIB,
+        actual_kib=12 * GIB,
+        available_kib=8 * GIB,
+        free_kib=7 * GIB,
+        caches_kib=GIB,
+        swap_in_kib=swap_in_kib,
+    )
+
+
+def test_on_a_short_host_a_guest_keeps_the_room_its_paging_earned() -> None:
+    # Two equal guests on a 12 GiB host with nothing left; one swapped in 512 MiB (pages
+    # it needed again). The host is short, so both are cut to what they must keep: for
+    # the pager that includes its paging room (it would page it in again), for the other
+    # only use plus the small margin (max(64 MiB, 5 % of 16 GiB)).
+    policy = _policy()
+    state = policy.initial_state()
+    for i, swapped in enumerate([0, 512 * MIB]):
+        h = host(at_s=10.0 * i, total_kib=12 * GIB, available_kib=0)
+        state = policy.decide(h, [_pager("p", swapped, 10.0 * i), _pager("q", 0, 10.0 * i)], state).state
+    p, q = _pager("p", 512 * MIB, 20.0), _pager("q", 0, 20.0)
+    result = policy.decide(host(at_s=20.0, total_kib=12 * GIB, available_kib=0), [p, q], state)
+    pager, other = result.targets_kib[p.uuid], result.targets_kib[q.uuid]
+    room = result.state.guests[p.uuid].paging.room_kib
+    margin = round(16 * GIB * 0.05)
+    assert "host short by" in result.reasons[q.uuid]
+    assert room >= 512 * MIB
+    assert other <= 4 * GIB + margin + 1
+    assert pager >= 4 * GIB + margin + room - 1
