@@ -13,7 +13,8 @@ Each step, per guest with stats:
   (``policies.signals.Bursts``: the guest's own history, never lowered, and the whole
   maximum after an OOM kill). Paging room grows by every KiB the guest swapped in or
   refaulted from page cache since the last sample, and halves every
-  ``paging_half_life_s``: a refault is a page the guest would have kept with that much
+  ``paging_half_life_s`` (a day: the SLO is judged over a day, and a job that re-reads
+  its files every few hours must find them still cached): a refault is a page the guest would have kept with that much
   more memory (the kernel's own reading of a refault, mm/workingset.c), so the room
   follows the guest's measured shortage, with no constant fitted to a trace. A guest
   paging at its SLO's rate (``slo_pct_per_min``, Google's far-memory SLO of 0.2 % of
@@ -24,7 +25,10 @@ Each step, per guest with stats:
   ``warmup_s`` after a guest is first seen it needs its whole maximum (it is watched,
   as in ``trim``), but gives like any other when the host is short.
 * **what the guest must keep** (``hard``): use plus the smaller margin
-  (``min_headroom_kib`` / ``headroom_pct``), at least its floor.
+  (``min_headroom_kib`` / ``headroom_pct``) plus its paging room, at least its floor.
+  The paging room is measured working set (pages the guest needed again), not a
+  margin for what might come: taking it back when the host is short would only make
+  the guest refault it again, against its SLO, so the others give instead.
 
 The **budget** for all targets is a lower bound of what the guests hold in host RAM now
 (``actual - MemFree`` each: memory a guest uses or caches was touched) plus the host's
@@ -65,6 +69,9 @@ from policies.signals import Bursts, Paging, auto_deflated, used_kib
 
 MIB = 1024
 GIB = 1024 * MIB
+# The paging SLO's window: the scorecard judges it over the scored day, and Google's
+# far-memory SLO is a rate sustained over time, not per sample (Lagar-Cavilla et al.).
+SLO_WINDOW_S = 86400.0
 
 
 class ShareParams(BaseModel):
@@ -92,7 +99,12 @@ class ShareParams(BaseModel):
         le=100,
         description="paging (swap-in + refaults) a guest may do, % of its use per minute, before its room doubles",
     )
-    paging_half_life_s: float = Field(3600.0, gt=0, description="room earned by swap-ins and refaults halves this fast")
+    # A day: the paging SLO is judged over a day, and hosted workloads re-read their data
+    # on daily cycles (cron jobs, backups, batch runs hours apart); room that halved away
+    # within an hour was taken again before the next run and refaulted again.
+    paging_half_life_s: float = Field(
+        86400.0, gt=0, description="room earned by swap-ins and refaults halves this fast"
+    )
     count_arc: bool = Field(True, description="count the ZFS ARC above c_min as available host memory")
     auto_deflate_tolerance_kib: Kib = Field(
         2 * MIB, ge=0, description="actual above last target by more = auto-deflate"
@@ -104,10 +116,7 @@ class ShareGuestState:
     """What ``share`` has learned of one guest."""
 
     bursts: Bursts
-    seen_s: float  # last sample, for the paging room's decay
-    swap_in_total_kib: int | None = None
-    refault_total: int | None = None  # major faults less swap-in pages, cumulative
-    paging_room_kib: float = 0.0
+    paging: Paging  # the room swap-ins and refaults earned, and the SLO budget spent
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,30 +287,29 @@ class SharePolicy:
         """Learn this sample: bursts, and the paging room swap-ins and refaults earn
         (``policies.signals.Paging``)."""
         if previous is None:
-            previous = ShareGuestState(Bursts(now_s), now_s)
+            previous = ShareGuestState(Bursts(now_s), Paging(now_s))
         bursts, _killed = previous.bursts.observe(guest, used)
-        paging = Paging(
-            previous.seen_s, previous.swap_in_total_kib, previous.refault_total, previous.paging_room_kib
-        ).observe(
+        paging = previous.paging.observe(
             now_s,
             guest,
             used,
             self.params.slo_pct_per_min,
             self.params.paging_half_life_s,
             self.params.min_headroom_kib,
+            SLO_WINDOW_S,
         )
-        return ShareGuestState(bursts, now_s, paging.swap_in_total_kib, paging.refault_total, paging.room_kib)
+        return ShareGuestState(bursts, paging)
 
     def claim(self, now_s: float, guest: GuestSnapshot, used: int, gstate: ShareGuestState) -> Claim:
         """The guest's need and what it must keep, within floor and maximum."""
         p = self.params
         small_margin = max(p.min_headroom_kib, guest.max_kib * p.headroom_pct / 100)
-        hard = min(guest.max_kib, max(guest.floor_kib, round(used + small_margin)))
+        hard = min(guest.max_kib, max(guest.floor_kib, round(used + small_margin + gstate.paging.room_kib)))
         if gstate.bursts.warming_up(now_s, p.warmup_s):
             need = guest.max_kib
         else:
             margin = max(small_margin, gstate.bursts.margin_kib(p.burst_factor))
-            need = round(used + margin + gstate.paging_room_kib)
+            need = round(used + margin + gstate.paging.room_kib)
         need = min(guest.max_kib, max(hard, need))
         return Claim(guest.uuid, need, hard, guest.max_kib, guest.weight)
 

@@ -158,6 +158,15 @@ def refault_count(guest: GuestSnapshot) -> int | None:
     return stats.major_faults - (stats.swap_in_kib or 0) // PAGE_KIB
 
 
+# What share of a guest's paging SLO error budget a policy lets it spend before its paging
+# room stops shrinking. Half: the policy measures against the guest's use now, the SLO
+# against its mean working set over the span, and the host's own swap (which the policy
+# does not see) is charged to the same budget; half is kept for those. An error budget
+# spent this way is the SRE practice of slowing risky changes once a share of the budget
+# is gone (Beyer et al., "Site Reliability Engineering", O'Reilly 2016, ch. 3).
+SLO_BUDGET_SHARE = 0.5
+
+
 @dataclass(frozen=True, slots=True)
 class Paging:
     """Room a guest earned by paging, kept from step to step.
@@ -169,12 +178,26 @@ class Paging:
     SLO's rate or faster (``slo_pct_per_min`` of its use per minute; Google's far-memory
     SLO of 0.2 %, Lagar-Cavilla et al., ASPLOS 2019) has its room doubled at once
     (multiplicative increase, as TCP's congestion window).
+
+    The SLO bounds a rate *on average*, so a guest that pages in bursts (a job re-reading
+    its files every few hours) can stay under the per-sample rate and still breach it
+    over a day: the room it earned halves away between the bursts, the cache is taken
+    again, and the next burst refaults it again. So the guest's paging and its allowance
+    are also summed over ``window_s`` (exponentially forgotten, the SLO's window; 0, the
+    default, keeps no budget): while it has spent more than ``SLO_BUDGET_SHARE`` of that
+    error budget, its room does not shrink.
+
+    Paging while the balloon is empty (``actual`` at the maximum) earns nothing: the
+    guest would page the same on a host of its own, so it is its workload's, not a
+    shortage a balloon made (the scorecard leaves it out of the SLO for the same reason).
     """
 
     seen_s: float
     swap_in_total_kib: int | None = None
     refault_total: int | None = None  # major faults less swap-in pages, cumulative
     room_kib: float = 0.0
+    paged_window_kib: float = 0.0  # paging over the SLO window, forgotten exponentially
+    allowed_window_kib: float = 0.0  # what the SLO allowed over the same window
 
     def observe(
         self,
@@ -184,18 +207,28 @@ class Paging:
         slo_pct_per_min: float,
         half_life_s: float,
         min_room_kib: int,
+        window_s: float = 0.0,
     ) -> Paging:
-        """This sample's swap-ins and refaults learned from."""
+        """This sample's swap-ins and refaults learned from; ``window_s`` 0: no error
+        budget kept (the room halves whatever the guest spent)."""
         swapped_kib, swap_total = swap_in_delta_kib(self.swap_in_total_kib, guest)
         refaults = refault_count(guest)
         refaulted_kib = 0
         if refaults is not None and self.refault_total is not None and refaults >= self.refault_total:
             refaulted_kib = (refaults - self.refault_total) * PAGE_KIB
         dt_s = max(0.0, now_s - self.seen_s)
-        paged_kib = swapped_kib + refaulted_kib
+        # A guest with its balloon empty pages as it would on a host of its own: that is
+        # its workload's, which no room can help (and the SLO does not count it).
+        paged_kib = 0 if guest.actual_kib >= guest.max_kib else swapped_kib + refaulted_kib
         allowed_kib = used * slo_pct_per_min / 100 * dt_s / 60
+        keep = math.exp(-dt_s / window_s) if window_s > 0 else 0.0
+        paged_window = self.paged_window_kib * keep + paged_kib
+        allowed_window = self.allowed_window_kib * keep + allowed_kib
         if paged_kib > 0 and paged_kib >= allowed_kib:
             room = max(2 * self.room_kib, self.room_kib + paged_kib, min_room_kib)
+        elif window_s > 0 and paged_window > SLO_BUDGET_SHARE * allowed_window:
+            room = self.room_kib + paged_kib  # spending its error budget: keep what it earned
         else:
             room = self.room_kib * 0.5 ** (dt_s / half_life_s) + paged_kib
-        return Paging(now_s, swap_total, refaults, min(room, float(guest.max_kib)))
+        room = min(room, float(guest.max_kib))
+        return Paging(now_s, swap_total, refaults, room, paged_window, allowed_window)
