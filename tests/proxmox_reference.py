@@ -1,39 +1,8 @@
 """Oracle: the per-VM policy before it ran over columns (overcommitd 97b9055), kept
 verbatim for ``tests/test_batch_policies.py``; not used by the daemon.
 
-``proxmox``: Proxmox VE's auto-ballooning, reproduced as a baseline.
-
-Algorithm from proxmox/pve-manager ``PVE/AutoBalloon.pm`` (``compute_alg1``) and its
-caller in ``PVE/Service/pvestatd.pm``; re-expressed here in Python, not translated. In
-Proxmox's unit, bytes, so its worked examples come out to the byte. Per step (pvestatd
-runs it every 10 s):
-
-* ``goal = MemTotal x target_pct / 100 - memused`` with ``memused = MemTotal -
-  MemAvailable`` (pve-common ProcFSTools); ``target_pct`` is the node option
-  ``ballooning-target``, default 80;
-* candidates: every guest with a running balloon, a minimum and ``shares != 0``;
-  *pressured* guests have MemFree (pve-qemu's ``free_mem``) at most 25 % of their minimum,
-  or sit below it; the rest are *comfortable*;
-* ``goal > 10 MiB``: offer it to pressured guests, and if that placed nothing, to all;
-  ``goal < -10 MiB``: take it from comfortable guests, and if that took nothing, from all;
-  in between nothing moves (dead band);
-* placing (water-filling): ``desired = min + (sum(balloon - min) + rest) x shares /
-  sum(shares)`` clamped to ``[min, maxmem]``; each guest moves at most ``maxchange``
-  (100 MiB) from where it is toward ``desired``; repeat until the rest is placed or
-  nothing moves. A guest above its desired share shrinks even in a grow round, which is
-  Proxmox's behaviour (prior-art.md §9: it can oscillate).
-
-The ZFS ARC: Proxmox does not count it as free. pvestatd's ``auto_ballooning``
-(pve-manager 14a22df, PVE/Service/pvestatd.pm) takes ``memused`` from pve-common's
-``read_meminfo`` (f665029, src/PVE/ProcFSTools.pm), which is MemTotal - MemAvailable;
-``read_meminfo`` has also read ``arcsize``/``arcmin``/``arcmax`` from arcstats since
-"fix #1454" (b21af8f, 2023), but only for the node's graphs, never for the goal. So the
-baseline leaves ``count_arc`` off; turning it on shows what Proxmox would do if it did.
-
-Same inputs as our policies: ``balloon`` = ``actual``, ``maxmem`` = ``max_kib``, the
-minimum (Proxmox's ``balloon`` option) is the guest's SLA floor, or ``default_min_kib``
-when it has none (Proxmox skips a guest with no minimum, and a baseline that skips every
-guest would compare nothing), ``shares = 1000 x weight`` (default 1000, qemu-server).
+The policy's own docstring (``policies/proxmox.py``) says what it does and where
+its algorithm comes from.
 """
 
 from __future__ import annotations

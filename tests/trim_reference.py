@@ -1,65 +1,7 @@
 """Oracle: the per-guest policy before it ran over columns (overcommitd 134522e), kept
 verbatim for ``tests/test_batch_policies.py``; not used by the daemon.
 
-``trim``: reclaim what a guest has touched but does not use in short squeezes, then
-give the memory back, so between squeezes every guest has its whole size for a burst.
-
-Why release? A page the balloon takes is discarded on the host; when the balloon
-deflates, the page returns to the guest *free and unbacked*: the host pays for it again
-only when the guest touches it. So what a squeeze reclaims (page cache, memory a burst
-touched and freed) stays reclaimed after the release, until the guest reads or allocates
-that much again (its next allocations land on exactly those pages: a real guest takes
-free pages last freed, first taken, see ``sim.memory.guest``), while the guest gets its
-headroom back. Holding the balloon inflated
-(``pid``, ``sla-floor``) reclaims a little more, but a guest without DEFLATE_ON_OOM whose
-use leaps above what the balloon left it is OOM-killed before any control loop can
-react: bitbrains-rnd has guests idling at 1 % of their RAM that leap to 50-95 % within
-one 5-minute sample, after days of quiet. A trimmed guest is exposed only while a
-squeeze lasts. This is Senpai's idea (prior-art.md: apply pressure, watch the cost,
-back off) applied from the host, with the balloon as the pressure.
-
-Per guest, a small state machine, one step per tick:
-
-* **watched** (target: the maximum) for ``warmup_s`` after a guest is first seen (also
-  after a restart of the daemon, which keeps no state): its bursts are seen before
-  anything is taken from it.
-* **released** (target: the maximum). A squeeze starts when ``trim_interval_s`` has
-  passed since the last one (a quarter of it while the host's MemAvailable is below
-  ``host_available_target_pct``) and the estimated gain is at least min_gain (``min_gain_pct`` % of
-  the guest's maximum, at least ``min_gain_kib``: scaled to the guest, so a 512 MiB
-  guest is trimmed too) and ``min_gain_pct_of_depth`` % of how far the balloon would inflate (the balloon
-  takes free pages before page cache, so a squeeze spends most of its time on pages the
-  host does not back). The gain is what
-  the guest has touched since the last release and could give up: its page-cache
-  growth (the disk_caches stat) beyond the hot cache it keeps, plus how far its use
-  fell from the peak it showed meanwhile (memory a burst touched and freed).
-* **squeezing** (target: ``keep``; the guard paces the inflation). ``keep`` is the
-  guest's use plus a margin - the largest of ``min_headroom_kib``, ``headroom_pct`` %
-  of its maximum and ``burst_factor`` x the largest rise of use it has shown between
-  two samples - plus the hot cache it keeps. A guest that bursts keeps room for its
-  bursts even mid-squeeze. The squeeze ends, released at once, when ``actual`` stops
-  falling (it reached ``keep``, or the guard holds it), or at the first sign of harm:
-  any swap-in, an auto-deflate, an OOM kill, or use rising between two samples by
-  ``abort_rise_pct`` % of the room it had left. Only a squeeze that reached ``keep``
-  counts as a trim; one cut short is tried again after the interval.
-
-What a squeeze costs is measured, not assumed: page-cache refaults (major faults that
-are not swap-ins, x 4 KiB) between one release and the next squeeze are hot file data
-the squeeze evicted. The guest keeps that much cache at its next squeeze (a running
-maximum that halves when a squeeze costs nothing), so a guest that reads its files
-again is not trimmed into re-reading them.
-
-Under host pressure a released guest gets twice its ``keep`` rather than its maximum.
-A DEFLATE_ON_OOM guest is not released at all (``hold_deflate_on_oom``): it follows
-``keep`` like a set-point, because a burst beyond its margin makes it swap (at most its
-swap space) and then deflate itself, never OOM-kill; the burst it showed then widens
-its margin.
-
-After an OOM kill the guest's burst margin becomes its whole maximum: it is never
-squeezed again. Guests without stats are held.
-
-Every step says why (``decide_guest_why``): warm-up left, time to the next squeeze, gain
-or room below min_gain, an OOM kill seen, a squeeze under way or how it ended.
+The policy's own docstring (``policies/trim.py``) says what it does and why.
 """
 
 from __future__ import annotations
