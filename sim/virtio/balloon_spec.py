@@ -47,10 +47,11 @@ CONFIG_POISON_VAL = 12
 STAT = struct.Struct("<HQ")
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def stats_array(n: int) -> struct.Struct:
     """``n`` packed ``virtio_balloon_stat`` entries back to back: one buffer in one
-    call (``STAT`` ``n`` times, no padding between entries)."""
+    call (``STAT`` ``n`` times, no padding between entries). The cache is bounded: ``n``
+    comes from the guest's buffer length, and a guest that varied it must not grow it."""
     return struct.Struct("<" + "HQ" * n)
 
 
