@@ -8,41 +8,13 @@ its algorithm comes from.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
+from overcommitd.model import GuestSnapshot, HostSnapshot
 from policies.api import PolicyResult
+from policies.proxmox import ProxmoxParams, PveVm
 
 MIB_B = 1024 * 1024
 DEFAULT_SHARES = 1000  # qemu-server: `shares` default 1000, range 0..50000
-
-
-class ProxmoxParams(BaseModel):
-    """Proxmox's knobs, defaults from pve-manager (AutoBalloon.pm, pvestatd.pm)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    target_pct: float = Field(80.0, ge=0, le=100, description="node ballooning-target: host use to aim for, %")
-    max_change_kib: Kib = Field(100 * 1024, gt=0, description="most a guest moves per round ($maxchange, 100 MiB)")
-    dead_band_kib: Kib = Field(10 * 1024, ge=0, description="goals within +/- this do nothing (10 MiB)")
-    pressured_free_fraction: float = Field(0.25, ge=0, le=1, description="MemFree <= this x minimum: pressured")
-    default_min_kib: Kib = Field(256 * 1024, gt=0, description="minimum for guests without an SLA floor")
-    count_arc: bool = Field(
-        False, description="not Proxmox: count the ZFS ARC above c_min as free host memory (an experiment)"
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class PveVm:
-    """One candidate VM as compute_alg1 sees it, in bytes."""
-
-    vmid: str
-    balloon_b: int  # current size (QMP query-balloon `actual`)
-    balloon_min_b: int
-    maxmem_b: int
-    shares: int = DEFAULT_SHARES
-    freemem_b: int | None = None  # guest MemFree; None: unknown
 
 
 def _place(vms: Sequence[PveVm], placed: dict[str, int], bytes_b: int, maxchange_b: int) -> int:

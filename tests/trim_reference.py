@@ -8,52 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
+from overcommitd.model import GuestSnapshot, HostSnapshot
 from policies.api import PerGuestPolicy
 from policies.signals import PAGE_KIB, Bursts, auto_deflated, refault_count, swap_in_delta_kib, used_kib
+from policies.trim import TrimParams, _mib, _minutes
 
 MIB = 1024
-
-
-def _mib(kib: float) -> str:
-    return f"{kib / MIB:.0f} MiB"
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-class TrimParams(BaseModel):
-    """Knobs of the ``trim`` policy."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    trim_interval_s: float = Field(6 * 3600.0, gt=0, description="time between a guest's squeezes")
-    warmup_s: float = Field(3600.0, ge=0, description="watch a new guest this long before its first squeeze")
-    min_gain_pct: float = Field(
-        3.0, ge=0, le=100, description="squeeze only when it would reclaim at least this % of the guest's maximum"
-    )
-    min_gain_kib: Kib = Field(32 * MIB, ge=0, description="... and at least this (the floor of min_gain_pct)")
-    min_headroom_kib: Kib = Field(
-        64 * MIB, ge=0, description="free memory a squeezed guest keeps at least (the floor of headroom_pct)"
-    )
-    headroom_pct: float = Field(5.0, ge=0, le=100, description="... and at least this % of its maximum")
-    burst_factor: float = Field(1.25, ge=0, le=10, description="... and this times its largest rise of use")
-    min_gain_pct_of_depth: float = Field(
-        10.0, ge=0, le=100, description="... and at least this % of how far it would inflate the balloon"
-    )
-    abort_rise_pct: float = Field(
-        25.0, gt=0, le=100, description="use rising by this % of the room it had left ends a squeeze"
-    )
-    host_available_target_pct: float = Field(10.0, ge=0, le=100, description="host MemAvailable below this is pressure")
-    count_arc: bool = Field(True, description="count the ZFS ARC above c_min as available host memory")
-    auto_deflate_tolerance_kib: Kib = Field(
-        2 * MIB, ge=0, description="actual above last target by more = auto-deflate"
-    )
-    hold_deflate_on_oom: bool = Field(
-        True, description="keep DEFLATE_ON_OOM guests at keep instead of releasing them: they cannot be OOM-killed"
-    )
 
 
 @dataclass(frozen=True, slots=True)
