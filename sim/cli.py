@@ -25,7 +25,15 @@ from sim.evaluation.compare import (
     spec_from_args,
 )
 from sim.evaluation.metrics import GIB_KIB, Scorecard, violations
-from sim.evaluation.plan import DEFAULT_MAX_RATIO, DEFAULT_TOLERANCE, START_RATIO, format_plan, plan, to_json
+from sim.evaluation.plan import (
+    DEFAULT_CHECK_STEP,
+    DEFAULT_MAX_RATIO,
+    DEFAULT_TOLERANCE,
+    START_RATIO,
+    format_plan,
+    plan,
+    to_json,
+)
 from sim.evaluation.plan import summary as plan_summary
 from sim.evaluation.replay import ReplaySpec, load_traces, replay
 from sim.evaluation.sweep import add_sweep_arguments, sweep_from_args
@@ -260,6 +268,15 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_RATIO,
         help="highest ratio tried (default %(default)s)",
     )
+    p.add_argument(
+        "--check-step",
+        type=float,
+        default=DEFAULT_CHECK_STEP,
+        help=(
+            "also replay every ratio of this grid below the one found, since a smaller host can hurt "
+            "(default %(default)s; 0: trust the bisection)"
+        ),
+    )
     p.add_argument("--json", type=Path, help="write one object per policy, with every ratio tried, here")
     p.add_argument("--report", type=Path, help="write the reclaim-against-harm plot and an HTML page here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -284,6 +301,7 @@ def plan_command(args: argparse.Namespace, make_policy: PolicyFactory) -> int:
             sweep,
             tolerance=args.tolerance,
             max_ratio=args.max_overcommit,
+            check_step=args.check_step,
             on_done=lambda _, p: (bar.write(f"{p.policy}: {plan_summary(p)}", file=sys.stderr), bar.update(1)),
         )
     print(format_plan(result))
