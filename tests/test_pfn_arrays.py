@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
+from unittest.mock import patch
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sim.virtio.balloon_spec as spec
+from sim.memory import balloon_fleet
+from sim.memory.guest import GuestSpec
+from sim.memory.hypervisor import SimHypervisor
 from sim.virtio.backing import HostRam, RamBacking
 from sim.virtio.device import VirtioBalloon
 from sim.virtio.driver import LinuxBalloonDriver
@@ -165,3 +169,28 @@ def test_large_page_discard_over_arrays_matches_qemus_per_pfn_walk(per_host: int
     freed = fast.inflate_element(array)
     assert freed == walk._inflate_large_loop(array, per_host) + walk.released_bytes
     assert (fast.discard_calls, fast.partial_dropped) == (walk.discard_calls, walk.partial_dropped)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX), max_size=40),
+    run_pages=st.sampled_from([1, 5, 256, 1000, 1 << 16]),
+)
+def test_fresh_frames_are_handed_out_top_down_as_one_arange_would(sizes: list[int], run_pages: int) -> None:
+    """``FleetMm._fresh`` slices descending runs of frames: whatever the run length and
+    the request sizes, the frames are those one arange from the top would give, each
+    once, never one of the window's, and fewer only when the guest runs out."""
+    fleet_spec = GuestSpec(uuid="00000000-0000-0000-0000-0000000000f1", name="f", ram_kib=1 << 20)
+    hv = SimHypervisor([fleet_spec], host_mem_kib=1 << 22, initial_demand_kib=np.array([0.0]), model="protocol")
+    balloons = hv.device
+    assert isinstance(balloons, balloon_fleet.ProtocolBalloons)
+    ram_pages = balloon_fleet.FIRST_FREE_PFN + 3000  # the frames it hands out: few enough to run out
+    mm = balloon_fleet.FleetMm(hv.fleet, balloons, 0, ram_pages)
+    got: list[int] = []
+    with patch.object(balloon_fleet, "FRESH_RUN_PAGES", run_pages):
+        for k in sizes:
+            pfns = mm._fresh(k)
+            assert pfns.dtype == np.uint32
+            assert len(pfns) == min(k, ram_pages - balloon_fleet.FIRST_FREE_PFN - len(got))
+            got += pfns.tolist()
+    assert got == list(range(ram_pages - 1, balloon_fleet.FIRST_FREE_PFN - 1, -1))[: len(got)]

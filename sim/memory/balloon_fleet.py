@@ -31,6 +31,8 @@ from sim.virtio.guestmem import GuestMemory
 from sim.virtio.world import World
 
 WINDOW_BYTES = 128 * 1024  # rings of all five queues (~40 KiB), indirect tables, PFN and stats buffers
+FIRST_FREE_PFN = WINDOW_BYTES // 4096  # frames below hold the window: never handed to the balloon
+FRESH_RUN_PAGES = 1 << 16  # 256 MiB of frames per descending run (256 KiB of u32)
 U32s = npt.NDArray[np.uint32]
 
 # GuestStats field -> (device stat tag, bytes per unit): memory in bytes, counters as counts.
@@ -79,37 +81,45 @@ class FleetMm:
 
     def __init__(self, fleet: Fleet, balloons: ProtocolBalloons, i: int, ram_pages: int) -> None:
         self.fleet, self.balloons, self.i = fleet, balloons, i
+        self.row = fleet.fixed_row(i)
         self.ram_pages = ram_pages
         self._next_pfn = ram_pages  # never-used frames are handed out from the top down
+        self._run, self._run_top = np.empty(0, dtype=np.uint32), ram_pages - 1  # see ``_fresh``
         self._free_stack: list[U32s] = []  # frames given back, reused first (LIFO)
-        self._hint_next_pfn = WINDOW_BYTES // 4096
+        self._hint_next_pfn = FIRST_FREE_PFN
         self._report_next_pfn = 0
         self.host = HostRam()  # replaced by GuestBalloon with the guest's own
         self._released_seen = 0
 
     def _row_spare_kib(self, reclaim: bool = True) -> float:
         # ``.item`` gives Python floats: the same doubles as numpy scalars, at a tenth the cost.
-        f, i = self.fleet, self.i
+        f, i, row = self.fleet, self.i, self.row
         cache = f.cache.item(i)
         free = (
-            f.ram.item(i)
-            - f.reserved.item(i)
-            - f.kernel.item(i)
-            - self.balloons.balloon_kib.item(i)
-            - self.balloons.held_kib.item(i)
-            - f.anon.item(i)
-            - cache
+            row.usable_kib - self.balloons.balloon_kib.item(i) - self.balloons.held_kib.item(i) - f.anon.item(i) - cache
         )
-        spare = max(free - f.min_free.item(i), 0.0)
-        return float(spare + (max(cache - f.cache_min.item(i), 0.0) if reclaim else 0.0))
+        spare = max(free - row.min_free_kib, 0.0)
+        return float(spare + (max(cache - row.cache_min_kib, 0.0) if reclaim else 0.0))
+
+    def _fresh(self, k: int) -> U32s:
+        """Up to ``k`` never-used frames, top down: a slice of one descending run made
+        per ``FRESH_RUN_PAGES`` frames (an arange per 256 requests, not per request).
+        The run is never written: the driver copies PFNs into its own array."""
+        top, lo = self._next_pfn, max(self._next_pfn - k, FIRST_FREE_PFN)
+        run, run_top = self._run, self._run_top
+        if lo >= top:
+            return run[:0]
+        if run_top - lo >= len(run):  # the run does not reach down to lo: start a new one
+            length = min(max(FRESH_RUN_PAGES, top - lo), top - FIRST_FREE_PFN)
+            run = self._run = np.arange(top - 1, top - 1 - length, -1, dtype=np.uint32)
+            run_top = self._run_top = top - 1
+        self._next_pfn = lo
+        return run[run_top - (top - 1) : run_top - lo + 1]
 
     def alloc_pages(self, n: int) -> U32s:
         k = min(n, int(self._row_spare_kib() // spec.BALLOON_PAGE_KIB))
-        if k > 0 and not self._free_stack:  # the common case: fresh frames, one arange
-            lo = max(self._next_pfn - k, WINDOW_BYTES // 4096)
-            pfns = np.arange(self._next_pfn - 1, lo - 1, -1, dtype=np.uint32)
-            self._next_pfn = lo
-            return pfns
+        if k > 0 and not self._free_stack:  # the common case: fresh frames
+            return self._fresh(k)
         out: list[U32s] = []
         while k > 0 and self._free_stack:
             top = self._free_stack[-1]
@@ -120,9 +130,7 @@ class FleetMm:
                 self._free_stack.pop()
             k -= take
         if k > 0:
-            lo = max(self._next_pfn - k, WINDOW_BYTES // 4096)
-            out.append(np.arange(self._next_pfn - 1, lo - 1, -1, dtype=np.uint32))
-            self._next_pfn = lo
+            out.append(self._fresh(k))
         return np.concatenate(out) if out else np.empty(0, dtype=np.uint32)
 
     def _moved(self, delta_kib: float, release_frac: float) -> None:

@@ -149,6 +149,20 @@ def _clip(a: Array, lo: float | Array, hi: float | Array) -> Array:
     return np.minimum(np.maximum(a, lo), hi)
 
 
+@dataclass(frozen=True, slots=True)
+class FixedRow:
+    """One guest's sizes that never change once its Fleet is built, as Python floats:
+    the protocol path reads them on every 256-PFN request, where an ``.item`` per array
+    cost more than the arithmetic. Sums are taken in the order the array code takes
+    them (left to right), so every double is the one that code computes."""
+
+    ram_kib: float
+    base_kib: float  # reserved + kernel
+    usable_kib: float  # ram - reserved - kernel
+    min_free_kib: float
+    cache_min_kib: float
+
+
 def take_in_order(amount: T, layers: list[T], minimum: Callable[[T, T], T]) -> list[T]:
     """Take ``amount`` from ``layers``, the first layer first: what each one gave. One
     rule for arrays (``np.minimum``) and one guest's scalars (``min``)."""
@@ -229,6 +243,7 @@ class Fleet:
         # The bulk driver's fleets land each interval through the compiled kernel (the
         # numpy methods below are its reference); the protocol model's driver never does.
         self.compiled = fleet_kernel.AVAILABLE
+        self._fixed_rows: dict[int, FixedRow] = {}  # made per guest on first use (``fixed_row``)
 
     # -- what the guest shows ------------------------------------------------------
 
@@ -446,21 +461,33 @@ class Fleet:
         if delta.any():
             self.balloon_moved(delta, self.release_frac)
 
+    def fixed_row(self, i: int) -> FixedRow:
+        """Guest ``i``'s fixed sizes as floats (``FixedRow``), read once and kept."""
+        row = self._fixed_rows.get(i)
+        if row is None:
+            ram, reserved, kernel = self.ram.item(i), self.reserved.item(i), self.kernel.item(i)
+            row = FixedRow(
+                ram, reserved + kernel, ram - reserved - kernel, self.min_free.item(i), self.cache_min.item(i)
+            )
+            self._fixed_rows[i] = row
+        return row
+
     def balloon_moved_one(self, i: int, delta_kib: float, release_frac: float) -> None:
         """``balloon_moved`` for guest ``i`` alone, in scalars: the protocol path calls it
         once per 256-PFN request, where numpy over every guest would dominate. ``.item``
         reads give the same doubles as numpy scalars at a fraction of the cost."""
+        row = self.fixed_row(i)
         balloon_kib = self.driver.balloon_kib.item(i)
         before = balloon_kib - delta_kib
         anon, cache, touched = self.anon.item(i), self.cache.item(i), self.touched.item(i)
-        resident, reserved, kernel = self.balloon_resident.item(i), self.reserved.item(i), self.kernel.item(i)
-        in_use = (reserved + kernel) + anon + cache
+        resident = self.balloon_resident.item(i)
+        in_use = row.base_kib + anon + cache
         touched_free = max(touched - in_use - resident, 0.0)
         deflated_free, older = self.deflated_free.item(i), self.older_touched.item(i)
         if delta_kib > 0:
-            capacity = (self.ram.item(i) - reserved - kernel - self.driver.held_kib.item(i)) - before
+            capacity = (row.usable_kib - self.driver.held_kib.item(i)) - before
             free_before = max(capacity - anon - cache, 0.0)
-            from_free = min(delta_kib, max(free_before - self.min_free.item(i), 0.0))
+            from_free = min(delta_kib, max(free_before - row.min_free_kib, 0.0))
             from_cache = delta_kib - from_free
             self._evict_cache_one(i, from_cache)
             layers = [max(touched_free - older, 0.0), deflated_free, older]
@@ -477,7 +504,7 @@ class Fleet:
             self.deflated_free[i] = deflated_free - delta_kib - back_resident
         self.balloon_resident[i] = resident
         if delta_kib > 0:
-            limit = (self.ram.item(i) - balloon_kib) + resident
+            limit = (row.ram_kib - balloon_kib) + resident
             self.touched[i] = min(max(touched, 0.0), limit)
 
     def balloon_moved(self, delta_kib: Array, release_frac: Array) -> None:
@@ -561,6 +588,8 @@ class Fleet:
 
     def _evict_cache_one(self, i: int, amount_kib: float) -> None:
         """``_evict_cache`` for guest ``i`` alone, in scalars (the protocol path's rate)."""
+        if not amount_kib:  # as ``_evict_cache``: nothing taken, nothing to move
+            return
         cache, hot = self.cache.item(i), self.hot_cache.item(i)
         hot_lost = min(max(amount_kib - (cache - hot), 0.0), hot)
         self.cache[i] = cache - amount_kib

@@ -35,6 +35,8 @@ class Signal:
         self._waiters.append(resume)
 
     def fire(self) -> None:
+        if not self._waiters:  # the common case: the device answered before anyone waited
+            return
         waiters, self._waiters = self._waiters, []
         for resume in waiters:
             self.world.schedule(resume, urgent=True)
