@@ -29,11 +29,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from overcommitd.config import GuardConfig
+from overcommitd.guard_kernels import NUMPY, GuardKernels, floor_rule
 from overcommitd.model import Clamp, ClampReason, Decision, GuestSnapshot
 from overcommitd.table import BoolArray, FloatArray, GuestTable, IntArray
 
@@ -41,11 +41,6 @@ from overcommitd.table import BoolArray, FloatArray, GuestTable, IntArray
 # ``guard`` is that same code on a one-row table, and the Decisions with their Clamps are
 # read back from what each rule recorded (``GuardOutcome``). One implementation of each
 # rule: the two speeds cannot drift.
-
-# A wish is clipped into this range before integer arithmetic: far beyond any memory
-# size (``MAX_KIB`` is 2**40), so the clamps to [floor, maximum] decide as before, and
-# ``actual - wish`` cannot overflow int64.
-_WISH_LIMIT_KIB = 2**62
 
 # Rule codes, 0 = the rule did not fire; the index into each tuple is the code.
 HOLDS = (None, ClampReason.NOT_RUNNING, ClampReason.EXCLUDED, ClampReason.POLICY_ERROR, ClampReason.NO_WISH)
@@ -60,6 +55,7 @@ INFLATE_BLOCKS = (
     ClampReason.INFLATE_STEP,
 )
 _IMPLAUSIBLE_FIELDS = ("mem_available_kib", "mem_free_kib", "disk_caches_kib")  # codes 2.. ; 1: MemTotal
+# Their order in ``GuardKernels.implausible``'s arguments.
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,45 +94,36 @@ class GuardMemories:
 def floors_kib(table: GuestTable, rules: GuardConfig) -> IntArray:
     """The lowest target each guest may get: its SLA floor or the global minimum, never
     above its maximum."""
-    return np.asarray(_floor_rule(table.floor_kib, table.max_kib, rules), dtype=np.int64)
+    return np.asarray(floor_rule(table.floor_kib, table.max_kib, rules.min_guest_kib), dtype=np.int64)
 
 
 def floor_kib(guest: GuestSnapshot, rules: GuardConfig) -> int:
     """``floors_kib`` of one guest (the same rule on scalars: status and metrics call it
     per guest, where a one-row table would cost more than the rule)."""
-    return int(_floor_rule(np.int64(guest.floor_kib), np.int64(guest.max_kib), rules))
+    return int(floor_rule(np.int64(guest.floor_kib), np.int64(guest.max_kib), rules.min_guest_kib))
 
 
-def _floor_rule(floor: Any, maximum: Any, rules: GuardConfig) -> Any:
-    return np.minimum(np.maximum(floor, rules.min_guest_kib), maximum)
-
-
-def stats_limits_s(table: GuestTable, rules: GuardConfig) -> FloatArray:
-    """How old each guest's stats may be before they are stale."""
-    return np.maximum(rules.stale_after_periods * table.stats_period_s, rules.stale_after_min_s)
-
-
-def implausible_codes(table: GuestTable) -> IntArray:
+def implausible_codes(table: GuestTable, kernels: GuardKernels = NUMPY) -> IntArray:
     """What is impossible about each guest's stats: 0 nothing, 1 MemTotal above the
     maximum, 2.. a value outside 0..MemTotal (``_IMPLAUSIBLE_FIELDS``). Stats come from
     an untrusted guest (Firecracker's ballooning docs say as much): a buggy or hostile
     driver must not talk the host into taking memory the guest needs. Unsent stats
     (NaN) compare false, so they are never implausible."""
-    total = table.stats["mem_total_kib"]
-    code = np.where(total > table.max_kib, 1, 0)
-    for k, name in enumerate(_IMPLAUSIBLE_FIELDS, start=2):
-        value = table.stats[name]
-        bad = (value < 0) | (value > total)
-        code = np.where((code == 0) & bad, k, code)
-    return np.asarray(code, dtype=np.int64)
+    s = table.stats
+    return kernels.implausible(table.max_kib, s["mem_total_kib"], *(s[name] for name in _IMPLAUSIBLE_FIELDS))
 
 
-def stats_problem_codes(now_s: float, table: GuestTable, rules: GuardConfig) -> IntArray:
+def stats_problem_codes(now_s: float, table: GuestTable, rules: GuardConfig, kernels: GuardKernels = NUMPY) -> IntArray:
     """Why each guest's stats cannot justify inflation: an ``INFLATE_BLOCKS`` code
     (missing, stale, implausible) or 0 if they can."""
-    present = table.stats.present
-    stale = now_s - table.stats.last_update_s > stats_limits_s(table, rules)
-    return np.where(present, np.where(stale, 2, np.where(implausible_codes(table) > 0, 3, 0)), 1)
+    return kernels.problem(
+        now_s,
+        table.stats.last_update_s,
+        table.stats_period_s,
+        float(rules.stale_after_periods),
+        float(rules.stale_after_min_s),
+        implausible_codes(table, kernels),
+    )
 
 
 def implausible_detail(code: int, guest: GuestSnapshot) -> str | None:
@@ -208,81 +195,35 @@ def guard_table(
     backoff_until_s: FloatArray,
     excluded: BoolArray,
     failed: BoolArray,
+    kernels: GuardKernels = NUMPY,
 ) -> GuardOutcome:
     """Check every guest's wish (NaN: none) at once. ``failed``: the policy raised for
-    the guest. The rules and their order are the module docstring's."""
-    actual, last, has_last = table.actual_kib, table.last_target_kib, table.has_last_target
-    has_wish = ~np.isnan(wish_kib)
-    wish = np.minimum(np.maximum(np.where(has_wish, wish_kib, 0.0), -_WISH_LIMIT_KIB), _WISH_LIMIT_KIB)
-    wish = wish.astype(np.int64)  # truncates toward zero, as int() did
-    floor = floors_kib(table, rules)
-    # np.where chains, not np.select: a tenth of the cost on a few hundred rows.
-    hold = np.where(~table.running, 1, np.where(excluded, 2, np.where(failed, 3, np.where(has_wish, 0, 4))))
-    held = hold > 0
-    # Held, unless a running, included guest's balloon is set below its floor (someone ran
-    # `virsh setmem` behind our back, or the floor was raised): then stop it at the floor,
-    # or where it is if that is higher. Never inflates.
-    reference = np.where(has_last, last, actual)
-    restored = held & (hold >= 3) & (np.minimum(reference, actual) < floor)
-
-    maxed = wish > table.max_kib
-    ranged = np.where(maxed, table.max_kib, wish)
-    floored = ranged < floor
-    ranged = np.where(floored, floor, ranged)
-
-    # Short of the last target: stopped (the guest deflated itself under DEFLATE_ON_OOM or
-    # had nothing to give), or still moving to a target set within ``settle_s``. During a
-    # back-off any shortfall is one more stop (a guest still deflating past the target
-    # that met it a moment ago), never a balloon in flight.
-    short = ~held & table.short_of_target()  # the tolerance the step stamped on the table, from ``rules``
-    settling = table.last_target_age_s < rules.settle_s  # NaN (unknown age): not settling
-    in_flight = short & (now_s >= backoff_until_s) & settling
-    backoff = np.where(short & ~in_flight, now_s + rules.auto_deflate_cooldown_s, backoff_until_s)
-
-    inflating = ranged < actual
-    problem = stats_problem_codes(now_s, table, rules)
-    backing_off = now_s < backoff
-    flight_bound = in_flight & has_last & (ranged < last)
-    step_bound = actual - ranged > rules.max_inflate_step_kib
-    block = np.where(
-        problem > 0,
-        problem,
-        np.where(
-            backing_off, np.where(table.deflate_on_oom, 4, 5), np.where(flight_bound, 6, np.where(step_bound, 7, 0))
-        ),
+    the guest. The rules and their order are the module docstring's; ``kernels`` runs
+    them (``overcommitd.guard_kernels``)."""
+    columns = kernels.rules(
+        now_s,
+        wish_kib,
+        table.actual_kib,
+        table.last_target_kib,
+        table.has_last_target,
+        table.max_kib,
+        table.floor_kib,
+        table.last_target_age_s,
+        table.running,
+        table.deflate_on_oom,
+        excluded,
+        failed,
+        backoff_until_s,
+        stats_problem_codes(now_s, table, rules, kernels),
+        int(table.auto_deflate_tolerance_kib),
+        int(rules.min_guest_kib),
+        float(rules.settle_s),
+        float(rules.auto_deflate_cooldown_s),
+        int(rules.max_inflate_step_kib),
+        int(rules.max_deflate_step_kib),
+        int(rules.dead_band_kib),
     )
-    block = np.where(inflating & ~held, block, 0)
-    inflated = np.where(
-        (block > 0) & (block <= 5),
-        actual,
-        np.where(block == 6, last, np.where(block == 7, actual - rules.max_inflate_step_kib, ranged)),
-    )
-    deflate_stepped = ~held & ~inflating & (ranged > actual + rules.max_deflate_step_kib)
-    stepped = np.where(
-        deflate_stepped, np.maximum(actual + rules.max_deflate_step_kib, floor), np.where(inflating, inflated, ranged)
-    )
-    dead = ~held & (np.abs(stepped - reference) < rules.dead_band_kib) & ~(reference < floor)
-    target = np.where(held, np.maximum(floor, actual), stepped)
-    return GuardOutcome(
-        now_s=now_s,
-        rules=rules,
-        target_kib=target,
-        has_target=(~held & ~dead) | restored,
-        backoff_until_s=np.where(held, backoff_until_s, backoff),
-        wish_kib=wish,
-        has_wish=has_wish,
-        floor_kib=floor,
-        hold=hold,
-        restored=restored,
-        maxed=maxed & ~held,
-        floored=floored & ~held,
-        ranged_kib=ranged,
-        inflate_block=block,
-        deflate_stepped=deflate_stepped,
-        stepped_kib=stepped,
-        dead_band=dead,
-        reference_kib=reference,
-    )
+    return GuardOutcome(now_s, rules, *columns)
 
 
 def decision(

@@ -26,6 +26,7 @@ import numpy as np
 
 from overcommitd.config import DaemonConfig
 from overcommitd.guard import GuardMemories, GuardOutcome, decision, decisions, guard_table
+from overcommitd.guard_kernels import NUMPY, GuardKernels
 from overcommitd.hypervisor import Hypervisor, HypervisorError
 from overcommitd.model import Decision, GuestSnapshot, HostSnapshot
 from overcommitd.table import BoolArray, GuestTable, IntArray
@@ -154,8 +155,11 @@ def step_table(
     policy: Policy[S],
     state: LoopState[S],
     cfg: DaemonConfig,
+    *,
+    kernels: GuardKernels = NUMPY,
 ) -> StepOutcome[S]:
-    """Decide every guest's target for this tick, over columns."""
+    """Decide every guest's target for this tick, over columns; ``kernels`` runs the
+    guard's arithmetic (the daemon's numpy, or the replay's compiled twin)."""
     table, excluded = table_overrides(table, cfg)
     eligible = table.running & ~excluded
     result, policy_error = _decide(policy, host, table, eligible, state.policy_state)
@@ -169,6 +173,7 @@ def step_table(
         backoff_until_s=state.guard.aligned(table.uuid),
         excluded=excluded,
         failed=failed,
+        kernels=kernels,
     )
     errors: Mapping[int, str] = result.errors
     reasons: Mapping[int, str] = result.reasons

@@ -57,6 +57,7 @@ import numpy as np
 
 from overcommitd.config import GuardConfig
 from overcommitd.guard import floors_kib, stats_problem_codes
+from overcommitd.guard_kernels import NUMPY, GuardKernels
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from overcommitd.table import BoolArray, GuestTable, IntArray
 
@@ -88,25 +89,34 @@ def short_text(short_kib: float) -> str:
     return f"host short by {short_kib / _GIB_KIB:.1f} GiB" if short_kib > 0 else "host has room"
 
 
-def needs_kib(now_s: float, table: GuestTable, rules: GuardConfig, held: BoolArray) -> tuple[IntArray, BoolArray]:
+def needs_kib(
+    now_s: float, table: GuestTable, rules: GuardConfig, held: BoolArray, kernels: GuardKernels = NUMPY
+) -> tuple[IntArray, BoolArray]:
     """What no balloon may take from each guest (its workload's use or its floor, the
     larger), and which guests count at their current size: not running, stats the guard
     would not trust (``stats_problem_codes``), or ``held`` (excluded, paused: no balloon
     will move them)."""
     available_kib = table.stats.available_kib()
-    at_size = held | ~table.running | (stats_problem_codes(now_s, table, rules) != 0) | np.isnan(available_kib)
-    used_kib = table.actual_kib - np.nan_to_num(available_kib, nan=0.0)
+    problem = stats_problem_codes(now_s, table, rules, kernels)
+    at_size = held | ~table.running | (problem != 0) | np.isnan(available_kib)
+    used_kib = table.actual_kib - available_kib  # NaN where unsent: those rows count at their size
     need = np.maximum(np.maximum(used_kib, floors_kib(table, rules)), 0)
     return np.where(at_size, table.actual_kib, need).astype(np.int64), at_size
 
 
 def estimate_table(
-    host: HostSnapshot, table: GuestTable, rules: GuardConfig, *, held: BoolArray, host_own_min_kib: int = 0
+    host: HostSnapshot,
+    table: GuestTable,
+    rules: GuardConfig,
+    *,
+    held: BoolArray,
+    host_own_min_kib: int = 0,
+    kernels: GuardKernels = NUMPY,
 ) -> Shortfall:
     """What the host lacks (module docstring), over columns: the table carries the config's
     floors (``loop.table_overrides``), ``held`` marks the rows no balloon will move. Stats
     are judged fresh or stale at ``host.taken_at_s``, as the control step does."""
-    need, at_size = needs_kib(host.taken_at_s, table, rules, held)
+    need, at_size = needs_kib(host.taken_at_s, table, rules, held, kernels)
     need_kib = int(need.sum())
     own_kib = max(host.used_kib_counting_arc(True) - int(table.actual_kib.sum()), host_own_min_kib, 0)
     short_kib = max(own_kib + need_kib - host.mem_total_kib, 0)

@@ -47,6 +47,7 @@ from overcommitd.model import Clamp, ClampReason, Decision, GuestSnapshot, HostS
 from overcommitd.shortfall import estimate_table
 from overcommitd.table import GuestTable
 from policies.api import Policy, decide_batch
+from sim.evaluation.guard_kernels import KERNELS
 from sim.evaluation.metrics import GuestTick, Recorder, RunCounters, RunFacts, Scorecard, Timeline
 from sim.memory import traces as trace_io
 from sim.memory.guest import Array, GuestModelParams, GuestSpec
@@ -392,7 +393,7 @@ class _Run:
         if self.unguarded:
             outcome = unguarded_step(host, table, self.policy, self.state, self.cfg)
         else:
-            outcome = step_table(now_s, host, table, self.policy, self.state, self.cfg)
+            outcome = step_table(now_s, host, table, self.policy, self.state, self.cfg, kernels=KERNELS)
         self.state = outcome.state
         rows = np.flatnonzero(outcome.has_target)
         hv.set_targets(rows, outcome.target_kib[rows])
@@ -410,7 +411,10 @@ class _Run:
         with_floors, held = table_overrides(table, self.cfg)
         hm = self.spec.host_model
         own_kib = hm.base_kib + hm.qemu_overhead_kib * len(table)
-        return estimate_table(host, with_floors, self.cfg.guard, held=held, host_own_min_kib=own_kib).short_kib
+        estimate = estimate_table(
+            host, with_floors, self.cfg.guard, held=held, host_own_min_kib=own_kib, kernels=KERNELS
+        )
+        return estimate.short_kib
 
     def _record(self, scored_s: float, demand: Array) -> None:
         hv, f = self.hv, self.hv.fleet

@@ -82,6 +82,28 @@ class KernelState(NamedTuple):
     puff_retries: Array
     release_frac: Array
     reporting: Flags  # free page reporting runs in the Fleet, in closed form
+    managed_kept: Flags  # the driver's deflate_on_oom_negotiated: MemTotal keeps the balloon
+    wmark_low: Array
+
+
+class StatsPoll(NamedTuple):
+    """The bulk device's sampling (``BalloonDevice.poll_stats``) as the kernel takes it:
+    the received stats it fills (``StatArrays``' fields, in order) and the schedule."""
+
+    swap_in_kib: Array
+    swap_out_kib: Array
+    major_faults: Array
+    minor_faults: Array
+    mem_free_kib: Array
+    mem_total_kib: Array
+    mem_available_kib: Array
+    disk_caches_kib: Array
+    oom_kills: Array
+    last_update_s: Array
+    next_arrival_s: Array
+    stats_period_s: Array
+    now_s: float  # samples arriving before this are taken
+    work_s: float  # STATS_WORK_S: from the timer to the sample's arrival
 
 
 def _jit(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -236,6 +258,29 @@ def _balloon_moved(s: Any, delta: Any) -> None:
 
 
 @_jit
+def poll_stats(s: Any, p: Any) -> None:
+    """``BalloonDevice.poll_stats`` with ``Fleet.stats`` of the state now, guest by guest:
+    every sample due before ``p.now_s`` copies the same state, the last one's time stays."""
+    for i in range(len(p.next_arrival_s)):
+        if not p.next_arrival_s[i] < p.now_s:
+            continue
+        free = _free(i, s)
+        p.swap_in_kib[i] = s.swap_in[i]
+        p.swap_out_kib[i] = s.swap_out[i]
+        p.major_faults[i] = s.major_faults[i]
+        p.minor_faults[i] = s.minor_faults[i]
+        p.mem_free_kib[i] = free
+        p.mem_total_kib[i] = s.ram[i] - s.reserved[i] - (0.0 if s.managed_kept[i] else s.balloon[i])
+        cache = s.cache[i]
+        p.mem_available_kib[i] = _max(free - s.min_free[i] + cache - _min(cache / 2, s.wmark_low[i]), 0.0)
+        p.disk_caches_kib[i] = cache
+        p.oom_kills[i] = s.oom_kills[i]
+        while p.next_arrival_s[i] < p.now_s:
+            p.last_update_s[i] = np.floor(p.next_arrival_s[i])  # QEMU stamps whole seconds
+            p.next_arrival_s[i] = p.next_arrival_s[i] + p.stats_period_s[i] + p.work_s
+
+
+@_jit
 def _follow_and_grow(s: Any, demand: Any, read: Any, dt_s: float, cooling: float) -> None:
     """``_reap_victims``, ``_follow_demand`` and ``_grow_cache``, guest by guest."""
     for i in range(len(demand)):
@@ -384,25 +429,6 @@ def land(
 
 
 @_jit
-def sample_rows(times_s: Any, offset_s: float, duration_s: float, t_s: Any, out: Any) -> None:
-    """``np.searchsorted(t_s, (times_s + offset_s) % duration_s, side="right") - 1`` into
-    ``out``, for ``Workload.block``: the times mostly increase, so each answer is searched
-    for from the previous one, and from scratch only where the times go back."""
-    m = len(t_s)
-    j = 0  # how many samples are at or before the time
-    for k in range(len(times_s)):
-        t = (times_s[k] + offset_s) % duration_s
-        if math.isnan(t):
-            out[k] = m - 1  # numpy sorts NaN last
-            continue
-        if j > 0 and t_s[j - 1] > t:
-            j = np.searchsorted(t_s, t, side="right")
-        while j < m and t_s[j] <= t:
-            j += 1
-        out[k] = j - 1
-
-
-@_jit
 def report_free(s: Any, passes: int, capacity: float, block_kib: float, residue_pct: float) -> None:
     """``Fleet._report_free`` for guests whose reporting the Fleet runs (``s.reporting``):
     ``passes`` passes of ``reportable_blocks``, each ending the loop once no guest has a
@@ -427,3 +453,107 @@ def report_free(s: Any, passes: int, capacity: float, block_kib: float, residue_
             kib = _min(blocks[i], calls * capacity) * block_kib
             s.touched[i] -= kib
             s.reported[i] += kib
+
+
+@_jit
+def advance(
+    s: Any,
+    p: Any,
+    dt_s: float,
+    move: Any,
+    passes: int,
+    report: Any,
+    land_scalars: Any,
+    demand: Any,
+    read: Any,
+    unserved: Any,
+    degraded: Any,
+) -> None:
+    """``Fleet.advance`` with the bulk driver and device in one call: the balloons move
+    (``move``: ``move_balloons``' scalars), reporting runs (``passes`` and ``report``:
+    ``report_free``'s; it changes nothing where no guest reports), the samples due
+    arrive (``p``), then
+    the workload lands (``land_scalars``: ``land``'s cooling .. epsilon). One call
+    rather than four: each unboxes every array of the state again (issue 13 profile)."""
+    move_balloons(s, dt_s, move[0], move[1], move[2], move[3])
+    report_free(s, passes, report[0], report[1], report[2])
+    poll_stats(s, p)
+    cooling, swap_touch, reread_share, oom_step_kib, epsilon_kib = land_scalars
+    land(s, demand, read, dt_s, cooling, swap_touch, reread_share, oom_step_kib, epsilon_kib, unserved, degraded)
+
+
+@_jit
+def _trace_row(
+    time_s: float, g: int, offsets_s: Any, durations_s: Any, first: Any, count: Any, t_s: Any, at: Any
+) -> int:
+    """The sample of guest ``g``'s trace in force at ``time_s``, as ``Workload.rows`` finds
+    it (numpy's ``searchsorted(..., side="right") - 1``: -1 before the first), searched from ``at[g]``, the count found for the guest's previous time. ``t_s`` holds
+    every trace back to back, guest ``g``'s from ``first[g]``, ``count[g]`` long."""
+    m, base = count[g], first[g]
+    t = (time_s + offsets_s[g]) % durations_s[g]
+    if math.isnan(t):
+        return int(m - 1)  # numpy sorts NaN last
+    j = at[g]
+    if j > 0 and t_s[base + j - 1] > t:
+        j = np.searchsorted(t_s[base : base + m], t, side="right")
+    while j < m and t_s[base + j] <= t:
+        j += 1
+    at[g] = j
+    return int(j - 1)
+
+
+@_jit
+def trace_block(
+    times_s: Any,
+    offsets_s: Any,
+    durations_s: Any,
+    first: Any,
+    count: Any,
+    t_s: Any,
+    demand: Any,
+    io: Any,
+    cap: Any,
+    demand_out: Any,
+    io_out: Any,
+) -> None:
+    """``Workload.block``'s lookups for every time (rows) and guest (columns), written
+    in that (times x guests) layout directly: no per-guest pass and transpose."""
+    at = np.zeros(len(offsets_s), dtype=np.int64)
+    for k in range(len(times_s)):
+        for g in range(len(offsets_s)):
+            i = _trace_row(times_s[k], g, offsets_s, durations_s, first, count, t_s, at)
+            row = first[g] + (i if i >= 0 else count[g] + i)  # -1: the last, as numpy indexes
+            demand_out[k, g] = _min(demand[row], cap[g])
+            io_out[k, g] = io[row]
+
+
+@_jit
+def trace_peaks(
+    since_s: float,
+    times_s: Any,
+    offsets_s: Any,
+    durations_s: Any,
+    first: Any,
+    count: Any,
+    t_s: Any,
+    demand: Any,
+    cap: Any,
+    out: Any,
+) -> None:
+    """``Workload.peaks`` for every window (rows) and guest (columns): the peak of the
+    samples after the one in force at a window's start, up to the one in force at its
+    end (that one alone if none is newer, or across a wrap)."""
+    n = len(offsets_s)
+    at = np.zeros(n, dtype=np.int64)
+    lo = np.empty(n, dtype=np.int64)
+    for g in range(n):
+        lo[g] = max(_trace_row(since_s, g, offsets_s, durations_s, first, count, t_s, at), 0)
+    for k in range(len(times_s)):
+        for g in range(n):
+            hi = max(_trace_row(times_s[k], g, offsets_s, durations_s, first, count, t_s, at), 0)
+            start = lo[g] + 1 if hi > lo[g] else hi
+            peak = demand[first[g] + start]
+            for s in range(start + 1, hi + 1):
+                peak = _max(peak, demand[first[g] + s])
+            out[k, g] = _min(peak, cap[g])
+            lo[g] = hi

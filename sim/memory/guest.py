@@ -290,22 +290,59 @@ class Fleet:
     # -- time passes ---------------------------------------------------------------
 
     def advance(
-        self, dt_s: float, demand_kib: Array, read_kib_s: Array, between: Callable[[], None] | None = None
+        self,
+        dt_s: float,
+        demand_kib: Array,
+        read_kib_s: Array,
+        between: Callable[[], None] | None = None,
+        poll: fleet_kernel.StatsPoll | None = None,
     ) -> None:
         """Move every guest ``dt_s`` forward under its working-set demand and file reads.
 
         The balloons move first: they follow targets set at the previous instant and
         finish long before this one (at ~1 GiB/s). ``between`` then sees that state, the
         state every stats sample taken during the interval saw; the workload and the
-        pressure it causes land at the end of the interval."""
-        self._move_balloon(dt_s)
-        self._report_free(dt_s)
+        pressure it causes land at the end of the interval. ``poll`` is the bulk device's
+        sampling that ``between`` does, for the compiled kernel to do in the same call
+        (``fleet_kernel.advance``); without the kernel, ``between`` runs."""
+        # The compiled kernels change the Fleet's arrays in place: their view is built once.
+        state = self._kernel_state() if self.compiled and type(self.driver) is BalloonDriver else None
+        if state is not None and poll is not None:
+            self._advance_compiled(dt_s, demand_kib, read_kib_s, state, poll)
+            return
+        self._move_balloon(dt_s, state)
+        self._report_free(dt_s, state)
         if between is not None:
             between()
-        if self.compiled and type(self.driver) is BalloonDriver:
-            self._land_compiled(dt_s, demand_kib, read_kib_s)
+        if state is not None:
+            self._land_compiled(dt_s, demand_kib, read_kib_s, state)
         else:
             self.land_workload(dt_s, demand_kib, read_kib_s)
+
+    def _advance_compiled(
+        self,
+        dt_s: float,
+        demand_kib: Array,
+        read_kib_s: Array,
+        state: fleet_kernel.KernelState,
+        poll: fleet_kernel.StatsPoll,
+    ) -> None:
+        """``advance`` in one compiled call, with the same scalars as its steps."""
+        self.unserved_kib = np.empty_like(self.ram)
+        self.degraded = np.empty(len(self.ram), dtype=bool)
+        fleet_kernel.advance(
+            state,
+            poll,
+            dt_s,
+            self._move_scalars(dt_s),
+            self._report_passes(dt_s),
+            self._report_scalars(),
+            self._land_scalars(dt_s),
+            np.ascontiguousarray(demand_kib, dtype=np.float64),
+            np.ascontiguousarray(read_kib_s, dtype=np.float64),
+            self.unserved_kib,
+            self.degraded,
+        )
 
     def land_workload(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
         """The interval's workload and the pressure it causes, at its end. The reference:
@@ -321,24 +358,32 @@ class Fleet:
         self.unserved_kib = np.where(killed, demand_kib, 0.0)
         self.degraded = killed | thrashing
 
-    def _land_compiled(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
-        """``land_workload`` through the compiled kernel; the scalars the reference
-        computes with ``np.exp``/``math.exp`` are computed here the same way."""
-        p = self.params
+    def _land_compiled(
+        self, dt_s: float, demand_kib: Array, read_kib_s: Array, state: fleet_kernel.KernelState
+    ) -> None:
+        """``land_workload`` through the compiled kernel."""
         self.unserved_kib = np.empty_like(self.ram)
         self.degraded = np.empty(len(self.ram), dtype=bool)
         fleet_kernel.land(
-            self._kernel_state(),
+            state,
             np.ascontiguousarray(demand_kib, dtype=np.float64),
             np.ascontiguousarray(read_kib_s, dtype=np.float64),
             dt_s,
+            *self._land_scalars(dt_s),
+            self.unserved_kib,
+            self.degraded,
+        )
+
+    def _land_scalars(self, dt_s: float) -> tuple[float, float, float, float, float]:
+        """``fleet_kernel.land``'s scalars: the ones the reference computes with
+        ``np.exp``/``math.exp`` computed the same way."""
+        p = self.params
+        return (
             math.exp(-dt_s / p.cache_reuse_s),
-            1.0 - np.exp(-dt_s / p.swap_touch_s),
+            float(1.0 - np.exp(-dt_s / p.swap_touch_s)),
             1.0 - math.exp(-dt_s / p.swap_touch_s),
             float(OOM_STEP_KIB),
             EPSILON_KIB,
-            self.unserved_kib,
-            self.degraded,
         )
 
     def _kernel_state(self) -> fleet_kernel.KernelState:
@@ -380,6 +425,8 @@ class Fleet:
             d.puff_retries,
             self.release_frac,
             self.reporting & ~d.reports_itself,
+            d.deflate_on_oom_negotiated,
+            self.wmark_low,
         )
 
     def _allocate(self, amount: Array) -> None:
@@ -441,19 +488,12 @@ class Fleet:
         page cache above its minimum."""
         return np.maximum(self.free() - self.min_free, 0.0) + np.maximum(self.cache - self.cache_min, 0.0)
 
-    def _move_balloon(self, dt_s: float) -> None:
-        """The bulk driver moves the balloons; the protocol model moves them on the World
-        clock instead (its ``advance`` leaves them be) and reports each request through
-        ``balloon_moved``."""
-        if self.compiled and type(self.driver) is BalloonDriver:
-            fleet_kernel.move_balloons(
-                self._kernel_state(),
-                dt_s,
-                INFLATE_KIB_S * dt_s,
-                DEFLATE_KIB_S * dt_s,
-                OUT_OF_PUFF_RETRY_S,
-                float(BALLOON_PAGE_KIB),
-            )
+    def _move_balloon(self, dt_s: float, state: fleet_kernel.KernelState | None) -> None:
+        """The bulk driver moves the balloons (compiled where ``state``); the protocol
+        model moves them on the World clock instead (its ``advance`` leaves them be) and
+        reports each request through ``balloon_moved``."""
+        if state is not None:
+            fleet_kernel.move_balloons(state, dt_s, *self._move_scalars(dt_s))
             return
         before = self.driver.balloon_kib.copy()
         self.driver.advance(dt_s, self.spare_kib())
@@ -471,6 +511,11 @@ class Fleet:
             )
             self._fixed_rows[i] = row
         return row
+
+    @staticmethod
+    def _move_scalars(dt_s: float) -> tuple[float, float, float, float]:
+        """``fleet_kernel.move_balloons``' scalars: the bulk driver's rates over ``dt_s``."""
+        return INFLATE_KIB_S * dt_s, DEFLATE_KIB_S * dt_s, OUT_OF_PUFF_RETRY_S, float(BALLOON_PAGE_KIB)
 
     def balloon_moved_one(self, i: int, delta_kib: float, release_frac: float) -> None:
         """``balloon_moved`` for guest ``i`` alone, in scalars: the protocol path calls it
@@ -678,6 +723,14 @@ class Fleet:
         self.cache += back
         self.hot_cache += back
 
+    @staticmethod
+    def _report_passes(dt_s: float) -> int:
+        return max(int(np.ceil(dt_s / PAGE_REPORTING_DELAY_S)) - 1, 0)
+
+    def _report_scalars(self) -> tuple[float, float, float]:
+        """``fleet_kernel.report_free``'s scalars after ``passes``."""
+        return float(PAGE_REPORTING_CAPACITY), float(REPORT_BLOCK_KIB), self.params.report_residue_pct
+
     def reportable_blocks(self) -> Array:
         """Free 2 MiB blocks (order 9) not yet reported, per guest: touched free memory
         less the fragmented residue, and none while the zone is below its low watermark
@@ -687,7 +740,7 @@ class Fleet:
         unreported = self._touched_free() - free * self.params.report_residue_pct / 100
         return np.where(gate, np.floor(np.maximum(unreported, 0.0) / REPORT_BLOCK_KIB), 0.0)
 
-    def _report_free(self, dt_s: float) -> None:
+    def _report_free(self, dt_s: float, state: fleet_kernel.KernelState | None) -> None:
         """Free page reporting in closed form (Linux mm/page_reporting.c, the protocol
         model's ``page_reporting_process``): blocks that were free at the last instant are
         reported in passes 2 s apart, the first 2 s after it, so ``ceil(dt/2) - 1`` passes
@@ -696,10 +749,9 @@ class Fleet:
         bulk = self.reporting & ~self.driver.reports_itself
         if not bulk.any():
             return
-        passes = max(int(np.ceil(dt_s / PAGE_REPORTING_DELAY_S)) - 1, 0)
-        if self.compiled and type(self.driver) is BalloonDriver:
-            capacity, residue_pct = float(PAGE_REPORTING_CAPACITY), self.params.report_residue_pct
-            fleet_kernel.report_free(self._kernel_state(), passes, capacity, float(REPORT_BLOCK_KIB), residue_pct)
+        passes = self._report_passes(dt_s)
+        if state is not None:
+            fleet_kernel.report_free(state, passes, *self._report_scalars())
             return
         for _ in range(passes):
             n = np.where(bulk, self.reportable_blocks(), 0.0)

@@ -32,12 +32,53 @@ REUSE_SHIFT_S = 7919.0
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class TraceColumns:
+    """Every distinct trace of a workload back to back, for the compiled lookups
+    (``fleet_kernel.trace_block``/``trace_peaks``): guest ``g``'s samples are
+    ``first[g]`` on, ``count[g]`` of them. Demand as float64 and file I/O summed as
+    ``Workload.block``'s numpy path converts and sums them."""
+
+    first: npt.NDArray[np.int64]
+    count: npt.NDArray[np.int64]
+    durations_s: npt.NDArray[np.float64]
+    t_s: npt.NDArray[np.float64]
+    demand_kib: npt.NDArray[np.float64]
+    io_kib_s: npt.NDArray[np.float64]
+
+    @classmethod
+    def of(cls, traces: tuple[Trace, ...]) -> TraceColumns:
+        distinct = list({id(t): t for t in traces}.values())
+        where = {id(t): k for k, t in enumerate(distinct)}
+        lengths = np.array([len(t.t_s) for t in distinct], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        k = np.array([where[id(t)] for t in traces], dtype=np.int64)
+        return cls(
+            first=starts[k],
+            count=lengths[k],
+            durations_s=np.array([t.duration_s for t in traces], dtype=np.float64),
+            t_s=np.concatenate([t.t_s.astype(np.float64) for t in distinct]),
+            demand_kib=np.concatenate([t.demand_kib.astype(np.float64) for t in distinct]),
+            io_kib_s=np.concatenate([_io_kib_s(t) for t in distinct]),
+        )
+
+
+def _io_kib_s(trace: Trace) -> npt.NDArray[np.float64]:
+    """The trace's reads plus writes, summed in ``Workload.block``'s order (from 0)."""
+    io = np.zeros(len(trace.t_s))
+    for rate in (trace.disk_read_kib_s, trace.disk_write_kib_s):
+        if rate is not None:
+            io += rate
+    return io
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Workload:
     """Demand and file-read rate per guest over the tick grid, computed in blocks."""
 
     traces: tuple[Trace, ...]
     offsets_s: npt.NDArray[np.float64]
     demand_cap_kib: npt.NDArray[np.float64]
+    columns: TraceColumns
 
     @classmethod
     def assign(
@@ -58,7 +99,7 @@ class Workload:
         reserved = params.reserved_fixed_kib + ram * params.reserved_pct / 100
         kernel = params.kernel_fixed_kib + ram * params.kernel_pct / 100
         headroom = reserve_for(params, ram, guest_kernel).totalreserve_kib + ram * params.cache_min_pct / 100
-        return cls(chosen, offsets, np.maximum(ram - reserved - kernel - headroom, 0.0))
+        return cls(chosen, offsets, np.maximum(ram - reserved - kernel - headroom, 0.0), TraceColumns.of(chosen))
 
     @property
     def io_columns(self) -> str:
@@ -70,12 +111,28 @@ class Workload:
         """Demand (KiB) and file I/O rate (reads + writes, KiB/s) at each time: arrays of
         shape (len(times_s), n_guests). Filled guest by guest into rows, then transposed
         once: writing columns of a (times, guests) array strides across memory, which
-        cost 10x the lookups at 500 guests (issue 13)."""
+        cost 10x the lookups at 500 guests (issue 13). Compiled, both are written in
+        (times x guests) layout at once (``fleet_kernel.trace_block``)."""
+        if fleet_kernel.AVAILABLE and times_s.dtype == np.float64:
+            c = self.columns
+            out = np.empty((len(times_s), len(self.traces))), np.empty((len(times_s), len(self.traces)))
+            fleet_kernel.trace_block(
+                times_s,
+                self.offsets_s,
+                c.durations_s,
+                c.first,
+                c.count,
+                c.t_s,
+                c.demand_kib,
+                c.io_kib_s,
+                self.demand_cap_kib,
+                *out,
+            )
+            return out
         demand = np.empty((len(self.traces), len(times_s)))
         reads = np.zeros_like(demand)
-        idx_buffer = np.empty(len(times_s), dtype=np.int64)
         for g, trace in enumerate(self.traces):
-            idx = self.rows(g, times_s, idx_buffer)
+            idx = self.rows(g, times_s)
             demand[g] = trace.demand_kib[idx]
             for io in (trace.disk_read_kib_s, trace.disk_write_kib_s):
                 if io is not None:
@@ -83,12 +140,9 @@ class Workload:
         capped = np.minimum(demand, self.demand_cap_kib[:, None])
         return np.ascontiguousarray(capped.T), np.ascontiguousarray(reads.T)
 
-    def rows(self, g: int, times_s: npt.NDArray[np.float64], out: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    def rows(self, g: int, times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
         """The sample of guest ``g``'s trace in force at each time (the trace repeats)."""
         trace = self.traces[g]
-        if fleet_kernel.AVAILABLE and times_s.dtype == np.float64 and trace.t_s.dtype == np.float64:
-            fleet_kernel.sample_rows(times_s, float(self.offsets_s[g]), trace.duration_s, trace.t_s, out)
-            return out
         t = (times_s + self.offsets_s[g]) % trace.duration_s
         return np.asarray(np.searchsorted(trace.t_s, t, side="right") - 1, dtype=np.int64)
 
@@ -102,6 +156,21 @@ class Workload:
         a spike shorter than the stats period would otherwise skip (issue 16: the real
         guest was OOM-killed by a 2.4 s spike the replay never showed its guest). Across
         a trace's wrap to its start, only the demand in force at each end counts."""
+        if fleet_kernel.AVAILABLE and times_s.dtype == np.float64:
+            c, peaks = self.columns, np.empty((len(times_s), len(self.traces)))
+            fleet_kernel.trace_peaks(
+                float(since_s),
+                times_s,
+                self.offsets_s,
+                c.durations_s,
+                c.first,
+                c.count,
+                c.t_s,
+                c.demand_kib,
+                self.demand_cap_kib,
+                peaks,
+            )
+            return peaks
         edges = np.concatenate([[since_s], times_s])
         out = np.empty((len(times_s), len(self.traces)))
         for g, trace in enumerate(self.traces):

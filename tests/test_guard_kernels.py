@@ -1,0 +1,56 @@
+"""The replay's compiled guard kernels (``sim.evaluation.guard_kernels``) against the
+daemon's numpy ones (``overcommitd.guard_kernels``): identical columns for arbitrary
+tables, wishes, back-offs and rules, so a replay decides exactly as the daemon would."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overcommitd.config import GuardConfig
+from overcommitd.guard import GuardOutcome, guard_table
+from overcommitd.guard_kernels import NUMPY
+from overcommitd.model import GuestSnapshot
+from overcommitd.table import GuestTable
+from sim.evaluation import guard_kernels
+from sim.memory import fleet_kernel
+from tests.test_guard_columns import NOW, cases, rules
+
+Case = tuple[GuestSnapshot, int | None, float, bool, str | None]
+
+
+def _outcome(rows: list[Case], rules: GuardConfig, kernels: guard_kernels.GuardKernels) -> GuardOutcome:
+    guests = [dataclasses.replace(g, uuid=f"u{i}") for i, (g, *_rest) in enumerate(rows)]
+    table = GuestTable.of(guests, auto_deflate_tolerance_kib=rules.auto_deflate_tolerance_kib)
+    return guard_table(
+        NOW,
+        table,
+        np.array([np.nan if w is None else w for _, w, *_ in rows], dtype=np.float64),
+        rules=rules,
+        backoff_until_s=np.array([b for _, _, b, _, _ in rows]),
+        excluded=np.array([x for *_, x, _ in rows]),
+        failed=np.array([e is not None for *_, e in rows]),
+        kernels=kernels,
+    )
+
+
+@given(rows=st.lists(cases(), min_size=1, max_size=16), rules=rules)
+@settings(max_examples=600, deadline=None)
+def test_compiled_and_numpy_guard_kernels_give_identical_columns(rows: list[Case], rules: GuardConfig) -> None:
+    numpy_out = _outcome(rows, rules, NUMPY)
+    compiled_out = _outcome(rows, rules, guard_kernels.COMPILED)
+    for f in dataclasses.fields(GuardOutcome):
+        a, b = getattr(numpy_out, f.name), getattr(compiled_out, f.name)
+        if isinstance(a, np.ndarray):
+            assert a.dtype == b.dtype, f.name
+            assert np.array_equal(a, b), f.name
+        else:
+            assert a == b, f.name
+
+
+def test_the_replay_runs_the_compiled_kernels_where_numba_is() -> None:
+    expected = guard_kernels.COMPILED if fleet_kernel.AVAILABLE else NUMPY
+    assert guard_kernels.KERNELS is expected
