@@ -15,7 +15,10 @@ For each guest, in this order:
    it; any other guest that cannot reach its target has no free memory to give - the
    "Out of puff" storm of arcbox#390). Outside a back-off, a balloon short of a target
    set less than ``settle_s`` ago has not stopped but is still moving: no back-off, and
-   no deeper target until it arrives;
+   no deeper target until it arrives - unless it is a DEFLATE_ON_OOM balloon whose
+   ``actual`` rose since the guard's last step (remembered per guest): a balloon moving to
+   a lower target only falls, so that one is the guest deflating itself, however recent
+   its target;
 4. each step is bounded from what the guest has (``actual``), not from what was last
    asked: inflation by ``max_inflate_step_kib``, deflation by the larger
    ``max_deflate_step_kib`` (reclaim slowly, give back fast); the floor beats the
@@ -63,6 +66,7 @@ class GuardMemory:
     """What the guard remembers of one guest between steps."""
 
     backoff_until_s: float = float("-inf")  # no inflation before this time
+    actual_kib: int | None = None  # the balloon's ``actual`` at the last step (None: not seen)
 
 
 FRESH = GuardMemory()
@@ -70,25 +74,35 @@ FRESH = GuardMemory()
 
 @dataclass(frozen=True, slots=True, eq=False)
 class GuardMemories:
-    """``GuardMemory`` of every guest, by column: the back-off ends, row for row with
-    ``uuids`` (the table they were decided for)."""
+    """``GuardMemory`` of every guest, by column: the back-off ends and the ``actual``
+    seen, row for row with ``uuids`` (the table they were decided for)."""
 
     uuids: tuple[str, ...] = ()
     backoff_until_s: FloatArray = field(default_factory=lambda: np.empty(0))
+    actual_kib: FloatArray = field(default_factory=lambda: np.empty(0))
 
     def aligned(self, uuids: tuple[str, ...]) -> FloatArray:
         """The back-off ends for these guests, in this order (-inf for a guest not seen)."""
+        return self._aligned(self.backoff_until_s, uuids, -np.inf)
+
+    def aligned_actual(self, uuids: tuple[str, ...]) -> FloatArray:
+        """The ``actual`` each of these guests had at the last step (NaN: not seen)."""
+        return self._aligned(self.actual_kib, uuids, np.nan)
+
+    def _aligned(self, column: FloatArray, uuids: tuple[str, ...], missing: float) -> FloatArray:
         if uuids == self.uuids:
-            return self.backoff_until_s
+            return column
         index = {u: i for i, u in enumerate(self.uuids)}
-        ends = self.backoff_until_s.tolist()
-        return np.array([ends[index[u]] if u in index else -np.inf for u in uuids], dtype=np.float64)
+        values = column.tolist()
+        return np.array([values[index[u]] if u in index else missing for u in uuids], dtype=np.float64)
 
     def get(self, uuid: str) -> GuardMemory:
         try:
-            return GuardMemory(float(self.backoff_until_s[self.uuids.index(uuid)]))
+            i = self.uuids.index(uuid)
         except ValueError:
             return FRESH
+        actual = float(self.actual_kib[i])
+        return GuardMemory(float(self.backoff_until_s[i]), None if np.isnan(actual) else int(actual))
 
 
 def floors_kib(table: GuestTable, rules: GuardConfig) -> IntArray:
@@ -168,9 +182,10 @@ class GuardOutcome:
 
     now_s: float
     rules: GuardConfig
+    actual_kib: FloatArray  # the ``actual`` each guest had at this step, as float (NaN: none)
     target_kib: IntArray  # the target to set, valid where has_target
     has_target: BoolArray
-    backoff_until_s: FloatArray  # what to remember for the next step
+    backoff_until_s: FloatArray  # what to remember for the next step, with ``actual_kib``
     wish_kib: IntArray  # valid where has_wish
     has_wish: BoolArray
     floor_kib: IntArray
@@ -195,11 +210,15 @@ def guard_table(
     backoff_until_s: FloatArray,
     excluded: BoolArray,
     failed: BoolArray,
+    previous_actual_kib: FloatArray | None = None,
     kernels: GuardKernels = NUMPY,
 ) -> GuardOutcome:
     """Check every guest's wish (NaN: none) at once. ``failed``: the policy raised for
-    the guest. The rules and their order are the module docstring's; ``kernels`` runs
-    them (``overcommitd.guard_kernels``)."""
+    the guest; ``previous_actual_kib``: each one's ``actual`` at the last step (NaN or
+    None: not seen). The rules and their order are the module docstring's; ``kernels``
+    runs them (``overcommitd.guard_kernels``)."""
+    actual = table.actual_kib.astype(np.float64)
+    before = np.full(len(actual), np.nan) if previous_actual_kib is None else previous_actual_kib
     columns = kernels.rules(
         now_s,
         wish_kib,
@@ -214,6 +233,7 @@ def guard_table(
         excluded,
         failed,
         backoff_until_s,
+        before,
         stats_problem_codes(now_s, table, rules, kernels),
         int(table.auto_deflate_tolerance_kib),
         int(rules.min_guest_kib),
@@ -223,7 +243,7 @@ def guard_table(
         int(rules.max_deflate_step_kib),
         int(rules.dead_band_kib),
     )
-    return GuardOutcome(now_s, rules, *columns)
+    return GuardOutcome(now_s, rules, actual, *columns)
 
 
 def decision(
@@ -311,8 +331,10 @@ def guard(
         backoff_until_s=np.array([memory.backoff_until_s]),
         excluded=np.array([excluded]),
         failed=np.array([error is not None]),
+        previous_actual_kib=np.array([np.nan if memory.actual_kib is None else memory.actual_kib], dtype=np.float64),
     )
-    return decision(table, out, 0, error=error), GuardMemory(float(out.backoff_until_s[0]))
+    remembered = GuardMemory(float(out.backoff_until_s[0]), guest.actual_kib)
+    return decision(table, out, 0, error=error), remembered
 
 
 def decisions(

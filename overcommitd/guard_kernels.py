@@ -110,6 +110,7 @@ def numpy_rules(
     excluded: BoolArray,
     failed: BoolArray,
     backoff_until_s: FloatArray,
+    previous_actual_kib: FloatArray,
     problem: IntArray,
     tolerance_kib: int,
     min_guest_kib: int,
@@ -141,10 +142,15 @@ def numpy_rules(
     # Short of the last target: stopped (the guest deflated itself under DEFLATE_ON_OOM or
     # had nothing to give), or still moving to a target set within ``settle_s``. During a
     # back-off any shortfall is one more stop (a guest still deflating past the target
-    # that met it a moment ago), never a balloon in flight.
+    # that met it a moment ago), never a balloon in flight. Nor is a DEFLATE_ON_OOM balloon
+    # that rose since the last step (``previous_actual_kib``, NaN: not seen): it went away
+    # from its lower target, the guest took pages back (otherwise a target set just before
+    # the guest ran out, i.e. whether the last change cleared the dead band, decided the
+    # back-off).
     short = ~held & has_last & (actual > last + tolerance_kib)  # GuestTable.short_of_target
     settling = last_target_age_s < settle_s  # NaN (unknown age): not settling
-    in_flight = short & (now_s >= backoff_until_s) & settling
+    deflated_itself = deflate_on_oom & (actual > previous_actual_kib)  # NaN compares false
+    in_flight = short & (now_s >= backoff_until_s) & settling & ~deflated_itself
     backoff = np.where(short & ~in_flight, now_s + cooldown_s, backoff_until_s)
 
     inflating = ranged < actual

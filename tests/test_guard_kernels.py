@@ -17,12 +17,14 @@ from overcommitd.model import GuestSnapshot
 from overcommitd.table import GuestTable
 from sim.evaluation import guard_kernels
 from sim.memory import fleet_kernel
-from tests.test_guard_columns import NOW, cases, rules
+from tests.test_guard_columns import NOW, cases, previous_actual, rules
 
 Case = tuple[GuestSnapshot, int | None, float, bool, str | None]
 
 
-def _outcome(rows: list[Case], rules: GuardConfig, kernels: guard_kernels.GuardKernels) -> GuardOutcome:
+def _outcome(
+    rows: list[Case], seen: list[int | None], rules: GuardConfig, kernels: guard_kernels.GuardKernels
+) -> GuardOutcome:
     guests = [dataclasses.replace(g, uuid=f"u{i}") for i, (g, *_rest) in enumerate(rows)]
     table = GuestTable.of(guests, auto_deflate_tolerance_kib=rules.auto_deflate_tolerance_kib)
     return guard_table(
@@ -33,15 +35,19 @@ def _outcome(rows: list[Case], rules: GuardConfig, kernels: guard_kernels.GuardK
         backoff_until_s=np.array([b for _, _, b, _, _ in rows]),
         excluded=np.array([x for *_, x, _ in rows]),
         failed=np.array([e is not None for *_, e in rows]),
+        previous_actual_kib=np.array([np.nan if a is None else a for a in seen], dtype=np.float64),
         kernels=kernels,
     )
 
 
-@given(rows=st.lists(cases(), min_size=1, max_size=16), rules=rules)
+@given(rows=st.lists(cases(), min_size=1, max_size=16), rules=rules, data=st.data())
 @settings(max_examples=600, deadline=None)
-def test_compiled_and_numpy_guard_kernels_give_identical_columns(rows: list[Case], rules: GuardConfig) -> None:
-    numpy_out = _outcome(rows, rules, NUMPY)
-    compiled_out = _outcome(rows, rules, guard_kernels.COMPILED)
+def test_compiled_and_numpy_guard_kernels_give_identical_columns(
+    rows: list[Case], rules: GuardConfig, data: st.DataObject
+) -> None:
+    seen = [data.draw(previous_actual(g)) for g, *_ in rows]
+    numpy_out = _outcome(rows, seen, rules, NUMPY)
+    compiled_out = _outcome(rows, seen, rules, guard_kernels.COMPILED)
     for f in dataclasses.fields(GuardOutcome):
         a, b = getattr(numpy_out, f.name), getattr(compiled_out, f.name)
         if isinstance(a, np.ndarray):

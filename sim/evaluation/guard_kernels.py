@@ -85,6 +85,7 @@ def rules(
     excluded: Any,
     failed: Any,
     backoff_until_s: Any,
+    previous_actual_kib: Any,
     problem: Any,
     tolerance_kib: int,
     min_guest_kib: int,
@@ -128,7 +129,8 @@ def rules(
             ranged = floor
         short = (not held) and hl and a > lt + tolerance_kib
         settling = last_target_age_s[i] < settle_s
-        in_flight = short and now_s >= backoff_until_s[i] and settling
+        deflated_itself = deflate_on_oom[i] and a > previous_actual_kib[i]  # NaN compares false
+        in_flight = short and now_s >= backoff_until_s[i] and settling and not deflated_itself
         backoff = now_s + cooldown_s if (short and not in_flight) else backoff_until_s[i]
         inflating = ranged < a
         block = 0
