@@ -82,28 +82,6 @@ class KernelState(NamedTuple):
     puff_retries: Array
     release_frac: Array
     reporting: Flags  # free page reporting runs in the Fleet, in closed form
-    managed_kept: Flags  # the driver's deflate_on_oom_negotiated: MemTotal keeps the balloon
-    wmark_low: Array
-
-
-class StatsPoll(NamedTuple):
-    """The bulk device's sampling (``BalloonDevice.poll_stats``) as the kernel takes it:
-    the received stats it fills (``StatArrays``' fields, in order) and the schedule."""
-
-    swap_in_kib: Array
-    swap_out_kib: Array
-    major_faults: Array
-    minor_faults: Array
-    mem_free_kib: Array
-    mem_total_kib: Array
-    mem_available_kib: Array
-    disk_caches_kib: Array
-    oom_kills: Array
-    last_update_s: Array
-    next_arrival_s: Array
-    stats_period_s: Array
-    now_s: float  # samples arriving before this are taken
-    work_s: float  # STATS_WORK_S: from the timer to the sample's arrival
 
 
 def _jit(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -255,29 +233,6 @@ def _balloon_moved(s: Any, delta: Any) -> None:
         if delta[i] > 0:
             limit = s.ram[i] - s.balloon[i] + s.resident[i]
             s.touched[i] = _min(_max(s.touched[i], 0.0), limit)
-
-
-@_jit
-def poll_stats(s: Any, p: Any) -> None:
-    """``BalloonDevice.poll_stats`` with ``Fleet.stats`` of the state now, guest by guest:
-    every sample due before ``p.now_s`` copies the same state, the last one's time stays."""
-    for i in range(len(p.next_arrival_s)):
-        if not p.next_arrival_s[i] < p.now_s:
-            continue
-        free = _free(i, s)
-        p.swap_in_kib[i] = s.swap_in[i]
-        p.swap_out_kib[i] = s.swap_out[i]
-        p.major_faults[i] = s.major_faults[i]
-        p.minor_faults[i] = s.minor_faults[i]
-        p.mem_free_kib[i] = free
-        p.mem_total_kib[i] = s.ram[i] - s.reserved[i] - (0.0 if s.managed_kept[i] else s.balloon[i])
-        cache = s.cache[i]
-        p.mem_available_kib[i] = _max(free - s.min_free[i] + cache - _min(cache / 2, s.wmark_low[i]), 0.0)
-        p.disk_caches_kib[i] = cache
-        p.oom_kills[i] = s.oom_kills[i]
-        while p.next_arrival_s[i] < p.now_s:
-            p.last_update_s[i] = np.floor(p.next_arrival_s[i])  # QEMU stamps whole seconds
-            p.next_arrival_s[i] = p.next_arrival_s[i] + p.stats_period_s[i] + p.work_s
 
 
 @_jit
@@ -453,33 +408,6 @@ def report_free(s: Any, passes: int, capacity: float, block_kib: float, residue_
             kib = _min(blocks[i], calls * capacity) * block_kib
             s.touched[i] -= kib
             s.reported[i] += kib
-
-
-@_jit
-def advance(
-    s: Any,
-    p: Any,
-    dt_s: float,
-    move: Any,
-    passes: int,
-    report: Any,
-    land_scalars: Any,
-    demand: Any,
-    read: Any,
-    unserved: Any,
-    degraded: Any,
-) -> None:
-    """``Fleet.advance`` with the bulk driver and device in one call: the balloons move
-    (``move``: ``move_balloons``' scalars), reporting runs (``passes`` and ``report``:
-    ``report_free``'s; it changes nothing where no guest reports), the samples due
-    arrive (``p``), then
-    the workload lands (``land_scalars``: ``land``'s cooling .. epsilon). One call
-    rather than four: each unboxes every array of the state again (issue 13 profile)."""
-    move_balloons(s, dt_s, move[0], move[1], move[2], move[3])
-    report_free(s, passes, report[0], report[1], report[2])
-    poll_stats(s, p)
-    cooling, swap_touch, reread_share, oom_step_kib, epsilon_kib = land_scalars
-    land(s, demand, read, dt_s, cooling, swap_touch, reread_share, oom_step_kib, epsilon_kib, unserved, degraded)
 
 
 @_jit

@@ -295,21 +295,15 @@ class Fleet:
         demand_kib: Array,
         read_kib_s: Array,
         between: Callable[[], None] | None = None,
-        poll: fleet_kernel.StatsPoll | None = None,
     ) -> None:
         """Move every guest ``dt_s`` forward under its working-set demand and file reads.
 
         The balloons move first: they follow targets set at the previous instant and
         finish long before this one (at ~1 GiB/s). ``between`` then sees that state, the
         state every stats sample taken during the interval saw; the workload and the
-        pressure it causes land at the end of the interval. ``poll`` is the bulk device's
-        sampling that ``between`` does, for the compiled kernel to do in the same call
-        (``fleet_kernel.advance``); without the kernel, ``between`` runs."""
+        pressure it causes land at the end of the interval."""
         # The compiled kernels change the Fleet's arrays in place: their view is built once.
         state = self._kernel_state() if self.compiled and type(self.driver) is BalloonDriver else None
-        if state is not None and poll is not None:
-            self._advance_compiled(dt_s, demand_kib, read_kib_s, state, poll)
-            return
         self._move_balloon(dt_s, state)
         self._report_free(dt_s, state)
         if between is not None:
@@ -318,31 +312,6 @@ class Fleet:
             self._land_compiled(dt_s, demand_kib, read_kib_s, state)
         else:
             self.land_workload(dt_s, demand_kib, read_kib_s)
-
-    def _advance_compiled(
-        self,
-        dt_s: float,
-        demand_kib: Array,
-        read_kib_s: Array,
-        state: fleet_kernel.KernelState,
-        poll: fleet_kernel.StatsPoll,
-    ) -> None:
-        """``advance`` in one compiled call, with the same scalars as its steps."""
-        self.unserved_kib = np.empty_like(self.ram)
-        self.degraded = np.empty(len(self.ram), dtype=bool)
-        fleet_kernel.advance(
-            state,
-            poll,
-            dt_s,
-            self._move_scalars(dt_s),
-            self._report_passes(dt_s),
-            self._report_scalars(),
-            self._land_scalars(dt_s),
-            np.ascontiguousarray(demand_kib, dtype=np.float64),
-            np.ascontiguousarray(read_kib_s, dtype=np.float64),
-            self.unserved_kib,
-            self.degraded,
-        )
 
     def land_workload(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
         """The interval's workload and the pressure it causes, at its end. The reference:
@@ -425,8 +394,6 @@ class Fleet:
             d.puff_retries,
             self.release_frac,
             self.reporting & ~d.reports_itself,
-            d.deflate_on_oom_negotiated,
-            self.wmark_low,
         )
 
     def _allocate(self, amount: Array) -> None:

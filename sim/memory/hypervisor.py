@@ -17,7 +17,6 @@ from sim.virtio.device import BalloonDevice
 
 if TYPE_CHECKING:
     from sim.memory.balloon_fleet import ProtocolBalloons
-from sim.memory import fleet_kernel
 from sim.memory.guest import EPSILON_KIB, Array, Fleet, GuestModelParams, GuestSpec, reserve_for
 from sim.memory.host import HostModelParams, SimHost, host_swap
 from sim.memory.kernel import GuestKernel
@@ -36,28 +35,6 @@ SimModel = Literal["bulk", "protocol"]
 # very instant. Measured on the real-guest fidelity runs (2 guests, 1 vCPU each, under
 # TCG): the daemon's target lines come 1-44 ms, median 20 ms, after its tick's first line.
 DAEMON_STEP_S = 0.02
-
-
-def poll_view(device: BalloonDevice, now_s: float) -> fleet_kernel.StatsPoll:
-    """``device.poll_stats`` up to ``now_s`` as the compiled Fleet kernel does it: on
-    the device's very arrays, which it fills."""
-    s = device.stats
-    return fleet_kernel.StatsPoll(
-        s.swap_in_kib,
-        s.swap_out_kib,
-        s.major_faults,
-        s.minor_faults,
-        s.mem_free_kib,
-        s.mem_total_kib,
-        s.mem_available_kib,
-        s.disk_caches_kib,
-        s.oom_kills,
-        device.last_update_s,
-        device.next_arrival_s,
-        device.stats_period_s,
-        now_s,
-        STATS_WORK_S,
-    )
 
 
 class SimHypervisor:
@@ -142,11 +119,7 @@ class SimHypervisor:
             device = self.device
             if isinstance(device, BalloonDevice):
                 self.fleet.advance(
-                    dt_s,
-                    demand_kib,
-                    read_kib_s,
-                    between=lambda: device.poll_stats(now_s, self.fleet.stats),
-                    poll=poll_view(device, now_s),
+                    dt_s, demand_kib, read_kib_s, between=lambda: device.poll_stats(now_s, self.fleet.stats)
                 )
             else:
                 self.fleet.advance(dt_s, demand_kib, read_kib_s)
