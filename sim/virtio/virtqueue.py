@@ -20,7 +20,7 @@ broken (``virtio_error``: DEVICE_NEEDS_RESET), so it never escapes into a replay
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sim.virtio.guestmem import Arena, GuestMemory, GuestMemoryError
 
@@ -37,6 +37,7 @@ DESC = struct.Struct("<QIHH")  # struct virtq_desc, 16 bytes
 U16 = struct.Struct("<H")
 USED_ELEM = struct.Struct("<II")  # struct virtq_used_elem, 8 bytes
 FLAGS_NEXT = struct.Struct("<HH")  # a descriptor's flags and next, at offset 12
+_NOT_A_HEAD = object()  # what ``in_flight`` gives for an id the driver never added
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -91,8 +92,8 @@ class Element:
     """A popped chain as the device sees it (QEMU ``VirtQueueElement``)."""
 
     head: int
-    out: list[tuple[int, int]] = field(default_factory=list)  # device-readable (addr, len)
-    inn: list[tuple[int, int]] = field(default_factory=list)  # device-writable (addr, len)
+    out: list[tuple[int, int]]  # device-readable (addr, len)
+    inn: list[tuple[int, int]]  # device-writable (addr, len)
     ndescs: int = 0
 
 
@@ -120,6 +121,7 @@ class DriverQueue:
         self._avail_idx_at, self._avail_ring_at = layout.avail + 2, layout.avail + 4
         self._used_idx_at, self._used_ring_at = layout.used + 2, layout.used + 4
         self._used_event_at, self._avail_event_at = layout.used_event, layout.avail_event
+        self._buf, self._desc_at, self._mask = mem.buf, layout.desc, n - 1  # fixed: read per request
         self.num_free = n
         self.free_head = 0
         self.avail_idx_shadow = 0
@@ -169,8 +171,8 @@ class DriverQueue:
         only for more than one scatterlist entry); None if the ring is full."""
         if not self.num_free:
             return None
-        buf, head = self.mem.buf, self.free_head
-        at = self.lay.desc + 16 * head
+        buf, head = self._buf, self.free_head
+        at = self._desc_at + 16 * head
         self.free_head = U16.unpack_from(buf, at + 14)[0]
         DESC.pack_into(buf, at, addr, length, VRING_DESC_F_WRITE if write else 0, 0)
         self.num_free -= 1
@@ -180,8 +182,8 @@ class DriverQueue:
     def _publish(self, head: int, token: object) -> None:
         """Put ``head`` in the available ring, then move ``avail.idx`` (in that order)."""
         self.in_flight[head] = token
-        buf, shadow = self.mem.buf, self.avail_idx_shadow
-        U16.pack_into(buf, self._avail_ring_at + 2 * (shadow & (self.lay.num - 1)), head)
+        buf, shadow = self._buf, self.avail_idx_shadow
+        U16.pack_into(buf, self._avail_ring_at + 2 * (shadow & self._mask), head)
         self.avail_idx_shadow = shadow = (shadow + 1) & 0xFFFF
         U16.pack_into(buf, self._avail_idx_at, shadow)  # after the ring entry
         self.num_added += 1
@@ -235,7 +237,7 @@ class DriverQueue:
         old = (new - self.num_added) & 0xFFFF
         self.num_added = 0
         if self.event_idx:
-            avail_event: int = U16.unpack_from(self.mem.buf, self._avail_event_at)[0]
+            avail_event: int = U16.unpack_from(self._buf, self._avail_event_at)[0]
             return (new - avail_event - 1) & 0xFFFF < (new - old) & 0xFFFF  # vring_need_event
         used_flags = U16.unpack_from(self.mem.buf, self.lay.used)[0]
         return not used_flags & VRING_USED_F_NO_NOTIFY
@@ -247,15 +249,15 @@ class DriverQueue:
 
     def get_buf(self) -> tuple[object, int] | None:
         """The next used chain's token and written length, or None; frees its descriptors."""
-        buf, last = self.mem.buf, self.last_used_idx
+        buf, last = self._buf, self.last_used_idx
         if U16.unpack_from(buf, self._used_idx_at)[0] == last:  # not more_used()
             return None
-        head, length = USED_ELEM.unpack_from(buf, self._used_ring_at + 8 * (last & (self.lay.num - 1)))
-        if head not in self.in_flight:
+        head, length = USED_ELEM.unpack_from(buf, self._used_ring_at + 8 * (last & self._mask))
+        token = self.in_flight.pop(head, _NOT_A_HEAD)
+        if token is _NOT_A_HEAD:
             # Linux BAD_RING: "id %u is not a head!" - the driver stops using the queue.
             raise VirtioError(f"{self.name}: id {head} is not a head!")
-        token = self.in_flight.pop(head)
-        at = self.lay.desc + 16 * head
+        at = self._desc_at + 16 * head
         if U16.unpack_from(buf, at + 12)[0] & VRING_DESC_F_NEXT:
             self._detach(head)
         else:  # a one-descriptor chain (every PFN array): _detach without the walk
@@ -318,6 +320,7 @@ class DeviceQueue:
         self._avail_idx_at, self._avail_ring_at = layout.avail + 2, layout.avail + 4
         self._used_idx_at, self._used_ring_at = layout.used + 2, layout.used + 4
         self._used_event_at, self._avail_event_at = layout.used_event, layout.avail_event
+        self._buf, self._desc_at, self._mask = mem.buf, layout.desc, layout.num - 1  # fixed: read per request
         self.last_avail_idx = 0
         self.used_idx = 0
         self.inuse = 0
@@ -341,20 +344,20 @@ class DeviceQueue:
 
     def pop(self) -> Element | None:
         """The next available chain, its buffers resolved and checked; None if empty."""
-        buf, lay, last = self.mem.buf, self.lay, self.last_avail_idx
+        buf, last = self._buf, self.last_avail_idx
         idx: int = U16.unpack_from(buf, self._avail_idx_at)[0]
         if idx == last:
             return None
-        num = lay.num
-        if (idx - last) & 0xFFFF > num:  # what pending() refuses
+        mask = self._mask
+        if (idx - last) & 0xFFFF > mask + 1:  # what pending() refuses
             raise VirtioError(f"Guest moved used index from {last} to {idx}")
-        head = U16.unpack_from(buf, self._avail_ring_at + 2 * (last & (num - 1)))[0]
-        if head >= num:
+        head = U16.unpack_from(buf, self._avail_ring_at + 2 * (last & mask))[0]
+        if head > mask:
             raise VirtioError(f"Guest says index {head} is available")
         self.last_avail_idx = last = (last + 1) & 0xFFFF
         if self.event_idx:
             U16.pack_into(buf, self._avail_event_at, last)
-        table, limit, i = lay.desc, num, head
+        table, limit, i = self._desc_at, mask + 1, head
         addr, length, flags, nxt = DESC.unpack_from(buf, table + 16 * i)
         if not flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT):
             # One direct descriptor (a PFN array, the stats buffer): _collect's checks,
@@ -428,8 +431,8 @@ class DeviceQueue:
 
     def push(self, elem: Element, length: int = 0) -> None:
         """Return a chain: the used element first, then ``used.idx`` (QEMU fill + flush)."""
-        buf, used_idx = self.mem.buf, self.used_idx
-        USED_ELEM.pack_into(buf, self._used_ring_at + 8 * (used_idx & (self.lay.num - 1)), elem.head, length)
+        buf, used_idx = self._buf, self.used_idx
+        USED_ELEM.pack_into(buf, self._used_ring_at + 8 * (used_idx & self._mask), elem.head, length)
         self.used_idx = used_idx = (used_idx + 1) & 0xFFFF
         U16.pack_into(buf, self._used_idx_at, used_idx)
         self.inuse -= 1
@@ -449,7 +452,7 @@ class DeviceQueue:
         self.signalled_used = new
         if not valid:
             return True
-        used_event: int = U16.unpack_from(self.mem.buf, self._used_event_at)[0]
+        used_event: int = U16.unpack_from(self._buf, self._used_event_at)[0]
         return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF  # vring_need_event
 
     def set_notification(self, enable: bool) -> None:
