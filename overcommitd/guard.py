@@ -15,7 +15,10 @@ For each guest, in this order:
    it; any other guest that cannot reach its target has no free memory to give - the
    "Out of puff" storm of arcbox#390). Outside a back-off, a balloon short of a target
    set less than ``settle_s`` ago has not stopped but is still moving: no back-off, and
-   no deeper target until it arrives;
+   no deeper target until it arrives - unless it is a DEFLATE_ON_OOM balloon whose
+   ``actual`` rose since the guard's last step (remembered per guest): a balloon moving to
+   a lower target only falls, so that one is the guest deflating itself, however recent
+   its target;
 4. each step is bounded from what the guest has (``actual``), not from what was last
    asked: inflation by ``max_inflate_step_kib``, deflation by the larger
    ``max_deflate_step_kib`` (reclaim slowly, give back fast); the floor beats the
@@ -67,6 +70,7 @@ class GuardMemory:
     """What the guard remembers of one guest between steps."""
 
     backoff_until_s: float = float("-inf")  # no inflation before this time
+    actual_kib: int | None = None  # the balloon's ``actual`` at the last step (None: not seen)
 
 
 FRESH = GuardMemory()
@@ -74,25 +78,35 @@ FRESH = GuardMemory()
 
 @dataclass(frozen=True, slots=True, eq=False)
 class GuardMemories:
-    """``GuardMemory`` of every guest, by column: the back-off ends, row for row with
-    ``uuids`` (the table they were decided for)."""
+    """``GuardMemory`` of every guest, by column: the back-off ends and the ``actual``
+    seen, row for row with ``uuids`` (the table they were decided for)."""
 
     uuids: tuple[str, ...] = ()
     backoff_until_s: FloatArray = field(default_factory=lambda: np.empty(0))
+    actual_kib: FloatArray = field(default_factory=lambda: np.empty(0))
 
     def aligned(self, uuids: tuple[str, ...]) -> FloatArray:
         """The back-off ends for these guests, in this order (-inf for a guest not seen)."""
+        return self._aligned(self.backoff_until_s, uuids, -np.inf)
+
+    def aligned_actual(self, uuids: tuple[str, ...]) -> FloatArray:
+        """The ``actual`` each of these guests had at the last step (NaN: not seen)."""
+        return self._aligned(self.actual_kib, uuids, np.nan)
+
+    def _aligned(self, column: FloatArray, uuids: tuple[str, ...], missing: float) -> FloatArray:
         if uuids == self.uuids:
-            return self.backoff_until_s
+            return column
         index = {u: i for i, u in enumerate(self.uuids)}
-        ends = self.backoff_until_s.tolist()
-        return np.array([ends[index[u]] if u in index else -np.inf for u in uuids], dtype=np.float64)
+        values = column.tolist()
+        return np.array([values[index[u]] if u in index else missing for u in uuids], dtype=np.float64)
 
     def get(self, uuid: str) -> GuardMemory:
         try:
-            return GuardMemory(float(self.backoff_until_s[self.uuids.index(uuid)]))
+            i = self.uuids.index(uuid)
         except ValueError:
             return FRESH
+        actual = float(self.actual_kib[i])
+        return GuardMemory(float(self.backoff_until_s[i]), None if np.isnan(actual) else int(actual))
 
 
 def floors_kib(table: GuestTable, rules: GuardConfig) -> IntArray:
@@ -183,7 +197,8 @@ class GuardOutcome:
     rules: GuardConfig
     target_kib: IntArray  # the target to set, valid where has_target
     has_target: BoolArray
-    backoff_until_s: FloatArray  # what to remember for the next step
+    backoff_until_s: FloatArray  # what to remember for the next step, with ``actual_kib``
+    actual_kib: FloatArray  # the ``actual`` each guest had at this step, as float (NaN: none)
     wish_kib: IntArray  # valid where has_wish
     has_wish: BoolArray
     floor_kib: IntArray
@@ -208,9 +223,11 @@ def guard_table(
     backoff_until_s: FloatArray,
     excluded: BoolArray,
     failed: BoolArray,
+    previous_actual_kib: FloatArray | None = None,
 ) -> GuardOutcome:
     """Check every guest's wish (NaN: none) at once. ``failed``: the policy raised for
-    the guest. The rules and their order are the module docstring's."""
+    the guest; ``previous_actual_kib``: each one's ``actual`` at the last step (NaN or
+    None: not seen). The rules and their order are the module docstring's."""
     actual, last, has_last = table.actual_kib, table.last_target_kib, table.has_last_target
     has_wish = ~np.isnan(wish_kib)
     wish = np.minimum(np.maximum(np.where(has_wish, wish_kib, 0.0), -_WISH_LIMIT_KIB), _WISH_LIMIT_KIB)
@@ -233,10 +250,15 @@ def guard_table(
     # Short of the last target: stopped (the guest deflated itself under DEFLATE_ON_OOM or
     # had nothing to give), or still moving to a target set within ``settle_s``. During a
     # back-off any shortfall is one more stop (a guest still deflating past the target
-    # that met it a moment ago), never a balloon in flight.
+    # that met it a moment ago), never a balloon in flight. Nor is a DEFLATE_ON_OOM balloon
+    # that rose since the last step: it went away from its lower target, the guest took
+    # pages back (otherwise a target set just before the guest ran out, i.e. whether the
+    # last change cleared the dead band, decided the back-off).
     short = ~held & table.short_of_target()  # the tolerance the step stamped on the table, from ``rules``
     settling = table.last_target_age_s < rules.settle_s  # NaN (unknown age): not settling
-    in_flight = short & (now_s >= backoff_until_s) & settling
+    before = np.full(len(actual), np.nan) if previous_actual_kib is None else previous_actual_kib
+    deflated_itself = table.deflate_on_oom & (actual > before)  # NaN compares false
+    in_flight = short & (now_s >= backoff_until_s) & settling & ~deflated_itself
     backoff = np.where(short & ~in_flight, now_s + rules.auto_deflate_cooldown_s, backoff_until_s)
 
     inflating = ranged < actual
@@ -269,6 +291,7 @@ def guard_table(
         target_kib=target,
         has_target=(~held & ~dead) | restored,
         backoff_until_s=np.where(held, backoff_until_s, backoff),
+        actual_kib=actual.astype(np.float64),
         wish_kib=wish,
         has_wish=has_wish,
         floor_kib=floor,
@@ -370,8 +393,10 @@ def guard(
         backoff_until_s=np.array([memory.backoff_until_s]),
         excluded=np.array([excluded]),
         failed=np.array([error is not None]),
+        previous_actual_kib=np.array([np.nan if memory.actual_kib is None else memory.actual_kib], dtype=np.float64),
     )
-    return decision(table, out, 0, error=error), GuardMemory(float(out.backoff_until_s[0]))
+    remembered = GuardMemory(float(out.backoff_until_s[0]), guest.actual_kib)
+    return decision(table, out, 0, error=error), remembered
 
 
 def decisions(

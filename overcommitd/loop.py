@@ -169,6 +169,7 @@ def step_table(
         backoff_until_s=state.guard.aligned(table.uuid),
         excluded=excluded,
         failed=failed,
+        previous_actual_kib=state.guard.aligned_actual(table.uuid),
     )
     errors: Mapping[int, str] = result.errors
     reasons: Mapping[int, str] = result.reasons
@@ -176,7 +177,7 @@ def step_table(
         table,
         verdict.target_kib,
         verdict.has_target,
-        LoopState(result.state, GuardMemories(table.uuid, verdict.backoff_until_s)),
+        LoopState(result.state, GuardMemories(table.uuid, verdict.backoff_until_s, verdict.actual_kib)),
         lambda: decisions(table, verdict, errors, reasons),
         policy_error,
         verdict,

@@ -73,7 +73,8 @@ def guard(
     """Check one guest's wish; returns the Decision and what to remember for next time."""
     hold_reason = _hold_reason(guest, wish_kib, excluded, error)
     if hold_reason is not None:
-        return _hold_or_restore_floor(guest, wish_kib, hold_reason, rules), memory
+        seen = GuardMemory(memory.backoff_until_s, guest.actual_kib)
+        return _hold_or_restore_floor(guest, wish_kib, hold_reason, rules), seen
     assert wish_kib is not None
     clamps: list[Clamp] = []
     target = _clamp_range(guest, int(wish_kib), rules, clamps)
@@ -84,10 +85,15 @@ def guard(
     # back-off any shortfall is one more stop (a guest still deflating past the target
     # that met it a moment ago), never a balloon in flight.
     in_flight = False
+    previous = memory.actual_kib
+    memory = GuardMemory(memory.backoff_until_s, actual)
     if _short_of_target(guest, rules):
-        in_flight = now_s >= memory.backoff_until_s and _settling(guest, rules)
+        # A DEFLATE_ON_OOM balloon that rose since the last step went away from its lower
+        # target: the guest deflated itself, however recent the target.
+        rose = guest.features.deflate_on_oom and previous is not None and actual > previous
+        in_flight = now_s >= memory.backoff_until_s and _settling(guest, rules) and not rose
         if not in_flight:
-            memory = GuardMemory(backoff_until_s=now_s + rules.auto_deflate_cooldown_s)
+            memory = GuardMemory(now_s + rules.auto_deflate_cooldown_s, actual)
     if target < actual:
         target = _check_inflate(now_s, guest, target, rules, memory, clamps, in_flight=in_flight)
     elif target > actual + rules.max_deflate_step_kib:

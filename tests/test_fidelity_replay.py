@@ -11,7 +11,15 @@ The kept runs are the ones that found this file's faults: run-0628 (the guard ba
 off a simulated auto-deflate the real daemon took for a balloon in flight: 18 % apart),
 run-0638 (the daemon started within an interval of the run, its warm-up a tick ahead
 of the replay's: 12.5 %; a 2.4 s spike killed the real workload and never reached the
-simulated guest)."""
+simulated guest).
+
+The daemons of run-0628 and run-0638 predate the guard's memory of each guest's
+``actual`` (``overcommitd.guard``: a DEFLATE_ON_OOM balloon that rose deflated itself,
+however recent its target): at the spike their guard took the DEFLATE_ON_OOM guest's
+auto-deflate for a balloon in flight (a target had been set under ``settle_s`` before)
+and went on reclaiming at once, where today's guard backs off for
+``auto_deflate_cooldown_s`` (up to 30 % apart after the spike). Their DEFLATE_ON_OOM
+guest is held to the bars up to the spike."""
 
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import pytest
 from tests.realguest.fidelity import assert_holds, figures, table
 
 RUNS = Path(__file__).parent / "data" / "recordings" / "fidelity"
+BEFORE_THE_GUARD_REMEMBERED_ACTUAL = {"run-0628", "run-0638"}
 
 
 @pytest.mark.parametrize("run", sorted(p.name for p in RUNS.iterdir()))
@@ -31,4 +40,5 @@ def test_the_replay_of_a_kept_real_run_agrees_with_it(run: str, tmp_path: Path) 
     shutil.copytree(RUNS / run, work)  # the replay writes its trace beside the run
     figs = figures(work)
     assert [f.guest for f in figs] == ["fid-plain", "fid-doo"], table(figs)
-    assert_holds(figs)
+    up_to_spike = frozenset({"fid-doo"} if run in BEFORE_THE_GUARD_REMEMBERED_ACTUAL else ())
+    assert_holds(figs, up_to_spike)

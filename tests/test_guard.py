@@ -125,6 +125,26 @@ def test_a_guest_still_deflating_itself_past_a_fresh_target_extends_its_back_off
     assert memory.backoff_until_s == NOW + RULES.auto_deflate_cooldown_s
 
 
+def test_a_deflate_on_oom_balloon_that_rose_deflated_itself_however_fresh_its_target() -> None:
+    """Issue 16: a target set 4 s before the guest ran out (the tick before; whether it was
+    set hung on the dead band) made the guard take the auto-deflate for a balloon in flight
+    and reclaim at once. A balloon moving to a lower target only falls: one that rose
+    since the last step is the guest taking pages back."""
+    g = guest(actual_kib=3 * GIB + 256 * MIB, last_target_kib=3 * GIB, deflate_on_oom=True)
+    fresh = dataclasses.replace(g, last_target_age_s=4.0)
+    decision, memory = guard(NOW, fresh, 2 * GIB, rules=RULES, memory=GuardMemory(actual_kib=3 * GIB + 64 * MIB))
+    assert decision.clamped_by(ClampReason.AUTO_DEFLATE) and decision.target_kib == fresh.actual_kib
+    assert memory == GuardMemory(NOW + RULES.auto_deflate_cooldown_s, fresh.actual_kib)
+    # Falling toward its target (or not seen before): still in flight, as before.
+    for before in (3 * GIB + 512 * MIB, fresh.actual_kib, None):
+        decision, memory = guard(NOW, fresh, 2 * GIB, rules=RULES, memory=GuardMemory(actual_kib=before))
+        assert decision.clamped_by(ClampReason.IN_FLIGHT) and memory.backoff_until_s == float("-inf")
+    # Without DEFLATE_ON_OOM a balloon cannot deflate itself: a rise is not one.
+    plain = dataclasses.replace(fresh, features=BalloonFeatures())
+    decision, _ = guard(NOW, plain, 2 * GIB, rules=RULES, memory=GuardMemory(actual_kib=3 * GIB))
+    assert decision.clamped_by(ClampReason.IN_FLIGHT)
+
+
 def test_holds_and_the_floor_restore() -> None:
     assert decide(guest(run_state=RunState.PAUSED), 1 * GIB) == (None, {ClampReason.NOT_RUNNING})
     assert decide(guest(), 1 * GIB, excluded=True) == (None, {ClampReason.EXCLUDED})
