@@ -127,6 +127,7 @@ class GuestSpec:
     weight: float = 1.0
     backing: RamBacking = field(default_factory=RamBacking)
     free_page_hint: bool = False
+    stats_phase_s: float = 0.0  # when its stats timer first fires (real guests' run each in its own phase)
 
 
 def reserve_for(params: GuestModelParams, ram_kib: Array, kernel: GuestKernel | None = None) -> GuestReserve:
