@@ -70,6 +70,18 @@ def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _guest_seconds(text: str) -> tuple[str, float]:
+    """``GUEST=S`` as (GUEST, S)."""
+    guest, sep, seconds = text.rpartition("=")
+    try:
+        value = float(seconds)
+    except ValueError:
+        value = float("nan")
+    if not sep or not guest or not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected GUEST=SECONDS, SECONDS >= 0")
+    return guest, value
+
+
 def add_guest_arguments(p: argparse.ArgumentParser) -> None:
     """What the simulated guests are like beyond the traces (issue 16: set to match the
     real guests a replay is compared with): stats period, swap, DEFLATE_ON_OOM."""
@@ -80,6 +92,15 @@ def add_guest_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=defaults["stats_period_s"].default,
         help="the guests' balloon stats period, libvirt <stats period> (default %(default)s; 0: off)",
+    )
+    p.add_argument(
+        "--stats-phase-s",
+        dest="stats_phase_s",
+        nargs="+",
+        type=_guest_seconds,
+        metavar="GUEST=S",
+        help="when a guest's stats timer first fires, s (trace guest name or shell pattern; default 0): "
+        "real guests' timers run each in its own phase",
     )
     p.add_argument(
         "--guest-swap-mib",

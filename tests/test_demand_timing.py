@@ -56,7 +56,7 @@ def step_trace(path: Path, step_s: float) -> Path:
     return path
 
 
-def watch(tmp_path: Path, step_s: float) -> list[tuple[float, int, float]]:
+def watch(tmp_path: Path, step_s: float, phase_s: float = 0.0) -> list[tuple[float, int, float]]:
     spec = ReplaySpec(
         traces=(step_trace(tmp_path / f"step-{step_s}.csv", step_s),),
         hours=DURATION_S / 3600,
@@ -67,6 +67,7 @@ def watch(tmp_path: Path, step_s: float) -> list[tuple[float, int, float]]:
         overcommit=0.25,
         deflate_on_oom_guests=(),
         reporting_share=0,
+        stats_phase_s=(("step", phase_s),),
     )
     policy = Watcher()
     replay(spec, policy, DaemonConfig(interval_s=INTERVAL_S))  # type: ignore[arg-type]
@@ -105,3 +106,27 @@ def test_a_rise_is_seen_by_the_first_decision_after_a_sample_taken_since(tmp_pat
     assert expected - step_s < INTERVAL_S + PERIOD_S + STATS_WORK_S
     for now, _, last_update_s in seen:
         assert 0 <= now - last_update_s <= PERIOD_S + STATS_WORK_S + 1  # QEMU stamps whole seconds
+
+
+def last_sample_in_phase_before(end_s: float, phase_s: float) -> float:
+    """``last_sample_before`` for a guest whose stats timer first fires at ``phase_s``."""
+    step_s = PERIOD_S + STATS_WORK_S
+    first_s = phase_s + STATS_WORK_S
+    return first_s + (math.ceil((end_s - first_s) / step_s) - 1) * step_s
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(step_s=st.integers(min_value=11, max_value=45), phase_s=st.sampled_from([0.3, 0.9, 1.5, 1.95]))
+def test_a_guest_polled_in_its_own_phase_sees_a_rise_at_its_own_sample(
+    tmp_path: Path, step_s: int, phase_s: float
+) -> None:
+    """Issue 16: real guests' stats timers run each in its own phase, so a rise between
+    two guests' samples is seen by one a tick before the other. With the guest's phase
+    (``ReplaySpec.stats_phase_s``) its samples fall at ``phase + k (period + answer)``,
+    the demand lands at them, and the first decision that sees a rise is the first
+    whose latest sample was taken at or after it."""
+    seen = watch(tmp_path, step_s, phase_s)
+    for now, _, last_update_s in seen:
+        assert last_update_s == math.floor(last_sample_in_phase_before(now, phase_s))  # QEMU stamps whole seconds
+    expected = next(now for now, _, _ in seen if last_sample_in_phase_before(now, phase_s) >= step_s)
+    assert first_seen_s(seen) == expected

@@ -31,6 +31,7 @@ STATE = (
     "older_touched",
     "deflated_free",
     "reported_free",
+    "pcp",
     "refault_debt",
     "own_refault_debt",
     "reaping",
@@ -140,7 +141,7 @@ def test_arbitrary_states_land_bit_identical(n: int, data: st.DataObject, dt_s: 
         value = arr()
         setattr(ref, name, value.copy())
         setattr(fast, name, value.copy())
-    for name in ("deflated_free", "reported_free", "refault_debt", "own_refault_debt"):
+    for name in ("deflated_free", "reported_free", "pcp", "refault_debt", "own_refault_debt"):
         value = arr()
         setattr(ref, name, value.copy())
         setattr(fast, name, value.copy())

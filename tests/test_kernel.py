@@ -24,6 +24,8 @@ from sim.memory.kernel import (
     boot,
     default_min_free_kbytes,
     mem_available_kib,
+    pcp_cap_pages,
+    zone_batchsize,
 )
 
 DATA = Path(__file__).parent / "data" / "realguest"
@@ -46,6 +48,8 @@ def read_dump(ram_mib: int) -> Dump:
             current = zones.setdefault(m.group(1), {})
         elif m := re.match(r" +(min|low|high|managed) +(\d+)$", line):
             current[m.group(1)] = int(m.group(2))
+        elif m := re.match(r" +high: +(\d+)$", line):  # the per-CPU pageset of CPU 0
+            current["pcp_high"] = int(m.group(1))
         elif m := re.match(r" +protection: \((.*)\)", line):
             current["protection"] = max(int(v) for v in m.group(1).split(","))
     meminfo = {m.group(1): int(m.group(2)) for m in re.finditer(r"^([\w()]+): +(\d+) kB", text, re.MULTILINE)}
@@ -128,3 +132,41 @@ def test_reserve_pct_gives_the_test_guests_65_mib_gap() -> None:
     # issue 16: MemFree - MemAvailable steady ~65 MiB, i.e. totalreserve less half the reclaimable slab
     assert 65 * 1024 < gap_kib < 72 * 1024
     assert reserve_pct(4 * 1024 * 1024) < reserve_pct(1024 * 1024) / 2
+
+
+@pytest.mark.parametrize("ram_mib", [512, 1024])
+def test_per_cpu_list_high_matches_the_real_guest(ram_mib: int) -> None:
+    """pcp->high per zone as the real guest's /proc/zoneinfo shows it (1 vCPU): the low
+    watermark, after khugepaged raised it on the 1024 MiB guest (DMA 218, DMA32 13860)."""
+    real = read_dump(ram_mib)
+    km = boot(ram_mib * 1024)
+    for zone in km.zones:
+        assert zone.pcp_high_pages == real.zones[zone.name]["pcp_high"]
+    if ram_mib == 1024:
+        assert [(z.name, z.pcp_high_pages) for z in km.zones] == [("DMA", 218), ("DMA32", 13860)]
+
+
+def test_batch_follows_zone_batchsize() -> None:
+    """mm/page_alloc.c zone_batchsize(): a 1/4096th of the zone, as 2^n - 1, at most 63;
+    DMA's 3840 pages give 0, taken as 1."""
+    assert zone_batchsize(3840) == 1
+    assert zone_batchsize(245316) == 63  # the 1024 MiB guest's DMA32
+    assert zone_batchsize(4 * 1024 * 1024) == 63  # 1 MiB of pages is the cap
+    assert zone_batchsize(120000) == 31
+
+
+def test_per_cpu_lists_hold_about_27_mib_on_the_test_guest() -> None:
+    km = boot(1024 * 1024)
+    dma32 = next(z for z in km.zones if z.name == "DMA32")
+    assert km.pcp_cap_kib == pcp_cap_pages(dma32.pcp_high_pages, dma32.pcp_batch_pages, 1) * 4
+    assert 27 * 1024 <= km.pcp_cap_kib < 28 * 1024
+
+
+def test_more_cpus_split_the_same_high() -> None:
+    """zone_highsize() splits the low watermark over the CPUs: the lists of all CPUs
+    together hold about the same, unless each one's share falls under four batches."""
+    one, four = boot(1024 * 1024), boot(1024 * 1024, GuestKernel(cpus=4))
+    assert next(z for z in four.zones if z.name == "DMA32").pcp_high_pages == 13860 // 4
+    assert abs(four.pcp_cap_kib - one.pcp_cap_kib) < 4 * 63 * 4
+    fraction = boot(1024 * 1024, GuestKernel(percpu_pagelist_high_fraction=8))
+    assert next(z for z in fraction.zones if z.name == "DMA32").pcp_high_pages > 13860

@@ -63,6 +63,19 @@ def test_the_replay_arguments_set_the_guests(tmp_path: Path) -> None:
     assert all(s.swap_kib == 0 and not s.reporting for s in specs)
     none = spec_from_args(build_parser().parse_args([*argv[:7], "--deflate-on-oom", "-"]), DaemonConfig())
     assert none.deflate_on_oom_guests == ()
+    phased = spec_from_args(
+        build_parser().parse_args([*argv, "--stats-phase-s", "db=1.25", "web-*=0.5"]), DaemonConfig()
+    )
+    specs, _ = build_guests(phased, load_all([trace]))
+    assert {s.name.split("-", 1)[1]: s.stats_phase_s for s in specs} == {"web-1": 0.5, "web-2": 0.5, "db": 1.25}
+    assert {s.stats_phase_s for s in build_guests(spec, load_all([trace]))[0]} == {0.0}
+
+
+@pytest.mark.parametrize("bad", ["db", "=1", "db=-1", "db=x", "db=nan"])
+def test_a_stats_phase_is_guest_equals_seconds(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["replay", "--stats-phase-s", bad])
+    assert "expected GUEST=SECONDS" in capsys.readouterr().err
 
 
 @given(pattern=st.text(max_size=200), name=st.text(max_size=200), draw=st.floats(0, 1))

@@ -83,6 +83,17 @@ def test_same_targets_give_the_same_guests_and_snapshots_at_both_speeds() -> Non
     assert lockstep(spec, ticks=240) == []
 
 
+def test_guests_polled_each_in_its_own_phase_alike_at_both_speeds() -> None:
+    """Each guest's stats timer first fires at its own phase (``ReplaySpec.stats_phase_s``,
+    as real guests' do): the snapshots, their stats' ages included, agree at both speeds."""
+    phases = (("*0", 0.0), ("*1", 0.7), ("*2", 1.3), ("*", 1.9))
+    spec = ReplaySpec(guests=6, hours=1, overcommit=2.5, stats_period_s=2, reporting_share=0.0, seed=4)
+    spec = spec.model_copy(update={"stats_phase_s": phases})
+    specs, _ = build_guests(spec, load_traces(spec))
+    assert len({s.stats_phase_s for s in specs}) > 1
+    assert lockstep(spec, ticks=60) == []
+
+
 def test_free_page_reporting_paces_alike_at_both_speeds() -> None:
     """Reporting differs only in when a pass falls (the protocol's passes drift by the
     time each takes): host memory agrees within 32 MiB per guest."""

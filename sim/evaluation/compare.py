@@ -237,6 +237,8 @@ def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
+    if getattr(args, "stats_phase_s", None):
+        fields["stats_phase_s"] = tuple(args.stats_phase_s)
     if getattr(args, "guest_swap_mib", None) is not None:
         fields["guest_swap_kib"] = args.guest_swap_mib * 1024
     for name in ("deflate_on_oom_share", "reporting_share"):

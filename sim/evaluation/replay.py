@@ -79,6 +79,11 @@ class ReplaySpec(BaseModel):
     warmup_h: float = Field(24.0, ge=0, description="simulated before start_h and not scored (page cache fills)")
     interval_s: float = Field(10.0, gt=0, description="control interval")
     stats_period_s: float = Field(5.0, ge=0, description="guest stats polling period; 0: off")
+    stats_phase_s: tuple[tuple[str, float], ...] = Field(
+        (),
+        description="(guest, seconds): when each named guest's stats timer first fires, trace names or shell "
+        "patterns, the first match wins (real guests' timers run each in its own phase); others at 0",
+    )
     # oVirt's cluster memory overcommit presets are 100/150/200 % (prior-art.md §5.5).
     overcommit: float = Field(1.5, gt=0, description="provisioned guest RAM / host RAM for guests")
     deflate_on_oom_share: float = Field(0.25, ge=0, le=1, description="share of guests with DEFLATE_ON_OOM")
@@ -141,6 +146,7 @@ def build_guests(spec: ReplaySpec, loaded: Sequence[trace_io.Trace]) -> tuple[li
             deflate_on_oom=has_deflate_on_oom(spec, _short_name(t), float(draw[i, 0])),
             reporting=bool(draw[i, 1] < spec.reporting_share),
             floor_kib=int(t.size_kib * spec.floor_pct / 100),
+            stats_phase_s=stats_phase_s(spec, _short_name(t)),
         )
         for i, t in enumerate(workload.traces)
     ]
@@ -153,6 +159,12 @@ def has_deflate_on_oom(spec: ReplaySpec, name: str, draw: float) -> bool:
     if spec.deflate_on_oom_guests is not None:
         return any(fnmatch.fnmatchcase(name, p) for p in spec.deflate_on_oom_guests)
     return draw < spec.deflate_on_oom_share
+
+
+def stats_phase_s(spec: ReplaySpec, name: str) -> float:
+    """When the stats timer of the guest replaying trace ``name`` first fires: the first
+    of the spec's (pattern, seconds) that matches it, else 0."""
+    return next((s for p, s in spec.stats_phase_s if fnmatch.fnmatchcase(name, p)), 0.0)
 
 
 def _short_name(trace: trace_io.Trace) -> str:
@@ -304,6 +316,7 @@ def unguarded_step(
 
 
 Inputs = tuple[float, Array, Array]  # (at, demand KiB, file I/O KiB/s) per guest
+SampleInputs = tuple[float | Array, Array, Array]  # ... at one instant, or at each guest's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +324,7 @@ class _Landing:
     """One tick's trace inputs: at the tick's last stats sample (None: no sample in it or
     no known schedule) and at its end."""
 
-    sample: Inputs | None
+    sample: SampleInputs | None
     end: Inputs
 
 
@@ -324,8 +337,14 @@ def land_demand(hv: SimHypervisor, inputs: _Landing, start_s: float) -> Array:
     late. Returns the demand in force at the end."""
     if inputs.sample is not None:
         at_s, demand, io = inputs.sample
-        if start_s < at_s < inputs.end[0] and not np.array_equal(demand, hv.fleet_demand_kib):
-            hv.advance(at_s, demand, io)
+        if isinstance(at_s, float):
+            if start_s < at_s < inputs.end[0] and not np.array_equal(demand, hv.fleet_demand_kib):
+                hv.advance(at_s, demand, io)
+        else:  # each guest's stats in their own phase: each one's demand lands at its own sample
+            for t_s in np.unique(at_s[np.isfinite(at_s)]).tolist():
+                landing = np.where(at_s == t_s, demand, hv.fleet_demand_kib)
+                if start_s < t_s < inputs.end[0] and not np.array_equal(landing, hv.fleet_demand_kib):
+                    hv.advance(t_s, landing, io)
     end_s, demand, io = inputs.end
     hv.advance(end_s, demand, io)
     return demand
@@ -362,26 +381,42 @@ class _Run:
             self._block_start = k
             ends = (k + 1 + np.arange(BLOCK_TICKS, dtype=np.float64)) * self.spec.interval_s
             samples = self.hv.sample_instants(ends)
-            times = ends if samples is None else np.concatenate([ends, np.nan_to_num(samples, nan=0.0)])
-            _, reads = self.workload.block(times)
+            if samples is None or samples.ndim == 1:
+                times = ends if samples is None else np.concatenate([ends, np.nan_to_num(samples, nan=0.0)])
+                _, reads = self.workload.block(times)
+                end_reads, sample_reads = reads[:BLOCK_TICKS], reads[BLOCK_TICKS:]
+            else:
+                _, end_reads = self.workload.block(ends)
+                sample_reads = self._reads_at(samples)
             peaks = self._peaks(ends, samples)
-            self._ends = (ends, peaks[1::2], reads[:BLOCK_TICKS])
-            self._samples = None if samples is None else (samples, peaks[0::2], reads[BLOCK_TICKS:])
+            self._ends = (ends, peaks[1::2], end_reads)
+            self._samples = None if samples is None else (samples, peaks[0::2], sample_reads)
         i = k - self._block_start
         at_end = (float(self._ends[0][i]), self._ends[1][i], self._ends[2][i])
-        if self._samples is None or not np.isfinite(self._samples[0][i]):
+        if self._samples is None or not np.isfinite(self._samples[0][i]).any():
             return _Landing(None, at_end)
-        return _Landing((float(self._samples[0][i]), self._samples[1][i], self._samples[2][i]), at_end)
+        at = self._samples[0][i]
+        return _Landing((float(at) if at.ndim == 0 else at, self._samples[1][i], self._samples[2][i]), at_end)
+
+    def _reads_at(self, samples: Array) -> Array:
+        """Each guest's file reads at its own sample instants (``samples``: ticks x guests)."""
+        out = np.empty_like(samples)
+        for g in range(samples.shape[1]):
+            out[:, g] = self.workload.block(np.nan_to_num(samples[:, g], nan=0.0))[1][:, g]
+        return out
 
     def _peaks(self, ends: Array, samples: Array | None) -> Array:
         """The demand each guest lands at each tick's stats sample and end, in that order
         (two rows a tick): the peak of its trace since the landing before
-        (``Workload.peaks``). A tick without a sample inside it lands all at its end."""
+        (``Workload.peaks``). A tick without a sample inside it lands all at its end. With
+        each guest's own sample instants (ticks x guests), each guest's own rows."""
         starts = ends - self.spec.interval_s
         sample_at = starts if samples is None else np.nan_to_num(samples)
+        if sample_at.ndim == 2:  # each guest's own instants
+            starts, ends = starts[:, None], ends[:, None]
         inside = (starts < sample_at) & (sample_at < ends)
-        at = np.stack([np.where(inside, sample_at, starts), ends], axis=1).ravel()
-        return self.workload.peaks(float(starts[0]), at)
+        at = np.stack(np.broadcast_arrays(np.where(inside, sample_at, starts), ends), axis=1)
+        return self.workload.peaks(float(starts.flat[0]), at.reshape(2 * len(at), *at.shape[2:]))
 
     def tick(self) -> None:
         hv, k = self.hv, self.k

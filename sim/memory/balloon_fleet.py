@@ -220,7 +220,13 @@ class GuestBalloon:
         self.driver = LinuxBalloonDriver(world, self.mem, self.device, self.mm)
         self.driver.probe()
         if stats_period_s:
-            self.device.set_stats_poll_interval(stats_period_s)
+            # Polling switched on at the guest's stats phase fires at once, as the bulk
+            # device's timer (``sim.virtio.device.BalloonDevice``).
+            switch_on = functools.partial(self.device.set_stats_poll_interval, stats_period_s)
+            if gspec.stats_phase_s > 0:
+                world.schedule_at(world.now_s + gspec.stats_phase_s, switch_on)
+            else:
+                switch_on()
 
 
 class ProtocolBalloons:

@@ -63,6 +63,8 @@ class KernelState(NamedTuple):
     older: Array  # older_touched
     deflated: Array  # deflated_free
     reported: Array  # reported_free
+    pcp: Array  # free pages on the per-CPU lists
+    pcp_cap: Array
     refault_debt: Array
     own_refault_debt: Array
     reaping: Flags
@@ -140,6 +142,13 @@ def _allocate(i: int, s: Any, amount: float) -> None:
     s.older[i] -= older_taken
     s.touched[i] += amount - fresh - older_taken
     s.minor_faults[i] += amount / 4
+    s.pcp[i] = _max(s.pcp[i] - amount, 0.0)  # Fleet._take_pcp
+
+
+@_jit
+def _fill_pcp(i: int, s: Any, freed: float) -> None:
+    """``Fleet._fill_pcp`` of guest ``i``."""
+    s.pcp[i] = _min(s.pcp[i] + freed, s.pcp_cap[i])
 
 
 @_jit
@@ -221,6 +230,7 @@ def _balloon_moved(s: Any, delta: Any) -> None:
         taken_touched = from_cache[i] + fresh + older_taken
         s.touched[i] -= s.release_frac[i] * taken_touched
         s.resident[i] += (1.0 - s.release_frac[i]) * taken_touched
+        s.pcp[i] = _max(s.pcp[i] - from_free[i], 0.0)
         deflated = _max(-delta[i], 0.0)
         before = s.balloon[i] - delta[i]
         share = deflated / before if before > 0 else 0.0
@@ -230,6 +240,7 @@ def _balloon_moved(s: Any, delta: Any) -> None:
             s.older[i] = _touched_free(i, s)
         s.deflated[i] += deflated - back_resident
         s.resident[i] -= back_resident
+        _fill_pcp(i, s, deflated)
         if delta[i] > 0:
             limit = s.ram[i] - s.balloon[i] + s.resident[i]
             s.touched[i] = _min(_max(s.touched[i], 0.0), limit)
@@ -240,6 +251,7 @@ def _follow_and_grow(s: Any, demand: Any, read: Any, dt_s: float, cooling: float
     """``_reap_victims``, ``_follow_demand`` and ``_grow_cache``, guest by guest."""
     for i in range(len(demand)):
         if s.reaping[i]:
+            _fill_pcp(i, s, s.anon[i])
             s.anon[i] = 0.0
             s.reaping[i] = False
         working_set = s.anon[i] + s.swap[i]
@@ -247,8 +259,10 @@ def _follow_and_grow(s: Any, demand: Any, read: Any, dt_s: float, cooling: float
         _allocate(i, s, grow)
         s.anon[i] += grow
         shrink = _min(_max(1.0 - demand[i] / _max(working_set, 1.0), 0.0), 1.0)
-        s.anon[i] -= s.anon[i] * shrink
+        freed = s.anon[i] * shrink
+        s.anon[i] -= freed
         s.swap[i] -= s.swap[i] * shrink
+        _fill_pcp(i, s, freed)
         read_kib = read[i] * dt_s
         room = _max(_free(i, s) - s.min_free[i], 0.0)
         grown = _min(read_kib, room)
@@ -285,6 +299,7 @@ def _relieve_pressure(s: Any, over: Any, killed: Any, oom_step_kib: float, epsil
             s.older[i] = _touched_free(i, s)
         s.deflated[i] += given - 0.0
         s.resident[i] -= 0.0
+        _fill_pcp(i, s, given)
         s.oom_deflates[i] += np.ceil(given / oom_step_kib)
         o -= given
         # Fleet._oom_kill
@@ -351,6 +366,7 @@ def _settle(s: Any) -> None:
         untouched_free = _max(_free(i, s) - touched_free, 0.0)
         s.deflated[i] = _min(_max(s.deflated[i], 0.0), untouched_free)
         s.reported[i] = _min(_max(s.reported[i], 0.0), untouched_free - s.deflated[i])
+        s.pcp[i] = _min(_max(s.pcp[i], 0.0), _max(_free(i, s) - s.min_free[i], 0.0))
 
 
 @_jit

@@ -27,6 +27,13 @@ So a balloon cycled up and down by the same amount re-takes its own pages and ga
 the host nothing after the first inflate, and a guest's next allocation after a
 deflate costs the host fresh pages even while it holds touched free ones.
 
+Part of the free memory sits on the per-CPU free lists (``pcp``): pages freed by a
+deflate, the workload or its exit land there first, up to the cap the guest's kernel
+sets (``sim.memory.kernel.pcp_cap_pages``: ~27 MiB on the 1024 MiB test guest), and
+allocations and inflates take them first (Linux 6.1 mm/page_alloc.c). MemFree and
+MemAvailable do not count them (``mem_free``): after a deflate the real test guest
+showed 33-44 MiB less MemAvailable than its free pages gave (issue 16).
+
 Pressure is resolved as Linux would, in order: reclaim page cache, swap anonymous
 memory out, then - with DEFLATE_ON_OOM - take pages back from the balloon in 1 MiB
 steps (VIRTIO_BALLOON_OOM_NR_PAGES = 256), and only then OOM-kill. The kill takes the
@@ -120,6 +127,7 @@ class GuestSpec:
     weight: float = 1.0
     backing: RamBacking = field(default_factory=RamBacking)
     free_page_hint: bool = False
+    stats_phase_s: float = 0.0  # when its stats timer first fires (real guests' run each in its own phase)
 
 
 def reserve_for(params: GuestModelParams, ram_kib: Array, kernel: GuestKernel | None = None) -> GuestReserve:
@@ -128,7 +136,8 @@ def reserve_for(params: GuestModelParams, ram_kib: Array, kernel: GuestKernel | 
     size (``sim.memory.kernel.guest_reserve``; default: the test image's Debian 6.1, THP on)."""
     if params.min_free_pct is not None:
         flat = ram_kib * params.min_free_pct / 100
-        return GuestReserve(flat, flat.copy())
+        pcp_cap = guest_reserve([int(r) for r in ram_kib], kernel).pcp_cap_kib  # the lists follow the kernel's rules
+        return GuestReserve(flat, flat.copy(), pcp_cap)
     return guest_reserve([int(r) for r in ram_kib], kernel)
 
 
@@ -198,6 +207,7 @@ class Fleet:
         # default the 6.1 rules of sim.memory.kernel), unless the model sets one flat share.
         r = reserve or reserve_for(p, self.ram)
         self.min_free, self.wmark_low = r.totalreserve_kib, r.wmark_low_kib
+        self.pcp_cap = r.pcp_cap_kib
         self.cache_min = self.ram * p.cache_min_pct / 100
         self.driver: FleetDriver = BalloonDriver(len(specs), self.deflate_on_oom)
         self.release_frac = np.array([bulk_release_fraction(s.backing) for s in specs])
@@ -211,6 +221,8 @@ class Fleet:
         # Everything in use has been touched; free memory has not.
         self.touched = self.reserved + self.kernel + self.anon + self.cache
         self.deflated_free = np.zeros_like(self.ram)  # free, unbacked, handed back by the balloon
+        # Free pages on the per-CPU lists (part of ``free``, not of MemFree: ``pcp_kib``).
+        self.pcp = np.zeros_like(self.ram)
         self.older_touched = np.zeros_like(self.ram)  # touched free pages freed before that
         self.reported_free = np.zeros_like(self.ram)  # free, unbacked, returned by page reporting
         # The minimum cache is hot if the guest reads at all at its first rate (passed in
@@ -262,6 +274,14 @@ class Fleet:
     def free(self) -> Array:
         return np.maximum(self._capacity() - self.anon - self.cache, 0.0)
 
+    def mem_free(self) -> Array:
+        """MemFree: NR_FREE_PAGES, the buddy allocator's free pages. Pages on the per-CPU
+        lists are free but not counted there (mm/page_alloc.c: rmqueue_bulk() takes them
+        off NR_FREE_PAGES when it fills a list, free_unref_page_commit() adds a freed page
+        to a list without counting it, free_pcppages_bulk() counts it when the list gives
+        it back), so MemFree and MemAvailable leave them out."""
+        return np.maximum(self.free() - self.pcp, 0.0)
+
     def mem_total(self) -> Array:
         """MemTotal: the driver's adjust_managed_page_count() takes ballooned pages out
         of it unless DEFLATE_ON_OOM (Linux commit 997e120843e8)."""
@@ -270,7 +290,7 @@ class Fleet:
     def mem_available(self) -> Array:
         """MemAvailable as si_mem_available() (mm/page_alloc.c, 6.1) estimates it: free
         less totalreserve_pages, plus the page cache less min(half of it, the low watermarks)."""
-        free = self.free()
+        free = self.mem_free()
         return np.maximum(free - self.min_free + self.cache - np.minimum(self.cache / 2, self.wmark_low), 0.0)
 
     def stats(self) -> StatArrays:
@@ -280,7 +300,7 @@ class Fleet:
             swap_out_kib=self.swap_out,
             major_faults=self.major_faults,
             minor_faults=self.minor_faults,
-            mem_free_kib=self.free(),
+            mem_free_kib=self.mem_free(),
             mem_total_kib=self.mem_total(),
             mem_available_kib=self.mem_available(),
             disk_caches_kib=self.cache,
@@ -375,6 +395,8 @@ class Fleet:
             self.older_touched,
             self.deflated_free,
             self.reported_free,
+            self.pcp,
+            self.pcp_cap,
             self.refault_debt,
             self.own_refault_debt,
             self.reaping,
@@ -404,6 +426,18 @@ class Fleet:
         self.older_touched -= older
         self.touched += amount - fresh - older
         self.minor_faults += amount / 4
+        self._take_pcp(amount)
+
+    def _take_pcp(self, amount_kib: Array) -> None:
+        """An allocation (or an inflate's) takes its pages from the per-CPU list first
+        (mm/page_alloc.c rmqueue(): order-0 pages come from rmqueue_pcplist())."""
+        self.pcp = np.maximum(self.pcp - amount_kib, 0.0)
+
+    def _fill_pcp(self, freed_kib: Array) -> None:
+        """Freed pages go to the per-CPU lists (free_unref_page_commit()), which give the
+        excess back to the buddy lists: they hold at most ``pcp_cap``
+        (``sim.memory.kernel.pcp_cap_pages``)."""
+        self.pcp = np.minimum(self.pcp + freed_kib, self.pcp_cap)
 
     def _free_layers(self) -> list[Array]:
         """The free list from its head: touched pages freed since the last deflate, the
@@ -413,7 +447,10 @@ class Fleet:
 
     def _settle_free_layers(self) -> None:
         """Keep the layers inside what is free: reclaim, reporting and the workload move
-        pages without going through ``_allocate``."""
+        pages without going through ``_allocate``. The per-CPU lists stay inside the free
+        memory above the reserve: the buddy lists keep the watermarks (kswapd), and an
+        allocation short of them drains the lists first (mm/page_alloc.c
+        __alloc_pages_direct_reclaim(): drain_all_pages())."""
         touched_free = self._touched_free()
         self.older_touched = np.minimum(self.older_touched, touched_free)
         untouched_free = np.maximum(self.free() - touched_free, 0.0)
@@ -422,6 +459,7 @@ class Fleet:
         # them back with FPI_TO_TAIL), so allocations take never-touched pages first: the
         # reported ones are the last of the untouched free pages to go.
         self.reported_free = _clip(self.reported_free, 0.0, untouched_free - self.deflated_free)
+        self.pcp = _clip(self.pcp, 0.0, np.maximum(self.free() - self.min_free, 0.0))
 
     def mark_reported(self, i: int | slice, kib: float | Array) -> None:
         """The host discarded ``kib`` of guest ``i``'s touched free pages, reported free."""
@@ -506,6 +544,7 @@ class Fleet:
             fresh_taken, deflated_taken, older_taken = take_in_order(from_free, layers, min)
             self.deflated_free[i] = deflated_free - deflated_taken
             self.older_touched[i] = older - older_taken
+            self.pcp[i] = max(self.pcp.item(i) - from_free, 0.0)  # Fleet._take_pcp
             taken_touched = from_cache + fresh_taken + older_taken
             touched -= release_frac * taken_touched
             resident += (1.0 - release_frac) * taken_touched
@@ -514,6 +553,7 @@ class Fleet:
             resident -= back_resident
             self.older_touched[i] = touched_free
             self.deflated_free[i] = deflated_free - delta_kib - back_resident
+            self.pcp[i] = min(self.pcp.item(i) - delta_kib, self.pcp_cap.item(i))  # Fleet._fill_pcp
         self.balloon_resident[i] = resident
         if delta_kib > 0:
             limit = (row.ram_kib - balloon_kib) + resident
@@ -538,9 +578,11 @@ class Fleet:
         taken_touched = from_cache + fresh_taken + older_taken
         self.touched -= release_frac * taken_touched
         self.balloon_resident += (1.0 - release_frac) * taken_touched
+        self._take_pcp(from_free)  # balloon_page_alloc() is an order-0 allocation
         deflated = np.maximum(-delta_kib, 0.0)
         share = np.divide(deflated, before, out=np.zeros_like(before), where=before > 0)
         self._deflated(deflated, self.balloon_resident * np.minimum(share, 1.0))
+        self._fill_pcp(deflated)  # release_pages_balloon() frees each page: put_page()
         # Only an inflate can push touched pages past the limit; a deflate (the OOM
         # notifier's, amid an allocation) only raises it. Rows as ``balloon_moved_one``.
         self.touched = np.where(delta_kib > 0, self._clip_touched(), self.touched)
@@ -566,8 +608,10 @@ class Fleet:
         self._allocate(grow)
         self.anon += grow
         shrink = _clip(1.0 - demand / np.maximum(working_set, 1.0), 0.0, 1.0)
-        self.anon -= self.anon * shrink
+        freed = self.anon * shrink
+        self.anon -= freed
         self.swap -= self.swap * shrink
+        self._fill_pcp(freed)  # munmap frees through free_unref_page_list()
 
     def _grow_cache(self, dt_s: float, read_kib_s: Array) -> None:
         """File reads fill free memory above the low watermark and are hot; what was hot
@@ -626,6 +670,8 @@ class Fleet:
         steps = np.where(self.deflate_on_oom & (over > 0), np.ceil(over / OOM_STEP_KIB), 0.0)
         given = self.driver.deflate_on_oom(steps * OOM_STEP_KIB)
         self._deflated(given, np.zeros_like(given))
+        # Freed as any deflate's; the allocation that ran short takes them (``_settle_free_layers``).
+        self._fill_pcp(given)
         self.oom_deflates += np.ceil(given / OOM_STEP_KIB)
         over -= given
         return self._oom_kill(over)
@@ -651,6 +697,8 @@ class Fleet:
     def _reap_victims(self) -> None:
         """Free the memory of the workloads killed in the previous interval (``_oom_kill``)."""
         if self.reaping.any():
+            # exit_mmap() frees the victim's pages through the per-CPU lists too (``_fill_pcp``)
+            self.pcp = np.where(self.reaping, np.minimum(self.pcp + self.anon, self.pcp_cap), self.pcp)
             self.anon = np.where(self.reaping, 0.0, self.anon)
             self.reaping = np.zeros_like(self.reaping)
 

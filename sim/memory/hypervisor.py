@@ -76,7 +76,8 @@ class SimHypervisor:
 
             self.device = ProtocolBalloons(self.world, self.fleet, specs, stats_period_s)
         else:
-            self.device = BalloonDevice(self.fleet.ram, np.full(len(specs), stats_period_s), self.fleet.driver)
+            phases = np.array([s.stats_phase_s for s in specs], dtype=np.float64)
+            self.device = BalloonDevice(self.fleet.ram, np.full(len(specs), stats_period_s), self.fleet.driver, phases)
         self.host = SimHost(host_mem_kib, host_params or HostModelParams())
         self.index = {s.uuid: i for i, s in enumerate(specs)}
         n = len(specs)
@@ -133,20 +134,27 @@ class SimHypervisor:
             self.device.poll_stats(now_s)
 
     def sample_instants(self, ends_s: Array) -> Array | None:
-        """When, before each of ``ends_s``, the bulk device's last stats timer fires: its
-        sample arrives STATS_WORK_S later (every guest of a replay polls on one schedule,
-        ``period + STATS_WORK_S`` from its next arrival; NaN where none comes first). The
-        replay lands demand there so the sample a policy reads saw it (issue 16). None
-        when there is no such schedule: the protocol model (its own timers), stats off,
-        or guests on different periods."""
+        """When, before each of ``ends_s``, each guest's last stats timer fires in the bulk
+        device: its sample arrives STATS_WORK_S later (a guest polls every ``period +
+        STATS_WORK_S`` from its next arrival; NaN where none comes first). The replay
+        lands demand there so the sample a policy reads saw it (issue 16). Shape
+        (len(ends_s),) when every guest polls on one schedule, else (len(ends_s),
+        guests) with NaN for a guest whose stats are off; None when there is no
+        schedule: the protocol model (its own timers) or stats off for all."""
         if not isinstance(self.device, BalloonDevice):
             return None
         nxt, period = self.device.next_arrival_s, self.device.stats_period_s
-        if not (np.isfinite(nxt).all() and np.ptp(nxt) == 0 and np.ptp(period) == 0 and period[0] > 0):
+        on = np.isfinite(nxt) & (period > 0)
+        if not on.any():
             return None
-        step_s = float(period[0]) + STATS_WORK_S
-        n = np.ceil((ends_s - nxt[0]) / step_s) - 1  # arrivals strictly before the end (poll_stats)
-        return np.where(n >= 0, nxt[0] + n * step_s - STATS_WORK_S, np.nan)
+        if on.all() and np.ptp(nxt) == 0 and np.ptp(period) == 0:
+            nxt, period = nxt[:1], period[:1]  # one schedule: one column
+        on = on[: len(nxt)]
+        nxt = np.where(on, nxt, 0.0)
+        step_s = period + STATS_WORK_S
+        n = np.ceil((ends_s[:, None] - nxt) / step_s) - 1  # arrivals strictly before the end (poll_stats)
+        at = np.where((n >= 0) & on, nxt + n * step_s - STATS_WORK_S, np.nan)
+        return at[:, 0] if len(nxt) == 1 else at
 
     def _host_swap(self, dt_s: float) -> None:
         """Charge the host's swapping to the guests whose pages it swaps (``sim.memory.host``):

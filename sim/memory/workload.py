@@ -155,8 +155,9 @@ class Workload:
         that (a real guest's 1 s schedule) still reaches its guest with every peak, which
         a spike shorter than the stats period would otherwise skip (issue 16: the real
         guest was OOM-killed by a 2.4 s spike the replay never showed its guest). Across
-        a trace's wrap to its start, only the demand in force at each end counts."""
-        if fleet_kernel.AVAILABLE and times_s.dtype == np.float64:
+        a trace's wrap to its start, only the demand in force at each end counts. Times of
+        shape (n, n_guests) are each guest's own."""
+        if fleet_kernel.AVAILABLE and times_s.dtype == np.float64 and times_s.ndim == 1:
             c, peaks = self.columns, np.empty((len(times_s), len(self.traces)))
             fleet_kernel.trace_peaks(
                 float(since_s),
@@ -171,9 +172,9 @@ class Workload:
                 peaks,
             )
             return peaks
-        edges = np.concatenate([[since_s], times_s])
         out = np.empty((len(times_s), len(self.traces)))
         for g, trace in enumerate(self.traces):
+            edges = np.concatenate([[since_s], times_s if times_s.ndim == 1 else times_s[:, g]])
             t = (edges + self.offsets_s[g]) % trace.duration_s
             idx = np.maximum(np.searchsorted(trace.t_s, t, side="right") - 1, 0)
             lo, hi = idx[:-1], idx[1:]  # the samples in force at a window's two ends

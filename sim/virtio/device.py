@@ -93,15 +93,19 @@ def num_pages_kib(ram_kib: float, target_kib: int) -> float:
 class BalloonDevice:
     """Targets and received stats of every guest."""
 
-    def __init__(self, ram_kib: Array, stats_period_s: Array, driver: FleetDriver) -> None:
+    def __init__(
+        self, ram_kib: Array, stats_period_s: Array, driver: FleetDriver, stats_phase_s: Array | None = None
+    ) -> None:
         n = len(ram_kib)
         self.ram_kib = ram_kib
         self.driver = driver
         self.stats_period_s = stats_period_s
         self.last_update_s = np.full(n, -np.inf)  # never received
         self.stats = StatArrays.zeros(n)
-        # Polling switched on at time 0 fires at once; the guest answers STATS_WORK_S later.
-        self.next_arrival_s = np.where(stats_period_s > 0, 0.0 + STATS_WORK_S, np.inf)
+        # Polling switched on at ``stats_phase_s`` (default: time 0) fires at once; the guest
+        # answers STATS_WORK_S later. Real guests' timers run each in its own phase (issue 16).
+        phase = np.zeros(n) if stats_phase_s is None else stats_phase_s
+        self.next_arrival_s = np.where(stats_period_s > 0, phase + STATS_WORK_S, np.inf)
 
     def set_target(self, i: int, target_kib: int) -> None:
         self.driver.config_changed(i, num_pages_kib(self.ram_kib[i], target_kib))

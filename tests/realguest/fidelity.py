@@ -146,18 +146,45 @@ def write_trace(run_dir: Path, t0_s: float, end_s: float, guests: list[GuestRun]
     return path
 
 
-def replay_args(run_dir: Path, trace: Path, guests: list[GuestRun], duration_s: float) -> list[str]:
+def replay_args(
+    run_dir: Path, trace: Path, guests: list[GuestRun], duration_s: float, phases_s: dict[str, float]
+) -> list[str]:
     """``overcommitd replay``'s arguments for this run: its config, the guests' stats
-    period, no swap (the test image has none), which guest has DEFLATE_ON_OOM (none has
-    free page reporting), and a host
+    period and each one's phase (``stats_phases_s``), no swap (the test image has none),
+    which guest has DEFLATE_ON_OOM (none has free page reporting), and a host
     large enough that it never presses (the real one had 24 GiB for two guests)."""
     doo = [g.name for g in guests if g.deflate_on_oom]
+    phases = [f"{name}={s:.3f}" for name, s in phases_s.items()]
     return [
         "--trace", str(trace), "--config", str(run_dir / "overcommitd.toml"),
         "--policy", "pid", "--hours", str(duration_s / 3600), "--warmup-hours", "0",
         "--overcommit", "0.25", "--stats-period-s", str(STATS_PERIOD_S), "--guest-swap-mib", "0", "--reporting-share", "0",
-        "--deflate-on-oom", *(doo or ["-"]), "--no-progress",
+        "--deflate-on-oom", *(doo or ["-"]), *(["--stats-phase-s", *phases] if phases else []), "--no-progress",
     ]  # fmt: skip
+
+
+def stats_phases_s(run_dir: Path, t0_s: float) -> dict[str, float]:
+    """Each real guest's stats phase in the replay's time (from ``t0_s``): its stats timer
+    runs on its own clock, so a ramp step falling between two guests' samples is seen by
+    one a tick before the other. A sample arrived between the two recorder rows whose
+    stats differ (``RECORD_INTERVAL_S`` apart): taken half-way, modulo the period, and
+    averaged around the circle. Empty for a recording sampled less than twice a period
+    (the kept runs before 0221 every 2 s): its rows cannot place a sample in the period."""
+    interval_s = float(json.loads((run_dir / "recording" / "recording.json").read_text())["interval_s"])
+    out: dict[str, float] = {}
+    if interval_s > STATS_PERIOD_S / 2:
+        return out
+    for name, rows in rows_of(run_dir / "recording").items():
+        stats = [tuple(r[c] for c in r if c.startswith("stat_")) for r in rows]
+        arrived = np.array(
+            [float(r[tf.TIME_S]) for r, before, now in zip(rows[1:], stats, stats[1:], strict=False) if now != before]
+        )
+        if not len(arrived):
+            continue
+        angle = 2 * np.pi * ((arrived - interval_s / 2 - t0_s) % STATS_PERIOD_S) / STATS_PERIOD_S
+        mean = math.atan2(float(np.sin(angle).mean()), float(np.cos(angle).mean()))
+        out[name] = (mean / (2 * np.pi) * STATS_PERIOD_S) % STATS_PERIOD_S
+    return out
 
 
 def run_replay(run_dir: Path) -> tuple[ReplayResult, float, list[GuestRun]]:
@@ -166,7 +193,8 @@ def run_replay(run_dir: Path) -> tuple[ReplayResult, float, list[GuestRun]]:
     t0_s, end_s, guests = read_run(run_dir)
     t0_s = in_phase(daemon_events(run_dir)[0][0])
     trace = write_trace(run_dir, t0_s, end_s, guests)
-    args = build_parser().parse_args(["replay", *replay_args(run_dir, trace, guests, end_s - t0_s)])
+    phases = stats_phases_s(run_dir, t0_s)
+    args = build_parser().parse_args(["replay", *replay_args(run_dir, trace, guests, end_s - t0_s, phases)])
     cfg = DaemonConfig.load(args.config)
     spec = spec_from_args(args, cfg)
     policy = registry.create("pid", cfg.policy.params)
