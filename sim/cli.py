@@ -84,14 +84,14 @@ def _guest_seconds(text: str) -> tuple[str, float]:
 
 def add_guest_arguments(p: argparse.ArgumentParser) -> None:
     """What the simulated guests are like beyond the traces (issue 16: set to match the
-    real guests a replay is compared with): stats period, swap, DEFLATE_ON_OOM."""
+    real guests a replay is compared with): stats period, swap, DEFLATE_ON_OOM. Each is
+    also a key of the ``--guest-model`` file's ``[guests]``; given here, it wins."""
     defaults = ReplaySpec.model_fields
     p.add_argument(
         "--stats-period-s",
         dest="stats_period_s",
         type=float,
-        default=defaults["stats_period_s"].default,
-        help="the guests' balloon stats period, libvirt <stats period> (default %(default)s; 0: off)",
+        help=f"the guests' balloon stats period, libvirt <stats period> (default {defaults['stats_period_s'].default}; 0: off)",
     )
     p.add_argument(
         "--stats-phase-s",
@@ -106,8 +106,7 @@ def add_guest_arguments(p: argparse.ArgumentParser) -> None:
         "--guest-swap-mib",
         dest="guest_swap_mib",
         type=int,
-        default=defaults["guest_swap_kib"].default // 1024,
-        help="swap space in each guest, MiB (default %(default)s)",
+        help=f"swap space in each guest, MiB (default {defaults['guest_swap_kib'].default // 1024})",
     )
     p.add_argument(
         "--deflate-on-oom",
@@ -121,15 +120,13 @@ def add_guest_arguments(p: argparse.ArgumentParser) -> None:
         "--deflate-on-oom-share",
         dest="deflate_on_oom_share",
         type=float,
-        default=defaults["deflate_on_oom_share"].default,
-        help="share of guests with DEFLATE_ON_OOM, drawn with --seed (default %(default)s)",
+        help=f"share of guests with DEFLATE_ON_OOM, drawn with --seed (default {defaults['deflate_on_oom_share'].default})",
     )
     p.add_argument(
         "--reporting-share",
         dest="reporting_share",
         type=float,
-        default=defaults["reporting_share"].default,
-        help="share of guests with free page reporting, drawn with --seed (default %(default)s)",
+        help=f"share of guests with free page reporting, drawn with --seed (default {defaults['reporting_share'].default})",
     )
 
 

@@ -112,6 +112,25 @@ def test_the_cli_writes_a_file_the_replay_reads(recording: Path, tmp_path: Path)
     assert spec.guest_model == loaded.guest_model and spec.guest_kernel == loaded.guest_kernel
 
 
+def test_the_files_guests_section_sets_the_replay_and_an_argument_wins(tmp_path: Path) -> None:
+    """Issue 16: what a replay held to real guests needs (stats period and phase, swap,
+    DEFLATE_ON_OOM, reporting) is settable from a file, not only from arguments."""
+    path = tmp_path / "guests.toml"
+    path.write_text(
+        "[guests]\nstats_period_s = 2\nswap_mib = 0\nreporting_share = 0.0\n"
+        'deflate_on_oom = ["fid-doo"]\nstats_phase_s = { "fid-*" = 1.25 }\n'
+    )
+    parse = main.__globals__["build_parser"]().parse_args
+    spec = spec_from_args(parse(["replay", "--guest-model", str(path)]), DaemonConfig())
+    assert (spec.stats_period_s, spec.guest_swap_kib, spec.reporting_share) == (2.0, 0, 0.0)
+    assert spec.deflate_on_oom_guests == ("fid-doo",) and spec.stats_phase_s == (("fid-*", 1.25),)
+    given = parse(["replay", "--guest-model", str(path), "--stats-period-s", "5", "--guest-swap-mib", "64"])
+    spec = spec_from_args(given, DaemonConfig())
+    assert (spec.stats_period_s, spec.guest_swap_kib, spec.reporting_share) == (5.0, 64 * 1024, 0.0)
+    default = spec_from_args(parse(["replay"]), DaemonConfig())
+    assert (default.stats_period_s, default.guest_swap_kib) == (5.0, 512 * 1024)  # ReplaySpec's own
+
+
 def test_a_recording_without_the_balloon_stats_is_refused_by_name(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -147,6 +166,9 @@ def test_older_kernels_are_recognised_by_their_tags(tmp_path: Path) -> None:
         ("[guest_kernel]\nthp = 'sometimes'\n", "guest_kernel.thp"),
         ("[guest_kernel]\nversion = '6'\n", "guest_kernel.version"),
         ("[guest]\n", "guest"),
+        ("[guests]\nswap_mib = -1\n", "guests.swap_mib"),
+        ("[guests]\nstats_phase_s = { a = -2 }\n", "guests.stats_phase_s.a"),
+        ("[guests]\nreporting_share = 1e400\n", "guests.reporting_share"),
         ("x = [", "not TOML"),
     ],
 )

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.realguest.fidelity import assert_holds, figures, table
+from tests.realguest.fidelity import GuestRun, WorkStep, assert_holds, figures, held_mib, table
 
 RUNS = Path(__file__).parent / "data" / "recordings" / "fidelity"
 BEFORE_THE_GUARD_REMEMBERED_ACTUAL = {"run-0628", "run-0638"}
@@ -45,3 +45,19 @@ def test_the_replay_of_a_kept_real_run_agrees_with_it(run: str, tmp_path: Path) 
     assert [f.guest for f in figs] == ["fid-plain", "fid-doo"], table(figs)
     up_to_spike = frozenset({"fid-doo"} if run in BEFORE_THE_GUARD_REMEMBERED_ACTUAL else ())
     assert_holds(figs, up_to_spike)
+
+
+def test_a_rise_follows_the_workloads_progress_lines_and_ends_at_a_kill() -> None:
+    """The trace holds a rise as the console showed it: through each ``RG-AT`` point (the
+    real touching is fastest at first), not a straight line from its start to its end;
+    nothing from the OOM kill on."""
+    rise = WorkStep(100.0, 104.0, 500, progress=((101.0, 260), (102.0, 400)))
+    g = GuestRun("g", False, (WorkStep(0.0, 0.0, 100), rise), kills_s=(110.0,))
+    assert held_mib(g, 100.0) == 100.0
+    assert held_mib(g, 100.5) == pytest.approx(180.0)  # half-way to the first point
+    assert held_mib(g, 101.5) == pytest.approx(330.0)
+    assert held_mib(g, 103.0) == pytest.approx(450.0)
+    assert held_mib(g, 105.0) == 500.0
+    assert held_mib(g, 110.0) == 0.0
+    straight = GuestRun("g", False, (WorkStep(0.0, 0.0, 100), WorkStep(100.0, 104.0, 500)), kills_s=())
+    assert held_mib(straight, 101.0) == pytest.approx(200.0)  # kept runs: no progress lines

@@ -225,7 +225,8 @@ def io_note(card: Scorecard) -> str:
 
 
 def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
-    """The ReplaySpec the ``replay`` arguments describe; replay, side by side and tune all build it here."""
+    """The ReplaySpec the ``replay`` arguments describe; replay, side by side and tune all build it here.
+    An argument given wins over the ``--guest-model`` file's ``[guests]``."""
     fields: dict[str, object] = {
         "hours": args.hours,
         "start_h": args.start_hours,
@@ -233,6 +234,8 @@ def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
         "overcommit": args.overcommit,
         "seed": args.seed,
     }
+    if getattr(args, "guest_model", None):  # issue 16: the guests' own constants (sim.memory.guest_model_file)
+        fields.update(load_guest_model(args.guest_model).replay_fields())
     for name in ("warmup_h", "slo_pct_per_min", "guard_baselines", "floor_pct", "stats_period_s"):
         value = getattr(args, name, None)
         if value is not None:
@@ -252,8 +255,6 @@ def spec_from_args(args: Any, cfg: DaemonConfig) -> ReplaySpec:
         fields["traces"] = tuple(args.trace)
     if args.guests:
         fields["guests"] = args.guests
-    if getattr(args, "guest_model", None):  # issue 16: the guests' own constants (sim.memory.guest_model_file)
-        fields.update(load_guest_model(args.guest_model).model_dump())
     return ReplaySpec.model_validate(fields)
 
 

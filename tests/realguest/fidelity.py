@@ -70,11 +70,13 @@ TICK_BAR_PCT = 10.0
 @dataclass(frozen=True, slots=True)
 class WorkStep:
     """From ``at_s`` (Unix time, the console line) the workload held ``mib``; its rise
-    or fall began at ``from_s``."""
+    or fall began at ``from_s``, and ``progress`` holds what it had touched on the way,
+    (Unix time, MiB), from its ``RG-AT`` lines (empty in runs kept before they existed)."""
 
     from_s: float
     at_s: float
     mib: int
+    progress: tuple[tuple[float, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,15 +115,27 @@ def write_run(run_dir: Path, t0_s: float, end_s: float, guests: list[GuestRun]) 
 def read_run(run_dir: Path) -> tuple[float, float, list[GuestRun]]:
     doc = json.loads((run_dir / "schedule.json").read_text())
     guests = [
-        GuestRun(g["name"], g["deflate_on_oom"], tuple(WorkStep(**s) for s in g["steps"]), tuple(g["kills_s"]))
+        GuestRun(g["name"], g["deflate_on_oom"], tuple(_step(s) for s in g["steps"]), tuple(g["kills_s"]))
         for g in doc["guests"]
     ]
     return float(doc["t0_s"]), float(doc["end_s"]), guests
 
 
+def _step(doc: dict[str, object]) -> WorkStep:
+    progress = doc.get("progress", [])
+    assert isinstance(progress, list), doc
+    return WorkStep(
+        float(str(doc["from_s"])),
+        float(str(doc["at_s"])),
+        int(str(doc["mib"])),
+        tuple((float(t), int(m)) for t, m in progress),
+    )
+
+
 def held_mib(g: GuestRun, t_s: float) -> float:
-    """What the workload held at ``t_s``: linear over each rise or fall (the workload
-    touches or unmaps page by page), nothing after an OOM kill (it does not restart)."""
+    """What the workload held at ``t_s``: over each rise or fall, linear between the
+    points the console showed (its start, each ``RG-AT`` line, its end: under TCG the
+    touching is fastest at first), nothing after an OOM kill (it does not restart)."""
     if any(k <= t_s for k in g.kills_s):
         return 0.0
     held = 0.0
@@ -129,8 +143,8 @@ def held_mib(g: GuestRun, t_s: float) -> float:
         if t_s >= s.at_s:
             held = float(s.mib)
         elif t_s > s.from_s:
-            share = (t_s - s.from_s) / max(s.at_s - s.from_s, 1e-9)
-            return held + share * (s.mib - held)
+            knots = ((s.from_s, held), *s.progress, (s.at_s, s.mib))
+            return float(np.interp(t_s, [t for t, _ in knots], [m for _, m in knots]))
     return held
 
 
@@ -149,18 +163,28 @@ def write_trace(run_dir: Path, t0_s: float, end_s: float, guests: list[GuestRun]
 def replay_args(
     run_dir: Path, trace: Path, guests: list[GuestRun], duration_s: float, phases_s: dict[str, float]
 ) -> list[str]:
-    """``overcommitd replay``'s arguments for this run: its config, the guests' stats
-    period and each one's phase (``stats_phases_s``), no swap (the test image has none),
-    which guest has DEFLATE_ON_OOM (none has free page reporting), and a host
+    """``overcommitd replay``'s arguments for this run: its config, and a guest-model file
+    whose ``[guests]`` say what the real guests were like (``guests_toml``); a host
     large enough that it never presses (the real one had 24 GiB for two guests)."""
-    doo = [g.name for g in guests if g.deflate_on_oom]
-    phases = [f"{name}={s:.3f}" for name, s in phases_s.items()]
+    setup = run_dir / "guests.toml"
+    setup.write_text(guests_toml(guests, phases_s))
     return [
-        "--trace", str(trace), "--config", str(run_dir / "overcommitd.toml"),
+        "--trace", str(trace), "--config", str(run_dir / "overcommitd.toml"), "--guest-model", str(setup),
         "--policy", "pid", "--hours", str(duration_s / 3600), "--warmup-hours", "0",
-        "--overcommit", "0.25", "--stats-period-s", str(STATS_PERIOD_S), "--guest-swap-mib", "0", "--reporting-share", "0",
-        "--deflate-on-oom", *(doo or ["-"]), *(["--stats-phase-s", *phases] if phases else []), "--no-progress",
+        "--overcommit", "0.25", "--no-progress",
     ]  # fmt: skip
+
+
+def guests_toml(guests: list[GuestRun], phases_s: dict[str, float]) -> str:
+    """The real guests as a guest-model file's ``[guests]``: their stats period and each
+    one's phase (``stats_phases_s``), no swap (the test image has none), which guest has
+    DEFLATE_ON_OOM; none has free page reporting."""
+    doo = ", ".join(f'"{g.name}"' for g in guests if g.deflate_on_oom)
+    phases = ", ".join(f'"{name}" = {s:.3f}' for name, s in phases_s.items())
+    return (
+        f"[guests]\nstats_period_s = {STATS_PERIOD_S}\nswap_mib = 0\nreporting_share = 0.0\n"
+        f"deflate_on_oom = [{doo}]\nstats_phase_s = {{ {phases} }}\n"
+    )
 
 
 def stats_phases_s(run_dir: Path, t0_s: float) -> dict[str, float]:

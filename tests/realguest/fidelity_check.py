@@ -41,8 +41,9 @@ KILLED = re.compile(r"Out of memory: Killed process|Killed process \d+ \(workloa
 
 
 class Consoles:
-    """Timestamps, per guest, each ``RG-BEGIN``/``RG-WORK`` line (a workload change begins,
-    ends) and OOM kill on its console as it appears (polled every 0.2 s)."""
+    """Timestamps, per guest, each ``RG-BEGIN``/``RG-AT``/``RG-WORK`` line (a workload
+    change begins, has touched so much, ends) and OOM kill on its console as it appears
+    (polled every 0.2 s)."""
 
     def __init__(self, guests: Guests) -> None:
         self.guests = guests
@@ -56,7 +57,7 @@ class Consoles:
         while not self._stop.wait(0.2):
             for name in NAMES:
                 text = self.guests.console(name)
-                seen = re.findall(r"RG-(BEGIN|WORK) (\d+)", text)
+                seen = re.findall(r"RG-(BEGIN|AT|WORK) (\d+)", text)
                 self.lines[name] += [(time.time(), kind, int(m)) for kind, m in seen[len(self.lines[name]) :]]
                 kills = KILLED.findall(text)
                 self.kills[name] += [time.time()] * (len(kills) - len(self.kills[name]))
@@ -65,17 +66,21 @@ class Consoles:
         return next((t for t, kind, _ in self.lines[name] if kind == "WORK"), None)
 
     def steps(self, name: str) -> tuple[WorkStep, ...]:
-        """Each change from its RG-BEGIN to its RG-WORK line; one the OOM killer cut
-        short ends at the kill."""
-        out, begun = [], None
+        """Each change from its RG-BEGIN to its RG-WORK line, through its RG-AT lines;
+        one the OOM killer cut short ends at the kill."""
+        out: list[WorkStep] = []
+        begun: tuple[float, int] | None = None
+        progress: list[tuple[float, int]] = []
         for t, kind, mib in self.lines[name]:
             if kind == "BEGIN":
-                begun = (t, mib)
+                begun, progress = (t, mib), []
+            elif kind == "AT":
+                progress.append((t, mib))
             else:
-                out.append(WorkStep(begun[0] if begun else t, t, mib))
-                begun = None
+                out.append(WorkStep(begun[0] if begun else t, t, mib, tuple(progress)))
+                begun, progress = None, []
         if begun is not None and self.kills[name]:
-            out.append(WorkStep(begun[0], self.kills[name][0], begun[1]))
+            out.append(WorkStep(begun[0], self.kills[name][0], begun[1], tuple(progress)))
         return tuple(out)
 
     def stop(self) -> None:

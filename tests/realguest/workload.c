@@ -1,8 +1,9 @@
 /* Guest memory workload for the real-guest tests: holds a scheduled amount of touched
  * anonymous memory. argv[1] is "MiB@seconds,MiB@seconds,...": from each time (seconds
  * since start) on, hold that many MiB. Prints "RG-WORK <MiB>" on the console at each
- * change (and "RG-BEGIN <MiB>" when one starts: touching takes seconds under TCG), then
- * sleeps forever after the last one. Built static: the initramfs has no libc. */
+ * change (and "RG-BEGIN <MiB>" when one starts: touching takes seconds under TCG, so
+ * "RG-AT <MiB>" every PROGRESS_MIB while it touches: the rise's real shape), then sleeps
+ * forever after the last one. Built static: the initramfs has no libc. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +13,7 @@
 
 #define CHUNK (1024 * 1024)
 #define MAX_CHUNKS 65536
+#define PROGRESS_MIB 16
 
 static void *chunks[MAX_CHUNKS];
 static long held;
@@ -29,6 +31,7 @@ static void hold(long mib) {
         if (p == MAP_FAILED) { printf("RG-WORK mmap failed at %ld\n", held); break; }
         for (long i = 0; i < CHUNK; i += 4096) p[i] = 1; /* touch every page */
         chunks[held++] = p;
+        if (held % PROGRESS_MIB == 0 && held < mib) { printf("RG-AT %ld\n", held); fflush(stdout); }
     }
     while (held > mib) munmap(chunks[--held], CHUNK);
     printf("RG-WORK %ld\n", held);
