@@ -57,8 +57,9 @@ INFLATE_BLOCKS = (
     ClampReason.IN_FLIGHT,
     ClampReason.INFLATE_STEP,
 )
-_IMPLAUSIBLE_FIELDS = ("mem_available_kib", "mem_free_kib", "disk_caches_kib")  # codes 2.. ; 1: MemTotal
-# Their order in ``GuardKernels.implausible``'s arguments.
+# The stats checked against MemTotal, in the order of ``GuardKernels.implausible``'s
+# arguments: codes 2.. (1: MemTotal itself).
+_IMPLAUSIBLE_FIELDS = ("mem_available_kib", "mem_free_kib", "disk_caches_kib")
 
 
 @dataclass(frozen=True, slots=True)
