@@ -22,6 +22,7 @@ SIM_SEES = {
     "overcommitd.table",
     "overcommitd.config",
     "overcommitd.guard",
+    "overcommitd.guard_kernels",  # the guard's rules as column kernels; the replay compiles them
     "overcommitd.loop",
     "overcommitd.hypervisor",
     "overcommitd.traceformat",
