@@ -26,12 +26,24 @@ guest is held to the bars up to the spike; run-0221's to the end."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.realguest.fidelity import GuestRun, WorkStep, assert_holds, figures, held_mib, table
+from tests.realguest.fidelity import (
+    INTERVAL_S,
+    GuestRun,
+    WorkStep,
+    assert_holds,
+    figures,
+    held_mib,
+    oom_ticks,
+    self_deflated_s,
+    table,
+)
 
 RUNS = Path(__file__).parent / "data" / "recordings" / "fidelity"
 BEFORE_THE_GUARD_REMEMBERED_ACTUAL = {"run-0628", "run-0638"}
@@ -61,3 +73,25 @@ def test_a_rise_follows_the_workloads_progress_lines_and_ends_at_a_kill() -> Non
     assert held_mib(g, 110.0) == 0.0
     straight = GuestRun("g", False, (WorkStep(0.0, 0.0, 100), WorkStep(100.0, 104.0, 500)), kills_s=())
     assert held_mib(straight, 101.0) == pytest.approx(200.0)  # kept runs: no progress lines
+
+
+def test_an_auto_deflate_is_a_rise_of_actual_no_target_asked_for() -> None:
+    """Read the same way from both runs: a balloon moving to its target (down or up) is
+    not an auto-deflate; ``actual`` rising above the target in force is."""
+    t = np.arange(8.0)
+    inflating = np.array([900, 800, 700, 600, 600, 600, 600, 600]) * 1024.0
+    assert self_deflated_s(t, inflating, [(0.0, 600 * 1024)]) == math.inf
+    given_back = np.array([600, 600, 600, 700, 800, 800, 800, 800]) * 1024.0
+    assert self_deflated_s(t, given_back, [(0.0, 600 * 1024), (2.5, 800 * 1024)]) == math.inf
+    ran_out = np.array([600, 600, 600, 600, 600, 680, 680, 680]) * 1024.0
+    assert self_deflated_s(t, ran_out, [(0.0, 600 * 1024)]) == 5.0
+
+
+def test_ticks_after_an_oom_only_one_run_had_are_not_held() -> None:
+    ticks = np.arange(0.0, 100.0, INTERVAL_S)
+    assert not oom_ticks(ticks, (), (math.inf, math.inf)).any()
+    assert not oom_ticks(ticks, (), (42.0, 45.0)).any()  # both ran out within an interval
+    one_sided = oom_ticks(ticks, (), (math.inf, 45.0))
+    assert list(ticks[one_sided]) == list(ticks[ticks >= 45.0])
+    killed = oom_ticks(ticks, (52.0,), (math.inf, math.inf))
+    assert list(ticks[killed]) == list(ticks[ticks >= 52.0 - INTERVAL_S])
