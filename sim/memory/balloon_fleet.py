@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 import sim.virtio.balloon_spec as spec
+from sim.memory import fleet_kernel, protocol_kernel
 from sim.memory.guest import Array, Fleet, GuestSpec
 from sim.virtio.backing import HostRam
 from sim.virtio.device import StatArrays, VirtioBalloon
@@ -134,8 +135,15 @@ class FleetMm:
         return np.concatenate(out) if out else np.empty(0, dtype=np.uint32)
 
     def _moved(self, delta_kib: float, release_frac: float) -> None:
+        """The balloon moved by ``delta_kib``: the driver seam's ``balloon_kib`` and the
+        Fleet's layers, compiled in one call where numba is on (``protocol_kernel``)."""
         balloons, i = self.balloons, self.i
         balloons.fleet_changed()
+        if fleet_kernel.AVAILABLE:
+            protocol_kernel.balloon_moved_one(
+                self.fleet, balloons.balloon_kib, balloons.held_kib, self.row, i, delta_kib, release_frac
+            )
+            return
         balloons.balloon_kib[i] = balloons.balloon_kib.item(i) + delta_kib
         self.fleet.balloon_moved_one(i, delta_kib, release_frac)
 
