@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.memory import fleet_kernel, protocol_kernel
-from sim.memory.balloon_fleet import ProtocolBalloons
+from sim.memory.balloon_fleet import ProtocolBalloons, spare_kib
 from sim.memory.guest import Fleet, GuestModelParams, GuestSpec
 from sim.memory.hypervisor import SimHypervisor
 
@@ -60,12 +60,14 @@ def test_arbitrary_states_move_bit_identical(
     ref.driver.balloon_kib[i] = ref.driver.balloon_kib.item(i) + delta_kib
     ref.balloon_moved_one(i, delta_kib, release_frac)
     drv = fast.driver
-    protocol_kernel.balloon_moved_one(
-        fast, drv.balloon_kib, drv.held_kib, fast.fixed_row(i), i, delta_kib, release_frac
-    )
+    row = fast.fixed_row(i)
+    spare = protocol_kernel.balloon_moved_one(fast, drv.balloon_kib, drv.held_kib, row, i, delta_kib, release_frac)
     for name in STATE:
         assert np.array_equal(getattr(ref, name), getattr(fast, name), equal_nan=True), name
     assert np.array_equal(ref.driver.balloon_kib, drv.balloon_kib)
+    # The spare it hands the next request is the one read afresh from the arrays.
+    after = (drv.balloon_kib.item(i), drv.held_kib.item(i), fast.anon.item(i), fast.cache.item(i))
+    assert repr(spare) == repr(spare_kib(row, *after, reclaim=True))
 
 
 def _inflate_and_back(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:

@@ -54,10 +54,12 @@ def _moved_one(
     base_kib: float,
     usable_kib: float,
     min_free_kib: float,
-) -> None:
+    cache_min_kib: float,
+) -> float:
     """The driver's ``balloon[i] += delta_kib``, then ``Fleet.balloon_moved_one(i,
     delta_kib, release_frac)`` with its ``_evict_cache_one`` and ``take_in_order``,
-    statement by statement."""
+    statement by statement; returns what the guest can then spare for the balloon
+    (``sim.memory.balloon_fleet.spare_kib`` with reclaim, the next request's limit)."""
     balloon_kib = balloon[i] + delta_kib
     balloon[i] = balloon_kib
     before = balloon_kib - delta_kib
@@ -99,16 +101,21 @@ def _moved_one(
     if delta_kib > 0:
         limit = (ram_kib - balloon_kib) + resident
         touched[i] = _py_min(_py_max(t, 0.0), limit)
+    c = cache[i]
+    free = usable_kib - balloon[i] - held[i] - anon[i] - c
+    spare: float = _py_max(free - min_free_kib, 0.0) + _py_max(c - cache_min_kib, 0.0)
+    return spare
 
 
 def balloon_moved_one(
     fleet: Fleet, balloon: Array, held: Array, row: FixedRow, i: int, delta_kib: float, release_frac: float
-) -> None:
+) -> float:
     """Guest ``i``'s balloon (``balloon``, the driver's array) moved by ``delta_kib``:
-    update it and account the move in the Fleet, in one compiled call. The arrays are
-    fetched per call: the Fleet may have replaced them since."""
+    update it and account the move in the Fleet, in one compiled call; returns the
+    guest's spare KiB after it. The arrays are fetched per call: the Fleet may have
+    replaced them since."""
     f = fleet
-    _moved_one(
+    spare_kib: float = _moved_one(
         balloon,
         held,
         f.anon,
@@ -128,4 +135,6 @@ def balloon_moved_one(
         row.base_kib,
         row.usable_kib,
         row.min_free_kib,
+        row.cache_min_kib,
     )
+    return spare_kib
