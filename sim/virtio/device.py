@@ -237,7 +237,7 @@ class VirtioBalloon:
         self.stats_last_update_s = 0.0  # 0 = never, as QEMU's "last-update"
         self.stats_updates = 0
         self.stats_poll_interval_s = 0
-        self.stats_vq_elem: Element | None = None
+        self.stats_vq_head: int | None = None  # QEMU's stats_vq_elem, held by its head
         self._stats_timer_gen = 0
         self._stats_timer_due_s: float | None = None
         # VM run state: QEMU_CLOCK_VIRTUAL stops while the VM is paused (or migrating).
@@ -276,7 +276,7 @@ class VirtioBalloon:
             status & spec.VIRTIO_CONFIG_S_DRIVER_OK
             and not was_ok
             and "statsq" in self.queues
-            and self.stats_vq_elem is None
+            and self.stats_vq_head is None
         ):
             self._service("statsq")
 
@@ -532,23 +532,25 @@ class VirtioBalloon:
         if gen != self._stats_timer_gen or self.broken:
             return
         self._stats_timer_due_s = None
-        if self.stats_vq_elem is None or not self.guest_features >> spec.VIRTIO_BALLOON_F_STATS_VQ & 1:
+        if self.stats_vq_head is None or not self.guest_features >> spec.VIRTIO_BALLOON_F_STATS_VQ & 1:
             self._stats_timer_mod(float(self.stats_poll_interval_s))
             return
-        elem, self.stats_vq_elem = self.stats_vq_elem, None
-        self._push("statsq", elem.head)  # at once: _complete's synchronous case
+        head, self.stats_vq_head = self.stats_vq_head, None
+        self._push("statsq", head)  # at once: _complete's synchronous case
 
     def _handle_stats(self, name: str, sync: bool) -> None:
         """virtio_balloon_receive_stats: hold the buffer, record its entries."""
         vq = self.queues[name]
-        elem = vq.pop()
-        if elem is None:
+        got = vq.pop_direct()
+        if got is None:
             return
-        if self.stats_vq_elem is not None:  # a second buffer: return the old one at once
-            old, self.stats_vq_elem = self.stats_vq_elem, None
-            self._complete(name, old.head, self.world.now_s, True)
-        self.stats_vq_elem = elem
-        data = self.mem.read(*elem.out[0]) if len(elem.out) == 1 else vq.read_out(elem)
+        if self.stats_vq_head is not None:  # a second buffer: return the old one at once
+            old, self.stats_vq_head = self.stats_vq_head, None
+            self._complete(name, old, self.world.now_s, True)
+        if isinstance(got, tuple):  # Linux's one stats buffer
+            self.stats_vq_head, data = got[0], self.mem.read(got[1], got[2])
+        else:
+            self.stats_vq_head, data = got.head, vq.read_out(got)
         fields = spec.stats_array(len(data) // spec.STAT.size).unpack_from(data)
         self.stats = list(_stat_picker(fields[::2])(fields + _NOT_SUPPLIED))
         # g_get_real_time() / G_USEC_PER_SEC: whole seconds (integer division).
