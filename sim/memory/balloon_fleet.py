@@ -144,6 +144,8 @@ class FleetMm:
             k -= take
         if k > 0:
             out.append(self._fresh(k))
+        if len(out) == 1:  # frames from one array given back: a view, no copy
+            return out[0]
         return np.concatenate(out) if out else np.empty(0, dtype=np.uint32)
 
     def _moved(self, delta_kib: float, release_frac: float) -> None:
