@@ -263,7 +263,7 @@ def test_stats_protocol_sequence(world: World, log: list) -> None:
     """Probe posts a sample (held by the device); polling on fires at once; each answer
     re-arms the timer at arrival + interval, so arrivals drift by the guest's latency."""
     dev, _drv, mm = make(world, log)
-    assert dev.stats_updates == 1 and dev.stats_last_update_s == 0.0 and dev.stats_vq_elem is not None
+    assert dev.stats_updates == 1 and dev.stats_last_update_s == 0.0 and dev.stats_vq_head is not None
     arrivals: list[float] = []
     stamps: list[float] = []
     dev.set_stats_poll_interval(2)
@@ -274,7 +274,7 @@ def test_stats_protocol_sequence(world: World, log: list) -> None:
             stamps.append(dev.stats_last_update_s)
     assert arrivals == pytest.approx([0.001, 2.002, 4.003, 6.004])
     assert stamps == [0.0, 2.0, 4.0, 6.0]  # "last-update" is whole host seconds
-    assert dev.stats_vq_elem is not None  # the device holds the buffer between polls
+    assert dev.stats_vq_head is not None  # the device holds the buffer between polls
     assert dev.stats[spec.VIRTIO_BALLOON_S_MEMFREE] == mm.free * 4096
     assert dev.stats[spec.VIRTIO_BALLOON_S_SWAP_IN] == spec.STAT_NOT_SUPPLIED  # never sent: u64 max
 

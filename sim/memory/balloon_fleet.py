@@ -23,7 +23,8 @@ import numpy as np
 import numpy.typing as npt
 
 import sim.virtio.balloon_spec as spec
-from sim.memory.guest import Array, Fleet, GuestSpec
+from sim.memory import fleet_kernel, protocol_kernel
+from sim.memory.guest import Array, FixedRow, Fleet, GuestSpec
 from sim.virtio.backing import HostRam
 from sim.virtio.device import StatArrays, VirtioBalloon
 from sim.virtio.driver import LinuxBalloonDriver
@@ -76,6 +77,17 @@ _STAT_NAMES = [name for _, name, _ in _STAT_ROW if name is not None]
 _STAT_UNITS = np.array([[unit] for _, name, unit in _STAT_ROW if name is not None], dtype=np.float64)
 
 
+def spare_kib(
+    row: FixedRow, balloon_kib: float, held_kib: float, anon_kib: float, cache_kib: float, reclaim: bool
+) -> float:
+    """What one guest can give its balloon: free memory above ``min_free``, plus page
+    cache above its floor when the allocation may reclaim (``sim.memory.protocol_kernel``
+    computes the same after a request, in the same order)."""
+    free = row.usable_kib - balloon_kib - held_kib - anon_kib - cache_kib
+    spare = max(free - row.min_free_kib, 0.0)
+    return float(spare + (max(cache_kib - row.cache_min_kib, 0.0) if reclaim else 0.0))
+
+
 class FleetMm:
     """Guest ``i``'s memory manager, over the Fleet's arrays (the ``GuestMm`` protocol)."""
 
@@ -90,16 +102,17 @@ class FleetMm:
         self._report_next_pfn = 0
         self.host = HostRam()  # replaced by GuestBalloon with the guest's own
         self._released_seen = 0
+        self._spare_kib, self._spare_version = 0.0, -1  # see ``_row_spare_kib``
 
     def _row_spare_kib(self, reclaim: bool = True) -> float:
+        """What the guest can give the balloon now; right after a request's compiled
+        accounting, the figure that call returned (the Fleet has not changed since)."""
+        if reclaim and self._spare_version == self.balloons.fleet_version:
+            return self._spare_kib
         # ``.item`` gives Python floats: the same doubles as numpy scalars, at a tenth the cost.
-        f, i, row = self.fleet, self.i, self.row
-        cache = f.cache.item(i)
-        free = (
-            row.usable_kib - self.balloons.balloon_kib.item(i) - self.balloons.held_kib.item(i) - f.anon.item(i) - cache
-        )
-        spare = max(free - row.min_free_kib, 0.0)
-        return float(spare + (max(cache - row.cache_min_kib, 0.0) if reclaim else 0.0))
+        f, i = self.fleet, self.i
+        balloon, held = self.balloons.balloon_kib.item(i), self.balloons.held_kib.item(i)
+        return spare_kib(self.row, balloon, held, f.anon.item(i), f.cache.item(i), reclaim)
 
     def _fresh(self, k: int) -> U32s:
         """Up to ``k`` never-used frames, top down: a slice of one descending run made
@@ -131,11 +144,21 @@ class FleetMm:
             k -= take
         if k > 0:
             out.append(self._fresh(k))
+        if len(out) == 1:  # frames from one array given back: a view, no copy
+            return out[0]
         return np.concatenate(out) if out else np.empty(0, dtype=np.uint32)
 
     def _moved(self, delta_kib: float, release_frac: float) -> None:
+        """The balloon moved by ``delta_kib``: the driver seam's ``balloon_kib`` and the
+        Fleet's layers, compiled in one call where numba is on (``protocol_kernel``)."""
         balloons, i = self.balloons, self.i
         balloons.fleet_changed()
+        if fleet_kernel.AVAILABLE:
+            self._spare_kib = protocol_kernel.balloon_moved_one(
+                self.fleet, balloons.balloon_kib, balloons.held_kib, self.row, i, delta_kib, release_frac
+            )
+            self._spare_version = balloons.fleet_version
+            return
         balloons.balloon_kib[i] = balloons.balloon_kib.item(i) + delta_kib
         self.fleet.balloon_moved_one(i, delta_kib, release_frac)
 
@@ -246,7 +269,7 @@ class ProtocolBalloons:
         self.last_update_s = np.full(n, -np.inf)
         self.stats = StatArrays.zeros(n)
         self._copied_updates = [0] * n
-        self._fleet_version = 0
+        self.fleet_version = 0
         self._fleet_stats: tuple[float, int, StatArrays] | None = None
         self._stats_rows: tuple[StatArrays, list[list[int]]] | None = None
         fleet.driver = self  # the Fleet's driver seam (``sim.virtio.driver.FleetDriver``), protocol speed
@@ -259,8 +282,9 @@ class ProtocolBalloons:
     # -- the Fleet's state, as the guests' stats read it -------------------------------
 
     def fleet_changed(self) -> None:
-        """Something moved a guest's memory: the next stats gather reads the Fleet again."""
-        self._fleet_version += 1
+        """Something moved a guest's memory: the next stats gather reads the Fleet again,
+        and the next inflate request its spare memory (``FleetMm._row_spare_kib``)."""
+        self.fleet_version += 1
 
     def fleet_stats(self) -> StatArrays:
         """``Fleet.stats()``, computed once per instant and change: every guest's stats
@@ -268,8 +292,8 @@ class ProtocolBalloons:
         all guests to read its own row. Every path that changes the Fleet between its
         ticks goes through ``FleetMm`` or this seam, which call ``fleet_changed``."""
         cached = self._fleet_stats
-        if cached is None or cached[0] != self.world.now_s or cached[1] != self._fleet_version:
-            cached = (self.world.now_s, self._fleet_version, self.fleet.stats())
+        if cached is None or cached[0] != self.world.now_s or cached[1] != self.fleet_version:
+            cached = (self.world.now_s, self.fleet_version, self.fleet.stats())
             self._fleet_stats = cached
         return cached[2]
 
@@ -311,6 +335,7 @@ class ProtocolBalloons:
                 if not pages:
                     break
                 given[i] += pages * spec.BALLOON_PAGE_KIB
+        self.fleet_changed()  # the Fleet's advance goes on changing it: no cached spare survives
         return given
 
     def release_held(self, wanted_kib: Array) -> Array:

@@ -237,7 +237,7 @@ class VirtioBalloon:
         self.stats_last_update_s = 0.0  # 0 = never, as QEMU's "last-update"
         self.stats_updates = 0
         self.stats_poll_interval_s = 0
-        self.stats_vq_elem: Element | None = None
+        self.stats_vq_head: int | None = None  # QEMU's stats_vq_elem, held by its head
         self._stats_timer_gen = 0
         self._stats_timer_due_s: float | None = None
         # VM run state: QEMU_CLOCK_VIRTUAL stops while the VM is paused (or migrating).
@@ -276,7 +276,7 @@ class VirtioBalloon:
             status & spec.VIRTIO_CONFIG_S_DRIVER_OK
             and not was_ok
             and "statsq" in self.queues
-            and self.stats_vq_elem is None
+            and self.stats_vq_head is None
         ):
             self._service("statsq")
 
@@ -422,25 +422,25 @@ class VirtioBalloon:
         except VirtioError as e:
             self._error(str(e))
 
-    def _complete(self, name: str, elem: Element, at_s: float, sync: bool) -> None:
-        """Push ``elem`` at ``at_s``, when the host's work on it ends, then interrupt if
+    def _complete(self, name: str, head: int, at_s: float, sync: bool) -> None:
+        """Push the chain ``head`` at ``at_s``, when the host's work on it ends, then interrupt if
         the ring asks. If nothing else is due before then, the clock moves there and
         the push happens now (``World.may_jump_to``): the same instant and order as a
         queued push, without the trip through the queue."""
         world = self.world
         if sync or at_s <= world.now_s:
-            self._push(name, elem)
+            self._push(name, head)
         elif world.may_jump_to(at_s):
             world.now_s = at_s
-            self._push(name, elem)
+            self._push(name, head)
         else:
-            world.schedule_at(at_s, lambda: self._push(name, elem))
+            world.schedule_at(at_s, lambda: self._push(name, head))
 
-    def _push(self, name: str, elem: Element) -> None:
+    def _push(self, name: str, head: int) -> None:
         if self.broken:
             return
         vq = self.queues[name]
-        vq.push(elem, 0)
+        vq.push_head(head, 0)
         if vq.should_notify():
             self.irq(self._queue_index[name])
 
@@ -465,15 +465,18 @@ class VirtioBalloon:
             apply, per_pfn_s = self.host.inflate_element, cal.HOST_DISCARD_S_PER_PAGE
         else:
             apply, per_pfn_s = self.host.deflate_element, cal.HOST_WILLNEED_S_PER_PAGE
-        start_s, delay_s = self.world.now_s, cal.NOTIFY_TO_DEVICE_S
-        while (elem := vq.pop()) is not None:
-            out = elem.out
-            pfns = mem.read_u32s(*out[0]) if len(out) == 1 else self._pfns(name, elem)
+        start_s, delay_s, pop = self.world.now_s, cal.NOTIFY_TO_DEVICE_S, vq.pop_direct
+        while (got := pop()) is not None:
+            if isinstance(got, tuple):  # Linux's one PFN array: read in place, no copy
+                head, addr, length = got
+                pfns = mem.read_u32s(addr, length)
+            else:
+                head, pfns = got.head, self._pfns(name, got)
             if len(pfns) and _max(pfns) >= ram_pages:
                 pfns = pfns[pfns < ram_pages]  # not RAM: skipped (trace bad_addr)
             apply(pfns)
             delay_s += len(pfns) * per_pfn_s
-            self._complete(name, elem, start_s + delay_s, sync)
+            self._complete(name, head, start_s + delay_s, sync)
 
     # -- the stats queue, driven by the device ---------------------------------------
 
@@ -529,23 +532,25 @@ class VirtioBalloon:
         if gen != self._stats_timer_gen or self.broken:
             return
         self._stats_timer_due_s = None
-        if self.stats_vq_elem is None or not self.guest_features >> spec.VIRTIO_BALLOON_F_STATS_VQ & 1:
+        if self.stats_vq_head is None or not self.guest_features >> spec.VIRTIO_BALLOON_F_STATS_VQ & 1:
             self._stats_timer_mod(float(self.stats_poll_interval_s))
             return
-        elem, self.stats_vq_elem = self.stats_vq_elem, None
-        self._push("statsq", elem)  # at once: _complete's synchronous case
+        head, self.stats_vq_head = self.stats_vq_head, None
+        self._push("statsq", head)  # at once: _complete's synchronous case
 
     def _handle_stats(self, name: str, sync: bool) -> None:
         """virtio_balloon_receive_stats: hold the buffer, record its entries."""
         vq = self.queues[name]
-        elem = vq.pop()
-        if elem is None:
+        got = vq.pop_direct()
+        if got is None:
             return
-        if self.stats_vq_elem is not None:  # a second buffer: return the old one at once
-            old, self.stats_vq_elem = self.stats_vq_elem, None
+        if self.stats_vq_head is not None:  # a second buffer: return the old one at once
+            old, self.stats_vq_head = self.stats_vq_head, None
             self._complete(name, old, self.world.now_s, True)
-        self.stats_vq_elem = elem
-        data = self.mem.read(*elem.out[0]) if len(elem.out) == 1 else vq.read_out(elem)
+        if isinstance(got, tuple):  # Linux's one stats buffer
+            self.stats_vq_head, data = got[0], self.mem.read(got[1], got[2])
+        else:
+            self.stats_vq_head, data = got.head, vq.read_out(got)
         fields = spec.stats_array(len(data) // spec.STAT.size).unpack_from(data)
         self.stats = list(_stat_picker(fields[::2])(fields + _NOT_SUPPLIED))
         # g_get_real_time() / G_USEC_PER_SEC: whole seconds (integer division).
@@ -562,7 +567,7 @@ class VirtioBalloon:
         vq, start_s = self.queues[name], self.world.now_s
         while (elem := vq.pop()) is not None:
             self.host.report(elem.inn, self.poison_val)
-            self._complete(name, elem, start_s + len(elem.inn) * cal.REPORT_BLOCK_S, sync)
+            self._complete(name, elem.head, start_s + len(elem.inn) * cal.REPORT_BLOCK_S, sync)
 
     # -- free page hinting (live migration) ------------------------------------------
 

@@ -404,7 +404,9 @@ class LinuxBalloonDriver:
         self.num_pages += got
         if not self.deflate_on_oom_negotiated:
             self.mm.adjust_managed_page_count(-got)
-        yield from self.tell_host("inflateq", pfns)
+        token = self._post_pfns("inflateq", pfns)  # tell_host: post, kick, wait until used
+        while not self._acked("inflateq", token):
+            yield self.acked
         self.mm.balloon_taken(got)
         return got
 
@@ -420,6 +422,8 @@ class LinuxBalloonDriver:
             else:
                 self.balloon[-1] = last[: len(last) - take]
             num -= take
+        if len(out) == 1:  # the common case, a request within one inflated array: no copy
+            return out[0]
         return np.concatenate(out) if out else np.empty(0, dtype=np.uint32)
 
     def leak_balloon(self, num: int) -> Generator[float | Signal, None, int]:
@@ -428,7 +432,9 @@ class LinuxBalloonDriver:
         if len(pfns):
             # MUST_TELL_HOST (Linux does it always): tell the host and wait for the ack,
             # and only then hand the pages back to the allocator.
-            yield from self.tell_host("deflateq", pfns)
+            token = self._post_pfns("deflateq", pfns)
+            while not self._acked("deflateq", token):
+                yield self.acked
             self.cpu_s += len(pfns) * cal.GUEST_RELEASE_S_PER_PAGE
             yield len(pfns) * cal.GUEST_RELEASE_S_PER_PAGE
             self._release_pages(pfns)
@@ -480,17 +486,19 @@ class LinuxBalloonDriver:
         self.pfns[:n] = pfns
         return self._add_one_and_kick(name, self.pfns_addr, 4 * n)
 
-    def tell_host(self, name: str, pfns: U32s) -> Generator[float | Signal, None, None]:
-        """One PFN array in the shared ``vb->pfns`` buffer, kick, sleep until used."""
-        token = self._post_pfns(name, pfns)
-        # wait_event(vb->acked, ...): a broken device never uses the buffer, so the work
-        # item sleeps here for good - the balloon stops responding, as on a real guest.
-        while token is not None:
-            self._reap(name)
-            if token in self.done_tokens:
-                self.done_tokens.discard(token)
-                return
-            yield self.acked
+    def _acked(self, name: str, token: int | None) -> bool:
+        """tell_host's ``wait_event(vb->acked, ...)`` condition, checked before each
+        sleep: reap what the device used; True once ``token``'s chain came back, or if it
+        never went out (a full ring). A broken device never uses the buffer, so the work
+        item sleeps for good - the balloon stops responding, as on a real guest. Usually
+        true at once: the device served the kick before the driver looked."""
+        if token is None:
+            return True
+        self._reap(name)
+        if token in self.done_tokens:
+            self.done_tokens.discard(token)
+            return True
+        return False
 
     # -- deflate on OOM -------------------------------------------------------------
 
@@ -560,11 +568,7 @@ class LinuxBalloonDriver:
         size = 4096 << order
         released_before = self.device.host.reported_bytes
         token = self._add_and_kick("reporting_vq", [Buf(pfn << 12, size, write=True) for pfn in blocks])
-        while token is not None:
-            self._reap("reporting_vq")
-            if token in self.done_tokens:
-                self.done_tokens.discard(token)
-                break
+        while not self._acked("reporting_vq", token):
             yield self.acked
         discarded = self.device.host.reported_bytes > released_before
         self.mm.mark_reported(blocks, order, discarded)

@@ -344,6 +344,15 @@ class DeviceQueue:
 
     def pop(self) -> Element | None:
         """The next available chain, its buffers resolved and checked; None if empty."""
+        got = self.pop_direct()
+        if isinstance(got, tuple):
+            return Element(got[0], [(got[1], got[2])], [], 1)
+        return got
+
+    def pop_direct(self) -> tuple[int, int, int] | Element | None:
+        """``pop``, but the common chain, one direct device-readable descriptor (a PFN
+        array, the stats buffer), comes back as ``(head, addr, length)``: no Element and
+        no lists per request. Every other chain is ``pop``'s Element; None if empty."""
         buf, last = self._buf, self.last_avail_idx
         idx: int = U16.unpack_from(buf, self._avail_idx_at)[0]
         if idx == last:
@@ -369,7 +378,7 @@ class DeviceQueue:
             self.inuse += 1
             if flags & VRING_DESC_F_WRITE:
                 return Element(head, [], [(addr, length)], 1)
-            return Element(head, [(addr, length)], [], 1)
+            return head, addr, length
         elem = Element(head, [], [])
         if flags & VRING_DESC_F_INDIRECT:
             if length == 0 or length % 16:
@@ -431,8 +440,12 @@ class DeviceQueue:
 
     def push(self, elem: Element, length: int = 0) -> None:
         """Return a chain: the used element first, then ``used.idx`` (QEMU fill + flush)."""
+        self.push_head(elem.head, length)
+
+    def push_head(self, head: int, length: int = 0) -> None:
+        """``push`` of the chain whose head is ``head`` (what ``pop_direct`` gives)."""
         buf, used_idx = self._buf, self.used_idx
-        USED_ELEM.pack_into(buf, self._used_ring_at + 8 * (used_idx & self._mask), elem.head, length)
+        USED_ELEM.pack_into(buf, self._used_ring_at + 8 * (used_idx & self._mask), head, length)
         self.used_idx = used_idx = (used_idx + 1) & 0xFFFF
         U16.pack_into(buf, self._used_idx_at, used_idx)
         self.inuse -= 1
