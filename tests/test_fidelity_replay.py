@@ -35,12 +35,15 @@ import pytest
 
 from tests.realguest.fidelity import (
     INTERVAL_S,
+    RECORD_INTERVAL_S,
+    STATS_PERIOD_S,
     GuestRun,
     WorkStep,
     assert_holds,
     figures,
     held_mib,
     oom_ticks,
+    sample_phase_s,
     self_deflated_s,
     table,
 )
@@ -95,3 +98,17 @@ def test_ticks_after_an_oom_only_one_run_had_are_not_held() -> None:
     assert list(ticks[one_sided]) == list(ticks[ticks >= 45.0])
     killed = oom_ticks(ticks, (52.0,), (math.inf, math.inf))
     assert list(ticks[killed]) == list(ticks[ticks >= 52.0 - INTERVAL_S])
+
+
+@pytest.mark.parametrize("phase_s", [0.0, 0.37, 1.234, 1.99])
+def test_rows_every_0_3_s_place_a_2_s_timer_to_a_tenth_of_a_second(phase_s: float) -> None:
+    """The recorder's rows (every ``RECORD_INTERVAL_S``) slide across the stats period,
+    so the windows in which the guest's stats changed pin its timer's phase."""
+    rows = np.arange(0.05, 310.0, RECORD_INTERVAL_S)
+    fired = phase_s + np.arange(0, 150) * STATS_PERIOD_S
+    by = rows[np.searchsorted(rows, fired, side="left")]  # the first row at or after each sample
+    after = by - RECORD_INTERVAL_S
+    got = sample_phase_s(after, by)
+    assert min(abs(got - phase_s), STATS_PERIOD_S - abs(got - phase_s)) <= 0.05 + 1e-9
+    slipped = sample_phase_s(after + np.linspace(0, 1.0, len(after)), by + np.linspace(0, 1.0, len(by)))
+    assert 0 <= slipped < STATS_PERIOD_S  # no overlap: the middles' circular mean

@@ -37,13 +37,14 @@ from tests.realguest.harness import GuestSpec, Libvirtd, wait_for
 REPO = Path(__file__).resolve().parents[2]
 NAMES = {"fid-plain": False, "fid-doo": True}  # guest name: DEFLATE_ON_OOM
 # The 6.1 OOM killer's report (mm/oom_kill.c __oom_kill_process(), KERN_ERR: shown at loglevel=4).
+POLL_S = 0.05  # the consoles' poll: a rise under TCG takes 0.5-3 s
 KILLED = re.compile(r"Out of memory: Killed process|Killed process \d+ \(workload\)")
 
 
 class Consoles:
     """Timestamps, per guest, each ``RG-BEGIN``/``RG-AT``/``RG-WORK`` line (a workload
     change begins, has touched so much, ends) and OOM kill on its console as it appears
-    (polled every 0.2 s)."""
+    (polled every ``POLL_S``, each stamped half a poll before it was seen)."""
 
     def __init__(self, guests: Guests) -> None:
         self.guests = guests
@@ -54,13 +55,14 @@ class Consoles:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(POLL_S):
             for name in NAMES:
                 text = self.guests.console(name)
+                seen_s = time.time() - POLL_S / 2
                 seen = re.findall(r"RG-(BEGIN|AT|WORK) (\d+)", text)
-                self.lines[name] += [(time.time(), kind, int(m)) for kind, m in seen[len(self.lines[name]) :]]
+                self.lines[name] += [(seen_s, kind, int(m)) for kind, m in seen[len(self.lines[name]) :]]
                 kills = KILLED.findall(text)
-                self.kills[name] += [time.time()] * (len(kills) - len(self.kills[name]))
+                self.kills[name] += [seen_s] * (len(kills) - len(self.kills[name]))
 
     def started(self, name: str) -> float | None:
         return next((t for t, kind, _ in self.lines[name] if kind == "WORK"), None)
