@@ -1,6 +1,6 @@
 """Issue 16: the simulator against kept real-guest runs, without real guests. Each
 directory under ``tests/data/recordings/fidelity`` is one run of the real-guest
-fidelity check (``tests/realguest/fidelity_check.py``: two 1024 MiB guests under
+fidelity check (``tests/realguest/test_fidelity.py``: two 1024 MiB guests under
 ``overcommitd run`` with ``pid``, one with DEFLATE_ON_OOM; the recording, the daemon's
 log and the workloads' schedule as the consoles showed it). Replayed with today's
 simulator and policy, each must still agree with what the real daemon and guests did

@@ -1,9 +1,8 @@
 """The simulator held to a real guest (issue 16 item 6): one run's files, its replay and
 the figures that compare them.
 
-``tests/realguest/fidelity_check.py`` (run on demand, out of the default real-guest suite
-until what still parts the two is modelled: docs/guest-model.md; kept runs are replayed by
-``tests/test_fidelity_replay.py`` in the default suite) runs ``SCHEDULE`` on two real 1024 MiB guests
+``tests/realguest/test_fidelity.py`` (in the real-guest suite; kept runs are replayed by
+``tests/test_fidelity_replay.py`` without guests) runs ``SCHEDULE`` on two real 1024 MiB guests
 (one with DEFLATE_ON_OOM) under ``overcommitd run`` with ``pid``, records them with
 ``overcommitd record`` and keeps everything in a run directory (``LATEST``): the recording,
 the daemon's JSON log, its config and ``schedule.json`` (when each guest's workload really
