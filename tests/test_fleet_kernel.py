@@ -63,6 +63,17 @@ def twins(specs: list[GuestSpec], demand: np.ndarray, reads: np.ndarray) -> tupl
     return ref, fast
 
 
+def advance_sampled(fleet: Fleet, dt_s: float, demand: np.ndarray, reads: np.ndarray) -> list[np.ndarray]:
+    """Advance ``fleet`` and return the stats its interval's samples read (``between``)."""
+    seen: list[np.ndarray] = []
+    fleet.advance(dt_s, demand, reads, between=lambda stats: seen.extend(v.copy() for _, v in stats().items()))
+    return seen
+
+
+def same_samples(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return len(a) == len(b) == 9 and all(np.array_equal(x, y, equal_nan=True) for x, y in zip(a, b, strict=True))
+
+
 def test_real_traces_land_bit_identical_under_a_balloon_storm() -> None:
     """Bundled Bitbrains guests, half with DEFLATE_ON_OOM, balloons driven hard up and
     down at random: both paths hold every array bit for bit, tick after tick, through
@@ -81,9 +92,9 @@ def test_real_traces_land_bit_identical_under_a_balloon_storm() -> None:
             pages = np.floor(ram * rng.uniform(0.0, 0.95, len(ram)) / 4) * 4
             for fleet in (ref, fast):
                 fleet.driver.config_changed(np.arange(len(ram)), pages)
-        for fleet in (ref, fast):
-            fleet.advance(30.0, demand[k] * 1.3, reads[k])
+        samples = [advance_sampled(fleet, 30.0, demand[k] * 1.3, reads[k]) for fleet in (ref, fast)]
         assert differences(ref, fast) == [], f"tick {k}"
+        assert same_samples(*samples), f"tick {k}: the stats samples differ"
     seen = {"kills": ref.oom_kills.sum(), "deflates": ref.oom_deflates.sum(), "swap": ref.swap_out.sum()}
     assert all(v > 0 for v in seen.values()), seen  # the storm reached every rule
 
@@ -152,9 +163,9 @@ def test_arbitrary_states_land_bit_identical(n: int, data: st.DataObject, dt_s: 
         fleet.driver.balloon_kib[:] = balloon
         fleet.driver.num_pages_kib[:] = pages
     demand, reads = arr(kib), arr(st.floats(0.0, 1e7))
-    for fleet in (ref, fast):
-        fleet.advance(dt_s, demand, reads)
+    samples = [advance_sampled(fleet, dt_s, demand, reads) for fleet in (ref, fast)]
     assert differences(ref, fast) == []
+    assert same_samples(*samples)
 
 
 @pytest.mark.parametrize("trace_dir", sorted(p.name for p in BUNDLED_DIR.iterdir() if p.is_dir()))

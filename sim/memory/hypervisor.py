@@ -4,6 +4,7 @@ cannot tell a replay from a hypervisor."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -119,9 +120,7 @@ class SimHypervisor:
         if dt_s > 0:
             device = self.device
             if isinstance(device, BalloonDevice):
-                self.fleet.advance(
-                    dt_s, demand_kib, read_kib_s, between=lambda: device.poll_stats(now_s, self.fleet.stats)
-                )
+                self.fleet.advance(dt_s, demand_kib, read_kib_s, between=functools.partial(device.poll_stats, now_s))
             else:
                 self.fleet.advance(dt_s, demand_kib, read_kib_s)
                 device.after_advance()
