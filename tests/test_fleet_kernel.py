@@ -200,3 +200,19 @@ def test_workload_peaks_identical(trace_dir: str, monkeypatch: pytest.MonkeyPatc
     fast = workload.peaks(3.0, at)
     assert np.array_equal(ref, fast)
     assert (ref > workload.block(at)[0]).any()  # some window held a peak above its end's demand
+
+
+@pytest.mark.parametrize("trace_dir", sorted(p.name for p in BUNDLED_DIR.iterdir() if p.is_dir()))
+def test_workload_landings_identical(trace_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Workload.landings``' one compiled pass gives numpy's peaks and I/O rates, across
+    the traces' wrap and before a trace's first sample (its I/O is then the last one's)."""
+    spec = ReplaySpec(traces=(BUNDLED_DIR / trace_dir,), guests=60, hours=6, start_h=5000.0)
+    _, workload = build_guests(spec, load_traces(spec))
+    longest = max(t.duration_s for t in workload.traces)
+    at = np.sort(np.concatenate([np.arange(1, 3001) * 10.0, np.arange(1, 300) * (longest / 100.0)]))
+    monkeypatch.setattr(fleet_kernel, "AVAILABLE", False)
+    ref = workload.landings(-3.0, at)
+    monkeypatch.setattr(fleet_kernel, "AVAILABLE", True)
+    fast = workload.landings(-3.0, at)
+    assert np.array_equal(ref[0], fast[0]) and np.array_equal(ref[1], fast[1])
+    assert len(np.unique(ref[1])) > 100 or workload.io_columns == "none"  # the I/O lookups told samples apart

@@ -535,17 +535,42 @@ def trace_peaks(
     """``Workload.peaks`` for every window (rows) and guest (columns): the peak of the
     samples after the one in force at a window's start, up to the one in force at its
     end (that one alone if none is newer, or across a wrap)."""
+    trace_landings(since_s, times_s, offsets_s, durations_s, first, count, t_s, demand, cap, demand, out, out[:0])
+
+
+@_jit
+def trace_landings(
+    since_s: float,
+    times_s: Any,
+    offsets_s: Any,
+    durations_s: Any,
+    first: Any,
+    count: Any,
+    t_s: Any,
+    demand: Any,
+    cap: Any,
+    io: Any,
+    peaks_out: Any,
+    io_out: Any,
+) -> None:
+    """``trace_peaks`` into ``peaks_out`` and, where ``io_out`` has rows, the I/O rate in
+    force at each time (``trace_block``'s) from the same lookup: the replay needs both at
+    every landing instant, and the lookups are the cost."""
     n = len(offsets_s)
+    with_io = len(io_out) > 0
     at = np.zeros(n, dtype=np.int64)
     lo = np.empty(n, dtype=np.int64)
     for g in range(n):
         lo[g] = max(_trace_row(since_s, g, offsets_s, durations_s, first, count, t_s, at), 0)
     for k in range(len(times_s)):
         for g in range(n):
-            hi = max(_trace_row(times_s[k], g, offsets_s, durations_s, first, count, t_s, at), 0)
+            i = _trace_row(times_s[k], g, offsets_s, durations_s, first, count, t_s, at)
+            if with_io:
+                io_out[k, g] = io[first[g] + (i if i >= 0 else count[g] + i)]  # -1: the last, as numpy indexes
+            hi = max(i, 0)
             start = lo[g] + 1 if hi > lo[g] else hi
             peak = demand[first[g] + start]
             for s in range(start + 1, hi + 1):
                 peak = _max(peak, demand[first[g] + s])
-            out[k, g] = _min(peak, cap[g])
+            peaks_out[k, g] = _min(peak, cap[g])
             lo[g] = hi
