@@ -426,10 +426,6 @@ def report_free(s: Any, passes: int, capacity: float, block_kib: float, residue_
             s.reported[i] += kib
 
 
-# The rows of ``sample``'s stats block (``sample_stats``), in ``StatArrays``' field order.
-SAMPLE_ROWS = 9
-
-
 @_jit
 def sample_stats(s: Any, wmark_low: Any, deflate_on_oom_negotiated: Any, out: Any) -> None:
     """``Fleet.stats`` into ``out``, one row per ``StatArrays`` field in its order:

@@ -77,7 +77,7 @@ from sim.memory import fleet_kernel
 from sim.memory.kernel import DEBIAN_6_1_PC, GuestKernel, GuestReserve, guest_reserve
 from sim.virtio.backing import RamBacking
 from sim.virtio.balloon_spec import BALLOON_PAGE_KIB, PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY_S, PAGEBLOCK_ORDER
-from sim.virtio.device import StatArrays
+from sim.virtio.device import STAT_ARRAY_NAMES, StatArrays
 from sim.virtio.driver import DEFLATE_KIB_S, INFLATE_KIB_S, OUT_OF_PUFF_RETRY_S, BalloonDriver, FleetDriver
 
 Array = npt.NDArray[np.float64]
@@ -261,8 +261,8 @@ class Fleet:
         self.compiled = fleet_kernel.AVAILABLE
         self._fixed_rows: dict[int, FixedRow] = {}  # made per guest on first use (``fixed_row``)
         # What the compiled path's stats samples read (``_advance_compiled``): one block, a row per stat.
-        self._sample_rows = np.zeros((fleet_kernel.SAMPLE_ROWS, len(specs)))
-        self._sample = StatArrays(*self._sample_rows)
+        self._sample_rows = np.zeros((len(STAT_ARRAY_NAMES), len(specs)))
+        self._sample = StatArrays.of_block(self._sample_rows)
         self._scalars_by_dt: dict[float, KernelScalars] = {}
 
     # -- what the guest shows ------------------------------------------------------

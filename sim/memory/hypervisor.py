@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -15,7 +14,7 @@ from overcommitd.hypervisor import HypervisorError
 from overcommitd.model import BalloonFeatures, GuestSnapshot, HostSnapshot
 from overcommitd.table import RUNNING, STAT_NAMES, GuestTable, IntArray, StatsColumns, read_only
 from sim.virtio.calibration import STATS_WORK_S
-from sim.virtio.device import BalloonDevice, StatArrays
+from sim.virtio.device import STAT_ARRAY_NAMES, BalloonDevice
 
 if TYPE_CHECKING:
     from sim.memory.balloon_fleet import ProtocolBalloons
@@ -99,7 +98,11 @@ class SimHypervisor:
         self.targets_set = 0
         # Issue 16: the stats a guest sends depend on its kernel (sim.memory.stat_tags); 6.1 has no tag 10+.
         unsent = unsent_fields((guest_kernel or GuestKernel()).version)
-        self._sent_stats = frozenset(f.name for f in fields(StatArrays)) - set(unsent)
+        # Where each table stat column comes from: its row of the device's stats, None if never sent.
+        self._stat_rows = [
+            STAT_ARRAY_NAMES.index(name) if name in STAT_ARRAY_NAMES and name not in unsent else None
+            for name in STAT_NAMES
+        ]
         self.now_s = 0.0
         self.fleet_demand_kib = initial_demand_kib  # the demand the guests hold since the last advance
         self._features = [
@@ -128,9 +131,12 @@ class SimHypervisor:
             else:
                 self.fleet.advance(dt_s, demand_kib, read_kib_s)
                 device.after_advance()
-            self._host_swap(dt_s)
-            self.host.advance_arc(dt_s, read_kib_s, self.fleet.refault_kib, self.fleet.touched)
-            self.host.advance(dt_s, self.host_used_kib())
+            used_kib = self.host_used_kib()
+            self._host_swap(dt_s, used_kib)
+            if self.host.arc is not None:  # the ARC moves the host's use
+                self.host.advance_arc(dt_s, read_kib_s, self.fleet.refault_kib, self.fleet.touched)
+                used_kib = self.host_used_kib()
+            self.host.advance(dt_s, used_kib)
         self.now_s = now_s
         self.fleet_demand_kib = demand_kib
         if not isinstance(self.device, BalloonDevice):
@@ -159,11 +165,11 @@ class SimHypervisor:
         at = np.where((n >= 0) & on, nxt + n * step_s - STATS_WORK_S, np.nan)
         return at[:, 0] if len(nxt) == 1 else at
 
-    def _host_swap(self, dt_s: float) -> None:
+    def _host_swap(self, dt_s: float, used_kib: float) -> None:
         """Charge the host's swapping to the guests whose pages it swaps (``sim.memory.host``):
         faults they pay as major faults, and time they could not hold their demand."""
         f = self.fleet
-        excess = self.host_used_kib() - self.host.mem_total_kib
+        excess = used_kib - self.host.mem_total_kib
         if excess <= 0:  # host_swap's own first case, without computing what it would ignore
             f.host_swapped = np.zeros_like(f.touched)
             return
@@ -195,8 +201,8 @@ class SimHypervisor:
         """Every guest's snapshot as columns, straight from the Fleet's and the device's
         arrays: no per-guest object. Sizes are truncated to whole KiB as a snapshot's ints."""
         present = self.device.has_stats()
-        stats = self.device.stats
-        sent = [np.trunc(getattr(stats, name)) if name in self._sent_stats else self._nan for name in STAT_NAMES]
+        truncated = np.trunc(self.device.stats.stacked())
+        sent = [self._nan if row is None else truncated[row] for row in self._stat_rows]
         if not present.all():
             sent = [np.where(present, v, np.nan) for v in sent]
         # Copies of what ``set_targets`` changes in place: a table is one instant, and the
