@@ -74,6 +74,14 @@ def same_samples(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return len(a) == len(b) == 9 and all(np.array_equal(x, y, equal_nan=True) for x, y in zip(a, b, strict=True))
 
 
+def same_landed(ref: Fleet, fast: Fleet) -> bool:
+    """The compiled ``landed`` is the reference's ``mem_available`` and ``saved_split``."""
+    (available, split), want = fast.landed(), (ref.mem_available(), ref.saved_split())
+    return fast._landed is not None and all(
+        np.array_equal(a, b) for a, b in zip((available, *split), (want[0], *want[1]), strict=True)
+    )
+
+
 def test_real_traces_land_bit_identical_under_a_balloon_storm() -> None:
     """Bundled Bitbrains guests, half with DEFLATE_ON_OOM, balloons driven hard up and
     down at random: both paths hold every array bit for bit, tick after tick, through
@@ -95,6 +103,7 @@ def test_real_traces_land_bit_identical_under_a_balloon_storm() -> None:
         samples = [advance_sampled(fleet, 30.0, demand[k] * 1.3, reads[k]) for fleet in (ref, fast)]
         assert differences(ref, fast) == [], f"tick {k}"
         assert same_samples(*samples), f"tick {k}: the stats samples differ"
+        assert same_landed(ref, fast), f"tick {k}: what the scorecard reads differs"
     seen = {"kills": ref.oom_kills.sum(), "deflates": ref.oom_deflates.sum(), "swap": ref.swap_out.sum()}
     assert all(v > 0 for v in seen.values()), seen  # the storm reached every rule
 
@@ -166,6 +175,7 @@ def test_arbitrary_states_land_bit_identical(n: int, data: st.DataObject, dt_s: 
     samples = [advance_sampled(fleet, dt_s, demand, reads) for fleet in (ref, fast)]
     assert differences(ref, fast) == []
     assert same_samples(*samples)
+    assert same_landed(ref, fast)
 
 
 @pytest.mark.parametrize("trace_dir", sorted(p.name for p in BUNDLED_DIR.iterdir() if p.is_dir()))

@@ -466,13 +466,13 @@ class _Run:
 
     def _record(self, scored_s: float, demand: Array) -> None:
         hv, f = self.hv, self.hv.fleet
-        ballooned, unbacked, reported = f.saved_split()
+        available, (ballooned, unbacked, reported) = f.landed()
         tick = GuestTick(
             touched_kib=f.touched,
             actual_kib=f.actual(),
             target_kib=hv.target_kib,
             demand_kib=demand,
-            available_kib=f.mem_available(),
+            available_kib=available,
             swap_in_kib=f.swap_in,
             unserved_kib=f.unserved_kib,
             degraded=f.degraded,

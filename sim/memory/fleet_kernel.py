@@ -443,6 +443,21 @@ def sample_stats(s: Any, wmark_low: Any, deflate_on_oom_negotiated: Any, out: An
 
 
 @_jit
+def landed(s: Any, wmark_low: Any, out: Any) -> None:
+    """``Fleet.mem_available`` and ``Fleet.saved_split`` into ``out``'s four rows
+    (available, ballooned, unbacked, reported), as the reference computes them."""
+    for i in range(len(s.ram)):
+        free = _max(_free(i, s) - s.pcp[i], 0.0)
+        cache = s.cache[i]
+        out[0, i] = _max(free - s.min_free[i] + cache - _min(cache / 2, wmark_low[i]), 0.0)
+        saved = _max(s.ram[i] - s.touched[i], 0.0)
+        ballooned = _min(_max(s.balloon[i] - s.resident[i], 0.0), saved)
+        unbacked = _min(s.deflated[i], saved - ballooned)
+        out[1, i], out[2, i] = ballooned, unbacked
+        out[3, i] = _min(s.reported[i], saved - ballooned - unbacked)
+
+
+@_jit
 def advance(
     s: Any,
     dt_s: float,
@@ -457,17 +472,20 @@ def advance(
     land_scalars: Any,
     unserved: Any,
     degraded: Any,
+    landed_out: Any,
 ) -> None:
     """``Fleet.advance`` for the bulk driver in one call (each call unboxes the whole
     state: three calls a tick cost more than their arithmetic at 50 guests): the balloons
     move (``move_balloons``, ``move``: its scalars), free pages are reported
     (``report_free``), the state every stats sample in the interval sees is written to
-    ``sample`` (``sample_stats``), then the workload lands (``land``)."""
+    ``sample`` (``sample_stats``), then the workload lands (``land``) and what the
+    scorecard reads of the result is written to ``landed_out`` (``landed``)."""
     move_balloons(s, dt_s, move[0], move[1], move[2], move[3])
     report_free(s, passes, report[0], report[1], report[2])
     sample_stats(s, wmark_low, deflate_on_oom_negotiated, sample)
     cooling, swap_touch, reread_share, oom_step_kib, epsilon_kib = land_scalars
     land(s, demand, read, dt_s, cooling, swap_touch, reread_share, oom_step_kib, epsilon_kib, unserved, degraded)
+    landed(s, wmark_low, landed_out)
 
 
 @_jit

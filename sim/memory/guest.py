@@ -264,6 +264,7 @@ class Fleet:
         self._sample_rows = np.zeros((len(STAT_ARRAY_NAMES), len(specs)))
         self._sample = StatArrays.of_block(self._sample_rows)
         self._scalars_by_dt: dict[float, KernelScalars] = {}
+        self._landed: Array | None = None  # ``landed``, from the last compiled advance
 
     # -- what the guest shows ------------------------------------------------------
 
@@ -335,6 +336,7 @@ class Fleet:
             if between is not None:
                 between(lambda: self._sample)
             return
+        self._landed = None
         self._move_balloon(dt_s)
         self._report_free(dt_s)
         if between is not None:
@@ -348,6 +350,7 @@ class Fleet:
         assert isinstance(driver, BalloonDriver)
         self.unserved_kib = np.empty_like(self.ram)
         self.degraded = np.empty(len(self.ram), dtype=bool)
+        self._landed = np.empty((4, len(self.ram)))
         move, passes, report, land = self._kernel_scalars(dt_s)
         fleet_kernel.advance(
             self._kernel_state(),
@@ -363,6 +366,7 @@ class Fleet:
             land,
             self.unserved_kib,
             self.degraded,
+            self._landed,
         )
 
     def land_workload(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
@@ -503,6 +507,16 @@ class Fleet:
         ballooned pages the host still backs (the host swaps these first, ``sim.memory.host``)."""
         cold = self._touched_free() + np.maximum(self.cache - self.hot_cache, 0.0) + self.balloon_resident
         return np.minimum(cold, self.touched)
+
+    def landed(self) -> tuple[Array, tuple[Array, Array, Array]]:
+        """``mem_available()`` and ``saved_split()``, as the scorecard reads them after an
+        interval: from the compiled kernel, which worked them out as the interval landed,
+        when the last ``advance`` ran it; the Fleet must not have changed since (a target
+        set between only moves ``num_pages``, which neither reads)."""
+        if self._landed is None:
+            return self.mem_available(), self.saved_split()
+        available, ballooned, unbacked, reported = self._landed
+        return available, (ballooned, unbacked, reported)
 
     def saved_split(self) -> tuple[Array, Array, Array]:
         """Host memory not backing each guest, by where it comes from (the rest of
