@@ -151,10 +151,11 @@ class BalloonDevice:
         due = self.next_arrival_s < now_s
         if not due.any():
             return
-        state = current()
+        # Every sample before ``now_s`` reads the same state: copy it once to every guest
+        # due at least once, then stamp each arrival.
+        self.stats.copy_from(current(), slice(None) if due.all() else due)
         while due.any():
             rows = slice(None) if due.all() else due  # a replay's guests poll in step: no mask
-            self.stats.copy_from(state, rows)
             self.last_update_s[rows] = np.floor(self.next_arrival_s[rows])  # QEMU stamps whole seconds
             self.next_arrival_s[rows] = self.next_arrival_s[rows] + self.stats_period_s[rows] + STATS_WORK_S
             due = self.next_arrival_s < now_s
