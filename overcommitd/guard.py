@@ -184,6 +184,7 @@ class GuardOutcome:
     now_s: float
     rules: GuardConfig
     actual_kib: FloatArray  # the ``actual`` each guest had at this step, as float (NaN: none)
+    stats_problem: IntArray  # ``stats_problem_codes`` at ``now_s`` (the shortfall estimate reads them too)
     target_kib: IntArray  # the target to set, valid where has_target
     has_target: BoolArray
     backoff_until_s: FloatArray  # what to remember for the next step, with ``actual_kib``
@@ -220,6 +221,7 @@ def guard_table(
     runs them (``overcommitd.guard_kernels``)."""
     actual = table.actual_kib.astype(np.float64)
     before = np.full(len(actual), np.nan) if previous_actual_kib is None else previous_actual_kib
+    problem = stats_problem_codes(now_s, table, rules, kernels)
     columns = kernels.rules(
         now_s,
         wish_kib,
@@ -235,7 +237,7 @@ def guard_table(
         failed,
         backoff_until_s,
         before,
-        stats_problem_codes(now_s, table, rules, kernels),
+        problem,
         int(table.auto_deflate_tolerance_kib),
         int(rules.min_guest_kib),
         float(rules.settle_s),
@@ -244,7 +246,7 @@ def guard_table(
         int(rules.max_deflate_step_kib),
         int(rules.dead_band_kib),
     )
-    return GuardOutcome(now_s, rules, actual, *columns)
+    return GuardOutcome(now_s, rules, actual, problem, *columns)
 
 
 def decision(

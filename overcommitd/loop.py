@@ -164,7 +164,8 @@ def step_table(
     eligible = table.running & ~excluded
     result, policy_error = _decide(policy, host, table, eligible, state.policy_state)
     failed = np.zeros(len(table), dtype=bool)
-    failed[list(result.errors)] = True
+    if result.errors:
+        failed[list(result.errors)] = True
     verdict = guard_table(
         now_s,
         table,

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from overcommitd.config import GuardConfig
-from overcommitd.guard import floors_kib, stats_problem_codes
+from overcommitd.guard import GuardOutcome, floors_kib, stats_problem_codes
 from overcommitd.guard_kernels import NUMPY, GuardKernels
 from overcommitd.model import GuestSnapshot, HostSnapshot
 from overcommitd.table import BoolArray, GuestTable, IntArray
@@ -90,14 +90,20 @@ def short_text(short_kib: float) -> str:
 
 
 def needs_kib(
-    now_s: float, table: GuestTable, rules: GuardConfig, held: BoolArray, kernels: GuardKernels = NUMPY
+    now_s: float,
+    table: GuestTable,
+    rules: GuardConfig,
+    held: BoolArray,
+    kernels: GuardKernels = NUMPY,
+    problem: IntArray | None = None,
 ) -> tuple[IntArray, BoolArray]:
     """What no balloon may take from each guest (its workload's use or its floor, the
     larger), and which guests count at their current size: not running, stats the guard
-    would not trust (``stats_problem_codes``), or ``held`` (excluded, paused: no balloon
-    will move them)."""
+    would not trust (``stats_problem_codes``, or ``problem``: the guard's own at
+    ``now_s``), or ``held`` (excluded, paused: no balloon will move them)."""
     available_kib = table.stats.available_kib()
-    problem = stats_problem_codes(now_s, table, rules, kernels)
+    if problem is None:
+        problem = stats_problem_codes(now_s, table, rules, kernels)
     at_size = held | ~table.running | (problem != 0) | np.isnan(available_kib)
     used_kib = table.actual_kib - available_kib  # NaN where unsent: those rows count at their size
     need = np.maximum(np.maximum(used_kib, floors_kib(table, rules)), 0)
@@ -112,11 +118,14 @@ def estimate_table(
     held: BoolArray,
     host_own_min_kib: int = 0,
     kernels: GuardKernels = NUMPY,
+    verdict: GuardOutcome | None = None,
 ) -> Shortfall:
     """What the host lacks (module docstring), over columns: the table carries the config's
     floors (``loop.table_overrides``), ``held`` marks the rows no balloon will move. Stats
-    are judged fresh or stale at ``host.taken_at_s``, as the control step does."""
-    need, at_size = needs_kib(host.taken_at_s, table, rules, held, kernels)
+    are judged fresh or stale at ``host.taken_at_s``, as the control step does; a
+    ``verdict`` of the step on this table at that instant lends its judgement."""
+    problem = verdict.stats_problem if verdict is not None and verdict.now_s == host.taken_at_s else None
+    need, at_size = needs_kib(host.taken_at_s, table, rules, held, kernels, problem)
     need_kib = int(need.sum())
     own_kib = max(host.used_kib_counting_arc(True) - int(table.actual_kib.sum()), host_own_min_kib, 0)
     short_kib = max(own_kib + need_kib - host.mem_total_kib, 0)

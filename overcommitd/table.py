@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from functools import cached_property
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +40,7 @@ from overcommitd.model import BalloonFeatures, Feature, GuestSnapshot, GuestStat
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
+ColumnT = TypeVar("ColumnT", bound=np.ndarray[Any, Any])
 
 RUN_STATES: tuple[RunState, ...] = tuple(RunState)
 RUNNING = RUN_STATES.index(RunState.RUNNING)
@@ -54,11 +56,17 @@ def _nan_none_list(values: FloatArray) -> list[float | None]:
     return [None if math.isnan(x) else x for x in values.tolist()]
 
 
+def read_only(values: ColumnT) -> ColumnT:
+    """A derived column shared by every reader of its table: written to, it raises."""
+    values.setflags(write=False)
+    return values
+
+
 def _nan_to_none(value: float) -> int | None:
     return None if math.isnan(value) else int(value)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(frozen=True, eq=False)
 class StatsColumns:
     """``GuestStats`` by column: ``last_update_s`` NaN where the guest sent no stats,
     every other column NaN where that stat was not sent (see ``GuestStats``)."""
@@ -105,11 +113,16 @@ class StatsColumns:
 
     def available_kib(self) -> FloatArray:
         """``GuestStats.available_kib`` by column: MemAvailable, else MemFree plus disk
-        caches (0 where unsent), else NaN."""
+        caches (0 where unsent), else NaN. Worked out once per table (the policy, the guard's
+        shortfall and the metrics each read it every tick); read-only."""
+        return self._available_kib
+
+    @cached_property
+    def _available_kib(self) -> FloatArray:
         caches = self.columns["disk_caches_kib"]
         fallback = self.columns["mem_free_kib"] + np.where(np.isnan(caches), 0.0, caches)
         avail = self.columns["mem_available_kib"]
-        return np.where(np.isnan(avail), fallback, avail)
+        return read_only(np.where(np.isnan(avail), fallback, avail))
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,13 +167,13 @@ class GuestTable:
     def feature(self, bit: Feature) -> BoolArray:
         return np.asarray((self.feature_bits >> int(bit)) & 1, dtype=bool)
 
-    @property
+    @cached_property  # derived columns are read many times a tick: worked out once, read-only
     def deflate_on_oom(self) -> BoolArray:
-        return self.feature(Feature.DEFLATE_ON_OOM)
+        return read_only(self.feature(Feature.DEFLATE_ON_OOM))
 
-    @property
+    @cached_property
     def running(self) -> BoolArray:
-        return np.asarray(self.run_state == RUNNING, dtype=bool)
+        return read_only(np.asarray(self.run_state == RUNNING, dtype=bool))
 
     def auto_deflated(self) -> BoolArray:
         """DEFLATE_ON_OOM guests holding more than their last target by over the

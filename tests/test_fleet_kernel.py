@@ -63,6 +63,25 @@ def twins(specs: list[GuestSpec], demand: np.ndarray, reads: np.ndarray) -> tupl
     return ref, fast
 
 
+def advance_sampled(fleet: Fleet, dt_s: float, demand: np.ndarray, reads: np.ndarray) -> list[np.ndarray]:
+    """Advance ``fleet`` and return the stats its interval's samples read (``between``)."""
+    seen: list[np.ndarray] = []
+    fleet.advance(dt_s, demand, reads, between=lambda stats: seen.extend(v.copy() for _, v in stats().items()))
+    return seen
+
+
+def same_samples(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return len(a) == len(b) == 9 and all(np.array_equal(x, y, equal_nan=True) for x, y in zip(a, b, strict=True))
+
+
+def same_landed(ref: Fleet, fast: Fleet) -> bool:
+    """The compiled ``landed`` is the reference's ``mem_available`` and ``saved_split``."""
+    (available, split), want = fast.landed(), (ref.mem_available(), ref.saved_split())
+    return fast._landed is not None and all(
+        np.array_equal(a, b) for a, b in zip((available, *split), (want[0], *want[1]), strict=True)
+    )
+
+
 def test_real_traces_land_bit_identical_under_a_balloon_storm() -> None:
     """Bundled Bitbrains guests, half with DEFLATE_ON_OOM, balloons driven hard up and
     down at random: both paths hold every array bit for bit, tick after tick, through
@@ -81,9 +100,10 @@ def test_real_traces_land_bit_identical_under_a_balloon_storm() -> None:
             pages = np.floor(ram * rng.uniform(0.0, 0.95, len(ram)) / 4) * 4
             for fleet in (ref, fast):
                 fleet.driver.config_changed(np.arange(len(ram)), pages)
-        for fleet in (ref, fast):
-            fleet.advance(30.0, demand[k] * 1.3, reads[k])
+        samples = [advance_sampled(fleet, 30.0, demand[k] * 1.3, reads[k]) for fleet in (ref, fast)]
         assert differences(ref, fast) == [], f"tick {k}"
+        assert same_samples(*samples), f"tick {k}: the stats samples differ"
+        assert same_landed(ref, fast), f"tick {k}: what the scorecard reads differs"
     seen = {"kills": ref.oom_kills.sum(), "deflates": ref.oom_deflates.sum(), "swap": ref.swap_out.sum()}
     assert all(v > 0 for v in seen.values()), seen  # the storm reached every rule
 
@@ -152,9 +172,10 @@ def test_arbitrary_states_land_bit_identical(n: int, data: st.DataObject, dt_s: 
         fleet.driver.balloon_kib[:] = balloon
         fleet.driver.num_pages_kib[:] = pages
     demand, reads = arr(kib), arr(st.floats(0.0, 1e7))
-    for fleet in (ref, fast):
-        fleet.advance(dt_s, demand, reads)
+    samples = [advance_sampled(fleet, dt_s, demand, reads) for fleet in (ref, fast)]
     assert differences(ref, fast) == []
+    assert same_samples(*samples)
+    assert same_landed(ref, fast)
 
 
 @pytest.mark.parametrize("trace_dir", sorted(p.name for p in BUNDLED_DIR.iterdir() if p.is_dir()))
@@ -189,3 +210,19 @@ def test_workload_peaks_identical(trace_dir: str, monkeypatch: pytest.MonkeyPatc
     fast = workload.peaks(3.0, at)
     assert np.array_equal(ref, fast)
     assert (ref > workload.block(at)[0]).any()  # some window held a peak above its end's demand
+
+
+@pytest.mark.parametrize("trace_dir", sorted(p.name for p in BUNDLED_DIR.iterdir() if p.is_dir()))
+def test_workload_landings_identical(trace_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Workload.landings``' one compiled pass gives numpy's peaks and I/O rates, across
+    the traces' wrap and before a trace's first sample (its I/O is then the last one's)."""
+    spec = ReplaySpec(traces=(BUNDLED_DIR / trace_dir,), guests=60, hours=6, start_h=5000.0)
+    _, workload = build_guests(spec, load_traces(spec))
+    longest = max(t.duration_s for t in workload.traces)
+    at = np.sort(np.concatenate([np.arange(1, 3001) * 10.0, np.arange(1, 300) * (longest / 100.0)]))
+    monkeypatch.setattr(fleet_kernel, "AVAILABLE", False)
+    ref = workload.landings(-3.0, at)
+    monkeypatch.setattr(fleet_kernel, "AVAILABLE", True)
+    fast = workload.landings(-3.0, at)
+    assert np.array_equal(ref[0], fast[0]) and np.array_equal(ref[1], fast[1])
+    assert len(np.unique(ref[1])) > 100 or workload.io_columns == "none"  # the I/O lookups told samples apart

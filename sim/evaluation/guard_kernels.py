@@ -71,7 +71,7 @@ def problem(
 
 
 @_jit
-def rules(
+def _rules(
     now_s: float,
     wish_kib: Any,
     actual: Any,
@@ -95,7 +95,8 @@ def rules(
     max_deflate_kib: int,
     dead_band_kib: int,
 ) -> Any:
-    """``numpy_rules``, row by row: the same columns in the same order."""
+    """``numpy_rules``, row by row, into three blocks (``rules`` splits them): numba
+    boxes each array it returns, and sixteen cost more than the rules at 50 guests."""
     n = len(actual)
     i64 = np.int64
     # One allocation per kind, a row per output column (rows of a C array are contiguous).
@@ -166,23 +167,31 @@ def rules(
         restored_out[i], maxed_out[i] = restored, maxed and not held
         floored_out[i], ranged_out[i], block_out[i] = floored and not held, ranged, block
         deflate_out[i], stepped_out[i], dead_out[i], reference_out[i] = deflate_stepped, stepped, dead, reference
-    return (
+    return ints, flags, backoff_out
+
+
+def rules(*args: Any) -> RuleColumns:
+    """``numpy_rules``, row by row: the same columns in the same order."""
+    ints, flags, backoff = _rules(*args)
+    target, wish, floor, hold, ranged, block, stepped, reference = ints
+    has_target, has_wish, restored, maxed, floored, deflate_stepped, dead = flags
+    return RuleColumns(
         target,
         has_target,
-        backoff_out,
-        wish_out,
-        has_wish_out,
-        floor_out,
-        hold_out,
-        restored_out,
-        maxed_out,
-        floored_out,
-        ranged_out,
-        block_out,
-        deflate_out,
-        stepped_out,
-        dead_out,
-        reference_out,
+        backoff,
+        wish,
+        has_wish,
+        floor,
+        hold,
+        restored,
+        maxed,
+        floored,
+        ranged,
+        block,
+        deflate_stepped,
+        stepped,
+        dead,
+        reference,
     )
 
 

@@ -41,7 +41,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.config import DaemonConfig
-from overcommitd.guard import floors_kib
+from overcommitd.guard import GuardOutcome, floors_kib
 from overcommitd.loop import LoopState, StepOutcome, step_table, table_overrides
 from overcommitd.model import Clamp, ClampReason, Decision, GuestSnapshot, HostSnapshot
 from overcommitd.shortfall import estimate_table
@@ -206,7 +206,7 @@ def replay(
         guest_kernel=spec.guest_kernel,
     )
     recorder = Recorder(ram, guard_floors(hv.table(), cfg), n_ticks)
-    run = _Run(spec, policy, cfg, hv, workload, recorder, progress, n_warm)
+    run = _Run(spec, policy, cfg, hv, workload, recorder, progress, n_warm, n_warm + n_ticks)
     world.every(spec.interval_s, run.tick, first_s=spec.interval_s)
     world.run(until_s=(n_warm + n_ticks) * spec.interval_s)
     start, end = run.at_scoring or _Counters.of(hv), _Counters.of(hv)
@@ -363,10 +363,12 @@ class _Run:
         recorder: Recorder,
         progress: Callable[[int], object] | None,
         n_warm: int = 0,
+        n_total: int = BLOCK_TICKS,
     ) -> None:
         self.spec, self.policy, self.cfg, self.hv = spec, policy, cfg, hv
         self.workload, self.recorder, self.progress = workload, recorder, progress
         self.n_warm = n_warm
+        self.n_total = n_total  # ticks in the run, warm-up included
         self.at_scoring: _Counters | None = None  # counters when scoring began
         self.unguarded = not spec.guard_baselines and policy.name in UPSTREAM_BASELINES
         self.state: LoopState[Any] = LoopState.initial(policy)
@@ -377,26 +379,32 @@ class _Run:
 
     def _inputs(self, k: int) -> _Landing:
         """The demand and reads of tick ``k`` and where they land (``land_demand``)."""
-        if not self._block_start <= k < self._block_start + BLOCK_TICKS:
-            self._block_start = k
-            ends = (k + 1 + np.arange(BLOCK_TICKS, dtype=np.float64)) * self.spec.interval_s
-            samples = self.hv.sample_instants(ends)
-            if samples is None or samples.ndim == 1:
-                times = ends if samples is None else np.concatenate([ends, np.nan_to_num(samples, nan=0.0)])
-                _, reads = self.workload.block(times)
-                end_reads, sample_reads = reads[:BLOCK_TICKS], reads[BLOCK_TICKS:]
-            else:
-                _, end_reads = self.workload.block(ends)
-                sample_reads = self._reads_at(samples)
-            peaks = self._peaks(ends, samples)
-            self._ends = (ends, peaks[1::2], end_reads)
-            self._samples = None if samples is None else (samples, peaks[0::2], sample_reads)
+        if not self._block_start <= k < self._block_start + len(self._ends[0]):
+            self._load_block(k)
         i = k - self._block_start
         at_end = (float(self._ends[0][i]), self._ends[1][i], self._ends[2][i])
         if self._samples is None or not np.isfinite(self._samples[0][i]).any():
             return _Landing(None, at_end)
         at = self._samples[0][i]
         return _Landing((float(at) if at.ndim == 0 else at, self._samples[1][i], self._samples[2][i]), at_end)
+
+    def _load_block(self, k: int) -> None:
+        """The inputs of up to ``BLOCK_TICKS`` ticks from ``k``, no further than the run goes."""
+        self._block_start = k
+        size = max(min(BLOCK_TICKS, self.n_total - k), 1)
+        ends = (k + 1 + np.arange(size, dtype=np.float64)) * self.spec.interval_s
+        samples = self.hv.sample_instants(ends)
+        if samples is None or samples.ndim == 1:  # one schedule: peaks and reads at the same instants
+            peaks, reads = self.workload.landings(
+                float(ends[0] - self.spec.interval_s), self._landing_instants(ends, samples)
+            )
+            end_reads, sample_reads = reads[1::2], reads[0::2]
+        else:
+            _, end_reads = self.workload.block(ends)
+            sample_reads = self._reads_at(samples)
+            peaks = self._peaks(ends, samples)
+        self._ends = (ends, peaks[1::2], end_reads)
+        self._samples = None if samples is None else (samples, peaks[0::2], sample_reads)
 
     def _reads_at(self, samples: Array) -> Array:
         """Each guest's file reads at its own sample instants (``samples``: ticks x guests)."""
@@ -405,18 +413,23 @@ class _Run:
             out[:, g] = self.workload.block(np.nan_to_num(samples[:, g], nan=0.0))[1][:, g]
         return out
 
-    def _peaks(self, ends: Array, samples: Array | None) -> Array:
-        """The demand each guest lands at each tick's stats sample and end, in that order
-        (two rows a tick): the peak of its trace since the landing before
-        (``Workload.peaks``). A tick without a sample inside it lands all at its end. With
-        each guest's own sample instants (ticks x guests), each guest's own rows."""
+    def _landing_instants(self, ends: Array, samples: Array | None) -> Array:
+        """Where each tick's demand lands, two rows a tick: at its stats sample (its start
+        when none falls inside it) and at its end. With each guest's own sample instants
+        (ticks x guests), each guest's own rows."""
         starts = ends - self.spec.interval_s
         sample_at = starts if samples is None else np.nan_to_num(samples)
         if sample_at.ndim == 2:  # each guest's own instants
             starts, ends = starts[:, None], ends[:, None]
         inside = (starts < sample_at) & (sample_at < ends)
         at = np.stack(np.broadcast_arrays(np.where(inside, sample_at, starts), ends), axis=1)
-        return self.workload.peaks(float(starts.flat[0]), at.reshape(2 * len(at), *at.shape[2:]))
+        return at.reshape(2 * len(at), *at.shape[2:])
+
+    def _peaks(self, ends: Array, samples: Array | None) -> Array:
+        """The demand each guest lands at each of ``_landing_instants``: the peak of its
+        trace since the landing before (``Workload.peaks``). A tick without a sample
+        inside it lands all at its end."""
+        return self.workload.peaks(float(ends[0] - self.spec.interval_s), self._landing_instants(ends, samples))
 
     def tick(self) -> None:
         hv, k = self.hv, self.k
@@ -434,32 +447,32 @@ class _Run:
         hv.set_targets(rows, outcome.target_kib[rows])
         if k >= self.n_warm:
             self._record(now_s - self.n_warm * self.spec.interval_s, demand)
-            self.recorder.record_shortfall(self.spec.interval_s, self._host_short_kib(host, table))
+            self.recorder.record_shortfall(self.spec.interval_s, self._host_short_kib(host, table, outcome.verdict))
         self.k += 1
         if self.progress is not None and self.k % 256 == 0:
             self.progress(256)
 
-    def _host_short_kib(self, host: HostSnapshot, table: GuestTable) -> int:
+    def _host_short_kib(self, host: HostSnapshot, table: GuestTable, verdict: GuardOutcome | None) -> int:
         """The daemon's own shortfall estimate (``overcommitd.shortfall``) on this tick's
-        table. The simulated host's base and QEMU overhead are known here, as an operator
-        knows a host's: they bound its own use from below."""
+        table, with the step's ``verdict`` on its stats. The simulated host's base and QEMU
+        overhead are known here, as an operator knows a host's: they bound its own use from below."""
         with_floors, held = table_overrides(table, self.cfg)
         hm = self.spec.host_model
         own_kib = hm.base_kib + hm.qemu_overhead_kib * len(table)
         estimate = estimate_table(
-            host, with_floors, self.cfg.guard, held=held, host_own_min_kib=own_kib, kernels=KERNELS
+            host, with_floors, self.cfg.guard, held=held, host_own_min_kib=own_kib, kernels=KERNELS, verdict=verdict
         )
         return estimate.short_kib
 
     def _record(self, scored_s: float, demand: Array) -> None:
         hv, f = self.hv, self.hv.fleet
-        ballooned, unbacked, reported = f.saved_split()
+        available, (ballooned, unbacked, reported) = f.landed()
         tick = GuestTick(
             touched_kib=f.touched,
             actual_kib=f.actual(),
             target_kib=hv.target_kib,
             demand_kib=demand,
-            available_kib=f.mem_available(),
+            available_kib=available,
             swap_in_kib=f.swap_in,
             unserved_kib=f.unserved_kib,
             degraded=f.degraded,

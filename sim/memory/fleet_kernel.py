@@ -427,6 +427,68 @@ def report_free(s: Any, passes: int, capacity: float, block_kib: float, residue_
 
 
 @_jit
+def sample_stats(s: Any, wmark_low: Any, deflate_on_oom_negotiated: Any, out: Any) -> None:
+    """``Fleet.stats`` into ``out``, one row per ``StatArrays`` field in its order:
+    what a stats sample taken now reads (``Fleet.mem_free``, ``mem_total``,
+    ``mem_available``), with the reference's operands in its order."""
+    for i in range(len(s.ram)):
+        free = _max(_free(i, s) - s.pcp[i], 0.0)  # Fleet.mem_free
+        removed = 0.0 if deflate_on_oom_negotiated[i] else s.balloon[i]  # driver.managed_removed_kib
+        cache = s.cache[i]
+        out[0, i], out[1, i], out[2, i], out[3, i] = s.swap_in[i], s.swap_out[i], s.major_faults[i], s.minor_faults[i]
+        out[4, i] = free
+        out[5, i] = s.ram[i] - s.reserved[i] - removed
+        out[6, i] = _max(free - s.min_free[i] + cache - _min(cache / 2, wmark_low[i]), 0.0)
+        out[7, i], out[8, i] = cache, s.oom_kills[i]
+
+
+@_jit
+def landed(s: Any, wmark_low: Any, out: Any) -> None:
+    """``Fleet.mem_available`` and ``Fleet.saved_split`` into ``out``'s four rows
+    (available, ballooned, unbacked, reported), as the reference computes them."""
+    for i in range(len(s.ram)):
+        free = _max(_free(i, s) - s.pcp[i], 0.0)
+        cache = s.cache[i]
+        out[0, i] = _max(free - s.min_free[i] + cache - _min(cache / 2, wmark_low[i]), 0.0)
+        saved = _max(s.ram[i] - s.touched[i], 0.0)
+        ballooned = _min(_max(s.balloon[i] - s.resident[i], 0.0), saved)
+        unbacked = _min(s.deflated[i], saved - ballooned)
+        out[1, i], out[2, i] = ballooned, unbacked
+        out[3, i] = _min(s.reported[i], saved - ballooned - unbacked)
+
+
+@_jit
+def advance(
+    s: Any,
+    dt_s: float,
+    move: Any,
+    passes: int,
+    report: Any,
+    wmark_low: Any,
+    deflate_on_oom_negotiated: Any,
+    sample: Any,
+    demand: Any,
+    read: Any,
+    land_scalars: Any,
+    unserved: Any,
+    degraded: Any,
+    landed_out: Any,
+) -> None:
+    """``Fleet.advance`` for the bulk driver in one call (each call unboxes the whole
+    state: three calls a tick cost more than their arithmetic at 50 guests): the balloons
+    move (``move_balloons``, ``move``: its scalars), free pages are reported
+    (``report_free``), the state every stats sample in the interval sees is written to
+    ``sample`` (``sample_stats``), then the workload lands (``land``) and what the
+    scorecard reads of the result is written to ``landed_out`` (``landed``)."""
+    move_balloons(s, dt_s, move[0], move[1], move[2], move[3])
+    report_free(s, passes, report[0], report[1], report[2])
+    sample_stats(s, wmark_low, deflate_on_oom_negotiated, sample)
+    cooling, swap_touch, reread_share, oom_step_kib, epsilon_kib = land_scalars
+    land(s, demand, read, dt_s, cooling, swap_touch, reread_share, oom_step_kib, epsilon_kib, unserved, degraded)
+    landed(s, wmark_low, landed_out)
+
+
+@_jit
 def _trace_row(
     time_s: float, g: int, offsets_s: Any, durations_s: Any, first: Any, count: Any, t_s: Any, at: Any
 ) -> int:
@@ -487,17 +549,42 @@ def trace_peaks(
     """``Workload.peaks`` for every window (rows) and guest (columns): the peak of the
     samples after the one in force at a window's start, up to the one in force at its
     end (that one alone if none is newer, or across a wrap)."""
+    trace_landings(since_s, times_s, offsets_s, durations_s, first, count, t_s, demand, cap, demand, out, out[:0])
+
+
+@_jit
+def trace_landings(
+    since_s: float,
+    times_s: Any,
+    offsets_s: Any,
+    durations_s: Any,
+    first: Any,
+    count: Any,
+    t_s: Any,
+    demand: Any,
+    cap: Any,
+    io: Any,
+    peaks_out: Any,
+    io_out: Any,
+) -> None:
+    """``trace_peaks`` into ``peaks_out`` and, where ``io_out`` has rows, the I/O rate in
+    force at each time (``trace_block``'s) from the same lookup: the replay needs both at
+    every landing instant, and the lookups are the cost."""
     n = len(offsets_s)
+    with_io = len(io_out) > 0
     at = np.zeros(n, dtype=np.int64)
     lo = np.empty(n, dtype=np.int64)
     for g in range(n):
         lo[g] = max(_trace_row(since_s, g, offsets_s, durations_s, first, count, t_s, at), 0)
     for k in range(len(times_s)):
         for g in range(n):
-            hi = max(_trace_row(times_s[k], g, offsets_s, durations_s, first, count, t_s, at), 0)
+            i = _trace_row(times_s[k], g, offsets_s, durations_s, first, count, t_s, at)
+            if with_io:
+                io_out[k, g] = io[first[g] + (i if i >= 0 else count[g] + i)]  # -1: the last, as numpy indexes
+            hi = max(i, 0)
             start = lo[g] + 1 if hi > lo[g] else hi
             peak = demand[first[g] + start]
             for s in range(start + 1, hi + 1):
                 peak = _max(peak, demand[first[g] + s])
-            out[k, g] = _min(peak, cap[g])
+            peaks_out[k, g] = _min(peak, cap[g])
             lo[g] = hi

@@ -77,7 +77,7 @@ from sim.memory import fleet_kernel
 from sim.memory.kernel import DEBIAN_6_1_PC, GuestKernel, GuestReserve, guest_reserve
 from sim.virtio.backing import RamBacking
 from sim.virtio.balloon_spec import BALLOON_PAGE_KIB, PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY_S, PAGEBLOCK_ORDER
-from sim.virtio.device import StatArrays
+from sim.virtio.device import STAT_ARRAY_NAMES, StatArrays
 from sim.virtio.driver import DEFLATE_KIB_S, INFLATE_KIB_S, OUT_OF_PUFF_RETRY_S, BalloonDriver, FleetDriver
 
 Array = npt.NDArray[np.float64]
@@ -85,6 +85,10 @@ T = TypeVar("T", Array, float)
 OOM_STEP_KIB = 256 * 4  # VIRTIO_BALLOON_OOM_NR_PAGES x 4 KiB, per OOM notification
 EPSILON_KIB = 1.0
 REPORT_BLOCK_KIB = 4 << PAGEBLOCK_ORDER  # free page reporting's order-9 blocks: 2 MiB
+# ``fleet_kernel.advance``'s scalars for one interval length: move, report passes, report, land.
+KernelScalars = tuple[
+    tuple[float, float, float, float], int, tuple[float, float, float], tuple[float, float, float, float, float]
+]
 
 
 _BOOT = DEBIAN_6_1_PC
@@ -256,6 +260,11 @@ class Fleet:
         # numpy methods below are its reference); the protocol model's driver never does.
         self.compiled = fleet_kernel.AVAILABLE
         self._fixed_rows: dict[int, FixedRow] = {}  # made per guest on first use (``fixed_row``)
+        # What the compiled path's stats samples read (``_advance_compiled``): one block, a row per stat.
+        self._sample_rows = np.zeros((len(STAT_ARRAY_NAMES), len(specs)))
+        self._sample = StatArrays.of_block(self._sample_rows)
+        self._scalars_by_dt: dict[float, KernelScalars] = {}
+        self._landed: Array | None = None  # ``landed``, from the last compiled advance
 
     # -- what the guest shows ------------------------------------------------------
 
@@ -314,24 +323,51 @@ class Fleet:
         dt_s: float,
         demand_kib: Array,
         read_kib_s: Array,
-        between: Callable[[], None] | None = None,
+        between: Callable[[Callable[[], StatArrays]], None] | None = None,
     ) -> None:
         """Move every guest ``dt_s`` forward under its working-set demand and file reads.
 
         The balloons move first: they follow targets set at the previous instant and
-        finish long before this one (at ~1 GiB/s). ``between`` then sees that state, the
-        state every stats sample taken during the interval saw; the workload and the
-        pressure it causes land at the end of the interval."""
-        # The compiled kernels change the Fleet's arrays in place: their view is built once.
-        state = self._kernel_state() if self.compiled and type(self.driver) is BalloonDriver else None
-        self._move_balloon(dt_s, state)
-        self._report_free(dt_s, state)
+        finish long before this one (at ~1 GiB/s). ``between`` is then handed that state's
+        stats (computed on demand), the state every stats sample taken during the interval
+        saw; the workload and the pressure it causes land at the end of the interval."""
+        if self.compiled and type(self.driver) is BalloonDriver:
+            self._advance_compiled(dt_s, demand_kib, read_kib_s)
+            if between is not None:
+                between(lambda: self._sample)
+            return
+        self._landed = None
+        self._move_balloon(dt_s)
+        self._report_free(dt_s)
         if between is not None:
-            between()
-        if state is not None:
-            self._land_compiled(dt_s, demand_kib, read_kib_s, state)
-        else:
-            self.land_workload(dt_s, demand_kib, read_kib_s)
+            between(self.stats)
+        self.land_workload(dt_s, demand_kib, read_kib_s)
+
+    def _advance_compiled(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
+        """``advance`` through the compiled kernel, in one call (``fleet_kernel.advance``):
+        the stats the interval's samples read are left in ``_sample``."""
+        driver = self.driver
+        assert isinstance(driver, BalloonDriver)
+        self.unserved_kib = np.empty_like(self.ram)
+        self.degraded = np.empty(len(self.ram), dtype=bool)
+        self._landed = np.empty((4, len(self.ram)))
+        move, passes, report, land = self._kernel_scalars(dt_s)
+        fleet_kernel.advance(
+            self._kernel_state(),
+            dt_s,
+            move,
+            passes,
+            report,
+            self.wmark_low,
+            driver.deflate_on_oom_negotiated,
+            self._sample_rows,
+            np.ascontiguousarray(demand_kib, dtype=np.float64),
+            np.ascontiguousarray(read_kib_s, dtype=np.float64),
+            land,
+            self.unserved_kib,
+            self.degraded,
+            self._landed,
+        )
 
     def land_workload(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
         """The interval's workload and the pressure it causes, at its end. The reference:
@@ -347,21 +383,21 @@ class Fleet:
         self.unserved_kib = np.where(killed, demand_kib, 0.0)
         self.degraded = killed | thrashing
 
-    def _land_compiled(
-        self, dt_s: float, demand_kib: Array, read_kib_s: Array, state: fleet_kernel.KernelState
-    ) -> None:
-        """``land_workload`` through the compiled kernel."""
-        self.unserved_kib = np.empty_like(self.ram)
-        self.degraded = np.empty(len(self.ram), dtype=bool)
-        fleet_kernel.land(
-            state,
-            np.ascontiguousarray(demand_kib, dtype=np.float64),
-            np.ascontiguousarray(read_kib_s, dtype=np.float64),
-            dt_s,
-            *self._land_scalars(dt_s),
-            self.unserved_kib,
-            self.degraded,
-        )
+    def _kernel_scalars(self, dt_s: float) -> KernelScalars:
+        """``fleet_kernel.advance``'s scalars for an interval of ``dt_s``, worked out once
+        per interval length (a replay has one or two; a few ``exp`` a tick added up)."""
+        found = self._scalars_by_dt.get(dt_s)
+        if found is None:
+            if len(self._scalars_by_dt) > 64:  # irregular intervals: keep the cache small
+                self._scalars_by_dt.clear()
+            found = (
+                self._move_scalars(dt_s),
+                self._report_passes(dt_s),
+                self._report_scalars(),
+                self._land_scalars(dt_s),
+            )
+            self._scalars_by_dt[dt_s] = found
+        return found
 
     def _land_scalars(self, dt_s: float) -> tuple[float, float, float, float, float]:
         """``fleet_kernel.land``'s scalars: the ones the reference computes with
@@ -472,6 +508,16 @@ class Fleet:
         cold = self._touched_free() + np.maximum(self.cache - self.hot_cache, 0.0) + self.balloon_resident
         return np.minimum(cold, self.touched)
 
+    def landed(self) -> tuple[Array, tuple[Array, Array, Array]]:
+        """``mem_available()`` and ``saved_split()``, as the scorecard reads them after an
+        interval: from the compiled kernel, which worked them out as the interval landed,
+        when the last ``advance`` ran it; the Fleet must not have changed since (a target
+        set between only moves ``num_pages``, which neither reads)."""
+        if self._landed is None:
+            return self.mem_available(), self.saved_split()
+        available, ballooned, unbacked, reported = self._landed
+        return available, (ballooned, unbacked, reported)
+
     def saved_split(self) -> tuple[Array, Array, Array]:
         """Host memory not backing each guest, by where it comes from (the rest of
         ``ram - touched`` was never touched since boot): ballooned now (released by the
@@ -493,13 +539,10 @@ class Fleet:
         page cache above its minimum."""
         return np.maximum(self.free() - self.min_free, 0.0) + np.maximum(self.cache - self.cache_min, 0.0)
 
-    def _move_balloon(self, dt_s: float, state: fleet_kernel.KernelState | None) -> None:
-        """The bulk driver moves the balloons (compiled where ``state``); the protocol
-        model moves them on the World clock instead (its ``advance`` leaves them be) and
-        reports each request through ``balloon_moved``."""
-        if state is not None:
-            fleet_kernel.move_balloons(state, dt_s, *self._move_scalars(dt_s))
-            return
+    def _move_balloon(self, dt_s: float) -> None:
+        """The bulk driver moves the balloons (compiled: ``fleet_kernel.move_balloons``);
+        the protocol model moves them on the World clock instead (its ``advance`` leaves
+        them be) and reports each request through ``balloon_moved``."""
         before = self.driver.balloon_kib.copy()
         self.driver.advance(dt_s, self.spare_kib())
         delta = self.driver.balloon_kib - before
@@ -755,20 +798,16 @@ class Fleet:
         unreported = self._touched_free() - free * self.params.report_residue_pct / 100
         return np.where(gate, np.floor(np.maximum(unreported, 0.0) / REPORT_BLOCK_KIB), 0.0)
 
-    def _report_free(self, dt_s: float, state: fleet_kernel.KernelState | None) -> None:
+    def _report_free(self, dt_s: float) -> None:
         """Free page reporting in closed form (Linux mm/page_reporting.c, the protocol
         model's ``page_reporting_process``): blocks that were free at the last instant are
         reported in passes 2 s apart, the first 2 s after it, so ``ceil(dt/2) - 1`` passes
         fall inside the interval; a pass makes ceil(n / (32*16)) report calls of up to 32
-        blocks; the host discards what is reported."""
+        blocks; the host discards what is reported (compiled: ``fleet_kernel.report_free``)."""
         bulk = self.reporting & ~self.driver.reports_itself
         if not bulk.any():
             return
-        passes = self._report_passes(dt_s)
-        if state is not None:
-            fleet_kernel.report_free(state, passes, *self._report_scalars())
-            return
-        for _ in range(passes):
+        for _ in range(self._report_passes(dt_s)):
             n = np.where(bulk, self.reportable_blocks(), 0.0)
             if not n.any():
                 return

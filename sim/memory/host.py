@@ -94,7 +94,8 @@ class SimHost:
         """Accumulate stall time for ``dt_s`` at ``used_kib`` and update the averages
         the way the kernel does: exponential decay over 10, 60 and 300 s windows."""
         knee = self.mem_total_kib * self.params.psi_knee_pct / 100
-        stalled = float(np.clip((used_kib - knee) / (self.mem_total_kib - knee), 0.0, 1.0))
+        # min/max of Python floats: np.clip on one scalar cost more than the rest of the step.
+        stalled = min(max(float((used_kib - knee) / (self.mem_total_kib - knee)), 0.0), 1.0)
         self.psi_some_total_us += stalled * dt_s * 1e6
         d10, d60, d300 = self._decays(dt_s)
         self._avg10 = self._avg10 * d10 + 100 * stalled * (1 - d10)

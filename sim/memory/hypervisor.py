@@ -4,6 +4,7 @@ cannot tell a replay from a hypervisor."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -11,9 +12,9 @@ import numpy as np
 
 from overcommitd.hypervisor import HypervisorError
 from overcommitd.model import BalloonFeatures, GuestSnapshot, HostSnapshot
-from overcommitd.table import RUNNING, STAT_NAMES, GuestTable, IntArray, StatsColumns
+from overcommitd.table import RUNNING, STAT_NAMES, GuestTable, IntArray, StatsColumns, read_only
 from sim.virtio.calibration import STATS_WORK_S
-from sim.virtio.device import BalloonDevice
+from sim.virtio.device import STAT_ARRAY_NAMES, BalloonDevice
 
 if TYPE_CHECKING:
     from sim.memory.balloon_fleet import ProtocolBalloons
@@ -91,10 +92,17 @@ class SimHypervisor:
         self._floor_kib = np.array([s.floor_kib for s in specs], dtype=np.int64)
         self._weight = np.array([s.weight for s in specs], dtype=np.float64)
         self._nan = np.full(n, np.nan)
+        self._running = read_only(np.full(n, RUNNING, dtype=np.int8))  # a simulated guest never stops
+        self._no_migration = read_only(np.zeros(n, dtype=bool))
         self.target_kib = self.fleet.ram.copy()  # the same, as an array; RAM where never set
         self.targets_set = 0
         # Issue 16: the stats a guest sends depend on its kernel (sim.memory.stat_tags); 6.1 has no tag 10+.
-        self._unsent_stats = dict.fromkeys(unsent_fields((guest_kernel or GuestKernel()).version))
+        unsent = unsent_fields((guest_kernel or GuestKernel()).version)
+        # Where each table stat column comes from: its row of the device's stats, None if never sent.
+        self._stat_rows = [
+            STAT_ARRAY_NAMES.index(name) if name in STAT_ARRAY_NAMES and name not in unsent else None
+            for name in STAT_NAMES
+        ]
         self.now_s = 0.0
         self.fleet_demand_kib = initial_demand_kib  # the demand the guests hold since the last advance
         self._features = [
@@ -119,15 +127,16 @@ class SimHypervisor:
         if dt_s > 0:
             device = self.device
             if isinstance(device, BalloonDevice):
-                self.fleet.advance(
-                    dt_s, demand_kib, read_kib_s, between=lambda: device.poll_stats(now_s, self.fleet.stats)
-                )
+                self.fleet.advance(dt_s, demand_kib, read_kib_s, between=functools.partial(device.poll_stats, now_s))
             else:
                 self.fleet.advance(dt_s, demand_kib, read_kib_s)
                 device.after_advance()
-            self._host_swap(dt_s)
-            self.host.advance_arc(dt_s, read_kib_s, self.fleet.refault_kib, self.fleet.touched)
-            self.host.advance(dt_s, self.host_used_kib())
+            used_kib = self.host_used_kib()
+            self._host_swap(dt_s, used_kib)
+            if self.host.arc is not None:  # the ARC moves the host's use
+                self.host.advance_arc(dt_s, read_kib_s, self.fleet.refault_kib, self.fleet.touched)
+                used_kib = self.host_used_kib()
+            self.host.advance(dt_s, used_kib)
         self.now_s = now_s
         self.fleet_demand_kib = demand_kib
         if not isinstance(self.device, BalloonDevice):
@@ -156,11 +165,11 @@ class SimHypervisor:
         at = np.where((n >= 0) & on, nxt + n * step_s - STATS_WORK_S, np.nan)
         return at[:, 0] if len(nxt) == 1 else at
 
-    def _host_swap(self, dt_s: float) -> None:
+    def _host_swap(self, dt_s: float, used_kib: float) -> None:
         """Charge the host's swapping to the guests whose pages it swaps (``sim.memory.host``):
         faults they pay as major faults, and time they could not hold their demand."""
         f = self.fleet
-        excess = self.host_used_kib() - self.host.mem_total_kib
+        excess = used_kib - self.host.mem_total_kib
         if excess <= 0:  # host_swap's own first case, without computing what it would ignore
             f.host_swapped = np.zeros_like(f.touched)
             return
@@ -191,16 +200,13 @@ class SimHypervisor:
     def table(self) -> GuestTable:
         """Every guest's snapshot as columns, straight from the Fleet's and the device's
         arrays: no per-guest object. Sizes are truncated to whole KiB as a snapshot's ints."""
-        n = len(self.specs)
         present = self.device.has_stats()
-        last_update = np.where(present, self.device.last_update_s, np.nan)
-        sent = {name: np.trunc(values) for name, values in self.device.stats.items() if name not in self._unsent_stats}
+        truncated = np.trunc(self.device.stats.stacked())
+        sent = [self._nan if row is None else truncated[row] for row in self._stat_rows]
         if not present.all():
-            sent = {k: np.where(present, v, np.nan) for k, v in sent.items()}
-        columns = {name: sent.get(name, self._nan) for name in STAT_NAMES}
+            sent = [np.where(present, v, np.nan) for v in sent]
         # Copies of what ``set_targets`` changes in place: a table is one instant, and the
         # daemon keeps the last one (status, commands) after the next targets are set.
-        has_last = self._has_last_target.copy()
         actual_kib = self.fleet.actual().astype(np.int64)
         return GuestTable(
             uuid=self._uuids,
@@ -209,15 +215,15 @@ class SimHypervisor:
             actual_kib=actual_kib,
             current_kib=actual_kib.copy(),
             last_target_kib=self._last_target.copy(),
-            has_last_target=has_last,
+            has_last_target=self._has_last_target.copy(),
             last_target_age_s=self.target_ages_s(),
             feature_bits=self._feature_bits,
-            stats=StatsColumns(last_update, columns),
+            stats=StatsColumns(np.where(present, self.device.last_update_s, np.nan), dict(zip(STAT_NAMES, sent))),
             stats_period_s=np.array(self.device.stats_period_s, dtype=np.float64),
             floor_kib=self._floor_kib,
             weight=self._weight,
-            run_state=np.full(n, RUNNING, dtype=np.int8),
-            migration_pending=np.zeros(n, dtype=bool),
+            run_state=self._running,
+            migration_pending=self._no_migration,
         )
 
     def set_targets(self, rows: IntArray, targets_kib: IntArray) -> None:

@@ -146,6 +146,31 @@ class Workload:
         t = (times_s + self.offsets_s[g]) % trace.duration_s
         return np.asarray(np.searchsorted(trace.t_s, t, side="right") - 1, dtype=np.int64)
 
+    def landings(
+        self, since_s: float, times_s: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """``peaks`` and ``block``'s I/O rates at the same increasing times (one column),
+        as the replay lands them: compiled, from one lookup per time and guest."""
+        if fleet_kernel.AVAILABLE and times_s.dtype == np.float64 and times_s.ndim == 1:
+            c, shape = self.columns, (len(times_s), len(self.traces))
+            peaks, io = np.empty(shape), np.empty(shape)
+            fleet_kernel.trace_landings(
+                float(since_s),
+                times_s,
+                self.offsets_s,
+                c.durations_s,
+                c.first,
+                c.count,
+                c.t_s,
+                c.demand_kib,
+                self.demand_cap_kib,
+                c.io_kib_s,
+                peaks,
+                io,
+            )
+            return peaks, io
+        return self.peaks(since_s, times_s), self.block(times_s)[1]
+
     def peaks(self, since_s: float, times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Demand (KiB) each guest's trace reached since the instant before: the peak of
         its samples within (``since_s``, ``times_s[0]``], then (``times_s[0]``,
