@@ -14,7 +14,10 @@ of the replay's: 12.5 %; a 2.4 s spike killed the real workload and never reache
 simulated guest); run-0221 is the first recorded with the guard that remembers each
 guest's ``actual``, and the first replayed with the guest's per-CPU free page lists
 (``sim.memory.guest``), which brought every kept run's mean difference before the
-spike to 1.3 % or less.
+spike to 1.3 % or less; run-0623 is the first with the workload's progress lines (each
+rise's real shape), the recorder every 0.3 s (each guest's stats phase to a tenth of a
+second) and a simulated auto-deflate the real guest did not have (what follows it is
+not held).
 
 The daemons of run-0628 and run-0638 predate the guard's memory of each guest's
 ``actual`` (``overcommitd.guard``: a DEFLATE_ON_OOM balloon that rose deflated itself,
