@@ -534,25 +534,6 @@ def trace_block(
 
 
 @_jit
-def trace_peaks(
-    since_s: float,
-    times_s: Any,
-    offsets_s: Any,
-    durations_s: Any,
-    first: Any,
-    count: Any,
-    t_s: Any,
-    demand: Any,
-    cap: Any,
-    out: Any,
-) -> None:
-    """``Workload.peaks`` for every window (rows) and guest (columns): the peak of the
-    samples after the one in force at a window's start, up to the one in force at its
-    end (that one alone if none is newer, or across a wrap)."""
-    trace_landings(since_s, times_s, offsets_s, durations_s, first, count, t_s, demand, cap, demand, out, out[:0])
-
-
-@_jit
 def trace_landings(
     since_s: float,
     times_s: Any,
@@ -567,9 +548,12 @@ def trace_landings(
     peaks_out: Any,
     io_out: Any,
 ) -> None:
-    """``trace_peaks`` into ``peaks_out`` and, where ``io_out`` has rows, the I/O rate in
-    force at each time (``trace_block``'s) from the same lookup: the replay needs both at
-    every landing instant, and the lookups are the cost."""
+    """``Workload.peaks`` for every window (rows) and guest (columns): the peak of the
+    samples after the one in force at a window's start, up to the one in force at its
+    end (that one alone if none is newer, or across a wrap), into ``peaks_out``; and,
+    where ``io_out`` has rows, the I/O rate in force at each time (``trace_block``'s)
+    from the same lookup: the replay needs both at every landing instant, and the
+    lookups are the cost."""
     n = len(offsets_s)
     with_io = len(io_out) > 0
     at = np.zeros(n, dtype=np.int64)

@@ -34,7 +34,7 @@ REUSE_SHIFT_S = 7919.0
 @dataclass(frozen=True, slots=True, eq=False)
 class TraceColumns:
     """Every distinct trace of a workload back to back, for the compiled lookups
-    (``fleet_kernel.trace_block``/``trace_peaks``): guest ``g``'s samples are
+    (``fleet_kernel.trace_block``/``trace_landings``): guest ``g``'s samples are
     ``first[g]`` on, ``count[g]`` of them. Demand as float64 and file I/O summed as
     ``Workload.block``'s numpy path converts and sums them."""
 
@@ -152,24 +152,31 @@ class Workload:
         """``peaks`` and ``block``'s I/O rates at the same increasing times (one column),
         as the replay lands them: compiled, from one lookup per time and guest."""
         if fleet_kernel.AVAILABLE and times_s.dtype == np.float64 and times_s.ndim == 1:
-            c, shape = self.columns, (len(times_s), len(self.traces))
-            peaks, io = np.empty(shape), np.empty(shape)
-            fleet_kernel.trace_landings(
-                float(since_s),
-                times_s,
-                self.offsets_s,
-                c.durations_s,
-                c.first,
-                c.count,
-                c.t_s,
-                c.demand_kib,
-                self.demand_cap_kib,
-                c.io_kib_s,
-                peaks,
-                io,
-            )
-            return peaks, io
+            return self._landings_compiled(since_s, times_s, io_rows=len(times_s))
         return self.peaks(since_s, times_s), self.block(times_s)[1]
+
+    def _landings_compiled(
+        self, since_s: float, times_s: npt.NDArray[np.float64], io_rows: int
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """``fleet_kernel.trace_landings``: the peaks at every time, the I/O rates at the
+        first ``io_rows`` (all of them, or none)."""
+        c, guests = self.columns, len(self.traces)
+        peaks, io = np.empty((len(times_s), guests)), np.empty((io_rows, guests))
+        fleet_kernel.trace_landings(
+            float(since_s),
+            times_s,
+            self.offsets_s,
+            c.durations_s,
+            c.first,
+            c.count,
+            c.t_s,
+            c.demand_kib,
+            self.demand_cap_kib,
+            c.io_kib_s,
+            peaks,
+            io,
+        )
+        return peaks, io
 
     def peaks(self, since_s: float, times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Demand (KiB) each guest's trace reached since the instant before: the peak of
@@ -183,20 +190,7 @@ class Workload:
         a trace's wrap to its start, only the demand in force at each end counts. Times of
         shape (n, n_guests) are each guest's own."""
         if fleet_kernel.AVAILABLE and times_s.dtype == np.float64 and times_s.ndim == 1:
-            c, peaks = self.columns, np.empty((len(times_s), len(self.traces)))
-            fleet_kernel.trace_peaks(
-                float(since_s),
-                times_s,
-                self.offsets_s,
-                c.durations_s,
-                c.first,
-                c.count,
-                c.t_s,
-                c.demand_kib,
-                self.demand_cap_kib,
-                peaks,
-            )
-            return peaks
+            return self._landings_compiled(since_s, times_s, io_rows=0)[0]
         out = np.empty((len(times_s), len(self.traces)))
         for g, trace in enumerate(self.traces):
             edges = np.concatenate([[since_s], times_s if times_s.ndim == 1 else times_s[:, g]])
