@@ -58,13 +58,16 @@ class GuardKernels:
       0..MemTotal (NaN, an unsent stat, is never implausible);
     * ``problem(now_s, last_update_s, stats_period_s, stale_after_periods,
       stale_after_min_s, implausible) -> codes``: 0 fine, 1 missing, 2 stale, 3 implausible;
-    * ``rules(...) -> RuleColumns``: every rule of the guard (``numpy_rules``'s arguments).
+    * ``rules(...) -> RuleColumns``: every rule of the guard (``numpy_rules``'s arguments);
+    * ``needs(actual_kib, available_kib, floor_kib, at_size) -> (need_kib, at_size)``:
+      the shortfall estimate's need of each guest (``numpy_needs``).
     """
 
     name: str
     implausible: Callable[..., IntArray]
     problem: Callable[..., IntArray]
     rules: Callable[..., Any]  # returns RuleColumns' columns, in order
+    needs: Callable[..., tuple[IntArray, BoolArray]]
 
 
 def floor_rule(sla_floor_kib: Any, max_kib: Any, min_guest_kib: int) -> Any:
@@ -193,6 +196,18 @@ def numpy_rules(
     )
 
 
-NUMPY = GuardKernels("numpy", numpy_implausible, numpy_problem, numpy_rules)
+def numpy_needs(
+    actual_kib: IntArray, available_kib: FloatArray, floor_kib: IntArray, held: BoolArray
+) -> tuple[IntArray, BoolArray]:
+    """What no balloon may take from each guest (``overcommitd.shortfall.needs_kib``):
+    its use (``actual - available``) or its floor, the larger, never below 0; ``actual``
+    where ``held`` or where the use is unknown (``available`` NaN). Also returns where
+    each guest counts at its size."""
+    at_size = held | np.isnan(available_kib)
+    need = np.maximum(np.maximum(actual_kib - available_kib, floor_kib), 0)
+    return np.where(at_size, actual_kib, need).astype(np.int64), at_size
+
+
+NUMPY = GuardKernels("numpy", numpy_implausible, numpy_problem, numpy_rules, numpy_needs)
 
 __all__ = ["NUMPY", "WISH_LIMIT_KIB", "GuardKernels", "RuleColumns", "floor_rule"]

@@ -126,15 +126,15 @@ def _decide(
     """The policy's targets for every row (NaN where not eligible or held), by row of
     ``table``; a policy that raises holds every eligible guest."""
     all_in = bool(eligible.all())
-    rows = np.flatnonzero(eligible)
-    sub = table if all_in else table.take(rows)
+    rows = None if all_in else np.flatnonzero(eligible)  # all in (the common case): no copy
     try:
-        result = decide_batch(policy, host, sub, state)
+        result = decide_batch(policy, host, table if rows is None else table.take(rows), state)
     except Exception as e:  # noqa: BLE001 - a policy that raises holds every guest, the loop goes on
         error = f"{type(e).__name__}: {e}"
         log.error("policy %s raised: %s; holding every guest", policy.name, error)
-        return BatchResult(np.full(len(table), np.nan), state, dict.fromkeys(rows.tolist(), error)), error
-    if all_in:
+        held = range(len(table)) if rows is None else rows.tolist()
+        return BatchResult(np.full(len(table), np.nan), state, dict.fromkeys(held, error)), error
+    if rows is None:
         return result, None
     targets = np.full(len(table), np.nan)
     targets[rows] = result.targets_kib

@@ -95,19 +95,19 @@ def needs_kib(
     rules: GuardConfig,
     held: BoolArray,
     kernels: GuardKernels = NUMPY,
-    problem: IntArray | None = None,
+    verdict: GuardOutcome | None = None,
 ) -> tuple[IntArray, BoolArray]:
     """What no balloon may take from each guest (its workload's use or its floor, the
     larger), and which guests count at their current size: not running, stats the guard
-    would not trust (``stats_problem_codes``, or ``problem``: the guard's own at
-    ``now_s``), or ``held`` (excluded, paused: no balloon will move them)."""
-    available_kib = table.stats.available_kib()
-    if problem is None:
-        problem = stats_problem_codes(now_s, table, rules, kernels)
-    at_size = held | ~table.running | (problem != 0) | np.isnan(available_kib)
-    used_kib = table.actual_kib - available_kib  # NaN where unsent: those rows count at their size
-    need = np.maximum(np.maximum(used_kib, floors_kib(table, rules)), 0)
-    return np.where(at_size, table.actual_kib, need).astype(np.int64), at_size
+    would not trust (``stats_problem_codes``), or ``held`` (excluded, paused: no balloon
+    will move them). A ``verdict`` of the control step on this table at ``now_s`` lends
+    its stats judgement and floors instead of working them out again."""
+    if verdict is not None and verdict.now_s == now_s and verdict.rules == rules:
+        problem, floor = verdict.stats_problem, verdict.floor_kib
+    else:
+        problem, floor = stats_problem_codes(now_s, table, rules, kernels), floors_kib(table, rules)
+    at_size = held | ~table.running | (problem != 0)
+    return kernels.needs(table.actual_kib, table.stats.available_kib(), floor, at_size)
 
 
 def estimate_table(
@@ -124,8 +124,7 @@ def estimate_table(
     floors (``loop.table_overrides``), ``held`` marks the rows no balloon will move. Stats
     are judged fresh or stale at ``host.taken_at_s``, as the control step does; a
     ``verdict`` of the step on this table at that instant lends its judgement."""
-    problem = verdict.stats_problem if verdict is not None and verdict.now_s == host.taken_at_s else None
-    need, at_size = needs_kib(host.taken_at_s, table, rules, held, kernels, problem)
+    need, at_size = needs_kib(host.taken_at_s, table, rules, held, kernels, verdict)
     need_kib = int(need.sum())
     own_kib = max(host.used_kib_counting_arc(True) - int(table.actual_kib.sum()), host_own_min_kib, 0)
     short_kib = max(own_kib + need_kib - host.mem_total_kib, 0)

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from overcommitd.config import GuardConfig
 from overcommitd.guard import GuardOutcome, guard_table
 from overcommitd.guard_kernels import NUMPY
-from overcommitd.model import GuestSnapshot
+from overcommitd.model import GuestSnapshot, HostSnapshot
+from overcommitd.shortfall import estimate_table
 from overcommitd.table import GuestTable
 from sim.evaluation import guard_kernels
 from sim.memory import fleet_kernel
@@ -60,3 +61,38 @@ def test_compiled_and_numpy_guard_kernels_give_identical_columns(
 def test_the_replay_runs_the_compiled_kernels_where_numba_is() -> None:
     expected = guard_kernels.COMPILED if fleet_kernel.AVAILABLE else NUMPY
     assert guard_kernels.KERNELS is expected
+
+
+_available = st.one_of(st.just(float("nan")), st.floats(-(2.0**50), 2.0**50, allow_nan=False))
+
+
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 2**42), _available, st.integers(0, 2**42), st.booleans()), min_size=1, max_size=32
+    )
+)
+@settings(max_examples=400, deadline=None)
+def test_compiled_and_numpy_needs_are_identical(rows: list[tuple[int, float, int, bool]]) -> None:
+    """The shortfall's need of each guest, both ways: same values, same dtype."""
+    actual, available, floor, held = (np.array(c) for c in zip(*rows, strict=True))
+    args = (actual.astype(np.int64), available.astype(np.float64), floor.astype(np.int64), held.astype(bool))
+    for a, b in zip(NUMPY.needs(*args), guard_kernels.COMPILED.needs(*args), strict=True):
+        assert a.dtype == b.dtype
+        assert np.array_equal(a, b)
+
+
+@given(rows=st.lists(cases(), min_size=1, max_size=16), rules=rules, data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_the_shortfall_reads_the_steps_verdict_as_it_would_work_it_out(
+    rows: list[Case], rules: GuardConfig, data: st.DataObject
+) -> None:
+    """A verdict lends the shortfall its stats judgement and floors: the same Shortfall
+    as without it, with either kernels."""
+    seen = [data.draw(previous_actual(g)) for g, *_ in rows]
+    verdict = _outcome(rows, seen, rules, NUMPY)
+    table = GuestTable.of([g for g, *_ in rows], auto_deflate_tolerance_kib=rules.auto_deflate_tolerance_kib)
+    host = HostSnapshot(NOW, 64 * 2**30, 16 * 2**30)
+    held = np.array([x for *_, x, _ in rows])
+    plain = estimate_table(host, table, rules, held=held)
+    for kernels in (NUMPY, guard_kernels.COMPILED):
+        assert estimate_table(host, table, rules, held=held, kernels=kernels, verdict=verdict) == plain

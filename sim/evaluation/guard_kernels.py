@@ -195,7 +195,25 @@ def rules(*args: Any) -> RuleColumns:
     )
 
 
-COMPILED = GuardKernels("compiled", implausible, problem, rules)
+@_jit
+def needs(actual_kib: Any, available_kib: Any, floor_kib: Any, held: Any) -> Any:
+    """``numpy_needs``, row by row."""
+    n = len(actual_kib)
+    need = np.empty(n, dtype=np.int64)
+    at_size = np.empty(n, dtype=np.bool_)
+    for i in range(n):
+        available = available_kib[i]
+        at_size[i] = held[i] or math.isnan(available)
+        if at_size[i]:
+            need[i] = actual_kib[i]
+        else:  # as numpy: int - float is float, the floor compares as float, astype truncates
+            need[i] = np.int64(
+                fleet_kernel._max(fleet_kernel._max(actual_kib[i] - available, float(floor_kib[i])), 0.0)
+            )
+    return need, at_size
+
+
+COMPILED = GuardKernels("compiled", implausible, problem, rules, needs)
 KERNELS = COMPILED if fleet_kernel.AVAILABLE else NUMPY
 
 __all__ = ["COMPILED", "KERNELS", "RuleColumns"]

@@ -48,7 +48,8 @@ STATS_PERIOD_S = 2
 # 0.3 s does not divide the stats period, so the rows fall at every tenth of a second of
 # it in turn and place the guests' samples that closely (``sample_phase_s``): every 0.5 s
 # they placed them only to within 0.5 s, and a sample at the spike's steepest (160 MiB/s)
-# was 0.2 s late in the replay, 40 MiB short, and the simulated reaction a tick late.
+# was 0.2 s late in the replay, ~35 MiB short (docs/guest-model.md), and the simulated
+# reaction a tick late.
 RECORD_INTERVAL_S = 0.3
 # The issue's schedule, shortened so both guests (run together) take ~6 minutes under TCG:
 # idle, a ramp to about half the guest in three steps, hold, down, a spike, down.
