@@ -102,7 +102,7 @@ def needs_kib(
     would not trust (``stats_problem_codes``), or ``held`` (excluded, paused: no balloon
     will move them). A ``verdict`` of the control step on this table at ``now_s`` lends
     its stats judgement and floors instead of working them out again."""
-    if verdict is not None and verdict.now_s == now_s and verdict.rules == rules:
+    if verdict is not None and verdict.now_s == now_s and (verdict.rules is rules or verdict.rules == rules):
         problem, floor = verdict.stats_problem, verdict.floor_kib
     else:
         problem, floor = stats_problem_codes(now_s, table, rules, kernels), floors_kib(table, rules)
