@@ -459,7 +459,7 @@ def landed(s: Any, wmark_low: Any, out: Any) -> None:
 
 @_jit
 def advance(
-    s: Any,
+    state: Any,
     dt_s: float,
     move: Any,
     passes: int,
@@ -479,7 +479,10 @@ def advance(
     move (``move_balloons``, ``move``: its scalars), free pages are reported
     (``report_free``), the state every stats sample in the interval sees is written to
     ``sample`` (``sample_stats``), then the workload lands (``land``) and what the
-    scorecard reads of the result is written to ``landed_out`` (``landed``)."""
+    scorecard reads of the result is written to ``landed_out`` (``landed``). ``state``
+    holds ``KernelState``'s arrays in its order as a plain tuple, named here: numba types a
+    plain tuple of arrays at the call in half the time it takes for a NamedTuple."""
+    s = KernelState(*state)
     move_balloons(s, dt_s, move[0], move[1], move[2], move[3])
     report_free(s, passes, report[0], report[1], report[2])
     sample_stats(s, wmark_low, deflate_on_oom_negotiated, sample)

@@ -67,7 +67,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -411,10 +411,12 @@ class Fleet:
             EPSILON_KIB,
         )
 
-    def _kernel_state(self) -> fleet_kernel.KernelState:
+    def _kernel_state(self) -> tuple[npt.NDArray[Any], ...]:
+        """``fleet_kernel.KernelState``'s arrays, in its order, as the plain tuple
+        ``fleet_kernel.advance`` takes."""
         d = self.driver
         assert isinstance(d, BalloonDriver)
-        return fleet_kernel.KernelState(
+        return (
             self.ram,
             self.reserved,
             self.kernel,
