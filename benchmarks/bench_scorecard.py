@@ -16,14 +16,16 @@ import argparse
 import time
 from dataclasses import dataclass, fields, replace
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
 from overcommitd.config import DaemonConfig
 from policies import registry
 from sim.evaluation import metrics
+from sim.evaluation import replay as replay_module
 from sim.evaluation.metrics import GuestTick, Recorder, RunCounters, RunFacts, Scorecard
-from sim.evaluation.replay import ReplaySpec, load_traces, replay
+from sim.evaluation.replay import ReplaySpec, replay
 from sim.memory import traces
 
 
@@ -38,28 +40,31 @@ class Captured:
     g: GuestTick
 
 
+class Capturing(Recorder):
+    """The replay's recorder, keeping a copy of every tick it records."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.captured: list[Captured] = []
+        CAPTURED.append(self)
+
+    def record(self, now_s: float, dt_s: float, *, host_used_kib: float, host_total_kib: float, g: GuestTick) -> None:
+        copied = GuestTick(**{f.name: getattr(g, f.name).copy() for f in fields(GuestTick)})
+        self.captured.append(Captured(now_s, dt_s, host_used_kib, host_total_kib, copied))
+        super().record(now_s, dt_s, host_used_kib=host_used_kib, host_total_kib=host_total_kib, g=g)
+
+
+CAPTURED: list[Capturing] = []
+
+
 def capture(guests: int, hours: float) -> tuple[Recorder, list[Captured]]:
     """The replay's recorder (for its constants) and every scored tick it recorded."""
     spec = ReplaySpec(
         traces=(traces.BUNDLED_DIR / "bitbrains-rnd",), guests=guests, hours=hours, warmup_h=0, overcommit=3.0
     )
-    ticks: list[Captured] = []
-    recorders: list[Recorder] = []
-    original = Recorder.record
-
-    def keep(self: Recorder, now_s: float, dt_s: float, *, host_used_kib: float, host_total_kib: float, g: GuestTick) -> None:
-        copied = GuestTick(**{f.name: getattr(g, f.name).copy() for f in fields(GuestTick)})
-        ticks.append(Captured(now_s, dt_s, host_used_kib, host_total_kib, copied))
-        if not recorders:
-            recorders.append(self)
-        original(self, now_s, dt_s, host_used_kib=host_used_kib, host_total_kib=host_total_kib, g=g)
-
-    Recorder.record = keep  # type: ignore[method-assign]  # a benchmark's capture, undone below
-    try:
+    with mock.patch.object(replay_module, "Recorder", Capturing):
         replay(spec, registry.create("headroom"), DaemonConfig(interval_s=spec.interval_s))
-    finally:
-        Recorder.record = original  # type: ignore[method-assign]
-    return recorders[0], ticks
+    return CAPTURED[-1], CAPTURED[-1].captured
 
 
 def record_all(template: Recorder, ticks: list[Captured], *, compiled: bool) -> tuple[float, Recorder]:
@@ -75,7 +80,9 @@ def card(rec: Recorder, ticks: list[Captured]) -> dict[str, Any]:
     n = len(rec.ram)
     facts = RunFacts(RunCounters.zero(), np.zeros(n), 0, 0.2)
     duration_s = len(ticks) * ticks[0].dt_s
-    result: Scorecard = rec.scorecard("bench", duration_s=duration_s, host_total_kib=ticks[0].host_total_kib, facts=facts)
+    result: Scorecard = rec.scorecard(
+        "bench", duration_s=duration_s, host_total_kib=ticks[0].host_total_kib, facts=facts
+    )
     return replace(result, policy="").as_dict()
 
 
@@ -86,7 +93,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     template, ticks = capture(args.guests, args.hours)
-    print(f"{len(ticks)} scored ticks of {args.guests} guests; compiled path available: {metrics.score_kernel.AVAILABLE}")
+    print(
+        f"{len(ticks)} scored ticks of {args.guests} guests; compiled path available: {metrics.score_kernel.AVAILABLE}"
+    )
     record_all(template, ticks[:2], compiled=True)  # compile (or load the cache) outside the timing
     best: dict[bool, float] = {}
     cards: dict[bool, dict[str, Any]] = {}
@@ -98,8 +107,10 @@ def main() -> None:
     for compiled, label in ((False, "numpy reference"), (True, "compiled")):
         print(f"{label:16s} {1e6 * best[compiled] / len(ticks):7.1f} us/tick CPU (best of {args.repeat})")
     same = repr(cards[False]) == repr(cards[True])
-    print(f"scorecards identical: {same}; demand jumps {cards[True]['demand_jumps']}, "
-          f"degraded {cards[True]['degraded_guest_s']:.0f} guest-s, below floor {cards[True]['below_floor_guest_s']:.0f} guest-s")
+    print(
+        f"scorecards identical: {same}; demand jumps {cards[True]['demand_jumps']}, "
+        f"degraded {cards[True]['degraded_guest_s']:.0f} guest-s, below floor {cards[True]['below_floor_guest_s']:.0f} guest-s"
+    )
 
 
 if __name__ == "__main__":

@@ -61,11 +61,11 @@ def _block(a: Any, lo: int, n: int) -> float:
         r6 += a[lo + i + 6]
         r7 += a[lo + i + 7]
         i += 8
-    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    total: float = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
     while i < n:
-        res += a[lo + i]
+        total += a[lo + i]
         i += 1
-    return res
+    return total
 
 
 @_jit
@@ -74,7 +74,8 @@ def _pairwise(a: Any, lo: int, n: int) -> float:
     two halves' (split at a multiple of 8). numpy recurses; this walks the same tree with
     a stack (numba's cache does not keep recursive functions safely), left half first."""
     if n <= _PAIRWISE_BLOCK:
-        return _block(a, lo, n)
+        block: float = _block(a, lo, n)
+        return block
     depth = 64  # halving from 2**63 elements reaches the block size long before
     los = np.empty(depth, dtype=np.int64)
     ns = np.empty(depth, dtype=np.int64)
