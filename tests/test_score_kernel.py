@@ -174,3 +174,14 @@ def test_a_squeezed_spike_scores_the_same_on_both_paths(tmp_path: Path, monkeypa
     same_result(fast, replay(spec, policy, cfg, loaded=loaded))
     card = fast.scorecard
     assert card.demand_jumps and card.recovery_p50_s > 0 and card.below_floor_guest_s > 0 and card.degraded_guest_s > 0
+
+
+def test_a_tick_with_the_wrong_number_of_guests_is_refused_on_both_paths() -> None:
+    ram = np.full(3, 4 * GIB_KIB)
+    a, short = np.ones(3), np.ones(2)
+    tick = GuestTick(a, a, a, short, a, a, a, np.zeros(3, bool), a, a, a)
+    for compiled in (False, True):
+        with pytest.raises(ValueError):
+            Recorder(ram, np.zeros(3), 1, compiled=compiled).record(
+                10.0, 10.0, host_used_kib=1.0, host_total_kib=2.0, g=tick
+            )

@@ -136,7 +136,22 @@ def record_tick(
     and the totals another because a compiled call costs ~0.3 us per array passed. Writes
     this tick's recoveries, in guest order, to the front of the ``RECOVERED_S`` row;
     returns (recoveries, new jumps)."""
-    n = len(touched)
+    n = state.shape[1]
+    lengths = (
+        len(touched),
+        len(ballooned),
+        len(unbacked),
+        len(reported),
+        len(unserved),
+        len(degraded),
+        len(demand),
+        len(actual),
+        len(available),
+        len(swap_in),
+    )
+    if min(lengths) != n or max(lengths) != n:
+        # numpy would refuse to broadcast them; unchecked, the loops would read past the end
+        raise ValueError("a tick's arrays must have one element per guest")
     acc[SAVED] += (ram_total_kib - pairwise_sum(touched)) * dt_s
     acc[BALLOONED] += pairwise_sum(ballooned) * dt_s
     acc[UNBACKED] += pairwise_sum(unbacked) * dt_s
