@@ -51,9 +51,12 @@ Definitions (all over the replayed span, every guest):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
+
+from sim.evaluation import score_kernel
 
 GIB_KIB = 1024.0 * 1024.0
 MIB_KIB = 1024.0
@@ -135,9 +138,10 @@ class Timeline:
     swap_in_kib: list[npt.NDArray[np.float64]] = field(default_factory=list)  # cumulative, per guest
 
 
-@dataclass(frozen=True, slots=True)
-class GuestTick:
-    """Per-guest state at one scored tick, KiB arrays (``degraded`` a bool array)."""
+class GuestTick(NamedTuple):
+    """Per-guest state at one scored tick, KiB arrays (``degraded`` a bool array). A named
+    tuple, not a frozen dataclass: the replay builds one a tick, and a frozen dataclass's
+    field-by-field ``object.__setattr__`` cost more than twice as much (~8 us at 11 fields)."""
 
     touched_kib: npt.NDArray[np.float64]
     actual_kib: npt.NDArray[np.float64]
@@ -186,36 +190,72 @@ class RunFacts:
 
 
 class Recorder:
-    """Accumulates the scorecard tick by tick, in bulk over guests."""
+    """Accumulates the scorecard tick by tick, in bulk over guests: with numba, one compiled
+    call a tick (``sim.evaluation.score_kernel``); the numpy methods are the reference."""
 
-    def __init__(self, ram_kib: npt.NDArray[np.float64], floor_kib: npt.NDArray[np.float64], n_ticks: int) -> None:
+    def __init__(
+        self,
+        ram_kib: npt.NDArray[np.float64],
+        floor_kib: npt.NDArray[np.float64],
+        n_ticks: int,
+        *,
+        compiled: bool | None = None,
+    ) -> None:
+        n = len(ram_kib)
         self.ram = ram_kib
         self.floor = floor_kib
+        self.compiled = score_kernel.AVAILABLE if compiled is None else compiled and score_kernel.AVAILABLE
         # Per-tick constants, computed once with the very operations ``record`` used.
         self._ram_total_kib = self.ram.sum()
         self._jump_kib = self.ram * JUMP_PCT / 100
         self._recovered_kib = self.ram * RECOVERED_AVAILABLE_PCT / 100
         self.host_used_pct = np.empty(n_ticks)
-        self.saved_kib_s = 0.0
-        self.split_kib_s = np.zeros(3)  # ballooned, unbacked, reported
-        self.unserved_kib_s = 0.0
-        self.degraded_s = 0.0
+        self._acc = np.zeros(score_kernel.N_TOTALS)  # running totals, slots named in score_kernel
+        self._state = np.zeros((score_kernel.N_ROWS, n))  # per guest, rows named in score_kernel
+        self._state[score_kernel.FLOOR] = floor_kib
+        self._state[score_kernel.JUMP] = self._jump_kib
+        self._state[score_kernel.RECOVERED] = self._recovered_kib
+        self.demand_kib_s = self._state[score_kernel.DEMAND_KIB_S]
+        self.prev_demand = self._state[score_kernel.PREV_DEMAND]  # read from the second tick on
+        self.prev_swap_in = self._state[score_kernel.PREV_SWAP_IN]
+        self.jump_started_s = self._state[score_kernel.JUMP_STARTED_S]
+        self.jump_started_s[:] = np.nan
         self.over_100_s = 0.0
         self.over_100_kib_s = 0.0
-        self.demand_kib_s = np.zeros(len(ram_kib))
-        self.below_floor_s = 0.0
         self.ticks = 0
         self.stride = max(1, n_ticks // TIMELINE_POINTS)
         self.timeline = Timeline()
-        self.prev_demand: npt.NDArray[np.float64] | None = None
-        self.jump_started_s = np.full(len(ram_kib), np.nan)
         self.recoveries_s: list[float] = []
         self.last_s = 0.0  # the last scored instant: a jump still unrecovered then counts until it
         self.jumps = 0
-        self.prev_swap_in = np.zeros(len(ram_kib))
         self.short_s = 0.0
         self.short_kib_s = 0.0
         self.short_peak_kib = 0.0
+
+    def _total(self, slot: int) -> float:
+        return float(self._acc[slot])
+
+    @property
+    def saved_kib_s(self) -> float:
+        return self._total(score_kernel.SAVED)
+
+    @property
+    def split_kib_s(self) -> tuple[float, float, float]:
+        """Ballooned, unbacked, reported."""
+        split = self._acc[score_kernel.BALLOONED : score_kernel.REPORTED + 1]
+        return float(split[0]), float(split[1]), float(split[2])
+
+    @property
+    def unserved_kib_s(self) -> float:
+        return self._total(score_kernel.UNSERVED)
+
+    @property
+    def degraded_s(self) -> float:
+        return self._total(score_kernel.DEGRADED)
+
+    @property
+    def below_floor_s(self) -> float:
+        return self._total(score_kernel.BELOW_FLOOR)
 
     def record_shortfall(self, dt_s: float, short_kib: float) -> None:
         """One scored tick's host shortfall (``overcommitd.shortfall``), KiB."""
@@ -227,44 +267,80 @@ class Recorder:
     def record(self, now_s: float, dt_s: float, *, host_used_kib: float, host_total_kib: float, g: GuestTick) -> None:
         self.last_s = now_s
         self.host_used_pct[self.ticks] = 100.0 * host_used_kib / host_total_kib
-        self.saved_kib_s += float(self._ram_total_kib - g.touched_kib.sum()) * dt_s
-        split = (g.ballooned_kib.sum(), g.unbacked_kib.sum(), g.reported_kib.sum())
-        self.split_kib_s += np.array(split, dtype=np.float64) * dt_s
-        self.unserved_kib_s += float(g.unserved_kib.sum()) * dt_s
-        self.degraded_s += float(np.count_nonzero(g.degraded)) * dt_s
+        if self.compiled and _all_float64(g):
+            self._record_compiled(now_s, dt_s, g)
+        else:
+            self._record_numpy(dt_s, g)
+            self._track_recovery_numpy(now_s, g.demand_kib, g.available_kib, g.swap_in_kib)
         if host_used_kib > host_total_kib:
             self.over_100_s += dt_s
             self.over_100_kib_s += (host_used_kib - host_total_kib) * dt_s
-        self.demand_kib_s += g.demand_kib * dt_s
-        self.below_floor_s += float(np.count_nonzero(g.actual_kib < self.floor)) * dt_s
-        self._track_recovery(now_s, g.demand_kib, g.available_kib, g.swap_in_kib)
         if self.ticks % self.stride == 0:
-            tl = self.timeline
-            tl.t_s.append(now_s)
-            tl.host_used_kib.append(host_used_kib)
-            tl.demand_kib.append(g.demand_kib.copy())
-            tl.target_kib.append(g.target_kib.copy())
-            tl.actual_kib.append(g.actual_kib.copy())
-            tl.available_kib.append(g.available_kib.copy())
-            tl.swap_in_kib.append(g.swap_in_kib.copy())
+            self._sample(now_s, host_used_kib, g)
         self.ticks += 1
 
-    def _track_recovery(
+    def _record_compiled(self, now_s: float, dt_s: float, g: GuestTick) -> None:
+        recovered, jumped = score_kernel.record_tick(
+            self._acc,
+            self._state,
+            g.touched_kib,
+            g.ballooned_kib,
+            g.unbacked_kib,
+            g.reported_kib,
+            g.unserved_kib,
+            g.degraded,
+            g.demand_kib,
+            g.actual_kib,
+            g.available_kib,
+            g.swap_in_kib,
+            float(self._ram_total_kib),
+            JUMP_MIN_KIB,
+            now_s,
+            dt_s,
+            self.ticks > 0,
+        )
+        self.jumps += jumped
+        if recovered:
+            self.recoveries_s.extend(self._state[score_kernel.RECOVERED_S, :recovered].tolist())
+
+    def _record_numpy(self, dt_s: float, g: GuestTick) -> None:
+        """The reference of ``score_kernel.record_tick``'s totals."""
+        acc = self._acc
+        acc[score_kernel.SAVED] += float(self._ram_total_kib - g.touched_kib.sum()) * dt_s
+        split = (g.ballooned_kib.sum(), g.unbacked_kib.sum(), g.reported_kib.sum())
+        acc[score_kernel.BALLOONED : score_kernel.REPORTED + 1] += np.array(split, dtype=np.float64) * dt_s
+        acc[score_kernel.UNSERVED] += float(g.unserved_kib.sum()) * dt_s
+        acc[score_kernel.DEGRADED] += float(np.count_nonzero(g.degraded)) * dt_s
+        self.demand_kib_s += g.demand_kib * dt_s
+        acc[score_kernel.BELOW_FLOOR] += float(np.count_nonzero(g.actual_kib < self.floor)) * dt_s
+
+    def _sample(self, now_s: float, host_used_kib: float, g: GuestTick) -> None:
+        tl = self.timeline
+        tl.t_s.append(now_s)
+        tl.host_used_kib.append(host_used_kib)
+        tl.demand_kib.append(g.demand_kib.copy())
+        tl.target_kib.append(g.target_kib.copy())
+        tl.actual_kib.append(g.actual_kib.copy())
+        tl.available_kib.append(g.available_kib.copy())
+        tl.swap_in_kib.append(g.swap_in_kib.copy())
+
+    def _track_recovery_numpy(
         self,
         now_s: float,
         demand: npt.NDArray[np.float64],
         available: npt.NDArray[np.float64],
         swap_in: npt.NDArray[np.float64],
     ) -> None:
-        if self.prev_demand is not None:
+        """The reference of ``score_kernel.record_tick``'s demand jumps and recoveries."""
+        if self.ticks > 0:
             rise = demand - self.prev_demand
             jumped = (rise >= self._jump_kib) & (rise >= JUMP_MIN_KIB) & np.isnan(self.jump_started_s)
             if jumped.any():
                 self.jumps += int(jumped.sum())
                 self.jump_started_s[jumped] = now_s
-        self.prev_demand = demand.copy()
+        self.prev_demand[:] = demand
         ok = (available >= self._recovered_kib) & (swap_in <= self.prev_swap_in)
-        self.prev_swap_in = swap_in.copy()
+        self.prev_swap_in[:] = swap_in
         done = ok & ~np.isnan(self.jump_started_s)
         if done.any():
             self.recoveries_s.extend((now_s - self.jump_started_s[done]).tolist())
@@ -330,3 +406,24 @@ class Recorder:
             host_short_peak_gib=self.short_peak_kib / GIB_KIB,
             host_short_gib_h=self.short_kib_s / gib_h,
         )
+
+
+def _all_float64(g: GuestTick) -> bool:
+    """Whether the compiled path takes this tick: its sums follow numpy's for float64 only
+    (spelt out field by field: a loop over the fields costs several times more a tick)."""
+    dtypes = (
+        g.touched_kib.dtype,
+        g.actual_kib.dtype,
+        g.demand_kib.dtype,
+        g.available_kib.dtype,
+        g.swap_in_kib.dtype,
+        g.unserved_kib.dtype,
+        g.ballooned_kib.dtype,
+        g.unbacked_kib.dtype,
+        g.reported_kib.dtype,
+        g.degraded.dtype,
+    )
+    return dtypes == _KERNEL_DTYPES
+
+
+_KERNEL_DTYPES = (np.dtype(np.float64),) * 9 + (np.dtype(np.bool_),)
