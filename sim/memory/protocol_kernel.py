@@ -222,7 +222,7 @@ def _inflate_run(
         if push_at > alloc_end and not (push_at <= horizon and push_at < next_due):
             break
         cpu_s += alloc_s
-        now = push_at if push_at > alloc_end else alloc_end
+        now = _py_max(alloc_end, push_at)  # _complete: no jump for a push due at once
         if managed_step_kib:
             managed_removed[i] = managed_removed[i] - managed_step_kib
         spare_kib = _moved_one(

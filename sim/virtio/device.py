@@ -389,7 +389,9 @@ class VirtioBalloon:
         self.actual = actuals[-1]
         self.actual_log.extend(zip(at_s, actuals, strict=True))
         ram = self.mem.ram_bytes
-        self.balloon_change_events.extend((at_s[j], ram - (actuals[j] << spec.VIRTIO_BALLOON_PFN_SHIFT)) for j in emitted)
+        self.balloon_change_events.extend(
+            (at_s[j], ram - (actuals[j] << spec.VIRTIO_BALLOON_PFN_SHIFT)) for j in emitted
+        )
         self._event_window_end_s = window_end_s
         if self._event_pending is not None or flush_at_s is not None:
             self._event_pending = ram - (actuals[-1] << spec.VIRTIO_BALLOON_PFN_SHIFT)
