@@ -187,7 +187,14 @@ class FleetMm:
         once, the Fleet's accounting already done (``sim.memory.inflate_runs``): the
         arrays ``alloc_pages`` gave each, the host's releases seen, and the spare KiB
         the last accounting returned, current after ``fleet_changes`` changes."""
-        arrays = [self._fresh(pages) for _ in range(requests)]
+        arrays: list[U32s] = []
+        while len(arrays) < requests:
+            # As many requests as the current run of frames holds, in one ``_fresh``
+            # (one at a time where the next renews the run, as each would alone).
+            fit = (self._next_pfn - (self._run_top - len(self._run) + 1)) // pages
+            n = max(min(requests - len(arrays), fit), 1)
+            block = self._fresh(n * pages)
+            arrays.extend(block[j * pages : (j + 1) * pages] for j in range(n))
         self._released_seen = self.host.released_bytes
         self.balloons.fleet_version += fleet_changes
         self._spare_kib, self._spare_version = spare_kib, self.balloons.fleet_version
