@@ -90,6 +90,7 @@ def fill_run(guest: GuestBalloon, diff: int) -> int:
         list(range(first, first + n * pages, pages)),
         emitted[: run.emitted].tolist(),
         run.window_end_s,
+        run.pending,
         None if math.isnan(run.flush_at_s) else run.flush_at_s,
     )
     world.now_s = run.now_s

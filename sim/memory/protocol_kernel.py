@@ -7,6 +7,11 @@ and how much page cache the pages came from, what the host released). In Python 
 inflate (issue 13 profile: about a quarter of it). This module does the same arithmetic
 in a function numba compiles, one call per request.
 
+A big inflate makes its requests back to back, and where nothing else can happen between
+them, ``inflate_run`` does a whole run of them in one call: the same accounting per
+request, plus the clock and QEMU's BALLOON_CHANGE rate limit (``sim.memory.inflate_runs``
+applies the rest; ``tests/test_inflate_runs.py`` holds it to the per-request path).
+
 ``Fleet.balloon_moved_one`` stays the reference (and the path without numba, or with
 ``OVERCOMMITD_SIM_COMPILED=0``); ``tests/test_protocol_kernel.py`` holds the two to
 bit-identical arrays on arbitrary states. Bit-identity as in ``sim.memory.fleet_kernel``:

@@ -379,13 +379,19 @@ class VirtioBalloon:
         return self._event_window_end_s, self._event_pending is not None
 
     def actuals_written(
-        self, at_s: list[float], actuals: list[int], emitted: list[int], window_end_s: float, flush_at_s: float | None
+        self,
+        at_s: list[float],
+        actuals: list[int],
+        emitted: list[int],
+        window_end_s: float,
+        pending: bool,
+        flush_at_s: float | None,
     ) -> None:
         """``_set_actual`` of each of ``actuals`` (each new) at its instant in ``at_s``,
         from a run of requests done at once, whose BALLOON_CHANGE rate limit the caller
         worked out (``sim.memory.protocol_kernel``): the requests in ``emitted`` sent
-        theirs, the window ends at ``window_end_s``, and a flush was scheduled at
-        ``flush_at_s`` (None: none was). Held if one was, or is, pending."""
+        theirs, the window ends at ``window_end_s``, the last value is held if
+        ``pending``, and the run scheduled the flush at ``flush_at_s`` (None: it did not)."""
         self.actual = actuals[-1]
         self.actual_log.extend(zip(at_s, actuals, strict=True))
         ram = self.mem.ram_bytes
@@ -393,7 +399,7 @@ class VirtioBalloon:
             (at_s[j], ram - (actuals[j] << spec.VIRTIO_BALLOON_PFN_SHIFT)) for j in emitted
         )
         self._event_window_end_s = window_end_s
-        if self._event_pending is not None or flush_at_s is not None:
+        if pending:
             self._event_pending = ram - (actuals[-1] << spec.VIRTIO_BALLOON_PFN_SHIFT)
         if flush_at_s is not None:
             self.world.schedule_at(flush_at_s, self._flush_balloon_change)
