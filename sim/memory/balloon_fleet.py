@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 import sim.virtio.balloon_spec as spec
-from sim.memory import fleet_kernel, protocol_kernel
+from sim.memory import fleet_kernel, inflate_runs, protocol_kernel
 from sim.memory.guest import Array, FixedRow, Fleet, GuestSpec
 from sim.virtio.backing import HostRam
 from sim.virtio.device import StatArrays, VirtioBalloon
@@ -114,6 +114,10 @@ class FleetMm:
         balloon, held = self.balloons.balloon_kib.item(i), self.balloons.held_kib.item(i)
         return spare_kib(self.row, balloon, held, f.anon.item(i), f.cache.item(i), reclaim)
 
+    def fill_spare_kib(self) -> float:
+        """What the next inflate request's allocation finds to take (``alloc_pages``)."""
+        return self._row_spare_kib()
+
     def _fresh(self, k: int) -> U32s:
         """Up to ``k`` never-used frames, top down: a slice of one descending run made
         per ``FRESH_RUN_PAGES`` frames (an arange per 256 requests, not per request).
@@ -168,6 +172,33 @@ class FleetMm:
         released = self.host.released_bytes - self._released_seen
         self._released_seen = self.host.released_bytes
         self._moved(pages * spec.BALLOON_PAGE_KIB, min(released / (pages * spec.BALLOON_PAGE_BYTES), 1.0))
+
+    def fresh_pages_left(self) -> int:
+        """Frames ``alloc_pages`` hands out fresh before reaching the window; 0 while
+        frames given back wait to be reused (those come first)."""
+        return 0 if self._free_stack else self._next_pfn - FIRST_FREE_PFN
+
+    def release_unseen(self) -> bool:
+        """Whether the host released memory no inflate request has accounted yet."""
+        return self.host.released_bytes != self._released_seen
+
+    def taken_at_once(self, requests: int, pages: int, spare_kib: float, fleet_changes: int) -> list[U32s]:
+        """This side of ``requests`` inflate requests of ``pages`` fresh frames done at
+        once, the Fleet's accounting already done (``sim.memory.inflate_runs``): the
+        arrays ``alloc_pages`` gave each, the host's releases seen, and the spare KiB
+        the last accounting returned, current after ``fleet_changes`` changes."""
+        arrays: list[U32s] = []
+        while len(arrays) < requests:
+            # As many requests as the current run of frames holds, in one ``_fresh``
+            # (one at a time where the next renews the run, as each would alone).
+            fit = (self._next_pfn - (self._run_top - len(self._run) + 1)) // pages
+            n = max(min(requests - len(arrays), fit), 1)
+            block = self._fresh(n * pages)
+            arrays.extend(block[j * pages : (j + 1) * pages] for j in range(n))
+        self._released_seen = self.host.released_bytes
+        self.balloons.fleet_version += fleet_changes
+        self._spare_kib, self._spare_version = spare_kib, self.balloons.fleet_version
+        return arrays
 
     def free_pages(self, pfns: U32s) -> None:
         self._free_stack.append(pfns)
@@ -241,6 +272,8 @@ class GuestBalloon:
         self.mm = mm_factory(ram_pages)
         self.mm.host = self.host
         self.driver = LinuxBalloonDriver(world, self.mem, self.device, self.mm)
+        if fleet_kernel.AVAILABLE:
+            self.driver.fill_run = functools.partial(inflate_runs.fill_run, self)
         self.driver.probe()
         if stats_period_s:
             # Polling switched on at the guest's stats phase fires at once, as the bulk

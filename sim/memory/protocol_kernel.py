@@ -7,6 +7,11 @@ and how much page cache the pages came from, what the host released). In Python 
 inflate (issue 13 profile: about a quarter of it). This module does the same arithmetic
 in a function numba compiles, one call per request.
 
+A big inflate makes its requests back to back, and where nothing else can happen between
+them, ``inflate_run`` does a whole run of them in one call: the same accounting per
+request, plus the clock and QEMU's BALLOON_CHANGE rate limit (``sim.memory.inflate_runs``
+applies the rest; ``tests/test_inflate_runs.py`` holds it to the per-request path).
+
 ``Fleet.balloon_moved_one`` stays the reference (and the path without numba, or with
 ``OVERCOMMITD_SIM_COMPILED=0``); ``tests/test_protocol_kernel.py`` holds the two to
 bit-identical arrays on arbitrary states. Bit-identity as in ``sim.memory.fleet_kernel``:
@@ -17,8 +22,16 @@ a NaN comparison), which the reference uses.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
 from sim.memory.fleet_kernel import Array, _jit
 from sim.memory.guest import FixedRow, Fleet
+from sim.virtio.balloon_spec import BALLOON_PAGE_KIB
+from sim.virtio.device import BALLOON_CHANGE_RATE_S
 
 
 @_jit
@@ -138,3 +151,180 @@ def balloon_moved_one(
         row.cache_min_kib,
     )
     return spare_kib
+
+
+class InflateRun(NamedTuple):
+    """What ``inflate_run`` did: ``requests`` whole 256-PFN requests, and the state the
+    last of them left (the caller applies the rest: rings, lists, counters)."""
+
+    requests: int
+    now_s: float
+    cpu_s: float
+    spare_kib: float
+    window_end_s: float  # the BALLOON_CHANGE rate limit's window after the run
+    pending: bool  # a BALLOON_CHANGE value waits for the window's end
+    flush_at_s: float  # when the run scheduled that wait's flush; NaN if it did not
+    emitted: int  # how many entries of ``emitted_at`` hold requests that sent BALLOON_CHANGE
+
+
+@_jit
+def _inflate_run(
+    balloon: Array,
+    held: Array,
+    anon: Array,
+    cache: Array,
+    hot_cache: Array,
+    refault_debt: Array,
+    touched: Array,
+    resident_kib: Array,
+    deflated_free: Array,
+    older_touched: Array,
+    pcp: Array,
+    pcp_cap: Array,
+    managed_removed: Array,
+    i: int,
+    ram_kib: float,
+    base_kib: float,
+    usable_kib: float,
+    min_free_kib: float,
+    cache_min_kib: float,
+    request_kib: float,
+    managed_step_kib: float,
+    release_frac: float,
+    max_requests: int,
+    spare_kib: float,
+    now: float,
+    horizon: float,
+    next_due: float,
+    alloc_s: float,
+    device_s: float,
+    cpu_s: float,
+    window_end_s: float,
+    pending: bool,
+    actual_at_s: Array,
+    emitted_at: npt.NDArray[np.int64],
+) -> tuple[int, float, float, float, float, bool, float, int]:
+    """Up to ``max_requests`` whole inflate requests of ``request_kib``, each only if
+    it runs to its end with nothing due on the World in between: the allocation finds
+    all its pages (``spare_kib`` >= ``request_kib``), and the clock may jump past the
+    allocation (``alloc_s``) and past the device's push (``device_s`` later), as
+    ``World.may_jump_to`` decides: strictly before ``next_due``, not past ``horizon``.
+
+    A request then does what the per-request path does, in its order: the driver's
+    CPU, ``managed_removed`` moved by ``-managed_step_kib`` (a step of 0.0 is
+    DEFLATE_ON_OOM: untouched), the Fleet's accounting (``_moved_one``), ``actual``
+    written at the push's instant (``actual_at_s``), and QEMU's BALLOON_CHANGE rate
+    limit sending it (``emitted_at``) or holding it and scheduling the window's flush,
+    which then bounds the run like any queued event."""
+    flush_at = math.nan
+    done = 0
+    emitted = 0
+    while done < max_requests and spare_kib >= request_kib:
+        alloc_end = now + alloc_s
+        if not (alloc_end <= horizon and alloc_end < next_due):
+            break
+        push_at = alloc_end + device_s
+        if push_at > alloc_end and not (push_at <= horizon and push_at < next_due):
+            break
+        cpu_s += alloc_s
+        now = _py_max(alloc_end, push_at)  # _complete: no jump for a push due at once
+        if managed_step_kib:
+            managed_removed[i] = managed_removed[i] - managed_step_kib
+        spare_kib = _moved_one(
+            balloon,
+            held,
+            anon,
+            cache,
+            hot_cache,
+            refault_debt,
+            touched,
+            resident_kib,
+            deflated_free,
+            older_touched,
+            pcp,
+            pcp_cap,
+            i,
+            request_kib,
+            release_frac,
+            ram_kib,
+            base_kib,
+            usable_kib,
+            min_free_kib,
+            cache_min_kib,
+        )
+        actual_at_s[done] = now
+        if not pending and now >= window_end_s:  # VirtioBalloon._balloon_change
+            emitted_at[emitted] = done
+            emitted += 1
+            window_end_s = now + BALLOON_CHANGE_RATE_S
+        else:
+            if not pending:
+                flush_at = now + _py_max(window_end_s - now, 0.0)
+                next_due = _py_min(next_due, flush_at)
+            pending = True
+        done += 1
+    return done, now, cpu_s, spare_kib, window_end_s, pending, flush_at, emitted
+
+
+class RunClock(NamedTuple):
+    """The World as a run of inflate requests sees it (``World.jump_limits``), and the
+    driver's side of the clock: its CPU total and each request's two durations."""
+
+    now_s: float
+    horizon_s: float
+    next_due_s: float
+    alloc_s: float  # the allocation of one request's pages
+    device_s: float  # kick -> the device's push: notify latency plus the discards
+    cpu_s: float
+
+
+def inflate_run(
+    fleet: Fleet,
+    balloons: tuple[Array, Array, Array],
+    row: FixedRow,
+    i: int,
+    request_pages: int,
+    managed: bool,
+    release_frac: float,
+    max_requests: int,
+    spare_kib: float,
+    clock: RunClock,
+    rate_limit: tuple[float, bool],
+) -> tuple[InflateRun, Array, npt.NDArray[np.int64]]:
+    """``_inflate_run`` over guest ``i``'s arrays (``balloons``: the driver seam's
+    balloon, held and managed-removed arrays); also returns when each request wrote
+    ``actual`` and which requests sent BALLOON_CHANGE."""
+    f = fleet
+    actual_at_s = np.empty(max_requests)
+    emitted_at = np.empty(max_requests, dtype=np.int64)
+    request_kib = float(request_pages * BALLOON_PAGE_KIB)
+    done = _inflate_run(
+        *balloons[:2],
+        f.anon,
+        f.cache,
+        f.hot_cache,
+        f.refault_debt,
+        f.touched,
+        f.balloon_resident,
+        f.deflated_free,
+        f.older_touched,
+        f.pcp,
+        f.pcp_cap,
+        balloons[2],
+        i,
+        row.ram_kib,
+        row.base_kib,
+        row.usable_kib,
+        row.min_free_kib,
+        row.cache_min_kib,
+        request_kib,
+        -request_kib if managed else 0.0,
+        float(release_frac),
+        max_requests,
+        spare_kib,
+        *clock,
+        *rate_limit,
+        actual_at_s,
+        emitted_at,
+    )
+    return InflateRun(*done), actual_at_s, emitted_at

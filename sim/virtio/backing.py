@@ -82,6 +82,18 @@ class HostRam:
         self.released_bytes += freed
         return freed
 
+    def inflate_elements(self, count: int, pfns_each: int) -> int:
+        """``inflate_element`` of ``count`` requests of ``pfns_each`` PFNs each, on 4 KiB
+        backing (every PFN its own host page); returns bytes released by each."""
+        if self.backing.page_bytes != BALLOON_PAGE_BYTES:
+            raise ValueError(f"page_bytes(={self.backing.page_bytes}): only 4 KiB backing releases PFN by PFN")
+        if self.inhibited or not pfns_each:
+            return 0
+        self.discard_calls += count * pfns_each
+        freed = pfns_each * BALLOON_PAGE_BYTES if self.backing.frees() else 0
+        self.released_bytes += count * freed
+        return freed
+
     def _inflate_large(self, pfns: npt.NDArray[np.uint32], per_host: int) -> int:
         """One PartiallyBalloonedPage for the element, over arrays: a run of PFNs in one
         host page with no PFN twice fills the bitmap iff it covers the whole page; every

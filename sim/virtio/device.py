@@ -373,6 +373,37 @@ class VirtioBalloon:
     def _set_poison_val(self, poison_val: int) -> None:
         self.poison_val = poison_val if self.has(spec.VIRTIO_BALLOON_F_PAGE_POISON) else 0
 
+    def balloon_change_window(self) -> tuple[float, bool]:
+        """The BALLOON_CHANGE rate limit: when its window ends, and whether a value is
+        held until then."""
+        return self._event_window_end_s, self._event_pending is not None
+
+    def actuals_written(
+        self,
+        at_s: list[float],
+        actuals: list[int],
+        emitted: list[int],
+        window_end_s: float,
+        pending: bool,
+        flush_at_s: float | None,
+    ) -> None:
+        """``_set_actual`` of each of ``actuals`` (each new) at its instant in ``at_s``,
+        from a run of requests done at once, whose BALLOON_CHANGE rate limit the caller
+        worked out (``sim.memory.protocol_kernel``): the requests in ``emitted`` sent
+        theirs, the window ends at ``window_end_s``, the last value is held if
+        ``pending``, and the run scheduled the flush at ``flush_at_s`` (None: it did not)."""
+        self.actual = actuals[-1]
+        self.actual_log.extend(zip(at_s, actuals, strict=True))
+        ram = self.mem.ram_bytes
+        self.balloon_change_events.extend(
+            (at_s[j], ram - (actuals[j] << spec.VIRTIO_BALLOON_PFN_SHIFT)) for j in emitted
+        )
+        self._event_window_end_s = window_end_s
+        if pending:
+            self._event_pending = ram - (actuals[-1] << spec.VIRTIO_BALLOON_PFN_SHIFT)
+        if flush_at_s is not None:
+            self.world.schedule_at(flush_at_s, self._flush_balloon_change)
+
     def _balloon_change(self, actual_bytes: int) -> None:
         """Emit BALLOON_CHANGE through the monitor's rate limit (monitor/monitor.c:
         BALLOON_CHANGE at most once per 1000 ms): the first goes out at once and opens a

@@ -259,6 +259,9 @@ class LinuxBalloonDriver:
         self.stats_work = WorkItem(world, self.stats_handle_request, cal.STATS_WORK_S)
         self.hint_work = WorkItem(world, self.report_free_page_func)
         self.reporting_work = WorkItem(world, self.page_reporting_process, 0.0)
+        # Whole inflate requests done at once, where nothing can come between them
+        # (``sim.memory.inflate_runs``): given the pages still to go, the pages it took.
+        self.fill_run: Callable[[int], int] | None = None
         self.puff_count = 0  # "Out of puff!" messages (rate-limited in dmesg, all counted here)
         self.puff_sleep_s = 0.0  # guest time spent in msleep(200) after a failed allocation
         self.cpu_s = 0.0  # guest CPU the driver burnt: allocations (failed ones too), releases
@@ -377,6 +380,8 @@ class LinuxBalloonDriver:
         """The work item: one bounded step toward the target, ``actual`` written, and
         re-queued while the target is not met (so big changes go 256 PFNs at a time)."""
         diff = self.towards_target()
+        if diff > spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX and self.fill_run is not None:
+            diff -= self.fill_run(diff)  # the runs before this one, at once
         if diff > 0:
             diff -= yield from self.fill_balloon(diff)
         elif diff < 0:
@@ -409,6 +414,23 @@ class LinuxBalloonDriver:
             yield self.acked
         self.mm.balloon_taken(got)
         return got
+
+    def filled_at_once(self, arrays: list[U32s], cpu_s: float) -> int:
+        """The driver's side of whole inflate requests done at once, one PFN array each,
+        every one posted, served and reaped, the work item re-queued after each
+        (``sim.memory.inflate_runs``): the balloon list, the shared PFN array, the
+        inflate queue, tokens, runs; ``cpu_s`` is the CPU total after them. Returns
+        the descriptor every request used (the device's side replays it too)."""
+        self.balloon.extend(arrays)
+        self.num_pages += sum(len(a) for a in arrays)
+        last = arrays[-1]
+        self.pfns[: len(last)] = last
+        vq = self.vqs["inflateq"]
+        head = vq.replay_served(len(arrays), self.pfns_addr, 4 * len(last))
+        self._token += len(arrays)
+        self.cpu_s = cpu_s
+        self.update_work.runs += len(arrays)
+        return head
 
     def _dequeue(self, num: int) -> U32s:
         """balloon_page_dequeue, ``num`` times: the most recently inflated pages first."""

@@ -34,6 +34,10 @@ class Signal:
     def wait(self, resume: Callable[[], None]) -> None:
         self._waiters.append(resume)
 
+    @property
+    def has_waiters(self) -> bool:
+        return bool(self._waiters)
+
     def fire(self) -> None:
         if not self._waiters:  # the common case: the device answered before anyone waited
             return

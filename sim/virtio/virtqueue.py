@@ -22,6 +22,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from sim.virtio.guestmem import Arena, GuestMemory, GuestMemoryError
 
 # virtio spec §2.7.5 / include/uapi/linux/virtio_ring.h
@@ -242,6 +244,40 @@ class DriverQueue:
         used_flags = U16.unpack_from(self.mem.buf, self.lay.used)[0]
         return not used_flags & VRING_USED_F_NO_NOTIFY
 
+    # runs of requests served at once
+
+    def quiet(self) -> bool:
+        """Nothing added and not yet kicked, nothing in flight, the ring indices in guest
+        memory the ones this side last wrote and read, and the next add is kicked (the
+        device asked for it): where a run of one-descriptor requests, each used and
+        reaped before the next, may be replayed at once (``replay_served``)."""
+        buf = self._buf
+        if self.num_added or self.in_flight or not self.num_free:
+            return False
+        if U16.unpack_from(buf, self._avail_idx_at)[0] != self.avail_idx_shadow:
+            return False
+        if U16.unpack_from(buf, self._used_idx_at)[0] != self.last_used_idx:
+            return False
+        if self.event_idx:
+            return bool(U16.unpack_from(buf, self._avail_event_at)[0] == self.avail_idx_shadow)
+        return not U16.unpack_from(buf, self.lay.used)[0] & VRING_USED_F_NO_NOTIFY
+
+    def replay_served(self, count: int, addr: int, length: int) -> int:
+        """What ``count`` requests of one device-readable buffer leave in this side and
+        its bytes, each added, kicked, used by the device and reaped before the next
+        (from a ``quiet`` queue): every one takes the free list's head and gives it back,
+        so all share one descriptor. Returns that head."""
+        buf, head = self._buf, self.free_head
+        at = self._desc_at + 16 * head
+        DESC.pack_into(buf, at, addr, length, 0, U16.unpack_from(buf, at + 14)[0])  # get_buf restored ``next``
+        _u16s(buf, self._avail_ring_at, self._mask + 1)[_slots(self.avail_idx_shadow, count, self._mask)] = head
+        self.avail_idx_shadow = (self.avail_idx_shadow + count) & 0xFFFF
+        U16.pack_into(buf, self._avail_idx_at, self.avail_idx_shadow)
+        self.last_used_idx = (self.last_used_idx + count) & 0xFFFF
+        if self.event_idx and not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
+            U16.pack_into(buf, self._used_event_at, self.last_used_idx)
+        return head
+
     # reaping
 
     def more_used(self) -> bool:
@@ -450,6 +486,30 @@ class DeviceQueue:
         U16.pack_into(buf, self._used_idx_at, used_idx)
         self.inuse -= 1
 
+    def quiet(self) -> bool:
+        """Every chain the driver made available popped and every popped chain pushed,
+        as far as the ring's indices in guest memory say (see ``DriverQueue.quiet``)."""
+        buf = self._buf
+        return bool(
+            U16.unpack_from(buf, self._avail_idx_at)[0] == self.last_avail_idx
+            and U16.unpack_from(buf, self._used_idx_at)[0] == self.used_idx
+        )
+
+    def replay_served(self, count: int, head: int) -> None:
+        """What ``count`` one-descriptor chains at ``head`` leave in this side and its
+        bytes, each popped, pushed with length 0 and signalled before the next is
+        made available (``DriverQueue.replay_served``)."""
+        buf = self._buf
+        self.last_avail_idx = (self.last_avail_idx + count) & 0xFFFF
+        if self.event_idx:
+            U16.pack_into(buf, self._avail_event_at, self.last_avail_idx)
+        used = _u16s(buf, self._used_ring_at, 4 * (self._mask + 1)).reshape(-1, 4)  # le32 id, le32 len
+        used[_slots(self.used_idx, count, self._mask)] = (head & 0xFFFF, head >> 16, 0, 0)
+        self.used_idx = (self.used_idx + count) & 0xFFFF
+        U16.pack_into(buf, self._used_idx_at, self.used_idx)
+        if self.event_idx:  # should_notify after each push
+            self.signalled_used, self.signalled_used_valid = self.used_idx, True
+
     def rewind(self, count: int) -> None:
         """Make the last ``count`` popped chains available again (``virtqueue_rewind``)."""
         self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
@@ -475,3 +535,15 @@ class DeviceQueue:
                 U16.pack_into(self.mem.buf, self.lay.avail_event, self.avail_idx())
         else:
             U16.pack_into(self.mem.buf, self.lay.used, 0 if enable else VRING_USED_F_NO_NOTIFY)
+
+
+def _u16s(buf: bytearray, addr: int, count: int) -> np.ndarray[tuple[int], np.dtype[np.uint16]]:
+    """``count`` le16 at ``addr`` as a numpy view: writing it writes guest memory."""
+    return np.frombuffer(buf, dtype="<u2", count=count, offset=addr)
+
+
+def _slots(first_idx: int, count: int, mask: int) -> slice | np.ndarray[tuple[int], np.dtype[np.int64]]:
+    """The ring slots of ``count`` consecutive free-running indices from ``first_idx``."""
+    if count > mask:
+        return slice(None)  # every slot: the last write to each is the same value anyway
+    return (first_idx + np.arange(count)) & mask

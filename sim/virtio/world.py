@@ -62,6 +62,14 @@ class World:
         queue = self._queue
         return self._in_event and self.jumps and at_s <= self._horizon_s and (not queue or at_s < queue[0][0])
 
+    def jump_limits(self) -> tuple[float, float] | None:
+        """``may_jump_to``'s bounds for a run of jumps decided at once: (the horizon,
+        which a jump may reach; the next queued event's time, which it must stay
+        strictly before), or None where no jump may be taken."""
+        if not (self._in_event and self.jumps):
+            return None
+        return self._horizon_s, self.peek()
+
     def peek(self) -> float:
         """When the next event is due; infinity if none is."""
         return self._queue[0][0] if self._queue else float("inf")
