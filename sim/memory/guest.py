@@ -84,6 +84,7 @@ Array = npt.NDArray[np.float64]
 T = TypeVar("T", Array, float)
 OOM_STEP_KIB = 256 * 4  # VIRTIO_BALLOON_OOM_NR_PAGES x 4 KiB, per OOM notification
 EPSILON_KIB = 1.0
+_OOM_DEFLATES = fleet_kernel.KernelState._fields.index("oom_deflates")  # a field's place in the kernel's state
 REPORT_BLOCK_KIB = 4 << PAGEBLOCK_ORDER  # free page reporting's order-9 blocks: 2 MiB
 # ``fleet_kernel.advance``'s scalars for one interval length: move, report passes, report, land.
 KernelScalars = tuple[
@@ -265,6 +266,7 @@ class Fleet:
         self._sample = StatArrays.of_block(self._sample_rows)
         self._scalars_by_dt: dict[float, KernelScalars] = {}
         self._landed: Array | None = None  # ``landed``, from the last compiled advance
+        self._idle_driver: tuple[Array, npt.NDArray[np.bool_], Array, Array] | None = None  # see ``_land_state``
 
     # -- what the guest shows ------------------------------------------------------
 
@@ -341,7 +343,8 @@ class Fleet:
         self._report_free(dt_s)
         if between is not None:
             between(self.stats)
-        self.land_workload(dt_s, demand_kib, read_kib_s)
+        if not (self.compiled and self._land_compiled(dt_s, demand_kib, read_kib_s)):
+            self.land_workload(dt_s, demand_kib, read_kib_s)
 
     def _advance_compiled(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
         """``advance`` through the compiled kernel, in one call (``fleet_kernel.advance``):
@@ -368,6 +371,37 @@ class Fleet:
             self.degraded,
             self._landed,
         )
+
+    def _land_compiled(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> bool:
+        """``land_workload`` through the compiled ``fleet_kernel.land`` for a driver that
+        moves its balloons on its own clock (the protocol model's). The kernel releases
+        no hint blocks and deflates on OOM as the bulk driver would, so it stands in only
+        where neither happens: no block held before, no OOM deflate after (any would show
+        in ``oom_deflates``). Otherwise every array it wrote is put back and False
+        returned: the reference runs, with the driver's own OOM notifier."""
+        if self.driver.held_kib.any():
+            return False
+        state = self._land_state()
+        before = [a.copy() for a in state]
+        unserved, degraded = np.empty_like(self.ram), np.empty(len(self.ram), dtype=bool)
+        demand = np.ascontiguousarray(demand_kib, dtype=np.float64)
+        read = np.ascontiguousarray(read_kib_s, dtype=np.float64)
+        fleet_kernel.land(state, demand, read, dt_s, *self._kernel_scalars(dt_s)[3], unserved, degraded)
+        if not np.array_equal(state.oom_deflates, before[_OOM_DEFLATES]):
+            for now, was in zip(state, before, strict=True):
+                now[...] = was
+            return False
+        self.unserved_kib, self.degraded = unserved, degraded
+        return True
+
+    def _land_state(self) -> fleet_kernel.KernelState:
+        """``_kernel_state`` for a driver other than the bulk one: idle stand-ins for
+        the bulk driver's own fields, which ``land`` touches only to deflate on OOM
+        (and then ``_land_compiled`` puts everything back)."""
+        n = len(self.ram)
+        if self._idle_driver is None:
+            self._idle_driver = (np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n))
+        return self._state_with(*self._idle_driver)
 
     def land_workload(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
         """The interval's workload and the pressure it causes, at its end. The reference:
@@ -414,6 +448,13 @@ class Fleet:
     def _kernel_state(self) -> fleet_kernel.KernelState:
         d = self.driver
         assert isinstance(d, BalloonDriver)
+        return self._state_with(d.num_pages_kib, d.waiting_for_config, d.puff_clock_s, d.puff_retries)
+
+    def _state_with(
+        self, num_pages_kib: Array, waiting_for_config: npt.NDArray[np.bool_], puff_clock_s: Array, puff_retries: Array
+    ) -> fleet_kernel.KernelState:
+        """The kernel's view of the Fleet and its driver, given the bulk driver's own fields."""
+        d = self.driver
         return fleet_kernel.KernelState(
             self.ram,
             self.reserved,
@@ -446,10 +487,10 @@ class Fleet:
             self.own_refault_kib,
             d.balloon_kib,
             d.held_kib,
-            d.num_pages_kib,
-            d.waiting_for_config,
-            d.puff_clock_s,
-            d.puff_retries,
+            num_pages_kib,
+            waiting_for_config,
+            puff_clock_s,
+            puff_retries,
             self.release_frac,
             self.reporting & ~d.reports_itself,
         )
