@@ -6,6 +6,7 @@ stats exchange's packed entries and parsed buffers kept between exchanges."""
 from __future__ import annotations
 
 import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings

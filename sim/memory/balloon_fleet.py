@@ -322,11 +322,12 @@ class ProtocolBalloons:
             if cached is not None and np.array_equal(kept, cached[1]):
                 # A new instant, the same values (the Fleet moves once a tick, the timers
                 # fire twice): the rows, and the entries packed from them, still hold.
-                self._stats_rows = (stats, cached[1], cached[2])
+                cached = (stats, cached[1], cached[2])
             else:
-                self._stats_rows = (stats, kept, [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()])
+                cached = (stats, kept, [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()])
                 self._packed_stats = [None] * len(self._packed_stats)
-        return self._stats_rows[2]
+            self._stats_rows = cached
+        return cached[2]
 
     def packed_stats(self, i: int) -> bytes:
         """Guest ``i``'s ``stats_rows`` entries packed as its driver writes them: the
