@@ -345,6 +345,10 @@ class ProtocolBalloons:
     def puff_retries(self) -> Array:
         return np.array([g.driver.puff_count for g in self.guests], dtype=np.float64)
 
+    @property
+    def notifier_kib(self) -> Array:
+        return np.array([g.driver.num_pages * spec.BALLOON_PAGE_KIB for g in self.guests], dtype=np.float64)
+
     def config_changed(self, i: int, num_pages_kib: float) -> None:
         """The host writes guest ``i``'s ``num_pages`` (in KiB here) and interrupts."""
         self.guests[i].device.set_num_pages(int(num_pages_kib) // spec.BALLOON_PAGE_KIB)

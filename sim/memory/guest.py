@@ -84,7 +84,9 @@ Array = npt.NDArray[np.float64]
 T = TypeVar("T", Array, float)
 OOM_STEP_KIB = 256 * 4  # VIRTIO_BALLOON_OOM_NR_PAGES x 4 KiB, per OOM notification
 EPSILON_KIB = 1.0
-_OOM_DEFLATES = fleet_kernel.KernelState._fields.index("oom_deflates")  # a field's place in the kernel's state
+# Where two fields sit in the kernel's state (``Fleet._land_compiled`` checks them).
+_OOM_DEFLATES = fleet_kernel.KernelState._fields.index("oom_deflates")
+_KERNEL_BALLOON = fleet_kernel.KernelState._fields.index("balloon")
 REPORT_BLOCK_KIB = 4 << PAGEBLOCK_ORDER  # free page reporting's order-9 blocks: 2 MiB
 # ``fleet_kernel.advance``'s scalars for one interval length: move, report passes, report, land.
 KernelScalars = tuple[
@@ -374,20 +376,31 @@ class Fleet:
 
     def _land_compiled(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> bool:
         """``land_workload`` through the compiled ``fleet_kernel.land`` for a driver that
-        moves its balloons on its own clock (the protocol model's). The kernel releases
-        no hint blocks and deflates on OOM as the bulk driver would, so it stands in only
-        where neither happens: no block held before, no OOM deflate after (any would show
-        in ``oom_deflates``). Otherwise every array it wrote is put back and False
-        returned: the reference runs, with the driver's own OOM notifier."""
-        if self.driver.held_kib.any():
+        moves its balloons on its own clock (the protocol model's); False where the
+        reference must run instead, with the driver's own shrinker and OOM notifier.
+
+        The kernel releases no hint blocks, and deflates on OOM as the bulk driver
+        would: from ``balloon_kib``, in one step. So it stands in where no block is held
+        and it gives back on OOM exactly what the notifier would: nothing. Where every
+        DEFLATE_ON_OOM balloon is empty, neither can give anything; where some is not,
+        the arrays are kept first and put back if the kernel deflated (``balloon_kib``
+        or ``oom_deflates`` moved). A balloon whose pages still await the host's ack
+        (the notifier has some, ``balloon_kib`` none) is the reference's alone."""
+        d, oom = self.driver, self.deflate_on_oom
+        if d.held_kib.any() or not np.isfinite(d.balloon_kib).all():
+            return False
+        ballooned = d.balloon_kib != 0
+        if (oom & ~ballooned & (d.notifier_kib > 0)).any():
             return False
         state = self._land_state()
-        before = [a.copy() for a in state]
+        before = [a.copy() for a in state] if (oom & ballooned).any() else None
         unserved, degraded = np.empty_like(self.ram), np.empty(len(self.ram), dtype=bool)
         demand = np.ascontiguousarray(demand_kib, dtype=np.float64)
         read = np.ascontiguousarray(read_kib_s, dtype=np.float64)
         fleet_kernel.land(state, demand, read, dt_s, *self._kernel_scalars(dt_s)[3], unserved, degraded)
-        if not np.array_equal(state.oom_deflates, before[_OOM_DEFLATES]):
+        if before is not None and not all(
+            np.array_equal(state[k], before[k]) for k in (_OOM_DEFLATES, _KERNEL_BALLOON)
+        ):
             for now, was in zip(state, before, strict=True):
                 now[...] = was
             return False

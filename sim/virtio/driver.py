@@ -69,6 +69,12 @@ class FleetDriver(Protocol):
         """Retries after "Out of puff!" so far, per guest."""
         ...
 
+    @property
+    def notifier_kib(self) -> Array:
+        """What the OOM notifier could take back now: the pages on the driver's balloon
+        list, the host's ack awaited or not."""
+        ...
+
     def config_changed(self, i: int, num_pages_kib: float) -> None:
         """The host wrote ``num_pages`` and raised the config interrupt."""
         ...
@@ -104,6 +110,10 @@ class BalloonDriver:
         """What adjust_managed_page_count() took out of MemTotal: the balloon, unless
         DEFLATE_ON_OOM was negotiated."""
         return np.where(self.deflate_on_oom_negotiated, 0.0, self.balloon_kib)
+
+    @property
+    def notifier_kib(self) -> Array:
+        return self.balloon_kib
 
     def config_changed(self, i: int | npt.NDArray[np.int64], num_pages_kib: float | Array) -> None:
         """Config interrupt: the host wrote ``num_pages`` (even the same value again)."""
