@@ -282,7 +282,7 @@ class ProtocolBalloons:
         self._copied_updates = [0] * n
         self.fleet_version = 0
         self._fleet_stats: tuple[float, int, StatArrays] | None = None
-        self._stats_rows: tuple[StatArrays, npt.NDArray[np.int64], list[list[int]]] | None = None
+        self._stats_rows: tuple[StatArrays, bytes, list[list[int]]] | None = None
         self._packed_stats: list[bytes | None] = [None] * n  # per guest, for ``_stats_rows``
         fleet.driver = self  # the Fleet's driver seam (``sim.virtio.driver.FleetDriver``), protocol speed
         self.guests = [
@@ -319,12 +319,13 @@ class ProtocolBalloons:
             kept = (np.array([getattr(stats, name) for name in _STAT_NAMES]) * _STAT_UNITS).astype(
                 np.int64
             )  # truncates
-            if cached is not None and np.array_equal(kept, cached[1]):
+            kept_bytes = kept.tobytes()  # the values, compared in one call (same shape each time)
+            if cached is not None and kept_bytes == cached[1]:
                 # A new instant, the same values (the Fleet moves once a tick, the timers
                 # fire twice): the rows, and the entries packed from them, still hold.
                 cached = (stats, cached[1], cached[2])
             else:
-                cached = (stats, kept, [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()])
+                cached = (stats, kept_bytes, [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()])
                 self._packed_stats = [None] * len(self._packed_stats)
             self._stats_rows = cached
         return cached[2]

@@ -303,19 +303,23 @@ class Fleet:
     def mem_available(self) -> Array:
         """MemAvailable as si_mem_available() (mm/page_alloc.c, 6.1) estimates it: free
         less totalreserve_pages, plus the page cache less min(half of it, the low watermarks)."""
-        free = self.mem_free()
+        return self._mem_available(self.mem_free())
+
+    def _mem_available(self, free: Array) -> Array:
+        """``mem_available`` from ``mem_free`` already computed."""
         return np.maximum(free - self.min_free + self.cache - np.minimum(self.cache / 2, self.wmark_low), 0.0)
 
     def stats(self) -> StatArrays:
         """What each guest's stats would report now, by ``GuestStats`` field."""
+        free = self.mem_free()  # once: MemAvailable starts from it
         return StatArrays(
             swap_in_kib=self.swap_in,
             swap_out_kib=self.swap_out,
             major_faults=self.major_faults,
             minor_faults=self.minor_faults,
-            mem_free_kib=self.mem_free(),
+            mem_free_kib=free,
             mem_total_kib=self.mem_total(),
-            mem_available_kib=self.mem_available(),
+            mem_available_kib=self._mem_available(free),
             disk_caches_kib=self.cache,
             oom_kills=self.oom_kills,
         )
