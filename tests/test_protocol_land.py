@@ -175,3 +175,35 @@ def test_device_parses_each_buffer_as_afresh(order: list[int], data: st.DataObje
         while g.device.stats_updates == updates:
             balloons.world.step()
         assert g.device.stats == parsed_afresh(buffers[k])
+
+
+@compiled_only
+@pytest.mark.parametrize("moment", ["in flight", "ballooned"])
+@pytest.mark.parametrize("demand_gib", [0.5, 8.0])
+def test_oom_landings_with_a_ballooned_guest(moment: str, demand_gib: float) -> None:
+    """A DEFLATE_ON_OOM guest with pages in its balloon, caught while a request still
+    awaits the host's ack or after it, under a demand it holds or one that needs the OOM
+    notifier: whichever path lands it, the result is the reference's."""
+    specs = [GuestSpec("0", "g0", 2 * GIB_KIB, deflate_on_oom=True), GuestSpec("1", "g1", 2 * GIB_KIB)]
+    ref, fast = protocol_twins(specs)
+    for hv in (ref, fast):
+        hv.world.jumps = False  # every continuation queued: a request in flight can be seen between events
+        hv.set_target("0", GIB_KIB)
+    balloons = fast.device
+    assert isinstance(balloons, ProtocolBalloons)
+
+    def caught() -> bool:
+        in_flight = balloons.notifier_kib[0] != balloons.balloon_kib[0]
+        return (
+            bool(in_flight and balloons.balloon_kib[0] == 0) if moment == "in flight" else balloons.balloon_kib[0] > 0
+        )
+
+    while not caught():
+        for hv in (ref, fast):
+            hv.world.step()
+    demand = np.array([demand_gib * GIB_KIB, 0.25 * GIB_KIB])
+    for hv in (ref, fast):
+        hv.fleet.advance(10.0, demand, np.zeros(2))
+    assert differences(ref, fast) == []
+    # The big demand needs the notifier, which also takes pages still awaiting the host.
+    assert (ref.fleet.oom_deflates[0] > 0) == (demand_gib > 1)
