@@ -51,8 +51,7 @@ _TAG_OF = {
 }
 
 # ``_TAG_OF`` in the row order of a ``StatArrays`` block: the host's copy in one store.
-_BLOCK_TAGS = np.array([_TAG_OF[name][0] for name in STAT_ARRAY_NAMES])
-_BLOCK_UNITS = np.array([_TAG_OF[name][1] for name in STAT_ARRAY_NAMES], dtype=np.uint64)
+_BLOCK_TAG_UNITS = tuple(_TAG_OF[name] for name in STAT_ARRAY_NAMES)
 
 
 # The 16 entries update_balloon_stats() writes, in Linux's order (vm events first):
@@ -404,12 +403,14 @@ class ProtocolBalloons:
         devices = [self.guests[i].device for i in fresh]
         for i, d in zip(fresh, devices):
             self._copied_updates[i] = d.stats_updates
-        self.last_update_s[fresh] = [d.stats_last_update_s for d in devices]
-        received = np.array([d.stats for d in devices], dtype=np.uint64)  # u64: "-1" is 2**64 - 1
+        # Each guest polls every tick or two: usually all are fresh, and a slice stores faster.
+        cols: list[int] | slice = slice(None) if len(fresh) == len(self.guests) else fresh
+        self.last_update_s[cols] = [d.stats_last_update_s for d in devices]
         block = self.stats.block
         assert block is not None  # ``StatArrays.zeros`` made it
-        # Every stat of every fresh guest in one division and one store (rows in block order).
-        block[:, fresh] = (received[:, _BLOCK_TAGS] // _BLOCK_UNITS).T
+        # The u64 values ("-1" is 2**64 - 1) divided as Python ints, exactly, and rounded
+        # to float once, as numpy's u64 -> f64 cast rounds: one store, rows in block order.
+        block[:, cols] = np.array([[float(d.stats[t] // u) for t, u in _BLOCK_TAG_UNITS] for d in devices]).T
 
     def has_stats(self) -> npt.NDArray[np.bool_]:
         return np.asarray(np.isfinite(self.last_update_s), dtype=bool)
