@@ -5,6 +5,7 @@ stats exchange's packed entries and parsed buffers kept between exchanges."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -170,7 +171,7 @@ def test_device_parses_each_buffer_as_afresh(order: list[int], data: st.DataObje
     g = balloons.guests[0]
     g.device.set_stats_poll_interval(1)
     for k in order:
-        g.driver._packed_stats = lambda k=k: buffers[k]  # type: ignore[method-assign]
+        g.driver._packed_stats = functools.partial(bytes, buffers[k])  # the guest's next buffer
         updates = g.device.stats_updates
         while g.device.stats_updates == updates:
             balloons.world.step()
