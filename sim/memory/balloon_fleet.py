@@ -17,6 +17,7 @@ device seam SimHypervisor uses (``set_target``, ``stats``, ``last_update_s``, ..
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -26,7 +27,7 @@ import sim.virtio.balloon_spec as spec
 from sim.memory import fleet_kernel, inflate_runs, protocol_kernel
 from sim.memory.guest import Array, FixedRow, Fleet, GuestSpec
 from sim.virtio.backing import HostRam
-from sim.virtio.device import StatArrays, VirtioBalloon
+from sim.virtio.device import STAT_ARRAY_NAMES, StatArrays, VirtioBalloon
 from sim.virtio.driver import LinuxBalloonDriver
 from sim.virtio.guestmem import GuestMemory
 from sim.virtio.world import World
@@ -48,6 +49,9 @@ _TAG_OF = {
     "disk_caches_kib": (spec.VIRTIO_BALLOON_S_CACHES, 1024),
     "oom_kills": (spec.VIRTIO_BALLOON_S_OOM_KILL, 1),
 }
+
+# ``_TAG_OF`` in the row order of a ``StatArrays`` block: the host's copy in one store.
+_BLOCK_TAG_UNITS = tuple(_TAG_OF[name] for name in STAT_ARRAY_NAMES)
 
 
 # The 16 entries update_balloon_stats() writes, in Linux's order (vm events first):
@@ -71,6 +75,7 @@ _STAT_ROW: tuple[tuple[int, str | None, int], ...] = (
     (spec.VIRTIO_BALLOON_S_CACHES, "disk_caches_kib", 1024),
 )
 _STAT_TAGS = tuple(tag for tag, _, _ in _STAT_ROW)
+_STATS_ENTRIES = spec.stats_array(len(_STAT_ROW))
 _UNKEPT = [0] * 7  # the 7 counters between oom_kills and mem_free the model keeps at 0
 assert [name is None for _, name, _ in _STAT_ROW] == [False] * 5 + [True] * 7 + [False] * 4
 _STAT_NAMES = [name for _, name, _ in _STAT_ROW if name is not None]
@@ -214,6 +219,11 @@ class FleetMm:
         guest's rows are built at once, in numpy, by ``ProtocolBalloons.stats_rows``)."""
         return list(zip(_STAT_TAGS, self.balloons.stats_rows()[self.i]))
 
+    def packed_stats(self) -> bytes:
+        """``vm_stats`` as the driver writes it into its buffer (``virtio_balloon_stat``
+        entries back to back), packed once per change of the guest's stats."""
+        return self.balloons.packed_stats(self.i)
+
     # free page hinting: blocks taken without reclaim, held until DONE
 
     def alloc_block(self, order: int) -> int | None:
@@ -304,7 +314,8 @@ class ProtocolBalloons:
         self._copied_updates = [0] * n
         self.fleet_version = 0
         self._fleet_stats: tuple[float, int, StatArrays] | None = None
-        self._stats_rows: tuple[StatArrays, list[list[int]]] | None = None
+        self._stats_rows: tuple[StatArrays, bytes, list[list[int]]] | None = None
+        self._packed_stats: list[bytes | None] = [None] * n  # per guest, for ``_stats_rows``
         fleet.driver = self  # the Fleet's driver seam (``sim.virtio.driver.FleetDriver``), protocol speed
         self.guests = [
             GuestBalloon(world, s, functools.partial(FleetMm, fleet, self, i), stats_period_s=int(stats_period_s))
@@ -335,18 +346,41 @@ class ProtocolBalloons:
         ``fleet_stats`` and computed as often: one numpy pass instead of one dict per
         guest per gather. Truncated toward zero, as ``int()`` of each float would be."""
         stats = self.fleet_stats()
-        if self._stats_rows is None or self._stats_rows[0] is not stats:
+        cached = self._stats_rows
+        if cached is None or cached[0] is not stats:
             kept = (np.array([getattr(stats, name) for name in _STAT_NAMES]) * _STAT_UNITS).astype(
                 np.int64
             )  # truncates
-            self._stats_rows = (stats, [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()])
-        return self._stats_rows[1]
+            kept_bytes = kept.tobytes()  # the values, compared in one call (same shape each time)
+            if cached is not None and kept_bytes == cached[1]:
+                # A new instant, the same values (the Fleet moves once a tick, the timers
+                # fire twice): the rows, and the entries packed from them, still hold.
+                cached = (stats, cached[1], cached[2])
+            else:
+                cached = (stats, kept_bytes, [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()])
+                self._packed_stats = [None] * len(self._packed_stats)
+            self._stats_rows = cached
+        return cached[2]
+
+    def packed_stats(self, i: int) -> bytes:
+        """Guest ``i``'s ``stats_rows`` entries packed as its driver writes them: the
+        bytes of ``spec.stats_array`` over (tag, value) pairs, made once per change."""
+        row = self.stats_rows()[i]
+        packed = self._packed_stats[i]
+        if packed is None:
+            packed = _STATS_ENTRIES.pack(*itertools.chain.from_iterable(zip(_STAT_TAGS, row)))
+            self._packed_stats[i] = packed
+        return packed
 
     # -- the driver seam (Fleet) ---------------------------------------------------
 
     @property
     def puff_retries(self) -> Array:
         return np.array([g.driver.puff_count for g in self.guests], dtype=np.float64)
+
+    @property
+    def notifier_kib(self) -> Array:
+        return np.array([g.driver.num_pages * spec.BALLOON_PAGE_KIB for g in self.guests], dtype=np.float64)
 
     def config_changed(self, i: int, num_pages_kib: float) -> None:
         """The host writes guest ``i``'s ``num_pages`` (in KiB here) and interrupts."""
@@ -402,10 +436,14 @@ class ProtocolBalloons:
         devices = [self.guests[i].device for i in fresh]
         for i, d in zip(fresh, devices):
             self._copied_updates[i] = d.stats_updates
-        self.last_update_s[fresh] = [d.stats_last_update_s for d in devices]
-        received = np.array([d.stats for d in devices], dtype=np.uint64)  # u64: "-1" is 2**64 - 1
-        for name, (tag, unit) in _TAG_OF.items():
-            getattr(self.stats, name)[fresh] = received[:, tag] // np.uint64(unit)
+        # Each guest polls every tick or two: usually all are fresh, and a slice stores faster.
+        cols: list[int] | slice = slice(None) if len(fresh) == len(self.guests) else fresh
+        self.last_update_s[cols] = [d.stats_last_update_s for d in devices]
+        block = self.stats.block
+        assert block is not None  # ``StatArrays.zeros`` made it
+        # The u64 values ("-1" is 2**64 - 1) divided as Python ints, exactly, and rounded
+        # to float once, as numpy's u64 -> f64 cast rounds: one store, rows in block order.
+        block[:, cols] = np.array([[float(d.stats[t] // u) for t, u in _BLOCK_TAG_UNITS] for d in devices]).T
 
     def has_stats(self) -> npt.NDArray[np.bool_]:
         return np.asarray(np.isfinite(self.last_update_s), dtype=bool)

@@ -443,6 +443,25 @@ def sample_stats(s: Any, wmark_low: Any, deflate_on_oom_negotiated: Any, out: An
 
 
 @_jit
+def land_state(
+    state: Any,
+    demand: Any,
+    read: Any,
+    dt_s: float,
+    cooling: float,
+    swap_touch: float,
+    reread_share: float,
+    oom_step_kib: float,
+    epsilon_kib: float,
+    unserved: Any,
+    degraded: Any,
+) -> None:
+    """``land`` on ``KernelState``'s arrays as a plain tuple, as ``advance`` takes them."""
+    s = KernelState(*state)
+    land(s, demand, read, dt_s, cooling, swap_touch, reread_share, oom_step_kib, epsilon_kib, unserved, degraded)
+
+
+@_jit
 def landed(s: Any, wmark_low: Any, out: Any) -> None:
     """``Fleet.mem_available`` and ``Fleet.saved_split`` into ``out``'s four rows
     (available, ballooned, unbacked, reported), as the reference computes them."""

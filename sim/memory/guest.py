@@ -84,6 +84,9 @@ Array = npt.NDArray[np.float64]
 T = TypeVar("T", Array, float)
 OOM_STEP_KIB = 256 * 4  # VIRTIO_BALLOON_OOM_NR_PAGES x 4 KiB, per OOM notification
 EPSILON_KIB = 1.0
+# Where two fields sit in the kernel's state (``Fleet._land_compiled`` checks them).
+_OOM_DEFLATES = fleet_kernel.KernelState._fields.index("oom_deflates")
+_KERNEL_BALLOON = fleet_kernel.KernelState._fields.index("balloon")
 REPORT_BLOCK_KIB = 4 << PAGEBLOCK_ORDER  # free page reporting's order-9 blocks: 2 MiB
 # ``fleet_kernel.advance``'s scalars for one interval length: move, report passes, report, land.
 KernelScalars = tuple[
@@ -265,6 +268,7 @@ class Fleet:
         self._sample = StatArrays.of_block(self._sample_rows)
         self._scalars_by_dt: dict[float, KernelScalars] = {}
         self._landed: Array | None = None  # ``landed``, from the last compiled advance
+        self._idle_driver: tuple[Array, npt.NDArray[np.bool_], Array, Array] | None = None  # see ``_land_state``
 
     # -- what the guest shows ------------------------------------------------------
 
@@ -299,19 +303,23 @@ class Fleet:
     def mem_available(self) -> Array:
         """MemAvailable as si_mem_available() (mm/page_alloc.c, 6.1) estimates it: free
         less totalreserve_pages, plus the page cache less min(half of it, the low watermarks)."""
-        free = self.mem_free()
+        return self._mem_available(self.mem_free())
+
+    def _mem_available(self, free: Array) -> Array:
+        """``mem_available`` from ``mem_free`` already computed."""
         return np.maximum(free - self.min_free + self.cache - np.minimum(self.cache / 2, self.wmark_low), 0.0)
 
     def stats(self) -> StatArrays:
         """What each guest's stats would report now, by ``GuestStats`` field."""
+        free = self.mem_free()  # once: MemAvailable starts from it
         return StatArrays(
             swap_in_kib=self.swap_in,
             swap_out_kib=self.swap_out,
             major_faults=self.major_faults,
             minor_faults=self.minor_faults,
-            mem_free_kib=self.mem_free(),
+            mem_free_kib=free,
             mem_total_kib=self.mem_total(),
-            mem_available_kib=self.mem_available(),
+            mem_available_kib=self._mem_available(free),
             disk_caches_kib=self.cache,
             oom_kills=self.oom_kills,
         )
@@ -341,7 +349,8 @@ class Fleet:
         self._report_free(dt_s)
         if between is not None:
             between(self.stats)
-        self.land_workload(dt_s, demand_kib, read_kib_s)
+        if not (self.compiled and self._land_compiled(dt_s, demand_kib, read_kib_s)):
+            self.land_workload(dt_s, demand_kib, read_kib_s)
 
     def _advance_compiled(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
         """``advance`` through the compiled kernel, in one call (``fleet_kernel.advance``):
@@ -368,6 +377,48 @@ class Fleet:
             self.degraded,
             self._landed,
         )
+
+    def _land_compiled(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> bool:
+        """``land_workload`` through the compiled ``fleet_kernel.land`` for a driver that
+        moves its balloons on its own clock (the protocol model's); False where the
+        reference must run instead, with the driver's own shrinker and OOM notifier.
+
+        The kernel releases no hint blocks, and deflates on OOM as the bulk driver
+        would: from ``balloon_kib``, in one step. So it stands in where no block is held
+        and it gives back on OOM exactly what the notifier would: nothing. Where every
+        DEFLATE_ON_OOM balloon is empty, neither can give anything; where some is not,
+        the arrays are kept first and put back if the kernel deflated (``balloon_kib``
+        or ``oom_deflates`` moved). A balloon whose pages still await the host's ack
+        (the notifier has some, ``balloon_kib`` none) is the reference's alone."""
+        d, oom = self.driver, self.deflate_on_oom
+        if d.held_kib.any() or not np.isfinite(d.balloon_kib).all():
+            return False
+        ballooned = d.balloon_kib != 0
+        if (oom & ~ballooned & (d.notifier_kib > 0)).any():
+            return False
+        state = self._land_state()
+        before = [a.copy() for a in state] if (oom & ballooned).any() else None
+        unserved, degraded = np.empty_like(self.ram), np.empty(len(self.ram), dtype=bool)
+        demand = np.ascontiguousarray(demand_kib, dtype=np.float64)
+        read = np.ascontiguousarray(read_kib_s, dtype=np.float64)
+        fleet_kernel.land_state(state, demand, read, dt_s, *self._kernel_scalars(dt_s)[3], unserved, degraded)
+        if before is not None and not all(
+            np.array_equal(state[k], before[k]) for k in (_OOM_DEFLATES, _KERNEL_BALLOON)
+        ):
+            for now, was in zip(state, before, strict=True):
+                now[...] = was
+            return False
+        self.unserved_kib, self.degraded = unserved, degraded
+        return True
+
+    def _land_state(self) -> tuple[npt.NDArray[Any], ...]:
+        """``_kernel_state`` for a driver other than the bulk one: idle stand-ins for
+        the bulk driver's own fields, which ``land`` touches only to deflate on OOM
+        (and then ``_land_compiled`` puts everything back)."""
+        n = len(self.ram)
+        if self._idle_driver is None:
+            self._idle_driver = (np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n))
+        return self._state_with(*self._idle_driver)
 
     def land_workload(self, dt_s: float, demand_kib: Array, read_kib_s: Array) -> None:
         """The interval's workload and the pressure it causes, at its end. The reference:
@@ -416,6 +467,13 @@ class Fleet:
         ``fleet_kernel.advance`` takes."""
         d = self.driver
         assert isinstance(d, BalloonDriver)
+        return self._state_with(d.num_pages_kib, d.waiting_for_config, d.puff_clock_s, d.puff_retries)
+
+    def _state_with(
+        self, num_pages_kib: Array, waiting_for_config: npt.NDArray[np.bool_], puff_clock_s: Array, puff_retries: Array
+    ) -> tuple[npt.NDArray[Any], ...]:
+        """The kernel's view of the Fleet and its driver, given the bulk driver's own fields."""
+        d = self.driver
         return (
             self.ram,
             self.reserved,
@@ -448,10 +506,10 @@ class Fleet:
             self.own_refault_kib,
             d.balloon_kib,
             d.held_kib,
-            d.num_pages_kib,
-            d.waiting_for_config,
-            d.puff_clock_s,
-            d.puff_retries,
+            num_pages_kib,
+            waiting_for_config,
+            puff_clock_s,
+            puff_retries,
             self.release_frac,
             self.reporting & ~d.reports_itself,
         )

@@ -252,6 +252,7 @@ class VirtioBalloon:
         self._event_pending: int | None = None
         # statsq
         self.stats = [spec.STAT_NOT_SUPPLIED] * spec.VIRTIO_BALLOON_S_NR
+        self._stats_data, self._stats_picked = b"", tuple(self.stats)  # the last buffer and what it gave
         self.stats_last_update_s = 0.0  # 0 = never, as QEMU's "last-update"
         self.stats_updates = 0
         self.stats_poll_interval_s = 0
@@ -600,8 +601,10 @@ class VirtioBalloon:
             self.stats_vq_head, data = got[0], self.mem.read(got[1], got[2])
         else:
             self.stats_vq_head, data = got.head, vq.read_out(got)
-        fields = spec.stats_array(len(data) // spec.STAT.size).unpack_from(data)
-        self.stats = list(_stat_picker(fields[::2])(fields + _NOT_SUPPLIED))
+        if data != self._stats_data:  # a guest whose stats stayed put sends the same bytes
+            fields = spec.stats_array(len(data) // spec.STAT.size).unpack_from(data)
+            self._stats_data, self._stats_picked = data, _stat_picker(fields[::2])(fields + _NOT_SUPPLIED)
+        self.stats = list(self._stats_picked)
         # g_get_real_time() / G_USEC_PER_SEC: whole seconds (integer division).
         self.stats_last_update_s = float(int(self.world.now_s))
         self.stats_updates += 1

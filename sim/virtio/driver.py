@@ -69,6 +69,12 @@ class FleetDriver(Protocol):
         """Retries after "Out of puff!" so far, per guest."""
         ...
 
+    @property
+    def notifier_kib(self) -> Array:
+        """What the OOM notifier could take back now: the pages on the driver's balloon
+        list, the host's ack awaited or not."""
+        ...
+
     def config_changed(self, i: int, num_pages_kib: float) -> None:
         """The host wrote ``num_pages`` and raised the config interrupt."""
         ...
@@ -104,6 +110,10 @@ class BalloonDriver:
         """What adjust_managed_page_count() took out of MemTotal: the balloon, unless
         DEFLATE_ON_OOM was negotiated."""
         return np.where(self.deflate_on_oom_negotiated, 0.0, self.balloon_kib)
+
+    @property
+    def notifier_kib(self) -> Array:
+        return self.balloon_kib
 
     def config_changed(self, i: int | npt.NDArray[np.int64], num_pages_kib: float | Array) -> None:
         """Config interrupt: the host wrote ``num_pages`` (even the same value again)."""
@@ -245,6 +255,9 @@ class LinuxBalloonDriver:
     ) -> None:
         self.world, self.mem, self.device, self.mm = world, mem, device, mm
         self.init_on_free, self.page_poisoning = init_on_free, page_poisoning
+        # An mm that keeps its stats entries packed (``sim.memory.balloon_fleet.FleetMm``)
+        # hands over the bytes, made once per change; any other is packed per gather.
+        self._packed_stats: Callable[[], bytes] = getattr(mm, "packed_stats", self._pack_stats)
         self.arena = Arena(mem)
         self.features = 0
         self.deflate_on_oom_negotiated = False  # fixed at probe; read per request
@@ -547,8 +560,14 @@ class LinuxBalloonDriver:
     # -- stats ----------------------------------------------------------------------
 
     def _write_stats(self) -> None:
+        packed = self._packed_stats()
+        self.mem.view[self.stats_addr : self.stats_addr + len(packed)] = packed
+
+    def _pack_stats(self) -> bytes:
+        """update_balloon_stats(): the mm's entries as ``virtio_balloon_stat`` structs
+        back to back (the reference for an mm that keeps them packed)."""
         entries = self.mm.vm_stats()
-        spec.stats_array(len(entries)).pack_into(self.mem.buf, self.stats_addr, *itertools.chain.from_iterable(entries))
+        return spec.stats_array(len(entries)).pack(*itertools.chain.from_iterable(entries))
 
     def stats_handle_request(self) -> None:
         """update_balloon_stats_work: gather, reclaim the used buffer, post it again
