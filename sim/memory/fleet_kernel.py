@@ -443,22 +443,10 @@ def sample_stats(s: Any, wmark_low: Any, deflate_on_oom_negotiated: Any, out: An
 
 
 @_jit
-def land_state(
-    state: Any,
-    demand: Any,
-    read: Any,
-    dt_s: float,
-    cooling: float,
-    swap_touch: float,
-    reread_share: float,
-    oom_step_kib: float,
-    epsilon_kib: float,
-    unserved: Any,
-    degraded: Any,
-) -> None:
-    """``land`` on ``KernelState``'s arrays as a plain tuple, as ``advance`` takes them."""
-    s = KernelState(*state)
-    land(s, demand, read, dt_s, cooling, swap_touch, reread_share, oom_step_kib, epsilon_kib, unserved, degraded)
+def land_state(state: Any, *args: Any) -> None:
+    """``land`` on ``KernelState``'s arrays as a plain tuple, as ``advance`` takes them;
+    ``args``: the rest of ``land``'s arguments."""
+    land(KernelState(*state), *args)
 
 
 @_jit
