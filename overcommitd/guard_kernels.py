@@ -59,7 +59,7 @@ class GuardKernels:
     * ``problem(now_s, last_update_s, stats_period_s, stale_after_periods,
       stale_after_min_s, implausible) -> codes``: 0 fine, 1 missing, 2 stale, 3 implausible;
     * ``rules(...) -> RuleColumns``: every rule of the guard (``numpy_rules``'s arguments);
-    * ``needs(actual_kib, available_kib, floor_kib, at_size) -> (need_kib, at_size)``:
+    * ``needs(actual_kib, available_kib, floor_kib, held) -> (need_kib, at_size)``:
       the shortfall estimate's need of each guest (``numpy_needs``).
     """
 
