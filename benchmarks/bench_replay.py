@@ -87,7 +87,8 @@ def run_once(args: argparse.Namespace, model: str, *, profile: bool) -> None:
     print_bars(args.guests, rate, cpu_rate)
     card = result.scorecard
     print(
-        f"scorecard: saved {card.saved_gib_h:.1f} GiB·h ({card.saved_pct:.1f} % of provisioned), balloon ops "
+        f"scorecard: reclaimed by ballooning {card.reclaimed_gib_h:.1f} GiB·h ({card.reclaimed_pct:.1f} % of "
+        f"provisioned), not backed incl. never touched {card.saved_gib_h:.1f} GiB·h ({card.saved_pct:.1f} %), balloon ops "
         f"{card.balloon_ops}, OOM kills {card.oom_kills}, auto-deflates {card.auto_deflate_events}, "
         f"below floor {card.below_floor_guest_s:.0f} guest-s"
     )

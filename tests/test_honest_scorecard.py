@@ -1,7 +1,8 @@
 """The honest scorecard (issue 11): harm is counted in full and never as savings, host
 overload is charged to the guests, the warm-up is simulated but not scored, every guest
 is held to its own paging SLO, floors are the ones the guard enforces, the baselines run
-as upstream runs them and the yardstick is a baseline that holds."""
+as upstream runs them and the yardstick is a baseline that holds. The headline is what
+ballooning reclaimed, not memory the guests never touched."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from overcommitd.config import DaemonConfig
 from overcommitd.model import GuestSnapshot, GuestStats, HostSnapshot
+from policies import registry
 from policies.api import PolicyResult
 from policies.mom import MomPolicy
-from sim.evaluation.compare import Comparison, format_table
+from sim.cli import format_scorecard
+from sim.evaluation.compare import Comparison, compare, format_table
 from sim.evaluation.metrics import GuestTick, Recorder, RunCounters, RunFacts, Scorecard, Timeline, violations
 from sim.evaluation.replay import ReplayResult, ReplaySpec, guard_floors, replay
 from sim.memory import traces
@@ -151,8 +156,6 @@ def test_a_trace_without_disk_columns_says_so() -> None:
     assert t.disk_read_kib_s is None and t.disk_write_kib_s is None and io_columns(t) == "none"
     card = replay(spec_for([t], hours=0.5), Noop(), DaemonConfig(), loaded=[t]).scorecard
     assert card.io_columns == "none"
-    from sim.cli import format_scorecard
-
     assert "no disk I/O columns" in format_scorecard(card)
 
 
@@ -171,6 +174,98 @@ def test_the_reclaim_split_adds_up_to_the_saving(spiky: list[traces.Trace]) -> N
     parts = (c.saved_ballooned_gib_h, c.saved_unbacked_gib_h, c.saved_reported_gib_h, c.saved_untouched_gib_h)
     assert sum(parts) == pytest.approx(c.saved_gib_h)
     assert min(parts) >= 0 and c.saved_ballooned_gib_h > 1.5  # ~2.5 GiB ballooned for most of the hour
+
+
+def test_what_ballooning_reclaimed_is_ballooned_plus_unbacked_not_reported(spiky: list[traces.Trace]) -> None:
+    """Held 0.5 GiB under its RAM through the spike, the guest frees 2 GiB after it (free
+    page reporting returns them) and is given its RAM back at 2.5 h (a deflate): all four
+    parts of the not-backed memory occur, and only the balloon's two are reclaimed."""
+    spare = (SPIKE_S[1] + 1800.0, 1e9)
+    spec = spec_for(spiky, hours=3.0, reporting_share=1.0)
+    c = replay(spec, FixedTarget("f", int(3.5 * GIB), spare), DaemonConfig(), loaded=spiky).scorecard
+    assert min(c.saved_ballooned_gib_h, c.saved_unbacked_gib_h, c.saved_reported_gib_h, c.saved_untouched_gib_h) > 0.1
+    assert c.reclaimed_gib_h == pytest.approx(c.saved_ballooned_gib_h + c.saved_unbacked_gib_h)
+    assert c.reclaimed_pct == pytest.approx(100 * c.reclaimed_gib_h / (c.provisioned_gib * c.hours))
+    assert c.reclaimed_gib_h < c.saved_gib_h - c.saved_reported_gib_h - 0.1  # never-touched is not reclaimed either
+    assert c.as_dict()["reclaimed_gib_h"] == c.reclaimed_gib_h and c.as_dict()["reclaimed_pct"] == c.reclaimed_pct
+
+
+@pytest.fixture(scope="module")
+def unpressed() -> Comparison:
+    """The headroom policy and no ballooning on 4 Bitbrains guests whose host has room
+    for all of them (overcommit 1): headroom never needs to act."""
+    bitbrains = tuple(p for p in traces.bundled() if "bitbrains" in str(p))[:4]
+    spec = ReplaySpec(traces=bitbrains, hours=1.0, warmup_h=0.0, overcommit=1.0)
+    return compare(spec, [registry.create("headroom")], DaemonConfig())
+
+
+def test_a_policy_that_never_balloons_reclaims_nothing_whatever_the_host_did_not_back(
+    unpressed: Comparison,
+) -> None:
+    card = unpressed.results["headroom"].scorecard
+    assert card.host_peak_pct < 50 and card.balloon_ops == 0
+    assert card.reclaimed_gib_h == 0 and card.reclaimed_pct == 0
+    assert card.saved_pct > 50, "most of a guest's RAM is memory it never touched"
+    assert card.saved_untouched_gib_h > 0.9 * card.saved_gib_h
+
+
+def _saving_labels(labels: list[str]) -> list[str]:
+    return [label for label in labels if any(w in label for w in ("reclaimed", "saved", "not backed"))]
+
+
+def test_the_printed_scorecard_leads_with_what_ballooning_reclaimed(unpressed: Comparison) -> None:
+    card = unpressed.results["headroom"].scorecard
+    rows = format_scorecard(card).splitlines()[1:]
+    saving = _saving_labels(rows)
+    assert saving[0].split() == ["reclaimed", "by", "ballooning", "0.0", "GiB·h"]
+    assert saving[1].split()[-2:] == ["0.0", "%"]
+    total = next(row for row in saving if "not backed (incl. never touched)" in row)
+    assert f"{card.saved_gib_h:.1f} GiB·h" in total and saving.index(total) == 2
+
+
+def test_the_compare_table_leads_with_what_ballooning_reclaimed(unpressed: Comparison) -> None:
+    table = format_table(unpressed)
+    labels = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    saving = _saving_labels(labels)
+    assert saving[:2] == ["reclaimed by ballooning, GiB·h", "reclaimed by ballooning, % of provisioned"]
+    assert saving[2] == "host memory not backed (incl. never touched), GiB·h"
+    reclaimed_row = next(line for line in table.splitlines() if line.startswith("| reclaimed by ballooning, GiB·h"))
+    assert [c.strip().rstrip("*") for c in reclaimed_row.split("|")[2:-1]] == ["0", "0"]  # none, headroom
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0.0, 1.0),  # touched, share of RAM
+            st.floats(0.0, 1.0),  # ballooned, share of the not-backed memory
+            st.floats(0.0, 1.0),  # unbacked, share of what is left
+            st.floats(0.0, 1.0),  # reported, share of what is left
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_reclaimed_is_never_more_than_not_backed_and_never_counts_reporting(
+    ticks: list[tuple[float, float, float, float]],
+) -> None:
+    ram = np.array([4.0 * GIB])
+    rec = Recorder(ram, np.zeros(1), len(ticks))
+    z = np.zeros(1)
+    balloon_kib_s = 0.0
+    for k, (touched, b, u, r) in enumerate(ticks):
+        free = ram * (1 - touched)
+        ballooned = free * b
+        unbacked = (free - ballooned) * u
+        reported = (free - ballooned - unbacked) * r
+        balloon_kib_s += float((ballooned + unbacked).sum()) * 10.0
+        g = GuestTick(ram - free, ram, ram, z, ram, z, z, np.zeros(1, bool), ballooned, unbacked, reported)
+        rec.record((k + 1) * 10.0, 10.0, host_used_kib=1.0, host_total_kib=2.0, g=g)
+    facts = RunFacts(counters=RunCounters.zero(), paged_kib=z, balloon_ops=0, slo_pct_per_min=0.2)
+    card = rec.scorecard("p", duration_s=10.0 * len(ticks), host_total_kib=2.0, facts=facts)
+    assert card.reclaimed_gib_h == pytest.approx(balloon_kib_s / GIB / 3600, abs=1e-12)
+    assert card.reclaimed_gib_h + card.saved_reported_gib_h <= card.saved_gib_h + 1e-9
+    assert 0 <= card.reclaimed_pct <= card.saved_pct + 1e-9
 
 
 def test_one_guest_over_its_slo_is_found_when_the_fleet_mean_is_fine() -> None:
@@ -260,7 +355,7 @@ def test_the_better_baseline_is_the_thriftiest_one_that_holds(spiky: list[traces
     comp = Comparison(spec, results, ref)
     assert comp.better_baseline() == "proxmox"
     table = format_table(comp)
-    assert "| reclaimed / better baseline | - | 3.000x |" in table
+    assert "| saved beyond no ballooning / better baseline | - | 3.000x |" in table
     assert "better baseline: proxmox" in table
     both_kill = dict(results, proxmox=_card(base, "proxmox", 20.0, kills=1))
     none_holds = Comparison(spec, both_kill, ref)

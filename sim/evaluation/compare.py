@@ -2,16 +2,19 @@
 
 Every policy gets the same ``ReplaySpec`` (same traces, guests, features drawn with the
 same seed, same host) and the same guard rules, so a difference in the table is a
-difference between the policies, not the plumbing. A reference run with no ballooning
-at all (``none``) comes first: the scorecard's "memory saved" counts every page the
-guests never touched, which a host gets with or without a balloon, so what a *policy*
-reclaims is its saving minus the reference's.
+difference between the policies, not the plumbing. The table leads with what each
+policy's ballooning reclaimed (``Scorecard.reclaimed_gib_h``: ballooned plus unbacked),
+then the memory the host did not back, never-touched pages included. A reference run
+with no ballooning at all (``none``) comes first, and each policy's "saved beyond no
+ballooning" is its not-backed memory minus the reference's: the net the host gained,
+which is how policies compare (a balloon that takes never-touched pages reclaims them,
+but gains the host nothing it had not already).
 
-The yardstick ("reclaimed / better baseline") is the baseline that reclaimed most
-among those that *hold* (``sim.evaluation.metrics.violations`` is empty: no OOM kill, host never
-above 100 %, every guest within its paging SLO, no time below floor): a baseline that
-saved memory by killing guests is no yardstick. When no baseline holds, the row is
-empty and the table says so.
+The yardstick ("saved beyond no ballooning / better baseline") is the baseline that
+saved most beyond no ballooning among those that *hold* (``sim.evaluation.metrics.violations``
+is empty: no OOM kill, host never above 100 %, every guest within its paging SLO, no time
+below floor): a baseline that saved memory by killing guests is no yardstick. When no
+baseline holds, the row is empty and the table says so.
 """
 
 from __future__ import annotations
@@ -60,17 +63,18 @@ class Comparison:
     results: dict[str, ReplayResult]
     reference: ReplayResult | None
 
-    def reclaimed_gib_h(self, name: str) -> float:
-        """Memory saved beyond the no-ballooning reference (GiB·h); the saving itself
-        when there is no reference."""
+    def saved_beyond_reference_gib_h(self, name: str) -> float:
+        """Host memory not backed beyond the no-ballooning reference (GiB·h); the
+        not-backed memory itself when there is no reference."""
         card = self.results[name].scorecard
         base = self.reference.scorecard.saved_gib_h if self.reference is not None else 0.0
         return card.saved_gib_h - base
 
     def better_baseline(self) -> str | None:
-        """The baseline that reclaimed most among those that hold; None if none holds."""
+        """The baseline that saved most beyond no ballooning among those that hold; None
+        if none holds."""
         holding = [b for b in BASELINES if b in self.results and not violations(self.results[b].scorecard)]
-        return max(holding, key=self.reclaimed_gib_h, default=None)
+        return max(holding, key=self.saved_beyond_reference_gib_h, default=None)
 
     def baselines_run(self) -> list[str]:
         return [b for b in BASELINES if b in self.results]
@@ -120,10 +124,12 @@ def replay_ticks(spec: ReplaySpec, loaded: Sequence[trace_io.Trace] | None) -> i
 
 # (label, scorecard field or None for a derived row, format, better: "max", "min" or "")
 ROWS: tuple[tuple[str, str, str, str], ...] = (
-    ("memory saved, GiB·h", "saved_gib_h", "{:.0f}", "max"),
-    ("memory saved, % of provisioned", "saved_pct", "{:.1f}", "max"),
-    ("reclaimed beyond no ballooning, GiB·h", "reclaimed", "{:.0f}", "max"),
-    ("reclaimed / better baseline", "vs_baseline", "{:.3f}x", ""),  # 3 places: a bar at 1.5x
+    ("reclaimed by ballooning, GiB·h", "reclaimed_gib_h", "{:.0f}", "max"),
+    ("reclaimed by ballooning, % of provisioned", "reclaimed_pct", "{:.1f}", "max"),
+    ("host memory not backed (incl. never touched), GiB·h", "saved_gib_h", "{:.0f}", "max"),
+    ("host memory not backed (incl. never touched), % of provisioned", "saved_pct", "{:.1f}", "max"),
+    ("saved beyond no ballooning, GiB·h", "beyond_reference", "{:.0f}", "max"),
+    ("saved beyond no ballooning / better baseline", "vs_baseline", "{:.3f}x", ""),  # 3 places: a bar at 1.5x
     ("unserved demand (killed workloads), GiB·h", "unserved_gib_h", "{:.1f}", "min"),
     ("guest-seconds degraded", "degraded_guest_s", "{:.0f}", "min"),
     ("host above 100 %, s", "host_over_100_s", "{:.0f}", "min"),
@@ -134,10 +140,10 @@ ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("host swap-in, MiB per guest-hour", "host_swap_in_mib_per_guest_h", "{:.2f}", "min"),
     ("worst guest paging, % of WSS per min", "worst_guest_paging_pct_per_min", "{:.3f}", "min"),
     ("guests over the paging SLO", "guests_over_slo", "{:d}", "min"),
-    ("saved: ballooned now, GiB·h", "saved_ballooned_gib_h", "{:.0f}", ""),
-    ("saved: unbacked after a deflate, GiB·h", "saved_unbacked_gib_h", "{:.0f}", ""),
-    ("saved: returned by free page reporting, GiB·h", "saved_reported_gib_h", "{:.0f}", ""),
-    ("saved: never touched since boot, GiB·h", "saved_untouched_gib_h", "{:.0f}", ""),
+    ("not backed: ballooned now, GiB·h", "saved_ballooned_gib_h", "{:.0f}", ""),
+    ("not backed: deflated, untouched since, GiB·h", "saved_unbacked_gib_h", "{:.0f}", ""),
+    ("not backed: returned by free page reporting, GiB·h", "saved_reported_gib_h", "{:.0f}", ""),
+    ("not backed: never touched since boot, GiB·h", "saved_untouched_gib_h", "{:.0f}", ""),
     ("host use peak, %", "host_peak_pct", "{:.1f}", "min"),
     ("host use p95, %", "host_p95_pct", "{:.1f}", "min"),
     ("swap-in, MiB per guest-hour", "swap_in_mib_per_guest_h", "{:.2f}", "min"),
@@ -156,12 +162,13 @@ ROWS: tuple[tuple[str, str, str, str], ...] = (
 def row_values(comp: Comparison, key: str) -> dict[str, float]:
     """One table row by policy name (reference included)."""
     names = ([REFERENCE] if comp.reference is not None else []) + list(comp.results)
-    if key == "reclaimed":
-        return {n: comp.reclaimed_gib_h(n) if n != REFERENCE else 0.0 for n in names}
+    beyond = comp.saved_beyond_reference_gib_h
+    if key == "beyond_reference":
+        return {n: beyond(n) if n != REFERENCE else 0.0 for n in names}
     if key == "vs_baseline":
         better = comp.better_baseline()
-        best = comp.reclaimed_gib_h(better) if better is not None else 0.0
-        return {n: (comp.reclaimed_gib_h(n) / best if best > 0 and n != REFERENCE else float("nan")) for n in names}
+        best = beyond(better) if better is not None else 0.0
+        return {n: (beyond(n) / best if best > 0 and n != REFERENCE else float("nan")) for n in names}
     cards = {c.policy: c for c in comp.cards()}
     return {n: float(getattr(cards[n], key)) for n in names}
 
@@ -210,7 +217,9 @@ def table_notes(comp: Comparison) -> list[str]:
     if run and better is None:
         notes.append(f"better baseline: none of {', '.join(run)} holds (kills, host over 100 %, SLO or floor)")
     elif better is not None:
-        notes.append(f"better baseline: {better}, the baseline that reclaimed most among those that hold")
+        notes.append(
+            f"better baseline: {better}, the baseline that saved most beyond no ballooning among those that hold"
+        )
     notes.append(io_note(comp.cards()[0]))
     return notes
 

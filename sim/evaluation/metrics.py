@@ -2,10 +2,21 @@
 
 Definitions (all over the replayed span, every guest):
 
-* **memory saved**: guest memory the host does not have to back, i.e. provisioned RAM
-  minus what the guests cost it (touched pages; balloon and reported pages are not
-  touched). GiB·h integrates it over time; % is its mean over provisioned RAM. Split by
-  where it comes from (the four add up to it): **ballooned** (held by a balloon now and
+* **reclaimed by ballooning** (``reclaimed_*``, the headline): what the policy's balloons
+  took that the host has not had to back since, **ballooned** plus **unbacked** (below).
+  GiB·h integrates it over time; % is its mean over provisioned RAM. Free page reporting
+  is kept out of it: it is the guest kernel's feature (VIRTIO_BALLOON_F_REPORTING, Linux
+  mm/page_reporting.c), which returns free pages whether a policy runs or not (the
+  no-ballooning reference gets it too), so counting it would credit the policy with what
+  the guest did. A balloon that takes never-touched pages counts them as ballooned (it
+  keeps the guest off them, but the host had them already): across policies,
+  ``sim.evaluation.compare`` also gives the saving beyond the no-ballooning reference.
+* **host memory not backed** (``saved_*``, "memory saved" to ``tune`` and ``plan``): guest
+  memory the host does not have to back, i.e. provisioned RAM minus what the guests cost
+  it (touched pages; balloon and reported pages are not touched), GiB·h and % as above. It
+  includes memory never touched since boot, which no policy saved: on an unpressed host a
+  policy that never sets a target shows most of provisioned RAM here and 0 reclaimed. Split
+  by where it comes from (the four add up to it): **ballooned** (held by a balloon now and
   released by the host), **unbacked** (given back by a deflate, not touched since),
   **reported** (returned by free page reporting, not reused since), **untouched** (the
   rest: never touched since boot).
@@ -73,6 +84,8 @@ class Scorecard:
     hours: float
     provisioned_gib: float
     host_gib: float
+    reclaimed_gib_h: float
+    reclaimed_pct: float
     saved_gib_h: float
     saved_pct: float
     host_peak_pct: float
@@ -353,6 +366,10 @@ class Recorder:
         mean_wss = self.demand_kib_s / max(duration_s, 1e-9)
         return np.asarray(100.0 * paged_kib / minutes / np.maximum(mean_wss, MIB_KIB), dtype=np.float64)
 
+    def _pct_of_provisioned(self, kib_s: float, duration_s: float) -> float:
+        """``kib_s`` (KiB integrated over the span) as its mean % of provisioned RAM."""
+        return 100.0 * kib_s / duration_s / float(self.ram.sum())
+
     def scorecard(self, policy: str, *, duration_s: float, host_total_kib: float, facts: RunFacts) -> Scorecard:
         n = len(self.ram)
         guest_h = n * duration_s / 3600.0
@@ -365,7 +382,9 @@ class Recorder:
         counters = facts.counters
         paging = self.paging_pct_per_min(facts.paged_kib, duration_s)
         gib_h = GIB_KIB * 3600.0
-        ballooned, unbacked, reported = (float(v) / gib_h for v in self.split_kib_s)
+        split = self.split_kib_s
+        reclaimed_kib_s = split[0] + split[1]  # ballooned + unbacked: reported is the guest's (module docstring)
+        ballooned, unbacked, reported = (v / gib_h for v in split)
         saved = self.saved_kib_s / gib_h
         return Scorecard(
             policy=policy,
@@ -373,8 +392,10 @@ class Recorder:
             hours=duration_s / 3600.0,
             provisioned_gib=float(self.ram.sum() / GIB_KIB),
             host_gib=host_total_kib / GIB_KIB,
+            reclaimed_gib_h=reclaimed_kib_s / gib_h,
+            reclaimed_pct=self._pct_of_provisioned(reclaimed_kib_s, duration_s),
             saved_gib_h=saved,
-            saved_pct=100.0 * self.saved_kib_s / duration_s / float(self.ram.sum()),
+            saved_pct=self._pct_of_provisioned(self.saved_kib_s, duration_s),
             host_peak_pct=float(used.max()) if len(used) else 0.0,
             host_p95_pct=float(np.percentile(used, 95)) if len(used) else 0.0,
             swap_in_mib_per_guest_h=counters.swap_in_kib / MIB_KIB / guest_h,

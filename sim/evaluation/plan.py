@@ -144,7 +144,7 @@ class PolicyPlan:
             "provisioned_gib": at.card.provisioned_gib,
             "saved_gib_h": self.safe.card.saved_gib_h if self.safe else None,
             "saved_pct": self.safe.card.saved_pct if self.safe else None,
-            "reclaimed_gib_h": reclaimed_gib_h(self.safe.card) if self.safe else None,
+            "reclaimed_gib_h": self.safe.card.reclaimed_gib_h if self.safe else None,
             "binding": self.binding,
             "binding_overcommit": self.next_up.overcommit if self.next_up else None,
             "binding_note": self.binding_note,
@@ -286,13 +286,6 @@ def plan(
     return Plan(tuple(plans), first.guests, first.hours)
 
 
-def reclaimed_gib_h(card: Scorecard) -> float:
-    """What the policy's balloons took back (GiB·h): pages held by a balloon, and pages a
-    deflate gave back that were not touched since. Never-touched pages and free page
-    reporting are the host's with or without a policy, so they are not counted."""
-    return card.saved_ballooned_gib_h + card.saved_unbacked_gib_h
-
-
 def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
 
@@ -334,7 +327,7 @@ def format_plan(result: Plan) -> str:
             f"{p.steps[0].card.provisioned_gib:.1f}",
             _cell(s.saved_gib_h if s else None, "{:.0f}"),
             _cell(s.saved_pct if s else None, "{:.1f}"),
-            _cell(reclaimed_gib_h(s) if s else None, "{:.0f}"),
+            _cell(s.reclaimed_gib_h if s else None, "{:.0f}"),
             binding,
         ]
         lines.append("| " + " | ".join(cells) + " |")

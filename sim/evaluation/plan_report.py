@@ -5,7 +5,7 @@ policy, filled where the replay held and hollow where it failed:
 
 * memory saved (% of provisioned) against the overcommit ratio: how the saving grows
   as the host shrinks, and where each policy stops holding;
-* memory reclaimed (beyond pages never touched) against harm: guest-hours degraded
+* memory reclaimed by ballooning (``Scorecard.reclaimed_pct``) against harm: guest-hours degraded
   (workload killed or thrashing) plus guest-hours below floor plus hours the host spent
   above 100 % (symlog axis; 0 is harm-free, though a replay can still fail the paging SLO).
 """
@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 
 from sim.evaluation.metrics import Scorecard
-from sim.evaluation.plan import Plan, reclaimed_gib_h
+from sim.evaluation.plan import Plan
 from sim.evaluation.report import _img
 
 
@@ -41,14 +41,13 @@ def plot_frontier(result: Plan, path: Path) -> Path:
         for s in steps:
             face = color if s.holds else "none"
             ax_ratio.scatter(s.overcommit, s.card.saved_pct, s=25, facecolors=face, edgecolors=color)
-            reclaimed_pct = 100 * reclaimed_gib_h(s.card) / (s.card.provisioned_gib * s.card.hours)
-            ax_harm.scatter(harm_h(s.card), reclaimed_pct, s=25, facecolors=face, edgecolors=color)
+            ax_harm.scatter(harm_h(s.card), s.card.reclaimed_pct, s=25, facecolors=face, edgecolors=color)
     ax_ratio.set(xlabel="overcommit (provisioned / host RAM)", ylabel="memory saved, % of provisioned")
     ax_ratio.set_title("saving as the host shrinks (filled: held)", fontsize=10)
     ax_harm.set_xscale("symlog", linthresh=0.1)
     ax_harm.set(
         xlabel="harm, h: guests degraded + below floor + host over 100 %",
-        ylabel="reclaimed beyond never-touched, % of provisioned",
+        ylabel="reclaimed by ballooning, % of provisioned",
     )
     ax_harm.set_title("reclaim against harm, every ratio tried", fontsize=10)
     ax_ratio.legend(fontsize=8, ncol=2)
