@@ -3,11 +3,13 @@
 ``frontier.png`` has two panels, one point per replay the search tried, one colour per
 policy, filled where the replay held and hollow where it failed:
 
-* memory saved (% of provisioned) against the overcommit ratio: how the saving grows
-  as the host shrinks, and where each policy stops holding;
-* memory reclaimed by ballooning (``Scorecard.reclaimed_pct``) against harm: guest-hours degraded
-  (workload killed or thrashing) plus guest-hours below floor plus hours the host spent
-  above 100 % (symlog axis; 0 is harm-free, though a replay can still fail the paging SLO).
+* host memory not backed (``Scorecard.saved_pct``, never-touched pages included)
+  against the overcommit ratio: how it grows as the host shrinks, and where each policy
+  stops holding;
+* memory reclaimed by ballooning (``Scorecard.reclaimed_pct``) against harm: guest-hours
+  degraded (workload killed or thrashing) plus guest-hours below floor plus hours the host
+  spent above 100 % (symlog axis; 0 is harm-free, though a replay can still fail the
+  paging SLO).
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ def plot_frontier(result: Plan, path: Path) -> Path:
             face = color if s.holds else "none"
             ax_ratio.scatter(s.overcommit, s.card.saved_pct, s=25, facecolors=face, edgecolors=color)
             ax_harm.scatter(harm_h(s.card), s.card.reclaimed_pct, s=25, facecolors=face, edgecolors=color)
-    ax_ratio.set(xlabel="overcommit (provisioned / host RAM)", ylabel="memory saved, % of provisioned")
-    ax_ratio.set_title("saving as the host shrinks (filled: held)", fontsize=10)
+    ax_ratio.set(
+        xlabel="overcommit (provisioned / host RAM)", ylabel="not backed (incl. never touched), % of provisioned"
+    )
+    ax_ratio.set_title("not backed as the host shrinks (filled: held)", fontsize=10)
     ax_harm.set_xscale("symlog", linthresh=0.1)
     ax_harm.set(
         xlabel="harm, h: guests degraded + below floor + host over 100 %",
