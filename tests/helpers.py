@@ -1,23 +1,32 @@
-"""Builders for hand-made snapshots and tiny policies used across the tests.
+"""Builders for hand-made snapshots, tiny policies and protocol-model worlds used
+across the tests.
 
 ``FixedPolicy`` asks for fixed targets, so a test can make a policy want something the
 guard must refuse (below a floor, faster than a step); configs name it as
-``tests.helpers:FixedPolicy``."""
+``tests.helpers:FixedPolicy``. ``protocol_hypervisor`` and ``play`` build and drive the
+protocol model the way the tests that compare two runs of it (a shortcut against its
+reference) both need."""
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
 from overcommitd.model import BalloonFeatures, GuestSnapshot, GuestStats, HostSnapshot, RunState
 from policies import testing
 from policies.api import PolicyResult
 from policies.testing import GIB, MIB  # noqa: F401 - re-exported for the tests
+from sim.memory.balloon_fleet import ProtocolBalloons
+from sim.memory.guest import GuestSpec
+from sim.memory.hypervisor import SimHypervisor
+from sim.virtio.world import World
 
 if TYPE_CHECKING:
     from overcommitd.runner import Daemon
@@ -126,3 +135,44 @@ def bitbrains(tmp_path: Path, rows: list[tuple[float, float, float]], name: str 
     path = tmp_path / name
     path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
     return path
+
+
+def protocol_hypervisor(
+    specs: list[GuestSpec], demand_kib: npt.NDArray[np.float64], stats_period_s: float, *, jumps: bool = True
+) -> tuple[SimHypervisor, ProtocolBalloons]:
+    """The protocol model on a 64 GiB host and its own World (``jumps=False``: the
+    reference without the clock shortcut), and its balloons."""
+    hv = SimHypervisor(
+        specs,
+        host_mem_kib=64 * GIB,
+        initial_demand_kib=demand_kib,
+        stats_period_s=stats_period_s,
+        model="protocol",
+        world=World(jumps=jumps),
+    )
+    balloons = hv.device
+    assert isinstance(balloons, ProtocolBalloons)
+    return hv, balloons
+
+
+def play(
+    hv: SimHypervisor,
+    demand_kib: npt.NDArray[np.float64],
+    targets: Iterable[tuple[float, int, int]],
+    tick_s: float,
+    ticks_until_s: float,
+    end_s: float,
+) -> None:
+    """``targets`` (time, guest index, target KiB) set and a daemon-like tick every
+    ``tick_s`` up to ``ticks_until_s``, in time order (at one instant the targets first,
+    the lower target first, then the tick), each after the World has run to its time;
+    then the World runs to ``end_s``."""
+    events = [(at_s, 0, i, kib) for at_s, i, kib in targets]
+    events += [(k * tick_s, 1, 0, 0) for k in range(1, int(ticks_until_s / tick_s) + 1)]
+    for at_s, kind, i, kib in sorted(events):
+        hv.world.run(at_s)
+        if kind == 0:
+            hv.set_target(hv.specs[i].uuid, kib)
+        else:
+            hv.advance(at_s, demand_kib, np.zeros(len(hv.specs)))
+    hv.world.run(end_s)

@@ -19,6 +19,7 @@ from sim.memory.guest import GuestSpec
 from sim.memory.hypervisor import SimHypervisor
 from sim.virtio.backing import RamBacking
 from sim.virtio.world import World
+from tests.helpers import play, protocol_hypervisor
 
 pytestmark = pytest.mark.skipif(not fleet_kernel.AVAILABLE, reason="numba (the sim extra) is not installed")
 
@@ -93,33 +94,16 @@ def run(plan: Plan, *, at_once: bool) -> dict[str, object]:
         deflate_on_oom=plan.deflate_on_oom,
         backing=RamBacking("hugetlbfs", 2 << 20) if plan.hugepages else RamBacking(),
     )
-    world = World()
     demand = np.array([plan.demand_mib * 1024.0])
-    hv = SimHypervisor(
-        [spec],
-        host_mem_kib=64 * GIB_KIB,
-        initial_demand_kib=demand,
-        stats_period_s=plan.stats_period_s,
-        model="protocol",
-        world=world,
-    )
-    balloons = hv.device
-    assert isinstance(balloons, ProtocolBalloons)
+    hv, balloons = protocol_hypervisor([spec], demand, plan.stats_period_s)
     guest = balloons.guests[0]
     guest.host.inhibited = plan.inhibited
     hv.fleet.cache[0] = min(plan.cache_mib * 1024.0, hv.fleet.cache[0] + plan.cache_mib * 1024.0)
     if not at_once:
         guest.driver.fill_run = None
-    events = sorted([(t, 0, mib) for t, mib in plan.targets])
-    events += [(k * plan.tick_s, 1, 0) for k in range(1, int(6.0 / plan.tick_s) + 1)]
-    for at_s, kind, mib in sorted(events):
-        world.run(at_s)
-        if kind == 0:
-            hv.set_target(spec.uuid, min(mib, plan.ram_gib * 1024) * 1024)
-        else:
-            hv.advance(at_s, demand, np.zeros(1))
-    world.run(8.0)
-    return _snapshot(hv, world)
+    targets = [(t, 0, min(mib, plan.ram_gib * 1024) * 1024) for t, mib in plan.targets]
+    play(hv, demand, targets, plan.tick_s, 6.0, 8.0)
+    return _snapshot(hv, hv.world)
 
 
 plans = st.builds(

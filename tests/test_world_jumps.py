@@ -18,11 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.memory.balloon_fleet import ProtocolBalloons
 from sim.memory.guest import GuestSpec
-from sim.memory.hypervisor import SimHypervisor
 from sim.virtio.process import Process, ProcessGen
 from sim.virtio.world import World
+from tests.helpers import play, protocol_hypervisor
 
 GIB_KIB = 1 << 20
 
@@ -55,26 +54,10 @@ def run(plan: Plan, *, jumps: bool) -> dict[str, object]:
         for i in range(n)
     ]
     demand = np.array([m * 1024.0 for m in plan.demand_mib[:n]])
-    world = World(jumps=jumps)
-    hv = SimHypervisor(
-        specs,
-        host_mem_kib=64 * GIB_KIB,
-        initial_demand_kib=demand,
-        stats_period_s=plan.stats_period_s,
-        model="protocol",
-        world=world,
-    )
-    balloons = hv.device
-    assert isinstance(balloons, ProtocolBalloons)
-    events = sorted([(t, 0, i, mib) for t, i, mib in plan.targets if i < n])
-    events += [(k * plan.tick_s, 1, 0, 0) for k in range(1, int(8.0 / plan.tick_s) + 1)]
-    for at_s, kind, i, mib in sorted(events):
-        world.run(at_s)
-        if kind == 0:
-            hv.set_target(specs[i].uuid, mib * 1024)
-        else:
-            hv.advance(at_s, demand, np.zeros(n))
-    world.run(10.0)
+    hv, balloons = protocol_hypervisor(specs, demand, plan.stats_period_s, jumps=jumps)
+    world = hv.world
+    targets = [(t, i, mib * 1024) for t, i, mib in plan.targets if i < n]
+    play(hv, demand, targets, plan.tick_s, 8.0, 10.0)
     hv.advance(10.0, demand, np.zeros(n))
     guests = balloons.guests
     return {

@@ -23,7 +23,7 @@ a NaN comparison), which the reference uses.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -46,89 +46,31 @@ def _py_max(a: float, b: float) -> float:
     return b if b > a else a  # noqa: FURB136 - spelt out: the tie and NaN rule is the point
 
 
-@_jit
-def _moved_one(
-    balloon: Array,
-    held: Array,
-    anon: Array,
-    cache: Array,
-    hot_cache: Array,
-    refault_debt: Array,
-    touched: Array,
-    resident_kib: Array,
-    deflated_free: Array,
-    older_touched: Array,
-    pcp: Array,
-    pcp_cap: Array,
-    i: int,
-    delta_kib: float,
-    release_frac: float,
-    ram_kib: float,
-    base_kib: float,
-    usable_kib: float,
-    min_free_kib: float,
-    cache_min_kib: float,
-) -> float:
-    """The driver's ``balloon[i] += delta_kib``, then ``Fleet.balloon_moved_one(i,
-    delta_kib, release_frac)`` with its ``_evict_cache_one`` and ``take_in_order``,
-    statement by statement; returns what the guest can then spare for the balloon
-    (``sim.memory.balloon_fleet.spare_kib`` with reclaim, the next request's limit)."""
-    balloon_kib = balloon[i] + delta_kib
-    balloon[i] = balloon_kib
-    before = balloon_kib - delta_kib
-    a, c, t = anon[i], cache[i], touched[i]
-    resident = resident_kib[i]
-    in_use = base_kib + a + c
-    touched_free = _py_max(t - in_use - resident, 0.0)
-    deflated, older = deflated_free[i], older_touched[i]
-    if delta_kib > 0:
-        capacity = (usable_kib - held[i]) - before
-        free_before = _py_max(capacity - a - c, 0.0)
-        from_free = _py_min(delta_kib, _py_max(free_before - min_free_kib, 0.0))
-        from_cache = delta_kib - from_free
-        if from_cache:  # _evict_cache_one
-            hot = hot_cache[i]
-            hot_lost = _py_min(_py_max(from_cache - (c - hot), 0.0), hot)
-            cache[i] = c - from_cache
-            hot_cache[i] = hot - hot_lost
-            refault_debt[i] = refault_debt[i] + hot_lost
-        amount = from_free  # take_in_order over (fresh, deflated, older)
-        fresh_taken = _py_min(amount, _py_max(touched_free - older, 0.0))
-        amount = amount - fresh_taken
-        deflated_taken = _py_min(amount, deflated)
-        amount = amount - deflated_taken
-        older_taken = _py_min(amount, older)
-        deflated_free[i] = deflated - deflated_taken
-        older_touched[i] = older - older_taken
-        pcp[i] = _py_max(pcp[i] - from_free, 0.0)
-        taken_touched = from_cache + fresh_taken + older_taken
-        t -= release_frac * taken_touched
-        resident += (1.0 - release_frac) * taken_touched
-    elif delta_kib < 0 and before > 0:
-        back_resident = resident * _py_min(-delta_kib / before, 1.0)
-        resident -= back_resident
-        older_touched[i] = touched_free
-        deflated_free[i] = deflated - delta_kib - back_resident
-        pcp[i] = _py_min(pcp[i] - delta_kib, pcp_cap[i])
-    resident_kib[i] = resident
-    if delta_kib > 0:
-        limit = (ram_kib - balloon_kib) + resident
-        touched[i] = _py_min(_py_max(t, 0.0), limit)
-    c = cache[i]
-    free = usable_kib - balloon[i] - held[i] - anon[i] - c
-    spare: float = _py_max(free - min_free_kib, 0.0) + _py_max(c - cache_min_kib, 0.0)
-    return spare
+class MovedState(NamedTuple):
+    """The arrays ``_moved_one`` reads and changes in place, named as it uses them: the
+    driver seam's ``balloon`` and ``held``, then the Fleet's (``moved_state`` fills it)."""
+
+    balloon: Array
+    held: Array
+    anon: Array
+    cache: Array
+    hot_cache: Array
+    refault_debt: Array
+    touched: Array
+    resident_kib: Array  # balloon_resident
+    deflated_free: Array
+    older_touched: Array
+    pcp: Array
+    pcp_cap: Array
 
 
-def balloon_moved_one(
-    fleet: Fleet, balloon: Array, held: Array, row: FixedRow, i: int, delta_kib: float, release_frac: float
-) -> float:
-    """Guest ``i``'s balloon (``balloon``, the driver's array) moved by ``delta_kib``:
-    update it and account the move in the Fleet, in one compiled call; returns the
-    guest's spare KiB after it. The arrays are fetched per call: the Fleet may have
-    replaced them since."""
+def moved_state(fleet: Fleet, balloon: Array, held: Array) -> tuple[Array, ...]:
+    """``MovedState``'s arrays in its order, as the plain tuple the kernels take: numba
+    types a plain tuple of arrays at the call in half the time it takes for a NamedTuple
+    (as ``fleet_kernel.advance``'s state). Fetched per call: the Fleet may have replaced
+    its arrays since."""
     f = fleet
-    spare_kib: float = _moved_one(
+    return (
         balloon,
         held,
         f.anon,
@@ -141,6 +83,82 @@ def balloon_moved_one(
         f.older_touched,
         f.pcp,
         f.pcp_cap,
+    )
+
+
+@_jit
+def _moved_one(
+    state: Any,
+    i: int,
+    delta_kib: float,
+    release_frac: float,
+    ram_kib: float,
+    base_kib: float,
+    usable_kib: float,
+    min_free_kib: float,
+    cache_min_kib: float,
+) -> float:
+    """The driver's ``balloon[i] += delta_kib``, then ``Fleet.balloon_moved_one(i,
+    delta_kib, release_frac)`` with its ``_evict_cache_one`` and ``take_in_order``,
+    statement by statement; returns what the guest can then spare for the balloon
+    (``sim.memory.balloon_fleet.spare_kib`` with reclaim, the next request's limit).
+    ``state``: ``moved_state``'s plain tuple, named here."""
+    s = MovedState(*state)
+    balloon_kib = s.balloon[i] + delta_kib
+    s.balloon[i] = balloon_kib
+    before = balloon_kib - delta_kib
+    a, c, t = s.anon[i], s.cache[i], s.touched[i]
+    resident = s.resident_kib[i]
+    in_use = base_kib + a + c
+    touched_free = _py_max(t - in_use - resident, 0.0)
+    deflated, older = s.deflated_free[i], s.older_touched[i]
+    if delta_kib > 0:
+        capacity = (usable_kib - s.held[i]) - before
+        free_before = _py_max(capacity - a - c, 0.0)
+        from_free = _py_min(delta_kib, _py_max(free_before - min_free_kib, 0.0))
+        from_cache = delta_kib - from_free
+        if from_cache:  # _evict_cache_one
+            hot = s.hot_cache[i]
+            hot_lost = _py_min(_py_max(from_cache - (c - hot), 0.0), hot)
+            s.cache[i] = c - from_cache
+            s.hot_cache[i] = hot - hot_lost
+            s.refault_debt[i] = s.refault_debt[i] + hot_lost
+        amount = from_free  # take_in_order over (fresh, deflated, older)
+        fresh_taken = _py_min(amount, _py_max(touched_free - older, 0.0))
+        amount = amount - fresh_taken
+        deflated_taken = _py_min(amount, deflated)
+        amount = amount - deflated_taken
+        older_taken = _py_min(amount, older)
+        s.deflated_free[i] = deflated - deflated_taken
+        s.older_touched[i] = older - older_taken
+        s.pcp[i] = _py_max(s.pcp[i] - from_free, 0.0)
+        taken_touched = from_cache + fresh_taken + older_taken
+        t -= release_frac * taken_touched
+        resident += (1.0 - release_frac) * taken_touched
+    elif delta_kib < 0 and before > 0:
+        back_resident = resident * _py_min(-delta_kib / before, 1.0)
+        resident -= back_resident
+        s.older_touched[i] = touched_free
+        s.deflated_free[i] = deflated - delta_kib - back_resident
+        s.pcp[i] = _py_min(s.pcp[i] - delta_kib, s.pcp_cap[i])
+    s.resident_kib[i] = resident
+    if delta_kib > 0:
+        limit = (ram_kib - balloon_kib) + resident
+        s.touched[i] = _py_min(_py_max(t, 0.0), limit)
+    c = s.cache[i]
+    free = usable_kib - s.balloon[i] - s.held[i] - s.anon[i] - c
+    spare: float = _py_max(free - min_free_kib, 0.0) + _py_max(c - cache_min_kib, 0.0)
+    return spare
+
+
+def balloon_moved_one(
+    fleet: Fleet, balloon: Array, held: Array, row: FixedRow, i: int, delta_kib: float, release_frac: float
+) -> float:
+    """Guest ``i``'s balloon (``balloon``, the driver's array) moved by ``delta_kib``:
+    update it and account the move in the Fleet, in one compiled call; returns the
+    guest's spare KiB after it."""
+    spare_kib: float = _moved_one(
+        moved_state(fleet, balloon, held),
         i,
         float(delta_kib),  # one compiled signature, whether the caller's count was an int
         float(release_frac),
@@ -169,18 +187,7 @@ class InflateRun(NamedTuple):
 
 @_jit
 def _inflate_run(
-    balloon: Array,
-    held: Array,
-    anon: Array,
-    cache: Array,
-    hot_cache: Array,
-    refault_debt: Array,
-    touched: Array,
-    resident_kib: Array,
-    deflated_free: Array,
-    older_touched: Array,
-    pcp: Array,
-    pcp_cap: Array,
+    state: Any,
     managed_removed: Array,
     i: int,
     ram_kib: float,
@@ -212,10 +219,11 @@ def _inflate_run(
 
     A request then does what the per-request path does, in its order: the driver's
     CPU, ``managed_removed`` moved by ``-managed_step_kib`` (a step of 0.0 is
-    DEFLATE_ON_OOM: untouched), the Fleet's accounting (``_moved_one``), ``actual``
-    written at the push's instant (``actual_at_s``), and QEMU's BALLOON_CHANGE rate
-    limit sending it (``emitted_at``) or holding it and scheduling the window's flush,
-    which then bounds the run like any queued event."""
+    DEFLATE_ON_OOM: untouched), the Fleet's accounting (``_moved_one`` on ``state``,
+    ``moved_state``'s tuple passed through), ``actual`` written at the push's instant
+    (``actual_at_s``), and QEMU's BALLOON_CHANGE rate limit sending it (``emitted_at``)
+    or holding it and scheduling the window's flush, which then bounds the run like any
+    queued event."""
     flush_at = math.nan
     done = 0
     emitted = 0
@@ -231,18 +239,7 @@ def _inflate_run(
         if managed_step_kib:
             managed_removed[i] = managed_removed[i] - managed_step_kib
         spare_kib = _moved_one(
-            balloon,
-            held,
-            anon,
-            cache,
-            hot_cache,
-            refault_debt,
-            touched,
-            resident_kib,
-            deflated_free,
-            older_touched,
-            pcp,
-            pcp_cap,
+            state,
             i,
             request_kib,
             release_frac,
@@ -294,22 +291,11 @@ def inflate_run(
     """``_inflate_run`` over guest ``i``'s arrays (``balloons``: the driver seam's
     balloon, held and managed-removed arrays); also returns when each request wrote
     ``actual`` and which requests sent BALLOON_CHANGE."""
-    f = fleet
     actual_at_s = np.empty(max_requests)
     emitted_at = np.empty(max_requests, dtype=np.int64)
     request_kib = float(request_pages * BALLOON_PAGE_KIB)
     done = _inflate_run(
-        *balloons[:2],
-        f.anon,
-        f.cache,
-        f.hot_cache,
-        f.refault_debt,
-        f.touched,
-        f.balloon_resident,
-        f.deflated_free,
-        f.older_touched,
-        f.pcp,
-        f.pcp_cap,
+        moved_state(fleet, *balloons[:2]),
         balloons[2],
         i,
         row.ram_kib,
