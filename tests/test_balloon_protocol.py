@@ -252,6 +252,11 @@ def test_oom_notifier_gives_back_256_pages_and_does_not_reinflate(world: World, 
     actual_reached(world, dev, 16384, limit_s=world.now_s + 1)
 
 
+def moves_of(log: list[tuple[float, str]]) -> list[str]:
+    """The balloon's moves the guest's mm saw: pages counted in (taken), given back (free)."""
+    return [what for _, what in log if what.startswith(("taken ", "free "))]
+
+
 def test_oom_notifier_waits_for_an_inflate_in_flight(log: list) -> None:
     """Linux's notifier takes vb->balloon_lock, which fill_balloon holds until the host
     acked its request: the pages of an inflate in flight count as the balloon's before
@@ -268,11 +273,6 @@ def test_oom_notifier_waits_for_an_inflate_in_flight(log: list) -> None:
     actual_reached(world, dev, 512, limit_s=world.now_s + 1)
     net = sum((1 if what.startswith("taken") else -1) * int(what.split()[1]) for what in moves_of(log))
     assert net == drv.num_pages == 512
-
-
-def moves_of(log: list[tuple[float, str]]) -> list[str]:
-    """The balloon's moves the guest's mm saw: pages counted in (taken), given back (free)."""
-    return [what for _, what in log if what.startswith(("taken ", "free "))]
 
 
 def test_oom_notifier_does_nothing_without_the_feature(world: World, log: list) -> None:
@@ -479,8 +479,8 @@ GIB_KIB = 1 << 20
 
 def oom_host(*, compiled: bool) -> SimHypervisor:
     """A 2 GiB DEFLATE_ON_OOM guest asked to inflate 1 GiB, through the protocol model."""
-    spec_ = GuestSpec("0", "g0", 2 * GIB_KIB, deflate_on_oom=True)
-    hv = SimHypervisor([spec_], host_mem_kib=64 * GIB_KIB, initial_demand_kib=np.full(1, 64.0 * 1024), model="protocol")
+    guest = GuestSpec("0", "g0", 2 * GIB_KIB, deflate_on_oom=True)
+    hv = SimHypervisor([guest], host_mem_kib=64 * GIB_KIB, initial_demand_kib=np.full(1, 64.0 * 1024), model="protocol")
     hv.fleet.compiled = compiled and hv.fleet.compiled
     hv.set_target("0", GIB_KIB)
     return hv
@@ -540,3 +540,5 @@ def test_oom_at_any_moment_of_an_inflate_keeps_the_balloon_whole(
         assert_balloon_whole(hv)
         if driver.oom_deflates > deflates:
             assert balloons.balloon_kib[0] == spec.BALLOON_PAGE_KIB * driver.num_pages
+        if demand_gib > 2:  # more than the guest's RAM: the notifier took every page, any in flight too
+            assert driver.num_pages == 0
