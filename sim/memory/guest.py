@@ -389,7 +389,8 @@ class Fleet:
         DEFLATE_ON_OOM balloon is empty, neither can give anything; where some is not,
         the arrays are kept first and put back if the kernel deflated (``balloon_kib``
         or ``oom_deflates`` moved). A balloon whose pages still await the host's ack
-        (the notifier has some, ``balloon_kib`` none) is the reference's alone."""
+        (the notifier has some, ``balloon_kib`` none) is the reference's alone: its
+        notifier counts them in before it gives any back (``LinuxBalloonDriver.oom_notify``)."""
         d, oom = self.driver, self.deflate_on_oom
         if d.held_kib.any() or not np.isfinite(d.balloon_kib).all():
             return False
