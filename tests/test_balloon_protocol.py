@@ -542,3 +542,23 @@ def test_oom_at_any_moment_of_an_inflate_keeps_the_balloon_whole(
             assert balloons.balloon_kib[0] == spec.BALLOON_PAGE_KIB * driver.num_pages
         if demand_gib > 2:  # more than the guest's RAM: the notifier took every page, any in flight too
             assert driver.num_pages == 0
+
+
+@pytest.mark.parametrize("over_mib", [1, 10, 300])
+def test_the_oom_notifiers_pages_are_freed_once(over_mib: int) -> None:
+    """Pages the protocol model's OOM notifier gives back reach the Fleet through the
+    guest's mm (``FleetMm.free_pages``), which puts them on the free list and the per-CPU
+    lists; the Fleet's pressure relief must not free them a second time (it did: the
+    deflated layer and the per-CPU lists grew by twice what the balloon gave)."""
+    hv = oom_host(compiled=False)
+    hv.world.run(until_s=30.0)  # the 1 GiB inflate done
+    f, balloons = hv.fleet, hv.device
+    assert isinstance(balloons, ProtocolBalloons) and balloons.balloon_kib[0] == GIB_KIB
+    f.cache[0], f.swap[0] = f.cache_min[0], f.swap_size[0]  # nothing left to reclaim or swap
+    f.anon[0] += f._capacity()[0] - (f.anon + f.cache + f.min_free)[0] + over_mib * 1024
+    deflated, pcp, balloon = f.deflated_free[0], f.pcp[0], balloons.balloon_kib[0]
+    f._relieve_pressure()
+    given = balloon - balloons.balloon_kib[0]
+    assert given >= over_mib * 1024  # the notifier covered the shortfall, in whole steps
+    assert f.deflated_free[0] - deflated == pytest.approx(given)  # nothing still backed came back
+    assert f.pcp[0] - pcp == pytest.approx(min(given, f.pcp_cap[0] - pcp))

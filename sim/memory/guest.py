@@ -773,9 +773,10 @@ class Fleet:
         over = np.where(over > EPSILON_KIB, over, 0.0)  # float dust is not pressure
         steps = np.where(self.deflate_on_oom & (over > 0), np.ceil(over / OOM_STEP_KIB), 0.0)
         given = self.driver.deflate_on_oom(steps * OOM_STEP_KIB)
-        self._deflated(given, np.zeros_like(given))
-        # Freed as any deflate's; the allocation that ran short takes them (``_settle_free_layers``).
-        self._fill_pcp(given)
+        if not self.driver.accounts_deflates:
+            self._deflated(given, np.zeros_like(given))
+            # Freed as any deflate's; the allocation that ran short takes them (``_settle_free_layers``).
+            self._fill_pcp(given)
         self.oom_deflates += np.ceil(given / OOM_STEP_KIB)
         over -= given
         return self._oom_kill(over)

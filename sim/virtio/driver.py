@@ -58,6 +58,10 @@ class FleetDriver(Protocol):
     balloon_kib: Array
     held_kib: Array  # free page hinting blocks the driver holds
     reports_itself: npt.NDArray[np.bool_]  # free page reporting runs in the driver, not the Fleet
+    # The pages the OOM notifier gives back already went through the Fleet's per-request
+    # accounting (``Fleet.balloon_moved_one``, from the guest's own mm): the Fleet must not
+    # free them again (the protocol model's driver; the bulk one leaves it to the Fleet).
+    accounts_deflates: bool
 
     @property
     def managed_removed_kib(self) -> Array:
@@ -99,6 +103,7 @@ class BalloonDriver:
         self.deflate_on_oom_negotiated = np.zeros(n, dtype=bool) if deflate_on_oom is None else deflate_on_oom
         self.held_kib = np.zeros(n)  # free page hinting blocks: none in the bulk path
         self.reports_itself = np.zeros(n, dtype=bool)  # free page reporting stays the Fleet's, in bulk
+        self.accounts_deflates = False
         self.balloon_kib = np.zeros(n)
         self.num_pages_kib = np.zeros(n)  # the host's wish: config num_pages x 4 KiB
         self.waiting_for_config = np.zeros(n, dtype=bool)  # auto-deflated: no inflation until told again
