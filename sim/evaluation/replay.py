@@ -421,7 +421,7 @@ class _Run:
             return [None] * size
         if samples.ndim == 1:
             return [t if math.isfinite(t) else None for t in samples.tolist()]
-        any_finite = np.isfinite(samples).any(axis=1).tolist()
+        any_finite: list[bool] = np.logical_or.reduce(np.isfinite(samples), axis=1).tolist()
         return [row if finite else None for row, finite in zip(samples, any_finite, strict=True)]
 
     def _reads_at(self, samples: Array) -> Array:

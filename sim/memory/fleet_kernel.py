@@ -511,7 +511,7 @@ def _row_at(time_s: float, offset_s: float, duration_s: float, ts: Any, j: int) 
     if math.isnan(t):
         return len(ts) - 1, j  # numpy sorts NaN last
     if j > 0 and ts[j - 1] > t:
-        j = np.searchsorted(ts, t, side="right")
+        j = int(np.searchsorted(ts, t, side="right"))
     while j < len(ts) and ts[j] <= t:
         j += 1
     return j - 1, j
