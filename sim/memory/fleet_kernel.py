@@ -567,7 +567,7 @@ def trace_landings(
     from the same lookup: the replay needs both at every landing instant, and the
     lookups are the cost. Guest by guest, with its trace's row and search position in
     locals: time by time across the fleet, the same lookups cost five times as much
-    (issue 13: a sixth of the 50-guest replay's landing)."""
+    (issue 13: 17 ms against 3 a block of 4096 ticks at 50 guests, ~4 us a tick)."""
     with_io = len(io_out) > 0
     for g in range(len(offsets_s)):
         lo, hi = first[g], first[g] + count[g]
