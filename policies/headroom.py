@@ -81,11 +81,10 @@ class HeadroomPolicy:
         excess_kib = host.used_kib_counting_arc(self.params.count_arc) - target_used_kib
         need = self.needs_kib(guests)
         actual = guests.actual_kib
-        known = ~np.isnan(need)
-        short = known & (actual < need)
+        short = actual < need  # a NaN need (no stats) compares false: neither short ...
+        comfortable = actual >= need  # ... nor comfortable
         targets = np.where(short, need, np.nan)
-        excess_kib += int(np.sum(np.where(short, need - actual, 0.0)))
-        comfortable = known & ~short
+        excess_kib += int(np.where(short, need - actual, 0.0).sum())
         if excess_kib > 0 and comfortable.any():
             slack = np.where(comfortable, actual - need, 0.0)
             taken = self._take(excess_kib, slack, guests.weight)
