@@ -106,8 +106,7 @@ def needs_kib(
         problem, floor = verdict.stats_problem, verdict.floor_kib
     else:
         problem, floor = stats_problem_codes(now_s, table, rules, kernels), floors_kib(table, rules)
-    at_size = held | ~table.running | (problem != 0)
-    return kernels.needs(table.actual_kib, table.stats.available_kib(), floor, at_size)
+    return kernels.needs(table.actual_kib, table.stats.available_kib(), floor, held, table.running, problem)
 
 
 def estimate_table(
@@ -128,7 +127,7 @@ def estimate_table(
     need_kib = int(need.sum())
     own_kib = max(host.used_kib_counting_arc(True) - int(table.actual_kib.sum()), host_own_min_kib, 0)
     short_kib = max(own_kib + need_kib - host.mem_total_kib, 0)
-    return Shortfall(short_kib, need_kib, own_kib, host.mem_total_kib, int(at_size.sum()))
+    return Shortfall(short_kib, need_kib, own_kib, host.mem_total_kib, int(np.count_nonzero(at_size)))
 
 
 def estimate(
