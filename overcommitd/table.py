@@ -183,11 +183,11 @@ class GuestTable:
 
     def __post_init__(self) -> None:
         n = len(self.uuid)
-        if {getattr(value, "shape", (n,)) for value in _all_fields(self)} != {(n,)}:  # the common case in one set
-            for name in _FIELD_NAMES:
-                value = getattr(self, name)
-                if isinstance(value, np.ndarray) and value.shape != (n,):
-                    raise ValueError(f"guest table column {name} has shape {value.shape}, expected ({n},)")
+        if {value.shape for value in _columns(self)} != {(n,)}:  # the common case in one set
+            name, shape = next(
+                (k, v.shape) for k, v in zip(_COLUMN_NAMES, _columns(self), strict=True) if v.shape != (n,)
+            )
+            raise ValueError(f"guest table column {name} has shape {shape}, expected ({n},)")
         if len(self.name) != n:
             raise ValueError(f"guest table has {n} uuids but {len(self.name)} names")
 
@@ -321,6 +321,11 @@ class GuestTable:
 # loop of ``getattr`` cost more than the check (issue 13 profile).
 _FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(GuestTable))
 _all_fields = attrgetter(*_FIELD_NAMES)
+# Every field but these is a numpy column, one value per guest.
+_COLUMN_NAMES = tuple(
+    n for n in _FIELD_NAMES if n not in {"uuid", "name", "stats", "auto_deflate_tolerance_kib", "source"}
+)
+_columns = attrgetter(*_COLUMN_NAMES)
 
 
 _FEATURES: dict[int, BalloonFeatures] = {}
