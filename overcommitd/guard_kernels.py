@@ -62,7 +62,9 @@ class GuardKernels:
       call: the step needs only the codes);
     * ``rules(...) -> RuleColumns``: every rule of the guard (``numpy_rules``'s arguments);
     * ``needs(actual_kib, available_kib, floor_kib, held, running, problem) -> (need_kib,
-      at_size)``: the shortfall estimate's need of each guest (``numpy_needs``).
+      at_size)``: the shortfall estimate's need of each guest (``numpy_needs``);
+    * ``need_totals(...) -> (need_kib, actual_kib, at_size)``: ``needs`` summed, with the
+      guests' ``actual`` (``numpy_need_totals``): what the estimate reads of them.
     """
 
     name: str
@@ -70,6 +72,7 @@ class GuardKernels:
     problem: Callable[..., IntArray]
     rules: Callable[..., Any]  # returns RuleColumns' columns, in order
     needs: Callable[..., tuple[IntArray, BoolArray]]
+    need_totals: Callable[..., tuple[int, int, int]]
 
 
 def floor_rule(sla_floor_kib: Any, max_kib: Any, min_guest_kib: int) -> Any:
@@ -221,6 +224,20 @@ def numpy_needs(
     return np.where(at_size, actual_kib, need).astype(np.int64), at_size
 
 
-NUMPY = GuardKernels("numpy", numpy_implausible, numpy_problem, numpy_rules, numpy_needs)
+def numpy_need_totals(
+    actual_kib: IntArray,
+    available_kib: FloatArray,
+    floor_kib: IntArray,
+    held: BoolArray,
+    running: BoolArray,
+    problem: IntArray,
+) -> tuple[int, int, int]:
+    """``numpy_needs`` summed: every guest's need, every guest's ``actual`` and how many
+    count at their size (integer sums: the same in any order)."""
+    need, at_size = numpy_needs(actual_kib, available_kib, floor_kib, held, running, problem)
+    return int(need.sum()), int(actual_kib.sum()), int(np.count_nonzero(at_size))
+
+
+NUMPY = GuardKernels("numpy", numpy_implausible, numpy_problem, numpy_rules, numpy_needs, numpy_need_totals)
 
 __all__ = ["NUMPY", "WISH_LIMIT_KIB", "GuardKernels", "RuleColumns", "floor_rule"]

@@ -90,6 +90,9 @@ def test_compiled_and_numpy_needs_are_identical(rows: list[tuple[int, float, int
     for a, b in zip(NUMPY.needs(*args), guard_kernels.COMPILED.needs(*args), strict=True):
         assert a.dtype == b.dtype
         assert np.array_equal(a, b)
+    totals = NUMPY.need_totals(*args)
+    assert guard_kernels.COMPILED.need_totals(*args) == totals
+    assert all(type(t) is int for t in totals)
 
 
 @given(rows=st.lists(cases(), min_size=1, max_size=16), rules=rules, data=st.data())

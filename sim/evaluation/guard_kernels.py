@@ -218,7 +218,19 @@ def needs(actual_kib: Any, available_kib: Any, floor_kib: Any, held: Any, runnin
     return need, at_size
 
 
-COMPILED = GuardKernels("compiled", implausible, problem, rules, needs)
+@_jit
+def _need_totals(actual_kib: Any, available_kib: Any, floor_kib: Any, held: Any, running: Any, problem: Any) -> Any:
+    need, at_size = needs(actual_kib, available_kib, floor_kib, held, running, problem)
+    return need.sum(), actual_kib.sum(), at_size.sum()
+
+
+def need_totals(*args: Any) -> tuple[int, int, int]:
+    """``numpy_need_totals``: ``needs`` summed in the same compiled call (no column boxed)."""
+    need_kib, actual_kib, at_size = _need_totals(*args)
+    return int(need_kib), int(actual_kib), int(at_size)
+
+
+COMPILED = GuardKernels("compiled", implausible, problem, rules, needs, need_totals)
 KERNELS = COMPILED if fleet_kernel.AVAILABLE else NUMPY
 
 __all__ = ["COMPILED", "KERNELS", "RuleColumns"]
