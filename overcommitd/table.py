@@ -316,9 +316,10 @@ class GuestTable:
         return tuple(GuestSnapshot(*row) for row in columns)
 
 
-# ``GuestTable``'s field names, listed once and read in one ``attrgetter`` call: the shape
-# check runs on every table built (each tick of a replay), and ``dataclasses.fields`` or a
-# loop of ``getattr`` cost more than the check (issue 13 profile).
+# ``GuestTable``'s fields and its numpy columns, listed once, each read in one
+# ``attrgetter`` call: a replay builds a table every tick (the shape check reads the
+# columns) and ``take``/``replace`` copy every field; ``dataclasses.fields`` or a loop of
+# ``getattr`` cost more than the work they feed (issue 13 profile).
 _FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(GuestTable))
 _all_fields = attrgetter(*_FIELD_NAMES)
 # Every field but these is a numpy column, one value per guest.
