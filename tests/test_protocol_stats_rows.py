@@ -39,6 +39,7 @@ def test_every_guests_row_is_the_per_guest_truncation(columns: list[list[float]]
     stats = {name: np.array(col) for name, col in zip(STAT_FIELDS, columns)}
     arrays = StatArrays(**stats)
     balloons.fleet_stats = lambda: arrays  # type: ignore[method-assign]
+    balloons.fleet_changed()  # the Fleet "moved": rows cached at this instant are stale
     for i, mm in enumerate(g.mm for g in balloons.guests):
         expected = [(tag, 0 if name is None else int(stats[name][i].item() * unit)) for tag, name, unit in _STAT_ROW]
         assert mm.vm_stats() == expected
