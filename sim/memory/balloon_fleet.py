@@ -314,8 +314,7 @@ class ProtocolBalloons:
         self.stats = StatArrays.zeros(n)
         self._copied_updates = [0] * n
         self.fleet_version = 0
-        self._fleet_stats: tuple[float, int, StatArrays] | None = None
-        self._stats_rows: tuple[StatArrays, bytes, list[list[int]]] | None = None
+        self._stats_rows: tuple[int, bytes, list[list[int]]] | None = None  # fleet_version, values, rows
         self._packed_stats: list[bytes | None] = [None] * n  # per guest, for ``_stats_rows``
         fleet.driver = self  # the Fleet's driver seam (``sim.virtio.driver.FleetDriver``), protocol speed
         self.guests = [
@@ -332,36 +331,36 @@ class ProtocolBalloons:
         self.fleet_version += 1
 
     def fleet_stats(self) -> StatArrays:
-        """``Fleet.stats()``, computed once per instant and change: every guest's stats
-        timer fires at the same instants, and each would otherwise compute the arrays of
-        all guests to read its own row. Every path that changes the Fleet between its
-        ticks goes through ``FleetMm`` or this seam, which call ``fleet_changed``."""
-        cached = self._fleet_stats
-        if cached is None or cached[0] != self.world.now_s or cached[1] != self.fleet_version:
-            cached = (self.world.now_s, self.fleet_version, self.fleet.stats())
-            self._fleet_stats = cached
-        return cached[2]
+        """``Fleet.stats()``: what the guests' stats gathers read (``stats_rows``)."""
+        return self.fleet.stats()
 
     def stats_rows(self) -> list[list[int]]:
         """Every guest's 16 stat values (``_STAT_ROW`` order, bytes or counts), from
-        ``fleet_stats`` and computed as often: one numpy pass instead of one dict per
-        guest per gather. Truncated toward zero, as ``int()`` of each float would be."""
-        stats = self.fleet_stats()
+        ``fleet_stats``: one numpy pass instead of one dict per guest per gather.
+        Truncated toward zero, as ``int()`` of each float would be.
+
+        Computed once per change of the Fleet (``fleet_version``), not per gather: each
+        guest's timer fires on its own phase, several gathers between two moves, and
+        each would otherwise compute every guest's arrays to read its own row. Every
+        path that changes the Fleet between its ticks goes through ``FleetMm`` or this
+        seam, which call ``fleet_changed``; the Fleet's own advance calls ``advance``
+        (a change) before it moves anything, and nothing gathers until it returns, so
+        no rows made before it survive it (``FleetMm._row_spare_kib`` relies on the same)."""
         cached = self._stats_rows
-        if cached is None or cached[0] is not stats:
-            kept = (np.array([getattr(stats, name) for name in _STAT_NAMES]) * _STAT_UNITS).astype(
-                np.int64
-            )  # truncates
-            kept_bytes = kept.tobytes()  # the values, compared in one call (same shape each time)
-            if cached is not None and kept_bytes == cached[1]:
-                # A new instant, the same values (the Fleet moves once a tick, the timers
-                # fire twice): the rows, and the entries packed from them, still hold.
-                cached = (stats, cached[1], cached[2])
-            else:
-                cached = (stats, kept_bytes, [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()])
-                self._packed_stats = [None] * len(self._packed_stats)
-            self._stats_rows = cached
-        return cached[2]
+        if cached is not None and cached[0] == self.fleet_version:
+            return cached[2]
+        stats = self.fleet_stats()
+        kept = (np.array([getattr(stats, name) for name in _STAT_NAMES]) * _STAT_UNITS).astype(np.int64)  # truncates
+        kept_bytes = kept.tobytes()  # the values, compared in one call (same shape each time)
+        if cached is not None and kept_bytes == cached[1]:
+            # A change that left every value as it was (a request's accounting between
+            # gathers moves a few KiB): the rows, and the entries packed from them, hold.
+            rows = cached[2]
+        else:
+            rows = [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()]
+            self._packed_stats = [None] * len(self._packed_stats)
+        self._stats_rows = (self.fleet_version, kept_bytes, rows)
+        return rows
 
     def packed_stats(self, i: int) -> bytes:
         """Guest ``i``'s ``stats_rows`` entries packed as its driver writes them: the

@@ -601,6 +601,12 @@ class LinuxBalloonDriver:
         (work that never sleeps: a plain function for its ``WorkItem``)."""
         self._write_stats()
         vq = self.vqs["statsq"]
+        kick = vq.reuse_one(self.stats_addr, self.stats_len, self._token + 1)  # get_buf + add_one, inline
+        if kick is not None:
+            self._token += 1
+            if kick:
+                self.device.notify(self.index["statsq"])
+            return
         try:
             got = vq.get_buf()
         except VirtioError as e:

@@ -305,6 +305,30 @@ class DriverQueue:
             U16.pack_into(buf, self._used_event_at, last)
         return token, length
 
+    def reuse_one(self, addr: int, length: int, token: object) -> bool | None:
+        """``get_buf`` of the next used chain, then ``add_one(addr, length, token)`` and
+        ``kick_prepare``: the stats work's steady state (Linux stats_handle_request
+        reclaims its one buffer and posts it again), the ring arithmetic inline. Where
+        the used chain is a one-descriptor chain this side has in flight, ``get_buf``
+        puts its head on the free list and ``add_one`` takes it straight back: the free
+        list is as it was, and only the descriptor, the two rings' entries and the
+        indices change. Returns whether to kick, or None (nothing changed) where the
+        general calls must run: nothing used, an unknown id, a longer chain."""
+        buf, last = self._buf, self.last_used_idx
+        if U16.unpack_from(buf, self._used_idx_at)[0] == last:
+            return None
+        head = USED_ELEM.unpack_from(buf, self._used_ring_at + 8 * (last & self._mask))[0]
+        at = self._desc_at + 16 * head
+        if head not in self.in_flight or U16.unpack_from(buf, at + 12)[0] & VRING_DESC_F_NEXT:
+            return None
+        del self.in_flight[head]  # re-inserted last, as get_buf's pop and _publish's store
+        self.last_used_idx = last = (last + 1) & 0xFFFF
+        if self.event_idx and not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
+            U16.pack_into(buf, self._used_event_at, last)
+        DESC.pack_into(buf, at, addr, length, 0, 0)
+        self._publish(head, token)
+        return self.kick_prepare()
+
     def _detach(self, head: int) -> None:
         buf, desc, num = self.mem.buf, self.lay.desc, self.lay.num
         i, n = head, 1
