@@ -1,11 +1,13 @@
-"""Inflate requests done many at once (``sim.memory.inflate_runs``) against the
-per-request path they stand for (the driver without its ``fill_run``): the same guest
+"""Inflate and deflate requests done many at once (``sim.memory.inflate_runs``) against
+the per-request path they stand for (the driver without its ``fill_run`` and
+``leak_run``): the same guest
 memory bytes, ring state on both sides, Fleet arrays, clock and queued events, ``actual``
 updates and BALLOON_CHANGE events, driver, memory manager and host counters, through
 inflates, deflates and whatever comes between (stats timers, target changes, ticks)."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,7 +102,7 @@ def run(plan: Plan, *, at_once: bool) -> dict[str, object]:
     guest.host.inhibited = plan.inhibited
     hv.fleet.cache[0] = min(plan.cache_mib * 1024.0, hv.fleet.cache[0] + plan.cache_mib * 1024.0)
     if not at_once:
-        guest.driver.fill_run = None
+        guest.driver.fill_run = guest.driver.leak_run = None
     targets = [(t, 0, min(mib, plan.ram_gib * 1024) * 1024) for t, mib in plan.targets]
     play(hv, demand, targets, plan.tick_s, 6.0, 8.0)
     return _snapshot(hv, hv.world)
@@ -120,9 +122,35 @@ plans = st.builds(
 )
 
 
+# A big inflate first, then targets back up (deflates), some cutting into a deflate
+# still going: every deflate flag at once (DEFLATE_ON_OOM under a demand that may OOM,
+# inhibited discards, hugetlbfs backing, stats timers, host ticks).
+deflate_plans = st.builds(
+    Plan,
+    ram_gib=st.sampled_from([1, 2, 4]),
+    demand_mib=st.integers(64, 900),
+    cache_mib=st.integers(0, 1500),
+    deflate_on_oom=st.booleans(),
+    inhibited=st.booleans(),
+    hugepages=st.sampled_from([False, True]),
+    stats_period_s=st.sampled_from([0, 1, 2]),
+    targets=st.tuples(
+        st.tuples(st.just(0.0), st.integers(100, 400)),
+        st.lists(st.tuples(st.floats(1.0, 6.0), st.integers(300, 4096)), min_size=1, max_size=4),
+    ).map(lambda first_rest: (first_rest[0], *first_rest[1])),
+    tick_s=st.sampled_from([0.25, 1.0, 10.0]),
+)
+
+
 @settings(max_examples=40, deadline=None)
 @given(plans)
 def test_runs_at_once_change_nothing_observable(plan: Plan) -> None:
+    assert run(plan, at_once=True) == run(plan, at_once=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(deflate_plans)
+def test_deflate_runs_at_once_change_nothing_observable(plan: Plan) -> None:
     assert run(plan, at_once=True) == run(plan, at_once=False)
 
 
@@ -144,3 +172,30 @@ def test_a_big_inflate_goes_mostly_at_once_and_stops_at_every_event(monkeypatch:
     assert fast == run(plan, at_once=False)
     assert sum(taken) > 0.9 * 2048 * 256
     assert len([p for p in taken if p]) > 3  # the stats timer and the ticks cut the runs
+
+
+def test_a_big_deflate_goes_mostly_at_once_and_stops_at_every_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3 GiB inflate, then a deflate to 3.5 GiB cut by a target change back to 2 GiB
+    and then to 4 GiB, with a stats timer every second and host ticks: deflate runs
+    cover most of the deflate requests, stop before each event, and the result is the
+    per-request path's, on DEFLATE_ON_OOM and hugetlbfs guests too."""
+    given_back: list[int] = []
+
+    def counting(guest: GuestBalloon, diff: int) -> int:
+        pages = leak_run(guest, diff)
+        given_back.append(pages)
+        return pages
+
+    leak_run = inflate_runs.leak_run
+    monkeypatch.setattr(inflate_runs, "leak_run", counting)
+    for deflate_on_oom, hugepages in ((False, False), (True, True)):
+        given_back.clear()
+        targets = ((0.0, 1024), (4.0, 3584), (4.3, 2048), (5.0, 4096))
+        plan = Plan(4, 300, 200, deflate_on_oom, False, hugepages, 1, targets, 0.5)
+        fast = run(plan, at_once=True)
+        assert fast == run(plan, at_once=False)
+        actual_log = fast["actual"][1]  # type: ignore[index]
+        deflated = sum(max(a - b, 0) for (_, a), (_, b) in itertools.pairwise([(0.0, 0), *actual_log]))
+        assert deflated > 2 * 1024 * 256  # over 2 GiB given back, in two deflates
+        assert sum(given_back) > 0.9 * deflated
+        assert len([p for p in given_back if p]) > 3  # the stats timer and the ticks cut the runs

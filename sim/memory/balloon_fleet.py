@@ -201,9 +201,19 @@ class FleetMm:
             block = self._fresh(n * pages)
             arrays.extend(block[j * pages : (j + 1) * pages] for j in range(n))
         self._released_seen = self.host.released_bytes
+        self._accounted_at_once(spare_kib, fleet_changes)
+        return arrays
+
+    def freed_at_once(self, arrays: list[U32s], spare_kib: float, fleet_changes: int) -> None:
+        """``taken_at_once``'s mirror for deflate requests: ``free_pages`` of each of
+        ``arrays`` in order, the Fleet's accounting already done."""
+        self._free_stack.extend(arrays)
+        self._accounted_at_once(spare_kib, fleet_changes)
+
+    def _accounted_at_once(self, spare_kib: float, fleet_changes: int) -> None:
+        """The Fleet changed ``fleet_changes`` times, the last leaving ``spare_kib``."""
         self.balloons.fleet_version += fleet_changes
         self._spare_kib, self._spare_version = spare_kib, self.balloons.fleet_version
-        return arrays
 
     def free_pages(self, pfns: U32s) -> None:
         self._free_stack.append(pfns)
@@ -284,6 +294,7 @@ class GuestBalloon:
         self.driver = LinuxBalloonDriver(world, self.mem, self.device, self.mm)
         if fleet_kernel.AVAILABLE:
             self.driver.fill_run = functools.partial(inflate_runs.fill_run, self)
+            self.driver.leak_run = functools.partial(inflate_runs.leak_run, self)
         self.driver.probe()
         if stats_period_s:
             # Polling switched on at the guest's stats phase fires at once, as the bulk
