@@ -77,7 +77,13 @@ def _snapshot(hv: SimHypervisor, world: World) -> dict[str, object]:
             (q.last_avail_idx, q.used_idx, q.inuse, q.signalled_used, q.signalled_used_valid) for q in (vq, vq_defl)
         ],
         "host": (g.host.released_bytes, g.host.discard_calls, g.host.willneed_calls, g.host.partial_dropped),
-        "mm": (mm._next_pfn, mm._run_top, mm._released_seen, [a.tolist() for a in mm._free_stack]),
+        "mm": (
+            mm._next_pfn,
+            mm._run_top,
+            mm._released_seen,
+            [a.tolist() for a in mm._free_stack],
+            mm._free_stack_pages,
+        ),
         "spare": (mm._spare_kib, mm._spare_version, balloons.fleet_version),
         "balloons": (
             balloons.balloon_kib.tolist(),
@@ -199,3 +205,23 @@ def test_a_big_deflate_goes_mostly_at_once_and_stops_at_every_event(monkeypatch:
         assert deflated > 2 * 1024 * 256  # over 2 GiB given back, in two deflates
         assert sum(given_back) > 0.9 * deflated
         assert len([p for p in given_back if p]) > 3  # the stats timer and the ticks cut the runs
+
+
+def test_a_reinflate_takes_the_frames_given_back_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inflate 2 GiB, deflate 1.5 GiB, inflate 1 GiB again: the second inflate's runs
+    take the frames the deflate gave back (most recent first, as ``alloc_pages``) and
+    the result is the per-request path's."""
+    taken: list[tuple[float, int]] = []
+
+    def counting(guest: GuestBalloon, diff: int) -> int:
+        pages = fill_run(guest, diff)
+        taken.append((guest.driver.world.now_s, pages))
+        return pages
+
+    fill_run = inflate_runs.fill_run
+    monkeypatch.setattr(inflate_runs, "fill_run", counting)
+    plan = Plan(4, 300, 200, False, False, False, 1, ((0.0, 2048), (3.0, 3584), (5.0, 2560)), 0.5)
+    fast = run(plan, at_once=True)
+    assert fast == run(plan, at_once=False)
+    assert sum(p for t, p in taken if t >= 5.0) > 0.9 * 1024 * 256
+    assert fast["mm"][-1] == (1536 - 1024) * 256  # type: ignore[index]  # given back, not yet reused

@@ -7,7 +7,7 @@ driver, the split ring, QEMU's device, the backing, the World clock and the Flee
 requests to make, the ring is quiet and nothing is due on the World before they end
 (``World.jump_limits``: the same rule as ``World.may_jump_to``, request by request),
 every request goes the same way: one descriptor, kicked, served at once, reaped,
-``actual`` written; an inflate takes fresh frames, a deflate gives back the balloon
+``actual`` written; an inflate takes free frames, a deflate gives back the balloon
 list's last 256 pages. The only figures that differ are the clock, the Fleet's
 accounting and QEMU's BALLOON_CHANGE rate limit, which one compiled loop works out
 (``sim.memory.protocol_kernel.requests_run``); the rings, lists and counters are then
@@ -110,7 +110,7 @@ def fill_run(guest: GuestBalloon, diff: int) -> int:
     done = _run(
         guest,
         _PAGES,
-        min((diff - 1) // _PAGES, mm.fresh_pages_left() // _PAGES),
+        min((diff - 1) // _PAGES, mm.pages_left() // _PAGES),
         min(released / (_PAGES * BALLOON_PAGE_BYTES), 1.0),  # balloon_taken's release_frac
         mm.fill_spare_kib(),
         (
