@@ -11,6 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sim.virtio.balloon_spec as spec
+from sim.memory.balloon_fleet import ProtocolBalloons
+from sim.memory.guest import GuestSpec
+from sim.memory.hypervisor import SimHypervisor
 from sim.virtio.backing import HostRam, RamBacking
 from sim.virtio.device import VirtioBalloon
 from sim.virtio.driver import LinuxBalloonDriver
@@ -249,6 +252,29 @@ def test_oom_notifier_gives_back_256_pages_and_does_not_reinflate(world: World, 
     actual_reached(world, dev, 16384, limit_s=world.now_s + 1)
 
 
+def moves_of(log: list[tuple[float, str]]) -> list[str]:
+    """The balloon's moves the guest's mm saw: pages counted in (taken), given back (free)."""
+    return [what for _, what in log if what.startswith(("taken ", "free "))]
+
+
+def test_oom_notifier_waits_for_an_inflate_in_flight(log: list) -> None:
+    """Linux's notifier takes vb->balloon_lock, which fill_balloon holds until the host
+    acked its request: the pages of an inflate in flight count as the balloon's before
+    the notifier gives any back, and count once (the fill's ack, later, adds nothing)."""
+    world = World(jumps=False)  # every push queued: the request can be caught awaiting its ack
+    dev, drv, _mm = make(world, log, deflate_on_oom=True)
+    dev.to_target(RAM_PAGES * 4096 - 2 * 2**20)  # 512 pages: two requests
+    while not drv.acked.has_waiters:  # the fill sleeps in tell_host, its pages enqueued
+        world.step()
+    assert moves_of(log) == [] and drv.num_pages == 256
+    assert drv.oom_notify() == 256
+    assert moves_of(log) == ["taken 256", "free 256"] and drv.num_pages == 0 and dev.actual == 0
+    # The size work was short of its target: it goes on (as Linux) and counts each request once.
+    actual_reached(world, dev, 512, limit_s=world.now_s + 1)
+    net = sum((1 if what.startswith("taken") else -1) * int(what.split()[1]) for what in moves_of(log))
+    assert net == drv.num_pages == 512
+
+
 def test_oom_notifier_does_nothing_without_the_feature(world: World, log: list) -> None:
     dev, drv, _mm = make(world, log)
     dev.to_target(RAM_PAGES * 4096 - 2**20)
@@ -446,3 +472,93 @@ def test_balloon_invariants_under_random_targets_and_demand(steps: list[tuple[in
         assert abs(host.balloons.managed_removed_kib[0] - expected_removed) <= 4 * spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX
         assert -1e-6 <= f.touched[0] <= f.ram[0] + 1e-6
         assert 0 <= g.device.actual <= g.mem.ram_pages and g.device.broken is None
+
+
+GIB_KIB = 1 << 20
+
+
+def oom_host(*, compiled: bool) -> SimHypervisor:
+    """A 2 GiB DEFLATE_ON_OOM guest asked to inflate 1 GiB, through the protocol model."""
+    guest = GuestSpec("0", "g0", 2 * GIB_KIB, deflate_on_oom=True)
+    hv = SimHypervisor([guest], host_mem_kib=64 * GIB_KIB, initial_demand_kib=np.full(1, 64.0 * 1024), model="protocol")
+    hv.fleet.compiled = compiled and hv.fleet.compiled
+    hv.set_target("0", GIB_KIB)
+    return hv
+
+
+def assert_balloon_whole(hv: SimHypervisor) -> None:
+    """The Fleet's balloon is the driver's, less the request whose ack it awaits; never
+    below zero (inflating only: no deflate request is in flight)."""
+    balloons = hv.device
+    assert isinstance(balloons, ProtocolBalloons)
+    driver = balloons.guests[0].driver
+    assert balloons.balloon_kib[0] >= 0
+    assert balloons.balloon_kib[0] == spec.BALLOON_PAGE_KIB * (driver.num_pages - driver.fill_unacked_pages)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_oom_during_an_inflate_in_flight_keeps_the_fleets_balloon_the_drivers(compiled: bool) -> None:
+    """An OOM while an inflate request awaits the host's ack: the notifier counts that
+    request first (it waits on balloon_lock, as Linux), then gives 256 pages back. The
+    Fleet's balloon is then the driver's ``num_pages`` x 4 KiB, never below zero (it
+    was -1024 KiB when the notifier took the unacknowledged pages)."""
+    hv = oom_host(compiled=compiled)
+    hv.world.jumps = False  # every push queued: the request can be caught awaiting its ack
+    balloons = hv.device
+    assert isinstance(balloons, ProtocolBalloons)
+    driver = balloons.guests[0].driver
+    while not driver.acked.has_waiters:
+        hv.world.step()
+    assert balloons.balloon_kib[0] < spec.BALLOON_PAGE_KIB * driver.num_pages  # in flight
+    hv.fleet.advance(10.0, np.array([8.0 * GIB_KIB]), np.zeros(1))
+    assert hv.fleet.oom_deflates[0] > 0 and driver.oom_deflates > 0
+    assert balloons.balloon_kib[0] >= 0
+    assert balloons.balloon_kib[0] == spec.BALLOON_PAGE_KIB * driver.num_pages
+    hv.world.run(until_s=hv.world.now_s + 2.0)  # the fill's ack comes, and the work goes on
+    assert_balloon_whole(hv)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    oom_s=st.floats(0.0005, 0.3),
+    demand_gib=st.sampled_from([0.5, 1.6, 8.0]),
+    compiled=st.booleans(),
+)
+def test_oom_at_any_moment_of_an_inflate_keeps_the_balloon_whole(
+    oom_s: float, demand_gib: float, compiled: bool
+) -> None:
+    """Whenever the demand comes while the balloon inflates (a request being allocated,
+    awaiting its ack, or between two), through the host's own stepping: the Fleet's
+    balloon never goes below zero and, after any OOM deflate, is what the driver holds."""
+    hv = oom_host(compiled=compiled)
+    balloons = hv.device
+    assert isinstance(balloons, ProtocolBalloons)
+    driver = balloons.guests[0].driver
+    for now_s in (oom_s, oom_s + 0.5, oom_s + 3.0):
+        deflates = driver.oom_deflates
+        hv.advance(now_s, np.array([demand_gib * GIB_KIB]), np.zeros(1))
+        assert_balloon_whole(hv)
+        if driver.oom_deflates > deflates:
+            assert balloons.balloon_kib[0] == spec.BALLOON_PAGE_KIB * driver.num_pages
+        if demand_gib > 2:  # more than the guest's RAM: the notifier took every page, any in flight too
+            assert driver.num_pages == 0
+
+
+@pytest.mark.parametrize("over_mib", [1, 10, 300])
+def test_the_oom_notifiers_pages_are_freed_once(over_mib: int) -> None:
+    """Pages the protocol model's OOM notifier gives back reach the Fleet through the
+    guest's mm (``FleetMm.free_pages``), which puts them on the free list and the per-CPU
+    lists; the Fleet's pressure relief must not free them a second time (it did: the
+    deflated layer and the per-CPU lists grew by twice what the balloon gave)."""
+    hv = oom_host(compiled=False)
+    hv.world.run(until_s=30.0)  # the 1 GiB inflate done
+    f, balloons = hv.fleet, hv.device
+    assert isinstance(balloons, ProtocolBalloons) and balloons.balloon_kib[0] == GIB_KIB
+    f.cache[0], f.swap[0] = f.cache_min[0], f.swap_size[0]  # nothing left to reclaim or swap
+    f.anon[0] += f._capacity()[0] - (f.anon + f.cache + f.min_free)[0] + over_mib * 1024
+    deflated, pcp, balloon = f.deflated_free[0], f.pcp[0], balloons.balloon_kib[0]
+    f._relieve_pressure()
+    given = balloon - balloons.balloon_kib[0]
+    assert given >= over_mib * 1024  # the notifier covered the shortfall, in whole steps
+    assert f.deflated_free[0] - deflated == pytest.approx(given)  # nothing still backed came back
+    assert f.pcp[0] - pcp == pytest.approx(min(given, f.pcp_cap[0] - pcp))

@@ -206,5 +206,5 @@ def test_oom_landings_with_a_ballooned_guest(moment: str, demand_gib: float) -> 
     for hv in (ref, fast):
         hv.fleet.advance(10.0, demand, np.zeros(2))
     assert differences(ref, fast) == []
-    # The big demand needs the notifier, which also takes pages still awaiting the host.
+    # The big demand needs the notifier, which waits for the pages still awaiting the host's ack.
     assert (ref.fleet.oom_deflates[0] > 0) == (demand_gib > 1)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import uuid as uuid_module
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -376,17 +377,19 @@ class _Run:
         self._block_start = -BLOCK_TICKS  # no block loaded yet
         self._ends: tuple[Array, Array, Array] = (np.empty(0), np.empty((0, 0)), np.empty((0, 0)))
         self._samples: tuple[Array, Array, Array] | None = None
+        self._end_s: list[float] = []  # the block's tick ends, as floats
+        self._sample_at: list[float | Array | None] = []  # ``_sample_instants``
 
     def _inputs(self, k: int) -> _Landing:
         """The demand and reads of tick ``k`` and where they land (``land_demand``)."""
         if not self._block_start <= k < self._block_start + len(self._ends[0]):
             self._load_block(k)
         i = k - self._block_start
-        at_end = (float(self._ends[0][i]), self._ends[1][i], self._ends[2][i])
-        if self._samples is None or not np.isfinite(self._samples[0][i]).any():
+        at_end = (self._end_s[i], self._ends[1][i], self._ends[2][i])
+        at = self._sample_at[i]
+        if at is None or self._samples is None:
             return _Landing(None, at_end)
-        at = self._samples[0][i]
-        return _Landing((float(at) if at.ndim == 0 else at, self._samples[1][i], self._samples[2][i]), at_end)
+        return _Landing((at, self._samples[1][i], self._samples[2][i]), at_end)
 
     def _load_block(self, k: int) -> None:
         """The inputs of up to ``BLOCK_TICKS`` ticks from ``k``, no further than the run goes."""
@@ -405,6 +408,21 @@ class _Run:
             peaks = self._peaks(ends, samples)
         self._ends = (ends, peaks[1::2], end_reads)
         self._samples = None if samples is None else (samples, peaks[0::2], sample_reads)
+        self._end_s = ends.tolist()
+        self._sample_at = self._sample_instants(samples, size)
+
+    @staticmethod
+    def _sample_instants(samples: Array | None, size: int) -> list[float | Array | None]:
+        """Each tick's sample instant as ``_Landing`` takes it: a float (one schedule for
+        all), the tick's row (each guest's own; NaN: none), or None where no guest samples
+        inside the tick. Worked out once a block: per tick, the checks cost as much as the
+        rest of ``_inputs``."""
+        if samples is None:
+            return [None] * size
+        if samples.ndim == 1:
+            return [t if math.isfinite(t) else None for t in samples.tolist()]
+        any_finite: list[bool] = np.logical_or.reduce(np.isfinite(samples), axis=1).tolist()
+        return [row if finite else None for row, finite in zip(samples, any_finite, strict=True)]
 
     def _reads_at(self, samples: Array) -> Array:
         """Each guest's file reads at its own sample instants (``samples``: ticks x guests)."""

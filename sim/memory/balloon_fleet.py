@@ -328,6 +328,7 @@ class ProtocolBalloons:
         self.held_kib = np.zeros(n)
         self.managed_removed_kib = np.zeros(n)
         self.reports_itself = np.array([s.reporting for s in specs], dtype=bool)
+        self.accounts_deflates = True  # every page back goes through FleetMm.free_pages
         self.stats_period_s = np.full(n, float(stats_period_s))
         self.last_update_s = np.full(n, -np.inf)
         self.stats = StatArrays.zeros(n)

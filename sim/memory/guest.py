@@ -389,7 +389,8 @@ class Fleet:
         DEFLATE_ON_OOM balloon is empty, neither can give anything; where some is not,
         the arrays are kept first and put back if the kernel deflated (``balloon_kib``
         or ``oom_deflates`` moved). A balloon whose pages still await the host's ack
-        (the notifier has some, ``balloon_kib`` none) is the reference's alone."""
+        (the notifier has some, ``balloon_kib`` none) is the reference's alone: its
+        notifier counts them in before it gives any back (``LinuxBalloonDriver.oom_notify``)."""
         d, oom = self.driver, self.deflate_on_oom
         if d.held_kib.any() or not np.isfinite(d.balloon_kib).all():
             return False
@@ -772,9 +773,10 @@ class Fleet:
         over = np.where(over > EPSILON_KIB, over, 0.0)  # float dust is not pressure
         steps = np.where(self.deflate_on_oom & (over > 0), np.ceil(over / OOM_STEP_KIB), 0.0)
         given = self.driver.deflate_on_oom(steps * OOM_STEP_KIB)
-        self._deflated(given, np.zeros_like(given))
-        # Freed as any deflate's; the allocation that ran short takes them (``_settle_free_layers``).
-        self._fill_pcp(given)
+        if not self.driver.accounts_deflates:
+            self._deflated(given, np.zeros_like(given))
+            # Freed as any deflate's; the allocation that ran short takes them (``_settle_free_layers``).
+            self._fill_pcp(given)
         self.oom_deflates += np.ceil(given / OOM_STEP_KIB)
         over -= given
         return self._oom_kill(over)

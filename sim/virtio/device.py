@@ -33,6 +33,7 @@ import numpy.typing as npt
 
 import sim.virtio.balloon_spec as spec
 from overcommitd.table import STAT_NAMES
+from sim.memory import fleet_kernel
 from sim.virtio import calibration as cal
 from sim.virtio.backing import HostRam
 from sim.virtio.balloon_spec import BALLOON_PAGE_KIB
@@ -43,6 +44,12 @@ from sim.virtio.virtqueue import DeviceQueue, Element, RingLayout, VirtioError
 from sim.virtio.world import World
 
 Array = npt.NDArray[np.float64]
+
+
+def _fmin(a: Array) -> float:
+    """The smallest of ``a`` ignoring NaN (inf when empty or all NaN), without
+    ``ndarray.min``'s Python-level wrapper: ``poll_stats`` asks it every interval."""
+    return float(np.fmin.reduce(a, initial=np.inf))
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ class BalloonDevice:
         # answers STATS_WORK_S later. Real guests' timers run each in its own phase (issue 16).
         phase = np.zeros(n) if stats_phase_s is None else stats_phase_s
         self.next_arrival_s = np.where(stats_period_s > 0, phase + STATS_WORK_S, np.inf)
+        self.compiled = fleet_kernel.AVAILABLE  # ``poll_stats`` through its kernel
 
     def set_target(self, i: int, target_kib: int) -> None:
         self.driver.config_changed(i, num_pages_kib(self.ram_kib[i], target_kib))
@@ -147,13 +155,33 @@ class BalloonDevice:
         """Take every sample that arrives before ``now_s``; ``current()`` is the guests'
         state over that span, computed only if a sample is due. Times are summed as the
         World sums them (timer at arrival + period, answer STATS_WORK_S later), so both
-        speeds stamp alike."""
+        speeds stamp alike. Compiled (``fleet_kernel.poll_stats``) where both sides hold
+        their stats as one block; ``_poll_reference`` is the rule."""
+        # fmin ignores NaN as ``<`` does: a NaN arrival is never due, in either path.
+        if not _fmin(self.next_arrival_s) < now_s:
+            return
+        sample = current()
+        if self.compiled and sample.block is not None and self.stats.block is not None:
+            fleet_kernel.poll_stats(
+                now_s,
+                STATS_WORK_S,
+                self.stats_period_s,
+                self.next_arrival_s,
+                self.last_update_s,
+                sample.block,
+                self.stats.block,
+            )
+            return
+        self._poll_reference(now_s, sample)
+
+    def _poll_reference(self, now_s: float, sample: StatArrays) -> None:
+        """``poll_stats`` in numpy, the reference for its compiled kernel."""
         due = self.next_arrival_s < now_s
         if not due.any():
             return
         # Every sample before ``now_s`` reads the same state: copy it once to every guest
         # due at least once, then stamp each arrival.
-        self.stats.copy_from(current(), slice(None) if due.all() else due)
+        self.stats.copy_from(sample, slice(None) if due.all() else due)
         while due.any():
             rows = slice(None) if due.all() else due  # a replay's guests poll in step: no mask
             self.last_update_s[rows] = np.floor(self.next_arrival_s[rows])  # QEMU stamps whole seconds

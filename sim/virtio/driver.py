@@ -58,6 +58,10 @@ class FleetDriver(Protocol):
     balloon_kib: Array
     held_kib: Array  # free page hinting blocks the driver holds
     reports_itself: npt.NDArray[np.bool_]  # free page reporting runs in the driver, not the Fleet
+    # The pages the OOM notifier gives back already went through the Fleet's per-request
+    # accounting (``Fleet.balloon_moved_one``, from the guest's own mm): the Fleet must not
+    # free them again (the protocol model's driver; the bulk one leaves it to the Fleet).
+    accounts_deflates: bool
 
     @property
     def managed_removed_kib(self) -> Array:
@@ -99,6 +103,7 @@ class BalloonDriver:
         self.deflate_on_oom_negotiated = np.zeros(n, dtype=bool) if deflate_on_oom is None else deflate_on_oom
         self.held_kib = np.zeros(n)  # free page hinting blocks: none in the bulk path
         self.reports_itself = np.zeros(n, dtype=bool)  # free page reporting stays the Fleet's, in bulk
+        self.accounts_deflates = False
         self.balloon_kib = np.zeros(n)
         self.num_pages_kib = np.zeros(n)  # the host's wish: config num_pages x 4 KiB
         self.waiting_for_config = np.zeros(n, dtype=bool)  # auto-deflated: no inflation until told again
@@ -263,6 +268,9 @@ class LinuxBalloonDriver:
         self.deflate_on_oom_negotiated = False  # fixed at probe; read per request
         self.vqs: dict[str, DriverQueue] = {}
         self.num_pages = 0  # vb->num_pages: 4 KiB units in the balloon
+        # Pages fill_balloon enqueued whose ack it still awaits, holding vb->balloon_lock
+        # (their accounting is ``_fill_acked``'s, done once per request).
+        self.fill_unacked_pages = 0
         self.balloon: list[U32s] = []  # the balloon list, LIFO (balloon_page_enqueue/dequeue)
         self.acked = Signal(world)  # vb->acked
         self.done_tokens: set[int] = set()
@@ -423,13 +431,22 @@ class LinuxBalloonDriver:
             return 0
         self.balloon.append(pfns)
         self.num_pages += got
+        self.fill_unacked_pages = got
         if not self.deflate_on_oom_negotiated:
             self.mm.adjust_managed_page_count(-got)
         token = self._post_pfns("inflateq", pfns)  # tell_host: post, kick, wait until used
         while not self._acked("inflateq", token):
             yield self.acked
-        self.mm.balloon_taken(got)
+        self._fill_acked()
         return got
+
+    def _fill_acked(self) -> None:
+        """The host acked fill_balloon's request: its pages count as the balloon's. Done
+        once per request, by the fill or by the OOM notifier that waited for that ack
+        first (``oom_notify``), whichever comes first."""
+        if self.fill_unacked_pages:
+            self.mm.balloon_taken(self.fill_unacked_pages)
+            self.fill_unacked_pages = 0
 
     def filled_at_once(self, arrays: list[U32s], cpu_s: float) -> int:
         """The driver's side of whole inflate requests done at once, one PFN array each,
@@ -558,9 +575,19 @@ class LinuxBalloonDriver:
         """virtio_balloon_oom_notify: give back up to 256 pages, tell the host first,
         write ``actual``; the size work is not re-queued, so the balloon stays below
         target until the host's next config interrupt. Runs synchronously (it is called
-        from the allocator's OOM path): the device serves the request at once."""
+        from the allocator's OOM path): the device serves the request at once.
+
+        Its leak_balloon() takes vb->balloon_lock, which fill_balloon() holds from
+        enqueuing its pages until tell_host() has the host's ack (Linux
+        drivers/virtio/virtio_balloon.c: both take the mutex, tell_host waits under it):
+        so the notifier never sees an inflate in flight, it waits for that ack first.
+        The device applied the request at the kick (``VirtioBalloon.notify``) and only
+        its used buffer is still to come: that wait is collapsed to now, as the
+        notifier's own request is, and the fill's accounting done before any page is
+        taken back (without it the Fleet's ``balloon_kib`` went 1 MiB below zero)."""
         if not self.has(spec.VIRTIO_BALLOON_F_DEFLATE_ON_OOM) or self.device.broken:
             return 0
+        self._fill_acked()
         pfns = self._dequeue(min(spec.VIRTIO_BALLOON_OOM_NR_PAGES, self.num_pages))
         if len(pfns) == 0:
             return 0
