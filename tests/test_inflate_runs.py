@@ -59,6 +59,7 @@ def _snapshot(hv: SimHypervisor, world: World) -> dict[str, object]:
         "stats": (dev.stats, dev.stats_updates, dev.stats_last_update_s),
         "driver": (
             drv.num_pages,
+            drv.fill_unacked_pages,
             drv._token,
             drv.cpu_s,
             drv.puff_count,
