@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 
@@ -60,6 +61,7 @@ INFLATE_BLOCKS = (
 # The stats checked against MemTotal, in the order of ``GuardKernels.implausible``'s
 # arguments: codes 2.. (1: MemTotal itself).
 _IMPLAUSIBLE_FIELDS = ("mem_available_kib", "mem_free_kib", "disk_caches_kib")
+_implausible_stats = itemgetter(*_IMPLAUSIBLE_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,20 +126,26 @@ def implausible_codes(table: GuestTable, kernels: GuardKernels = NUMPY) -> IntAr
     an untrusted guest (Firecracker's ballooning docs say as much): a buggy or hostile
     driver must not talk the host into taking memory the guest needs. Unsent stats
     (NaN) compare false, so they are never implausible."""
-    s = table.stats
-    return kernels.implausible(table.max_kib, s["mem_total_kib"], *(s[name] for name in _IMPLAUSIBLE_FIELDS))
+    return kernels.implausible(*_implausible_columns(table))
+
+
+def _implausible_columns(table: GuestTable) -> tuple[IntArray, FloatArray, FloatArray, FloatArray, FloatArray]:
+    """``GuardKernels.implausible``'s arguments: the maximum, MemTotal, then ``_IMPLAUSIBLE_FIELDS``."""
+    s = table.stats.columns
+    return (table.max_kib, s["mem_total_kib"], *_implausible_stats(s))
 
 
 def stats_problem_codes(now_s: float, table: GuestTable, rules: GuardConfig, kernels: GuardKernels = NUMPY) -> IntArray:
     """Why each guest's stats cannot justify inflation: an ``INFLATE_BLOCKS`` code
-    (missing, stale, implausible) or 0 if they can."""
+    (missing, stale, implausible: ``implausible_codes``, in the same kernel call) or 0
+    if they can."""
     return kernels.problem(
         now_s,
         table.stats.last_update_s,
         table.stats_period_s,
         float(rules.stale_after_periods),
         float(rules.stale_after_min_s),
-        implausible_codes(table, kernels),
+        *_implausible_columns(table),
     )
 
 

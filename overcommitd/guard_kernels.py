@@ -57,10 +57,14 @@ class GuardKernels:
       1 MemTotal above the maximum, 2.. MemAvailable, MemFree, disk caches outside
       0..MemTotal (NaN, an unsent stat, is never implausible);
     * ``problem(now_s, last_update_s, stats_period_s, stale_after_periods,
-      stale_after_min_s, implausible) -> codes``: 0 fine, 1 missing, 2 stale, 3 implausible;
+      stale_after_min_s, max_kib, total, available, free, caches) -> codes``: 0 fine,
+      1 missing, 2 stale, 3 implausible (``implausible`` of the last five, in the same
+      call: the step needs only the codes);
     * ``rules(...) -> RuleColumns``: every rule of the guard (``numpy_rules``'s arguments);
-    * ``needs(actual_kib, available_kib, floor_kib, held) -> (need_kib, at_size)``:
-      the shortfall estimate's need of each guest (``numpy_needs``).
+    * ``needs(actual_kib, available_kib, floor_kib, held, running, problem) -> (need_kib,
+      at_size)``: the shortfall estimate's need of each guest (``numpy_needs``);
+    * ``need_totals(...) -> (need_kib, actual_kib, at_size)``: ``needs`` summed, with the
+      guests' ``actual`` (``numpy_need_totals``): what the estimate reads of them.
     """
 
     name: str
@@ -68,6 +72,7 @@ class GuardKernels:
     problem: Callable[..., IntArray]
     rules: Callable[..., Any]  # returns RuleColumns' columns, in order
     needs: Callable[..., tuple[IntArray, BoolArray]]
+    need_totals: Callable[..., tuple[int, int, int]]
 
 
 def floor_rule(sla_floor_kib: Any, max_kib: Any, min_guest_kib: int) -> Any:
@@ -92,8 +97,13 @@ def numpy_problem(
     stats_period_s: FloatArray,
     stale_after_periods: float,
     stale_after_min_s: float,
-    implausible: IntArray,
+    max_kib: IntArray,
+    total: FloatArray,
+    available: FloatArray,
+    free: FloatArray,
+    caches: FloatArray,
 ) -> IntArray:
+    implausible = numpy_implausible(max_kib, total, available, free, caches)
     present = ~np.isnan(last_update_s)
     stale = now_s - last_update_s > np.maximum(stale_after_periods * stats_period_s, stale_after_min_s)
     return np.asarray(np.where(present, np.where(stale, 2, np.where(implausible > 0, 3, 0)), 1), dtype=np.int64)
@@ -197,17 +207,37 @@ def numpy_rules(
 
 
 def numpy_needs(
-    actual_kib: IntArray, available_kib: FloatArray, floor_kib: IntArray, held: BoolArray
+    actual_kib: IntArray,
+    available_kib: FloatArray,
+    floor_kib: IntArray,
+    held: BoolArray,
+    running: BoolArray,
+    problem: IntArray,
 ) -> tuple[IntArray, BoolArray]:
     """What no balloon may take from each guest (``overcommitd.shortfall.needs_kib``):
     its use (``actual - available``) or its floor, the larger, never below 0; ``actual``
-    where ``held`` or where the use is unknown (``available`` NaN). Also returns where
-    each guest counts at its size."""
-    at_size = held | np.isnan(available_kib)
+    where ``held``, not ``running``, its stats have a ``problem`` (a ``numpy_problem``
+    code) or its use is unknown (``available`` NaN). Also returns where each guest
+    counts at its size."""
+    at_size = held | ~running | (problem != 0) | np.isnan(available_kib)
     need = np.maximum(np.maximum(actual_kib - available_kib, floor_kib), 0)
     return np.where(at_size, actual_kib, need).astype(np.int64), at_size
 
 
-NUMPY = GuardKernels("numpy", numpy_implausible, numpy_problem, numpy_rules, numpy_needs)
+def numpy_need_totals(
+    actual_kib: IntArray,
+    available_kib: FloatArray,
+    floor_kib: IntArray,
+    held: BoolArray,
+    running: BoolArray,
+    problem: IntArray,
+) -> tuple[int, int, int]:
+    """``numpy_needs`` summed: every guest's need, every guest's ``actual`` and how many
+    count at their size (integer sums: the same in any order)."""
+    need, at_size = numpy_needs(actual_kib, available_kib, floor_kib, held, running, problem)
+    return int(need.sum()), int(actual_kib.sum()), int(np.count_nonzero(at_size))
+
+
+NUMPY = GuardKernels("numpy", numpy_implausible, numpy_problem, numpy_rules, numpy_needs, numpy_need_totals)
 
 __all__ = ["NUMPY", "WISH_LIMIT_KIB", "GuardKernels", "RuleColumns", "floor_rule"]

@@ -59,7 +59,7 @@ from overcommitd.config import GuardConfig
 from overcommitd.guard import GuardOutcome, floors_kib, stats_problem_codes
 from overcommitd.guard_kernels import NUMPY, GuardKernels
 from overcommitd.model import GuestSnapshot, HostSnapshot
-from overcommitd.table import BoolArray, GuestTable, IntArray
+from overcommitd.table import BoolArray, FloatArray, GuestTable, IntArray
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,23 @@ def needs_kib(
     would not trust (``stats_problem_codes``), or ``held`` (excluded, paused: no balloon
     will move them). A ``verdict`` of the control step on this table at ``now_s`` lends
     its stats judgement and floors instead of working them out again."""
+    return kernels.needs(*_needs_columns(now_s, table, rules, held, kernels, verdict))
+
+
+def _needs_columns(
+    now_s: float,
+    table: GuestTable,
+    rules: GuardConfig,
+    held: BoolArray,
+    kernels: GuardKernels,
+    verdict: GuardOutcome | None,
+) -> tuple[IntArray, FloatArray, IntArray, BoolArray, BoolArray, IntArray]:
+    """``GuardKernels.needs``'s arguments (``needs_kib``)."""
     if verdict is not None and verdict.now_s == now_s and (verdict.rules is rules or verdict.rules == rules):
         problem, floor = verdict.stats_problem, verdict.floor_kib
     else:
         problem, floor = stats_problem_codes(now_s, table, rules, kernels), floors_kib(table, rules)
-    at_size = held | ~table.running | (problem != 0)
-    return kernels.needs(table.actual_kib, table.stats.available_kib(), floor, at_size)
+    return table.actual_kib, table.stats.available_kib(), floor, held, table.running, problem
 
 
 def estimate_table(
@@ -124,11 +135,11 @@ def estimate_table(
     floors (``loop.table_overrides``), ``held`` marks the rows no balloon will move. Stats
     are judged fresh or stale at ``host.taken_at_s``, as the control step does; a
     ``verdict`` of the step on this table at that instant lends its judgement."""
-    need, at_size = needs_kib(host.taken_at_s, table, rules, held, kernels, verdict)
-    need_kib = int(need.sum())
-    own_kib = max(host.used_kib_counting_arc(True) - int(table.actual_kib.sum()), host_own_min_kib, 0)
+    columns = _needs_columns(host.taken_at_s, table, rules, held, kernels, verdict)
+    need_kib, actual_kib, at_size = kernels.need_totals(*columns)
+    own_kib = max(host.used_kib_counting_arc(True) - actual_kib, host_own_min_kib, 0)
     short_kib = max(own_kib + need_kib - host.mem_total_kib, 0)
-    return Shortfall(short_kib, need_kib, own_kib, host.mem_total_kib, int(at_size.sum()))
+    return Shortfall(short_kib, need_kib, own_kib, host.mem_total_kib, at_size)
 
 
 def estimate(

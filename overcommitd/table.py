@@ -27,10 +27,10 @@ from here rather than carrying their own.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from functools import cached_property
-from typing import Any, TypeVar
+from operator import attrgetter
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +41,7 @@ IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 ColumnT = TypeVar("ColumnT", bound=np.ndarray[Any, Any])
+T = TypeVar("T")
 
 RUN_STATES: tuple[RunState, ...] = tuple(RunState)
 RUNNING = RUN_STATES.index(RunState.RUNNING)
@@ -64,6 +65,36 @@ def read_only(values: ColumnT) -> ColumnT:
 
 def _nan_to_none(value: float) -> int | None:
     return None if math.isnan(value) else int(value)
+
+
+class derived(Generic[T]):  # lower case: a decorator, as functools.cached_property
+    """``functools.cached_property`` without its lock: worked out on first read, then kept
+    in the instance's ``__dict__``, which Python reads before this (non-data) descriptor.
+
+    Python 3.11's ``cached_property`` takes an RLock on every first read (removed in 3.12,
+    CPython gh-87634), and a replay reads three derived columns of a fresh table every
+    tick. Two threads reading one table at once may both work a column out: it is a pure
+    function of the table's own columns, so either result is the same."""
+
+    def __init__(self, func: Callable[[Any], T]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> derived[T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> T: ...
+
+    def __get__(self, instance: object | None, owner: type | None = None) -> T | derived[T]:
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.func(instance)
+        return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,7 +148,7 @@ class StatsColumns:
         shortfall and the metrics each read it every tick); read-only."""
         return self._available_kib
 
-    @cached_property
+    @derived
     def _available_kib(self) -> FloatArray:
         caches = self.columns["disk_caches_kib"]
         fallback = self.columns["mem_free_kib"] + np.where(np.isnan(caches), 0.0, caches)
@@ -152,10 +183,11 @@ class GuestTable:
 
     def __post_init__(self) -> None:
         n = len(self.uuid)
-        for name in _field_names():
-            value = getattr(self, name)
-            if isinstance(value, np.ndarray) and value.shape != (n,):
-                raise ValueError(f"guest table column {name} has shape {value.shape}, expected ({n},)")
+        if {value.shape for value in _columns(self)} != {(n,)}:  # the common case in one set
+            name, shape = next(
+                (k, v.shape) for k, v in zip(_COLUMN_NAMES, _columns(self), strict=True) if v.shape != (n,)
+            )
+            raise ValueError(f"guest table column {name} has shape {shape}, expected ({n},)")
         if len(self.name) != n:
             raise ValueError(f"guest table has {n} uuids but {len(self.name)} names")
 
@@ -167,11 +199,11 @@ class GuestTable:
     def feature(self, bit: Feature) -> BoolArray:
         return np.asarray((self.feature_bits >> int(bit)) & 1, dtype=bool)
 
-    @cached_property  # derived columns are read many times a tick: worked out once, read-only
+    @derived  # derived columns are read many times a tick: worked out once, read-only
     def deflate_on_oom(self) -> BoolArray:
         return read_only(self.feature(Feature.DEFLATE_ON_OOM))
 
-    @cached_property
+    @derived
     def running(self) -> BoolArray:
         return read_only(np.asarray(self.run_state == RUNNING, dtype=bool))
 
@@ -215,22 +247,21 @@ class GuestTable:
 
     def replace(self, **changes: Any) -> GuestTable:
         """A copy with some columns changed; the source snapshots no longer describe it."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values = dict(zip(_FIELD_NAMES, _all_fields(self), strict=True))
         values.update(changes, source=None)
         return GuestTable(**values)
 
     def take(self, rows: IntArray) -> GuestTable:
         """The rows ``rows`` (indices), in that order."""
         values: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name, value in zip(_FIELD_NAMES, _all_fields(self), strict=True):
             if isinstance(value, np.ndarray):
                 value = value[rows]
             elif isinstance(value, StatsColumns):
                 value = value.take(rows)
             elif isinstance(value, tuple):
                 value = tuple(value[i] for i in rows.tolist())
-            values[f.name] = value
+            values[name] = value
         return GuestTable(**values)
 
     # -- per-guest views -----------------------------------------------------------------
@@ -285,15 +316,17 @@ class GuestTable:
         return tuple(GuestSnapshot(*row) for row in columns)
 
 
-_FIELD_NAMES: list[str] = []
-
-
-def _field_names() -> list[str]:
-    """``GuestTable``'s field names, listed once: ``dataclasses.fields`` on every table
-    built (each tick of a replay) cost more than the check it feeds (issue 13 profile)."""
-    if not _FIELD_NAMES:
-        _FIELD_NAMES.extend(f.name for f in fields(GuestTable))
-    return _FIELD_NAMES
+# ``GuestTable``'s fields and its numpy columns, listed once, each read in one
+# ``attrgetter`` call: a replay builds a table every tick (the shape check reads the
+# columns) and ``take``/``replace`` copy every field; ``dataclasses.fields`` or a loop of
+# ``getattr`` cost more than the work they feed (issue 13 profile).
+_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(GuestTable))
+_all_fields = attrgetter(*_FIELD_NAMES)
+# Every field but these is a numpy column, one value per guest.
+_COLUMN_NAMES = tuple(
+    n for n in _FIELD_NAMES if n not in {"uuid", "name", "stats", "auto_deflate_tolerance_kib", "source"}
+)
+_columns = attrgetter(*_COLUMN_NAMES)
 
 
 _FEATURES: dict[int, BalloonFeatures] = {}

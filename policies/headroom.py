@@ -27,15 +27,62 @@ Guests without stats are left out (held): with nothing to go on, hold.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from overcommitd.model import GuestSnapshot, HostSnapshot, Kib
-from overcommitd.table import FloatArray, GuestTable
+from overcommitd.table import BoolArray, FloatArray, GuestTable, IntArray
 from policies.api import BatchResult, PolicyResult, result_of
-from policies.signals import used_kib_columns
+from policies.signals import used_kib_arrays
+
+# The policy's column arithmetic as pure functions (``HeadroomKernels``): the daemon runs
+# these, the replay a compiled twin (``sim.evaluation.policy_kernels``; at 50 guests the
+# ~25 numpy calls here cost more than their arithmetic), held identical by
+# ``tests/test_policy_kernels.py``.
+
+
+def numpy_needs(
+    actual_kib: IntArray,
+    available_kib: FloatArray,
+    present: BoolArray,
+    max_kib: IntArray,
+    buffer_pct: float,
+    min_free_kib: int,
+) -> FloatArray:
+    """Each guest's use plus its buffer, at most its maximum; NaN without stats."""
+    used = used_kib_arrays(actual_kib, available_kib, present)
+    buffer_kib = np.maximum(np.trunc(used * buffer_pct / 100), min_free_kib)
+    return np.minimum(used + buffer_kib, max_kib)
+
+
+def numpy_take(
+    amount_kib: int, actual_kib: IntArray, need_kib: FloatArray, weight: FloatArray, targets_kib: FloatArray
+) -> FloatArray:
+    """``targets_kib`` with ``amount_kib`` taken from the guests above their need, in
+    proportion to slack / weight, never below need."""
+    slack_kib = np.where(actual_kib >= need_kib, actual_kib - need_kib, 0.0)  # NaN need: no slack
+    has = slack_kib > 0
+    shares = np.where(has, slack_kib / np.maximum(weight, 1e-9), 0.0)
+    # Summed in guest order (cumsum), as a running total would: numpy's pairwise sum
+    # may differ in the last bit, and with it a target by 1 KiB.
+    total_share = float(np.cumsum(shares[has])[-1]) if has.any() else 1.0
+    taken = np.minimum(slack_kib, np.trunc(amount_kib * shares / total_share))
+    return np.where(has, actual_kib - taken, targets_kib)
+
+
+@dataclass(frozen=True, slots=True)
+class HeadroomKernels:
+    """One implementation of headroom's two column functions (``numpy_needs``, ``numpy_take``)."""
+
+    name: str
+    needs: Callable[[IntArray, FloatArray, BoolArray, IntArray, float, int], FloatArray]
+    take: Callable[[int, IntArray, FloatArray, FloatArray, FloatArray], FloatArray]
+
+
+NUMPY = HeadroomKernels("numpy", numpy_needs, numpy_take)
 
 
 class HeadroomParams(BaseModel):
@@ -55,17 +102,23 @@ class HeadroomPolicy:
     name = "headroom"
     Params = HeadroomParams
 
-    def __init__(self, params: HeadroomParams | None = None) -> None:
+    def __init__(self, params: HeadroomParams | None = None, *, kernels: HeadroomKernels = NUMPY) -> None:
         self.params = params or HeadroomParams()
+        self.kernels = kernels
+
+    def with_kernels(self, kernels: HeadroomKernels) -> HeadroomPolicy:
+        """The same policy with its column arithmetic run by ``kernels``."""
+        return HeadroomPolicy(self.params, kernels=kernels)
 
     def initial_state(self) -> None:
         return None
 
     def needs_kib(self, guests: GuestTable) -> FloatArray:
         """Memory each guest should have: its use plus a buffer; NaN without stats."""
-        used = used_kib_columns(guests)
-        buffer_kib = np.maximum(np.trunc(used * self.params.buffer_pct / 100), self.params.min_free_kib)
-        return np.minimum(used + buffer_kib, guests.max_kib)
+        s, p = guests.stats, self.params
+        return self.kernels.needs(
+            guests.actual_kib, s.available_kib(), s.present, guests.max_kib, float(p.buffer_pct), int(p.min_free_kib)
+        )
 
     def need_kib(self, guest: GuestSnapshot) -> int | None:
         """``needs_kib`` of one guest; None without stats."""
@@ -81,23 +134,10 @@ class HeadroomPolicy:
         excess_kib = host.used_kib_counting_arc(self.params.count_arc) - target_used_kib
         need = self.needs_kib(guests)
         actual = guests.actual_kib
-        known = ~np.isnan(need)
-        short = known & (actual < need)
+        short = actual < need  # a NaN need (no stats) compares false: neither short ...
+        comfortable = actual >= need  # ... nor comfortable
         targets = np.where(short, need, np.nan)
-        excess_kib += int(np.sum(np.where(short, need - actual, 0.0)))
-        comfortable = known & ~short
+        excess_kib += int(np.where(short, need - actual, 0.0).sum())
         if excess_kib > 0 and comfortable.any():
-            slack = np.where(comfortable, actual - need, 0.0)
-            taken = self._take(excess_kib, slack, guests.weight)
-            targets = np.where(slack > 0, actual - taken, targets)
+            targets = self.kernels.take(excess_kib, actual, need, guests.weight, targets)
         return BatchResult(targets, None)
-
-    @staticmethod
-    def _take(amount_kib: int, slack_kib: FloatArray, weight: FloatArray) -> FloatArray:
-        """Take ``amount_kib`` from guests with slack, in proportion to slack / weight."""
-        has = slack_kib > 0
-        shares = np.where(has, slack_kib / np.maximum(weight, 1e-9), 0.0)
-        # Summed in guest order (cumsum), as a running total would: numpy's pairwise sum
-        # may differ in the last bit, and with it a target by 1 KiB.
-        total_share = float(np.cumsum(shares[has])[-1]) if has.any() else 1.0
-        return np.minimum(slack_kib, np.trunc(amount_kib * shares / total_share))

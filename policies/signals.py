@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from overcommitd.model import GuestSnapshot
-from overcommitd.table import FloatArray, GuestTable
+from overcommitd.table import BoolArray, FloatArray, GuestTable, IntArray
 
 
 def available_kib(guest: GuestSnapshot) -> int | None:
@@ -34,9 +34,14 @@ def used_kib(guest: GuestSnapshot) -> int | None:
 def used_kib_columns(guests: GuestTable) -> FloatArray:
     """``used_kib`` of every guest at once; NaN without stats (or without MemAvailable,
     MemFree)."""
-    avail = np.where(guests.stats.present, guests.stats.available_kib(), np.nan)
-    actual = guests.actual_kib
-    return np.maximum(0.0, actual - np.minimum(avail, actual))
+    return used_kib_arrays(guests.actual_kib, guests.stats.available_kib(), guests.stats.present)
+
+
+def used_kib_arrays(actual_kib: IntArray, available_kib: FloatArray, present: BoolArray) -> FloatArray:
+    """``used_kib_columns`` on the columns it reads: ``available_kib`` counts where
+    ``present`` (the guest sent stats)."""
+    avail = np.where(present, available_kib, np.nan)
+    return np.maximum(0.0, actual_kib - np.minimum(avail, actual_kib))
 
 
 def smoothing_weight(dt_s: float, tau_s: float) -> float:

@@ -68,17 +68,31 @@ _available = st.one_of(st.just(float("nan")), st.floats(-(2.0**50), 2.0**50, all
 
 @given(
     rows=st.lists(
-        st.tuples(st.integers(0, 2**42), _available, st.integers(0, 2**42), st.booleans()), min_size=1, max_size=32
+        st.tuples(
+            st.integers(0, 2**42), _available, st.integers(0, 2**42), st.booleans(), st.booleans(), st.integers(0, 3)
+        ),
+        min_size=1,
+        max_size=32,
     )
 )
 @settings(max_examples=400, deadline=None)
-def test_compiled_and_numpy_needs_are_identical(rows: list[tuple[int, float, int, bool]]) -> None:
+def test_compiled_and_numpy_needs_are_identical(rows: list[tuple[int, float, int, bool, bool, int]]) -> None:
     """The shortfall's need of each guest, both ways: same values, same dtype."""
-    actual, available, floor, held = (np.array(c) for c in zip(*rows, strict=True))
-    args = (actual.astype(np.int64), available.astype(np.float64), floor.astype(np.int64), held.astype(bool))
+    actual, available, floor, held, running, problem = (np.array(c) for c in zip(*rows, strict=True))
+    args = (
+        actual.astype(np.int64),
+        available.astype(np.float64),
+        floor.astype(np.int64),
+        held.astype(bool),
+        running.astype(bool),
+        problem.astype(np.int64),
+    )
     for a, b in zip(NUMPY.needs(*args), guard_kernels.COMPILED.needs(*args), strict=True):
         assert a.dtype == b.dtype
         assert np.array_equal(a, b)
+    totals = NUMPY.need_totals(*args)
+    assert guard_kernels.COMPILED.need_totals(*args) == totals
+    assert all(type(t) is int for t in totals)
 
 
 @given(rows=st.lists(cases(), min_size=1, max_size=16), rules=rules, data=st.data())

@@ -50,9 +50,14 @@ def problem(
     stats_period_s: Any,
     stale_after_periods: float,
     stale_after_min_s: float,
-    implausible: Any,
+    max_kib: Any,
+    total: Any,
+    available: Any,
+    free: Any,
+    caches: Any,
 ) -> Any:
     """``numpy_problem``, row by row."""
+    bad = implausible(max_kib, total, available, free, caches)
     n = len(last_update_s)
     code = np.empty(n, dtype=np.int64)
     for i in range(n):
@@ -63,7 +68,7 @@ def problem(
         limit = fleet_kernel._max(stale_after_periods * stats_period_s[i], stale_after_min_s)
         if now_s - last > limit:
             code[i] = 2
-        elif implausible[i] > 0:
+        elif bad[i] > 0:
             code[i] = 3
         else:
             code[i] = 0
@@ -196,14 +201,14 @@ def rules(*args: Any) -> RuleColumns:
 
 
 @_jit
-def needs(actual_kib: Any, available_kib: Any, floor_kib: Any, held: Any) -> Any:
+def needs(actual_kib: Any, available_kib: Any, floor_kib: Any, held: Any, running: Any, problem: Any) -> Any:
     """``numpy_needs``, row by row."""
     n = len(actual_kib)
     need = np.empty(n, dtype=np.int64)
     at_size = np.empty(n, dtype=np.bool_)
     for i in range(n):
         available = available_kib[i]
-        at_size[i] = held[i] or math.isnan(available)
+        at_size[i] = held[i] or not running[i] or problem[i] != 0 or math.isnan(available)
         if at_size[i]:
             need[i] = actual_kib[i]
         else:  # as numpy: int - float is float, the floor compares as float, astype truncates
@@ -213,7 +218,19 @@ def needs(actual_kib: Any, available_kib: Any, floor_kib: Any, held: Any) -> Any
     return need, at_size
 
 
-COMPILED = GuardKernels("compiled", implausible, problem, rules, needs)
+@_jit
+def _need_totals(actual_kib: Any, available_kib: Any, floor_kib: Any, held: Any, running: Any, problem: Any) -> Any:
+    need, at_size = needs(actual_kib, available_kib, floor_kib, held, running, problem)
+    return need.sum(), actual_kib.sum(), at_size.sum()
+
+
+def need_totals(*args: Any) -> tuple[int, int, int]:
+    """``numpy_need_totals``: ``needs`` summed in the same compiled call (no column boxed)."""
+    need_kib, actual_kib, at_size = _need_totals(*args)
+    return int(need_kib), int(actual_kib), int(at_size)
+
+
+COMPILED = GuardKernels("compiled", implausible, problem, rules, needs, need_totals)
 KERNELS = COMPILED if fleet_kernel.AVAILABLE else NUMPY
 
 __all__ = ["COMPILED", "KERNELS", "RuleColumns"]

@@ -50,6 +50,7 @@ from overcommitd.table import GuestTable
 from policies.api import Policy, decide_batch
 from sim.evaluation.guard_kernels import KERNELS
 from sim.evaluation.metrics import GuestTick, Recorder, RunCounters, RunFacts, Scorecard, Timeline
+from sim.evaluation.policy_kernels import compiled
 from sim.memory import traces as trace_io
 from sim.memory.guest import Array, GuestModelParams, GuestSpec
 from sim.memory.host import HostModelParams
@@ -366,7 +367,7 @@ class _Run:
         n_warm: int = 0,
         n_total: int = BLOCK_TICKS,
     ) -> None:
-        self.spec, self.policy, self.cfg, self.hv = spec, policy, cfg, hv
+        self.spec, self.policy, self.cfg, self.hv = spec, compiled(policy), cfg, hv
         self.workload, self.recorder, self.progress = workload, recorder, progress
         self.n_warm = n_warm
         self.n_total = n_total  # ticks in the run, warm-up included
