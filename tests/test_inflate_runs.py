@@ -1,11 +1,13 @@
-"""Inflate requests done many at once (``sim.memory.inflate_runs``) against the
-per-request path they stand for (the driver without its ``fill_run``): the same guest
+"""Inflate and deflate requests done many at once (``sim.memory.inflate_runs``) against
+the per-request path they stand for (the driver without its ``fill_run`` and
+``leak_run``): the same guest
 memory bytes, ring state on both sides, Fleet arrays, clock and queued events, ``actual``
 updates and BALLOON_CHANGE events, driver, memory manager and host counters, through
 inflates, deflates and whatever comes between (stats timers, target changes, ticks)."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +59,7 @@ def _snapshot(hv: SimHypervisor, world: World) -> dict[str, object]:
         "stats": (dev.stats, dev.stats_updates, dev.stats_last_update_s),
         "driver": (
             drv.num_pages,
+            drv.fill_unacked_pages,
             drv._token,
             drv.cpu_s,
             drv.puff_count,
@@ -75,7 +78,13 @@ def _snapshot(hv: SimHypervisor, world: World) -> dict[str, object]:
             (q.last_avail_idx, q.used_idx, q.inuse, q.signalled_used, q.signalled_used_valid) for q in (vq, vq_defl)
         ],
         "host": (g.host.released_bytes, g.host.discard_calls, g.host.willneed_calls, g.host.partial_dropped),
-        "mm": (mm._next_pfn, mm._run_top, mm._released_seen, [a.tolist() for a in mm._free_stack]),
+        "mm": (
+            mm._next_pfn,
+            mm._run_top,
+            mm._released_seen,
+            [a.tolist() for a in mm._free_stack],
+            mm._free_stack_pages,
+        ),
         "spare": (mm._spare_kib, mm._spare_version, balloons.fleet_version),
         "balloons": (
             balloons.balloon_kib.tolist(),
@@ -100,7 +109,7 @@ def run(plan: Plan, *, at_once: bool) -> dict[str, object]:
     guest.host.inhibited = plan.inhibited
     hv.fleet.cache[0] = min(plan.cache_mib * 1024.0, hv.fleet.cache[0] + plan.cache_mib * 1024.0)
     if not at_once:
-        guest.driver.fill_run = None
+        guest.driver.fill_run = guest.driver.leak_run = None
     targets = [(t, 0, min(mib, plan.ram_gib * 1024) * 1024) for t, mib in plan.targets]
     play(hv, demand, targets, plan.tick_s, 6.0, 8.0)
     return _snapshot(hv, hv.world)
@@ -120,9 +129,35 @@ plans = st.builds(
 )
 
 
+# A big inflate first, then targets back up (deflates), some cutting into a deflate
+# still going: every deflate flag at once (DEFLATE_ON_OOM under a demand that may OOM,
+# inhibited discards, hugetlbfs backing, stats timers, host ticks).
+deflate_plans = st.builds(
+    Plan,
+    ram_gib=st.sampled_from([1, 2, 4]),
+    demand_mib=st.integers(64, 900),
+    cache_mib=st.integers(0, 1500),
+    deflate_on_oom=st.booleans(),
+    inhibited=st.booleans(),
+    hugepages=st.sampled_from([False, True]),
+    stats_period_s=st.sampled_from([0, 1, 2]),
+    targets=st.tuples(
+        st.tuples(st.just(0.0), st.integers(100, 400)),
+        st.lists(st.tuples(st.floats(1.0, 6.0), st.integers(300, 4096)), min_size=1, max_size=4),
+    ).map(lambda first_rest: (first_rest[0], *first_rest[1])),
+    tick_s=st.sampled_from([0.25, 1.0, 10.0]),
+)
+
+
 @settings(max_examples=40, deadline=None)
 @given(plans)
 def test_runs_at_once_change_nothing_observable(plan: Plan) -> None:
+    assert run(plan, at_once=True) == run(plan, at_once=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(deflate_plans)
+def test_deflate_runs_at_once_change_nothing_observable(plan: Plan) -> None:
     assert run(plan, at_once=True) == run(plan, at_once=False)
 
 
@@ -144,3 +179,50 @@ def test_a_big_inflate_goes_mostly_at_once_and_stops_at_every_event(monkeypatch:
     assert fast == run(plan, at_once=False)
     assert sum(taken) > 0.9 * 2048 * 256
     assert len([p for p in taken if p]) > 3  # the stats timer and the ticks cut the runs
+
+
+def test_a_big_deflate_goes_mostly_at_once_and_stops_at_every_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3 GiB inflate, then a deflate to 3.5 GiB cut by a target change back to 2 GiB
+    and then to 4 GiB, with a stats timer every second and host ticks: deflate runs
+    cover most of the deflate requests, stop before each event, and the result is the
+    per-request path's, on DEFLATE_ON_OOM and hugetlbfs guests too."""
+    given_back: list[int] = []
+
+    def counting(guest: GuestBalloon, diff: int) -> int:
+        pages = leak_run(guest, diff)
+        given_back.append(pages)
+        return pages
+
+    leak_run = inflate_runs.leak_run
+    monkeypatch.setattr(inflate_runs, "leak_run", counting)
+    for deflate_on_oom, hugepages in ((False, False), (True, True)):
+        given_back.clear()
+        targets = ((0.0, 1024), (4.0, 3584), (4.3, 2048), (5.0, 4096))
+        plan = Plan(4, 300, 200, deflate_on_oom, False, hugepages, 1, targets, 0.5)
+        fast = run(plan, at_once=True)
+        assert fast == run(plan, at_once=False)
+        actual_log = fast["actual"][1]  # type: ignore[index]
+        deflated = sum(max(a - b, 0) for (_, a), (_, b) in itertools.pairwise([(0.0, 0), *actual_log]))
+        assert deflated > 2 * 1024 * 256  # over 2 GiB given back, in two deflates
+        assert sum(given_back) > 0.9 * deflated
+        assert len([p for p in given_back if p]) > 3  # the stats timer and the ticks cut the runs
+
+
+def test_a_reinflate_takes_the_frames_given_back_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inflate 2 GiB, deflate 1.5 GiB, inflate 1 GiB again: the second inflate's runs
+    take the frames the deflate gave back (most recent first, as ``alloc_pages``) and
+    the result is the per-request path's."""
+    taken: list[tuple[float, int]] = []
+
+    def counting(guest: GuestBalloon, diff: int) -> int:
+        pages = fill_run(guest, diff)
+        taken.append((guest.driver.world.now_s, pages))
+        return pages
+
+    fill_run = inflate_runs.fill_run
+    monkeypatch.setattr(inflate_runs, "fill_run", counting)
+    plan = Plan(4, 300, 200, False, False, False, 1, ((0.0, 2048), (3.0, 3584), (5.0, 2560)), 0.5)
+    fast = run(plan, at_once=True)
+    assert fast == run(plan, at_once=False)
+    assert sum(p for t, p in taken if t >= 5.0) > 0.9 * 1024 * 256
+    assert fast["mm"][-1] == (1536 - 1024) * 256  # type: ignore[index]  # given back, not yet reused

@@ -103,6 +103,7 @@ class FleetMm:
         self._next_pfn = ram_pages  # never-used frames are handed out from the top down
         self._run, self._run_top = np.empty(0, dtype=np.uint32), ram_pages - 1  # see ``_fresh``
         self._free_stack: list[U32s] = []  # frames given back, reused first (LIFO)
+        self._free_stack_pages = 0  # how many frames it holds
         self._hint_next_pfn = FIRST_FREE_PFN
         self._report_next_pfn = 0
         self.host = HostRam()  # replaced by GuestBalloon with the guest's own
@@ -139,7 +140,10 @@ class FleetMm:
         return run[run_top - (top - 1) : run_top - lo + 1]
 
     def alloc_pages(self, n: int) -> U32s:
-        k = min(n, int(self._row_spare_kib() // spec.BALLOON_PAGE_KIB))
+        return self._take(min(n, int(self._row_spare_kib() // spec.BALLOON_PAGE_KIB)))
+
+    def _take(self, k: int) -> U32s:
+        """``k`` frames: the ones given back first, most recent first, then fresh ones."""
         if k > 0 and not self._free_stack:  # the common case: fresh frames
             return self._fresh(k)
         out: list[U32s] = []
@@ -150,6 +154,7 @@ class FleetMm:
             self._free_stack[-1] = top[: len(top) - take]
             if not len(self._free_stack[-1]):
                 self._free_stack.pop()
+            self._free_stack_pages -= take
             k -= take
         if k > 0:
             out.append(self._fresh(k))
@@ -178,21 +183,23 @@ class FleetMm:
         self._released_seen = self.host.released_bytes
         self._moved(pages * spec.BALLOON_PAGE_KIB, min(released / (pages * spec.BALLOON_PAGE_BYTES), 1.0))
 
-    def fresh_pages_left(self) -> int:
-        """Frames ``alloc_pages`` hands out fresh before reaching the window; 0 while
-        frames given back wait to be reused (those come first)."""
-        return 0 if self._free_stack else self._next_pfn - FIRST_FREE_PFN
+    def pages_left(self) -> int:
+        """Frames ``alloc_pages`` can hand out before reaching the window: the ones given
+        back, then fresh ones."""
+        return self._free_stack_pages + self._next_pfn - FIRST_FREE_PFN
 
     def release_unseen(self) -> bool:
         """Whether the host released memory no inflate request has accounted yet."""
         return self.host.released_bytes != self._released_seen
 
     def taken_at_once(self, requests: int, pages: int, spare_kib: float, fleet_changes: int) -> list[U32s]:
-        """This side of ``requests`` inflate requests of ``pages`` fresh frames done at
+        """This side of ``requests`` inflate requests of ``pages`` frames each done at
         once, the Fleet's accounting already done (``sim.memory.inflate_runs``): the
         arrays ``alloc_pages`` gave each, the host's releases seen, and the spare KiB
         the last accounting returned, current after ``fleet_changes`` changes."""
         arrays: list[U32s] = []
+        while len(arrays) < requests and self._free_stack:  # frames given back: as each would
+            arrays.append(self._take(pages))
         while len(arrays) < requests:
             # As many requests as the current run of frames holds, in one ``_fresh``
             # (one at a time where the next renews the run, as each would alone).
@@ -201,12 +208,24 @@ class FleetMm:
             block = self._fresh(n * pages)
             arrays.extend(block[j * pages : (j + 1) * pages] for j in range(n))
         self._released_seen = self.host.released_bytes
+        self._accounted_at_once(spare_kib, fleet_changes)
+        return arrays
+
+    def freed_at_once(self, arrays: list[U32s], spare_kib: float, fleet_changes: int) -> None:
+        """``taken_at_once``'s mirror for deflate requests: ``free_pages`` of each of
+        ``arrays`` in order, the Fleet's accounting already done."""
+        self._free_stack.extend(arrays)
+        self._free_stack_pages += sum(len(a) for a in arrays)
+        self._accounted_at_once(spare_kib, fleet_changes)
+
+    def _accounted_at_once(self, spare_kib: float, fleet_changes: int) -> None:
+        """The Fleet changed ``fleet_changes`` times, the last leaving ``spare_kib``."""
         self.balloons.fleet_version += fleet_changes
         self._spare_kib, self._spare_version = spare_kib, self.balloons.fleet_version
-        return arrays
 
     def free_pages(self, pfns: U32s) -> None:
         self._free_stack.append(pfns)
+        self._free_stack_pages += len(pfns)
         self._moved(-len(pfns) * spec.BALLOON_PAGE_KIB, 0.0)
 
     def adjust_managed_page_count(self, pages: int) -> None:
@@ -284,6 +303,7 @@ class GuestBalloon:
         self.driver = LinuxBalloonDriver(world, self.mem, self.device, self.mm)
         if fleet_kernel.AVAILABLE:
             self.driver.fill_run = functools.partial(inflate_runs.fill_run, self)
+            self.driver.leak_run = functools.partial(inflate_runs.leak_run, self)
         self.driver.probe()
         if stats_period_s:
             # Polling switched on at the guest's stats phase fires at once, as the bulk

@@ -7,10 +7,11 @@ and how much page cache the pages came from, what the host released). In Python 
 inflate (issue 13 profile: about a quarter of it). This module does the same arithmetic
 in a function numba compiles, one call per request.
 
-A big inflate makes its requests back to back, and where nothing else can happen between
-them, ``inflate_run`` does a whole run of them in one call: the same accounting per
-request, plus the clock and QEMU's BALLOON_CHANGE rate limit (``sim.memory.inflate_runs``
-applies the rest; ``tests/test_inflate_runs.py`` holds it to the per-request path).
+A big inflate or deflate makes its requests back to back, and where nothing else can
+happen between them, ``requests_run`` does a whole run of them in one call: the same
+accounting per request, plus the clock and QEMU's BALLOON_CHANGE rate limit
+(``sim.memory.inflate_runs`` applies the rest; ``tests/test_inflate_runs.py`` holds it
+to the per-request path).
 
 ``Fleet.balloon_moved_one`` stays the reference (and the path without numba, or with
 ``OVERCOMMITD_SIM_COMPILED=0``); ``tests/test_protocol_kernel.py`` holds the two to
@@ -171,8 +172,8 @@ def balloon_moved_one(
     return spare_kib
 
 
-class InflateRun(NamedTuple):
-    """What ``inflate_run`` did: ``requests`` whole 256-PFN requests, and the state the
+class RequestsRun(NamedTuple):
+    """What ``requests_run`` did: ``requests`` whole 256-PFN requests, and the state the
     last of them left (the caller applies the rest: rings, lists, counters)."""
 
     requests: int
@@ -186,7 +187,19 @@ class InflateRun(NamedTuple):
 
 
 @_jit
-def _inflate_run(
+def _jumped(now: float, wait_s: float, horizon: float, next_due: float, sleep: bool) -> float:
+    """Where the clock stands after a wait of ``wait_s`` from ``now`` taken on the spot,
+    NaN where ``World.may_jump_to`` refuses it (strictly before ``next_due``, not past
+    ``horizon``). A process's ``sleep`` always asks; a device push due at once does not,
+    and leaves the clock where it is (``VirtioBalloon._complete``)."""
+    at = now + wait_s
+    if not sleep and not at > now:
+        return now
+    return at if at <= horizon and at < next_due else math.nan
+
+
+@_jit
+def _requests_run(
     state: Any,
     managed_removed: Array,
     i: int,
@@ -195,7 +208,7 @@ def _inflate_run(
     usable_kib: float,
     min_free_kib: float,
     cache_min_kib: float,
-    request_kib: float,
+    delta_kib: float,
     managed_step_kib: float,
     release_frac: float,
     max_requests: int,
@@ -203,7 +216,7 @@ def _inflate_run(
     now: float,
     horizon: float,
     next_due: float,
-    alloc_s: float,
+    sleep_s: float,
     device_s: float,
     cpu_s: float,
     window_end_s: float,
@@ -211,37 +224,40 @@ def _inflate_run(
     actual_at_s: Array,
     emitted_at: npt.NDArray[np.int64],
 ) -> tuple[int, float, float, float, float, bool, float, int]:
-    """Up to ``max_requests`` whole inflate requests of ``request_kib``, each only if
-    it runs to its end with nothing due on the World in between: the allocation finds
-    all its pages (``spare_kib`` >= ``request_kib``), and the clock may jump past the
-    allocation (``alloc_s``) and past the device's push (``device_s`` later), as
-    ``World.may_jump_to`` decides: strictly before ``next_due``, not past ``horizon``.
+    """Up to ``max_requests`` whole requests moving the balloon by ``delta_kib`` each
+    (> 0: inflate, < 0: deflate), each only if it runs to its end with nothing due on
+    the World in between (``_jumped``). An inflate allocates (the driver's sleep of
+    ``sleep_s``) and only if it found all its pages (``spare_kib`` >= ``delta_kib``),
+    then the device's push comes ``device_s`` later; a deflate is pushed first, then
+    the driver releases the pages (its sleep). The driver's sleep is its CPU.
 
     A request then does what the per-request path does, in its order: the driver's
     CPU, ``managed_removed`` moved by ``-managed_step_kib`` (a step of 0.0 is
     DEFLATE_ON_OOM: untouched), the Fleet's accounting (``_moved_one`` on ``state``,
-    ``moved_state``'s tuple passed through), ``actual`` written at the push's instant
+    ``moved_state``'s tuple passed through), ``actual`` written at the request's end
     (``actual_at_s``), and QEMU's BALLOON_CHANGE rate limit sending it (``emitted_at``)
     or holding it and scheduling the window's flush, which then bounds the run like any
     queued event."""
+    inflate = delta_kib > 0
+    first_s, then_s = (sleep_s, device_s) if inflate else (device_s, sleep_s)
     flush_at = math.nan
     done = 0
     emitted = 0
-    while done < max_requests and spare_kib >= request_kib:
-        alloc_end = now + alloc_s
-        if not (alloc_end <= horizon and alloc_end < next_due):
+    while done < max_requests and spare_kib >= delta_kib:
+        mid = _jumped(now, first_s, horizon, next_due, inflate)
+        if math.isnan(mid):
             break
-        push_at = alloc_end + device_s
-        if push_at > alloc_end and not (push_at <= horizon and push_at < next_due):
+        end = _jumped(mid, then_s, horizon, next_due, not inflate)
+        if math.isnan(end):
             break
-        cpu_s += alloc_s
-        now = _py_max(alloc_end, push_at)  # _complete: no jump for a push due at once
+        cpu_s += sleep_s
+        now = end
         if managed_step_kib:
             managed_removed[i] = managed_removed[i] - managed_step_kib
         spare_kib = _moved_one(
             state,
             i,
-            request_kib,
+            delta_kib,
             release_frac,
             ram_kib,
             base_kib,
@@ -264,37 +280,39 @@ def _inflate_run(
 
 
 class RunClock(NamedTuple):
-    """The World as a run of inflate requests sees it (``World.jump_limits``), and the
-    driver's side of the clock: its CPU total and each request's two durations."""
+    """The World as a run of requests sees it (``World.jump_limits``), and the driver's
+    side of the clock: its CPU total and each request's two durations."""
 
     now_s: float
     horizon_s: float
     next_due_s: float
-    alloc_s: float  # the allocation of one request's pages
-    device_s: float  # kick -> the device's push: notify latency plus the discards
+    sleep_s: float  # the driver's own work on one request's pages: allocation or release
+    device_s: float  # kick -> the device's push: notify latency plus the host's madvise
     cpu_s: float
 
 
-def inflate_run(
+def requests_run(
     fleet: Fleet,
     balloons: tuple[Array, Array, Array],
     row: FixedRow,
     i: int,
-    request_pages: int,
+    delta_pages: int,
     managed: bool,
     release_frac: float,
     max_requests: int,
     spare_kib: float,
     clock: RunClock,
     rate_limit: tuple[float, bool],
-) -> tuple[InflateRun, Array, npt.NDArray[np.int64]]:
-    """``_inflate_run`` over guest ``i``'s arrays (``balloons``: the driver seam's
-    balloon, held and managed-removed arrays); also returns when each request wrote
-    ``actual`` and which requests sent BALLOON_CHANGE."""
+) -> tuple[RequestsRun, Array, npt.NDArray[np.int64]]:
+    """``_requests_run`` of requests of ``delta_pages`` (negative: a deflate) over guest
+    ``i``'s arrays (``balloons``: the driver seam's balloon, held and managed-removed
+    arrays); also returns when each request wrote ``actual`` and which requests sent
+    BALLOON_CHANGE. ``spare_kib``: what the first inflate request finds (a deflate's
+    is not read)."""
     actual_at_s = np.empty(max_requests)
     emitted_at = np.empty(max_requests, dtype=np.int64)
-    request_kib = float(request_pages * BALLOON_PAGE_KIB)
-    done = _inflate_run(
+    delta_kib = float(delta_pages * BALLOON_PAGE_KIB)
+    done = _requests_run(
         moved_state(fleet, *balloons[:2]),
         balloons[2],
         i,
@@ -303,8 +321,8 @@ def inflate_run(
         row.usable_kib,
         row.min_free_kib,
         row.cache_min_kib,
-        request_kib,
-        -request_kib if managed else 0.0,
+        delta_kib,
+        -delta_kib if managed else 0.0,
         float(release_frac),
         max_requests,
         spare_kib,
@@ -313,4 +331,4 @@ def inflate_run(
         actual_at_s,
         emitted_at,
     )
-    return InflateRun(*done), actual_at_s, emitted_at
+    return RequestsRun(*done), actual_at_s, emitted_at

@@ -135,6 +135,11 @@ class HostRam:
         if not self.inhibited:
             self.willneed_calls += len(pfns)
 
+    def deflate_elements(self, count: int, pfns_each: int) -> None:
+        """``deflate_element`` of ``count`` requests of ``pfns_each`` PFNs each."""
+        if not self.inhibited:
+            self.willneed_calls += count * pfns_each
+
     def report(self, ranges: list[tuple[int, int]], poison_val: int) -> int:
         """Discard reported free blocks; skipped when inhibited or when ``poison_val`` is
         not 0 (a discarded page reads back as zeros, breaking the poison pattern)."""

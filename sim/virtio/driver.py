@@ -280,9 +280,10 @@ class LinuxBalloonDriver:
         self.stats_work = WorkItem(world, self.stats_handle_request, cal.STATS_WORK_S)
         self.hint_work = WorkItem(world, self.report_free_page_func)
         self.reporting_work = WorkItem(world, self.page_reporting_process, 0.0)
-        # Whole inflate requests done at once, where nothing can come between them
-        # (``sim.memory.inflate_runs``): given the pages still to go, the pages it took.
+        # Whole inflate and deflate requests done at once, where nothing can come between
+        # them (``sim.memory.inflate_runs``): given the pages still to go, the pages moved.
         self.fill_run: Callable[[int], int] | None = None
+        self.leak_run: Callable[[int], int] | None = None
         self.puff_count = 0  # "Out of puff!" messages (rate-limited in dmesg, all counted here)
         self.puff_sleep_s = 0.0  # guest time spent in msleep(200) after a failed allocation
         self.cpu_s = 0.0  # guest CPU the driver burnt: allocations (failed ones too), releases
@@ -403,6 +404,8 @@ class LinuxBalloonDriver:
         diff = self.towards_target()
         if diff > spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX and self.fill_run is not None:
             diff -= self.fill_run(diff)  # the runs before this one, at once
+        elif diff < -spec.VIRTIO_BALLOON_ARRAY_PFNS_MAX and self.leak_run is not None:
+            diff += self.leak_run(-diff)
         if diff > 0:
             diff -= yield from self.fill_balloon(diff)
         elif diff < 0:
@@ -453,10 +456,24 @@ class LinuxBalloonDriver:
         the descriptor every request used (the device's side replays it too)."""
         self.balloon.extend(arrays)
         self.num_pages += sum(len(a) for a in arrays)
+        return self._served_at_once("inflateq", arrays, cpu_s)
+
+    def leaked_at_once(self, requests: int, pages: int, at_s: list[float], cpu_s: float) -> tuple[list[U32s], int]:
+        """``filled_at_once``'s mirror for whole deflate requests of ``pages`` each, the
+        ``n``-th released at ``at_s[n]``: the PFN arrays each gave back (in order, for
+        the memory manager's free lists) and the descriptor every request used."""
+        arrays = [self._dequeue(pages) for _ in range(requests)]
+        self.num_pages -= requests * pages
+        self.log.extend((t, f"released {pages} pages") for t in at_s)
+        return arrays, self._served_at_once("deflateq", arrays, cpu_s)
+
+    def _served_at_once(self, name: str, arrays: list[U32s], cpu_s: float) -> int:
+        """The shared PFN array, queue ``name``, tokens and runs after one request per
+        array, each posted, served and reaped (the last array's PFNs stay in
+        ``vb->pfns``); ``cpu_s``: the CPU total after them. Returns their descriptor."""
         last = arrays[-1]
         self.pfns[: len(last)] = last
-        vq = self.vqs["inflateq"]
-        head = vq.replay_served(len(arrays), self.pfns_addr, 4 * len(last))
+        head = self.vqs[name].replay_served(len(arrays), self.pfns_addr, 4 * len(last))
         self._token += len(arrays)
         self.cpu_s = cpu_s
         self.update_work.runs += len(arrays)
