@@ -438,6 +438,8 @@ class ProtocolBalloons:
     def after_advance(self) -> None:
         """Free memory changed in bulk: reporting guests get their 2-s timer armed."""
         self.fleet_changed()
+        if not self.reports_itself.any():
+            return
         blocks = self.fleet.reportable_blocks()  # once for all guests, not once per guest
         for i in np.flatnonzero(self.reports_itself & (blocks > 0)):
             self.guests[i].driver.page_reporting_notify_free()

@@ -400,22 +400,36 @@ def land(
 
 
 @_jit
+def _reportable(i: int, s: Any, capacity: float, block_kib: float, residue_pct: float) -> float:
+    """``Fleet.reportable_blocks`` of guest ``i``."""
+    free = _free(i, s)
+    unreported = _touched_free(i, s) - free * residue_pct / 100
+    if free >= s.min_free[i] + capacity * block_kib:
+        blocks: float = np.floor(_max(unreported, 0.0) / block_kib)
+        return blocks
+    return 0.0
+
+
+@_jit
+def reportable_blocks(state: Any, capacity: float, block_kib: float, residue_pct: float, out: Any) -> None:
+    """``Fleet.reportable_blocks`` of every guest into ``out``, on ``KernelState``'s arrays
+    as a plain tuple (the protocol model arms its guests' reporting from it every interval)."""
+    s = KernelState(*state)
+    for i in range(len(out)):
+        out[i] = _reportable(i, s, capacity, block_kib, residue_pct)
+
+
+@_jit
 def report_free(s: Any, passes: int, capacity: float, block_kib: float, residue_pct: float) -> None:
     """``Fleet._report_free`` for guests whose reporting the Fleet runs (``s.reporting``):
     ``passes`` passes of ``reportable_blocks``, each ending the loop once no guest has a
     block to report."""
     n = len(s.reporting)
     blocks = np.zeros(n)
-    gate_kib = capacity * block_kib
     for _ in range(passes):
         found = False
         for i in range(n):
-            blocks[i] = 0.0
-            if s.reporting[i]:
-                free = _free(i, s)
-                unreported = _touched_free(i, s) - free * residue_pct / 100
-                if free >= s.min_free[i] + gate_kib:
-                    blocks[i] = np.floor(_max(unreported, 0.0) / block_kib)
+            blocks[i] = _reportable(i, s, capacity, block_kib, residue_pct) if s.reporting[i] else 0.0
             found |= blocks[i] != 0.0
         if not found:
             return
@@ -462,6 +476,13 @@ def landed(s: Any, wmark_low: Any, out: Any) -> None:
         unbacked = _min(s.deflated[i], saved - ballooned)
         out[1, i], out[2, i] = ballooned, unbacked
         out[3, i] = _min(s.reported[i], saved - ballooned - unbacked)
+
+
+@_jit
+def landed_state(state: Any, wmark_low: Any, out: Any) -> None:
+    """``landed`` on ``KernelState``'s arrays as a plain tuple (a driver that moves its
+    balloons on its own clock: ``Fleet.landed`` reads it after the interval landed)."""
+    landed(KernelState(*state), wmark_low, out)
 
 
 @_jit

@@ -573,10 +573,16 @@ class Fleet:
         """``mem_available()`` and ``saved_split()``, as the scorecard reads them after an
         interval: from the compiled kernel, which worked them out as the interval landed,
         when the last ``advance`` ran it; the Fleet must not have changed since (a target
-        set between only moves ``num_pages``, which neither reads)."""
-        if self._landed is None:
-            return self.mem_available(), self.saved_split()
-        available, ballooned, unbacked, reported = self._landed
+        set between only moves ``num_pages``, which neither reads). Otherwise worked out
+        now (compiled where the Fleet is: ``fleet_kernel.landed_state``)."""
+        landed = self._landed
+        if landed is None:
+            if not self.compiled:
+                return self.mem_available(), self.saved_split()
+            # The protocol model's balloons move between advances: worked out now, compiled.
+            landed = np.empty((4, len(self.ram)))
+            fleet_kernel.landed_state(self._land_state(), self.wmark_low, landed)
+        available, ballooned, unbacked, reported = landed
         return available, (ballooned, unbacked, reported)
 
     def saved_split(self) -> tuple[Array, Array, Array]:
@@ -854,7 +860,12 @@ class Fleet:
     def reportable_blocks(self) -> Array:
         """Free 2 MiB blocks (order 9) not yet reported, per guest: touched free memory
         less the fragmented residue, and none while the zone is below its low watermark
-        plus 32 blocks (mm/page_reporting.c's zone gate)."""
+        plus 32 blocks (mm/page_reporting.c's zone gate). Compiled where the Fleet is
+        (``fleet_kernel.reportable_blocks``), this numpy its reference."""
+        if self.compiled:
+            out = np.empty(len(self.ram))
+            fleet_kernel.reportable_blocks(self._land_state(), *self._report_scalars(), out)
+            return out
         free = self.free()
         gate = free >= self.min_free + PAGE_REPORTING_CAPACITY * REPORT_BLOCK_KIB
         unreported = self._touched_free() - free * self.params.report_residue_pct / 100
