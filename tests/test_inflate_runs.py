@@ -161,24 +161,31 @@ def test_deflate_runs_at_once_change_nothing_observable(plan: Plan) -> None:
     assert run(plan, at_once=True) == run(plan, at_once=False)
 
 
+def counted_runs(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[float, int]]:
+    """Every later call of ``inflate_runs.<name>`` (``fill_run``, ``leak_run``), as (the
+    clock, the pages its run moved), in call order."""
+    runs: list[tuple[float, int]] = []
+    real = getattr(inflate_runs, name)
+
+    def counting(guest: GuestBalloon, diff: int) -> int:
+        pages: int = real(guest, diff)
+        runs.append((guest.driver.world.now_s, pages))
+        return pages
+
+    monkeypatch.setattr(inflate_runs, name, counting)
+    return runs
+
+
 def test_a_big_inflate_goes_mostly_at_once_and_stops_at_every_event(monkeypatch: pytest.MonkeyPatch) -> None:
     """1.5 GiB with a stats timer every second, host ticks, a target change mid-way and
     a deflate back: runs cover most requests, stop before each event, and the result is
     the per-request path's."""
-    taken: list[int] = []
-
-    def counting(guest: GuestBalloon, diff: int) -> int:
-        pages = fill_run(guest, diff)
-        taken.append(pages)
-        return pages
-
-    fill_run = inflate_runs.fill_run
-    monkeypatch.setattr(inflate_runs, "fill_run", counting)
+    taken = counted_runs(monkeypatch, "fill_run")
     plan = Plan(4, 300, 200, False, False, False, 1, ((0.0, 2560), (0.9, 2048), (3.0, 4096)), 0.5)
     fast = run(plan, at_once=True)
     assert fast == run(plan, at_once=False)
-    assert sum(taken) > 0.9 * 2048 * 256
-    assert len([p for p in taken if p]) > 3  # the stats timer and the ticks cut the runs
+    assert sum(p for _, p in taken) > 0.9 * 2048 * 256
+    assert len([p for _, p in taken if p]) > 3  # the stats timer and the ticks cut the runs
 
 
 def test_a_big_deflate_goes_mostly_at_once_and_stops_at_every_event(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,15 +193,7 @@ def test_a_big_deflate_goes_mostly_at_once_and_stops_at_every_event(monkeypatch:
     and then to 4 GiB, with a stats timer every second and host ticks: deflate runs
     cover most of the deflate requests, stop before each event, and the result is the
     per-request path's, on DEFLATE_ON_OOM and hugetlbfs guests too."""
-    given_back: list[int] = []
-
-    def counting(guest: GuestBalloon, diff: int) -> int:
-        pages = leak_run(guest, diff)
-        given_back.append(pages)
-        return pages
-
-    leak_run = inflate_runs.leak_run
-    monkeypatch.setattr(inflate_runs, "leak_run", counting)
+    given_back = counted_runs(monkeypatch, "leak_run")
     for deflate_on_oom, hugepages in ((False, False), (True, True)):
         given_back.clear()
         targets = ((0.0, 1024), (4.0, 3584), (4.3, 2048), (5.0, 4096))
@@ -204,23 +203,15 @@ def test_a_big_deflate_goes_mostly_at_once_and_stops_at_every_event(monkeypatch:
         actual_log = fast["actual"][1]  # type: ignore[index]
         deflated = sum(max(a - b, 0) for (_, a), (_, b) in itertools.pairwise([(0.0, 0), *actual_log]))
         assert deflated > 2 * 1024 * 256  # over 2 GiB given back, in two deflates
-        assert sum(given_back) > 0.9 * deflated
-        assert len([p for p in given_back if p]) > 3  # the stats timer and the ticks cut the runs
+        assert sum(p for _, p in given_back) > 0.9 * deflated
+        assert len([p for _, p in given_back if p]) > 3  # the stats timer and the ticks cut the runs
 
 
 def test_a_reinflate_takes_the_frames_given_back_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inflate 2 GiB, deflate 1.5 GiB, inflate 1 GiB again: the second inflate's runs
     take the frames the deflate gave back (most recent first, as ``alloc_pages``) and
     the result is the per-request path's."""
-    taken: list[tuple[float, int]] = []
-
-    def counting(guest: GuestBalloon, diff: int) -> int:
-        pages = fill_run(guest, diff)
-        taken.append((guest.driver.world.now_s, pages))
-        return pages
-
-    fill_run = inflate_runs.fill_run
-    monkeypatch.setattr(inflate_runs, "fill_run", counting)
+    taken = counted_runs(monkeypatch, "fill_run")
     plan = Plan(4, 300, 200, False, False, False, 1, ((0.0, 2048), (3.0, 3584), (5.0, 2560)), 0.5)
     fast = run(plan, at_once=True)
     assert fast == run(plan, at_once=False)
