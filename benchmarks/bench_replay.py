@@ -24,10 +24,11 @@ import pstats
 import time
 from collections import defaultdict
 
+import sim.compiled
 from overcommitd.config import DaemonConfig
 from policies import registry
 from sim.evaluation.replay import ReplaySpec, load_traces, replay
-from sim.memory import fleet_kernel, traces
+from sim.memory import traces
 
 # Issue 13's bars, single process on a 2-core machine: guest-ticks/s at this many guests.
 BARS_GUEST_TICKS_S = {50: 250_000, 500: 1_000_000}
@@ -71,7 +72,7 @@ def run_once(args: argparse.Namespace, model: str, *, profile: bool) -> None:
     # from numba's cache after: either way once per process, so not inside the clock.
     tiny = spec.model_copy(update={"guests": 2, "hours": 1.0, "warmup_h": 0.0})
     replay(tiny, registry.create(args.policy), cfg, loaded=loaded)
-    print(f"inner loops: {'compiled (numba)' if fleet_kernel.AVAILABLE else 'numpy (numba not installed or off)'}")
+    print(f"inner loops: {'compiled (numba)' if sim.compiled.AVAILABLE else 'numpy (numba not installed or off)'}")
     t0, cpu0 = time.perf_counter(), time.process_time()
     result = replay(spec, policy, cfg, loaded=loaded)
     run_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0

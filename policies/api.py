@@ -107,6 +107,19 @@ class Policy(Protocol[S]):
         ...
 
 
+@runtime_checkable
+class CompiledTwin(Protocol):
+    """A policy whose column arithmetic also exists as row-by-row loops a compiler can
+    take (optional; the built-in ``headroom`` has them). The simulator hands ``compiled``
+    its compiler (``sim.compiled.jit``: numba) and replays the policy it gets back, which
+    must decide exactly as this one does; the daemon never calls it. Here so the replay
+    takes up a twin without naming a policy."""
+
+    def compiled(self, jit: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Policy[Any]:
+        """This policy with its loops compiled by ``jit``; the same decisions."""
+        ...
+
+
 class PolicyLoadError(OvercommitdError):
     """A policy name that does not resolve, a plugin that fails to import, or bad params."""
 

@@ -27,8 +27,10 @@ Guests without stats are left out (held): with nothing to go on, hold.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,8 +41,8 @@ from policies.api import BatchResult, PolicyResult, result_of
 from policies.signals import used_kib_arrays
 
 # The policy's column arithmetic as pure functions (``HeadroomKernels``): the daemon runs
-# these, the replay a compiled twin (``sim.evaluation.policy_kernels``; at 50 guests the
-# ~25 numpy calls here cost more than their arithmetic), held identical by
+# the numpy ones, the replay the row loops compiled (``compiled``; at 50 guests the ~25
+# numpy calls here cost more than their arithmetic), held identical by
 # ``tests/test_policy_kernels.py``.
 
 
@@ -71,6 +73,57 @@ def numpy_take(
     total_share = float(np.cumsum(shares[has])[-1]) if has.any() else 1.0
     taken = np.minimum(slack_kib, np.trunc(amount_kib * shares / total_share))
     return np.where(has, actual_kib - taken, targets_kib)
+
+
+# The row loops: each follows its numpy function's operands and order, with scalar
+# ``np.minimum``/``np.maximum`` for numpy's NaN rules, so a compiler that keeps IEEE
+# order (numba without fast-math) gives the same columns, not merely close ones.
+
+
+def rows_needs(
+    actual_kib: IntArray,
+    available_kib: FloatArray,
+    present: BoolArray,
+    max_kib: IntArray,
+    buffer_pct: float,
+    min_free_kib: int,
+) -> FloatArray:
+    """``numpy_needs``, row by row."""
+    n = len(actual_kib)
+    need = np.empty(n)
+    for i in range(n):
+        actual = float(actual_kib[i])
+        avail = available_kib[i] if present[i] else math.nan
+        used = np.maximum(0.0, actual - np.minimum(avail, actual))
+        buffer_kib = np.maximum(np.trunc(used * buffer_pct / 100), float(min_free_kib))
+        need[i] = np.minimum(used + buffer_kib, float(max_kib[i]))
+    return need
+
+
+def rows_take(
+    amount_kib: int, actual_kib: IntArray, need_kib: FloatArray, weight: FloatArray, targets_kib: FloatArray
+) -> FloatArray:
+    """``numpy_take``, row by row; the share total summed in guest order, as its cumsum."""
+    n = len(actual_kib)
+    slack = np.zeros(n)
+    shares = np.zeros(n)
+    total_share = 0.0  # 0.0 + the first share is that share: cumsum's first element
+    has_any = False
+    for i in range(n):
+        if actual_kib[i] >= need_kib[i]:  # NaN need: no slack
+            slack[i] = actual_kib[i] - need_kib[i]
+        if slack[i] > 0:
+            shares[i] = slack[i] / np.maximum(weight[i], 1e-9)
+            total_share += shares[i]
+            has_any = True
+    if not has_any:
+        total_share = 1.0
+    out = targets_kib.copy()
+    for i in range(n):
+        if slack[i] > 0:
+            taken = np.minimum(slack[i], np.trunc(amount_kib * shares[i] / total_share))
+            out[i] = actual_kib[i] - taken
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +162,10 @@ class HeadroomPolicy:
     def with_kernels(self, kernels: HeadroomKernels) -> HeadroomPolicy:
         """The same policy with its column arithmetic run by ``kernels``."""
         return HeadroomPolicy(self.params, kernels=kernels)
+
+    def compiled(self, jit: Callable[[Callable[..., Any]], Callable[..., Any]]) -> HeadroomPolicy:
+        """``policies.api.CompiledTwin``: the row loops compiled by ``jit``."""
+        return self.with_kernels(HeadroomKernels("compiled", jit(rows_needs), jit(rows_take)))
 
     def initial_state(self) -> None:
         return None

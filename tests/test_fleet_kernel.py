@@ -11,14 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sim.compiled
 from overcommitd.config import DaemonConfig
 from policies import registry
 from sim.evaluation.replay import ReplaySpec, build_guests, load_traces, replay
-from sim.memory import fleet_kernel, guest
 from sim.memory.guest import Fleet, GuestModelParams, GuestSpec
 from sim.memory.traces import BUNDLED_DIR
 
-pytestmark = pytest.mark.skipif(not fleet_kernel.AVAILABLE, reason="numba (the sim extra) is not installed")
+pytestmark = pytest.mark.skipif(not sim.compiled.AVAILABLE, reason="numba (the sim extra) is not installed")
 
 # Every array the Fleet and its bulk driver change while an interval lands.
 STATE = (
@@ -109,7 +109,7 @@ def test_real_traces_land_bit_identical_under_a_balloon_storm() -> None:
 
 
 def _replay(spec: ReplaySpec, policy: str, compiled: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setattr(guest.fleet_kernel, "AVAILABLE", compiled)
+    monkeypatch.setattr(sim.compiled, "AVAILABLE", compiled)
     return replay(spec, registry.create(policy), DaemonConfig(interval_s=spec.interval_s))
 
 
@@ -194,9 +194,9 @@ def test_workload_block_identical(trace_dir: str, monkeypatch: pytest.MonkeyPatc
     longest = max(t.duration_s for t in workload.traces)
     ends = np.arange(1, 3001, dtype=np.float64) * 10.0 * (longest / 20000.0)
     times = np.concatenate([ends, ends - 4.9, np.zeros(3), [1e12, 0.5]])
-    monkeypatch.setattr(fleet_kernel, "AVAILABLE", False)
+    monkeypatch.setattr(sim.compiled, "AVAILABLE", False)
     ref = workload.block(times)
-    monkeypatch.setattr(fleet_kernel, "AVAILABLE", True)
+    monkeypatch.setattr(sim.compiled, "AVAILABLE", True)
     fast = workload.block(times)
     assert np.array_equal(ref[0], fast[0]) and np.array_equal(ref[1], fast[1])
     assert len(np.unique(ref[0])) > 100  # the lookup had samples to tell apart
@@ -210,9 +210,9 @@ def test_workload_peaks_identical(trace_dir: str, monkeypatch: pytest.MonkeyPatc
     _, workload = build_guests(spec, load_traces(spec))
     longest = max(t.duration_s for t in workload.traces)
     at = np.sort(np.concatenate([np.arange(1, 3001) * 10.0, np.arange(1, 300) * (longest / 100.0)]))
-    monkeypatch.setattr(fleet_kernel, "AVAILABLE", False)
+    monkeypatch.setattr(sim.compiled, "AVAILABLE", False)
     ref = workload.peaks(3.0, at)
-    monkeypatch.setattr(fleet_kernel, "AVAILABLE", True)
+    monkeypatch.setattr(sim.compiled, "AVAILABLE", True)
     fast = workload.peaks(3.0, at)
     assert np.array_equal(ref, fast)
     assert (ref > workload.block(at)[0]).any()  # some window held a peak above its end's demand
@@ -226,9 +226,9 @@ def test_workload_landings_identical(trace_dir: str, monkeypatch: pytest.MonkeyP
     _, workload = build_guests(spec, load_traces(spec))
     longest = max(t.duration_s for t in workload.traces)
     at = np.sort(np.concatenate([np.arange(1, 3001) * 10.0, np.arange(1, 300) * (longest / 100.0)]))
-    monkeypatch.setattr(fleet_kernel, "AVAILABLE", False)
+    monkeypatch.setattr(sim.compiled, "AVAILABLE", False)
     ref = workload.landings(-3.0, at)
-    monkeypatch.setattr(fleet_kernel, "AVAILABLE", True)
+    monkeypatch.setattr(sim.compiled, "AVAILABLE", True)
     fast = workload.landings(-3.0, at)
     assert np.array_equal(ref[0], fast[0]) and np.array_equal(ref[1], fast[1])
     assert len(np.unique(ref[1])) > 100 or workload.io_columns == "none"  # the I/O lookups told samples apart

@@ -10,6 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sim.compiled
 from overcommitd.config import GuardConfig
 from overcommitd.guard import GuardOutcome, guard_table
 from overcommitd.guard_kernels import NUMPY
@@ -17,7 +18,6 @@ from overcommitd.model import GuestSnapshot, HostSnapshot
 from overcommitd.shortfall import estimate_table
 from overcommitd.table import GuestTable
 from sim.evaluation import guard_kernels
-from sim.memory import fleet_kernel
 from tests.test_guard_columns import NOW, cases, previous_actual, rules
 
 Case = tuple[GuestSnapshot, int | None, float, bool, str | None]
@@ -59,7 +59,7 @@ def test_compiled_and_numpy_guard_kernels_give_identical_columns(
 
 
 def test_the_replay_runs_the_compiled_kernels_where_numba_is() -> None:
-    expected = guard_kernels.COMPILED if fleet_kernel.AVAILABLE else NUMPY
+    expected = guard_kernels.COMPILED if sim.compiled.AVAILABLE else NUMPY
     assert guard_kernels.KERNELS is expected
 
 

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.memory import fleet_kernel, inflate_runs
+import sim.compiled
+from sim.memory import inflate_runs
 from sim.memory.balloon_fleet import GuestBalloon, ProtocolBalloons
 from sim.memory.guest import GuestSpec
 from sim.memory.hypervisor import SimHypervisor
@@ -23,7 +24,7 @@ from sim.virtio.backing import RamBacking
 from sim.virtio.world import World
 from tests.helpers import play, protocol_hypervisor
 
-pytestmark = pytest.mark.skipif(not fleet_kernel.AVAILABLE, reason="numba (the sim extra) is not installed")
+pytestmark = pytest.mark.skipif(not sim.compiled.AVAILABLE, reason="numba (the sim extra) is not installed")
 
 GIB_KIB = 1 << 20
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.memory import fleet_kernel
+import sim.compiled
 from sim.memory.guest import Fleet, GuestModelParams, GuestSpec
 from sim.memory.hypervisor import SimHypervisor
 from sim.memory.kernel import boot
@@ -20,7 +20,7 @@ from sim.memory.kernel import boot
 MIB = 1024
 RAM_KIB = 1024 * MIB
 CAP_KIB = float(boot(RAM_KIB).pcp_cap_kib)
-PATHS = [False, True] if fleet_kernel.AVAILABLE else [False]
+PATHS = [False, True] if sim.compiled.AVAILABLE else [False]
 
 
 def guest(compiled: bool, demand_mib: float = 100.0, doo: bool = False) -> Fleet:

@@ -1,4 +1,4 @@
-"""The bulk device's compiled stats polling (``fleet_kernel.poll_stats``) against its numpy
+"""The bulk device's compiled stats polling (``sim.virtio.stats_kernel.poll_stats``) against its numpy
 reference (``BalloonDevice._poll_reference``): the same samples taken, the same stamps and
 the same next arrivals, bit for bit, for any periods, phases and polling instants."""
 
@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.memory import fleet_kernel
+from sim import compiled
 from sim.virtio.calibration import STATS_WORK_S
 from sim.virtio.device import STAT_ARRAY_NAMES, BalloonDevice, StatArrays
 from sim.virtio.driver import BalloonDriver
 
-pytestmark = pytest.mark.skipif(not fleet_kernel.AVAILABLE, reason="numba (the sim extra) is not installed")
+pytestmark = pytest.mark.skipif(not compiled.AVAILABLE, reason="numba (the sim extra) is not installed")
 
 periods = st.one_of(st.sampled_from([0.0, 1.0, 5.0, 10.0]), st.floats(0.0, 30.0))
 phases = st.one_of(st.sampled_from([0.0, 2.5, float("nan")]), st.floats(0.0, 40.0))

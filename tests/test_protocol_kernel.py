@@ -9,12 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.memory import fleet_kernel, protocol_kernel
+import sim.compiled
+from sim.memory import protocol_kernel
 from sim.memory.balloon_fleet import ProtocolBalloons, spare_kib
 from sim.memory.guest import Fleet, GuestModelParams, GuestSpec
 from sim.memory.hypervisor import SimHypervisor
 
-pytestmark = pytest.mark.skipif(not fleet_kernel.AVAILABLE, reason="numba (the sim extra) is not installed")
+pytestmark = pytest.mark.skipif(not sim.compiled.AVAILABLE, reason="numba (the sim extra) is not installed")
 
 # What balloon_moved_one reads or changes, besides the driver's balloon_kib.
 STATE = (
@@ -73,7 +74,7 @@ def test_arbitrary_states_move_bit_identical(
 def _inflate_and_back(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
     """1 GiB into a 4 GiB guest whose page cache must give some of it, then 512 MiB
     back, through the protocol model; the Fleet's arrays after each."""
-    monkeypatch.setattr(fleet_kernel, "AVAILABLE", compiled)
+    monkeypatch.setattr(sim.compiled, "AVAILABLE", compiled)
     spec = GuestSpec(uuid="1", name="g", ram_kib=4 * GIB_KIB)
     hv = SimHypervisor(
         [spec], host_mem_kib=64 * GIB_KIB, initial_demand_kib=np.array([2.6 * GIB_KIB]), model="protocol"

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sim.compiled
 import sim.virtio.balloon_spec as spec
 from overcommitd.config import DaemonConfig
 from policies import registry
 from sim.evaluation.replay import ReplaySpec, replay
-from sim.memory import fleet_kernel
 from sim.memory.balloon_fleet import ProtocolBalloons
 from sim.memory.guest import Fleet, GuestSpec
 from sim.memory.hypervisor import SimHypervisor
@@ -26,7 +26,7 @@ from sim.virtio.device import StatArrays
 from tests.test_fleet_kernel import STATE
 
 GIB_KIB = 1 << 20
-compiled_only = pytest.mark.skipif(not fleet_kernel.AVAILABLE, reason="numba (the sim extra) is not installed")
+compiled_only = pytest.mark.skipif(not sim.compiled.AVAILABLE, reason="numba (the sim extra) is not installed")
 kib = st.floats(min_value=0.0, max_value=4.0 * GIB_KIB, allow_nan=False)
 odd = st.one_of(kib, st.sampled_from([0.0, 1e-9, 0.5, 1.0, 1024.0]), st.floats(-1e6, 0.0))
 

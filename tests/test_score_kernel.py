@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sim.compiled
 from overcommitd.config import DaemonConfig
 from policies import registry
 from sim.evaluation import score_kernel
@@ -21,7 +22,7 @@ from sim.evaluation.replay import ReplayResult, ReplaySpec, load_traces, replay
 from sim.memory import traces
 from tests.test_honest_scorecard import GIB, SPIKE_S, FixedTarget, spec_for, write_trace
 
-pytestmark = pytest.mark.skipif(not score_kernel.AVAILABLE, reason="numba (the sim extra) is not installed")
+pytestmark = pytest.mark.skipif(not sim.compiled.AVAILABLE, reason="numba (the sim extra) is not installed")
 
 GIB_KIB = float(GIB)
 
@@ -156,7 +157,7 @@ def test_a_replay_scores_the_same_on_both_paths(
     ).model_copy(update=update)
     cfg = DaemonConfig(interval_s=spec.interval_s)
     fast = replay(spec, registry.create(policy), cfg, loaded=bitbrains)
-    monkeypatch.setattr(score_kernel, "AVAILABLE", False)
+    monkeypatch.setattr(sim.compiled, "AVAILABLE", False)
     ref = replay(spec, registry.create(policy), cfg, loaded=bitbrains)
     same_result(fast, ref)
 
@@ -170,7 +171,7 @@ def test_a_squeezed_spike_scores_the_same_on_both_paths(tmp_path: Path, monkeypa
     policy = FixedTarget("mom", int(1.5 * GIB), (SPIKE_S[1] - 1800.0, 1e9))
     spec = spec_for(loaded, hours=3.0)
     fast = replay(spec, policy, cfg, loaded=loaded)
-    monkeypatch.setattr(score_kernel, "AVAILABLE", False)
+    monkeypatch.setattr(sim.compiled, "AVAILABLE", False)
     same_result(fast, replay(spec, policy, cfg, loaded=loaded))
     card = fast.scorecard
     assert card.demand_jumps and card.recovery_p50_s > 0 and card.below_floor_guest_s > 0 and card.degraded_guest_s > 0

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.memory import fleet_kernel
+import sim.compiled
 from sim.memory.traces import Trace
 from sim.memory.workload import TraceColumns, Workload
 
-pytestmark = pytest.mark.skipif(not fleet_kernel.AVAILABLE, reason="numba (the sim extra) is not installed")
+pytestmark = pytest.mark.skipif(not sim.compiled.AVAILABLE, reason="numba (the sim extra) is not installed")
 
 
 @st.composite
@@ -52,7 +52,7 @@ times = st.floats(-1000.0, 5000.0) | st.sampled_from([0.0, 1.0, 2.5, 300.0, 600.
 def both(call: object, *args: object) -> tuple[object, object]:
     """``call(*args)`` on numpy's path and on the compiled one."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fleet_kernel, "AVAILABLE", False)
+        mp.setattr(sim.compiled, "AVAILABLE", False)
         ref = call(*args)  # type: ignore[operator]
     return ref, call(*args)  # type: ignore[operator]
 

@@ -19,13 +19,12 @@ from typing import Any
 import numpy as np
 
 from overcommitd.guard_kernels import NUMPY, WISH_LIMIT_KIB, GuardKernels, RuleColumns
-from sim.memory import fleet_kernel
-from sim.memory.fleet_kernel import _jit
+from sim.compiled import AVAILABLE, jit, nan_max, nan_min
 
 _LIMIT = float(WISH_LIMIT_KIB)
 
 
-@_jit
+@jit
 def implausible(max_kib: Any, total: Any, available: Any, free: Any, caches: Any) -> Any:
     """``numpy_implausible``, row by row."""
     n = len(max_kib)
@@ -43,7 +42,7 @@ def implausible(max_kib: Any, total: Any, available: Any, free: Any, caches: Any
     return code
 
 
-@_jit
+@jit
 def problem(
     now_s: float,
     last_update_s: Any,
@@ -65,7 +64,7 @@ def problem(
         if math.isnan(last):
             code[i] = 1
             continue
-        limit = fleet_kernel._max(stale_after_periods * stats_period_s[i], stale_after_min_s)
+        limit = nan_max(stale_after_periods * stats_period_s[i], stale_after_min_s)
         if now_s - last > limit:
             code[i] = 2
         elif bad[i] > 0:
@@ -75,7 +74,7 @@ def problem(
     return code
 
 
-@_jit
+@jit
 def _rules(
     now_s: float,
     wish_kib: Any,
@@ -111,7 +110,7 @@ def _rules(
     for i in range(n):
         has_wish = not math.isnan(wish_kib[i])
         w = wish_kib[i] if has_wish else 0.0
-        w = fleet_kernel._min(fleet_kernel._max(w, -_LIMIT), _LIMIT)
+        w = nan_min(nan_max(w, -_LIMIT), _LIMIT)
         wish = i64(w)  # truncates toward zero, as astype
         a, lt, hl = actual[i], last[i], has_last[i]
         floor = min(max(sla_floor_kib[i], min_guest_kib), max_kib[i])
@@ -200,7 +199,7 @@ def rules(*args: Any) -> RuleColumns:
     )
 
 
-@_jit
+@jit
 def needs(actual_kib: Any, available_kib: Any, floor_kib: Any, held: Any, running: Any, problem: Any) -> Any:
     """``numpy_needs``, row by row."""
     n = len(actual_kib)
@@ -212,13 +211,11 @@ def needs(actual_kib: Any, available_kib: Any, floor_kib: Any, held: Any, runnin
         if at_size[i]:
             need[i] = actual_kib[i]
         else:  # as numpy: int - float is float, the floor compares as float, astype truncates
-            need[i] = np.int64(
-                fleet_kernel._max(fleet_kernel._max(actual_kib[i] - available, float(floor_kib[i])), 0.0)
-            )
+            need[i] = np.int64(nan_max(nan_max(actual_kib[i] - available, float(floor_kib[i])), 0.0))
     return need, at_size
 
 
-@_jit
+@jit
 def _need_totals(actual_kib: Any, available_kib: Any, floor_kib: Any, held: Any, running: Any, problem: Any) -> Any:
     need, at_size = needs(actual_kib, available_kib, floor_kib, held, running, problem)
     return need.sum(), actual_kib.sum(), at_size.sum()
@@ -231,6 +228,6 @@ def need_totals(*args: Any) -> tuple[int, int, int]:
 
 
 COMPILED = GuardKernels("compiled", implausible, problem, rules, needs, need_totals)
-KERNELS = COMPILED if fleet_kernel.AVAILABLE else NUMPY
+KERNELS = COMPILED if AVAILABLE else NUMPY
 
 __all__ = ["COMPILED", "KERNELS", "RuleColumns"]

@@ -67,6 +67,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+import sim.compiled
 from sim.evaluation import score_kernel
 
 GIB_KIB = 1024.0 * 1024.0
@@ -217,7 +218,7 @@ class Recorder:
         n = len(ram_kib)
         self.ram = ram_kib
         self.floor = floor_kib
-        self.compiled = score_kernel.AVAILABLE if compiled is None else compiled and score_kernel.AVAILABLE
+        self.compiled = sim.compiled.AVAILABLE if compiled is None else compiled and sim.compiled.AVAILABLE
         # Per-tick constants, computed once with the very operations ``record`` used.
         self._ram_total_kib = self.ram.sum()
         self._jump_kib = self.ram * JUMP_PCT / 100

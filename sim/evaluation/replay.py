@@ -48,9 +48,9 @@ from overcommitd.model import Clamp, ClampReason, Decision, GuestSnapshot, HostS
 from overcommitd.shortfall import estimate_table
 from overcommitd.table import GuestTable
 from policies.api import Policy, decide_batch
+from sim.compiled import compiled_policy
 from sim.evaluation.guard_kernels import KERNELS
 from sim.evaluation.metrics import GuestTick, Recorder, RunCounters, RunFacts, Scorecard, Timeline
-from sim.evaluation.policy_kernels import compiled
 from sim.memory import traces as trace_io
 from sim.memory.guest import Array, GuestModelParams, GuestSpec
 from sim.memory.host import HostModelParams
@@ -367,7 +367,7 @@ class _Run:
         n_warm: int = 0,
         n_total: int = BLOCK_TICKS,
     ) -> None:
-        self.spec, self.policy, self.cfg, self.hv = spec, compiled(policy), cfg, hv
+        self.spec, self.policy, self.cfg, self.hv = spec, compiled_policy(policy), cfg, hv
         self.workload, self.recorder, self.progress = workload, recorder, progress
         self.n_warm = n_warm
         self.n_total = n_total  # ticks in the run, warm-up included

@@ -24,10 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from sim.memory import fleet_kernel
-from sim.memory.fleet_kernel import Array, Flags, _jit
-
-AVAILABLE = fleet_kernel.AVAILABLE
+from sim.compiled import jit
+from sim.memory.fleet_kernel import Array, Flags
 
 # Slots of the running totals (``Recorder._acc``), KiB·s or guest-seconds.
 SAVED, BALLOONED, UNBACKED, REPORTED, UNSERVED, DEGRADED, BELOW_FLOOR = range(7)
@@ -39,7 +37,7 @@ N_ROWS = 8
 _PAIRWISE_BLOCK = 128  # numpy's PW_BLOCKSIZE
 
 
-@_jit
+@jit
 def _block(a: Any, lo: int, n: int) -> float:
     """numpy's ``pairwise_sum`` of ``a[lo:lo + n]`` for ``n`` up to its block size."""
     if n < 8:
@@ -68,7 +66,7 @@ def _block(a: Any, lo: int, n: int) -> float:
     return total
 
 
-@_jit
+@jit
 def _pairwise(a: Any, lo: int, n: int) -> float:
     """numpy's ``pairwise_sum`` of ``a[lo:lo + n]``: above the block size, the sum of the
     two halves' (split at a multiple of 8). numpy recurses; this walks the same tree with
@@ -104,14 +102,14 @@ def _pairwise(a: Any, lo: int, n: int) -> float:
     return result
 
 
-@_jit
+@jit
 def pairwise_sum(a: Any) -> float:
     """``float(a.sum())`` of a 1-D float64 array, in numpy's order."""
     total: float = 0.0 + _pairwise(a, 0, len(a))
     return total
 
 
-@_jit
+@jit
 def record_tick(
     acc: Array,
     state: Array,

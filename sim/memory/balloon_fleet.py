@@ -24,7 +24,8 @@ import numpy as np
 import numpy.typing as npt
 
 import sim.virtio.balloon_spec as spec
-from sim.memory import fleet_kernel, inflate_runs, protocol_kernel
+from sim import compiled
+from sim.memory import inflate_runs, protocol_kernel
 from sim.memory.guest import Array, FixedRow, Fleet, GuestSpec
 from sim.virtio.backing import HostRam
 from sim.virtio.device import STAT_ARRAY_NAMES, StatArrays, VirtioBalloon
@@ -167,7 +168,7 @@ class FleetMm:
         Fleet's layers, compiled in one call where numba is on (``protocol_kernel``)."""
         balloons, i = self.balloons, self.i
         balloons.fleet_changed()
-        if fleet_kernel.AVAILABLE:
+        if compiled.AVAILABLE:
             self._spare_kib = protocol_kernel.balloon_moved_one(
                 self.fleet, balloons.balloon_kib, balloons.held_kib, self.row, i, delta_kib, release_frac
             )
@@ -301,7 +302,7 @@ class GuestBalloon:
         self.mm = mm_factory(ram_pages)
         self.mm.host = self.host
         self.driver = LinuxBalloonDriver(world, self.mem, self.device, self.mm)
-        if fleet_kernel.AVAILABLE:
+        if compiled.AVAILABLE:
             self.driver.fill_run = functools.partial(inflate_runs.fill_run, self)
             self.driver.leak_run = functools.partial(inflate_runs.leak_run, self)
         self.driver.probe()

@@ -10,34 +10,24 @@ the two to bit-identical results on real traces and on arbitrary states.
 Bit-identity rules followed here: every expression keeps the reference's operands and
 their order (IEEE arithmetic is then the same, numba compiles without fast-math or FMA
 contraction); the scalars the reference computes with ``np.exp``/``math.exp`` are computed
-by the caller the same way and passed in; ``_max``/``_min`` are ``np.maximum``/``np.minimum``
-(NaN wins); and where the reference skips a step for the whole fleet when no guest needs it
+by the caller the same way and passed in; ``nan_max``/``nan_min`` (``sim.compiled``) are
+``np.maximum``/``np.minimum`` (NaN wins); and where the reference skips a step for the whole fleet when no guest needs it
 (``if not amount.any(): return``), the loop checks the same condition over every guest
 first, since running such a step with a zero amount can still move a guest by an ulp.
 
-numba is in the ``sim`` extra only; without it ``AVAILABLE`` is False and the Fleet keeps
-to numpy. ``OVERCOMMITD_SIM_COMPILED=0`` turns the compiled path off.
+Without numba, or with ``OVERCOMMITD_SIM_COMPILED=0`` (``sim.compiled.AVAILABLE``), the
+Fleet keeps to numpy.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-njit: Any
-try:
-    from numba import njit
-except ImportError:  # the daemon's install has no numba: the Fleet runs its numpy path
-    njit = None
-
-OFF = os.environ.get("OVERCOMMITD_SIM_COMPILED", "1") == "0"
-AVAILABLE = njit is not None and not OFF
-
+from sim.compiled import jit, nan_max, nan_min
 
 Array = npt.NDArray[np.float64]
 Flags = npt.NDArray[np.bool_]
@@ -86,76 +76,57 @@ class KernelState(NamedTuple):
     reporting: Flags  # free page reporting runs in the Fleet, in closed form
 
 
-def _jit(fn: Callable[..., Any]) -> Callable[..., Any]:
-    if njit is None:
-        return fn
-    compiled: Callable[..., Any] = njit(cache=True)(fn)
-    return compiled
-
-
-@_jit
-def _max(a: float, b: float) -> float:
-    """``np.maximum`` of two scalars: NaN if either is."""
-    return a if (a >= b or math.isnan(a)) else b
-
-
-@_jit
-def _min(a: float, b: float) -> float:
-    """``np.minimum`` of two scalars: NaN if either is."""
-    return a if (a <= b or math.isnan(a)) else b
-
-
-@_jit
+@jit
 def _touched_free(i: int, s: Any) -> float:
     """``Fleet._touched_free`` of guest ``i``."""
     in_use = s.reserved[i] + s.kernel[i] + s.anon[i] + s.cache[i] + s.resident[i]
-    touched_free: float = _max(s.touched[i] - in_use, 0.0)
+    touched_free: float = nan_max(s.touched[i] - in_use, 0.0)
     return touched_free
 
 
-@_jit
+@jit
 def _capacity(i: int, s: Any) -> float:
     """``Fleet._capacity`` of guest ``i``."""
     capacity: float = s.ram[i] - s.reserved[i] - s.kernel[i] - s.balloon[i] - s.held[i]
     return capacity
 
 
-@_jit
+@jit
 def _free(i: int, s: Any) -> float:
     """``Fleet.free`` of guest ``i``."""
-    free: float = _max(_capacity(i, s) - s.anon[i] - s.cache[i], 0.0)
+    free: float = nan_max(_capacity(i, s) - s.anon[i] - s.cache[i], 0.0)
     return free
 
 
-@_jit
+@jit
 def _allocate(i: int, s: Any, amount: float) -> None:
     """``Fleet._allocate`` of guest ``i``: last freed first (``take_in_order``)."""
     touched_free = _touched_free(i, s)
     older = s.older[i]
     left = amount
-    fresh = _min(left, _max(touched_free - older, 0.0))
+    fresh = nan_min(left, nan_max(touched_free - older, 0.0))
     left = left - fresh
-    deflated = _min(left, s.deflated[i])
+    deflated = nan_min(left, s.deflated[i])
     left = left - deflated
-    older_taken = _min(left, older)
+    older_taken = nan_min(left, older)
     s.deflated[i] -= deflated
     s.older[i] -= older_taken
     s.touched[i] += amount - fresh - older_taken
     s.minor_faults[i] += amount / 4
-    s.pcp[i] = _max(s.pcp[i] - amount, 0.0)  # Fleet._take_pcp
+    s.pcp[i] = nan_max(s.pcp[i] - amount, 0.0)  # Fleet._take_pcp
 
 
-@_jit
+@jit
 def _fill_pcp(i: int, s: Any, freed: float) -> None:
     """``Fleet._fill_pcp`` of guest ``i``."""
-    s.pcp[i] = _min(s.pcp[i] + freed, s.pcp_cap[i])
+    s.pcp[i] = nan_min(s.pcp[i] + freed, s.pcp_cap[i])
 
 
-@_jit
+@jit
 def _evict(i: int, s: Any, amount: float, by_reclaim: bool = True) -> None:
     """``Fleet._evict_cache`` of guest ``i``."""
     cache, hot = s.cache[i], s.hot[i]
-    hot_lost = _min(_max(amount - (cache - hot), 0.0), hot)
+    hot_lost = nan_min(nan_max(amount - (cache - hot), 0.0), hot)
     s.cache[i] = cache - amount
     s.hot[i] = hot - hot_lost
     s.refault_debt[i] += hot_lost
@@ -164,7 +135,7 @@ def _evict(i: int, s: Any, amount: float, by_reclaim: bool = True) -> None:
         s.own_refault_debt[i] += hot_lost if unballooned else 0.0
 
 
-@_jit
+@jit
 def _evict_all(s: Any, amount: Any, by_reclaim: bool = True) -> None:
     """``Fleet._evict_cache`` over the fleet: nothing at all when no guest gives any."""
     n = len(amount)
@@ -175,7 +146,7 @@ def _evict_all(s: Any, amount: Any, by_reclaim: bool = True) -> None:
             return
 
 
-@_jit
+@jit
 def move_balloons(
     s: Any, dt_s: float, inflate_max_kib: float, deflate_max_kib: float, retry_s: float, page_kib: float
 ) -> None:
@@ -184,14 +155,14 @@ def move_balloons(
     n = len(s.balloon)
     delta = np.empty(n)
     for i in range(n):
-        spare = _max(_free(i, s) - s.min_free[i], 0.0) + _max(s.cache[i] - s.cache_min[i], 0.0)
+        spare = nan_max(_free(i, s) - s.min_free[i], 0.0) + nan_max(s.cache[i] - s.cache_min[i], 0.0)
         before = s.balloon[i]
         diff = s.num_pages[i] - s.balloon[i]
-        inflate = 0.0 if s.waiting_for_config[i] else _min(_max(diff, 0.0), inflate_max_kib)
+        inflate = 0.0 if s.waiting_for_config[i] else nan_min(nan_max(diff, 0.0), inflate_max_kib)
         spare_pages_kib = np.floor(spare / page_kib) * page_kib
         short = inflate > spare_pages_kib
-        inflate = _min(inflate, spare_pages_kib)
-        deflate = _min(_max(-diff, 0.0), deflate_max_kib)
+        inflate = nan_min(inflate, spare_pages_kib)
+        deflate = nan_min(nan_max(-diff, 0.0), deflate_max_kib)
         s.balloon[i] += inflate - deflate
         retries_before = np.ceil(s.puff_clock[i] / retry_s)
         s.puff_clock[i] = s.puff_clock[i] + dt_s if short else 0.0
@@ -203,7 +174,7 @@ def move_balloons(
             return
 
 
-@_jit
+@jit
 def _balloon_moved(s: Any, delta: Any) -> None:
     """``Fleet.balloon_moved``: the free-list layers are read before the page cache is
     evicted, which happens for the whole fleet or not at all (``_evict_all``)."""
@@ -212,29 +183,29 @@ def _balloon_moved(s: Any, delta: Any) -> None:
     from_free = np.empty(n)
     from_cache = np.empty(n)
     for i in range(n):
-        inflated = _max(delta[i], 0.0)
-        free_before = _max(_capacity(i, s) + delta[i] - s.anon[i] - s.cache[i], 0.0)
-        fresh_layer[i] = _max(_touched_free(i, s) - s.older[i], 0.0)
-        from_free[i] = _min(inflated, _max(free_before - s.min_free[i], 0.0))
+        inflated = nan_max(delta[i], 0.0)
+        free_before = nan_max(_capacity(i, s) + delta[i] - s.anon[i] - s.cache[i], 0.0)
+        fresh_layer[i] = nan_max(_touched_free(i, s) - s.older[i], 0.0)
+        from_free[i] = nan_min(inflated, nan_max(free_before - s.min_free[i], 0.0))
         from_cache[i] = inflated - from_free[i]
     _evict_all(s, from_cache, False)
     for i in range(n):
         left = from_free[i]
-        fresh = _min(left, fresh_layer[i])
+        fresh = nan_min(left, fresh_layer[i])
         left = left - fresh
-        deflated_taken = _min(left, s.deflated[i])
+        deflated_taken = nan_min(left, s.deflated[i])
         left = left - deflated_taken
-        older_taken = _min(left, s.older[i])
+        older_taken = nan_min(left, s.older[i])
         s.deflated[i] -= deflated_taken
         s.older[i] -= older_taken
         taken_touched = from_cache[i] + fresh + older_taken
         s.touched[i] -= s.release_frac[i] * taken_touched
         s.resident[i] += (1.0 - s.release_frac[i]) * taken_touched
-        s.pcp[i] = _max(s.pcp[i] - from_free[i], 0.0)
-        deflated = _max(-delta[i], 0.0)
+        s.pcp[i] = nan_max(s.pcp[i] - from_free[i], 0.0)
+        deflated = nan_max(-delta[i], 0.0)
         before = s.balloon[i] - delta[i]
         share = deflated / before if before > 0 else 0.0
-        back_resident = s.resident[i] * _min(share, 1.0)
+        back_resident = s.resident[i] * nan_min(share, 1.0)
         # Fleet._deflated
         if deflated > 0:
             s.older[i] = _touched_free(i, s)
@@ -243,10 +214,10 @@ def _balloon_moved(s: Any, delta: Any) -> None:
         _fill_pcp(i, s, deflated)
         if delta[i] > 0:
             limit = s.ram[i] - s.balloon[i] + s.resident[i]
-            s.touched[i] = _min(_max(s.touched[i], 0.0), limit)
+            s.touched[i] = nan_min(nan_max(s.touched[i], 0.0), limit)
 
 
-@_jit
+@jit
 def _follow_and_grow(s: Any, demand: Any, read: Any, dt_s: float, cooling: float) -> None:
     """``_reap_victims``, ``_follow_demand`` and ``_grow_cache``, guest by guest."""
     for i in range(len(demand)):
@@ -255,35 +226,35 @@ def _follow_and_grow(s: Any, demand: Any, read: Any, dt_s: float, cooling: float
             s.anon[i] = 0.0
             s.reaping[i] = False
         working_set = s.anon[i] + s.swap[i]
-        grow = _max(demand[i] - working_set, 0.0)
+        grow = nan_max(demand[i] - working_set, 0.0)
         _allocate(i, s, grow)
         s.anon[i] += grow
-        shrink = _min(_max(1.0 - demand[i] / _max(working_set, 1.0), 0.0), 1.0)
+        shrink = nan_min(nan_max(1.0 - demand[i] / nan_max(working_set, 1.0), 0.0), 1.0)
         freed = s.anon[i] * shrink
         s.anon[i] -= freed
         s.swap[i] -= s.swap[i] * shrink
         _fill_pcp(i, s, freed)
         read_kib = read[i] * dt_s
-        room = _max(_free(i, s) - s.min_free[i], 0.0)
-        grown = _min(read_kib, room)
+        room = nan_max(_free(i, s) - s.min_free[i], 0.0)
+        grown = nan_min(read_kib, room)
         _allocate(i, s, grown)
         s.cache[i] += grown
         cooled = s.hot[i] * cooling
-        s.hot[i] = _min(s.cache[i], cooled + read_kib)
+        s.hot[i] = nan_min(s.cache[i], cooled + read_kib)
 
 
-@_jit
+@jit
 def _relieve_pressure(s: Any, over: Any, killed: Any, oom_step_kib: float, epsilon_kib: float) -> None:
     """``Fleet._relieve_pressure`` with the bulk driver (no hint blocks held)."""
     n = len(over)
     from_cache = np.empty(n)
     for i in range(n):
         over[i] = s.anon[i] + s.cache[i] + s.min_free[i] - _capacity(i, s)
-        from_cache[i] = _min(_max(over[i], 0.0), _max(s.cache[i] - s.cache_min[i], 0.0))
+        from_cache[i] = nan_min(nan_max(over[i], 0.0), nan_max(s.cache[i] - s.cache_min[i], 0.0))
     _evict_all(s, from_cache)
     for i in range(n):
         o = over[i] - from_cache[i]
-        to_swap = _min(_max(o, 0.0), _max(s.swap_size[i] - s.swap[i], 0.0))
+        to_swap = nan_min(nan_max(o, 0.0), nan_max(s.swap_size[i] - s.swap[i], 0.0))
         s.anon[i] -= to_swap
         s.swap[i] += to_swap
         s.swap_out[i] += to_swap
@@ -292,7 +263,7 @@ def _relieve_pressure(s: Any, over: Any, killed: Any, oom_step_kib: float, epsil
         steps = np.ceil(o / oom_step_kib) if (s.deflate_on_oom[i] & (o > 0)) else 0.0
         # BalloonDriver.deflate_on_oom, then Fleet._deflated with nothing resident back.
         active = s.balloon[i] < s.num_pages[i]
-        given = _min(steps * oom_step_kib, s.balloon[i])
+        given = nan_min(steps * oom_step_kib, s.balloon[i])
         s.balloon[i] -= given
         s.waiting_for_config[i] |= (given > 0) & (not active)
         if given > 0:
@@ -306,13 +277,13 @@ def _relieve_pressure(s: Any, over: Any, killed: Any, oom_step_kib: float, epsil
         killed[i] = o > 0
         if killed[i]:
             s.oom_kills[i] += 1.0
-            s.anon[i] = _max(s.anon[i] - o, 0.0)
+            s.anon[i] = nan_max(s.anon[i] - o, 0.0)
             s.swap[i] = 0.0
             s.reaping[i] = True
         over[i] = o
 
 
-@_jit
+@jit
 def _swap_in(s: Any, thrashing: Any, swap_touch: float, epsilon_kib: float) -> None:
     """``Fleet._swap_in``, guest by guest."""
     n = len(thrashing)
@@ -321,18 +292,18 @@ def _swap_in(s: Any, thrashing: Any, swap_touch: float, epsilon_kib: float) -> N
         touched = s.swap[i] * swap_touch
         s.swap_in[i] += touched
         s.major_faults[i] += touched / 4
-        room = _max(_capacity(i, s) - s.min_free[i] - s.cache_min[i] - s.anon[i], 0.0)
-        back = _min(touched, room)
+        room = nan_max(_capacity(i, s) - s.min_free[i] - s.cache_min[i] - s.anon[i], 0.0)
+        back = nan_min(touched, room)
         s.swap_out[i] += touched - back
         _allocate(i, s, back)
         s.anon[i] += back
         s.swap[i] -= back
-        trim[i] = _max(s.cache[i] - _max(_capacity(i, s) - s.anon[i], s.cache_min[i]), 0.0)
+        trim[i] = nan_max(s.cache[i] - nan_max(_capacity(i, s) - s.anon[i], s.cache_min[i]), 0.0)
         thrashing[i] = touched - back > epsilon_kib
     _evict_all(s, trim)
 
 
-@_jit
+@jit
 def _refault(s: Any, reread_share: float) -> None:
     """``Fleet._refault``: nothing at all when no guest owes a re-read."""
     n = len(s.refault_debt)
@@ -349,27 +320,27 @@ def _refault(s: Any, reread_share: float) -> None:
         s.own_refault_debt[i] -= own
         s.own_refault_kib[i] += own
         s.major_faults[i] += reread / 4
-        back = _min(reread, _max(_free(i, s) - s.min_free[i], 0.0))
+        back = nan_min(reread, nan_max(_free(i, s) - s.min_free[i], 0.0))
         _allocate(i, s, back)
         s.cache[i] += back
         s.hot[i] += back
 
 
-@_jit
+@jit
 def _settle(s: Any) -> None:
     """``_clip_touched`` then ``_settle_free_layers``, guest by guest."""
     for i in range(len(s.touched)):
         limit = s.ram[i] - s.balloon[i] + s.resident[i]
-        s.touched[i] = _min(_max(s.touched[i], 0.0), limit)
+        s.touched[i] = nan_min(nan_max(s.touched[i], 0.0), limit)
         touched_free = _touched_free(i, s)
-        s.older[i] = _min(s.older[i], touched_free)
-        untouched_free = _max(_free(i, s) - touched_free, 0.0)
-        s.deflated[i] = _min(_max(s.deflated[i], 0.0), untouched_free)
-        s.reported[i] = _min(_max(s.reported[i], 0.0), untouched_free - s.deflated[i])
-        s.pcp[i] = _min(_max(s.pcp[i], 0.0), _max(_free(i, s) - s.min_free[i], 0.0))
+        s.older[i] = nan_min(s.older[i], touched_free)
+        untouched_free = nan_max(_free(i, s) - touched_free, 0.0)
+        s.deflated[i] = nan_min(nan_max(s.deflated[i], 0.0), untouched_free)
+        s.reported[i] = nan_min(nan_max(s.reported[i], 0.0), untouched_free - s.deflated[i])
+        s.pcp[i] = nan_min(nan_max(s.pcp[i], 0.0), nan_max(_free(i, s) - s.min_free[i], 0.0))
 
 
-@_jit
+@jit
 def land(
     s: Any,
     demand: Any,
@@ -399,18 +370,18 @@ def land(
         degraded[i] = killed[i] | thrashing[i]
 
 
-@_jit
+@jit
 def _reportable(i: int, s: Any, capacity: float, block_kib: float, residue_pct: float) -> float:
     """``Fleet.reportable_blocks`` of guest ``i``."""
     free = _free(i, s)
     unreported = _touched_free(i, s) - free * residue_pct / 100
     if free >= s.min_free[i] + capacity * block_kib:
-        blocks: float = np.floor(_max(unreported, 0.0) / block_kib)
+        blocks: float = np.floor(nan_max(unreported, 0.0) / block_kib)
         return blocks
     return 0.0
 
 
-@_jit
+@jit
 def reportable_blocks(state: Any, capacity: float, block_kib: float, residue_pct: float, out: Any) -> None:
     """``Fleet.reportable_blocks`` of every guest into ``out``, on ``KernelState``'s arrays
     as a plain tuple (the protocol model arms its guests' reporting from it every interval)."""
@@ -419,7 +390,7 @@ def reportable_blocks(state: Any, capacity: float, block_kib: float, residue_pct
         out[i] = _reportable(i, s, capacity, block_kib, residue_pct)
 
 
-@_jit
+@jit
 def report_free(s: Any, passes: int, capacity: float, block_kib: float, residue_pct: float) -> None:
     """``Fleet._report_free`` for guests whose reporting the Fleet runs (``s.reporting``):
     ``passes`` passes of ``reportable_blocks``, each ending the loop once no guest has a
@@ -435,57 +406,57 @@ def report_free(s: Any, passes: int, capacity: float, block_kib: float, residue_
             return
         for i in range(n):
             calls = np.ceil(blocks[i] / (capacity * 16))
-            kib = _min(blocks[i], calls * capacity) * block_kib
+            kib = nan_min(blocks[i], calls * capacity) * block_kib
             s.touched[i] -= kib
             s.reported[i] += kib
 
 
-@_jit
+@jit
 def sample_stats(s: Any, wmark_low: Any, deflate_on_oom_negotiated: Any, out: Any) -> None:
     """``Fleet.stats`` into ``out``, one row per ``StatArrays`` field in its order:
     what a stats sample taken now reads (``Fleet.mem_free``, ``mem_total``,
     ``mem_available``), with the reference's operands in its order."""
     for i in range(len(s.ram)):
-        free = _max(_free(i, s) - s.pcp[i], 0.0)  # Fleet.mem_free
+        free = nan_max(_free(i, s) - s.pcp[i], 0.0)  # Fleet.mem_free
         removed = 0.0 if deflate_on_oom_negotiated[i] else s.balloon[i]  # driver.managed_removed_kib
         cache = s.cache[i]
         out[0, i], out[1, i], out[2, i], out[3, i] = s.swap_in[i], s.swap_out[i], s.major_faults[i], s.minor_faults[i]
         out[4, i] = free
         out[5, i] = s.ram[i] - s.reserved[i] - removed
-        out[6, i] = _max(free - s.min_free[i] + cache - _min(cache / 2, wmark_low[i]), 0.0)
+        out[6, i] = nan_max(free - s.min_free[i] + cache - nan_min(cache / 2, wmark_low[i]), 0.0)
         out[7, i], out[8, i] = cache, s.oom_kills[i]
 
 
-@_jit
+@jit
 def land_state(state: Any, *args: Any) -> None:
     """``land`` on ``KernelState``'s arrays as a plain tuple, as ``advance`` takes them;
     ``args``: the rest of ``land``'s arguments."""
     land(KernelState(*state), *args)
 
 
-@_jit
+@jit
 def landed(s: Any, wmark_low: Any, out: Any) -> None:
     """``Fleet.mem_available`` and ``Fleet.saved_split`` into ``out``'s four rows
     (available, ballooned, unbacked, reported), as the reference computes them."""
     for i in range(len(s.ram)):
-        free = _max(_free(i, s) - s.pcp[i], 0.0)
+        free = nan_max(_free(i, s) - s.pcp[i], 0.0)
         cache = s.cache[i]
-        out[0, i] = _max(free - s.min_free[i] + cache - _min(cache / 2, wmark_low[i]), 0.0)
-        saved = _max(s.ram[i] - s.touched[i], 0.0)
-        ballooned = _min(_max(s.balloon[i] - s.resident[i], 0.0), saved)
-        unbacked = _min(s.deflated[i], saved - ballooned)
+        out[0, i] = nan_max(free - s.min_free[i] + cache - nan_min(cache / 2, wmark_low[i]), 0.0)
+        saved = nan_max(s.ram[i] - s.touched[i], 0.0)
+        ballooned = nan_min(nan_max(s.balloon[i] - s.resident[i], 0.0), saved)
+        unbacked = nan_min(s.deflated[i], saved - ballooned)
         out[1, i], out[2, i] = ballooned, unbacked
-        out[3, i] = _min(s.reported[i], saved - ballooned - unbacked)
+        out[3, i] = nan_min(s.reported[i], saved - ballooned - unbacked)
 
 
-@_jit
+@jit
 def landed_state(state: Any, wmark_low: Any, out: Any) -> None:
     """``landed`` on ``KernelState``'s arrays as a plain tuple (a driver that moves its
     balloons on its own clock: ``Fleet.landed`` reads it after the interval landed)."""
     landed(KernelState(*state), wmark_low, out)
 
 
-@_jit
+@jit
 def advance(
     state: Any,
     dt_s: float,
@@ -519,7 +490,7 @@ def advance(
     landed(s, wmark_low, landed_out)
 
 
-@_jit
+@jit
 def _row_at(time_s: float, offset_s: float, duration_s: float, ts: Any, j: int) -> tuple[int, int]:
     """The sample of one guest's trace (``ts``: its sample times) in force at ``time_s``, as
     ``Workload.rows`` finds it (numpy's ``searchsorted(..., side="right") - 1``: -1 before
@@ -538,7 +509,7 @@ def _row_at(time_s: float, offset_s: float, duration_s: float, ts: Any, j: int) 
     return j - 1, j
 
 
-@_jit
+@jit
 def trace_block(
     times_s: Any,
     offsets_s: Any,
@@ -562,11 +533,11 @@ def trace_block(
         j = 0
         for k in range(len(times_s)):
             i, j = _row_at(times_s[k], offsets_s[g], durations_s[g], ts, j)
-            demand_out[k, g] = _min(dem[i], cap[g])  # -1: the last, as numpy indexes
+            demand_out[k, g] = nan_min(dem[i], cap[g])  # -1: the last, as numpy indexes
             io_out[k, g] = rates[i]
 
 
-@_jit
+@jit
 def trace_landings(
     since_s: float,
     times_s: Any,
@@ -603,30 +574,6 @@ def trace_landings(
             start = prev + 1 if now > prev else now
             peak = dem[start]
             for row in range(start + 1, now + 1):
-                peak = _max(peak, dem[row])
-            peaks_out[k, g] = _min(peak, cap[g])
+                peak = nan_max(peak, dem[row])
+            peaks_out[k, g] = nan_min(peak, cap[g])
             prev = now
-
-
-@_jit
-def poll_stats(
-    now_s: float, work_s: float, period_s: Any, next_arrival_s: Any, last_update_s: Any, sample: Any, stats: Any
-) -> None:
-    """``BalloonDevice.poll_stats`` (its numpy reference) guest by guest: a guest with a
-    sample due before ``now_s`` takes ``sample``'s column into ``stats`` and is stamped
-    with each arrival's whole second, its next arrival a ``period + work_s`` later each
-    time, summed in the reference's order. At 50 guests in step the reference's masked
-    loop cost more than the Fleet's whole compiled interval (issue 13 profile)."""
-    n = len(next_arrival_s)
-    due = np.zeros(n, dtype=np.bool_)
-    for g in range(n):
-        arrival = next_arrival_s[g]
-        due[g] = arrival < now_s
-        while arrival < now_s:
-            last_update_s[g] = np.floor(arrival)
-            arrival = arrival + period_s[g] + work_s
-        next_arrival_s[g] = arrival
-    for row in range(stats.shape[0]):  # a stat at a time: the block's rows are contiguous
-        for g in range(n):
-            if due[g]:
-                stats[row, g] = sample[row, g]

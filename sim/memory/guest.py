@@ -73,6 +73,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from sim import compiled
 from sim.memory import fleet_kernel
 from sim.memory.kernel import DEBIAN_6_1_PC, GuestKernel, GuestReserve, guest_reserve
 from sim.virtio.backing import RamBacking
@@ -261,7 +262,7 @@ class Fleet:
         self.host_swap_in = np.zeros_like(self.ram)  # host-swapped guest pages touched again (KiB)
         # The bulk driver's fleets land each interval through the compiled kernel (the
         # numpy methods below are its reference); the protocol model's driver never does.
-        self.compiled = fleet_kernel.AVAILABLE
+        self.compiled = compiled.AVAILABLE
         self._fixed_rows: dict[int, FixedRow] = {}  # made per guest on first use (``fixed_row``)
         # What the compiled path's stats samples read (``_advance_compiled``): one block, a row per stat.
         self._sample_rows = np.zeros((len(STAT_ARRAY_NAMES), len(specs)))

@@ -29,19 +29,20 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from sim.memory.fleet_kernel import Array, _jit
+from sim.compiled import jit
+from sim.memory.fleet_kernel import Array
 from sim.memory.guest import FixedRow, Fleet
 from sim.virtio.balloon_spec import BALLOON_PAGE_KIB
 from sim.virtio.device import BALLOON_CHANGE_RATE_S
 
 
-@_jit
+@jit
 def _py_min(a: float, b: float) -> float:
     """Python's ``min(a, b)``: ``b`` only if it is strictly smaller."""
     return b if b < a else a  # noqa: FURB136 - spelt out: the tie and NaN rule is the point
 
 
-@_jit
+@jit
 def _py_max(a: float, b: float) -> float:
     """Python's ``max(a, b)``: ``b`` only if it is strictly larger."""
     return b if b > a else a  # noqa: FURB136 - spelt out: the tie and NaN rule is the point
@@ -87,7 +88,7 @@ def moved_state(fleet: Fleet, balloon: Array, held: Array) -> tuple[Array, ...]:
     )
 
 
-@_jit
+@jit
 def _moved_one(
     state: Any,
     i: int,
@@ -186,7 +187,7 @@ class RequestsRun(NamedTuple):
     emitted: int  # how many entries of ``emitted_at`` hold requests that sent BALLOON_CHANGE
 
 
-@_jit
+@jit
 def _jumped(now: float, wait_s: float, horizon: float, next_due: float, sleep: bool) -> float:
     """Where the clock stands after a wait of ``wait_s`` from ``now`` taken on the spot,
     NaN where ``World.may_jump_to`` refuses it (strictly before ``next_due``, not past
@@ -198,7 +199,7 @@ def _jumped(now: float, wait_s: float, horizon: float, next_due: float, sleep: b
     return at if at <= horizon and at < next_due else math.nan
 
 
-@_jit
+@jit
 def _requests_run(
     state: Any,
     managed_removed: Array,

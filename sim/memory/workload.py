@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from sim import compiled
 from sim.memory import fleet_kernel
 from sim.memory.guest import GuestModelParams, reserve_for
 from sim.memory.kernel import GuestKernel
@@ -113,7 +114,7 @@ class Workload:
         once: writing columns of a (times, guests) array strides across memory, which
         cost 10x the lookups at 500 guests (issue 13). Compiled, both are written in
         (times x guests) layout at once (``fleet_kernel.trace_block``)."""
-        if fleet_kernel.AVAILABLE and times_s.dtype == np.float64:
+        if compiled.AVAILABLE and times_s.dtype == np.float64:
             c = self.columns
             out = np.empty((len(times_s), len(self.traces))), np.empty((len(times_s), len(self.traces)))
             fleet_kernel.trace_block(
@@ -151,7 +152,7 @@ class Workload:
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """``peaks`` and ``block``'s I/O rates at the same increasing times (one column),
         as the replay lands them: compiled, from one lookup per time and guest."""
-        if fleet_kernel.AVAILABLE and times_s.dtype == np.float64 and times_s.ndim == 1:
+        if compiled.AVAILABLE and times_s.dtype == np.float64 and times_s.ndim == 1:
             return self._landings_compiled(since_s, times_s, io_rows=len(times_s))
         return self.peaks(since_s, times_s), self.block(times_s)[1]
 
@@ -189,7 +190,7 @@ class Workload:
         guest was OOM-killed by a 2.4 s spike the replay never showed its guest). Across
         a trace's wrap to its start, only the demand in force at each end counts. Times of
         shape (n, n_guests) are each guest's own."""
-        if fleet_kernel.AVAILABLE and times_s.dtype == np.float64 and times_s.ndim == 1:
+        if compiled.AVAILABLE and times_s.dtype == np.float64 and times_s.ndim == 1:
             return self._landings_compiled(since_s, times_s, io_rows=0)[0]
         out = np.empty((len(times_s), len(self.traces)))
         for g, trace in enumerate(self.traces):

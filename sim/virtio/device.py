@@ -33,8 +33,9 @@ import numpy.typing as npt
 
 import sim.virtio.balloon_spec as spec
 from overcommitd.table import STAT_NAMES
-from sim.memory import fleet_kernel
+from sim import compiled
 from sim.virtio import calibration as cal
+from sim.virtio import stats_kernel
 from sim.virtio.backing import HostRam
 from sim.virtio.balloon_spec import BALLOON_PAGE_KIB
 from sim.virtio.calibration import STATS_WORK_S
@@ -130,7 +131,7 @@ class BalloonDevice:
         # answers STATS_WORK_S later. Real guests' timers run each in its own phase (issue 16).
         phase = np.zeros(n) if stats_phase_s is None else stats_phase_s
         self.next_arrival_s = np.where(stats_period_s > 0, phase + STATS_WORK_S, np.inf)
-        self.compiled = fleet_kernel.AVAILABLE  # ``poll_stats`` through its kernel
+        self.compiled = compiled.AVAILABLE  # ``poll_stats`` through its kernel
 
     def set_target(self, i: int, target_kib: int) -> None:
         self.driver.config_changed(i, num_pages_kib(self.ram_kib[i], target_kib))
@@ -155,14 +156,14 @@ class BalloonDevice:
         """Take every sample that arrives before ``now_s``; ``current()`` is the guests'
         state over that span, computed only if a sample is due. Times are summed as the
         World sums them (timer at arrival + period, answer STATS_WORK_S later), so both
-        speeds stamp alike. Compiled (``fleet_kernel.poll_stats``) where both sides hold
+        speeds stamp alike. Compiled (``stats_kernel.poll_stats``) where both sides hold
         their stats as one block; ``_poll_reference`` is the rule."""
         # fmin ignores NaN as ``<`` does: a NaN arrival is never due, in either path.
         if not _fmin(self.next_arrival_s) < now_s:
             return
         sample = current()
         if self.compiled and sample.block is not None and self.stats.block is not None:
-            fleet_kernel.poll_stats(
+            stats_kernel.poll_stats(
                 now_s,
                 STATS_WORK_S,
                 self.stats_period_s,
