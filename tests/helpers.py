@@ -162,17 +162,29 @@ def play(
     tick_s: float,
     ticks_until_s: float,
     end_s: float,
+    *,
+    one_order: bool = False,
 ) -> None:
     """``targets`` (time, guest index, target KiB) set and a daemon-like tick every
     ``tick_s`` up to ``ticks_until_s``, in time order (at one instant the targets first,
     the lower target first, then the tick), each after the World has run to its time;
-    then the World runs to ``end_s``."""
+    then the World runs to ``end_s``. ``one_order``: the World steps every event, the
+    guests' own included, in one global order (``World.step``) instead of running each
+    guest's clock on its own between two of its events (``World.run``)."""
+    run = hv.world.run
+    if one_order:
+
+        def run(until_s: float) -> None:
+            while hv.world.peek() <= until_s:
+                hv.world.step(until_s)
+            hv.world.run(until_s)
+
     events = [(at_s, 0, i, kib) for at_s, i, kib in targets]
     events += [(k * tick_s, 1, 0, 0) for k in range(1, int(ticks_until_s / tick_s) + 1)]
     for at_s, kind, i, kib in sorted(events):
-        hv.world.run(at_s)
+        run(at_s)
         if kind == 0:
             hv.set_target(hv.specs[i].uuid, kib)
         else:
             hv.advance(at_s, demand_kib, np.zeros(len(hv.specs)))
-    hv.world.run(end_s)
+    run(end_s)

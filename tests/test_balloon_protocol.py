@@ -562,3 +562,25 @@ def test_the_oom_notifiers_pages_are_freed_once(over_mib: int) -> None:
     assert given >= over_mib * 1024  # the notifier covered the shortfall, in whole steps
     assert f.deflated_free[0] - deflated == pytest.approx(given)  # nothing still backed came back
     assert f.pcp[0] - pcp == pytest.approx(min(given, f.pcp_cap[0] - pcp))
+
+
+def test_an_oom_notifier_run_from_the_hosts_event_leaves_that_events_clock_alone() -> None:
+    """The replay's tick is an event of the World; the Fleet's advance inside it may run
+    a guest's OOM notifier, whose deflate request the device answers after the host's
+    work on it. That answer comes on the guest's own clock: the tick's instant stays the
+    tick's (it moved by the host's time on the request, and every later tick with it)."""
+    hv = oom_host(compiled=False)
+    hv.world.run(until_s=30.0)  # the 1 GiB inflate done
+    balloons = hv.device
+    assert isinstance(balloons, ProtocolBalloons)
+    driver, device = balloons.guests[0].driver, balloons.guests[0].device
+    seen: list[float] = []
+
+    def tick() -> None:
+        hv.fleet.advance(10.0, np.array([8.0 * GIB_KIB]), np.zeros(1))
+        seen.append(hv.world.now_s)
+
+    hv.world.schedule_at(40.0, tick)
+    hv.world.run(until_s=50.0)
+    assert driver.oom_deflates > 0 and seen == [40.0]
+    assert device.queues["deflateq"].quiet()  # the request was answered, after the tick

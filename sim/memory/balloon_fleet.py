@@ -17,7 +17,6 @@ device seam SimHypervisor uses (``set_target``, ``stats``, ``last_update_s``, ..
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -52,7 +51,8 @@ _TAG_OF = {
 }
 
 # ``_TAG_OF`` in the row order of a ``StatArrays`` block: the host's copy in one store.
-_BLOCK_TAG_UNITS = tuple(_TAG_OF[name] for name in STAT_ARRAY_NAMES)
+_BLOCK_TAGS = [_TAG_OF[name][0] for name in STAT_ARRAY_NAMES]
+_BLOCK_UNITS = np.array([_TAG_OF[name][1] for name in STAT_ARRAY_NAMES], dtype=np.uint64)
 
 
 # The 16 entries update_balloon_stats() writes, in Linux's order (vm events first):
@@ -76,11 +76,16 @@ _STAT_ROW: tuple[tuple[int, str | None, int], ...] = (
     (spec.VIRTIO_BALLOON_S_CACHES, "disk_caches_kib", 1024),
 )
 _STAT_TAGS = tuple(tag for tag, _, _ in _STAT_ROW)
-_STATS_ENTRIES = spec.stats_array(len(_STAT_ROW))
+_STATS_BYTES = len(_STAT_ROW) * spec.STAT.size  # one guest's entries
 _UNKEPT = [0] * 7  # the 7 counters between oom_kills and mem_free the model keeps at 0
 assert [name is None for _, name, _ in _STAT_ROW] == [False] * 5 + [True] * 7 + [False] * 4
 _STAT_NAMES = [name for _, name, _ in _STAT_ROW if name is not None]
 _STAT_UNITS = np.array([[unit] for _, name, unit in _STAT_ROW if name is not None], dtype=np.float64)
+# One ``virtio_balloon_stat`` (le16 tag, le64 val, packed: ``spec.STAT``) as a numpy
+# record, so every guest's entries are packed in one call.
+_STAT_RECORD = np.dtype([("tag", "<u2"), ("val", "<u8")])
+assert _STAT_RECORD.itemsize == spec.STAT.size
+_KEPT_AT = [k for k, (_, name, _) in enumerate(_STAT_ROW) if name is not None]  # entries the model fills
 
 
 def spare_kib(
@@ -99,6 +104,9 @@ class FleetMm:
 
     def __init__(self, fleet: Fleet, balloons: ProtocolBalloons, i: int, ram_pages: int) -> None:
         self.fleet, self.balloons, self.i = fleet, balloons, i
+        # ``vm_stats`` as the driver writes it into its buffer (``virtio_balloon_stat``
+        # entries back to back), packed once per change of the guests' stats.
+        self.packed_stats: Callable[[], bytes] = functools.partial(balloons.packed_stats, i)
         self.row = fleet.fixed_row(i)
         self.ram_pages = ram_pages
         self._next_pfn = ram_pages  # never-used frames are handed out from the top down
@@ -239,11 +247,6 @@ class FleetMm:
         guest's rows are built at once, in numpy, by ``ProtocolBalloons.stats_rows``)."""
         return list(zip(_STAT_TAGS, self.balloons.stats_rows()[self.i]))
 
-    def packed_stats(self) -> bytes:
-        """``vm_stats`` as the driver writes it into its buffer (``virtio_balloon_stat``
-        entries back to back), packed once per change of the guest's stats."""
-        return self.balloons.packed_stats(self.i)
-
     # free page hinting: blocks taken without reclaim, held until DONE
 
     def alloc_block(self, order: int) -> int | None:
@@ -288,6 +291,7 @@ class GuestBalloon:
     def __init__(
         self, world: World, gspec: GuestSpec, mm_factory: Callable[[int], FleetMm], *, stats_period_s: int
     ) -> None:
+        world = world.guest_world()  # its own events on its own clock (``World.guest_world``)
         ram_pages = gspec.ram_kib // spec.BALLOON_PAGE_KIB
         self.mem = GuestMemory(WINDOW_BYTES, ram_pages)
         self.host = HostRam(gspec.backing)
@@ -335,13 +339,14 @@ class ProtocolBalloons:
         self.stats = StatArrays.zeros(n)
         self._copied_updates = [0] * n
         self.fleet_version = 0
-        self._stats_rows: tuple[int, bytes, list[list[int]]] | None = None  # fleet_version, values, rows
-        self._packed_stats: list[bytes | None] = [None] * n  # per guest, for ``_stats_rows``
+        self._kept: tuple[int, bytes, npt.NDArray[np.int64]] | None = None  # fleet_version, bytes, values
+        self._packed_stats = b""  # every guest's entries, packed from ``_kept`` (``_pack``)
         fleet.driver = self  # the Fleet's driver seam (``sim.virtio.driver.FleetDriver``), protocol speed
         self.guests = [
             GuestBalloon(world, s, functools.partial(FleetMm, fleet, self, i), stats_period_s=int(stats_period_s))
             for i, s in enumerate(specs)
         ]
+        self._devices = [g.device for g in self.guests]
         self.poll_stats(world.now_s)
 
     # -- the Fleet's state, as the guests' stats read it -------------------------------
@@ -356,9 +361,16 @@ class ProtocolBalloons:
         return self.fleet.stats()
 
     def stats_rows(self) -> list[list[int]]:
-        """Every guest's 16 stat values (``_STAT_ROW`` order, bytes or counts), from
-        ``fleet_stats``: one numpy pass instead of one dict per guest per gather.
-        Truncated toward zero, as ``int()`` of each float would be.
+        """Every guest's 16 stat values (``_STAT_ROW`` order, bytes or counts): the
+        reference ``vm_stats`` reads; the driver's gathers read ``packed_stats``."""
+        kept = self._kept_stats()
+        return [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()]
+
+    def _kept_stats(self) -> npt.NDArray[np.int64]:
+        """The stats the model fills, every guest's (rows in ``_STAT_NAMES`` order, bytes
+        or counts), from ``fleet_stats``: one numpy pass instead of one dict per guest
+        per gather. Truncated toward zero, as ``int()`` of each float would be; packed
+        for the drivers (``packed_stats``) whenever a value changed.
 
         Computed once per change of the Fleet (``fleet_version``), not per gather: each
         guest's timer fires on its own phase, several gathers between two moves, and
@@ -366,32 +378,39 @@ class ProtocolBalloons:
         path that changes the Fleet between its ticks goes through ``FleetMm`` or this
         seam, which call ``fleet_changed``; the Fleet's own advance calls ``advance``
         (a change) before it moves anything, and nothing gathers until it returns, so
-        no rows made before it survive it (``FleetMm._row_spare_kib`` relies on the same)."""
-        cached = self._stats_rows
+        nothing made before it survives it (``FleetMm._row_spare_kib`` relies on the same)."""
+        cached = self._kept
         if cached is not None and cached[0] == self.fleet_version:
             return cached[2]
         stats = self.fleet_stats()
         kept = (np.array([getattr(stats, name) for name in _STAT_NAMES]) * _STAT_UNITS).astype(np.int64)  # truncates
         kept_bytes = kept.tobytes()  # the values, compared in one call (same shape each time)
-        if cached is not None and kept_bytes == cached[1]:
-            # A change that left every value as it was (a request's accounting between
-            # gathers moves a few KiB): the rows, and the entries packed from them, hold.
-            rows = cached[2]
-        else:
-            rows = [row[:5] + _UNKEPT + row[5:] for row in kept.T.tolist()]
-            self._packed_stats = [None] * len(self._packed_stats)
-        self._stats_rows = (self.fleet_version, kept_bytes, rows)
-        return rows
+        if cached is None or kept_bytes != cached[1]:
+            # (A change that left every value as it was, a request's accounting between
+            # gathers moving a few KiB, keeps the entries packed before.)
+            self._packed_stats = self._pack(kept)
+        self._kept = (self.fleet_version, kept_bytes, kept)
+        return kept
+
+    @staticmethod
+    def _pack(kept: npt.NDArray[np.int64]) -> bytes:
+        """Every guest's 16 entries as its driver writes them (``spec.stats_array`` over
+        (tag, value) pairs), guest after guest, in one numpy call; the counters the
+        model keeps at 0 as zeros. A value below 0 is refused, as ``struct`` refuses it."""
+        if (kept < 0).any():
+            raise ValueError(f"a guest's stat is negative: {kept.min()}")
+        entries = np.zeros((kept.shape[1], len(_STAT_ROW)), dtype=_STAT_RECORD)
+        entries["tag"] = _STAT_TAGS
+        entries["val"][:, _KEPT_AT] = kept.T
+        return entries.tobytes()
 
     def packed_stats(self, i: int) -> bytes:
         """Guest ``i``'s ``stats_rows`` entries packed as its driver writes them: the
         bytes of ``spec.stats_array`` over (tag, value) pairs, made once per change."""
-        row = self.stats_rows()[i]
-        packed = self._packed_stats[i]
-        if packed is None:
-            packed = _STATS_ENTRIES.pack(*itertools.chain.from_iterable(zip(_STAT_TAGS, row)))
-            self._packed_stats[i] = packed
-        return packed
+        cached = self._kept
+        if cached is None or cached[0] != self.fleet_version:
+            self._kept_stats()
+        return self._packed_stats[i * _STATS_BYTES : (i + 1) * _STATS_BYTES]
 
     # -- the driver seam (Fleet) ---------------------------------------------------
 
@@ -453,20 +472,21 @@ class ProtocolBalloons:
     def poll_stats(self, now_s: float, current: StatArrays | None = None) -> None:
         """Copy what each device last received (u64 bytes/counts) into KiB arrays: the
         guests with a new sample since the last copy, all at once."""
-        fresh = [i for i, g in enumerate(self.guests) if g.device.stats_updates != self._copied_updates[i]]
-        if not fresh:
+        updates = [d.stats_updates for d in self._devices]
+        if updates == self._copied_updates:
             return
-        devices = [self.guests[i].device for i in fresh]
-        for i, d in zip(fresh, devices):
-            self._copied_updates[i] = d.stats_updates
         # Each guest polls every tick or two: usually all are fresh, and a slice stores faster.
+        fresh = [i for i, (new, old) in enumerate(zip(updates, self._copied_updates, strict=True)) if new != old]
+        devices = [self._devices[i] for i in fresh]
+        self._copied_updates = updates
         cols: list[int] | slice = slice(None) if len(fresh) == len(self.guests) else fresh
         self.last_update_s[cols] = [d.stats_last_update_s for d in devices]
         block = self.stats.block
         assert block is not None  # ``StatArrays.zeros`` made it
-        # The u64 values ("-1" is 2**64 - 1) divided as Python ints, exactly, and rounded
-        # to float once, as numpy's u64 -> f64 cast rounds: one store, rows in block order.
-        block[:, cols] = np.array([[float(d.stats[t] // u) for t, u in _BLOCK_TAG_UNITS] for d in devices]).T
+        # The u64 values ("-1" is 2**64 - 1) divided exactly in u64 and rounded to float
+        # once (as ``float()`` of the Python quotient would): one store, rows in block order.
+        values = np.array([d.stats for d in devices], dtype=np.uint64)[:, _BLOCK_TAGS]
+        block[:, cols] = (values // _BLOCK_UNITS).astype(np.float64).T
 
     def has_stats(self) -> npt.NDArray[np.bool_]:
         return np.asarray(np.isfinite(self.last_update_s), dtype=bool)

@@ -273,6 +273,9 @@ class VirtioBalloon:
         self.index: list[str] = []
         self._queue_index: dict[str, int] = {}
         self.irq: Callable[[int], None] = lambda index: None  # used-buffer interrupt to the guest
+        # The same interrupt raised as the last act of the event raising it (the stats
+        # timer's): the guest may run its bottom half on the spot (``WorkItem.run_at_once``).
+        self.irq_last: Callable[[int], None] = lambda index: self.irq(index)
         self.config_irq: Callable[[], None] = lambda: None
         self.actual_log: list[tuple[float, int]] = []  # (time, actual) whenever the guest writes a new one
         # QAPI BALLOON_CHANGE {"actual": bytes of guest memory}, rate-limited by the monitor.
@@ -282,12 +285,15 @@ class VirtioBalloon:
         # statsq
         self.stats = [spec.STAT_NOT_SUPPLIED] * spec.VIRTIO_BALLOON_S_NR
         self._stats_data, self._stats_picked = b"", tuple(self.stats)  # the last buffer and what it gave
+        self._stats_tags: tuple[int, ...] = ()  # the last buffer's tags, and where they put each stat
+        self._stats_pick: Callable[[tuple[int, ...]], tuple[int, ...]] = _stat_picker(())
         self.stats_last_update_s = 0.0  # 0 = never, as QEMU's "last-update"
         self.stats_updates = 0
         self.stats_poll_interval_s = 0
         self.stats_vq_head: int | None = None  # QEMU's stats_vq_elem, held by its head
         self._stats_timer_gen = 0
         self._stats_timer_due_s: float | None = None
+        self._stats_timer_held = False  # inside ``_stats_poll_cb``'s exchange: it arms the timer
         # VM run state: QEMU_CLOCK_VIRTUAL stops while the VM is paused (or migrating).
         self.vm_running = True
         self._frozen_timer_s: float | None = None
@@ -487,7 +493,11 @@ class VirtioBalloon:
         work on it; so the driver's one shared PFN array may be rewritten right after."""
         if self.broken or not 0 <= index < len(self.index):
             return
-        self._service(self.index[index])
+        name = self.index[index]
+        try:  # ``_service``, one call less: every stats exchange kicks
+            self._handlers[name](name, False)
+        except VirtioError as e:
+            self._error(str(e))
 
     def service_now(self, name: str) -> None:
         """Handle a queue at once (a synchronous exit: the OOM notifier's path)."""
@@ -515,13 +525,15 @@ class VirtioBalloon:
         else:
             world.schedule_at(at_s, lambda: self._push(name, head))
 
-    def _push(self, name: str, head: int) -> None:
+    def _push(self, name: str, head: int, *, last: bool = False) -> None:
+        """Push ``head`` and interrupt if the ring asks; ``last``: nothing follows in
+        this event (``irq_last``)."""
         if self.broken:
             return
         vq = self.queues[name]
         vq.push_head(head, 0)
         if vq.should_notify():
-            self.irq(self._queue_index[name])
+            (self.irq_last if last else self.irq)(self._queue_index[name])
 
     def _pfns(self, name: str, elem: Element) -> npt.NDArray[np.uint32]:
         if elem.inn and not elem.out:
@@ -581,7 +593,9 @@ class VirtioBalloon:
             self._frozen_timer_s = delay_s
             return
         self._stats_timer_due_s = self.world.now_s + delay_s
-        self.world.schedule(lambda: self._stats_poll_cb(gen), delay_s)
+        if self._stats_timer_held:  # ``_stats_poll_cb`` arms it (or fires it) when its exchange is done
+            return
+        self.world.schedule(functools.partial(self._stats_poll_cb, gen), delay_s)
 
     def vm_stop(self) -> None:
         """The VM pauses: the stats timer (QEMU_CLOCK_VIRTUAL) freezes with what it had
@@ -607,15 +621,30 @@ class VirtioBalloon:
 
     def _stats_poll_cb(self, gen: int) -> None:
         """balloon_stats_poll_cb: hand the held buffer back to ask for fresh stats. It
-        re-arms only when it had nothing to return; otherwise the next buffer re-arms."""
-        if gen != self._stats_timer_gen or self.broken:
-            return
-        self._stats_timer_due_s = None
-        if self.stats_vq_head is None or not self.guest_features >> spec.VIRTIO_BALLOON_F_STATS_VQ & 1:
-            self._stats_timer_mod(float(self.stats_poll_interval_s))
-            return
-        head, self.stats_vq_head = self.stats_vq_head, None
-        self._push("statsq", head)  # at once: _complete's synchronous case
+        re-arms only when it had nothing to return; otherwise the next buffer re-arms.
+        When the exchange is done within this event and re-armed the timer, and nothing
+        is due before the timer fires (``World.may_repeat_to``), it fires on the spot, as
+        its queued callback would: one event for a run of exchanges."""
+        world = self.world
+        while gen == self._stats_timer_gen and not self.broken:
+            self._stats_timer_due_s = None
+            if self.stats_vq_head is None or not self.guest_features >> spec.VIRTIO_BALLOON_F_STATS_VQ & 1:
+                self._stats_timer_mod(float(self.stats_poll_interval_s))
+                return
+            head, self.stats_vq_head = self.stats_vq_head, None
+            self._stats_timer_held = True
+            try:
+                self._push("statsq", head, last=True)  # at once: _complete's synchronous case
+            finally:
+                self._stats_timer_held = False
+            due_s = self._stats_timer_due_s
+            if due_s is None or self._stats_timer_gen == gen:  # not re-armed here (the guest answers later)
+                return
+            gen = self._stats_timer_gen
+            if not world.may_repeat_to(due_s):
+                world.schedule_at(due_s, functools.partial(self._stats_poll_cb, gen))
+                return
+            world.now_s = due_s
 
     def _handle_stats(self, name: str, sync: bool) -> None:
         """virtio_balloon_receive_stats: hold the buffer, record its entries."""
@@ -632,7 +661,10 @@ class VirtioBalloon:
             self.stats_vq_head, data = got.head, vq.read_out(got)
         if data != self._stats_data:  # a guest whose stats stayed put sends the same bytes
             fields = spec.stats_array(len(data) // spec.STAT.size).unpack_from(data)
-            self._stats_data, self._stats_picked = data, _stat_picker(fields[::2])(fields + _NOT_SUPPLIED)
+            tags = fields[::2]
+            if tags != self._stats_tags:  # the same tags in the same order, buffer after buffer
+                self._stats_tags, self._stats_pick = tags, _stat_picker(tags)
+            self._stats_data, self._stats_picked = data, self._stats_pick(fields + _NOT_SUPPLIED)
         self.stats = list(self._stats_picked)
         # g_get_real_time() / G_USEC_PER_SEC: whole seconds (integer division).
         self.stats_last_update_s = float(int(self.world.now_s))

@@ -220,13 +220,15 @@ class GuestMm(Protocol):
 class BalloonTransport(Protocol):
     """The virtio-balloon device as the driver reaches it through the transport (QEMU's
     ``sim.virtio.device.VirtioBalloon``): features, status, queue setup, config space in le32
-    fields, notifications. The driver sets the two interrupt lines at probe."""
+    fields, notifications. The driver sets the interrupt lines at probe (``irq_last``: the
+    used-buffer interrupt raised as the device event's last act)."""
 
     host_features: int
     status: int
     broken: str | None
     host: HostRam  # read by reporting's glue only: did the host discard what was reported
     irq: Callable[[int], None]
+    irq_last: Callable[[int], None]
     config_irq: Callable[[], None]
 
     def set_features(self, bits: int) -> bool: ...
@@ -324,6 +326,7 @@ class LinuxBalloonDriver:
             self._write_config(spec.CONFIG_POISON_VAL, poison_val)
         dev.config_irq = self.virtballoon_changed
         dev.irq = self._vring_interrupt
+        dev.irq_last = self._vring_interrupt_last
         dev.set_status(dev.status | spec.VIRTIO_CONFIG_S_DRIVER_OK)
         if self.towards_target() != 0:
             self.virtballoon_changed()
@@ -379,6 +382,14 @@ class LinuxBalloonDriver:
                 self.stats_work.queue()
         elif name != "free_page_vq":
             self.acked.fire()
+
+    def _vring_interrupt_last(self, index: int) -> None:
+        """``_vring_interrupt`` raised as the device event's last act: the stats work,
+        due STATS_WORK_S later, runs on the spot when nothing else is due before it
+        (``WorkItem.run_at_once``), as its queued run would."""
+        if self.names[index] == "statsq" and not self.stopping and self.stats_work.run_at_once():
+            return
+        self._vring_interrupt(index)
 
     def virtballoon_changed(self) -> None:
         """Config interrupt: only schedule work (never inflate from here)."""
@@ -616,7 +627,8 @@ class LinuxBalloonDriver:
     def stats_handle_request(self) -> None:
         """update_balloon_stats_work: gather, reclaim the used buffer, post it again
         (work that never sleeps: a plain function for its ``WorkItem``)."""
-        self._write_stats()
+        packed = self._packed_stats()  # ``_write_stats``, inline: every exchange runs this
+        self.mem.view[self.stats_addr : self.stats_addr + len(packed)] = packed
         vq = self.vqs["statsq"]
         kick = vq.reuse_one(self.stats_addr, self.stats_len, self._token + 1)  # get_buf + add_one, inline
         if kick is not None:

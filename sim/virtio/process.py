@@ -135,6 +135,22 @@ class WorkItem:
         self.world.schedule(self._start, self.latency_s + delay_s)
         return True
 
+    def run_at_once(self) -> bool:
+        """``queue()`` from the last act of an event (an interrupt handler's caller has
+        nothing left to do), and the run itself on the spot where nothing is due before
+        it would start (``World.may_jump_to``): the clock moves to its start, as the
+        queued run's would. False, with nothing done, where it cannot: pending, running,
+        or something due first; the caller then queues."""
+        if self.pending or (self.running is not None and self.running.alive):
+            return False
+        world = self.world
+        at_s = world.now_s + self.latency_s
+        if not world.may_jump_to(at_s):
+            return False
+        world.now_s = at_s
+        self._start()
+        return True
+
     def _next_run(self) -> ProcessGen | None:
         """The run that follows at once in the same worker (see ``queue``)."""
         self.pending = False
