@@ -127,14 +127,22 @@ class World:
         """Advance to the next event, a guest's included, and run it: the one global
         order, a guest's jumps bounded by every other clock's next event and by
         ``until_s`` (as ``run``'s horizon bounds them)."""
-        clock = min((w for w in (self, *self._guests) if w._queue), key=lambda w: w._queue[0])
+        clock, first = self, self._queue[0] if self._queue else None
+        for guest in self._guests:
+            if guest._queue and (first is None or guest._queue[0] < first):
+                clock, first = guest, guest._queue[0]
+        if first is None:
+            raise IndexError("step: nothing is queued")
         outer, self._horizon_s = self._horizon_s, min(self._horizon_s, until_s)
         try:
             if clock is self:
                 self._step()
                 return
-            others = (w._queue[0][0] for w in (self, *self._guests) if w is not clock and w._queue)
-            clock._barrier_s, clock._horizon_s = min(others, default=float("inf")), self._horizon_s
+            others_s = self._queue[0][0] if self._queue else float("inf")
+            for guest in self._guests:
+                if guest is not clock and guest._queue and guest._queue[0][0] < others_s:
+                    others_s = guest._queue[0][0]
+            clock._barrier_s, clock._horizon_s = others_s, self._horizon_s
             try:
                 clock._step()
             finally:
