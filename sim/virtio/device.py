@@ -665,7 +665,7 @@ class VirtioBalloon:
             if tags != self._stats_tags:  # the same tags in the same order, buffer after buffer
                 self._stats_tags, self._stats_pick = tags, _stat_picker(tags)
             self._stats_data, self._stats_picked = data, self._stats_pick(fields + _NOT_SUPPLIED)
-        self.stats = list(self._stats_picked)
+            self.stats = list(self._stats_picked)  # the same bytes leave the same stats
         # g_get_real_time() / G_USEC_PER_SEC: whole seconds (integer division).
         self.stats_last_update_s = float(int(self.world.now_s))
         self.stats_updates += 1
