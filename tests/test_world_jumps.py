@@ -139,6 +139,23 @@ def test_no_jump_past_a_queued_event(jumps: bool) -> None:
     assert seen[3:] == [("sleeper", 0.3 + 0.3 + 0.3)]
 
 
+@pytest.mark.parametrize("jumps", [True, False])
+def test_a_barriers_sleep_never_jumps_past_a_guests_event(jumps: bool) -> None:
+    """A process on the World itself (a barrier's) wakes after a guest's event due
+    before it, on the guest's clock, as with one clock for all."""
+    world, seen = World(jumps=jumps), []
+    guest = world.guest_world()
+
+    def sleeper() -> ProcessGen:
+        yield 0.5
+        seen.append(("barrier", world.now_s))
+
+    guest.schedule(lambda: seen.append(("guest", guest.now_s)), 0.2)
+    world.schedule(lambda: Process(world, sleeper(), delay_s=None).run_now())
+    world.run(1.0)
+    assert seen == [("guest", 0.2), ("barrier", 0.5)]
+
+
 def test_outside_an_event_the_clock_never_jumps() -> None:
     world = World()
     assert not world.may_jump_to(1.0)  # a test or a caller poking a device between events

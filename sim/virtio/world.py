@@ -90,9 +90,10 @@ class World:
     def may_jump_to(self, at_s: float) -> bool:
         """Whether the event running now may move the clock to ``at_s`` and go on
         itself (instead of queuing its continuation): true iff nothing queued on this
-        clock, and no barrier, is due at or before ``at_s`` (a tie would run the
-        earlier-scheduled event first) and ``run`` was not told to stop earlier. Code
-        called from outside an event (a test poking a device) never moves the clock."""
+        clock or a guest's (a barrier passes no guest), and no barrier, is due at or
+        before ``at_s`` (a tie would run the earlier-scheduled event first) and ``run``
+        was not told to stop earlier. Code called from outside an event (a test poking
+        a device) never moves the clock."""
         queue = self._queue
         return (
             self._in_event
@@ -100,6 +101,7 @@ class World:
             and at_s <= self._horizon_s
             and at_s < self._barrier_s
             and (not queue or at_s < queue[0][0])
+            and (not self._guests or at_s < self.peek())
         )
 
     def may_repeat_to(self, at_s: float) -> bool:
