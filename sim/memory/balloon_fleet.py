@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 import sim.virtio.balloon_spec as spec
 from sim import compiled
-from sim.memory import inflate_runs, protocol_kernel
+from sim.memory import inflate_runs, protocol_kernel, stats_runs
 from sim.memory.guest import Array, FixedRow, Fleet, GuestSpec
 from sim.virtio.backing import HostRam
 from sim.virtio.device import STAT_ARRAY_NAMES, StatArrays, VirtioBalloon
@@ -306,6 +306,7 @@ class GuestBalloon:
         self.mm = mm_factory(ram_pages)
         self.mm.host = self.host
         self.driver = LinuxBalloonDriver(world, self.mem, self.device, self.mm)
+        self.device.stats_run = functools.partial(stats_runs.exchange_run, self)
         if compiled.AVAILABLE:
             self.driver.fill_run = functools.partial(inflate_runs.fill_run, self)
             self.driver.leak_run = functools.partial(inflate_runs.leak_run, self)

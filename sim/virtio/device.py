@@ -294,6 +294,9 @@ class VirtioBalloon:
         self._stats_timer_gen = 0
         self._stats_timer_due_s: float | None = None
         self._stats_timer_held = False  # inside ``_stats_poll_cb``'s exchange: it arms the timer
+        # Exchanges done many at once, where nothing can come between them
+        # (``sim.memory.stats_runs``): the number done, 0 where none could be.
+        self.stats_run: Callable[[], int] | None = None
         # VM run state: QEMU_CLOCK_VIRTUAL stops while the VM is paused (or migrating).
         self.vm_running = True
         self._frozen_timer_s: float | None = None
@@ -624,17 +627,19 @@ class VirtioBalloon:
         re-arms only when it had nothing to return; otherwise the next buffer re-arms.
         When the exchange is done within this event and re-armed the timer, and nothing
         is due before the timer fires (``World.may_repeat_to``), it fires on the spot, as
-        its queued callback would: one event for a run of exchanges."""
+        its queued callback would: one event for a run of exchanges. Where nothing can
+        come between them, ``stats_run`` sets what the exchanges leave in one step."""
         world = self.world
         while gen == self._stats_timer_gen and not self.broken:
             self._stats_timer_due_s = None
             if self.stats_vq_head is None or not self.guest_features >> spec.VIRTIO_BALLOON_F_STATS_VQ & 1:
                 self._stats_timer_mod(float(self.stats_poll_interval_s))
                 return
-            head, self.stats_vq_head = self.stats_vq_head, None
             self._stats_timer_held = True
             try:
-                self._push("statsq", head, last=True)  # at once: _complete's synchronous case
+                if self.stats_run is None or not self.stats_run():
+                    head, self.stats_vq_head = self.stats_vq_head, None
+                    self._push("statsq", head, last=True)  # at once: _complete's synchronous case
             finally:
                 self._stats_timer_held = False
             due_s = self._stats_timer_due_s
@@ -645,6 +650,29 @@ class VirtioBalloon:
                 world.schedule_at(due_s, functools.partial(self._stats_poll_cb, gen))
                 return
             world.now_s = due_s
+
+    def stats_steady_head(self) -> int | None:
+        """The held stats buffer's head where its exchanges, from the timer's firing on,
+        may be replayed at once (``stats_exchanged_at_once``): a working, running device
+        polling, and a stats queue whose every push interrupts; else None."""
+        if self.broken or not self.vm_running or self.stats_poll_interval_s <= 0:
+            return None
+        if not self.queues["statsq"].signals_every_push():
+            return None
+        return self.stats_vq_head
+
+    def stats_exchanged_at_once(self, count: int, data: bytes) -> None:
+        """What ``count`` exchanges of the held buffer leave, each bringing ``data``, from
+        the timer's firing to the last one's pop, now: the ring, the stats, the update
+        count and time, the timer re-armed (``_stats_poll_cb`` fires or queues it)."""
+        head = self.stats_vq_head
+        assert head is not None and self._stats_timer_held
+        self.queues["statsq"].replay_served(count, head)
+        self._take_stats(data)
+        self.stats_last_update_s = float(int(self.world.now_s))
+        self.stats_updates += count
+        self._stats_timer_gen += count - 1  # every exchange re-armed it; the last one's stands
+        self._stats_timer_mod(float(self.stats_poll_interval_s))
 
     def _handle_stats(self, name: str, sync: bool) -> None:
         """virtio_balloon_receive_stats: hold the buffer, record its entries."""
@@ -659,18 +687,23 @@ class VirtioBalloon:
             self.stats_vq_head, data = got[0], self.mem.read(got[1], got[2])
         else:
             self.stats_vq_head, data = got.head, vq.read_out(got)
-        if data != self._stats_data:  # a guest whose stats stayed put sends the same bytes
-            fields = spec.stats_array(len(data) // spec.STAT.size).unpack_from(data)
-            tags = fields[::2]
-            if tags != self._stats_tags:  # the same tags in the same order, buffer after buffer
-                self._stats_tags, self._stats_pick = tags, _stat_picker(tags)
-            self._stats_data, self._stats_picked = data, self._stats_pick(fields + _NOT_SUPPLIED)
-            self.stats = list(self._stats_picked)  # the same bytes leave the same stats
+        self._take_stats(data)
         # g_get_real_time() / G_USEC_PER_SEC: whole seconds (integer division).
         self.stats_last_update_s = float(int(self.world.now_s))
         self.stats_updates += 1
         if self.stats_poll_interval_s > 0:
             self._stats_timer_mod(float(self.stats_poll_interval_s))
+
+    def _take_stats(self, data: bytes) -> None:
+        """Record a stats buffer's entries; a guest whose stats stayed put sends the same
+        bytes, which leave the same stats (parsed once)."""
+        if data != self._stats_data:
+            fields = spec.stats_array(len(data) // spec.STAT.size).unpack_from(data)
+            tags = fields[::2]
+            if tags != self._stats_tags:  # the same tags in the same order, buffer after buffer
+                self._stats_tags, self._stats_pick = tags, _stat_picker(tags)
+            self._stats_data, self._stats_picked = data, self._stats_pick(fields + _NOT_SUPPLIED)
+            self.stats = list(self._stats_picked)
 
     # -- free page reporting ---------------------------------------------------------
 

@@ -624,6 +624,32 @@ class LinuxBalloonDriver:
         entries = self.mm.vm_stats()
         return spec.stats_array(len(entries)).pack(*itertools.chain.from_iterable(entries))
 
+    def gather_stats(self) -> bytes:
+        """update_balloon_stats(): the entries as this driver writes them in the buffer."""
+        return self._packed_stats()
+
+    def stats_reusable(self, head: int) -> bool:
+        """Whether the stats work, each time the device pushes the buffer ``head`` back,
+        would run at once from the interrupt and re-post it the common way
+        (``stats_gathered_at_once``): a running driver, the work idle, the ring steady."""
+        work = self.stats_work
+        return (
+            not self.stopping
+            and not work.pending
+            and (work.running is None or not work.running.alive)
+            and self.device.irq_last == self._vring_interrupt_last
+            and self.vqs["statsq"].reusable(head)
+        )
+
+    def stats_gathered_at_once(self, count: int, head: int, packed: bytes) -> None:
+        """What ``count`` runs of the stats work leave, each gathering ``packed``,
+        reclaiming the buffer ``head`` the device pushed back and posting it again,
+        kicked (from a ``stats_reusable`` driver)."""
+        self.mem.view[self.stats_addr : self.stats_addr + len(packed)] = packed
+        self._token += count
+        self.vqs["statsq"].replay_reused(count, head, self.stats_addr, self.stats_len, self._token)
+        self.stats_work.runs += count
+
     def stats_handle_request(self) -> None:
         """update_balloon_stats_work: gather, reclaim the used buffer, post it again
         (work that never sleeps: a plain function for its ``WorkItem``)."""

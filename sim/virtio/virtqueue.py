@@ -270,13 +270,48 @@ class DriverQueue:
         buf, head = self._buf, self.free_head
         at = self._desc_at + 16 * head
         DESC.pack_into(buf, at, addr, length, 0, U16.unpack_from(buf, at + 14)[0])  # get_buf restored ``next``
-        _u16s(buf, self._avail_ring_at, self._mask + 1)[_slots(self.avail_idx_shadow, count, self._mask)] = head
+        self._round_trips(count, head)
+        return head
+
+    def reusable(self, head: int) -> bool:
+        """Whether ``reuse_one`` of ``head``, each time the device has pushed it back, goes
+        the common way (``replay_reused``): ``head`` a one-descriptor chain in flight, every
+        used chain reaped and every added one made available, as the ring indices in guest
+        memory say, nothing added and not yet kicked, and the device asks for each kick
+        and will interrupt for each push (``used_event`` moved by each reap)."""
+        buf = self._buf
+        if self.num_added or head not in self.in_flight:
+            return False
+        if U16.unpack_from(buf, self._desc_at + 16 * head + 12)[0] & VRING_DESC_F_NEXT:
+            return False
+        if U16.unpack_from(buf, self._avail_idx_at)[0] != self.avail_idx_shadow:
+            return False
+        if U16.unpack_from(buf, self._used_idx_at)[0] != self.last_used_idx:
+            return False
+        if self.event_idx:
+            return not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT and bool(
+                U16.unpack_from(buf, self._avail_event_at)[0] == self.avail_idx_shadow
+            )
+        return not U16.unpack_from(buf, self.lay.used)[0] & VRING_USED_F_NO_NOTIFY
+
+    def replay_reused(self, count: int, head: int, addr: int, length: int, token: object) -> None:
+        """What ``count`` ``reuse_one(addr, length, ...)`` of ``head`` leave in this side and
+        its bytes, each after the device pushed ``head`` back and before it pops it again
+        (from a ``reusable`` queue): the last one's ``token`` in flight."""
+        DESC.pack_into(self._buf, self._desc_at + 16 * head, addr, length, 0, 0)
+        del self.in_flight[head]  # re-inserted last, as reuse_one does
+        self.in_flight[head] = token
+        self._round_trips(count, head)
+
+    def _round_trips(self, count: int, head: int) -> None:
+        """``count`` adds of ``head``, each kicked and reaped after the device used it."""
+        buf = self._buf
+        _fill_ring(buf, self._avail_ring_at, U16, self.avail_idx_shadow, count, self._mask, head)
         self.avail_idx_shadow = (self.avail_idx_shadow + count) & 0xFFFF
         U16.pack_into(buf, self._avail_idx_at, self.avail_idx_shadow)
         self.last_used_idx = (self.last_used_idx + count) & 0xFFFF
         if self.event_idx and not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
             U16.pack_into(buf, self._used_event_at, self.last_used_idx)
-        return head
 
     # reaping
 
@@ -519,16 +554,32 @@ class DeviceQueue:
             and U16.unpack_from(buf, self._used_idx_at)[0] == self.used_idx
         )
 
+    def signals_every_push(self) -> bool:
+        """``quiet``, and each push interrupts the driver while it reaps each push before
+        the next (EVENT_IDX: the last decision made at ``used_idx`` and the driver's
+        ``used_event`` there; without it, interrupts not suppressed): where the stats
+        buffer's exchanges may be replayed at once (``replay_served``)."""
+        if not self.quiet():
+            return False
+        if not self.event_idx:
+            return not U16.unpack_from(self._buf, self.lay.avail)[0] & VRING_AVAIL_F_NO_INTERRUPT
+        return (
+            self.signalled_used_valid
+            and self.signalled_used == self.used_idx
+            and U16.unpack_from(self._buf, self._used_event_at)[0] == self.used_idx
+        )
+
     def replay_served(self, count: int, head: int) -> None:
         """What ``count`` one-descriptor chains at ``head`` leave in this side and its
         bytes, each popped, pushed with length 0 and signalled before the next is
-        made available (``DriverQueue.replay_served``)."""
+        made available (``DriverQueue.replay_served``), or each pushed, made available
+        again and popped (the stats buffer's exchanges, ``DriverQueue.replay_reused``):
+        the same slots and indices either way."""
         buf = self._buf
         self.last_avail_idx = (self.last_avail_idx + count) & 0xFFFF
         if self.event_idx:
             U16.pack_into(buf, self._avail_event_at, self.last_avail_idx)
-        used = _u16s(buf, self._used_ring_at, 4 * (self._mask + 1)).reshape(-1, 4)  # le32 id, le32 len
-        used[_slots(self.used_idx, count, self._mask)] = (head & 0xFFFF, head >> 16, 0, 0)
+        _fill_ring(buf, self._used_ring_at, USED_ELEM, self.used_idx, count, self._mask, head, 0)
         self.used_idx = (self.used_idx + count) & 0xFFFF
         U16.pack_into(buf, self._used_idx_at, self.used_idx)
         if self.event_idx:  # should_notify after each push
@@ -561,13 +612,20 @@ class DeviceQueue:
             U16.pack_into(self.mem.buf, self.lay.used, 0 if enable else VRING_USED_F_NO_NOTIFY)
 
 
-def _u16s(buf: bytearray, addr: int, count: int) -> np.ndarray[tuple[int], np.dtype[np.uint16]]:
-    """``count`` le16 at ``addr`` as a numpy view: writing it writes guest memory."""
-    return np.frombuffer(buf, dtype="<u2", count=count, offset=addr)
+_FEW_ENTRIES = 8  # up to this many, one struct write each beats building numpy index arrays
 
 
-def _slots(first_idx: int, count: int, mask: int) -> slice | np.ndarray[tuple[int], np.dtype[np.int64]]:
-    """The ring slots of ``count`` consecutive free-running indices from ``first_idx``."""
-    if count > mask:
-        return slice(None)  # every slot: the last write to each is the same value anyway
-    return (first_idx + np.arange(count)) & mask
+def _fill_ring(
+    buf: bytearray, ring_at: int, entry: struct.Struct, first_idx: int, count: int, mask: int, *values: int
+) -> None:
+    """Set the ring entries (``entry``: their struct, of equal-width fields ``values``) of
+    ``count`` consecutive free-running indices from ``first_idx``: every slot where
+    ``count`` passes the ring's size, the last write to each being the same value."""
+    if count <= _FEW_ENTRIES:
+        for idx in range(first_idx, first_idx + count):
+            entry.pack_into(buf, ring_at + entry.size * (idx & mask), *values)
+        return
+    width = entry.size // len(values)
+    ring = np.frombuffer(buf, dtype=f"<u{width}", count=len(values) * (mask + 1), offset=ring_at)
+    slots = slice(None) if count > mask else (first_idx + np.arange(count)) & mask
+    ring.reshape(-1, len(values))[slots] = values
