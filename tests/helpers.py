@@ -137,6 +137,11 @@ def bitbrains(tmp_path: Path, rows: list[tuple[float, float, float]], name: str 
     return path
 
 
+def numbered_guest(i: int, ram_kib: int, **settings: Any) -> GuestSpec:
+    """Guest ``i`` of a test fleet, its uuid and name numbered, with ``settings``."""
+    return GuestSpec(uuid=f"00000000-0000-0000-0000-{i:012d}", name=f"g{i}", ram_kib=ram_kib, **settings)
+
+
 def protocol_hypervisor(
     specs: list[GuestSpec], demand_kib: npt.NDArray[np.float64], stats_period_s: float, *, jumps: bool = True
 ) -> tuple[SimHypervisor, ProtocolBalloons]:

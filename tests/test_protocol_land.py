@@ -23,6 +23,7 @@ from sim.memory.guest import Fleet, GuestSpec
 from sim.memory.hypervisor import SimHypervisor
 from sim.memory.traces import BUNDLED_DIR
 from sim.virtio.device import StatArrays
+from tests.helpers import numbered_guest
 from tests.test_fleet_kernel import STATE
 
 GIB_KIB = 1 << 20
@@ -119,7 +120,7 @@ def test_protocol_replay_identical_with_the_reference_landing(policy: str, monke
 
 
 def fleet(n: int) -> ProtocolBalloons:
-    specs = [GuestSpec(uuid=f"00000000-0000-0000-0000-{i:012d}", name=f"g{i}", ram_kib=GIB_KIB) for i in range(n)]
+    specs = [numbered_guest(i, GIB_KIB) for i in range(n)]
     hv = SimHypervisor(specs, host_mem_kib=16 * GIB_KIB, initial_demand_kib=np.full(n, 256.0 * 1024), model="protocol")
     assert isinstance(hv.device, ProtocolBalloons)
     return hv.device

@@ -15,10 +15,9 @@ from hypothesis import strategies as st
 
 import sim.virtio.balloon_spec as spec
 from sim.memory.balloon_fleet import _STAT_ROW, _TAG_OF, ProtocolBalloons
-from sim.memory.guest import GuestSpec
 from sim.memory.hypervisor import SimHypervisor
 from sim.virtio.device import StatArrays
-from tests.helpers import play, protocol_hypervisor
+from tests.helpers import numbered_guest, play, protocol_hypervisor
 
 GIB_KIB = 1 << 20
 N = 3
@@ -26,7 +25,7 @@ values = st.floats(0.0, 2.0**40, allow_nan=False, allow_infinity=False)
 
 
 def fleet(n: int = N) -> tuple[SimHypervisor, ProtocolBalloons]:
-    specs = [GuestSpec(uuid=f"00000000-0000-0000-0000-{i:012d}", name=f"g{i}", ram_kib=GIB_KIB) for i in range(n)]
+    specs = [numbered_guest(i, GIB_KIB) for i in range(n)]
     hv = SimHypervisor(specs, host_mem_kib=16 * GIB_KIB, initial_demand_kib=np.full(n, 256.0 * 1024), model="protocol")
     assert isinstance(hv.device, ProtocolBalloons)
     return hv, hv.device
@@ -91,10 +90,9 @@ def test_every_gather_writes_what_the_fleet_holds_at_that_instant(
     gives at its own instant, value for value."""
     n = len(phases_s)
     specs = [
-        GuestSpec(
-            uuid=f"00000000-0000-0000-0000-{i:012d}",
-            name=f"g{i}",
-            ram_kib=GIB_KIB,
+        numbered_guest(
+            i,
+            GIB_KIB,
             stats_phase_s=phase_s,
             deflate_on_oom=oom,
             reporting=i == 1,

@@ -16,10 +16,9 @@ from hypothesis import strategies as st
 
 from sim.memory import stats_runs
 from sim.memory.balloon_fleet import GuestBalloon
-from sim.memory.guest import GuestSpec
 from sim.virtio.guestmem import GuestMemory
 from sim.virtio.virtqueue import U16, USED_ELEM, _fill_ring
-from tests.helpers import protocol_hypervisor
+from tests.helpers import numbered_guest, protocol_hypervisor
 
 GIB_KIB = 1 << 20
 RING_FIELDS = ("avail_idx", "used_idx", "used_event", "avail_event", "avail_flags")
@@ -81,14 +80,7 @@ def _snapshot(guest: GuestBalloon) -> dict[str, object]:
 def run(plan: Plan, *, runs: bool) -> dict[str, object]:
     n = len(plan.deflate_on_oom)
     specs = [
-        GuestSpec(
-            uuid=f"00000000-0000-0000-0000-{i:012d}",
-            name=f"g{i}",
-            ram_kib=2 * GIB_KIB,
-            deflate_on_oom=plan.deflate_on_oom[i],
-            stats_phase_s=0.3 * i,
-        )
-        for i in range(n)
+        numbered_guest(i, 2 * GIB_KIB, deflate_on_oom=plan.deflate_on_oom[i], stats_phase_s=0.3 * i) for i in range(n)
     ]
     base = np.array([600.0 * 1024 * (i + 1) for i in range(n)])
     hv, balloons = protocol_hypervisor(specs, base, plan.stats_period_s)

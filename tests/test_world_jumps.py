@@ -18,10 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.memory.guest import GuestSpec
 from sim.virtio.process import Process, ProcessGen
 from sim.virtio.world import World
-from tests.helpers import play, protocol_hypervisor
+from tests.helpers import numbered_guest, play, protocol_hypervisor
 
 GIB_KIB = 1 << 20
 
@@ -43,10 +42,9 @@ class Plan:
 def run(plan: Plan, *, jumps: bool, one_order: bool = False) -> dict[str, object]:
     n = len(plan.deflate_on_oom)
     specs = [
-        GuestSpec(
-            uuid=f"00000000-0000-0000-0000-{i:012d}",
-            name=f"g{i}",
-            ram_kib=2 * GIB_KIB,
+        numbered_guest(
+            i,
+            2 * GIB_KIB,
             deflate_on_oom=plan.deflate_on_oom[i],
             reporting=plan.reporting[i],
             free_page_hint=plan.hint[i],

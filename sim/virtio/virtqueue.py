@@ -251,9 +251,14 @@ class DriverQueue:
         memory the ones this side last wrote and read, and the next add is kicked (the
         device asked for it): where a run of one-descriptor requests, each used and
         reaped before the next, may be replayed at once (``replay_served``)."""
-        buf = self._buf
         if self.num_added or self.in_flight or not self.num_free:
             return False
+        return self._in_step()
+
+    def _in_step(self) -> bool:
+        """The ring indices in guest memory the ones this side last wrote and read, and
+        the next add kicked (the device asked for it)."""
+        buf = self._buf
         if U16.unpack_from(buf, self._avail_idx_at)[0] != self.avail_idx_shadow:
             return False
         if U16.unpack_from(buf, self._used_idx_at)[0] != self.last_used_idx:
@@ -279,20 +284,13 @@ class DriverQueue:
         used chain reaped and every added one made available, as the ring indices in guest
         memory say, nothing added and not yet kicked, and the device asks for each kick
         and will interrupt for each push (``used_event`` moved by each reap)."""
-        buf = self._buf
         if self.num_added or head not in self.in_flight:
             return False
-        if U16.unpack_from(buf, self._desc_at + 16 * head + 12)[0] & VRING_DESC_F_NEXT:
+        if U16.unpack_from(self._buf, self._desc_at + 16 * head + 12)[0] & VRING_DESC_F_NEXT:
             return False
-        if U16.unpack_from(buf, self._avail_idx_at)[0] != self.avail_idx_shadow:
-            return False
-        if U16.unpack_from(buf, self._used_idx_at)[0] != self.last_used_idx:
-            return False
-        if self.event_idx:
-            return not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT and bool(
-                U16.unpack_from(buf, self._avail_event_at)[0] == self.avail_idx_shadow
-            )
-        return not U16.unpack_from(buf, self.lay.used)[0] & VRING_USED_F_NO_NOTIFY
+        if self.event_idx and self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
+            return False  # a reap leaves ``used_event`` behind: the device stops interrupting
+        return self._in_step()
 
     def replay_reused(self, count: int, head: int, addr: int, length: int, token: object) -> None:
         """What ``count`` ``reuse_one(addr, length, ...)`` of ``head`` leave in this side and
