@@ -6,22 +6,24 @@ over its own stats ring."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sim.memory import stats_runs
+from sim.memory import balloon_fleet, stats_runs
 from sim.memory.balloon_fleet import GuestBalloon
+from sim.virtio.device import VirtioBalloon
 from sim.virtio.guestmem import GuestMemory
 from sim.virtio.virtqueue import U16, USED_ELEM, _fill_ring
 from tests.helpers import numbered_guest, protocol_hypervisor
 
 GIB_KIB = 1 << 20
-RING_FIELDS = ("avail_idx", "used_idx", "used_event", "avail_event", "avail_flags")
+RING_FIELDS = ("avail_idx", "used_idx", "used_event", "avail_event", "avail_flags", "used_flags", "head_flags")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Plan:
     an optional write by the guest over one field of its stats ring."""
 
     deflate_on_oom: tuple[bool, ...]
+    event_idx: bool  # VIRTIO_RING_F_EVENT_IDX offered (QEMU's default) or not
     stats_period_s: int
     tick_s: float
     ticks: int
@@ -38,13 +41,16 @@ class Plan:
 
 
 def _ring_field_at(guest: GuestBalloon, field: str) -> int:
-    lay = guest.driver.vqs["statsq"].lay
+    queue = guest.driver.vqs["statsq"]
+    lay, head = queue.lay, next(iter(queue.in_flight), 0)
     return {
         "avail_idx": lay.avail + 2,
         "used_idx": lay.used + 2,
         "used_event": lay.used_event,
         "avail_event": lay.avail_event,
         "avail_flags": lay.avail,
+        "used_flags": lay.used,
+        "head_flags": lay.desc + 16 * head + 12,  # the stats buffer's descriptor
     }[field]
 
 
@@ -83,7 +89,9 @@ def run(plan: Plan, *, runs: bool) -> dict[str, object]:
         numbered_guest(i, 2 * GIB_KIB, deflate_on_oom=plan.deflate_on_oom[i], stats_phase_s=0.3 * i) for i in range(n)
     ]
     base = np.array([600.0 * 1024 * (i + 1) for i in range(n)])
-    hv, balloons = protocol_hypervisor(specs, base, plan.stats_period_s)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(balloon_fleet, "VirtioBalloon", functools.partial(VirtioBalloon, event_idx=plan.event_idx))
+        hv, balloons = protocol_hypervisor(specs, base, plan.stats_period_s)
     if not runs:
         for g in balloons.guests:
             g.device.stats_run = None
@@ -113,6 +121,7 @@ def run(plan: Plan, *, runs: bool) -> dict[str, object]:
 plans = st.builds(
     Plan,
     deflate_on_oom=st.lists(st.booleans(), min_size=1, max_size=2).map(tuple),
+    event_idx=st.booleans(),
     stats_period_s=st.sampled_from([1, 2, 5]),
     tick_s=st.sampled_from([0.5, 3.0, 10.0]),
     ticks=st.integers(1, 6),
@@ -122,8 +131,11 @@ plans = st.builds(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(plans)
+@example(Plan((False,), False, 1, 10.0, 3, (), (5.5, 0, "avail_flags", 1)))  # interrupts off, no EVENT_IDX
+@example(Plan((False,), True, 1, 10.0, 3, (), (5.5, 0, "used_event", 3)))  # used_event moved back
+@example(Plan((True,), True, 2, 3.0, 4, (), (4.2, 0, "head_flags", 1)))  # the stats buffer made a chain
 def test_exchanges_at_once_leave_what_each_exchange_leaves(plan: Plan) -> None:
     assert run(plan, runs=True) == run(plan, runs=False)
 
@@ -139,7 +151,7 @@ def test_a_tick_apart_the_timer_fires_in_runs(monkeypatch: pytest.MonkeyPatch) -
         return done[-1]
 
     monkeypatch.setattr(stats_runs, "exchange_run", counting)
-    plan = Plan((False,), 1, 10.0, 3, (), None)
+    plan = Plan((False,), True, 1, 10.0, 3, (), None)
     got = run(plan, runs=True)
     assert max(done) >= 8
     assert got == run(plan, runs=False)

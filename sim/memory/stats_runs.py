@@ -3,12 +3,14 @@
 Every stats period QEMU's timer hands the held buffer back, the guest's stats work runs
 from the interrupt, gathers, reclaims the buffer and posts it again, and the device pops
 it and re-arms the timer: about twenty Python calls through both sides of the ring (two
-exchanges per guest per 10 s tick were most of a protocol replay's time, issue 13). A
-guest's stats move only when its Fleet row does, which nothing can do between two of
-the guest's events, so when the ring is steady and nothing is due before the exchanges
-end (``World.jump_limits``: the rule of ``World.may_jump_to`` and ``may_repeat_to``,
-exchange by exchange) every one goes the same way and carries the same bytes. The rings,
-counters and timer are then set to what the exchanges would have left, in one step each.
+exchanges per guest per 10 s tick were most of a protocol replay's time, issue 13). When
+the ring is steady and nothing is due before the exchanges end (``World.jump_limits``:
+the rule of ``World.may_jump_to`` and ``may_repeat_to``, exchange by exchange), every one
+goes the same way. A guest's stats move only when its Fleet row does, which nothing does
+between two of the guest's events, so the exchanges after the first (which brings the
+stats as they stand) bring the same bytes; each is gathered all the same, and the run
+ends before one that would not. The rings, stats, counters and timer are then set to
+what the exchanges would have left, in one step each.
 
 The per-exchange path stays the reference: ``tests/test_stats_runs.py`` holds the two to
 the same bytes, ring state on both sides, counters, timer and clock.
@@ -42,7 +44,7 @@ def exchange_run(guest: GuestBalloon) -> int:
             break
         world.now_s = gather_s  # the gather reads the guest as it stands then
         got = driver.gather_stats()
-        if got != packed if count else len(got) != driver.stats_len:  # the device reads what was written
+        if (got != packed) if count else (len(got) != driver.stats_len):  # the device reads what was written
             break
         count, packed, last_s = count + 1, got, gather_s
         fired_s = gather_s + period_s  # ``_stats_timer_mod`` from the pop
