@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import math
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.realguest.fidelity import (
     INTERVAL_S,
@@ -49,6 +52,8 @@ from tests.realguest.fidelity import (
     sample_phase_s,
     self_deflated_s,
     table,
+    tick_off_s,
+    ticks_apart,
 )
 
 RUNS = Path(__file__).parent / "data" / "recordings" / "fidelity"
@@ -115,3 +120,33 @@ def test_rows_every_0_3_s_place_a_2_s_timer_to_a_tenth_of_a_second(phase_s: floa
     assert min(abs(got - phase_s), STATS_PERIOD_S - abs(got - phase_s)) <= 0.05 + 1e-9
     slipped = sample_phase_s(after + np.linspace(0, 1.0, len(after)), by + np.linspace(0, 1.0, len(by)))
     assert 0 <= slipped < STATS_PERIOD_S  # no overlap: the middles' circular mean
+
+
+@given(
+    real_tick=st.integers(0, 80),
+    sim_tick=st.integers(0, 80),
+    late_s=st.floats(0.0, INTERVAL_S / 10),
+    start_s=st.floats(0.0, 400.0),
+)
+def test_reactions_are_ticks_apart_however_late_the_daemon_woke(
+    real_tick: int, sim_tick: int, late_s: float, start_s: float
+) -> None:
+    """Both reactions come at a tick, the daemon's a little after the replay's: they are
+    as many ticks apart as they are, late or not (in seconds a daemon a tick behind was
+    over a bar of one interval by its lateness, and a tick ahead under it)."""
+    real_s = real_tick * INTERVAL_S + late_s - start_s
+    sim_s = sim_tick * INTERVAL_S - start_s
+    assert ticks_apart(real_s, sim_s) == abs(real_tick - sim_tick)
+    assert ticks_apart(math.inf, sim_s) == ticks_apart(real_s, math.inf) == math.inf
+    assert ticks_apart(math.inf, math.inf) == 0
+
+
+def test_how_far_the_daemons_ticks_fell_from_the_replays(tmp_path: Path) -> None:
+    """Read from the daemon's log, per guest: each event's distance from the nearest tick."""
+    events = [("10:00:05.004", "a"), ("10:00:10.019", "a"), ("10:00:14.700", "b"), ("10:00:20.000", "a")]
+    (tmp_path / "daemon.log").write_text(
+        "not json\n" + "".join(f'{{"ts": "2026-12-03T{ts}Z", "event": "target", "guest": "{g}"}}\n' for ts, g in events)
+    )
+    t0_s = datetime.fromisoformat("2026-12-03T10:00:00Z").timestamp()
+    assert tick_off_s(tmp_path, "a", t0_s) == pytest.approx(0.019, abs=1e-4)
+    assert tick_off_s(tmp_path, "b", t0_s) == pytest.approx(0.3, abs=1e-4)

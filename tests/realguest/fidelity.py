@@ -112,6 +112,7 @@ class Figures:
     targets_sim: int
     reactions_real_s: tuple[float, ...]  # to the ramp's first step, to the spike
     reactions_sim_s: tuple[float, ...]
+    tick_off_s: float  # the daemon's tick (for this guest) farthest off the replay's
     kills_real: int
     self_deflated_s: tuple[float, float]  # the first auto-deflate, real / simulated (s into the run; inf: none)
 
@@ -291,6 +292,27 @@ def step_at(t: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.ndarray:
     return values[idx]
 
 
+def tick_off_s(run_dir: Path, guest: str, t0_s: float) -> float:
+    """How far the daemon's ticks for ``guest`` (its log events) fell from the replay's,
+    which come every ``INTERVAL_S`` from ``t0_s``. The daemon keeps to its grid, but a
+    tick can end late: up to 19 ms in a quiet run, 0.62 s at the spike of run-0221
+    (libvirt waiting on a QEMU busy with the guests)."""
+    off_s = [t - t0_s for t, e in daemon_events(run_dir) if e.get("guest") == guest]
+    return max(abs(x - INTERVAL_S * round(x / INTERVAL_S)) for x in off_s)
+
+
+def ticks_apart(real_s: float, sim_s: float) -> float:
+    """How many ticks apart the real and the simulated reaction came (inf: only one
+    came). Both came at a tick, the replay's on its grid and the daemon's a little
+    after it (``tick_off_s``), so in seconds a daemon one tick behind the replay was
+    5.0x s apart, over a bar of one interval, and one tick ahead 4.9x s, under it (the
+    CI failure of 2026-12-03: 5.8 s against 0.8 s). Rounded to ticks while the daemon
+    is within half an interval of its grid."""
+    if math.isinf(real_s) or math.isinf(sim_s):
+        return 0.0 if real_s == sim_s else math.inf
+    return float(abs(round((real_s - sim_s) / INTERVAL_S)))
+
+
 def reaction_s(targets: list[tuple[float, float]], start_s: float) -> float:
     """Seconds from ``start_s`` to the first target set after it above the one in force
     at it (inf: none)."""
@@ -345,6 +367,7 @@ def figures(run_dir: Path) -> list[Figures]:
                 targets_sim=len(sim_t) - 1,
                 reactions_real_s=tuple(reaction_s(real_t, r.from_s) for r in rises(g)),
                 reactions_sim_s=tuple(reaction_s(sim_t, r.from_s) for r in rises(g)),
+                tick_off_s=tick_off_s(run_dir, g.name, t0_s),
                 kills_real=len(g.kills_s),
                 self_deflated_s=(deflated_s[0] - t0_s, deflated_s[1] - t0_s),
             )
@@ -393,9 +416,11 @@ def oom_ticks(tick_s: np.ndarray, kills_s: tuple[float, ...], deflated_s: tuple[
 def assert_holds(figs: list[Figures], up_to_spike: frozenset[str] = frozenset()) -> None:
     """Issue 16's bars, for every guest: the mean and the largest difference outside a
     kill, and every rise the real daemon answered answered by the simulated one within
-    an interval of it (the ramp by both). The guests named in ``up_to_spike`` are held to
-    them only before the spike (and to the ramp's reaction)."""
+    an interval of it, a tick (the ramp by both). The guests named in ``up_to_spike`` are
+    held to them only before the spike (and to the ramp's reaction). The premise: the
+    daemon ticked with the replay, within a quarter of an interval."""
     for f in figs:
+        assert f.tick_off_s <= INTERVAL_S / 4, table(figs)
         whole = f.guest not in up_to_spike
         mean = f.mean_outside_oom_pct if whole else f.mean_before_spike_pct
         largest = f.largest_outside_oom_pct if whole else f.largest_before_spike_pct
@@ -403,7 +428,7 @@ def assert_holds(figs: list[Figures], up_to_spike: frozenset[str] = frozenset())
         assert largest <= TICK_BAR_PCT, table(figs)
         reactions = zip(f.reactions_real_s, f.reactions_sim_s, strict=True)
         for real_s, sim_s in reactions if whole else list(reactions)[:1]:
-            assert real_s == math.inf or abs(real_s - sim_s) <= INTERVAL_S, table(figs)
+            assert real_s == math.inf or ticks_apart(real_s, sim_s) <= 1, table(figs)
         assert f.reactions_real_s[0] < math.inf, table(figs)
 
 
@@ -417,6 +442,7 @@ def table(figs: list[Figures]) -> str:
         ("targets set, real / simulated", lambda f: f"{f.targets_real} / {f.targets_sim}"),
         ("first reaction to the ramp / the spike, real", lambda f: " / ".join(f"{x:.1f} s" for x in f.reactions_real_s)),
         ("first reaction to the ramp / the spike, simulated", lambda f: " / ".join(f"{x:.1f} s" for x in f.reactions_sim_s)),
+        ("the daemon's tick farthest off the replay's", lambda f: f"{f.tick_off_s * 1000:.0f} ms"),
         ("OOM kills, real", lambda f: str(f.kills_real)),
         ("first auto-deflate, real / simulated", lambda f: " / ".join(f"{x:.1f} s" for x in f.self_deflated_s)),
     ]  # fmt: skip
