@@ -555,7 +555,7 @@ def test_the_oom_notifiers_pages_are_freed_once(over_mib: int) -> None:
     f, balloons = hv.fleet, hv.device
     assert isinstance(balloons, ProtocolBalloons) and balloons.balloon_kib[0] == GIB_KIB
     f.cache[0], f.swap[0] = f.cache_min[0], f.swap_size[0]  # nothing left to reclaim or swap
-    f.anon[0] += f._capacity()[0] - (f.anon + f.cache + f.min_free)[0] + over_mib * 1024
+    f.anon[0] += f._capacity()[0] - (f.anon + f.cache + f.oom_floor)[0] + over_mib * 1024  # over the floor
     deflated, pcp, balloon = f.deflated_free[0], f.pcp[0], balloons.balloon_kib[0]
     f._relieve_pressure()
     given = balloon - balloons.balloon_kib[0]

@@ -17,7 +17,11 @@ guest's ``actual``, and the first replayed with the guest's per-CPU free page li
 spike to 1.3 % or less; run-0623 is the first with the workload's progress lines (each
 rise's real shape), the recorder every 0.3 s (each guest's stats phase to a tenth of a
 second) and a simulated auto-deflate the real guest did not have (what follows it is
-not held).
+not held; since the guest model lets allocations go down to the min watermarks,
+``sim.memory.kernel.oom_floor_pages``, neither deflates itself); run-1321 has the real
+daemon answer the spike a tick after the replay did (6.1 s against 1.1 s, the CI
+failure of 2026-12-03), the simulated guest running out 22 MiB early: with the floor
+both answer at 6.1 s.
 
 The daemons of run-0628 and run-0638 predate the guard's memory of each guest's
 ``actual`` (``overcommitd.guard``: a DEFLATE_ON_OOM balloon that rose deflated itself,

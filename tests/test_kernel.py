@@ -27,6 +27,7 @@ from sim.memory.kernel import (
     pcp_cap_pages,
     zone_batchsize,
 )
+from tests.realguest.recording import rows_of
 
 DATA = Path(__file__).parent / "data" / "realguest"
 
@@ -96,6 +97,22 @@ def test_kernel_memory_is_the_measured_one(ram_mib: int) -> None:
     assert DEBIAN_6_1_PC.kernel_kib(ram_mib * 1024) == pytest.approx(used, abs=64)
 
 
+def test_a_guest_with_nothing_to_reclaim_runs_out_at_its_min_watermarks() -> None:
+    """The kept real-guest runs (tests/data/recordings/fidelity: 1024 MiB guests, no swap,
+    a spike past what the balloon left them) showed MemFree at the samples where
+    MemAvailable was 0, before the guest deflated itself or killed: down to the min
+    watermarks plus lowmem_reserve (``oom_floor_kib``), well under totalreserve_pages."""
+    km = boot(1024 * 1024)
+    seen = []
+    for run in sorted((DATA.parent / "recordings" / "fidelity").iterdir()):
+        for rows in rows_of(run / "recording").values():
+            seen += [int(r["stat_free_memory_kib"]) for r in rows if r.get("stat_available_memory_kib") == "0"]
+    assert len(seen) > 10
+    assert km.oom_floor_kib == sum(z.min_pages + z.reserve_pages for z in km.zones) * 4
+    assert km.oom_floor_kib - 1024 <= min(seen) <= km.oom_floor_kib + 1024
+    assert km.totalreserve_kib - min(seen) > 20 * 1024
+
+
 def test_thp_off_keeps_the_square_root_rule() -> None:
     on, off = boot(1024 * 1024), boot(1024 * 1024, GuestKernel(thp="never"))
     assert off.min_free_kbytes < 4096 < on.min_free_kbytes
@@ -120,7 +137,7 @@ def test_default_min_free_kbytes_is_clamped() -> None:
 @given(st.integers(min_value=600 * 1024, max_value=1024 * 1024 * 1024))
 def test_reserve_is_bounded_and_grows_with_ram(ram_kib: int) -> None:
     km = boot(ram_kib)
-    assert 0 < km.totalreserve_kib < km.mem_total_kib // 10
+    assert 0 < km.oom_floor_kib < km.totalreserve_kib < km.mem_total_kib // 10
     assert 128 <= km.min_free_kbytes <= 262144 or km.thp_active
     assert boot(ram_kib + 256 * 1024).totalreserve_kib >= km.totalreserve_kib - 64
 

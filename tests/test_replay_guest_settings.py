@@ -46,6 +46,28 @@ def test_thp_off_and_a_flat_share_change_the_reserve() -> None:
     assert off.fleet.min_free[0] == boot(GIB, GuestKernel(thp="never")).totalreserve_kib < 20 * MIB
     flat = Fleet(spec, GuestModelParams(min_free_pct=2.0), demand)
     assert flat.min_free[0] == flat.wmark_low[0] == pytest.approx(GIB * 0.02)
+    own = boot(GIB)  # the floor keeps the kernel's own proportion to the reserve
+    assert flat.oom_floor[0] == pytest.approx(GIB * 0.02 * own.oom_floor_kib / own.totalreserve_kib)
+
+
+@pytest.mark.parametrize("deflate_on_oom", [False, True])
+def test_with_nothing_to_reclaim_a_guest_allocates_down_to_its_floor_before_it_runs_out(deflate_on_oom: bool) -> None:
+    """kswapd keeps free memory at the high watermarks (totalreserve) while it can
+    reclaim; with no cache left and no swap, allocations go on down to the min watermarks
+    (``oom_floor``) and only below them does the guest deflate itself or kill: MemAvailable
+    reads 0 on the way, as the real test guest's did with 48 MiB free."""
+    spec = [GuestSpec(uuid="u", name="g", ram_kib=GIB, swap_kib=0, deflate_on_oom=deflate_on_oom)]
+    f = Fleet(spec, GuestModelParams(), np.array([100.0 * MIB]))
+    f.driver.balloon_kib[0] = 300 * MIB  # what DEFLATE_ON_OOM can take back
+    f.cache[0] = f.cache_min[0]
+    f.anon[0] += f.free()[0] - f.oom_floor[0] - MIB  # a MiB above the floor
+    assert not f._relieve_pressure().any() and f.oom_deflates[0] == 0
+    assert f.free()[0] == pytest.approx(f.oom_floor[0] + MIB) and f.free()[0] < f.min_free[0] - 20 * MIB
+    assert f.mem_available()[0] == 0
+    f.anon[0] += 2 * MIB  # a MiB below it
+    killed = f._relieve_pressure()
+    assert killed[0] != deflate_on_oom
+    assert f.oom_deflates[0] == (1 if deflate_on_oom else 0)
 
 
 def test_the_replay_arguments_set_the_guests(tmp_path: Path) -> None:

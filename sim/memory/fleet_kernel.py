@@ -41,6 +41,7 @@ class KernelState(NamedTuple):
     reserved: Array
     kernel: Array
     min_free: Array
+    oom_floor: Array
     cache_min: Array
     swap_size: Array
     deflate_on_oom: Flags
@@ -259,6 +260,7 @@ def _relieve_pressure(s: Any, over: Any, killed: Any, oom_step_kib: float, epsil
         s.swap[i] += to_swap
         s.swap_out[i] += to_swap
         o -= to_swap
+        o -= s.min_free[i] - s.oom_floor[i]
         o = o if o > epsilon_kib else 0.0
         steps = np.ceil(o / oom_step_kib) if (s.deflate_on_oom[i] & (o > 0)) else 0.0
         # BalloonDriver.deflate_on_oom, then Fleet._deflated with nothing resident back.

@@ -35,8 +35,11 @@ MemAvailable do not count them (``mem_free``): after a deflate the real test gue
 showed 33-44 MiB less MemAvailable than its free pages gave (issue 16).
 
 Pressure is resolved as Linux would, in order: reclaim page cache, swap anonymous
-memory out, then - with DEFLATE_ON_OOM - take pages back from the balloon in 1 MiB
-steps (VIRTIO_BALLOON_OOM_NR_PAGES = 256), and only then OOM-kill. The kill takes the
+memory out (both to keep free memory at the high watermarks, kswapd's aim), let
+allocations go on down to the min watermarks (``oom_floor``: the real test guest ran
+out with 48-49 MiB free, not the 70 MiB MemAvailable keeps back), then - with
+DEFLATE_ON_OOM - take pages back from the balloon in 1 MiB steps
+(VIRTIO_BALLOON_OOM_NR_PAGES = 256), and only then OOM-kill. The kill takes the
 workload (the largest process): its resident memory and its swap are freed (they stay
 backed on the host, free), the kernel and page cache stay. The workload restarts at once
 and at the next interval allocates what the trace says it uses, which may kill it again:
@@ -142,11 +145,14 @@ def reserve_for(params: GuestModelParams, ram_kib: Array, kernel: GuestKernel | 
     """The reserve each guest keeps: ``params.min_free_pct`` of its RAM when the model
     sets one flat share (a calibrated fleet), else ``kernel``'s own rules for each guest's
     size (``sim.memory.kernel.guest_reserve``; default: the test image's Debian 6.1, THP on)."""
+    own = guest_reserve([int(r) for r in ram_kib], kernel)
     if params.min_free_pct is not None:
         flat = ram_kib * params.min_free_pct / 100
-        pcp_cap = guest_reserve([int(r) for r in ram_kib], kernel).pcp_cap_kib  # the lists follow the kernel's rules
-        return GuestReserve(flat, flat.copy(), pcp_cap)
-    return guest_reserve([int(r) for r in ram_kib], kernel)
+        # The floor and the lists follow the kernel's rules: the floor in the same
+        # proportion to the reserve as the kernel's own.
+        floor = flat * own.oom_floor_kib / own.totalreserve_kib
+        return GuestReserve(flat, floor, flat.copy(), own.pcp_cap_kib)
+    return own
 
 
 def bulk_release_fraction(backing: RamBacking, *, inhibited: bool = False) -> float:
@@ -214,7 +220,7 @@ class Fleet:
         # Issue 16: the free memory the kernel keeps, per guest size (``reserve``, by
         # default the 6.1 rules of sim.memory.kernel), unless the model sets one flat share.
         r = reserve or reserve_for(p, self.ram)
-        self.min_free, self.wmark_low = r.totalreserve_kib, r.wmark_low_kib
+        self.min_free, self.oom_floor, self.wmark_low = r.totalreserve_kib, r.oom_floor_kib, r.wmark_low_kib
         self.pcp_cap = r.pcp_cap_kib
         self.cache_min = self.ram * p.cache_min_pct / 100
         self.driver: FleetDriver = BalloonDriver(len(specs), self.deflate_on_oom)
@@ -481,6 +487,7 @@ class Fleet:
             self.reserved,
             self.kernel,
             self.min_free,
+            self.oom_floor,
             self.cache_min,
             self.swap_size,
             self.deflate_on_oom,
@@ -777,6 +784,9 @@ class Fleet:
         self.swap += to_swap
         self.swap_out += to_swap
         over -= to_swap
+        # Reclaim keeps free at the high watermarks; with nothing left to reclaim,
+        # allocations go on down to the min watermarks before the OOM path (``oom_floor``).
+        over -= self.min_free - self.oom_floor
         over = np.where(over > EPSILON_KIB, over, 0.0)  # float dust is not pressure
         steps = np.where(self.deflate_on_oom & (over > 0), np.ceil(over / OOM_STEP_KIB), 0.0)
         given = self.driver.deflate_on_oom(steps * OOM_STEP_KIB)

@@ -132,6 +132,7 @@ class KernelMemory:
     thp_active: bool
     zones: tuple[ZoneWatermarks, ...]
     totalreserve_kib: int  # calculate_totalreserve_pages(): high watermarks + lowmem_reserve
+    oom_floor_kib: int  # min watermarks + lowmem_reserve: free pages no allocation gets (``oom_floor_pages``)
     wmark_low_kib: int  # sum of low watermarks, si_mem_available()'s cap on cache credit
     mem_total_kib: int
     kernel_kib: int
@@ -208,6 +209,19 @@ def totalreserve_pages(zones: tuple[Zone, ...], high_pages: tuple[int, ...], res
     return sum(min(r + h, z.managed_pages) for z, h, r in zip(zones, high_pages, reserve, strict=True))
 
 
+def oom_floor_pages(zones: tuple[Zone, ...], min_pages: tuple[int, ...], reserve: tuple[int, ...]) -> int:
+    """The free pages an order-0 movable allocation leaves when nothing is left to
+    reclaim: mm/page_alloc.c __zone_watermark_ok() lets the slow path (ALLOC_WMARK_MIN)
+    take a zone's pages while they exceed its min watermark plus its lowmem_reserve for
+    the highest zone the allocation may use (the largest, ``reserve``); below that in
+    every zone, direct reclaim fails and out_of_memory() runs (the balloon's OOM notifier
+    first). So a guest with nothing to reclaim runs out with this much free, not at
+    totalreserve_pages, which only kswapd aims at: the real 1024 MiB test guest showed
+    47.6-49.3 MiB free at MemAvailable 0 just before it deflated itself (this rule: 47.7,
+    totalreserve 69.7). At most each zone's managed pages, as totalreserve."""
+    return sum(min(r + m, z.managed_pages) for z, m, r in zip(zones, min_pages, reserve, strict=True))
+
+
 def zone_batchsize(managed_pages: int) -> int:
     """mm/page_alloc.c zone_batchsize() (6.1, CONFIG_MMU): a 1/1024th of the zone up to
     1 MiB of pages, a quarter of that, rounded to (2^n - 1); at least 1 as
@@ -273,6 +287,7 @@ def boot(ram_kib: int, kernel: GuestKernel | None = None, machine: BootMeasureme
         thp_active=active,
         zones=tuple(ZoneWatermarks(z.name, lo, mid, hi, r, ph, b) for z, (lo, mid, hi), r, ph, b in rows),
         totalreserve_kib=totalreserve_pages(zones, highs, reserve) * PAGE_KIB,
+        oom_floor_kib=oom_floor_pages(zones, tuple(m[0] for m in marks), reserve) * PAGE_KIB,
         wmark_low_kib=sum(m[1] for m in marks) * PAGE_KIB,
         mem_total_kib=mem_total_kib,
         kernel_kib=machine.kernel_kib(ram_kib),
@@ -309,11 +324,14 @@ def reserve_pct(ram_kib: int, kernel: GuestKernel | None = None, machine: BootMe
 @dataclass(frozen=True, slots=True)
 class GuestReserve:
     """Per guest (arrays, KiB): what si_mem_available() takes off MemFree
-    (``totalreserve_kib``, which the model also keeps free: kswapd reclaims up to the high
-    watermarks it is made of), its cap on the page-cache credit (``wmark_low_kib``) and
-    what its per-CPU free lists hold at most (``pcp_cap_kib``, ``pcp_cap_pages``)."""
+    (``totalreserve_kib``, which the model also keeps free while there is something to
+    reclaim: kswapd reclaims up to the high watermarks it is made of), the free memory
+    below which the guest runs out when there is not (``oom_floor_kib``), its cap on the
+    page-cache credit (``wmark_low_kib``) and what its per-CPU free lists hold at most
+    (``pcp_cap_kib``, ``pcp_cap_pages``)."""
 
     totalreserve_kib: npt.NDArray[np.float64]
+    oom_floor_kib: npt.NDArray[np.float64]
     wmark_low_kib: npt.NDArray[np.float64]
     pcp_cap_kib: npt.NDArray[np.float64]
 
@@ -332,6 +350,7 @@ def guest_reserve(
     booted = [_boot_cached(int(r), kernel, machine) for r in ram_kib]
     return GuestReserve(
         np.array([b.totalreserve_kib for b in booted], dtype=np.float64),
+        np.array([b.oom_floor_kib for b in booted], dtype=np.float64),
         np.array([b.wmark_low_kib for b in booted], dtype=np.float64),
         np.array([b.pcp_cap_kib for b in booted], dtype=np.float64),
     )
