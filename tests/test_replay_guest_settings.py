@@ -55,7 +55,7 @@ def test_with_nothing_to_reclaim_a_guest_allocates_down_to_its_floor_before_it_r
     """kswapd keeps free memory at the high watermarks (totalreserve) while it can
     reclaim; with no cache left and no swap, allocations go on down to the min watermarks
     (``oom_floor``) and only below them does the guest deflate itself or kill: MemAvailable
-    reads 0 on the way, as the real test guest's did with 48 MiB free."""
+    reads 0 on the way, as the real test guest's did with 47.6 MiB free."""
     spec = [GuestSpec(uuid="u", name="g", ram_kib=GIB, swap_kib=0, deflate_on_oom=deflate_on_oom)]
     f = Fleet(spec, GuestModelParams(), np.array([100.0 * MIB]))
     f.driver.balloon_kib[0] = 300 * MIB  # what DEFLATE_ON_OOM can take back

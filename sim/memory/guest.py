@@ -37,7 +37,7 @@ showed 33-44 MiB less MemAvailable than its free pages gave (issue 16).
 Pressure is resolved as Linux would, in order: reclaim page cache, swap anonymous
 memory out (both to keep free memory at the high watermarks, kswapd's aim), let
 allocations go on down to the min watermarks (``oom_floor``: the real test guest ran
-out with 48-49 MiB free, not the 70 MiB MemAvailable keeps back), then - with
+out with 47.6 MiB free, not the 70 MiB MemAvailable keeps back), then - with
 DEFLATE_ON_OOM - take pages back from the balloon in 1 MiB steps
 (VIRTIO_BALLOON_OOM_NR_PAGES = 256), and only then OOM-kill. The kill takes the
 workload (the largest process): its resident memory and its swap are freed (they stay

@@ -216,8 +216,8 @@ def oom_floor_pages(zones: tuple[Zone, ...], min_pages: tuple[int, ...], reserve
     the highest zone the allocation may use (the largest, ``reserve``); below that in
     every zone, direct reclaim fails and out_of_memory() runs (the balloon's OOM notifier
     first). So a guest with nothing to reclaim runs out with this much free, not at
-    totalreserve_pages, which only kswapd aims at: the real 1024 MiB test guest showed
-    47.6-49.3 MiB free at MemAvailable 0 just before it deflated itself (this rule: 47.7,
+    totalreserve_pages, which only kswapd aims at: the real 1024 MiB test guests of the
+    kept fidelity runs, exhausted, showed 47.6 MiB free at the least (this rule: 47.7;
     totalreserve 69.7). At most each zone's managed pages, as totalreserve."""
     return sum(min(r + m, z.managed_pages) for z, m, r in zip(zones, min_pages, reserve, strict=True))
 
