@@ -295,7 +295,7 @@ def step_at(t: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.ndarray:
 def tick_off_s(run_dir: Path, guest: str, t0_s: float) -> float:
     """How far the daemon's ticks for ``guest`` (its log events) fell from the replay's,
     which come every ``INTERVAL_S`` from ``t0_s``. The daemon keeps to its grid, but a
-    tick can end late: up to 19 ms in a quiet run, 0.62 s at the spike of run-0221
+    tick can end late: up to 33 ms in a quiet run, 0.62 s at the spike of run-0221
     (libvirt waiting on a QEMU busy with the guests)."""
     off_s = [t - t0_s for t, e in daemon_events(run_dir) if e.get("guest") == guest]
     return max(abs(x - INTERVAL_S * round(x / INTERVAL_S)) for x in off_s)
