@@ -50,6 +50,7 @@ from tests.realguest.fidelity import (
     GuestRun,
     WorkStep,
     assert_holds,
+    daemon_events,
     figures,
     held_mib,
     oom_ticks,
@@ -129,7 +130,7 @@ def test_rows_every_0_3_s_place_a_2_s_timer_to_a_tenth_of_a_second(phase_s: floa
 @given(
     real_tick=st.integers(0, 80),
     sim_tick=st.integers(0, 80),
-    late_s=st.floats(0.0, INTERVAL_S / 10),
+    late_s=st.floats(0.0, INTERVAL_S / 4),  # the premise assert_holds checks
     start_s=st.floats(0.0, 400.0),
 )
 def test_reactions_are_ticks_apart_however_late_the_daemon_woke(
@@ -152,5 +153,6 @@ def test_how_far_the_daemons_ticks_fell_from_the_replays(tmp_path: Path) -> None
         "not json\n" + "".join(f'{{"ts": "2026-12-03T{ts}Z", "event": "target", "guest": "{g}"}}\n' for ts, g in events)
     )
     t0_s = datetime.fromisoformat("2026-12-03T10:00:00Z").timestamp()
-    assert tick_off_s(tmp_path, "a", t0_s) == pytest.approx(0.019, abs=1e-4)
-    assert tick_off_s(tmp_path, "b", t0_s) == pytest.approx(0.3, abs=1e-4)
+    events_read = daemon_events(tmp_path)
+    assert tick_off_s(events_read, "a", t0_s) == pytest.approx(0.019, abs=1e-4)
+    assert tick_off_s(events_read, "b", t0_s) == pytest.approx(0.3, abs=1e-4)

@@ -277,10 +277,10 @@ def in_phase(first_tick_s: float) -> float:
     return first_tick_s - INTERVAL_S
 
 
-def real_targets(run_dir: Path) -> dict[str, list[tuple[float, int]]]:
-    """The daemon's applied targets per guest, (Unix time, KiB), from its JSON log."""
+def real_targets(events: list[tuple[float, dict[str, object]]]) -> dict[str, list[tuple[float, int]]]:
+    """The daemon's applied targets per guest, (Unix time, KiB), from its log ``events``."""
     out: dict[str, list[tuple[float, int]]] = {}
-    for ts, e in daemon_events(run_dir):
+    for ts, e in events:
         if e.get("event") == "target" and e.get("applied"):
             out.setdefault(str(e["guest"]), []).append((ts, int(str(e["target_kib"]))))
     return out
@@ -292,12 +292,12 @@ def step_at(t: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.ndarray:
     return values[idx]
 
 
-def tick_off_s(run_dir: Path, guest: str, t0_s: float) -> float:
-    """How far the daemon's ticks for ``guest`` (its log events) fell from the replay's,
+def tick_off_s(events: list[tuple[float, dict[str, object]]], guest: str, t0_s: float) -> float:
+    """How far the daemon's ticks for ``guest`` (its log ``events``) fell from the replay's,
     which come every ``INTERVAL_S`` from ``t0_s``. The daemon keeps to its grid, but a
     tick can end late: up to 33 ms in a quiet run, 0.62 s at the spike of run-0221
     (libvirt waiting on a QEMU busy with the guests)."""
-    off_s = [t - t0_s for t, e in daemon_events(run_dir) if e.get("guest") == guest]
+    off_s = [t - t0_s for t, e in events if e.get("guest") == guest]
     return max(abs(x - INTERVAL_S * round(x / INTERVAL_S)) for x in off_s)
 
 
@@ -335,7 +335,8 @@ def figures(run_dir: Path) -> list[Figures]:
     sim_actual = np.array(tl.actual_kib)
     sim_target = np.array(tl.target_kib)
     real = real_actual_kib(run_dir)
-    targets = real_targets(run_dir)
+    events = daemon_events(run_dir)
+    targets = real_targets(events)
     out = []
     for i, g in enumerate(guests):
         t, a = real[g.name]
@@ -367,7 +368,7 @@ def figures(run_dir: Path) -> list[Figures]:
                 targets_sim=len(sim_t) - 1,
                 reactions_real_s=tuple(reaction_s(real_t, r.from_s) for r in rises(g)),
                 reactions_sim_s=tuple(reaction_s(sim_t, r.from_s) for r in rises(g)),
-                tick_off_s=tick_off_s(run_dir, g.name, t0_s),
+                tick_off_s=tick_off_s(events, g.name, t0_s),
                 kills_real=len(g.kills_s),
                 self_deflated_s=(deflated_s[0] - t0_s, deflated_s[1] - t0_s),
             )
